@@ -1,0 +1,440 @@
+"""Capture: a Hugging Face LLaVA directory -> three `torch.export` segments.
+
+    vision  : pixel_values (1, 3, H, W)                  -> image_features (1, N_v, d)
+    prefill : input_ids (1, n), image_features, visual_start (1,)
+                                                       -> logits (1, V), present K/V per layer
+    decode  : input_ids (1, 1), position_ids (1, 1), past K/V per layer
+                                                       -> logits (1, V), present K/V per layer
+
+The model is loaded with the same code a user's real LLaVA goes through
+(`LlavaForConditionalGeneration.from_pretrained`), and every weight stays an HF module: the
+segments below only re-write the *forward* of the decoder, op by op, so that the exported graph is
+static (no data-dependent image-token search, no DynamicCache object, no NonZero), and so that each
+node keeps an `nn_module_stack` entry that says which layer and which projection it belongs to
+(`layers.3.self_attn.q_proj`): `compiler/locator.py` reads that to find what a pass rewrites.
+
+What we take from transformers and what we write ourselves:
+- taken: config parsing, weight loading, the vision tower (CLIPVisionModel, exported as is), the
+  projector, RMSNorm, the MLP modules, the rotary inverse frequencies (`rotary_emb.inv_freq` and
+  `attention_scaling`, so every static rope scaling type HF knows is honoured).
+- written here: the decoder layer loop, attention with an explicit KV cache in tensors, the causal
+  mask from positions, the splice of image features at `visual_start`. `transformers.exporters`
+  (5.13+) exports a language model with its DynamicCache patched for export, but its graphs
+  carry HF's mask machinery and cache classes, which a pass would have to see through, and it has
+  no vision component; the explicit forward here is ~60 lines and gives the passes a graph whose
+  anatomy is plain (see METHODS.md, "Where the rewrites sit").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllmc.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# model_type of config.json -> what it is; the only architectures capture accepts.
+SUPPORTED_ARCHITECTURES = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)"}
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+SUPPORTED_VISION_MODELS = ("clip_vision_model",)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def supported_text() -> str:
+    return ", ".join(f"{k} = {v}" for k, v in SUPPORTED_ARCHITECTURES.items())
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the compiler and the runtime need to know about a captured model."""
+
+    model_dir: str
+    config_hash: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    image_token_id: int
+    num_visual_tokens: int  # N_v per image, after the feature-select strategy
+    image_size: int
+    vision_hidden_size: int
+    vision_layers: int
+    vision_patch_size: int
+    eos_token_ids: tuple[int, ...]
+    text_model_type: str
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a model dir, checked for a supported architecture (UserError otherwise)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise UserError(f"model directory {root} not found")
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{root} is not a Hugging Face model directory: config.json is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"corrupt {cfg_path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"corrupt {cfg_path}: not a JSON object")
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UserError(
+            f"unsupported architecture {model_type!r} in {cfg_path}; supported: {supported_text()}"
+        )
+    text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
+    if text_type not in SUPPORTED_TEXT_MODELS:
+        raise UserError(
+            f"unsupported LLaVA decoder {text_type!r}; supported decoders: "
+            f"{', '.join(SUPPORTED_TEXT_MODELS)}"
+        )
+    vision_type = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if vision_type not in SUPPORTED_VISION_MODELS:
+        raise UserError(
+            f"unsupported LLaVA vision tower {vision_type!r}; supported: "
+            f"{', '.join(SUPPORTED_VISION_MODELS)}"
+        )
+    if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
+        raise UserError(f"{root} has no weights (*.safetensors)")
+    return cfg
+
+
+def config_hash(model_dir: str | Path) -> str:
+    return hashlib.sha256(Path(model_dir, "config.json").read_bytes()).hexdigest()[:16]
+
+
+def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelInfo]:
+    """Load a LLaVA directory in fp32 eval mode, as a user would; returns (model, info)."""
+    read_config(model_dir)
+    from transformers import LlavaForConditionalGeneration
+
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            str(model_dir), dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model from {model_dir}: {first}") from None
+    return model, model_info(model, model_dir)
+
+
+def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
+    cfg = model.config
+    tc, vc = cfg.text_config, cfg.vision_config
+    rope = getattr(tc, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
+        raise UserError(
+            f"rope type {rope.get('rope_type')!r} is not supported; supported: "
+            f"{', '.join(STATIC_ROPE_TYPES)}"
+        )
+    if isinstance(cfg.vision_feature_layer, (list, tuple)):
+        raise UserError("multi-layer vision_feature_layer is not supported yet; use one layer")
+    n_patches = (vc.image_size // vc.patch_size) ** 2
+    strategy = cfg.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise UserError(f"vision_feature_select_strategy {strategy!r} is not supported")
+    num_visual = n_patches if strategy == "default" else n_patches + 1
+    eos = model.generation_config.eos_token_id if model.generation_config else tc.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return ModelInfo(
+        model_dir=str(Path(model_dir).resolve()),
+        config_hash=config_hash(model_dir),
+        num_layers=tc.num_hidden_layers,
+        hidden_size=tc.hidden_size,
+        num_heads=tc.num_attention_heads,
+        num_kv_heads=tc.num_key_value_heads or tc.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=tc.intermediate_size,
+        vocab_size=tc.vocab_size,
+        image_token_id=cfg.image_token_id,
+        num_visual_tokens=num_visual,
+        image_size=vc.image_size,
+        vision_hidden_size=vc.hidden_size,
+        vision_layers=vc.num_hidden_layers,
+        vision_patch_size=vc.patch_size,
+        eos_token_ids=tuple(int(e) for e in eos_ids),
+        text_model_type=tc.model_type,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Segment modules. They hold the HF submodules (same parameters, same names under `layers.i`).
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, T, hd); cos/sin: (B, 1, T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (B, kv_heads, S, hd) -> (B, kv_heads * n_rep, S, hd)
+    if n_rep == 1:
+        return x
+    b, kvh, s, hd = x.shape
+    return x[:, :, None].expand(b, kvh, n_rep, s, hd).reshape(b, kvh * n_rep, s, hd)
+
+
+class Rope(nn.Module):
+    """cos/sin tables for explicit positions from HF's inverse frequencies (static rope types)."""
+
+    def __init__(self, rotary_emb: nn.Module):
+        super().__init__()
+        self.register_buffer("inv_freq", rotary_emb.inv_freq.detach().clone(), persistent=False)
+        self.attention_scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: (B, T) int64 -> cos, sin: (B, 1, T, hd)
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        cos = (emb.cos() * self.attention_scaling)[:, None]
+        sin = (emb.sin() * self.attention_scaling)[:, None]
+        return cos, sin
+
+
+class DecoderLayer(nn.Module):
+    """One Llama-style decoder layer, op by op, holding the HF layer's own submodules.
+
+    Shapes: h (B, T, d); cos/sin (B, 1, T, hd); mask (B, 1, T, S) bool or None;
+    past_k/past_v (B, kvh, P, hd) or None; returns h (B, T, d), k/v (B, kvh, P + T, hd).
+    Views use -1 for the row count, so a pass may hand a projection fewer rows.
+    """
+
+    def __init__(self, hf_layer: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.input_layernorm = hf_layer.input_layernorm
+        self.self_attn = hf_layer.self_attn
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        self.mlp = hf_layer.mlp
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling = float(getattr(hf_layer.self_attn, "scaling", head_dim**-0.5))
+
+    def forward(self, h, cos, sin, mask, past_k=None, past_v=None):
+        b = h.shape[0]
+        attn = self.self_attn
+        x = self.input_layernorm(h)  # (B, T, d)
+        q = attn.q_proj(x).view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)  # (B, H, T, hd)
+        k = apply_rope(k, cos, sin)  # (B, kvh, T, hd)
+        if past_k is not None:
+            k = torch.cat((past_k, k), dim=2)  # (B, kvh, P + T, hd)
+            v = torch.cat((past_v, v), dim=2)
+        n_rep = self.num_heads // self.num_kv_heads
+        o = F.scaled_dot_product_attention(
+            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, scale=self.scaling
+        )  # (B, H, T, hd)
+        o = o.transpose(1, 2).reshape(b, -1, self.num_heads * self.head_dim)  # (B, T, H*hd)
+        h = h + attn.o_proj(o)
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, k, v
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: nn.Module, info: ModelInfo):
+        super().__init__()
+        lm = model.model.language_model
+        self.embed_tokens = lm.embed_tokens
+        self.layers = nn.ModuleList(
+            DecoderLayer(layer, info.num_heads, info.num_kv_heads, info.head_dim)
+            for layer in lm.layers
+        )
+        self.norm = lm.norm
+        self.rope = Rope(lm.rotary_emb)
+        self.lm_head = model.lm_head
+        self.image_token_id = info.image_token_id
+
+    def logits_last(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (B, T, d) -> logits at the last position (B, V)
+        return self.lm_head(self.norm(h[:, -1, :]))
+
+
+class PrefillSegment(_Decoder):
+    """input_ids (1, n) with N_v image placeholders starting at visual_start, image_features
+    (1, N_v, d), visual_start (1,) int64 -> logits (1, V), then k_0, v_0, k_1, v_1, ..."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo):
+        super().__init__(model, info)
+        self.num_visual_tokens = info.num_visual_tokens
+
+    def forward(self, input_ids, image_features, visual_start):
+        n = input_ids.shape[1]
+        ids = torch.where(input_ids == self.image_token_id, torch.zeros_like(input_ids), input_ids)
+        h = self.embed_tokens(ids)  # (1, n, d)
+        visual_rows = visual_start + torch.arange(self.num_visual_tokens)  # (N_v,)
+        h = h.index_copy(1, visual_rows, image_features.to(h.dtype))
+        positions = torch.arange(n)[None, :]  # (1, n)
+        cos, sin = self.rope(positions)
+        mask = (positions[0][None, :] <= positions[0][:, None])[None, None]  # (1, 1, n, n)
+        present: list[torch.Tensor] = []
+        for layer in self.layers:
+            h, k, v = layer(h, cos, sin, mask)
+            present += [k, v]
+        return (self.logits_last(h), *present)
+
+
+class DecodeSegment(_Decoder):
+    """input_ids (1, 1), position_ids (1, 1), k_0, v_0, ... (1, kvh, P_l, hd)
+    -> logits (1, V), present k_0, v_0, ... (1, kvh, P_l + 1, hd)."""
+
+    def forward(self, input_ids, position_ids, *past):
+        h = self.embed_tokens(input_ids)  # (1, 1, d)
+        cos, sin = self.rope(position_ids)
+        present: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            # one new query attends to every cached key: no mask needed
+            h, k, v = layer(h, cos, sin, None, past[2 * i], past[2 * i + 1])
+            present += [k, v]
+        return (self.logits_last(h), *present)
+
+
+class VisionSegment(nn.Module):
+    """pixel_values (1, 3, H, W) -> projected image features (1, N_v, d) (LLaVA-1.5 path)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.vision_tower = model.model.vision_tower
+        self.multi_modal_projector = model.model.multi_modal_projector
+        self.feature_layer = model.config.vision_feature_layer
+        self.drop_cls = model.config.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values):
+        out = self.vision_tower(pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[self.feature_layer]  # (1, 1 + patches, dv)
+        if self.drop_cls:
+            feats = feats[:, 1:]
+        return self.multi_modal_projector(feats)  # (1, N_v, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+@dataclass
+class Segment:
+    """One exported segment with its IO names; `module` is the eager segment it came from."""
+
+    name: str
+    program: torch.export.ExportedProgram
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: tuple[torch.Tensor, ...]
+    dynamic_shapes: Any
+
+
+@dataclass
+class Segments:
+    info: ModelInfo
+    vision: Segment
+    prefill: Segment
+    decode: Segment
+
+    def __iter__(self):
+        return iter((self.vision, self.prefill, self.decode))
+
+
+MAX_SEQ = 8192
+
+
+def example_prefill_inputs(info: ModelInfo, n_text: int = 8) -> tuple[torch.Tensor, ...]:
+    n = n_text + info.num_visual_tokens
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, info.image_token_id), (1, n), generator=gen)
+    start = 3
+    ids[0, start : start + info.num_visual_tokens] = info.image_token_id
+    feats = torch.randn(1, info.num_visual_tokens, info.hidden_size, generator=gen)
+    return ids, feats, torch.tensor([start], dtype=torch.int64)
+
+
+def export_prefill(model: nn.Module, info: ModelInfo) -> Segment:
+    seg = PrefillSegment(model, info).eval()
+    args = example_prefill_inputs(info)
+    n = torch.export.Dim("n", min=info.num_visual_tokens + 2, max=MAX_SEQ)
+    dyn = ({1: n}, None, None)
+    with torch.no_grad():
+        ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
+    return Segment(
+        "prefill",
+        ep,
+        ["input_ids", "image_features", "visual_start"],
+        ["logits", *kv_names(info.num_layers, "present")],
+        args,
+        dyn,
+    )
+
+
+def example_decode_inputs(info: ModelInfo, past_len: int = 12) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1)
+    past = [
+        torch.randn(1, info.num_kv_heads, past_len, info.head_dim, generator=gen)
+        for _ in range(2 * info.num_layers)
+    ]
+    ids = torch.tensor([[5]], dtype=torch.int64)
+    pos = torch.tensor([[past_len]], dtype=torch.int64)
+    return (ids, pos, *past)
+
+
+def export_decode(model: nn.Module, info: ModelInfo) -> Segment:
+    seg = DecodeSegment(model, info).eval()
+    args = example_decode_inputs(info)
+    # one dynamic cache length per layer: passes may leave layers with different lengths
+    dims = [torch.export.Dim.DYNAMIC for _ in range(info.num_layers)]
+    past_dyn = [{2: dims[i // 2]} for i in range(2 * info.num_layers)]
+    dyn = {"input_ids": None, "position_ids": None, "past": tuple(past_dyn)}
+    with torch.no_grad():
+        ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
+    return Segment(
+        "decode",
+        ep,
+        ["input_ids", "position_ids", *kv_names(info.num_layers, "past")],
+        ["logits", *kv_names(info.num_layers, "present")],
+        args,
+        dyn,
+    )
+
+
+def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
+    seg = VisionSegment(model).eval()
+    gen = torch.Generator().manual_seed(2)
+    args = (torch.randn(1, 3, info.image_size, info.image_size, generator=gen),)
+    with torch.no_grad():
+        ep = torch.export.export(seg, args, strict=False)
+    return Segment("vision", ep, ["pixel_values"], ["image_features"], args, None)
+
+
+def capture(model: nn.Module, info: ModelInfo) -> Segments:
+    """Export the three segments of a loaded LLaVA model."""
+    return Segments(
+        info=info,
+        vision=export_vision(model, info),
+        prefill=export_prefill(model, info),
+        decode=export_decode(model, info),
+    )

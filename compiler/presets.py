@@ -1,0 +1,237 @@
+"""Tiny and small random-init LLaVA-1.5 model directories for tests and benchmarks.
+
+`write_preset(name, out_dir, seed)` writes a complete Hugging Face model directory (config.json,
+model.safetensors, tokenizer.json + tokenizer_config.json with the `<image>` token, the
+processor and image-processor configs, a chat template) that `LlavaForConditionalGeneration`
+and `AutoProcessor.from_pretrained` load exactly as they load a real LLaVA-1.5 checkpoint. The
+compiler never looks at which preset wrote a directory: it reads the same files a real one has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mllmc.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# LLaVA-1.5's conversation format, as a chat template (the llava-hf checkpoints ship the same).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }} "
+    "{% else %}{{ message['role'].upper() }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# Text the preset tokenizer is trained on: enough words for prompts about images to tokenize
+# into real sub-words rather than bytes.
+_CORPUS = """
+USER: ASSISTANT: Describe the image. What is in the picture? What colour is the shape?
+The image shows a red circle, a blue square and a green triangle on a white background.
+There is a cat sitting on a chair next to a window. A dog runs across the grass in a park.
+Count the objects in the scene. Is there any text in the image? Read the sign aloud.
+A person is holding an umbrella in the rain. The sky is cloudy and the street is wet.
+Answer the question using a single word or phrase. Provide a short description of the photo.
+left right top bottom center large small yellow orange purple black white gray brown pink
+one two three four five six seven eight nine ten many few some none yes no maybe
+"""
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    """Shapes of a preset LLaVA-1.5 model (CLIP vision tower + Llama decoder)."""
+
+    description: str
+    # vision tower (CLIP ViT)
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_mlp: int
+    # decoder (Llama)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+    vocab_size: int  # decoder embedding rows; >= tokenizer size, as in real checkpoints
+    tokenizer_vocab: int = 600
+    init_std: float = 0.02
+    extra_text: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, PresetSpec] = {
+    "tiny-llava": PresetSpec(
+        description="CLIP 2 layers, 64 px / patch 16 -> 16 visual tokens; Llama 6 layers, GQA 4:2",
+        image_size=64,
+        patch_size=16,
+        vision_hidden=64,
+        vision_layers=2,
+        vision_heads=4,
+        vision_mlp=128,
+        hidden=128,
+        layers=6,
+        heads=4,
+        kv_heads=2,
+        mlp=256,
+        vocab_size=640,
+        init_std=0.05,
+    ),
+    "small-llava": PresetSpec(
+        description="~280M params: CLIP 6 layers, 336 px / patch 14 -> 576 visual tokens; "
+        "Llama 16 layers, hidden 1024, GQA 16:8",
+        image_size=336,
+        patch_size=14,
+        vision_hidden=512,
+        vision_layers=6,
+        vision_heads=8,
+        vision_mlp=2048,
+        hidden=1024,
+        layers=16,
+        heads=16,
+        kv_heads=8,
+        mlp=2816,
+        vocab_size=32064,
+        tokenizer_vocab=1000,
+        init_std=0.02,
+    ),
+}
+
+
+def _build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer with Llama-style specials and the `<image>` token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.add_special_tokens(["<image>"])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return tok
+
+
+def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0, force: bool = False) -> Path:
+    """Write preset `name` as a Hugging Face LLaVA model directory at `out_dir`; returns its path."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
+    spec = PRESETS[name]
+
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = _build_tokenizer(spec.tokenizer_vocab)
+    image_token_id = tok.token_to_id("<image>")
+    vocab_size = max(spec.vocab_size, tok.get_vocab_size())
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    num_patches = (spec.image_size // spec.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_mlp,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            projection_dim=spec.vision_hidden,
+            hidden_act="quick_gelu",
+            initializer_range=spec.init_std,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=spec.hidden,
+            intermediate_size=spec.mlp,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            vocab_size=vocab_size,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=tok.token_to_id("<s>"),
+            eos_token_id=tok.token_to_id("</s>"),
+            pad_token_id=tok.token_to_id("<pad>"),
+            initializer_range=spec.init_std,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=image_token_id,
+        image_seq_length=num_patches,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        do_center_crop=True,
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        resample=3,  # bicubic, as in openai/clip-vit-large-patch14-336
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("wrote preset %s (%.1fM params, seed %d) to %s", name, n_params / 1e6, seed, out)
+    return out
