@@ -352,13 +352,41 @@ class Segment:
 
 @dataclass
 class Segments:
+    """The captured model: three segments plus what passes record about each decoder layer.
+
+    layer_plan[l]: {"visual_tokens": visual rows in layer l's input and KV cache,
+                    "frozen_visual": whether layer l computes its visual rows}
+    """
+
     info: ModelInfo
     vision: Segment
     prefill: Segment
     decode: Segment
+    layer_plan: list[dict[str, Any]]
 
     def __iter__(self):
         return iter((self.vision, self.prefill, self.decode))
+
+    @property
+    def visual_tokens_per_layer(self) -> list[int]:
+        return [p["visual_tokens"] for p in self.layer_plan]
+
+    def replace_segment(self, seg: Segment) -> Segments:
+        """A copy with one segment replaced (passes return new Segments, never mutate inputs)."""
+        import copy
+
+        new = copy.copy(self)
+        new.layer_plan = [dict(p) for p in self.layer_plan]
+        setattr(new, seg.name, seg)
+        return new
+
+
+def reexport(seg: Segment, gm: torch.fx.GraphModule) -> Segment:
+    """Re-export a rewritten (unlifted) graph module of `seg` with the same inputs and dynamic
+    shapes: this re-derives every shape and dtype, and keeps `nn_module_stack` on the nodes."""
+    with torch.no_grad():
+        ep = torch.export.export(gm, seg.example_inputs, dynamic_shapes=seg.dynamic_shapes, strict=False)
+    return Segment(seg.name, ep, seg.input_names, seg.output_names, seg.example_inputs, seg.dynamic_shapes)
 
 
 MAX_SEQ = 8192
@@ -437,4 +465,8 @@ def capture(model: nn.Module, info: ModelInfo) -> Segments:
         vision=export_vision(model, info),
         prefill=export_prefill(model, info),
         decode=export_decode(model, info),
+        layer_plan=[
+            {"visual_tokens": info.num_visual_tokens, "frozen_visual": False}
+            for _ in range(info.num_layers)
+        ],
     )

@@ -1,0 +1,166 @@
+"""Locator: where each decoder layer's parts sit in a captured graph.
+
+The one module that knows decoder-layer anatomy. It reads `nn_module_stack` (kept by
+`torch.export`, e.g. `layers.3.self_attn.q_proj`) and the data flow between those nodes, never
+node names, and hands each pass a `LayerAnatomy` per layer:
+
+    h ─┬─ input_layernorm ─ norm_out ─┬─ q_proj ─ (view, transpose, RoPE) ─┐
+       │                              ├─ k_proj ─ ... ─────────────────────┼─ attention ─ o_proj ─┐
+       │                              └─ v_proj ─ ... ─────────────────────┘                      │
+       └───────────────────────────────────────────────────────────── attn_residual (h + o) ◀─────┘
+                        attn_residual ─ post_attention_layernorm ─ mlp ─ mlp_residual (layer output)
+
+`query_rope_operands` lists, for every multiply on the query path between q_proj and the
+attention call, the operand that comes from outside that path (the cos/sin tables): a pass that
+computes fewer query rows must gather those rows of them too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+_LAYER_PATH = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.(.*))?$")
+_ATTENTION_OPS = (torch.ops.aten.scaled_dot_product_attention.default,)
+_LINEAR_OPS = (torch.ops.aten.linear.default,)
+_ADD_OPS = (torch.ops.aten.add.Tensor,)
+_MUL_OPS = (torch.ops.aten.mul.Tensor,)
+
+
+class LocatorError(RuntimeError):
+    """The graph does not have the decoder anatomy a pass expects (a bug, not a user error)."""
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost module path of a node (`layers.3.self_attn.q_proj`), '' if none."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def layer_of(node: fx.Node) -> tuple[int, str] | None:
+    """(layer index, path inside the layer) of a node, or None outside the decoder layers."""
+    m = _LAYER_PATH.search(module_path(node))
+    if m is None:
+        return None
+    return int(m.group(1)), m.group(2) or ""
+
+
+@dataclass
+class LayerAnatomy:
+    index: int
+    layer_input: fx.Node  # h entering the layer (B, T, d), as the residual add reads it
+    norm_out: fx.Node  # input_layernorm(h) (B, T, d): input of q/k/v
+    q_proj: fx.Node
+    k_proj: fx.Node
+    v_proj: fx.Node
+    attention: fx.Node  # scaled_dot_product_attention(q, k, v, mask)
+    o_proj: fx.Node
+    attn_residual: fx.Node  # h + o_proj(...)
+    mlp_residual: fx.Node  # attn_residual + mlp(...): the layer output
+    query_rope_operands: list[tuple[fx.Node, int]] = field(default_factory=list)
+
+    @property
+    def attention_mask(self) -> fx.Node | None:
+        args = self.attention.args
+        mask = args[3] if len(args) > 3 else self.attention.kwargs.get("attn_mask")
+        return mask if isinstance(mask, fx.Node) else None
+
+
+def _forward_closure(start: fx.Node, stop: fx.Node) -> set[fx.Node]:
+    """Nodes on some path start -> stop (both included)."""
+    reach: set[fx.Node] = set()
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        if n in reach:
+            continue
+        reach.add(n)
+        if n is not stop:
+            todo.extend(n.users)
+    on_path: set[fx.Node] = set()
+    todo = [stop]
+    while todo:
+        n = todo.pop()
+        if n in on_path or n not in reach:
+            continue
+        on_path.add(n)
+        todo.extend(a for a in n.all_input_nodes)
+    return on_path
+
+
+def _one(nodes: Iterable[fx.Node], what: str, layer: int) -> fx.Node:
+    found = list(nodes)
+    if len(found) != 1:
+        raise LocatorError(f"layer {layer}: expected one {what}, found {len(found)}")
+    return found[0]
+
+
+def locate_layers(graph: fx.Graph) -> list[LayerAnatomy]:
+    """Anatomy of every decoder layer in `graph`, in layer order."""
+    by_layer: dict[int, list[tuple[str, fx.Node]]] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        where = layer_of(node)
+        if where is not None:
+            by_layer.setdefault(where[0], []).append((where[1], node))
+
+    layers = []
+    for index in sorted(by_layer):
+        nodes = by_layer[index]
+
+        def linear(suffix: str, nodes=nodes, index=index) -> fx.Node:
+            return _one(
+                (n for p, n in nodes if p == suffix and n.target in _LINEAR_OPS), suffix, index
+            )
+
+        q, k, v, o = (linear(f"self_attn.{p}_proj") for p in "qkvo")
+        attention = _one((n for _, n in nodes if n.target in _ATTENTION_OPS), "attention", index)
+        down = linear("mlp.down_proj")
+        attn_residual = _one(
+            (n for n in o.users if n.target in _ADD_OPS), "residual add after o_proj", index
+        )
+        mlp_residual = _one(
+            (n for n in down.users if n.target in _ADD_OPS), "residual add after the MLP", index
+        )
+        layer_input = next(a for a in attn_residual.args if a is not o)
+        norm_out = q.args[0]
+        if not isinstance(norm_out, fx.Node) or k.args[0] is not norm_out:
+            raise LocatorError(f"layer {index}: q_proj and k_proj do not share their input")
+        query_arg = attention.args[0]
+        q_path = _forward_closure(q, query_arg)
+        rope_operands = [
+            (n, i)
+            for n in q_path
+            if n.target in _MUL_OPS
+            for i, a in enumerate(n.args)
+            if isinstance(a, fx.Node) and a not in q_path
+        ]
+        layers.append(
+            LayerAnatomy(
+                index=index,
+                layer_input=layer_input,
+                norm_out=norm_out,
+                q_proj=q,
+                k_proj=k,
+                v_proj=v,
+                attention=attention,
+                o_proj=o,
+                attn_residual=attn_residual,
+                mlp_residual=mlp_residual,
+                query_rope_operands=rope_operands,
+            )
+        )
+    if sorted(by_layer) != list(range(len(layers))):
+        raise LocatorError(f"decoder layers are not numbered 0..L-1: {sorted(by_layer)}")
+    return layers
+
+
+def placeholders(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "placeholder"]

@@ -1,0 +1,157 @@
+"""The pass registry: one explicit table of every graph pass mllmc knows.
+
+A pass is one file with one public function `fn(segments, cfg) -> PassResult` and one frozen
+config dataclass whose defaults come from the paper. Each registry entry also names:
+- `prepare(cfg, model, info) -> cfg`: resolves what needs the eager model (e.g. ShortV's layer
+  order from calibration) before the rewrite; the rewrite itself sees only graphs.
+- `reference(model, info, cfg)`: a context manager that makes the HF model compute what the
+  rewritten graph computes (hooks), used only by tests and `mllmc verify`.
+- `stage`: "pre_llm" passes change the visual tokens before the decoder, "in_llm" passes rewrite
+  decoder layers; the pipeline refuses an in-LLM pass before a pre-LLM one.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mllmc.runtime.errors import UserError
+
+
+@dataclass(frozen=True)
+class PassResult:
+    segments: Any  # mllmc.compiler.capture.Segments, rewritten
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    fn: Callable[[Any, Any], PassResult]
+    config_cls: type
+    summary: str
+    stage: str  # "pre_llm" | "in_llm"
+    prepare: Callable[[Any, Any, Any], Any] | None = None
+    reference: Callable[[Any, Any, Any], Any] | None = None
+
+
+REGISTRY: dict[str, PassInfo] = {}
+NO_PASS = ("none", "identity")
+
+
+def register(info: PassInfo) -> PassInfo:
+    if info.name in REGISTRY or info.name in NO_PASS:
+        raise ValueError(f"pass {info.name!r} is registered twice")
+    REGISTRY[info.name] = info
+    return info
+
+
+def valid_names() -> str:
+    return ", ".join([*sorted(REGISTRY), *NO_PASS])
+
+
+def get_pass(name: str) -> PassInfo:
+    if name not in REGISTRY:
+        raise UserError(f"unknown pass {name!r}; valid passes: {valid_names()}")
+    return REGISTRY[name]
+
+
+def _split_options(text: str) -> list[str]:
+    """Split 'a=1,b=[1,2],c=x' at top-level commas (not inside brackets or quotes)."""
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _literal(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value  # a bare word or a path
+
+
+def make_config(info: PassInfo, options: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(info.config_cls)}
+    for key in options:
+        if key not in fields:
+            raise UserError(
+                f"unknown option {key!r} for pass {info.name!r}; valid options: "
+                f"{', '.join(fields) or '(none)'}"
+            )
+    try:
+        return info.config_cls(**options)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad options for pass {info.name!r}: {e}") from None
+
+
+def parse_pass_spec(spec: str) -> tuple[PassInfo, Any] | None:
+    """'NAME[:KEY=VALUE[,KEY=VALUE...]]' -> (PassInfo, config); None for 'none'/'identity'."""
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if name in NO_PASS:
+        if rest.strip():
+            raise UserError(f"pass {name!r} takes no options")
+        return None
+    info = get_pass(name)
+    options: dict[str, Any] = {}
+    for item in _split_options(rest):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"bad pass option {item!r} in {spec!r}: expected KEY=VALUE")
+        options[key.strip()] = _literal(value.strip())
+    return info, make_config(info, options)
+
+
+def parse_recipe(path: str) -> list[tuple[PassInfo, Any]]:
+    """A TOML recipe: [[pass]] tables, each with `name` and the pass's options."""
+    import tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe {path} not found")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"bad recipe {path}: {e}") from None
+    out = []
+    for table in data.get("pass", []):
+        table = dict(table)
+        name = table.pop("name", None)
+        if name is None:
+            raise UserError(f"bad recipe {path}: every [[pass]] needs a name")
+        if name in NO_PASS:
+            continue
+        info = get_pass(name)
+        out.append((info, make_config(info, table)))
+    return out
+
+
+def config_to_json(cfg: Any) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _register_builtin() -> None:
+    from . import shortv
+
+    register(shortv.PASS)
+
+
+_register_builtin()

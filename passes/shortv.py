@@ -1,0 +1,283 @@
+"""shortv — freeze visual tokens in ineffective layers (ShortV, arXiv 2504.00502).
+
+Contract (METHODS.md): in a frozen layer l the visual rows of the hidden state pass through
+unchanged. The input norm, keys and values are computed for all n rows (text still attends to the
+visual tokens, and the KV cache is that of the un-updated visual hidden state); queries (q_proj +
+RoPE), attention, o_proj, the post-attention norm and the MLP run on the n_text text rows only.
+
+Graph change on the prefill segment, per frozen layer (decode is unchanged: new tokens are text):
+
+    before: q_proj(norm_out)            (1, n, d)      after: q_proj(norm_out[text_idx])   (1, n_text, d)
+            rope(q, cos, sin)           (1, H, n, hd)         rope(q, cos[text_idx], sin[...]) (1, H, n_text, hd)
+            sdpa(q, k, v, mask)         mask (n × n)          sdpa(q_t, k, v, mask[text_idx])  (n_text × n)
+            h + o_proj(...)             (1, n, d)             h[text_idx] + o_proj(...)        (1, n_text, d)
+            h1 + mlp(norm(h1))          (1, n, d)             index_copy(h, text_idx, out_t)   (1, n, d)
+
+`text_idx` is built once per graph from the runtime input `visual_start` and the compile-time
+visual-token count N_v: `t = arange(n - N_v); text_idx = where(t < visual_start, t, t + N_v)`
+(Gather + ScatterND in ONNX, no NonZero). The frozen layers' visual-row FLOPs are gone from the
+graph, not masked.
+
+Which layers: `layers=[...]` explicitly; otherwise the `ratio` of layers with the lowest Layer
+Contribution (LC), the order taken from `lc=FILE.json` (`mllmc calibrate`), from the paper's
+published lists when the model matches LLaVA-1.5-7B/13B, or from a calibration run on built-in data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from mllmc.runtime.errors import UserError
+
+from . import PassInfo, PassResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShortVConfig:
+    """layers: frozen layers (0-based); if None, the `ratio` of layers with the lowest LC.
+    lc: an LC file from `mllmc calibrate` giving the layer order. order_from: filled in by
+    compile with where the frozen list came from."""
+
+    layers: tuple[int, ...] | None = None
+    ratio: float = 0.6
+    lc: str | None = None
+    order_from: str = ""
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, int):
+                layers = (layers,)
+            if not isinstance(layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
+            ):
+                raise ValueError(f"layers must be a list of layer indices, got {self.layers!r}")
+            if len(set(layers)) != len(layers):
+                dup = sorted({i for i in layers if list(layers).count(i) > 1})
+                raise ValueError(f"duplicate layers {dup} in layers={list(layers)}")
+            if any(i < 0 for i in layers):
+                raise ValueError(f"layer indices must be >= 0, got {list(layers)}")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+        if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
+
+
+# Published frozen lists (0-based, most-ineffective first), ShortV's official release.
+PUBLISHED_ORDERS: dict[str, tuple[int, ...]] = {
+    "llava-1.5-7b": (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19),
+    "llava-1.5-13b": (39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35, 22, 24, 21, 20, 17),
+    "llava-next-7b": (31, 29, 30, 28, 26, 27, 22, 24, 21, 23, 25, 20, 19, 17, 18, 15, 12, 0, 2),
+    "llava-next-13b": (39, 32, 29, 36, 27, 30, 37, 23, 25, 31, 26, 2, 28, 22, 33, 35, 34, 24, 38, 21, 20, 18, 1, 17),
+}
+# (model_type, decoder hidden, decoder layers, vision image size) -> published list
+_PUBLISHED_MATCH = {
+    ("llava", 4096, 32, 336): "llava-1.5-7b",
+    ("llava", 5120, 40, 336): "llava-1.5-13b",
+    ("llava_next", 4096, 32, 336): "llava-next-7b",
+    ("llava_next", 5120, 40, 336): "llava-next-13b",
+}
+
+
+def published_order(model_type: str, info: Any) -> tuple[str, tuple[int, ...]] | None:
+    key = (model_type, info.hidden_size, info.num_layers, info.image_size)
+    name = _PUBLISHED_MATCH.get(key)
+    return (name, PUBLISHED_ORDERS[name]) if name else None
+
+
+def frozen_count(ratio: float, num_layers: int) -> int:
+    return int(round(ratio * num_layers))
+
+
+def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
+    """Resolve the frozen layer list (explicit, LC file, published list, or calibration)."""
+    L = info.num_layers
+    if cfg.layers is not None:
+        bad = [i for i in cfg.layers if i >= L]
+        if bad:
+            raise UserError(f"shortv: layers {bad} out of range; the model has layers 0..{L - 1}")
+        return dataclasses.replace(cfg, order_from="explicit")
+    k = frozen_count(cfg.ratio, L)
+    if cfg.lc is not None:
+        from mllmc.compiler.calibration import read_lc_file
+
+        order = read_lc_file(cfg.lc, info)
+        source = f"lc file {cfg.lc}"
+    elif (match := published_order(model.config.model_type, info)) is not None:
+        name, order = match
+        if k > len(order):
+            raise UserError(
+                f"shortv: ratio {cfg.ratio} freezes {k} layers; the published {name} list has "
+                f"{len(order)}: use ratio <= {len(order) / L:.2f} or calibrate"
+            )
+        source = f"published list for {name}"
+        log.warning("shortv: model matches %s; using the published layer order", name)
+    else:
+        from mllmc.compiler.calibration import builtin_samples, layer_contribution
+
+        t0 = time.perf_counter()
+        log.warning("shortv: no layer list, LC file or published list: calibrating on built-in data")
+        lc = layer_contribution(model, info, builtin_samples(info, n=8))
+        order = lc["order"]
+        source = f"calibration on {lc['samples']} built-in samples ({time.perf_counter() - t0:.1f} s)"
+        log.warning("shortv: %s", source)
+    layers = tuple(sorted(order[:k]))
+    return dataclasses.replace(cfg, layers=layers, order_from=source)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rewrite: locator -> check -> replacement.
+
+
+def text_rows(input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int) -> torch.Tensor:
+    """Indices of the text rows (n_text,) of an (1, n) prompt whose visual span is
+    [visual_start, visual_start + num_visual): no NonZero, static count n - N_v."""
+    t = torch.arange(input_ids.shape[1] - num_visual)  # (n_text,)
+    return torch.where(t < visual_start, t, t + num_visual)
+
+
+def _insert(graph: fx.Graph, like: fx.Node, target: Any, args: tuple) -> fx.Node:
+    node = graph.call_function(target, args)
+    node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
+    return node
+
+
+def check_frozen_rewrite(layer: Any) -> str | None:
+    """Reason the frozen-layer rewrite may not fire on this layer, or None if it may."""
+    if layer.attention_mask is None:
+        return "attention has no explicit mask to restrict to the text rows"
+    if not layer.query_rope_operands:
+        return "no RoPE multiplies found on the query path"
+    return None
+
+
+def freeze_layer(graph: fx.Graph, layer: Any, text_idx: fx.Node) -> None:
+    """Rewrite one located decoder layer so that only its text rows are computed."""
+    select = torch.ops.aten.index_select.default
+    with graph.inserting_before(layer.q_proj):
+        x_t = _insert(graph, layer.q_proj, select, (layer.norm_out, 1, text_idx))
+    layer.q_proj.replace_input_with(layer.norm_out, x_t)
+    for mul, i in layer.query_rope_operands:  # cos/sin (1, 1, n, hd) -> (1, 1, n_text, hd)
+        table = mul.args[i]
+        with graph.inserting_before(mul):
+            rows = _insert(graph, mul, select, (table, 2, text_idx))
+        mul.update_arg(i, rows)
+    mask = layer.attention_mask  # (1, 1, n, n) -> (1, 1, n_text, n)
+    with graph.inserting_before(layer.attention):
+        mask_t = _insert(graph, layer.attention, select, (mask, 2, text_idx))
+    layer.attention.replace_input_with(mask, mask_t)
+    with graph.inserting_before(layer.attn_residual):
+        h_t = _insert(graph, layer.attn_residual, select, (layer.layer_input, 1, text_idx))
+    layer.attn_residual.replace_input_with(layer.layer_input, h_t)
+    out_t = layer.mlp_residual  # (1, n_text, d)
+    with graph.inserting_after(out_t):
+        out = _insert(
+            graph, out_t, torch.ops.aten.index_copy.default, (layer.layer_input, 1, text_idx, out_t)
+        )
+    out_t.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+
+
+def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
+    """Freeze the visual tokens of `cfg.layers` in the prefill segment."""
+    from mllmc.compiler.capture import reexport
+    from mllmc.compiler.locator import locate_layers, placeholders
+
+    if cfg.layers is None:
+        raise ValueError("shortv: resolve cfg.layers with prepare() before the rewrite")
+    info = segments.info
+    bad = [i for i in cfg.layers if i >= info.num_layers]
+    if bad:
+        raise UserError(f"shortv: layers {bad} out of range; the model has layers 0..{info.num_layers - 1}")
+    if not cfg.layers:
+        return PassResult(segments, {"frozen_layers": [], "order_from": cfg.order_from})
+
+    prefill = segments.prefill
+    gm = prefill.program.module()
+    graph = gm.graph
+    anatomy = {layer.index: layer for layer in locate_layers(graph)}
+    inputs = dict(zip(prefill.input_names, placeholders(graph), strict=True))
+    num_visual = segments.visual_tokens_per_layer[cfg.layers[0]]
+    if any(segments.visual_tokens_per_layer[i] != num_visual for i in cfg.layers):
+        raise UserError("shortv: frozen layers see different visual-token counts (a pruning pass ran first)")
+    with graph.inserting_after(inputs["visual_start"]):
+        text_idx = graph.call_function(
+            text_rows, (inputs["input_ids"], inputs["visual_start"], num_visual)
+        )
+    for i in cfg.layers:
+        reason = check_frozen_rewrite(anatomy[i])
+        if reason:
+            raise RuntimeError(f"shortv cannot rewrite layer {i}: {reason}")
+        freeze_layer(graph, anatomy[i], text_idx)
+    graph.lint()
+    gm.recompile()
+    segments = segments.replace_segment(reexport(prefill, gm))
+    for i in cfg.layers:
+        segments.layer_plan[i]["frozen_visual"] = True
+    return PassResult(
+        segments,
+        {"frozen_layers": list(cfg.layers), "order_from": cfg.order_from, "visual_tokens": num_visual},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager reference: the HF model with hooks (used by tests, `mllmc verify` and calibration).
+
+
+@contextlib.contextmanager
+def keep_rows(model: Any, layers: Sequence[int], rows: str = "visual") -> Iterator[None]:
+    """Make HF decoder layers `layers` pass their `rows` ("visual" or "text") through unchanged
+    during prefill: layer output = layer input on those rows. With rows="visual" this is ShortV's
+    frozen layer (text rows, keys and values are computed exactly as in a full layer); it is also
+    Layer Contribution's ablation ("zero the residual updates at those positions")."""
+    image_token_id = model.config.image_token_id
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def capture_ids(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state["mask"] = None if ids is None else (ids[0] == image_token_id)  # (n,) bool
+
+    def restore(_module, args, kwargs, output):
+        h_in = kwargs.get("hidden_states", args[0] if args else None)
+        h_out = output[0] if isinstance(output, tuple) else output
+        mask = state["mask"]
+        if mask is None or h_in is None or h_in.shape[1] != mask.shape[0] or h_in.shape[1] == 1:
+            return output  # decode step or no image: nothing to keep
+        keep = mask if rows == "visual" else ~mask
+        new = torch.where(keep[None, :, None], h_in, h_out)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    decoder_layers = model.model.language_model.layers
+    handles = [model.register_forward_pre_hook(capture_ids, with_kwargs=True)]
+    handles += [
+        decoder_layers[i].register_forward_hook(restore, with_kwargs=True) for i in layers
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def reference(model: Any, info: Any, cfg: ShortVConfig) -> contextlib.AbstractContextManager:
+    return keep_rows(model, cfg.layers or (), rows="visual")
+
+
+PASS = PassInfo(
+    name="shortv",
+    fn=shortv,
+    config_cls=ShortVConfig,
+    summary="freeze visual tokens in the lowest-Layer-Contribution layers (ShortV)",
+    stage="in_llm",
+    prepare=prepare,
+    reference=reference,
+)
