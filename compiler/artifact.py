@@ -1,0 +1,81 @@
+"""The artifact directory and its manifest.
+
+    OUT/
+      manifest.json          format_version, mllmc version, source model + config hash, passes
+                             with configs and stats, segments (file, IO names/shapes/dtypes),
+                             visual tokens per layer, FLOPs before/after, validation result
+      vision.onnx  prefill.onnx  decode.onnx   (+ <file>.data when weights are external)
+      tokenizer.json  tokenizer_config.json  chat_template.jinja  processor_config.json ...
+      image_processor.json   one normalised copy of the image settings, whichever file held them
+
+It runs with no access to the source model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from mllmc.runtime import __version__
+from mllmc.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
+
+PREPROCESSING_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+def copy_preprocessing(model_dir: str | Path, out: Path) -> None:
+    from mllmc.runtime.preprocess import read_image_processor_config
+
+    src = Path(model_dir)
+    for name in PREPROCESSING_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    cfg = read_image_processor_config(src)
+    (out / "image_processor.json").write_text(json.dumps(cfg, indent=2))
+
+
+def build_manifest(
+    info: Any,
+    model: Any,
+    segments: Any,
+    records: list[dict[str, Any]],
+    entries: dict[str, dict[str, Any]],
+    flops: dict[str, Any],
+    target: str,
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "mllmc_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "target": target,
+        "model": {
+            "source": info.model_dir,
+            "model_type": model.config.model_type,
+            "config_hash": info.config_hash,
+            **info.to_json(),
+        },
+        "passes": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records],
+        "segments": entries,
+        "visual_tokens": {
+            "per_image": info.num_visual_tokens,
+            "per_layer": segments.visual_tokens_per_layer,
+        },
+        "layers": [{"index": i, **plan} for i, plan in enumerate(segments.layer_plan)],
+        "positions": "original",  # decode continues at position n (prompt length), gaps allowed
+        "flops": flops,
+    }
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))

@@ -1,0 +1,81 @@
+"""ONNX backend: each exported segment -> `<segment>.onnx` (torch.onnx dynamo exporter).
+
+The exporter takes the `ExportedProgram` as it is after the passes, so what a pass removed from
+the graph is absent from the ONNX. Dynamic dims get readable names (`n` for the prompt length,
+`past_<l>` for layer l's cache length) and onnx.checker runs on every file. Weights go to
+external data when a file would pass protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to `<file>.data`
+
+
+def _segment_bytes(seg: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in seg.program.state_dict.values())
+
+
+def _name_dims(model: onnx.ModelProto, seg: Any) -> None:
+    """Give the dynamic dims stable names (the exporter calls them s70, s89, ...)."""
+    renames: dict[str, str] = {}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name == "input_ids" and seg.name == "prefill":
+            renames[dims[1].dim_param] = "n"
+        elif vi.name.startswith("past.") and len(dims) > 2 and dims[2].dim_param:
+            renames[dims[2].dim_param] = f"past_{vi.name.split('.')[1]}"
+    if not renames:
+        return
+    for vi in [*model.graph.input, *model.graph.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                for old, new in renames.items():
+                    d.dim_param = d.dim_param.replace(old, new) if old in d.dim_param else d.dim_param
+
+
+def export_segment(seg: Any, out_dir: Path) -> dict[str, Any]:
+    """Write `out_dir/<seg.name>.onnx`; return its manifest entry (file, IO names/shapes/dtypes)."""
+    path = out_dir / f"{seg.name}.onnx"
+    external = _segment_bytes(seg) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            seg.program,
+            seg.example_inputs,
+            input_names=seg.input_names,
+            output_names=seg.output_names,
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=external)
+    model = onnx.load(str(path), load_external_data=False)
+    _name_dims(model, seg)
+    onnx.save_model(model, str(path))  # external-data references are kept as they are
+    onnx.checker.check_model(str(path))
+    data = path.with_name(path.name + ".data")
+    return {
+        "file": path.name,
+        "external_data": data.name if data.exists() else None,
+        "inputs": [_io(vi) for vi in model.graph.input],
+        "outputs": [_io(vi) for vi in model.graph.output],
+    }
+
+
+def _io(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+    t = vi.type.tensor_type
+    shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+    return {"name": vi.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}

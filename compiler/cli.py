@@ -1,0 +1,279 @@
+"""The `mllmc` command line. Thin: each subcommand parses its arguments and calls one library
+function. A user error prints one line on stderr and exits 2; a failed check (verify, golden
+check) exits 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mllmc.runtime.errors import UserError
+
+EXAMPLES = """\
+examples:
+  mllmc preset tiny-llava -o models/tiny-llava
+  mllmc compile models/tiny-llava --target onnx -o out/tiny
+  mllmc compile models/tiny-llava --pass shortv:layers=[1,3,4] -o out/tiny-shortv
+  mllmc compile MODEL --pass shortv:ratio=0.6,lc=lc.json -o out/shortv
+  mllmc calibrate models/tiny-llava --pass shortv -o lc.json
+  mllmc run out/tiny-shortv --image cat.png --prompt "Describe the image." --max-new-tokens 16
+  mllmc verify out/tiny-shortv --against models/tiny-llava
+  mllmc inspect out/tiny-shortv
+  mllmc golden record out/tiny --image cat.png --prompt "Describe the image." -o golden.json
+  mllmc golden check out/tiny golden.json
+  mllmc bench models/small-llava --pass shortv --target onnx
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), as for every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _passes(args: argparse.Namespace) -> list[tuple[Any, Any]]:
+    from mllmc.passes import parse_pass_spec, parse_recipe
+
+    passes = []
+    if getattr(args, "recipe", None):
+        passes += parse_recipe(args.recipe)
+    for spec in getattr(args, "passes", None) or []:
+        parsed = parse_pass_spec(spec)
+        if parsed is not None:
+            passes.append(parsed)
+    return passes
+
+
+def cmd_preset(args: argparse.Namespace) -> int:
+    from .presets import write_preset
+
+    out = write_preset(args.name, args.output, seed=args.seed, force=args.force)
+    print(f"wrote {args.name} to {out}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .pipeline import compile_model
+
+    result = compile_model(
+        args.model, args.output, _passes(args), target=args.target,
+        validate=not args.no_validate, force=args.force, progress=not args.quiet,
+    )
+    m = result.manifest
+    flops = m["flops"]
+    cut = 1 - flops["after"]["prefill"] / flops["before"]["prefill"]
+    val = m.get("validation")
+    print(f"wrote {result.out_dir}  ({', '.join(p['name'] for p in m['passes']) or 'no passes'})")
+    print(
+        f"prefill FLOPs at {flops['after']['reference_prompt_tokens']} tokens: "
+        f"{flops['before']['prefill'] / 1e9:.3f} -> {flops['after']['prefill'] / 1e9:.3f} GFLOP ({cut:.1%} cut)"
+    )
+    if val:
+        print(f"validated against eager: max |Δlogit| {val['max_abs_logit_diff']:.2e}, "
+              f"tokens {'identical' if val['tokens_match'] else 'near-tie'}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_cli
+
+    if args.pass_name != "shortv":
+        raise UserError(f"calibrate supports --pass shortv only, got {args.pass_name!r}")
+    calibrate_cli(args.model, args.output, images=args.images, prompts=args.prompts,
+                  n=args.num_samples, plot=not args.no_plot, progress=not args.quiet)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mllmc.runtime import load
+
+    engine = load(args.artifact, providers=args.providers, threads=args.threads)
+    result = engine.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    if args.save_logits:
+        np.save(args.save_logits, result.logits.astype(np.float32))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        t = result.timings
+        print(result.text)
+        print(f"tokens: {result.token_ids}")
+        print(f"prompt {result.prompt_tokens} tokens | vision {t['vision_s'] * 1e3:.1f} ms | "
+              f"prefill {t['prefill_s'] * 1e3:.1f} ms | decode {t['decode_s_per_token'] * 1e3:.2f} ms/token")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mllmc.runtime.manifest import read_manifest
+
+    from .capture import load_model
+    from .verify import records_from_manifest, verify
+
+    manifest = read_manifest(args.artifact)
+    model, info = load_model(args.against)
+    if info.config_hash != manifest["model"]["config_hash"]:
+        raise UserError(f"{args.artifact} was compiled from a different model than {args.against}")
+    if args.image is not None and not Path(args.image).is_file():
+        raise UserError(f"cannot read image {args.image}: no such file")
+    report = verify(args.artifact, model, info, records_from_manifest(manifest), image=args.image,
+                    prompt=args.prompt, max_new_tokens=args.max_new_tokens, tol=args.tol)
+    print(report.line())
+    return 0 if report.ok else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import describe
+
+    print(describe(args.artifact, as_json=args.json))
+    return 0
+
+
+def cmd_golden(args: argparse.Namespace) -> int:
+    from mllmc.runtime import golden
+
+    if args.golden_cmd == "record":
+        g = golden.record(args.artifact, args.image, args.prompt, args.max_new_tokens)
+        Path(args.output).write_text(json.dumps(g, indent=2))
+        print(f"recorded {len(g['token_ids'])} tokens to {args.output}")
+        return 0
+    problems = golden.check(args.artifact, golden.read_golden(args.golden), tol=args.tol)
+    if problems:
+        print(f"golden check FAILED: {'; '.join(problems)}")
+        return 1
+    print("golden check passed")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_cli
+
+    bench_cli(args.model, _passes(args), target=args.target, output=args.output,
+              n_text=args.text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mllmc.runtime import __version__
+
+    p = _Parser(prog="mllmc", description="Compile multimodal LLMs (LLaVA) into fast engines with "
+                "visual-token freezing, pruning and early exit as graph rewrites.",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"mllmc {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def add(name: str, help: str, fn) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    from .presets import PRESETS
+
+    sp = add("preset", "write a random-init LLaVA model directory (for tests and benchmarks)", cmd_preset)
+    sp.add_argument("name", help=f"one of: {', '.join(PRESETS)}")
+    sp.add_argument("-o", "--output", required=True, help="model directory to write")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--force", action="store_true", help="overwrite an existing directory")
+
+    sp = add("compile", "compile a Hugging Face LLaVA directory into an engine artifact", cmd_compile)
+    sp.add_argument("model", help="Hugging Face model directory (config.json, *.safetensors, ...)")
+    sp.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    sp.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]",
+                    help="a pass and its options, e.g. shortv:layers=[1,3]; repeat for a pipeline")
+    sp.add_argument("--recipe", metavar="FILE.toml", help="[[pass]] tables with name and options")
+    sp.add_argument("--target", default="onnx", help="onnx (default) or trt")
+    sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing artifact")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sp = add("calibrate", "measure ShortV Layer Contribution on calibration data", cmd_calibrate)
+    sp.add_argument("model")
+    sp.add_argument("--pass", dest="pass_name", default="shortv", help="shortv")
+    sp.add_argument("--images", help="directory of images (default: built-in generated images)")
+    sp.add_argument("--prompts", help="text file, one prompt per line (default: built-in)")
+    sp.add_argument("-n", "--num-samples", type=int, default=40)
+    sp.add_argument("-o", "--output", required=True, help="LC file (.json); a .png chart is written beside it")
+    sp.add_argument("--no-plot", action="store_true")
+    sp.add_argument("-q", "--quiet", action="store_true")
+
+    sp = add("run", "generate text for an image and a prompt with a compiled artifact", cmd_run)
+    sp.add_argument("artifact")
+    sp.add_argument("--image", required=True)
+    sp.add_argument("--prompt", required=True, help="with <image>, or plain text for the chat template")
+    sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--json", action="store_true", help="print {token_ids, text, timings} as JSON")
+    sp.add_argument("--save-logits", metavar="F.npy", help="save (steps x vocab) float32 logits")
+    sp.add_argument("--providers", nargs="+", help="onnxruntime execution providers")
+    sp.add_argument("--threads", type=int, default=None)
+
+    sp = add("verify", "compare a compiled artifact with the eager model (+ pass references)", cmd_verify)
+    sp.add_argument("artifact")
+    sp.add_argument("--against", required=True, help="the source model directory")
+    sp.add_argument("--image", default=None, help="default: a built-in synthetic image")
+    sp.add_argument("--prompt", default="Describe the image.")
+    sp.add_argument("--max-new-tokens", type=int, default=16)
+    sp.add_argument("--tol", type=float, default=1e-4)
+
+    sp = add("inspect", "show an artifact's segments, passes, visual tokens per layer and FLOPs", cmd_inspect)
+    sp.add_argument("artifact")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("golden", "record or check golden outputs of an artifact", cmd_golden)
+    gsub = sp.add_subparsers(dest="golden_cmd", required=True, parser_class=_Parser)
+    g = gsub.add_parser("record", help="record a golden file")
+    g.add_argument("artifact")
+    g.add_argument("--image", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("-o", "--output", required=True)
+    g = gsub.add_parser("check", help="check an artifact against a golden file (exit 1 on mismatch)")
+    g.add_argument("artifact")
+    g.add_argument("golden")
+    g.add_argument("--tol", type=float, default=1e-3)
+
+    sp = add("bench", "benchmark an artifact side by side with Hugging Face eager", cmd_bench)
+    sp.add_argument("model")
+    sp.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]")
+    sp.add_argument("--recipe")
+    sp.add_argument("--target", default="onnx")
+    sp.add_argument("--text-tokens", type=int, default=32)
+    sp.add_argument("--decode-tokens", type=int, default=32)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("-o", "--output", default="benchmarks/results/bench.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for name in ("transformers", "torch", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        sys.stderr.write(f"mllmc: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("mllmc: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Pipeline: capture -> ordered passes (linted after each) -> backend -> validated artifact.
+
+`compile_model` is what `mllmc compile` calls. The artifact is written into a temporary directory
+beside OUT and renamed into place only when every file is written and the compiled engine has
+matched the eager reference on a probe input, so OUT is never left half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mllmc.passes import PassInfo, config_to_json
+from mllmc.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PassList = Sequence[tuple[PassInfo, Any]]
+STAGE_ORDER = {"pre_llm": 0, "in_llm": 1}
+
+
+def check_order(passes: PassList) -> None:
+    """Pre-LLM passes (they change N_v before the decoder) must come before in-LLM passes."""
+    for (a, _), (b, _) in zip(passes, passes[1:], strict=False):
+        if STAGE_ORDER[a.stage] > STAGE_ORDER[b.stage]:
+            raise UserError(
+                f"pass order refused: {b.name!r} changes the visual tokens before the LLM, so it "
+                f"must come before {a.name!r}, which rewrites layers inside it"
+            )
+
+
+def _signature(seg: Any) -> list[tuple[str, str, int]]:
+    outs = [n for n in seg.program.graph.nodes if n.op == "output"][0].args[0]
+    vals = [o.meta["val"] for o in outs]
+    return [(name, str(v.dtype), v.dim()) for name, v in zip(seg.output_names, vals, strict=True)]
+
+
+def lint(before: Any, after: Any, pass_name: str) -> None:
+    """Invariants every pass keeps: same segments, same IO names, output dtypes and ranks."""
+    for old, new in zip(before, after, strict=True):
+        if old.input_names != new.input_names or _signature(old) != _signature(new):
+            raise RuntimeError(f"pass {pass_name} changed the signature of the {old.name} segment")
+        new.program.graph.lint()
+
+
+def run_passes(segments: Any, passes: PassList, model: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """Apply `passes` in order; returns the rewritten segments and one record per pass."""
+    check_order(passes)
+    records = []
+    for info, cfg in passes:
+        if info.prepare is not None:
+            cfg = info.prepare(cfg, model, segments.info)
+        t0 = time.perf_counter()
+        result = info.fn(segments, cfg)
+        lint(segments, result.segments, info.name)
+        segments = result.segments
+        records.append(
+            {
+                "name": info.name,
+                "config": config_to_json(cfg),
+                "stats": result.stats,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "_cfg": cfg,
+                "_info": info,
+            }
+        )
+        log.info("pass %s: %s", info.name, result.stats)
+    return segments, records
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+
+
+def compile_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    passes: PassList = (),
+    target: str = "onnx",
+    validate: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> CompileResult:
+    """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`."""
+    from . import artifact, backends, capture, flops, verify
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    backend = backends.get_backend(target)
+    check_order(passes)
+    capture.read_config(model_dir)
+
+    steps = ["load", "capture", "passes", "flops", target, "validate" if validate else "write"]
+    bar = tqdm(total=len(steps), desc="compile", disable=not progress, unit="step")
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    step("load")
+    model, info = capture.load_model(model_dir)
+    bar.update()
+    step("capture")
+    segments = capture.capture(model, info)
+    base_flops = flops.segment_flops(segments)
+    bar.update()
+    step("passes")
+    segments, records = run_passes(segments, passes, model)
+    bar.update()
+    step("flops")
+    new_flops = flops.segment_flops(segments)
+    bar.update()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        step(target)
+        entries = {seg.name: backend(seg, tmp) for seg in segments}
+        bar.update()
+        manifest = artifact.build_manifest(
+            info, model, segments, records, entries, {"before": base_flops, "after": new_flops}, target
+        )
+        artifact.copy_preprocessing(model_dir, tmp)
+        artifact.write_manifest(tmp, manifest)
+        if validate:
+            step("validate")
+            report = verify.verify(tmp, model, info, records, max_new_tokens=4)
+            manifest["validation"] = report.summary()
+            artifact.write_manifest(tmp, manifest)
+            if not report.ok:
+                raise UserError(f"compiled engine does not match the eager model: {report.line()}")
+        bar.update()
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return CompileResult(out, manifest)
