@@ -130,7 +130,7 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelInfo]:
         model = LlavaForConditionalGeneration.from_pretrained(
             str(model_dir), dtype=torch.float32, attn_implementation="eager"
         ).eval()
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+    except Exception as e:  # corrupt weights raise safetensors', torch's or HF's own errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model from {model_dir}: {first}") from None
     return model, model_info(model, model_dir)

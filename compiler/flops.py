@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 REFERENCE_TEXT_TOKENS = 64
 
@@ -22,8 +22,19 @@ def reference_prefill_inputs(info: Any, n_text: int = REFERENCE_TEXT_TOKENS) -> 
     return example_prefill_inputs(info, n_text=n_text)
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_val=None, **kwargs) -> int:
+    # torch's counter knows the CUDA attention kernels but not the CPU one that SDPA dispatches
+    # to here; count it with torch's own SDPA formula: QK^T and AV, 2 FLOPs per multiply-add.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# keyed by op packet, as FlopCounterMode looks them up; it hands the formula shapes, not tensors
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def count_flops(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...]) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of running the graph on `inputs` (matmuls and attention, as torch counts them)."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         program.module()(*inputs)
     return int(counter.get_total_flops())
 

@@ -130,9 +130,9 @@ def locate_layers(graph: fx.Graph) -> list[LayerAnatomy]:
             (n for n in down.users if n.target in _ADD_OPS), "residual add after the MLP", index
         )
         layer_input = next(a for a in attn_residual.args if a is not o)
-        norm_out = q.args[0]
-        if not isinstance(norm_out, fx.Node) or k.args[0] is not norm_out:
-            raise LocatorError(f"layer {index}: q_proj and k_proj do not share their input")
+        norm_out = k.args[0]  # keys and values always read every row; q_proj may read a subset
+        if not isinstance(norm_out, fx.Node) or v.args[0] is not norm_out:
+            raise LocatorError(f"layer {index}: k_proj and v_proj do not share their input")
         query_arg = attention.args[0]
         q_path = _forward_closure(q, query_arg)
         rope_operands = [

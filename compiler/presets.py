@@ -135,10 +135,14 @@ def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0, force: bo
     """Write preset `name` as a Hugging Face LLaVA model directory at `out_dir`; returns its path."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    return write_model(PRESETS[name], out_dir, seed=seed, force=force)
+
+
+def write_model(spec: PresetSpec, out_dir: str | os.PathLike, seed: int = 0, force: bool = False) -> Path:
+    """Write a random-init LLaVA-1.5 model of shapes `spec` at `out_dir` (atomically)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
-    spec = PRESETS[name]
 
     import torch
     from transformers import (
@@ -233,5 +237,5 @@ def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0, force: bo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("wrote preset %s (%.1fM params, seed %d) to %s", name, n_params / 1e6, seed, out)
+    log.info("wrote %s (%.1fM params, seed %d) to %s", spec.description, n_params / 1e6, seed, out)
     return out

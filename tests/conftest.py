@@ -26,3 +26,30 @@ def sample_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("images") / "shapes.png"
     img.save(path)
     return path
+
+
+# A second LLaVA config with different widths, head counts, GQA ratio (8:2), head_dim, image size
+# and patch size: the suite's guard against shape assumptions that only hold for tiny-llava.
+OTHER_SPEC = dict(
+    description="test-only LLaVA: CLIP 3 layers 84 px / patch 14 -> 36 tokens; Llama 5 layers GQA 8:2",
+    image_size=84,
+    patch_size=14,
+    vision_hidden=48,
+    vision_layers=3,
+    vision_heads=3,
+    vision_mlp=96,
+    hidden=192,
+    layers=5,
+    heads=8,
+    kv_heads=2,
+    mlp=320,
+    vocab_size=700,
+    init_std=0.06,
+)
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mllmc.compiler.presets import PresetSpec, write_model
+
+    return write_model(PresetSpec(**OTHER_SPEC), tmp_path_factory.mktemp("models") / "other-llava", seed=1)
