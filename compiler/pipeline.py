@@ -24,6 +24,18 @@ from mllmc.runtime.errors import UserError
 log = logging.getLogger(__name__)
 
 PassList = Sequence[tuple[PassInfo, Any]]
+
+
+def resolve_passes(passes: Sequence[str | tuple[PassInfo, Any]]) -> list[tuple[PassInfo, Any]]:
+    """Accept pass specs as CLI strings ('shortv:layers=[1,2]') or parsed (info, config) pairs."""
+    from mllmc.passes import parse_pass_spec
+
+    out = []
+    for p in passes:
+        parsed = parse_pass_spec(p) if isinstance(p, str) else p
+        if parsed is not None:
+            out.append(parsed)
+    return out
 STAGE_ORDER = {"pre_llm": 0, "in_llm": 1}
 
 
@@ -85,15 +97,18 @@ class CompileResult:
 def compile_model(
     model_dir: str | Path,
     out_dir: str | Path,
-    passes: PassList = (),
+    passes: Sequence[str | tuple[PassInfo, Any]] = (),
     target: str = "onnx",
     validate: bool = True,
     force: bool = False,
     progress: bool = True,
 ) -> CompileResult:
-    """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`."""
+    """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`.
+
+    `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order."""
     from . import artifact, backends, capture, flops, verify
 
+    passes = resolve_passes(passes)
     out = Path(out_dir)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")

@@ -1,0 +1,245 @@
+"""Side-by-side benchmark: Hugging Face eager vs mllmc engines, in one process.
+
+The fair baseline is HF eager with its own KV cache and logits at the last position only
+(`logits_to_keep=1`). Every engine gets the same image and prompt; times are medians over
+`repeats` runs after one warm-up. The same run measures the machine's roofline (fp32 GEMM GFLOP/s
+at the model's shapes, memory read GB/s) and reports each engine as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FILLER = (
+    "Describe the image in detail: the objects, their colours and shapes, where they are, any "
+    "text that is written on them, and what the scene as a whole looks like to a person."
+)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def roofline(info: Any, n: int, repeats: int = 3) -> dict[str, float]:
+    """fp32 GEMM GFLOP/s at the decoder's prefill MLP shape, and memory read GB/s."""
+    d, m = info.hidden_size, info.intermediate_size
+    a, b = torch.randn(n, d), torch.randn(d, m)
+    t = _median_time(lambda: a @ b, repeats)
+    big = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)  # 256 MiB, well past the caches
+    t_read = _median_time(lambda: big.sum(), repeats)
+    return {"gemm_gflops": 2 * n * d * m / t / 1e9, "mem_read_gbs": big.numel() * 4 / t_read / 1e9}
+
+
+def prompt_for(n_text: int) -> str:
+    words = (FILLER + " ") * (1 + n_text // 20)
+    return " ".join(words.split()[: max(1, n_text - 12)])  # the chat template adds ~12 tokens
+
+
+def bench_eager(model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int,
+                repeats: int) -> dict[str, float]:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+
+    @torch.no_grad()
+    def prefill():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    @torch.no_grad()
+    def vision():
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+    @torch.no_grad()
+    def decode():
+        out = prefill()
+        token = out.logits[:, -1:].argmax(-1)
+        cache = out.past_key_values
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
+        return (time.perf_counter() - t0) / decode_tokens
+
+    prefill_s = _median_time(prefill, repeats)
+    vision_s = _median_time(vision, repeats)
+    decode()  # warm-up
+    decode_s = statistics.median(decode() for _ in range(max(1, repeats // 2)))
+    return {"prompt_tokens": int(inputs["input_ids"].shape[1]), "prefill_s": prefill_s,
+            "vision_s": vision_s, "llm_prefill_s": prefill_s - vision_s, "decode_s_per_token": decode_s,
+            "rss_mb": rss_mb()}
+
+
+def bench_engine(engine: Any, image: Any, prompt: str, decode_tokens: int, repeats: int) -> dict[str, float]:
+    ids, start = engine.encode_prompt(prompt)
+    feats = engine.encode_image(image)
+    vision_s = _median_time(lambda: engine.encode_image(image), repeats)
+    llm_s = _median_time(lambda: engine.prefill(ids, feats, start), repeats)
+
+    def decode() -> float:
+        logits, cache = engine.prefill(ids, feats, start)
+        pos = ids.shape[1]
+        t0 = time.perf_counter()
+        for i in range(decode_tokens):
+            logits, cache = engine.decode_step(int(np.argmax(logits)), pos + i, cache)
+        return (time.perf_counter() - t0) / decode_tokens
+
+    decode()
+    decode_s = statistics.median(decode() for _ in range(max(1, repeats // 2)))
+    return {"prompt_tokens": int(ids.shape[1]), "prefill_s": vision_s + llm_s, "vision_s": vision_s,
+            "llm_prefill_s": llm_s, "decode_s_per_token": decode_s, "rss_mb": rss_mb()}
+
+
+def decode_bytes(info: Any, past: int) -> int:
+    """Bytes one decode step must read: decoder weights (+ lm_head) and the fp32 KV cache."""
+    d, m, L = info.hidden_size, info.intermediate_size, info.num_layers
+    q_dim, kv_dim = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
+    per_layer = d * q_dim * 2 + d * kv_dim * 2 + 3 * d * m
+    weights = L * per_layer + d * info.vocab_size
+    kv = L * 2 * past * kv_dim
+    return 4 * (weights + kv)
+
+
+def bench(model_dir: str, passes: list, target: str = "onnx", work_dir: str | Path = "benchmarks/results",
+          n_text: int = 32, decode_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
+    """Eager vs the unrewritten engine vs the engine with `passes`, one process, one image."""
+    from mllmc.runtime import load
+
+    from .capture import load_model
+    from .pipeline import compile_model
+    from .verify import probe_image
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model, info = load_model(model_dir)
+    image = probe_image(size=info.image_size)
+    prompt = prompt_for(n_text)
+    rows: dict[str, dict[str, Any]] = {}
+    rows["hf_eager"] = bench_eager(model, model_dir, image, prompt, decode_tokens, repeats)
+    variants = [("mllmc_" + target, [])]
+    if passes:
+        variants.append(("mllmc_" + target + "+" + "+".join(p.name for p, _ in passes), passes))
+    manifests = {}
+    for name, plist in variants:
+        out = work / "artifacts" / f"{Path(model_dir).name}-{name}"
+        result = compile_model(model_dir, out, plist, target=target, validate=False, force=True)
+        manifests[name] = result.manifest
+        engine = load(out)
+        rows[name] = bench_engine(engine, image, prompt, decode_tokens, repeats)
+        del engine
+    n = rows["hf_eager"]["prompt_tokens"]
+    peak = roofline(info, n, repeats)
+    base_manifest = manifests[variants[0][0]]
+    from .flops import analytic_prefill_flops
+
+    for name, row in rows.items():
+        m = manifests.get(name, base_manifest)
+        frozen = {i for i, layer in enumerate(m["layers"]) if layer.get("frozen_visual")}
+        flops = analytic_prefill_flops(info, n - info.num_visual_tokens, frozen)
+        row["llm_prefill_flops"] = flops
+        row["prefill_fraction_of_gemm_peak"] = flops / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
+        row["decode_fraction_of_bandwidth"] = (
+            decode_bytes(info, n) / row["decode_s_per_token"] / 1e9 / peak["mem_read_gbs"]
+        )
+        row["llm_prefill_speedup_vs_eager"] = rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
+        row["prefill_speedup_vs_eager"] = rows["hf_eager"]["prefill_s"] / row["prefill_s"]
+        row["decode_speedup_vs_eager"] = rows["hf_eager"]["decode_s_per_token"] / row["decode_s_per_token"]
+    report: dict[str, Any] = {
+        "model": str(model_dir),
+        "visual_tokens": info.num_visual_tokens,
+        "prompt_tokens": n,
+        "decode_tokens": decode_tokens,
+        "threads": torch.get_num_threads(),
+        "roofline": peak,
+        "rows": rows,
+    }
+    if passes:
+        base, rewritten = variants[0][0], variants[1][0]
+        ideal = rows[base]["llm_prefill_flops"] / rows[rewritten]["llm_prefill_flops"]
+        measured = rows[base]["llm_prefill_s"] / rows[rewritten]["llm_prefill_s"]
+        report["pass_speedup"] = {"flops_ideal": ideal, "measured": measured,
+                                  "fraction_of_ideal": (measured - 1) / (ideal - 1) if ideal > 1 else None}
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"model {report['model']}: {report['prompt_tokens']} prompt tokens "
+             f"({report['visual_tokens']} visual), {report['threads']} threads",
+             f"roofline: GEMM {report['roofline']['gemm_gflops']:.1f} GFLOP/s, "
+             f"read {report['roofline']['mem_read_gbs']:.1f} GB/s",
+             f"{'engine':28s} {'vision ms':>9s} {'LLM prefill ms':>14s} {'vs eager':>8s} "
+             f"{'decode ms/tok':>13s} {'vs eager':>8s} {'%GEMM':>6s} {'%BW':>5s}"]
+    for name, r in report["rows"].items():
+        lines.append(
+            f"{name:28s} {r['vision_s'] * 1e3:9.1f} {r['llm_prefill_s'] * 1e3:14.1f} "
+            f"{r['llm_prefill_speedup_vs_eager']:7.2f}x {r['decode_s_per_token'] * 1e3:13.2f} "
+            f"{r['decode_speedup_vs_eager']:7.2f}x {r['prefill_fraction_of_gemm_peak']:6.0%} "
+            f"{r['decode_fraction_of_bandwidth']:5.0%}"
+        )
+    if "pass_speedup" in report:
+        s = report["pass_speedup"]
+        frac = f"{s['fraction_of_ideal']:.0%}" if s["fraction_of_ideal"] is not None else "n/a"
+        lines.append(f"pass prefill speedup: measured {s['measured']:.2f}x, FLOPs-ideal "
+                     f"{s['flops_ideal']:.2f}x ({frac} of ideal)")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["rows"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "llm_prefill_s", "LLM prefill (ms)"),
+                           (axes[1], "decode_s_per_token", "decode (ms / token)")):
+        vals = [report["rows"][n][key] * 1e3 for n in names]
+        ax.barh(names, vals, color=["#888"] + ["#2a7"] * (len(names) - 1))
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.1f}", va="center")
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fig.suptitle(f"{Path(report['model']).name}: {report['prompt_tokens']} prompt tokens, "
+                 f"{report['visual_tokens']} visual")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench_cli(model_dir: str, passes: list, target: str, output: str, n_text: int,
+              decode_tokens: int, repeats: int) -> dict[str, Any]:
+    out = Path(output)
+    report = bench(model_dir, passes, target, out.parent, n_text, decode_tokens, repeats)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(format_table(report))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return report
