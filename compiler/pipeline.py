@@ -63,13 +63,18 @@ def lint(before: Any, after: Any, pass_name: str) -> None:
         new.program.graph.lint()
 
 
-def run_passes(segments: Any, passes: PassList, model: Any) -> tuple[Any, list[dict[str, Any]]]:
-    """Apply `passes` in order; returns the rewritten segments and one record per pass."""
+def prepare_passes(passes: PassList, model: Any, info: Any) -> list[tuple[PassInfo, Any]]:
+    """Resolve what each pass needs from the eager model (e.g. ShortV's layer list), and check
+    its options against the model, before anything is captured."""
+    check_order(passes)
+    return [(p, p.prepare(cfg, model, info) if p.prepare else cfg) for p, cfg in passes]
+
+
+def run_passes(segments: Any, passes: PassList) -> tuple[Any, list[dict[str, Any]]]:
+    """Apply prepared `passes` in order; returns the rewritten segments and one record per pass."""
     check_order(passes)
     records = []
     for info, cfg in passes:
-        if info.prepare is not None:
-            cfg = info.prepare(cfg, model, segments.info)
         t0 = time.perf_counter()
         result = info.fn(segments, cfg)
         lint(segments, result.segments, info.name)
@@ -124,13 +129,14 @@ def compile_model(
 
     step("load")
     model, info = capture.load_model(model_dir)
+    passes = prepare_passes(passes, model, info)
     bar.update()
     step("capture")
     segments = capture.capture(model, info)
     base_flops = flops.segment_flops(segments)
     bar.update()
     step("passes")
-    segments, records = run_passes(segments, passes, model)
+    segments, records = run_passes(segments, passes)
     bar.update()
     step("flops")
     new_flops = flops.segment_flops(segments)

@@ -85,8 +85,14 @@ class VerifyReport:
 def eager_generate(
     model: Any, model_dir: str | Path, image: Any, prompt: str, max_new_tokens: int,
     records: list[dict[str, Any]] = (),
+    stop_at_eos: bool = False,
 ) -> tuple[list[int], np.ndarray]:
-    """Greedy HF generation with every pass's eager reference active -> (tokens, logits (S, V))."""
+    """Greedy HF generation with every pass's eager reference active -> (tokens, logits (S, V)).
+
+    With stop_at_eos=False (the default for verification) both sides run all `max_new_tokens`
+    steps, so a random model that emits EOS early still exercises every decode step."""
+    import copy
+
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
@@ -99,17 +105,21 @@ def eager_generate(
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    saved_eos = model.generation_config.eos_token_id
+    if not stop_at_eos:
+        config.eos_token_id = None
+        model.generation_config.eos_token_id = None  # generate() falls back to it otherwise
     with contextlib.ExitStack() as stack, torch.no_grad():
         for r in records:
             if r["_info"].reference is not None:
                 stack.enter_context(r["_info"].reference(model, None, r["_cfg"]))
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        try:
+            out = model.generate(**inputs, generation_config=config)
+        finally:
+            model.generation_config.eos_token_id = saved_eos
     n = inputs["input_ids"].shape[1]
     tokens = out.sequences[0, n:].tolist()
     logits = torch.cat(out.logits, 0).float().numpy()  # (S, V)
@@ -147,7 +157,7 @@ def verify(
 
     image = probe_image() if image is None else image
     engine = load(artifact_dir)
-    result = engine.generate(image, prompt, max_new_tokens=max_new_tokens)
+    result = engine.generate(image, prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
     tokens, logits = eager_generate(model, info.model_dir, image, prompt, max_new_tokens, records)
     report = compare(result.token_ids, result.logits, tokens, logits, tol)
     log.info("verify: %s", report.line())

@@ -114,7 +114,7 @@ def test_pass_and_option_errors(tmp_path, tiny_model_dir):
     user_error("compile", tiny_model_dir, "--pass", "shortv:layers=[6]", "-o", out, "-q", match="out of range")
     user_error("compile", tiny_model_dir, "--pass", "shortv:lc=nope.json", "-o", out, "-q", match="LC file")
     user_error("compile", tiny_model_dir, "--target", "tpu", "-o", out, match="valid targets: onnx, trt")
-    user_error("compile", tiny_model_dir, "--bogus", match="unrecognized arguments")
+    user_error("compile", tiny_model_dir, "-o", out, "--bogus", match="unrecognized arguments")
     out.mkdir()
     user_error("compile", tiny_model_dir, "-o", out, match="--force")
     assert not list(out.iterdir())

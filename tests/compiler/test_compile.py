@@ -88,6 +88,8 @@ def test_manifest_records_passes_layers_and_flops(compiled):
 
 def test_identity_config_gives_the_unrewritten_logits(compiled, tmp_path, sample_image):
     model, info, base, _, _ = compiled
+    if info.num_layers != 6:
+        pytest.skip("artifact-level identity runs on tiny-llava; graph-level on both (test_shortv)")
     ident = compile_model(info.model_dir, tmp_path / "ident", ["shortv:layers=[]"], validate=False,
                           progress=False).out_dir
     a = load(base).generate(sample_image, "Describe the image.", max_new_tokens=8)

@@ -1,0 +1,121 @@
+"""Baseline benchmark (issue: foundation): on small-llava, in one process,
+HF eager vs the mllmc ONNX engine vs the same model exported by `transformers.exporters`.
+
+    python benchmarks/baseline.py [--model models/small-llava] [--out benchmarks/results]
+
+Writes results/baseline.json and results/baseline.png. Rows: LLM prefill at 576 visual tokens
+(+ a ~32-token prompt), decode ms/token over 32 tokens, RSS after each engine is loaded; the machine's
+roofline (fp32 GEMM GFLOP/s at the model's shapes, memory read GB/s) and each engine as a fraction
+of it. The transformers.exporters row times the LLM only (its stock export has no vision part; see
+hf_exporters.py), fed the same image features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_exporters import HFExportersRunner, export  # noqa: E402
+
+from mllmc.compiler import bench  # noqa: E402
+from mllmc.compiler.capture import load_model  # noqa: E402
+from mllmc.compiler.flops import analytic_prefill_flops  # noqa: E402
+from mllmc.compiler.pipeline import compile_model  # noqa: E402
+from mllmc.compiler.presets import write_preset  # noqa: E402
+from mllmc.compiler.verify import probe_image  # noqa: E402
+from mllmc.runtime import load  # noqa: E402
+
+
+def bench_hf_exporters(runner: HFExportersRunner, ids: np.ndarray, feats: np.ndarray,
+                       decode_tokens: int, repeats: int) -> dict[str, float]:
+    embeds = runner.embed(ids, feats)
+    llm_s = bench._median_time(lambda: runner.prefill(embeds), repeats)
+
+    def decode() -> float:
+        logits, cache = runner.prefill(embeds)
+        t0 = time.perf_counter()
+        for i in range(decode_tokens):
+            logits, cache = runner.decode_step(int(np.argmax(logits)), cache, ids.shape[1] + i)
+        return (time.perf_counter() - t0) / decode_tokens
+
+    decode()
+    return {"prompt_tokens": int(ids.shape[1]), "llm_prefill_s": llm_s, "vision_s": float("nan"),
+            "prefill_s": float("nan"),
+            "decode_s_per_token": statistics.median(decode() for _ in range(max(1, repeats // 2))),
+            "rss_mb": bench.rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/small-llava")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--text-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(args.out)
+    (out / "artifacts").mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        write_preset("small-llava", model_dir)
+
+    model, info = load_model(model_dir)
+    image = probe_image(size=info.image_size)
+    prompt = bench.prompt_for(args.text_tokens)
+    rows = {"hf_eager": bench.bench_eager(model, str(model_dir), image, prompt, args.decode_tokens, args.repeats)}
+
+    artifact = out / "artifacts" / f"{model_dir.name}-onnx"
+    t0 = time.perf_counter()
+    compile_model(model_dir, artifact, validate=True, force=True)
+    compile_s = time.perf_counter() - t0
+    engine = load(artifact)
+    rows["mllmc_onnx"] = bench.bench_engine(engine, image, prompt, args.decode_tokens, args.repeats)
+    ids, _ = engine.encode_prompt(prompt)
+    feats = engine.encode_image(image)
+    del engine
+    gc.collect()
+
+    hfx_dir = out / "artifacts" / f"{model_dir.name}-hf-exporters"
+    t0 = time.perf_counter()
+    if not (hfx_dir / "export.json").is_file():
+        export(str(model_dir), str(hfx_dir))
+    hfx_s = time.perf_counter() - t0
+    runner = HFExportersRunner(hfx_dir)
+    rows["transformers_exporters_onnx"] = bench_hf_exporters(runner, ids, feats, args.decode_tokens, args.repeats)
+    del runner
+
+    n = rows["hf_eager"]["prompt_tokens"]
+    peak = bench.roofline(info, n, args.repeats)
+    flops = analytic_prefill_flops(info, n - info.num_visual_tokens)
+    for row in rows.values():
+        row["llm_prefill_flops"] = flops
+        row["prefill_fraction_of_gemm_peak"] = flops / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
+        row["decode_fraction_of_bandwidth"] = (
+            bench.decode_bytes(info, n) / row["decode_s_per_token"] / 1e9 / peak["mem_read_gbs"])
+        row["llm_prefill_speedup_vs_eager"] = rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
+        row["prefill_speedup_vs_eager"] = rows["hf_eager"]["prefill_s"] / row["prefill_s"]
+        row["decode_speedup_vs_eager"] = rows["hf_eager"]["decode_s_per_token"] / row["decode_s_per_token"]
+    report = {"model": str(model_dir), "visual_tokens": info.num_visual_tokens, "prompt_tokens": n,
+              "decode_tokens": args.decode_tokens, "threads": torch.get_num_threads(), "roofline": peak,
+              "compile_s": {"mllmc_onnx": compile_s, "transformers_exporters_onnx": hfx_s},
+              "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "rows": rows}
+    (out / "baseline.json").write_text(json.dumps(report, indent=2))
+    bench.plot(report, out / "baseline.png")
+    print(bench.format_table(report))
+    print(f"wrote {out / 'baseline.json'} and {out / 'baseline.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""The runtime's input side, without torch: image -> pixel_values, prompt -> input_ids, ids -> text.
+
+It reproduces what `AutoProcessor.from_pretrained(model_dir)` (transformers 5: LlavaProcessor with
+the PIL backend of CLIPImageProcessor and the `tokenizers` backend) gives for a LLaVA-1.5 model
+directory, reading the same files: the arithmetic below is copied from transformers, step by step
+and dtype by dtype, so pixel values agree to float32 rounding and input ids exactly.
+
+    cfg = read_image_processor_config(model_dir)
+    pixel_values = ImagePreprocessor(cfg)("cat.png")                  # (1, 3, H, W) float32
+    encoder = PromptEncoder.from_dir(model_dir)
+    input_ids, visual_start = encoder.encode("What is this?", 576)   # (1, n) int64, int
+    text = encoder.decode(generated_ids)
+
+Imports numpy, PIL, tokenizers and jinja2 only: never torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+# transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# CLIPImageProcessor's class defaults: what transformers uses for a key the config leaves out (or null).
+_CLIP_DEFAULTS: dict[str, Any] = {
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "resample": 3,  # PIL.Image.BICUBIC
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
+    "do_pad": False,
+    "pad_size": None,
+    "default_to_square": False,
+}
+_CLIP_TYPES = {None, "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"}
+_FLAGS = ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad")
+
+# Where the image settings live, in transformers' order of preference. The last one is what
+# `mllmc compile` writes into an artifact: the dict this module returns, already normalised.
+_IMAGE_CONFIG_SOURCES = (
+    ("processor_config.json", "image_processor"),  # saved by transformers >= 5
+    ("preprocessor_config.json", None),  # llava-hf checkpoints
+    ("image_processor.json", None),  # an mllmc artifact
+)
+
+
+# -- image ------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"corrupt {path}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _size_dict(value: Any, default_to_square: bool, name: str, path: Path) -> dict[str, int]:
+    """transformers' get_size_dict: an int, an (h, w) list or a dict -> {"shortest_edge"} or {"height", "width"}."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        value = {"height": value[0], "width": value[1]}
+    if isinstance(value, dict) and set(value) in ({"shortest_edge"}, {"height", "width"}):
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values()):
+            return {k: int(v) for k, v in value.items()}
+    raise UserError(
+        f"{path}: unsupported {name} {value!r}; mllmc supports {{'shortest_edge': N}} or {{'height': H, 'width': W}}"
+    )
+
+
+def _channel_list(value: Any, name: str, path: Path) -> list[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * 3
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(isinstance(v, (int, float)) for v in value)
+    ):
+        return [float(v) for v in value]
+    raise UserError(f"{path}: {name} must be a number or 3 numbers, got {value!r}")
+
+
+def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read a model's (or artifact's) image-processor settings into one dict with every key explicit.
+
+    Looks, as transformers does, for the "image_processor" block of processor_config.json first,
+    then preprocessor_config.json (then an artifact's image_processor.json). Keys the file leaves
+    out take CLIPImageProcessor's defaults; `size` comes back as {"shortest_edge": N} or
+    {"height": H, "width": W} and `crop_size` as {"height": H, "width": W}.
+    """
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise UserError(f"model directory {root} not found")
+    raw, path = None, root
+    for name, key in _IMAGE_CONFIG_SOURCES:
+        path = root / name
+        if not path.is_file():
+            continue
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise UserError(f"corrupt {path}: expected a JSON object")
+        if key is None:
+            raw = data
+            break
+        if isinstance(data.get(key), dict):
+            raw = data[key]
+            break
+    if raw is None:
+        raise UserError(
+            f"{root} has no image processor config: expected preprocessor_config.json or an "
+            "'image_processor' block in processor_config.json"
+        )
+    kind = raw.get("image_processor_type")
+    if kind not in _CLIP_TYPES:
+        raise UserError(
+            f"{path}: image processor {kind!r} is not supported; mllmc reads CLIPImageProcessor configs"
+        )
+
+    # A missing key takes the class default; an explicit null stays None in transformers, which
+    # means False for a flag, and an error for a value that a step needs.
+    cfg = {k: (raw[k] if k in raw else default) for k, default in _CLIP_DEFAULTS.items()}
+    for k in _FLAGS:
+        cfg[k] = bool(cfg[k])
+    for flag, keys in (
+        ("do_resize", ("size", "resample")),
+        ("do_center_crop", ("crop_size",)),
+        ("do_rescale", ("rescale_factor",)),
+        ("do_normalize", ("image_mean", "image_std")),
+        ("do_pad", ("pad_size",)),
+    ):
+        for k in keys:
+            if cfg[flag] and cfg[k] is None:
+                raise UserError(f"{path}: {flag} is true but {k} is null")
+    default_to_square = bool(cfg.pop("default_to_square"))
+    if cfg["size"] is not None:
+        cfg["size"] = _size_dict(cfg["size"], default_to_square, "size", path)
+    if cfg["crop_size"] is not None:
+        cfg["crop_size"] = _size_dict(cfg["crop_size"], True, "crop_size", path)
+    if cfg["resample"] is None:  # unused (do_resize is false)
+        cfg["resample"] = 2
+    if cfg["resample"] not in (0, 1, 2, 3, 4, 5) or isinstance(cfg["resample"], bool):
+        # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
+        raise UserError(f"{path}: resample must be a PIL filter code 0-5, got {cfg['resample']!r}")
+    cfg["resample"] = int(cfg["resample"])
+    factor = cfg["rescale_factor"]
+    if factor is not None:
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+            raise UserError(f"{path}: rescale_factor must be a number, got {factor!r}")
+        cfg["rescale_factor"] = float(factor)
+    for k in ("image_mean", "image_std"):
+        if cfg[k] is not None:
+            cfg[k] = _channel_list(cfg[k], k, path)
+    if cfg["pad_size"] is not None:
+        cfg["pad_size"] = _size_dict(cfg["pad_size"], True, "pad_size", path)
+    return cfg
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as transformers' `load_image` does: EXIF orientation applied, mode RGB.
+
+    (Note: this drops an alpha channel rather than compositing it onto white, exactly like
+    `processor(images="file.png")`; a PIL image passed in instead is composited onto white.)
+    """
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"cannot read image {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"cannot read image {path}: is a directory") from None
+    except UnidentifiedImageError:
+        raise UserError(f"cannot read image {path}: not an image file PIL can read") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {_one_line(e)}") from None
+
+
+def convert_to_rgb(image: Image.Image) -> Image.Image:
+    """transformers.image_transforms.convert_to_rgb: transparency is composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    """An HxWxC uint8 array (C = 1, 3 or 4) -> HxWx3 uint8, as transformers converts arrays."""
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or array.dtype != np.uint8:
+        raise UserError(
+            f"image array must be HxWx3 (or HxWx1, HxWx4) uint8, got shape {array.shape} dtype {array.dtype}"
+        )
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:4] / 255  # float64
+        composite = alpha * array[..., :3] + (1 - alpha) * 255  # blend onto white
+        return np.round(composite).astype(np.uint8)
+    return array
+
+
+def _resize_shape(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
+    """transformers' get_resize_output_image_size(default_to_square=False): the long edge is truncated."""
+    if "shortest_edge" not in size:
+        return size["height"], size["width"]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _center_crop(image: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """transformers.image_transforms.center_crop on (C, H, W): floor offsets, zero-pad if too small."""
+    _, h, w = image.shape
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return image[:, top : top + crop_h, left : left + crop_w]
+    new_h, new_w = max(crop_h, h), max(crop_w, w)
+    padded = np.zeros((image.shape[0], new_h, new_w), dtype=image.dtype)
+    top_pad, left_pad = -(-(new_h - h) // 2), -(-(new_w - w) // 2)  # ceil
+    padded[:, top_pad : top_pad + h, left_pad : left_pad + w] = image
+    top, left = top + top_pad, left + left_pad
+    return padded[
+        :, max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)
+    ]
+
+
+class ImagePreprocessor:
+    """CLIPImageProcessor (PIL backend) in numpy: convert to RGB, resize, center crop, rescale, normalize."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.mean = np.array(config["image_mean"] or [0.0] * 3, dtype=np.float32)  # (3,)
+        self.std = np.array(config["image_std"] or [1.0] * 3, dtype=np.float32)  # (3,)
+
+    def __call__(self, image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
+        """image (path, PIL image or HxWx3 uint8 array) -> pixel_values (1, 3, H, W) float32."""
+        cfg = self.config
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        if isinstance(image, Image.Image):
+            if cfg["do_convert_rgb"]:
+                image = convert_to_rgb(image)
+            array = np.array(image)  # (H, W, C) uint8
+        elif isinstance(image, np.ndarray):
+            array = _array_to_rgb(image) if cfg["do_convert_rgb"] else image
+        else:
+            raise UserError(
+                f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}"
+            )
+        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            raise UserError(
+                f"image must be RGB uint8 after conversion, got shape {array.shape} dtype {array.dtype}"
+            )
+
+        if cfg["do_resize"]:
+            # a PIL resize of the uint8 image, as transformers' PIL backend does it
+            h, w = _resize_shape(array.shape[0], array.shape[1], cfg["size"])
+            resized = Image.fromarray(array).resize((w, h), resample=cfg["resample"])
+            array = np.array(resized)  # (h, w, 3) uint8
+        x = np.ascontiguousarray(array.transpose(2, 0, 1))  # (3, H, W) uint8
+        if cfg["do_center_crop"]:
+            x = _center_crop(x, cfg["crop_size"]["height"], cfg["crop_size"]["width"])
+        if cfg["do_rescale"]:  # upcast to float64, scale, downcast to float32
+            x = (x.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
+        if cfg["do_normalize"]:
+            x = x.astype(np.float32)
+            x = (x - self.mean[:, None, None]) / self.std[:, None, None]  # float32 throughout
+        if cfg["do_pad"]:  # zeros at the bottom and right, after normalizing
+            ph, pw = cfg["pad_size"]["height"], cfg["pad_size"]["width"]
+            if ph < x.shape[1] or pw < x.shape[2]:
+                raise UserError(
+                    f"pad_size {ph}x{pw} is smaller than the processed image {x.shape[1]}x{x.shape[2]}"
+                )
+            x = np.pad(x, ((0, 0), (0, ph - x.shape[1]), (0, pw - x.shape[2])))
+        return np.ascontiguousarray(x[None], dtype=np.float32)  # (1, 3, H, W)
+
+
+# -- text -------------------------------------------------------------------------------------
+
+_SPECIAL_TOKEN_KEYS = (
+    "bos_token eos_token unk_token sep_token pad_token cls_token mask_token".split()
+)
+
+
+def _token_str(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or a serialised AddedToken."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _load_tokenizer(path: Path):
+    """tokenizer.json exactly as transformers 5 runs it for a LLaVA model directory: as it is.
+
+    AutoTokenizer ignores the tokenizer_class of a model_type "llava" checkpoint (llava-hf's say
+    LlamaTokenizer, which would replace the normalizer and pre-tokenizer) and loads tokenizer.json
+    into TokenizersBackend; and with a tokenizer.json present it also drops add_bos_token /
+    add_eos_token from tokenizer_config.json, so the file's post-processor decides about BOS/EOS.
+    """
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception subclasses
+        raise UserError(f"corrupt {path}: {_one_line(e)}") from None
+
+
+def _read_chat_template(
+    root: Path, proc_cfg: dict[str, Any], tok_cfg: dict[str, Any]
+) -> str | None:
+    """The processor's chat template, found where transformers' ProcessorMixin looks for it.
+
+    processor_config.json's "chat_template", then chat_template.json (legacy), then
+    chat_template.jinja; the tokenizer's template in tokenizer_config.json is a last resort (the
+    HF processor itself would refuse to template without one of the first three).
+    """
+    template: Any = proc_cfg.get("chat_template")
+    if template is None and (root / "chat_template.json").is_file():
+        data = _read_json(root / "chat_template.json")
+        template = data.get("chat_template") if isinstance(data, dict) else None
+    if template is None and (root / "chat_template.jinja").is_file():
+        try:
+            template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {root / 'chat_template.jinja'}: {_one_line(e)}") from None
+    if template is None:
+        template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _compile_template(source: str):
+    """A jinja2 template set up as transformers' _compile_jinja_template sets it up."""
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        # {% generation %}...{% endgeneration %} marks assistant text for masks; it renders its body.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(
+                lineno
+            )
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise UserError(f"bad chat template: {_one_line(e)}") from None
+
+
+class PromptEncoder:
+    """LlavaProcessor's text side: chat template, tokenizer, image-token expansion; and decoding."""
+
+    def __init__(
+        self,
+        tokenizer: Any,  # tokenizers.Tokenizer
+        image_token: str = "<image>",
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_token = image_token
+        self.chat_template = chat_template
+        # bos_token, eos_token, ...: variables the chat template can use
+        self.special_tokens = dict(special_tokens or {})
+        self.bos_token = self.special_tokens.get("bos_token")
+        image_token_id = tokenizer.token_to_id(image_token)
+        if image_token_id is None:
+            ids = tokenizer.encode(image_token, add_special_tokens=False).ids
+            if len(ids) != 1:
+                raise UserError(
+                    f"the tokenizer has no {image_token!r} token: not a LLaVA tokenizer"
+                )
+            image_token_id = ids[0]
+        self.image_token_id: int = image_token_id
+        self._template = _compile_template(chat_template) if chat_template else None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> PromptEncoder:
+        """Load tokenizer.json, the chat template and the image token of a model (or artifact) dir."""
+        root = Path(model_dir)
+        if not (root / "tokenizer.json").is_file():
+            raise UserError(f"{root} has no tokenizer.json (mllmc needs the fast-tokenizer file)")
+        configs = []
+        for name in ("processor_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+            data = _read_json(root / name) if (root / name).is_file() else {}
+            if not isinstance(data, dict):
+                raise UserError(f"corrupt {root / name}: expected a JSON object")
+            configs.append(data)
+        proc_cfg, tok_cfg, special_map = configs
+
+        # The tokenizer's special_tokens_map: what the chat template sees as bos_token, eos_token, ...
+        extra = tok_cfg.get("extra_special_tokens")
+        named = {**special_map, **tok_cfg, **(extra if isinstance(extra, dict) else {})}
+        keys = [*_SPECIAL_TOKEN_KEYS, "image_token", *(extra if isinstance(extra, dict) else ())]
+        special = {k: _token_str(named.get(k)) for k in keys if _token_str(named.get(k))}
+        # LlavaProcessor takes the tokenizer's image token when it has one, else its own (default "<image>").
+        image_token = (
+            special.get("image_token") or _token_str(proc_cfg.get("image_token")) or "<image>"
+        )
+        tokenizer = _load_tokenizer(root / "tokenizer.json")
+        return cls(tokenizer, image_token, _read_chat_template(root, proc_cfg, tok_cfg), special)
+
+    def apply_chat_template(self, prompt: str) -> str:
+        """One user turn holding the image and `prompt`, plus the generation prompt, as text."""
+        if self._template is None:
+            raise UserError(
+                f"the prompt has no {self.image_token} placeholder and the model has no chat template: "
+                f"put {self.image_token} where the image goes"
+            )
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        import jinja2
+
+        try:
+            return self._template.render(
+                **self.special_tokens,
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=True,
+            )
+        except jinja2.TemplateError as e:
+            raise UserError(f"chat template failed: {_one_line(e)}") from None
+
+    def encode(self, prompt: str, num_visual_tokens: int) -> tuple[np.ndarray, int]:
+        """prompt -> (input_ids (1, n) int64 with `num_visual_tokens` image tokens, index of the first).
+
+        A prompt with the image token is tokenized as it is (as `processor(text=prompt)` does); one
+        without goes through the chat template first, and then, as in the processor's
+        `apply_chat_template(tokenize=True)`, no BOS is added if the template already wrote one.
+        """
+        if num_visual_tokens < 1:
+            raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}")
+        add_special_tokens = True
+        count = prompt.count(self.image_token)
+        if count == 0:
+            prompt = self.apply_chat_template(prompt)
+            add_special_tokens = not (self.bos_token and prompt.startswith(self.bos_token))
+            count = prompt.count(self.image_token)
+            if count != 1:
+                raise UserError(
+                    f"the chat template wrote {count} {self.image_token} tokens, expected 1"
+                )
+        if count > 1:
+            raise UserError(
+                f"the prompt has {count} {self.image_token} tokens; mllmc supports one image per prompt"
+            )
+        # As LlavaProcessor does: repeat the placeholder in the text, then tokenize.
+        text = prompt.replace(self.image_token, self.image_token * num_visual_tokens)
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        start = positions[0] if positions else -1
+        if len(positions) != num_visual_tokens or positions[-1] - start + 1 != num_visual_tokens:
+            raise UserError(
+                f"{self.image_token} did not tokenize into {num_visual_tokens} consecutive image tokens "
+                f"(got {len(positions)}): check the tokenizer"
+            )
+        return np.array([ids], dtype=np.int64), start  # (1, n), int
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text, special tokens skipped (transformers skips its space clean-up for BPE)."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
