@@ -37,8 +37,9 @@ from mllmc.compiler.verify import probe_image  # noqa: E402
 from mllmc.runtime import load  # noqa: E402
 
 
-def bench_hf_exporters(runner: HFExportersRunner, ids: np.ndarray, feats: np.ndarray,
-                       decode_tokens: int, repeats: int) -> dict[str, float]:
+def bench_hf_exporters(
+    runner: HFExportersRunner, ids: np.ndarray, feats: np.ndarray, decode_tokens: int, repeats: int
+) -> dict[str, float]:
     embeds = runner.embed(ids, feats)
     llm_s = bench._median_time(lambda: runner.prefill(embeds), repeats)
 
@@ -50,14 +51,20 @@ def bench_hf_exporters(runner: HFExportersRunner, ids: np.ndarray, feats: np.nda
         return (time.perf_counter() - t0) / decode_tokens
 
     decode()
-    return {"prompt_tokens": int(ids.shape[1]), "llm_prefill_s": llm_s, "vision_s": float("nan"),
-            "prefill_s": float("nan"),
-            "decode_s_per_token": statistics.median(decode() for _ in range(max(1, repeats // 2))),
-            "rss_mb": bench.rss_mb()}
+    return {
+        "prompt_tokens": int(ids.shape[1]),
+        "llm_prefill_s": llm_s,
+        "vision_s": float("nan"),
+        "prefill_s": float("nan"),
+        "decode_s_per_token": statistics.median(decode() for _ in range(max(1, repeats // 2))),
+        "rss_mb": bench.rss_mb(),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="models/small-llava")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--text-tokens", type=int, default=32)
@@ -74,7 +81,11 @@ def main() -> None:
     model, info = load_model(model_dir)
     image = probe_image(size=info.image_size)
     prompt = bench.prompt_for(args.text_tokens)
-    rows = {"hf_eager": bench.bench_eager(model, str(model_dir), image, prompt, args.decode_tokens, args.repeats)}
+    rows = {
+        "hf_eager": bench.bench_eager(
+            model, str(model_dir), image, prompt, args.decode_tokens, args.repeats
+        )
+    }
 
     artifact = out / "artifacts" / f"{model_dir.name}-onnx"
     t0 = time.perf_counter()
@@ -93,7 +104,9 @@ def main() -> None:
         export(str(model_dir), str(hfx_dir))
     hfx_s = time.perf_counter() - t0
     runner = HFExportersRunner(hfx_dir)
-    rows["transformers_exporters_onnx"] = bench_hf_exporters(runner, ids, feats, args.decode_tokens, args.repeats)
+    rows["transformers_exporters_onnx"] = bench_hf_exporters(
+        runner, ids, feats, args.decode_tokens, args.repeats
+    )
     del runner
 
     n = rows["hf_eager"]["prompt_tokens"]
@@ -101,16 +114,30 @@ def main() -> None:
     flops = analytic_prefill_flops(info, n - info.num_visual_tokens)
     for row in rows.values():
         row["llm_prefill_flops"] = flops
-        row["prefill_fraction_of_gemm_peak"] = flops / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
+        row["prefill_fraction_of_gemm_peak"] = (
+            flops / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
+        )
         row["decode_fraction_of_bandwidth"] = (
-            bench.decode_bytes(info, n) / row["decode_s_per_token"] / 1e9 / peak["mem_read_gbs"])
-        row["llm_prefill_speedup_vs_eager"] = rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
+            bench.decode_bytes(info, n) / row["decode_s_per_token"] / 1e9 / peak["mem_read_gbs"]
+        )
+        row["llm_prefill_speedup_vs_eager"] = (
+            rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
+        )
         row["prefill_speedup_vs_eager"] = rows["hf_eager"]["prefill_s"] / row["prefill_s"]
-        row["decode_speedup_vs_eager"] = rows["hf_eager"]["decode_s_per_token"] / row["decode_s_per_token"]
-    report = {"model": str(model_dir), "visual_tokens": info.num_visual_tokens, "prompt_tokens": n,
-              "decode_tokens": args.decode_tokens, "threads": torch.get_num_threads(), "roofline": peak,
-              "compile_s": {"mllmc_onnx": compile_s, "transformers_exporters_onnx": hfx_s},
-              "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "rows": rows}
+        row["decode_speedup_vs_eager"] = (
+            rows["hf_eager"]["decode_s_per_token"] / row["decode_s_per_token"]
+        )
+    report = {
+        "model": str(model_dir),
+        "visual_tokens": info.num_visual_tokens,
+        "prompt_tokens": n,
+        "decode_tokens": args.decode_tokens,
+        "threads": torch.get_num_threads(),
+        "roofline": peak,
+        "compile_s": {"mllmc_onnx": compile_s, "transformers_exporters_onnx": hfx_s},
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "rows": rows,
+    }
     (out / "baseline.json").write_text(json.dumps(report, indent=2))
     bench.plot(report, out / "baseline.png")
     print(bench.format_table(report))

@@ -89,7 +89,9 @@ LLM_COMPONENTS = ("language_model", "lm_head", "decode")
 VISION_COMPONENTS = ("image_encoder", "multi_modal_projector")
 SUMMARY_FILE = "hf_exporters.json"
 
-Cache = dict[str, np.ndarray]  # "past_key_values.layers.{i}.{keys,values}" -> (1, kv_heads, past, hd)
+Cache = dict[
+    str, np.ndarray
+]  # "past_key_values.layers.{i}.{keys,values}" -> (1, kv_heads, past, hd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,9 +111,14 @@ def sample_inputs(config: Any, n_text: int = 8, seed: int = 0) -> dict[str, Any]
     bos = int(config.text_config.bos_token_id or 1)
     head = max(1, n_text // 4)
     text = torch.randint(4, image_token, (n_text,), generator=g)
-    ids = torch.cat([
-        torch.tensor([bos]), text[:head], torch.full((n_img,), image_token), text[head:],
-    ])[None]  # (1, 1 + n_img + n_text)
+    ids = torch.cat(
+        [
+            torch.tensor([bos]),
+            text[:head],
+            torch.full((n_img,), image_token),
+            text[head:],
+        ]
+    )[None]  # (1, 1 + n_img + n_text)
     size = int(config.vision_config.image_size)
     pixels = torch.randn(1, 3, size, size, generator=g)  # (1, 3, H, W)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
@@ -128,17 +135,30 @@ def _describe_onnx(path: Path) -> dict[str, Any]:
         for info in infos:
             t = info.type.tensor_type
             # a static axis may come back as a numeric dim_param ("128"): read it as an int
-            shape = [int(d.dim_param) if d.dim_param.isdigit() else (d.dim_param or d.dim_value)
-                     for d in t.shape.dim]
-            out.append({"name": info.name, "shape": shape,
-                        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
+            shape = [
+                int(d.dim_param) if d.dim_param.isdigit() else (d.dim_param or d.dim_value)
+                for d in t.shape.dim
+            ]
+            out.append(
+                {
+                    "name": info.name,
+                    "shape": shape,
+                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                }
+            )
         return out
 
     return {"inputs": values(model.graph.input), "outputs": values(model.graph.output)}
 
 
-def export(model_dir: str, out_dir: str, *, vision: bool = False, ort_fusions: str | None = None,
-           n_text: int = 8) -> dict[str, Any]:
+def export(
+    model_dir: str,
+    out_dir: str,
+    *,
+    vision: bool = False,
+    ort_fusions: str | None = None,
+    n_text: int = 8,
+) -> dict[str, Any]:
     """Export LLaVA at `model_dir` with `transformers.exporters` into `out_dir`.
 
     `vision=True` adds the image_encoder and multi_modal_projector that `export_for_generation`
@@ -172,8 +192,12 @@ def export(model_dir: str, out_dir: str, *, vision: bool = False, ort_fusions: s
             components[name] = exporter.export(submodule, kwargs, config).components["model"]
         times["vision_export_s"] = time.perf_counter() - t0
 
-    merged = ExportedModel(components, exported.export_format, config=exported.config,
-                           generation_config=exported.generation_config)
+    merged = ExportedModel(
+        components,
+        exported.export_format,
+        config=exported.config,
+        generation_config=exported.generation_config,
+    )
     t0 = time.perf_counter()
     merged.save_pretrained(out_dir)
     times["save_s"] = time.perf_counter() - t0
@@ -183,7 +207,7 @@ def export(model_dir: str, out_dir: str, *, vision: bool = False, ort_fusions: s
     summary = {
         "model_dir": str(model_dir),
         "api": "transformers.exporters.OnnxExporter.export_for_generation"
-               + (" + utils.decompose_multimodal/OnnxExporter.export (vision)" if vision else ""),
+        + (" + utils.decompose_multimodal/OnnxExporter.export (vision)" if vision else ""),
         "export_config": json.loads(config.to_json_string()),
         "sample_prompt_tokens": int(inputs["input_ids"].shape[1]),
         "not_exported_by_export_for_generation": not_exported,
@@ -219,8 +243,9 @@ class HFExportersRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.sessions: dict[str, ort.InferenceSession] = {
-            name: ort.InferenceSession(str(self.out_dir / entry["file"]), options,
-                                       providers=["CPUExecutionProvider"])
+            name: ort.InferenceSession(
+                str(self.out_dir / entry["file"]), options, providers=["CPUExecutionProvider"]
+            )
             for name, entry in manifest["components"].items()
         }
         missing = [name for name in LLM_COMPONENTS if name not in self.sessions]
@@ -250,9 +275,12 @@ class HFExportersRunner:
 
             graph = onnx_ir.load(str(self.out_dir / "decode.onnx")).graph
             for node in graph:
-                if (node.op_type == "Gather" and node.inputs[1] is not None
-                        and node.inputs[1].name == "input_ids"
-                        and node.inputs[0].const_value is not None):
+                if (
+                    node.op_type == "Gather"
+                    and node.inputs[1] is not None
+                    and node.inputs[1].name == "input_ids"
+                    and node.inputs[0].const_value is not None
+                ):
                     self._embedding = np.ascontiguousarray(node.inputs[0].const_value.numpy())
                     break
             else:
@@ -296,28 +324,36 @@ class HFExportersRunner:
         embeds = np.asarray(inputs_embeds, dtype=np.float32)
         n = embeds.shape[1]
         feed = {"inputs_embeds": embeds, "position_ids": np.arange(n, dtype=np.int64)[None]}
-        out = self._run("language_model", {k: v for k, v in feed.items()
-                                           if k in self.inputs["language_model"]})
+        out = self._run(
+            "language_model", {k: v for k, v in feed.items() if k in self.inputs["language_model"]}
+        )
         last = out["last_hidden_state"][:, -1:]  # (1, 1, d)
         logits = self._run("lm_head", {"input": last})["output"][:, -1]  # (1, vocab)
         cache = {k: v for k, v in out.items() if k.startswith("past_key_values.")}
         return logits, cache
 
-    def prefill_tokens(self, input_ids: np.ndarray,
-                       image_features: np.ndarray) -> tuple[np.ndarray, Cache]:
+    def prefill_tokens(
+        self, input_ids: np.ndarray, image_features: np.ndarray
+    ) -> tuple[np.ndarray, Cache]:
         """`prefill(embed(input_ids, image_features))`: the same inputs mllmc's engine takes."""
         return self.prefill(self.embed(input_ids, image_features))
 
-    def decode_step(self, token: int, cache: Cache,
-                    position: int | None = None) -> tuple[np.ndarray, Cache]:
+    def decode_step(
+        self, token: int, cache: Cache, position: int | None = None
+    ) -> tuple[np.ndarray, Cache]:
         """One token at `position` (default: the cache length) -> (logits (1, vocab), cache)."""
         past = next(iter(cache.values())).shape[2]
-        feed = {"input_ids": np.array([[token]], dtype=np.int64),
-                "position_ids": np.array([[past if position is None else position]], np.int64)}
+        feed = {
+            "input_ids": np.array([[token]], dtype=np.int64),
+            "position_ids": np.array([[past if position is None else position]], np.int64),
+        }
         feed.update({f"input.{k}": v for k, v in cache.items()})
         out = self._run("decode", {k: v for k, v in feed.items() if k in self.inputs["decode"]})
-        new_cache = {k.removeprefix("output."): v for k, v in out.items()
-                     if k.startswith("output.past_key_values.")}
+        new_cache = {
+            k.removeprefix("output."): v
+            for k, v in out.items()
+            if k.startswith("output.past_key_values.")
+        }
         return out["logits"][:, -1], new_cache
 
 
@@ -336,10 +372,19 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def check(model_dir: str, out_dir: str | None = None, *, vision: bool = True,
-          ort_fusions: str | None = None, decode_steps: int = 4, n_text: int = 30,
-          threads: int | None = None, repeats: int = 3, timed_decode_tokens: int = 16,
-          atol: float = 1e-4) -> dict[str, Any]:
+def check(
+    model_dir: str,
+    out_dir: str | None = None,
+    *,
+    vision: bool = True,
+    ort_fusions: str | None = None,
+    decode_steps: int = 4,
+    n_text: int = 30,
+    threads: int | None = None,
+    repeats: int = 3,
+    timed_decode_tokens: int = 16,
+    atol: float = 1e-4,
+) -> dict[str, Any]:
     """Export, then compare the ORT graphs' last-position logits with HF eager `model(...)`
     (full recompute, no cache) for the prefill and `decode_steps` greedy decode steps, on a
     prompt of n = image_seq_length + n_text + 1 tokens (a different length from the export's
@@ -372,8 +417,10 @@ def check(model_dir: str, out_dir: str | None = None, *, vision: bool = True,
     tokens = seq[0, n:].tolist()  # greedy tokens from eager, fed to both
 
     def diff(a: np.ndarray, b: np.ndarray, logits: bool = True) -> dict[str, float | bool]:
-        d: dict[str, float | bool] = {"max_abs": float(np.abs(a - b).max()),
-                                      "ref_max_abs": float(np.abs(b).max())}
+        d: dict[str, float | bool] = {
+            "max_abs": float(np.abs(a - b).max()),
+            "ref_max_abs": float(np.abs(b).max()),
+        }
         if logits:
             d["argmax_equal"] = bool(a.argmax() == b.argmax())
         return d
@@ -416,8 +463,9 @@ def check(model_dir: str, out_dir: str | None = None, *, vision: bool = True,
         t0 = time.perf_counter()
         for k in range(timed_decode_tokens):
             token = torch.tensor([[tokens[k % len(tokens)]]])
-            c = model(input_ids=token, past_key_values=c, use_cache=True,
-                      logits_to_keep=1).past_key_values
+            c = model(
+                input_ids=token, past_key_values=c, use_cache=True, logits_to_keep=1
+            ).past_key_values
         return (time.perf_counter() - t0) / timed_decode_tokens
 
     ort_decode()
@@ -427,21 +475,25 @@ def check(model_dir: str, out_dir: str | None = None, *, vision: bool = True,
         "prompt_tokens": n,
         "visual_tokens": int(model.config.image_seq_length),
         "ort_prefill_ms": 1e3 * _median_s(lambda: runner.prefill(embeds), repeats),
-        "ort_prefill_tokens_ms": 1e3 * _median_s(
-            lambda: runner.prefill_tokens(ids.numpy(), feats), repeats),
+        "ort_prefill_tokens_ms": 1e3
+        * _median_s(lambda: runner.prefill_tokens(ids.numpy(), feats), repeats),
         "ort_decode_ms_per_token": 1e3 * statistics.median(ort_decode() for _ in range(repeats)),
         "eager_llm_prefill_ms": 1e3 * _median_s(eager_prefill, repeats),
-        "eager_decode_ms_per_token": 1e3 * statistics.median(
-            eager_decode() for _ in range(repeats)),
+        "eager_decode_ms_per_token": 1e3
+        * statistics.median(eager_decode() for _ in range(repeats)),
         "decode_past_tokens": n,
     }
     if runner.has_vision:
-        timings["ort_vision_ms"] = 1e3 * _median_s(lambda: runner.encode_image(pixels.numpy()),
-                                                   repeats)
-    result = {"export": summary["times"], "components": list(summary["components"]),
-              "not_exported_by_export_for_generation":
-                  summary["not_exported_by_export_for_generation"],
-              "parity": parity, "timings": timings}
+        timings["ort_vision_ms"] = 1e3 * _median_s(
+            lambda: runner.encode_image(pixels.numpy()), repeats
+        )
+    result = {
+        "export": summary["times"],
+        "components": list(summary["components"]),
+        "not_exported_by_export_for_generation": summary["not_exported_by_export_for_generation"],
+        "parity": parity,
+        "timings": timings,
+    }
     print(json.dumps(result, indent=2))
     if tmp is not None:
         del runner
@@ -462,17 +514,29 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--repeats", type=int, default=3)
     p_check.add_argument("--atol", type=float, default=1e-4)
     for p in (p_export, p_check):
-        p.add_argument("--vision", action=argparse.BooleanOptionalAction,
-                       default=p is p_check, help="also export the vision tower + projector")
+        p.add_argument(
+            "--vision",
+            action=argparse.BooleanOptionalAction,
+            default=p is p_check,
+            help="also export the vision tower + projector",
+        )
         p.add_argument("--ort-fusions", default=None, choices=["cpu", "cuda", "webgpu", "dml"])
     args = parser.parse_args(argv)
     if args.cmd == "export":
-        summary = export(args.model_dir, args.out_dir, vision=args.vision,
-                         ort_fusions=args.ort_fusions)
+        summary = export(
+            args.model_dir, args.out_dir, vision=args.vision, ort_fusions=args.ort_fusions
+        )
         print(json.dumps(summary, indent=2))
         return 0
-    result = check(args.model_dir, args.out, vision=args.vision, ort_fusions=args.ort_fusions,
-                   threads=args.threads, repeats=args.repeats, atol=args.atol)
+    result = check(
+        args.model_dir,
+        args.out,
+        vision=args.vision,
+        ort_fusions=args.ort_fusions,
+        threads=args.threads,
+        repeats=args.repeats,
+        atol=args.atol,
+    )
     return 0 if result["parity"]["ok"] else 1
 
 

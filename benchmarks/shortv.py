@@ -22,7 +22,9 @@ from mllmc.compiler.presets import write_preset
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="models/small-llava")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ratio", type=float, default=0.6)
@@ -42,7 +44,9 @@ def main() -> None:
     from mllmc.passes import parse_pass_spec
 
     passes = [parse_pass_spec(f"shortv:ratio={args.ratio},lc={lc_path}")]
-    report = bench.bench(str(model_dir), passes, "onnx", out, args.text_tokens, args.decode_tokens, args.repeats)
+    report = bench.bench(
+        str(model_dir), passes, "onnx", out, args.text_tokens, args.decode_tokens, args.repeats
+    )
     report["lc_file"] = str(lc_path)
     (out / "shortv.json").write_text(json.dumps(report, indent=2))
     bench.plot(report, out / "shortv.png")

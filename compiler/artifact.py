@@ -13,9 +13,13 @@ It runs with no access to the source model.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,25 @@ PREPROCESSING_FILES = (
     "preprocessor_config.json",
     "generation_config.json",
 )
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out`; when the block succeeds it replaces `out` (one
+    rename), when it fails it is removed. So `out` is never seen half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it the user's usual mode
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def copy_preprocessing(model_dir: str | Path, out: Path) -> None:

@@ -59,8 +59,9 @@ def prompt_for(n_text: int) -> str:
     return " ".join(words.split()[: max(1, n_text - 12)])  # the chat template adds ~12 tokens
 
 
-def bench_eager(model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int,
-                repeats: int) -> dict[str, float]:
+def bench_eager(
+    model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int, repeats: int
+) -> dict[str, float]:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -91,12 +92,19 @@ def bench_eager(model: Any, model_dir: str, image: Any, prompt: str, decode_toke
     vision_s = _median_time(vision, repeats)
     decode()  # warm-up
     decode_s = statistics.median(decode() for _ in range(max(1, repeats // 2)))
-    return {"prompt_tokens": int(inputs["input_ids"].shape[1]), "prefill_s": prefill_s,
-            "vision_s": vision_s, "llm_prefill_s": prefill_s - vision_s, "decode_s_per_token": decode_s,
-            "rss_mb": rss_mb()}
+    return {
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "prefill_s": prefill_s,
+        "vision_s": vision_s,
+        "llm_prefill_s": prefill_s - vision_s,
+        "decode_s_per_token": decode_s,
+        "rss_mb": rss_mb(),
+    }
 
 
-def bench_engine(engine: Any, image: Any, prompt: str, decode_tokens: int, repeats: int) -> dict[str, float]:
+def bench_engine(
+    engine: Any, image: Any, prompt: str, decode_tokens: int, repeats: int
+) -> dict[str, float]:
     ids, start = engine.encode_prompt(prompt)
     feats = engine.encode_image(image)
     vision_s = _median_time(lambda: engine.encode_image(image), repeats)
@@ -112,8 +120,14 @@ def bench_engine(engine: Any, image: Any, prompt: str, decode_tokens: int, repea
 
     decode()
     decode_s = statistics.median(decode() for _ in range(max(1, repeats // 2)))
-    return {"prompt_tokens": int(ids.shape[1]), "prefill_s": vision_s + llm_s, "vision_s": vision_s,
-            "llm_prefill_s": llm_s, "decode_s_per_token": decode_s, "rss_mb": rss_mb()}
+    return {
+        "prompt_tokens": int(ids.shape[1]),
+        "prefill_s": vision_s + llm_s,
+        "vision_s": vision_s,
+        "llm_prefill_s": llm_s,
+        "decode_s_per_token": decode_s,
+        "rss_mb": rss_mb(),
+    }
 
 
 def decode_bytes(info: Any, past: int) -> int:
@@ -126,8 +140,15 @@ def decode_bytes(info: Any, past: int) -> int:
     return 4 * (weights + kv)
 
 
-def bench(model_dir: str, passes: list, target: str = "onnx", work_dir: str | Path = "benchmarks/results",
-          n_text: int = 32, decode_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
+def bench(
+    model_dir: str,
+    passes: list,
+    target: str = "onnx",
+    work_dir: str | Path = "benchmarks/results",
+    n_text: int = 32,
+    decode_tokens: int = 32,
+    repeats: int = 3,
+) -> dict[str, Any]:
     """Eager vs the unrewritten engine vs the engine with `passes`, one process, one image."""
     from mllmc.runtime import load
 
@@ -164,13 +185,19 @@ def bench(model_dir: str, passes: list, target: str = "onnx", work_dir: str | Pa
         frozen = {i for i, layer in enumerate(m["layers"]) if layer.get("frozen_visual")}
         flops = analytic_prefill_flops(info, n - info.num_visual_tokens, frozen)
         row["llm_prefill_flops"] = flops
-        row["prefill_fraction_of_gemm_peak"] = flops / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
+        row["prefill_fraction_of_gemm_peak"] = (
+            flops / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
+        )
         row["decode_fraction_of_bandwidth"] = (
             decode_bytes(info, n) / row["decode_s_per_token"] / 1e9 / peak["mem_read_gbs"]
         )
-        row["llm_prefill_speedup_vs_eager"] = rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
+        row["llm_prefill_speedup_vs_eager"] = (
+            rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
+        )
         row["prefill_speedup_vs_eager"] = rows["hf_eager"]["prefill_s"] / row["prefill_s"]
-        row["decode_speedup_vs_eager"] = rows["hf_eager"]["decode_s_per_token"] / row["decode_s_per_token"]
+        row["decode_speedup_vs_eager"] = (
+            rows["hf_eager"]["decode_s_per_token"] / row["decode_s_per_token"]
+        )
     report: dict[str, Any] = {
         "model": str(model_dir),
         "visual_tokens": info.num_visual_tokens,
@@ -184,18 +211,23 @@ def bench(model_dir: str, passes: list, target: str = "onnx", work_dir: str | Pa
         base, rewritten = variants[0][0], variants[1][0]
         ideal = rows[base]["llm_prefill_flops"] / rows[rewritten]["llm_prefill_flops"]
         measured = rows[base]["llm_prefill_s"] / rows[rewritten]["llm_prefill_s"]
-        report["pass_speedup"] = {"flops_ideal": ideal, "measured": measured,
-                                  "fraction_of_ideal": (measured - 1) / (ideal - 1) if ideal > 1 else None}
+        report["pass_speedup"] = {
+            "flops_ideal": ideal,
+            "measured": measured,
+            "fraction_of_ideal": (measured - 1) / (ideal - 1) if ideal > 1 else None,
+        }
     return report
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"model {report['model']}: {report['prompt_tokens']} prompt tokens "
-             f"({report['visual_tokens']} visual), {report['threads']} threads",
-             f"roofline: GEMM {report['roofline']['gemm_gflops']:.1f} GFLOP/s, "
-             f"read {report['roofline']['mem_read_gbs']:.1f} GB/s",
-             f"{'engine':28s} {'vision ms':>9s} {'LLM prefill ms':>14s} {'vs eager':>8s} "
-             f"{'decode ms/tok':>13s} {'vs eager':>8s} {'%GEMM':>6s} {'%BW':>5s}"]
+    lines = [
+        f"model {report['model']}: {report['prompt_tokens']} prompt tokens "
+        f"({report['visual_tokens']} visual), {report['threads']} threads",
+        f"roofline: GEMM {report['roofline']['gemm_gflops']:.1f} GFLOP/s, "
+        f"read {report['roofline']['mem_read_gbs']:.1f} GB/s",
+        f"{'engine':28s} {'vision ms':>9s} {'LLM prefill ms':>14s} {'vs eager':>8s} "
+        f"{'decode ms/tok':>13s} {'vs eager':>8s} {'%GEMM':>6s} {'%BW':>5s}",
+    ]
     for name, r in report["rows"].items():
         lines.append(
             f"{name:28s} {r['vision_s'] * 1e3:9.1f} {r['llm_prefill_s'] * 1e3:14.1f} "
@@ -206,8 +238,10 @@ def format_table(report: dict[str, Any]) -> str:
     if "pass_speedup" in report:
         s = report["pass_speedup"]
         frac = f"{s['fraction_of_ideal']:.0%}" if s["fraction_of_ideal"] is not None else "n/a"
-        lines.append(f"pass prefill speedup: measured {s['measured']:.2f}x, FLOPs-ideal "
-                     f"{s['flops_ideal']:.2f}x ({frac} of ideal)")
+        lines.append(
+            f"pass prefill speedup: measured {s['measured']:.2f}x, FLOPs-ideal "
+            f"{s['flops_ideal']:.2f}x ({frac} of ideal)"
+        )
     return "\n".join(lines)
 
 
@@ -219,23 +253,34 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     names = list(report["rows"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((axes[0], "llm_prefill_s", "LLM prefill (ms)"),
-                           (axes[1], "decode_s_per_token", "decode (ms / token)")):
+    for ax, key, title in (
+        (axes[0], "llm_prefill_s", "LLM prefill (ms)"),
+        (axes[1], "decode_s_per_token", "decode (ms / token)"),
+    ):
         vals = [report["rows"][n][key] * 1e3 for n in names]
         ax.barh(names, vals, color=["#888"] + ["#2a7"] * (len(names) - 1))
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f}", va="center")
         ax.set_title(title)
         ax.invert_yaxis()
-    fig.suptitle(f"{Path(report['model']).name}: {report['prompt_tokens']} prompt tokens, "
-                 f"{report['visual_tokens']} visual")
+    fig.suptitle(
+        f"{Path(report['model']).name}: {report['prompt_tokens']} prompt tokens, "
+        f"{report['visual_tokens']} visual"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def bench_cli(model_dir: str, passes: list, target: str, output: str, n_text: int,
-              decode_tokens: int, repeats: int) -> dict[str, Any]:
+def bench_cli(
+    model_dir: str,
+    passes: list,
+    target: str,
+    output: str,
+    n_text: int,
+    decode_tokens: int,
+    repeats: int,
+) -> dict[str, Any]:
     out = Path(output)
     report = bench(model_dir, passes, target, out.parent, n_text, decode_tokens, repeats)
     out.write_text(json.dumps(report, indent=2))

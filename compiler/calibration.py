@@ -68,7 +68,9 @@ def builtin_samples(info: Any, n: int = 40, seed: int = 0) -> list[tuple[Any, st
     return [(img, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)]) for i, img in enumerate(images)]
 
 
-def load_samples(images: str | None, prompts: str | None, n: int, info: Any) -> list[tuple[Any, str]]:
+def load_samples(
+    images: str | None, prompts: str | None, n: int, info: Any
+) -> list[tuple[Any, str]]:
     """Calibration samples from an image directory and a prompts file (either may be built-in)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -122,7 +124,9 @@ def layer_contribution(
     lc_text = np.zeros(L)
     t0 = time.perf_counter()
     for image, prompt in tqdm(samples, desc="calibrate", disable=not progress, unit="sample"):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(images=image, text=text, return_tensors="pt")
         with torch.no_grad():
@@ -149,7 +153,9 @@ def read_lc_file(path: str | Path, info: Any) -> list[int]:
     """The layer order (ascending LC) of an LC file, checked against the model."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"shortv: LC file {p} not found (make one with: mllmc calibrate MODEL -o {p})")
+        raise UserError(
+            f"shortv: LC file {p} not found (make one with: mllmc calibrate MODEL -o {p})"
+        )
     try:
         data = json.loads(p.read_text())
         order = [int(i) for i in data["order"]]
@@ -191,8 +197,15 @@ def plot_lc(lc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def calibrate_cli(model_dir: str, output: str, images: str | None, prompts: str | None, n: int,
-                  plot: bool = True, progress: bool = True) -> dict[str, Any]:
+def calibrate_cli(
+    model_dir: str,
+    output: str,
+    images: str | None,
+    prompts: str | None,
+    n: int,
+    plot: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
     from .capture import load_model
 
     model, info = load_model(model_dir)

@@ -385,8 +385,12 @@ def reexport(seg: Segment, gm: torch.fx.GraphModule) -> Segment:
     """Re-export a rewritten (unlifted) graph module of `seg` with the same inputs and dynamic
     shapes: this re-derives every shape and dtype, and keeps `nn_module_stack` on the nodes."""
     with torch.no_grad():
-        ep = torch.export.export(gm, seg.example_inputs, dynamic_shapes=seg.dynamic_shapes, strict=False)
-    return Segment(seg.name, ep, seg.input_names, seg.output_names, seg.example_inputs, seg.dynamic_shapes)
+        ep = torch.export.export(
+            gm, seg.example_inputs, dynamic_shapes=seg.dynamic_shapes, strict=False
+        )
+    return Segment(
+        seg.name, ep, seg.input_names, seg.output_names, seg.example_inputs, seg.dynamic_shapes
+    )
 
 
 MAX_SEQ = 8192

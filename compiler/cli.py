@@ -63,8 +63,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .pipeline import compile_model
 
     result = compile_model(
-        args.model, args.output, _passes(args), target=args.target,
-        validate=not args.no_validate, force=args.force, progress=not args.quiet,
+        args.model,
+        args.output,
+        _passes(args),
+        target=args.target,
+        validate=not args.no_validate,
+        force=args.force,
+        progress=not args.quiet,
     )
     m = result.manifest
     flops = m["flops"]
@@ -76,8 +81,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         f"{flops['before']['prefill'] / 1e9:.3f} -> {flops['after']['prefill'] / 1e9:.3f} GFLOP ({cut:.1%} cut)"
     )
     if val:
-        print(f"validated against eager: max |Δlogit| {val['max_abs_logit_diff']:.2e}, "
-              f"tokens {'identical' if val['tokens_match'] else 'near-tie'}")
+        print(
+            f"validated against eager: max |Δlogit| {val['max_abs_logit_diff']:.2e}, "
+            f"tokens {'identical' if val['tokens_match'] else 'near-tie'}"
+        )
     return 0
 
 
@@ -86,8 +93,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.pass_name != "shortv":
         raise UserError(f"calibrate supports --pass shortv only, got {args.pass_name!r}")
-    calibrate_cli(args.model, args.output, images=args.images, prompts=args.prompts,
-                  n=args.num_samples, plot=not args.no_plot, progress=not args.quiet)
+    calibrate_cli(
+        args.model,
+        args.output,
+        images=args.images,
+        prompts=args.prompts,
+        n=args.num_samples,
+        plot=not args.no_plot,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -97,8 +111,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mllmc.runtime import load
 
     engine = load(args.artifact, providers=args.providers, threads=args.threads)
-    result = engine.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    result = engine.generate(
+        args.image,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     if args.save_logits:
         np.save(args.save_logits, result.logits.astype(np.float32))
     if args.json:
@@ -107,8 +127,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         t = result.timings
         print(result.text)
         print(f"tokens: {result.token_ids}")
-        print(f"prompt {result.prompt_tokens} tokens | vision {t['vision_s'] * 1e3:.1f} ms | "
-              f"prefill {t['prefill_s'] * 1e3:.1f} ms | decode {t['decode_s_per_token'] * 1e3:.2f} ms/token")
+        print(
+            f"prompt {result.prompt_tokens} tokens | vision {t['vision_s'] * 1e3:.1f} ms | "
+            f"prefill {t['prefill_s'] * 1e3:.1f} ms | decode {t['decode_s_per_token'] * 1e3:.2f} ms/token"
+        )
     return 0
 
 
@@ -124,8 +146,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UserError(f"{args.artifact} was compiled from a different model than {args.against}")
     if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"cannot read image {args.image}: no such file")
-    report = verify(args.artifact, model, info, records_from_manifest(manifest), image=args.image,
-                    prompt=args.prompt, max_new_tokens=args.max_new_tokens, tol=args.tol)
+    report = verify(
+        args.artifact,
+        model,
+        info,
+        records_from_manifest(manifest),
+        image=args.image,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        tol=args.tol,
+    )
     print(report.line())
     return 0 if report.ok else 1
 
@@ -156,40 +186,65 @@ def cmd_golden(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_cli
 
-    bench_cli(args.model, _passes(args), target=args.target, output=args.output,
-              n_text=args.text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
+    bench_cli(
+        args.model,
+        _passes(args),
+        target=args.target,
+        output=args.output,
+        n_text=args.text_tokens,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mllmc.runtime import __version__
 
-    p = _Parser(prog="mllmc", description="Compile multimodal LLMs (LLaVA) into fast engines with "
-                "visual-token freezing, pruning and early exit as graph rewrites.",
-                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="mllmc",
+        description="Compile multimodal LLMs (LLaVA) into fast engines with "
+        "visual-token freezing, pruning and early exit as graph rewrites.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"mllmc {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
 
     def add(name: str, help: str, fn) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sp.set_defaults(fn=fn)
         return sp
 
     from .presets import PRESETS
 
-    sp = add("preset", "write a random-init LLaVA model directory (for tests and benchmarks)", cmd_preset)
+    sp = add(
+        "preset", "write a random-init LLaVA model directory (for tests and benchmarks)", cmd_preset
+    )
     sp.add_argument("name", help=f"one of: {', '.join(PRESETS)}")
     sp.add_argument("-o", "--output", required=True, help="model directory to write")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--force", action="store_true", help="overwrite an existing directory")
 
-    sp = add("compile", "compile a Hugging Face LLaVA directory into an engine artifact", cmd_compile)
+    sp = add(
+        "compile", "compile a Hugging Face LLaVA directory into an engine artifact", cmd_compile
+    )
     sp.add_argument("model", help="Hugging Face model directory (config.json, *.safetensors, ...)")
     sp.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    sp.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]",
-                    help="a pass and its options, e.g. shortv:layers=[1,3]; repeat for a pipeline")
+    sp.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        metavar="NAME[:K=V,...]",
+        help="a pass and its options, e.g. shortv:layers=[1,3]; repeat for a pipeline",
+    )
     sp.add_argument("--recipe", metavar="FILE.toml", help="[[pass]] tables with name and options")
     sp.add_argument("--target", default="onnx", help="onnx (default) or trt")
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
@@ -202,14 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--images", help="directory of images (default: built-in generated images)")
     sp.add_argument("--prompts", help="text file, one prompt per line (default: built-in)")
     sp.add_argument("-n", "--num-samples", type=int, default=40)
-    sp.add_argument("-o", "--output", required=True, help="LC file (.json); a .png chart is written beside it")
+    sp.add_argument(
+        "-o", "--output", required=True, help="LC file (.json); a .png chart is written beside it"
+    )
     sp.add_argument("--no-plot", action="store_true")
     sp.add_argument("-q", "--quiet", action="store_true")
 
     sp = add("run", "generate text for an image and a prompt with a compiled artifact", cmd_run)
     sp.add_argument("artifact")
     sp.add_argument("--image", required=True)
-    sp.add_argument("--prompt", required=True, help="with <image>, or plain text for the chat template")
+    sp.add_argument(
+        "--prompt", required=True, help="with <image>, or plain text for the chat template"
+    )
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sp.add_argument("--top-k", type=int, default=0)
@@ -219,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--providers", nargs="+", help="onnxruntime execution providers")
     sp.add_argument("--threads", type=int, default=None)
 
-    sp = add("verify", "compare a compiled artifact with the eager model (+ pass references)", cmd_verify)
+    sp = add(
+        "verify", "compare a compiled artifact with the eager model (+ pass references)", cmd_verify
+    )
     sp.add_argument("artifact")
     sp.add_argument("--against", required=True, help="the source model directory")
     sp.add_argument("--image", default=None, help="default: a built-in synthetic image")
@@ -227,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=16)
     sp.add_argument("--tol", type=float, default=1e-4)
 
-    sp = add("inspect", "show an artifact's segments, passes, visual tokens per layer and FLOPs", cmd_inspect)
+    sp = add(
+        "inspect",
+        "show an artifact's segments, passes, visual tokens per layer and FLOPs",
+        cmd_inspect,
+    )
     sp.add_argument("artifact")
     sp.add_argument("--json", action="store_true")
 
@@ -239,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("-o", "--output", required=True)
-    g = gsub.add_parser("check", help="check an artifact against a golden file (exit 1 on mismatch)")
+    g = gsub.add_parser(
+        "check", help="check an artifact against a golden file (exit 1 on mismatch)"
+    )
     g.add_argument("artifact")
     g.add_argument("golden")
     g.add_argument("--tol", type=float, default=1e-3)
@@ -259,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name in ("transformers", "torch", "onnxscript"):

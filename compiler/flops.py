@@ -16,7 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 REFERENCE_TEXT_TOKENS = 64
 
 
-def reference_prefill_inputs(info: Any, n_text: int = REFERENCE_TEXT_TOKENS) -> tuple[torch.Tensor, ...]:
+def reference_prefill_inputs(
+    info: Any, n_text: int = REFERENCE_TEXT_TOKENS
+) -> tuple[torch.Tensor, ...]:
     from .capture import example_prefill_inputs
 
     return example_prefill_inputs(info, n_text=n_text)
@@ -48,11 +50,18 @@ def segment_flops(segments: Any, n_text: int = REFERENCE_TEXT_TOKENS) -> dict[st
     prefill = count_flops(segments.prefill.program, reference_prefill_inputs(info, n_text))
     vision = count_flops(segments.vision.program, segments.vision.example_inputs)
     decode = count_flops(segments.decode.program, example_decode_inputs(info, past_len=n))
-    return {"reference_text_tokens": n_text, "reference_prompt_tokens": n,
-            "vision": vision, "prefill": prefill, "decode_step": decode}
+    return {
+        "reference_text_tokens": n_text,
+        "reference_prompt_tokens": n,
+        "vision": vision,
+        "prefill": prefill,
+        "decode_step": decode,
+    }
 
 
-def analytic_prefill_flops(info: Any, n_text: int, frozen_layers: set[int] | frozenset = frozenset()) -> int:
+def analytic_prefill_flops(
+    info: Any, n_text: int, frozen_layers: set[int] | frozenset = frozenset()
+) -> int:
     """2·(multiply-adds) of the decoder prefill; a frozen layer computes queries, attention
     rows, o_proj and MLP for the n_text text rows only (keys/values for all n rows)."""
     n = n_text + info.num_visual_tokens

@@ -8,8 +8,6 @@ matched the eager reference on a probe input, so OUT is never left half-written.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +34,8 @@ def resolve_passes(passes: Sequence[str | tuple[PassInfo, Any]]) -> list[tuple[P
         if parsed is not None:
             out.append(parsed)
     return out
+
+
 STAGE_ORDER = {"pre_llm": 0, "in_llm": 1}
 
 
@@ -142,31 +142,32 @@ def compile_model(
     new_flops = flops.segment_flops(segments)
     bar.update()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        step(target)
-        entries = {seg.name: backend(seg, tmp) for seg in segments}
-        bar.update()
-        manifest = artifact.build_manifest(
-            info, model, segments, records, entries, {"before": base_flops, "after": new_flops}, target
-        )
-        artifact.copy_preprocessing(model_dir, tmp)
-        artifact.write_manifest(tmp, manifest)
-        if validate:
-            step("validate")
-            report = verify.verify(tmp, model, info, records, max_new_tokens=4)
-            manifest["validation"] = report.summary()
+        with artifact.staged_directory(out) as tmp:
+            step(target)
+            entries = {seg.name: backend(seg, tmp) for seg in segments}
+            bar.update()
+            manifest = artifact.build_manifest(
+                info,
+                model,
+                segments,
+                records,
+                entries,
+                {"before": base_flops, "after": new_flops},
+                target,
+            )
+            artifact.copy_preprocessing(model_dir, tmp)
             artifact.write_manifest(tmp, manifest)
-            if not report.ok:
-                raise UserError(f"compiled engine does not match the eager model: {report.line()}")
-        bar.update()
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if validate:
+                step("validate")
+                report = verify.verify(tmp, model, info, records, max_new_tokens=4)
+                manifest["validation"] = report.summary()
+                artifact.write_manifest(tmp, manifest)
+                if not report.ok:
+                    raise UserError(
+                        f"compiled engine does not match the eager model: {report.line()}"
+                    )
+            bar.update()
     finally:
         bar.close()
     return CompileResult(out, manifest)

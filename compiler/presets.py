@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +136,9 @@ def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0, force: bo
     return write_model(PRESETS[name], out_dir, seed=seed, force=force)
 
 
-def write_model(spec: PresetSpec, out_dir: str | os.PathLike, seed: int = 0, force: bool = False) -> Path:
+def write_model(
+    spec: PresetSpec, out_dir: str | os.PathLike, seed: int = 0, force: bool = False
+) -> Path:
     """Write a random-init LLaVA-1.5 model of shapes `spec` at `out_dir` (atomically)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -225,17 +225,11 @@ def write_model(spec: PresetSpec, out_dir: str | os.PathLike, seed: int = 0, for
         image_token="<image>",
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from .artifact import staged_directory
+
+    with staged_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_params = sum(p.numel() for p in model.parameters())
     log.info("wrote %s (%.1fM params, seed %d) to %s", spec.description, n_params / 1e6, seed, out)
     return out

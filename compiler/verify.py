@@ -63,7 +63,11 @@ class VerifyReport:
         return logits_ok and (self.tokens_match or self.near_tie_step is not None)
 
     def line(self) -> str:
-        tie = f", near-tie divergence at step {self.near_tie_step}" if self.near_tie_step is not None else ""
+        tie = (
+            f", near-tie divergence at step {self.near_tie_step}"
+            if self.near_tie_step is not None
+            else ""
+        )
         return (
             f"{'PASS' if self.ok else 'FAIL'}: max |Δlogit| {self.max_abs_logit_diff:.2e} "
             f"(tol {self.tol:.0e}) over {len(self.step_diffs)} steps, tokens "
@@ -83,7 +87,11 @@ class VerifyReport:
 
 
 def eager_generate(
-    model: Any, model_dir: str | Path, image: Any, prompt: str, max_new_tokens: int,
+    model: Any,
+    model_dir: str | Path,
+    image: Any,
+    prompt: str,
+    max_new_tokens: int,
     records: list[dict[str, Any]] = (),
     stop_at_eos: bool = False,
 ) -> tuple[list[int], np.ndarray]:
@@ -102,12 +110,18 @@ def eager_generate(
         image = Image.open(image)
     image_token = getattr(processor, "image_token", "<image>")
     if image_token not in prompt:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     config = copy.deepcopy(model.generation_config)
-    config.update(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True)
+    config.update(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     saved_eos = model.generation_config.eos_token_id
     if not stop_at_eos:
         config.eos_token_id = None
@@ -127,8 +141,11 @@ def eager_generate(
 
 
 def compare(
-    tokens_engine: list[int], logits_engine: np.ndarray, tokens_eager: list[int],
-    logits_eager: np.ndarray, tol: float = LOGIT_TOL,
+    tokens_engine: list[int],
+    logits_engine: np.ndarray,
+    tokens_eager: list[int],
+    logits_eager: np.ndarray,
+    tol: float = LOGIT_TOL,
 ) -> VerifyReport:
     diffs: list[float] = []
     near_tie = None

@@ -21,7 +21,9 @@ HERE = Path(__file__).parent
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mllmc-example-"))
-    model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else write_preset("tiny-llava", work / "tiny-llava")
+    model_dir = (
+        Path(sys.argv[1]) if len(sys.argv) > 1 else write_preset("tiny-llava", work / "tiny-llava")
+    )
     out_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else work / "tiny-shortv"
 
     # Freeze visual tokens in 60% of the layers (ShortV). The layer order comes from the paper's
@@ -30,15 +32,21 @@ def main() -> None:
     shortv = result.manifest["passes"][0]
     print(f"frozen layers: {shortv['stats']['frozen_layers']} ({shortv['config']['order_from']})")
     flops = result.manifest["flops"]
-    print(f"prefill GFLOP: {flops['before']['prefill'] / 1e9:.3f} -> {flops['after']['prefill'] / 1e9:.3f}")
+    print(
+        f"prefill GFLOP: {flops['before']['prefill'] / 1e9:.3f} -> {flops['after']['prefill'] / 1e9:.3f}"
+    )
 
     # The runtime needs only numpy + onnxruntime: this part runs on a machine without torch.
     engine = load(out_dir)
-    answer = engine.generate(HERE / "images" / "shapes.png", "Describe the image.", max_new_tokens=12)
+    answer = engine.generate(
+        HERE / "images" / "shapes.png", "Describe the image.", max_new_tokens=12
+    )
     print(f"tokens: {answer.token_ids}")
     print(f"text: {answer.text!r}")
-    print(f"prefill {answer.timings['prefill_s'] * 1e3:.1f} ms, "
-          f"decode {answer.timings['decode_s_per_token'] * 1e3:.2f} ms/token")
+    print(
+        f"prefill {answer.timings['prefill_s'] * 1e3:.1f} ms, "
+        f"decode {answer.timings['decode_s_per_token'] * 1e3:.2f} ms/token"
+    )
 
 
 if __name__ == "__main__":

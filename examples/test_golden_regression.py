@@ -23,7 +23,9 @@ ARTIFACT = Path(os.environ.get("MLLMC_ARTIFACT", "out/tiny-shortv"))
 GOLDEN = Path(os.environ.get("MLLMC_GOLDEN", Path(__file__).with_name("golden.json")))
 
 
-@pytest.mark.skipif(not ARTIFACT.is_dir() or not GOLDEN.is_file(), reason="no artifact/golden recorded")
+@pytest.mark.skipif(
+    not ARTIFACT.is_dir() or not GOLDEN.is_file(), reason="no artifact/golden recorded"
+)
 def test_artifact_still_generates_the_golden_output() -> None:
     problems = golden.check(ARTIFACT, golden.read_golden(GOLDEN), tol=1e-3)
     assert not problems, "; ".join(problems)

@@ -121,8 +121,9 @@ def parse_pass_spec(spec: str) -> tuple[PassInfo, Any] | None:
 
 def parse_recipe(path: str) -> list[tuple[PassInfo, Any]]:
     """A TOML recipe: [[pass]] tables, each with `name` and the pass's options."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     p = Path(path)
     if not p.is_file():

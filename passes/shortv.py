@@ -76,9 +76,59 @@ class ShortVConfig:
 # Published frozen lists (0-based, most-ineffective first), ShortV's official release.
 PUBLISHED_ORDERS: dict[str, tuple[int, ...]] = {
     "llava-1.5-7b": (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19),
-    "llava-1.5-13b": (39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35, 22, 24, 21, 20, 17),
+    "llava-1.5-13b": (
+        39,
+        32,
+        28,
+        36,
+        27,
+        37,
+        29,
+        30,
+        1,
+        38,
+        25,
+        31,
+        2,
+        26,
+        23,
+        34,
+        0,
+        33,
+        35,
+        22,
+        24,
+        21,
+        20,
+        17,
+    ),
     "llava-next-7b": (31, 29, 30, 28, 26, 27, 22, 24, 21, 23, 25, 20, 19, 17, 18, 15, 12, 0, 2),
-    "llava-next-13b": (39, 32, 29, 36, 27, 30, 37, 23, 25, 31, 26, 2, 28, 22, 33, 35, 34, 24, 38, 21, 20, 18, 1, 17),
+    "llava-next-13b": (
+        39,
+        32,
+        29,
+        36,
+        27,
+        30,
+        37,
+        23,
+        25,
+        31,
+        26,
+        2,
+        28,
+        22,
+        33,
+        35,
+        34,
+        24,
+        38,
+        21,
+        20,
+        18,
+        1,
+        17,
+    ),
 }
 # (model_type, decoder hidden, decoder layers, vision image size) -> published list
 _PUBLISHED_MATCH = {
@@ -126,10 +176,14 @@ def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
         from mllmc.compiler.calibration import builtin_samples, layer_contribution
 
         t0 = time.perf_counter()
-        log.warning("shortv: no layer list, LC file or published list: calibrating on built-in data")
+        log.warning(
+            "shortv: no layer list, LC file or published list: calibrating on built-in data"
+        )
         lc = layer_contribution(model, info, builtin_samples(info, n=8))
         order = lc["order"]
-        source = f"calibration on {lc['samples']} built-in samples ({time.perf_counter() - t0:.1f} s)"
+        source = (
+            f"calibration on {lc['samples']} built-in samples ({time.perf_counter() - t0:.1f} s)"
+        )
         log.warning("shortv: %s", source)
     layers = tuple(sorted(order[:k]))
     return dataclasses.replace(cfg, layers=layers, order_from=source)
@@ -197,7 +251,9 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
     info = segments.info
     bad = [i for i in cfg.layers if i >= info.num_layers]
     if bad:
-        raise UserError(f"shortv: layers {bad} out of range; the model has layers 0..{info.num_layers - 1}")
+        raise UserError(
+            f"shortv: layers {bad} out of range; the model has layers 0..{info.num_layers - 1}"
+        )
     if not cfg.layers:
         return PassResult(segments, {"frozen_layers": [], "order_from": cfg.order_from})
 
@@ -208,7 +264,9 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
     inputs = dict(zip(prefill.input_names, placeholders(graph), strict=True))
     num_visual = segments.visual_tokens_per_layer[cfg.layers[0]]
     if any(segments.visual_tokens_per_layer[i] != num_visual for i in cfg.layers):
-        raise UserError("shortv: frozen layers see different visual-token counts (a pruning pass ran first)")
+        raise UserError(
+            "shortv: frozen layers see different visual-token counts (a pruning pass ran first)"
+        )
     with graph.inserting_after(inputs["visual_start"]):
         text_idx = graph.call_function(
             text_rows, (inputs["input_ids"], inputs["visual_start"], num_visual)
@@ -225,7 +283,11 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
         segments.layer_plan[i]["frozen_visual"] = True
     return PassResult(
         segments,
-        {"frozen_layers": list(cfg.layers), "order_from": cfg.order_from, "visual_tokens": num_visual},
+        {
+            "frozen_layers": list(cfg.layers),
+            "order_from": cfg.order_from,
+            "visual_tokens": num_visual,
+        },
     )
 
 
@@ -258,9 +320,7 @@ def keep_rows(model: Any, layers: Sequence[int], rows: str = "visual") -> Iterat
 
     decoder_layers = model.model.language_model.layers
     handles = [model.register_forward_pre_hook(capture_ids, with_kwargs=True)]
-    handles += [
-        decoder_layers[i].register_forward_hook(restore, with_kwargs=True) for i in layers
-    ]
+    handles += [decoder_layers[i].register_forward_hook(restore, with_kwargs=True) for i in layers]
     try:
         yield
     finally:

@@ -1,9 +1,9 @@
 """mllmc runtime: loads an mllmc artifact and runs it with numpy + onnxruntime. Imports no torch.
 
-    from mllmc.runtime import load
-    engine = load("out/tiny-shortv")
-    result = engine.generate("cat.png", "Describe the image.", max_new_tokens=32)
-    print(result.text, result.timings)
+from mllmc.runtime import load
+engine = load("out/tiny-shortv")
+result = engine.generate("cat.png", "Describe the image.", max_new_tokens=32)
+print(result.text, result.timings)
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ class Engine:
     """A loaded artifact. `generate()` is the whole pipeline; `prefill()` / `decode_step()` are
     the two halves for callers that run their own loop."""
 
-    def __init__(self, root: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(
+        self, root: str | Path, providers: list[str] | None = None, threads: int | None = None
+    ):
         from .preprocess import ImagePreprocessor, PromptEncoder, read_image_processor_config
 
         self.root = Path(root)
@@ -75,7 +77,9 @@ class Engine:
             if not path.is_file():
                 raise UserError(f"corrupt artifact {self.root}: {entry['file']} is missing")
             if entry.get("external_data") and not (self.root / entry["external_data"]).is_file():
-                raise UserError(f"corrupt artifact {self.root}: {entry['external_data']} is missing")
+                raise UserError(
+                    f"corrupt artifact {self.root}: {entry['external_data']} is missing"
+                )
         self.sessions = {
             name: _session(self.root / self.manifest["segments"][name]["file"], providers, threads)
             for name in SEGMENTS
@@ -186,6 +190,8 @@ def _choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.G
     return int(rng.choice(len(p), p=p))
 
 
-def load(path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Engine:
+def load(
+    path: str | Path, providers: list[str] | None = None, threads: int | None = None
+) -> Engine:
     """Load an artifact directory written by `mllmc compile`."""
     return Engine(path, providers=providers, threads=threads)

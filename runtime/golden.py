@@ -43,7 +43,9 @@ def _summary(logits: np.ndarray) -> list[dict[str, Any]]:
     return steps
 
 
-def record(artifact: str | Path, image: str | Path, prompt: str, max_new_tokens: int = 16) -> dict[str, Any]:
+def record(
+    artifact: str | Path, image: str | Path, prompt: str, max_new_tokens: int = 16
+) -> dict[str, Any]:
     import onnxruntime
 
     from . import __version__, load
@@ -100,12 +102,16 @@ def check(artifact: str | Path, golden: dict[str, Any], tol: float = 1e-3) -> li
     problems = []
     if now["token_ids"] != golden["token_ids"]:
         first = next(
-            (i for i, (a, b) in enumerate(zip(now["token_ids"], golden["token_ids"], strict=False)) if a != b),
+            (
+                i
+                for i, (a, b) in enumerate(zip(now["token_ids"], golden["token_ids"], strict=False))
+                if a != b
+            ),
             min(len(now["token_ids"]), len(golden["token_ids"])),
         )
         problems.append(
-            f"tokens differ from step {first}: got {now['token_ids'][first:first + 4]}, "
-            f"golden {golden['token_ids'][first:first + 4]}"
+            f"tokens differ from step {first}: got {now['token_ids'][first : first + 4]}, "
+            f"golden {golden['token_ids'][first : first + 4]}"
         )
     for step, (a, b) in enumerate(zip(now["logits"], golden["logits"], strict=False)):
         worst = max(abs(x - y) for x, y in zip(a["top_values"], b["top_values"], strict=True))

@@ -52,4 +52,6 @@ OTHER_SPEC = dict(
 def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mllmc.compiler.presets import PresetSpec, write_model
 
-    return write_model(PresetSpec(**OTHER_SPEC), tmp_path_factory.mktemp("models") / "other-llava", seed=1)
+    return write_model(
+        PresetSpec(**OTHER_SPEC), tmp_path_factory.mktemp("models") / "other-llava", seed=1
+    )

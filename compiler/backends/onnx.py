@@ -41,7 +41,9 @@ def _name_dims(model: onnx.ModelProto, seg: Any) -> None:
         for d in vi.type.tensor_type.shape.dim:
             if d.dim_param:
                 for old, new in renames.items():
-                    d.dim_param = d.dim_param.replace(old, new) if old in d.dim_param else d.dim_param
+                    d.dim_param = (
+                        d.dim_param.replace(old, new) if old in d.dim_param else d.dim_param
+                    )
 
 
 def export_segment(seg: Any, out_dir: Path) -> dict[str, Any]:
@@ -78,4 +80,8 @@ def export_segment(seg: Any, out_dir: Path) -> dict[str, Any]:
 def _io(vi: onnx.ValueInfoProto) -> dict[str, Any]:
     t = vi.type.tensor_type
     shape = [d.dim_param or d.dim_value for d in t.shape.dim]
-    return {"name": vi.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+    return {
+        "name": vi.name,
+        "shape": shape,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+    }

@@ -18,7 +18,9 @@ MLLMC = str(Path(sys.executable).parent / "mllmc")
 def mllmc(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run([MLLMC, *map(str, args)], capture_output=True, text=True, timeout=900)
     if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        assert proc.returncode == check, (
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -50,15 +52,32 @@ def test_help_shows_examples():
 def test_preset_writes_a_loadable_model(tmp_path):
     out = tmp_path / "m"
     mllmc("preset", "tiny-llava", "-o", out, "--seed", "3")
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "processor_config.json",
+        "chat_template.jinja",
+    ):
         assert (out / f).is_file(), f
     user_error("preset", "tiny-llava", "-o", out, match="exists")
     user_error("preset", "huge-llava", "-o", tmp_path / "x", match="unknown preset 'huge-llava'")
 
 
 def test_run_inspect_verify_golden(artifact, tiny_model_dir, sample_image, tmp_path):
-    proc = mllmc("run", artifact, "--image", sample_image, "--prompt", "Describe the image.",
-                 "--max-new-tokens", "6", "--json", "--save-logits", tmp_path / "l.npy")
+    proc = mllmc(
+        "run",
+        artifact,
+        "--image",
+        sample_image,
+        "--prompt",
+        "Describe the image.",
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--save-logits",
+        tmp_path / "l.npy",
+    )
     out = json.loads(proc.stdout)
     assert len(out["token_ids"]) == 6 or out["token_ids"][-1] == 2
     assert set(out["timings"]) >= {"prefill_s", "decode_s_per_token"}
@@ -66,8 +85,16 @@ def test_run_inspect_verify_golden(artifact, tiny_model_dir, sample_image, tmp_p
     assert logits.dtype == np.float32 and logits.shape[0] == len(out["token_ids"])
     assert [int(i) for i in logits.argmax(-1)] == out["token_ids"]
 
-    text = mllmc("run", artifact, "--image", sample_image, "--prompt", "USER: <image>\nHi ASSISTANT:",
-                 "--max-new-tokens", "3").stdout
+    text = mllmc(
+        "run",
+        artifact,
+        "--image",
+        sample_image,
+        "--prompt",
+        "USER: <image>\nHi ASSISTANT:",
+        "--max-new-tokens",
+        "3",
+    ).stdout
     assert "prefill" in text and "ms/token" in text
 
     info = mllmc("inspect", artifact).stdout
@@ -78,7 +105,17 @@ def test_run_inspect_verify_golden(artifact, tiny_model_dir, sample_image, tmp_p
     assert proc.stdout.startswith("PASS")
 
     golden = tmp_path / "golden.json"
-    mllmc("golden", "record", artifact, "--image", sample_image, "--prompt", "Describe the image.", "-o", golden)
+    mllmc(
+        "golden",
+        "record",
+        artifact,
+        "--image",
+        sample_image,
+        "--prompt",
+        "Describe the image.",
+        "-o",
+        golden,
+    )
     assert "golden check passed" in mllmc("golden", "check", artifact, golden).stdout
     g = json.loads(golden.read_text())
     g["token_ids"][0] += 1
@@ -107,13 +144,32 @@ def test_model_dir_errors(tmp_path, tiny_model_dir):
 
 def test_pass_and_option_errors(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
-    user_error("compile", tiny_model_dir, "--pass", "fastx", "-o", out, match="valid passes: shortv")
-    user_error("compile", tiny_model_dir, "--pass", "shortv:k=1", "-o", out, match="valid options: layers")
-    user_error("compile", tiny_model_dir, "--pass", "shortv:layers=[1,1]", "-o", out, match="duplicate")
+    user_error(
+        "compile", tiny_model_dir, "--pass", "fastx", "-o", out, match="valid passes: shortv"
+    )
+    user_error(
+        "compile", tiny_model_dir, "--pass", "shortv:k=1", "-o", out, match="valid options: layers"
+    )
+    user_error(
+        "compile", tiny_model_dir, "--pass", "shortv:layers=[1,1]", "-o", out, match="duplicate"
+    )
     user_error("compile", tiny_model_dir, "--pass", "shortv:ratio=1.5", "-o", out, match="ratio")
-    user_error("compile", tiny_model_dir, "--pass", "shortv:layers=[6]", "-o", out, "-q", match="out of range")
-    user_error("compile", tiny_model_dir, "--pass", "shortv:lc=nope.json", "-o", out, "-q", match="LC file")
-    user_error("compile", tiny_model_dir, "--target", "tpu", "-o", out, match="valid targets: onnx, trt")
+    user_error(
+        "compile",
+        tiny_model_dir,
+        "--pass",
+        "shortv:layers=[6]",
+        "-o",
+        out,
+        "-q",
+        match="out of range",
+    )
+    user_error(
+        "compile", tiny_model_dir, "--pass", "shortv:lc=nope.json", "-o", out, "-q", match="LC file"
+    )
+    user_error(
+        "compile", tiny_model_dir, "--target", "tpu", "-o", out, match="valid targets: onnx, trt"
+    )
     user_error("compile", tiny_model_dir, "-o", out, "--bogus", match="unrecognized arguments")
     out.mkdir()
     user_error("compile", tiny_model_dir, "-o", out, match="--force")
@@ -125,7 +181,9 @@ def test_artifact_and_input_errors(artifact, tmp_path, sample_image):
     user_error("run", tmp_path / "none", "--image", sample_image, *run, match="not found")
     (tmp_path / "notes.txt").write_text("not an image")
     user_error("run", artifact, "--image", tmp_path / "notes.txt", *run, match="cannot read image")
-    user_error("run", artifact, "--image", tmp_path / "missing.png", *run, match="cannot read image")
+    user_error(
+        "run", artifact, "--image", tmp_path / "missing.png", *run, match="cannot read image"
+    )
     user_error("run", artifact, "--image", tmp_path, *run, match="cannot read image")
 
     broken = tmp_path / "broken"
@@ -155,9 +213,20 @@ def test_artifact_and_input_errors(artifact, tmp_path, sample_image):
             cfg.pop("chat_template", None)
             (plain / name).write_text(json.dumps(cfg))
     user_error("run", plain, "--image", sample_image, *run, match="<image>")
-    user_error("run", artifact, "--image", sample_image, "--prompt", "<image> <image>", match="image")
-    user_error("run", artifact, "--image", sample_image, "--prompt", "x", "--max-new-tokens", "0",
-               match="max_new_tokens")
+    user_error(
+        "run", artifact, "--image", sample_image, "--prompt", "<image> <image>", match="image"
+    )
+    user_error(
+        "run",
+        artifact,
+        "--image",
+        sample_image,
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "0",
+        match="max_new_tokens",
+    )
 
 
 def test_calibrate_writes_lc_and_plot(tiny_model_dir, tmp_path):
@@ -167,5 +236,7 @@ def test_calibrate_writes_lc_and_plot(tiny_model_dir, tmp_path):
     assert sorted(lc["order"]) == list(range(lc["num_layers"])) and lc["samples"] == 2
     assert out.with_suffix(".png").is_file()
     assert "LC(visual)" in proc.stdout
-    user_error("calibrate", tiny_model_dir, "--images", tmp_path / "nodir", "-o", out, match="not found")
+    user_error(
+        "calibrate", tiny_model_dir, "--images", tmp_path / "nodir", "-o", out, match="not found"
+    )
     user_error("calibrate", tiny_model_dir, "--pass", "fastv", "-o", out, match="shortv only")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -18,6 +20,17 @@ from mllmc.runtime import load
 from mllmc.runtime.errors import UserError
 
 NEW_TOKENS = 16
+
+
+class Compiled(NamedTuple):
+    fixture: str
+    model: Any
+    info: Any
+    base: Path
+    shortv: Path
+    layers: list[int]
+
+
 # frozen sets with the first layer, the last layer and adjacent layers
 FROZEN = {"tiny_model_dir": [0, 1, 2, 5], "other_model_dir": [0, 3, 4]}
 
@@ -29,9 +42,11 @@ def compiled(request, tmp_path_factory):
     work = tmp_path_factory.mktemp("artifacts")
     base = compile_model(model_dir, work / "base", progress=False).out_dir
     layers = FROZEN[request.param]
-    shortv = compile_model(model_dir, work / "shortv", [f"shortv:layers={layers}"], progress=False).out_dir
+    shortv = compile_model(
+        model_dir, work / "shortv", [f"shortv:layers={layers}"], progress=False
+    ).out_dir
     model, info = load_model(model_dir)
-    return model, info, base, shortv, layers
+    return Compiled(request.param, model, info, base, shortv, layers)
 
 
 def _check(report) -> None:
@@ -42,13 +57,13 @@ def _check(report) -> None:
 
 
 def test_unrewritten_artifact_matches_hf_generate(compiled, sample_image):
-    model, info, base, _, _ = compiled
+    model, info, base, _, _ = compiled[1:]
     report = verify(base, model, info, [], image=sample_image, max_new_tokens=NEW_TOKENS)
     _check(report)
 
 
 def test_shortv_artifact_matches_eager_reference(compiled, sample_image):
-    model, info, _, shortv, layers = compiled
+    model, info, _, shortv, layers = compiled[1:]
     manifest = json.loads((shortv / "manifest.json").read_text())
     records = records_from_manifest(manifest)
     assert records[0]["_cfg"].layers == tuple(layers)
@@ -60,7 +75,7 @@ def test_shortv_artifact_matches_eager_reference(compiled, sample_image):
 
 
 def test_manifest_records_passes_layers_and_flops(compiled):
-    _, info, base, shortv, layers = compiled
+    _, info, base, shortv, layers = compiled[1:]
     m = json.loads((shortv / "manifest.json").read_text())
     assert m["format_version"] == 1
     assert m["passes"][0]["name"] == "shortv"
@@ -76,22 +91,29 @@ def test_manifest_records_passes_layers_and_flops(compiled):
         entry = m["segments"][name]
         onnx.checker.check_model(str(shortv / entry["file"]))
         assert entry["inputs"] and entry["outputs"]
-    assert m["segments"]["prefill"]["inputs"][0] == {"name": "input_ids", "shape": [1, "n"], "dtype": "int64"}
+    assert m["segments"]["prefill"]["inputs"][0] == {
+        "name": "input_ids",
+        "shape": [1, "n"],
+        "dtype": "int64",
+    }
     for f in ("tokenizer.json", "image_processor.json", "manifest.json"):
         assert (shortv / f).is_file()
     # the rewrite is in the ONNX: one ScatterND (index_copy of the text rows) per frozen layer
     g = onnx.load(str(shortv / "prefill.onnx"), load_external_data=False).graph
     base_g = onnx.load(str(base / "prefill.onnx"), load_external_data=False).graph
-    scatter = sum(n.op_type == "ScatterND" for n in g.node) - sum(n.op_type == "ScatterND" for n in base_g.node)
+    scatter = sum(n.op_type == "ScatterND" for n in g.node) - sum(
+        n.op_type == "ScatterND" for n in base_g.node
+    )
     assert scatter == len(layers)
 
 
 def test_identity_config_gives_the_unrewritten_logits(compiled, tmp_path, sample_image):
-    model, info, base, _, _ = compiled
-    if info.num_layers != 6:
+    if compiled.fixture != "tiny_model_dir":
         pytest.skip("artifact-level identity runs on tiny-llava; graph-level on both (test_shortv)")
-    ident = compile_model(info.model_dir, tmp_path / "ident", ["shortv:layers=[]"], validate=False,
-                          progress=False).out_dir
+    info, base = compiled.info, compiled.base
+    ident = compile_model(
+        info.model_dir, tmp_path / "ident", ["shortv:layers=[]"], validate=False, progress=False
+    ).out_dir
     a = load(base).generate(sample_image, "Describe the image.", max_new_tokens=8)
     b = load(ident).generate(sample_image, "Describe the image.", max_new_tokens=8)
     assert a.token_ids == b.token_ids
@@ -99,7 +121,7 @@ def test_identity_config_gives_the_unrewritten_logits(compiled, tmp_path, sample
 
 
 def test_artifact_runs_without_the_source_model(compiled, tmp_path, sample_image):
-    _, _, _, shortv, _ = compiled
+    _, _, _, shortv, _ = compiled[1:]
     copy = tmp_path / "moved"
     shutil.copytree(shortv, copy)
     engine = load(copy)

@@ -27,8 +27,11 @@ def _prefill_inputs(model_dir, info, image_path):
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(model_dir)
-    inputs = proc(images=Image.open(image_path), text="USER: <image>\nDescribe the image. ASSISTANT:",
-                  return_tensors="pt")
+    inputs = proc(
+        images=Image.open(image_path),
+        text="USER: <image>\nDescribe the image. ASSISTANT:",
+        return_tensors="pt",
+    )
     start = int((inputs["input_ids"][0] == info.image_token_id).nonzero()[0])
     return inputs, start
 
@@ -91,7 +94,9 @@ def test_rewritten_graph_structure(captured):
             assert q_rows == k_rows == mlp_rows
     # the decode segment is not touched
     assert new.decode is segs.decode
-    assert [p["frozen_visual"] for p in new.layer_plan] == [i in frozen for i in range(info.num_layers)]
+    assert [p["frozen_visual"] for p in new.layer_plan] == [
+        i in frozen for i in range(info.num_layers)
+    ]
 
 
 def test_flops_from_graph_match_analytic_formula(captured):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.preprocess import ImagePreprocessor, PromptEncoder, read_image_processor_config
-from PIL import Image
 
 PROMPTS_WITH_IMAGE = [
     "USER: <image>\nDescribe the image. ASSISTANT:",
