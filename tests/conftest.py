@@ -6,6 +6,16 @@ from pathlib import Path
 
 import pytest
 
+TINY_SHORTV_LAYERS = [0, 1, 2, 5]  # first, last and adjacent layers
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-goldens",
+        action="store_true",
+        help="re-record tests/goldens/*.json from the current artifacts instead of checking them",
+    )
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -55,3 +65,20 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model(
         PresetSpec(**OTHER_SPEC), tmp_path_factory.mktemp("models") / "other-llava", seed=1
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_base_artifact(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mllmc.compiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-base"
+    return compile_model(tiny_model_dir, out, progress=False).out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_shortv_artifact(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mllmc.compiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-shortv"
+    spec = f"shortv:layers={TINY_SHORTV_LAYERS}"
+    return compile_model(tiny_model_dir, out, [spec], progress=False).out_dir

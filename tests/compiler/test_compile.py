@@ -18,6 +18,7 @@ from mllmc.compiler.pipeline import compile_model
 from mllmc.compiler.verify import records_from_manifest, verify
 from mllmc.runtime import load
 from mllmc.runtime.errors import UserError
+from tests.conftest import TINY_SHORTV_LAYERS
 
 NEW_TOKENS = 16
 
@@ -32,19 +33,22 @@ class Compiled(NamedTuple):
 
 
 # frozen sets with the first layer, the last layer and adjacent layers
-FROZEN = {"tiny_model_dir": [0, 1, 2, 5], "other_model_dir": [0, 3, 4]}
+FROZEN = {"tiny_model_dir": TINY_SHORTV_LAYERS, "other_model_dir": [0, 3, 4]}
 
 
 @pytest.fixture(scope="module", params=["tiny_model_dir", "other_model_dir"])
 def compiled(request, tmp_path_factory):
     """(model, info, base artifact, shortv artifact) for one model config."""
     model_dir = request.getfixturevalue(request.param)
-    work = tmp_path_factory.mktemp("artifacts")
-    base = compile_model(model_dir, work / "base", progress=False).out_dir
     layers = FROZEN[request.param]
-    shortv = compile_model(
-        model_dir, work / "shortv", [f"shortv:layers={layers}"], progress=False
-    ).out_dir
+    if request.param == "tiny_model_dir":  # the session's shared tiny artifacts
+        base = request.getfixturevalue("tiny_base_artifact")
+        shortv = request.getfixturevalue("tiny_shortv_artifact")
+    else:
+        work = tmp_path_factory.mktemp("artifacts")
+        base = compile_model(model_dir, work / "base", progress=False).out_dir
+        spec = f"shortv:layers={layers}"
+        shortv = compile_model(model_dir, work / "shortv", [spec], progress=False).out_dir
     model, info = load_model(model_dir)
     return Compiled(request.param, model, info, base, shortv, layers)
 

@@ -154,3 +154,37 @@ def test_calibration_order_is_deterministic_and_used(captured, tmp_path):
     k = int(round(0.4 * info.num_layers))
     assert cfg.layers == tuple(sorted(a["order"][:k]))
     assert "lc file" in cfg.order_from
+
+
+def test_published_lists_are_used_for_matching_models():
+    from types import SimpleNamespace
+
+    from mllmc.passes.shortv import PUBLISHED_ORDERS
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="llava"))
+    llava7b = SimpleNamespace(hidden_size=4096, num_layers=32, image_size=336)
+    cfg = prepare(ShortVConfig(), model, llava7b)  # ratio 0.6 of 32 layers = 19, the paper's count
+    assert cfg.layers == tuple(sorted(PUBLISHED_ORDERS["llava-1.5-7b"]))
+    assert "llava-1.5-7b" in cfg.order_from
+    llava13b = SimpleNamespace(hidden_size=5120, num_layers=40, image_size=336)
+    cfg = prepare(ShortVConfig(ratio=0.5), model, llava13b)
+    assert cfg.layers == tuple(sorted(PUBLISHED_ORDERS["llava-1.5-13b"][:20]))
+    with pytest.raises(UserError, match="published llava-1.5-7b list has 19"):
+        prepare(ShortVConfig(ratio=0.9), model, llava7b)
+
+
+def test_recipe_file(tmp_path):
+    from mllmc.passes import parse_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[pass]]\nname = "shortv"\nlayers = [1, 3]\n\n[[pass]]\nname = "none"\n')
+    [(info, cfg)] = parse_recipe(str(recipe))
+    assert info.name == "shortv" and cfg.layers == (1, 3)
+    recipe.write_text('[[pass]]\nname = "shortv"\nfoo = 1\n')
+    with pytest.raises(UserError, match="unknown option 'foo'"):
+        parse_recipe(str(recipe))
+    recipe.write_text("[[pass]\n")
+    with pytest.raises(UserError, match="bad recipe"):
+        parse_recipe(str(recipe))
+    with pytest.raises(UserError, match="not found"):
+        parse_recipe(str(tmp_path / "missing.toml"))
