@@ -293,7 +293,9 @@ class PrefillSegment(_Decoder):
         # elsewhere (a boolean mask makes the ONNX attention re-select -inf per layer and check
         # for NaN rows, ~15% of the prefill on CPU)
         causal = positions[0][None, :] <= positions[0][:, None]  # (n, n)
-        mask = torch.zeros_like(causal, dtype=h.dtype).masked_fill(~causal, torch.finfo(h.dtype).min)
+        mask = torch.zeros_like(causal, dtype=h.dtype).masked_fill(
+            ~causal, torch.finfo(h.dtype).min
+        )
         mask = mask[None, None]  # (1, 1, n, n)
         present: list[torch.Tensor] = []
         for layer in self.layers:
