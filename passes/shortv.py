@@ -152,6 +152,8 @@ def frozen_count(ratio: float, num_layers: int) -> int:
 def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
     """Resolve the frozen layer list (explicit, LC file, published list, or calibration)."""
     L = info.num_layers
+    if getattr(info, "num_visual_tokens", 1) < 1:
+        raise UserError("shortv: the model puts no visual tokens in the prompt; nothing to freeze")
     if cfg.layers is not None:
         bad = [i for i in cfg.layers if i >= L]
         if bad:

@@ -60,6 +60,11 @@ def test_preset_writes_a_loadable_model(tmp_path):
         "chat_template.jinja",
     ):
         assert (out / f).is_file(), f
+    again = tmp_path / "again"
+    mllmc("preset", "tiny-llava", "-o", again, "--seed", "3")
+    # deterministic for a given seed: same weights and tokenizer, byte for byte
+    for f in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (out / f).read_bytes() == (again / f).read_bytes(), f
     user_error("preset", "tiny-llava", "-o", out, match="exists")
     user_error("preset", "huge-llava", "-o", tmp_path / "x", match="unknown preset 'huge-llava'")
 
@@ -103,6 +108,19 @@ def test_run_inspect_verify_golden(artifact, tiny_model_dir, sample_image, tmp_p
 
     proc = mllmc("verify", artifact, "--against", tiny_model_dir, "--max-new-tokens", "8")
     assert proc.stdout.startswith("PASS")
+    # a tolerance no float computation meets: verify must report FAIL and exit 1
+    proc = mllmc(
+        "verify",
+        artifact,
+        "--against",
+        tiny_model_dir,
+        "--max-new-tokens",
+        "2",
+        "--tol",
+        "1e-12",
+        check=1,
+    )
+    assert proc.stdout.startswith("FAIL")
 
     golden = tmp_path / "golden.json"
     mllmc(

@@ -171,6 +171,9 @@ def test_published_lists_are_used_for_matching_models():
     assert cfg.layers == tuple(sorted(PUBLISHED_ORDERS["llava-1.5-13b"][:20]))
     with pytest.raises(UserError, match="published llava-1.5-7b list has 19"):
         prepare(ShortVConfig(ratio=0.9), model, llava7b)
+    no_image = SimpleNamespace(hidden_size=64, num_layers=4, image_size=32, num_visual_tokens=0)
+    with pytest.raises(UserError, match="no visual tokens"):
+        prepare(ShortVConfig(layers=(1,)), model, no_image)
 
 
 def test_recipe_file(tmp_path):
