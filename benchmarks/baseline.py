@@ -41,7 +41,7 @@ def bench_hf_exporters(
     runner: HFExportersRunner, ids: np.ndarray, feats: np.ndarray, decode_tokens: int, repeats: int
 ) -> dict[str, float]:
     embeds = runner.embed(ids, feats)
-    llm_s = bench._median_time(lambda: runner.prefill(embeds), repeats)
+    llm_s = bench.median_time(lambda: runner.prefill(embeds), repeats)
 
     def decode() -> float:
         logits, cache = runner.prefill(embeds)

@@ -78,11 +78,12 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mllmc.compiler.bench import median_time
 
 # Components `export_for_generation` yields for LLaVA, and the vision ones it does not.
 LLM_COMPONENTS = ("language_model", "lm_head", "decode")
@@ -362,16 +363,6 @@ class HFExportersRunner:
 # ---------------------------------------------------------------------------------------------
 
 
-def _median_s(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def check(
     model_dir: str,
     out_dir: str | None = None,
@@ -474,17 +465,17 @@ def check(
         "threads": threads,
         "prompt_tokens": n,
         "visual_tokens": int(model.config.image_seq_length),
-        "ort_prefill_ms": 1e3 * _median_s(lambda: runner.prefill(embeds), repeats),
+        "ort_prefill_ms": 1e3 * median_time(lambda: runner.prefill(embeds), repeats),
         "ort_prefill_tokens_ms": 1e3
-        * _median_s(lambda: runner.prefill_tokens(ids.numpy(), feats), repeats),
+        * median_time(lambda: runner.prefill_tokens(ids.numpy(), feats), repeats),
         "ort_decode_ms_per_token": 1e3 * statistics.median(ort_decode() for _ in range(repeats)),
-        "eager_llm_prefill_ms": 1e3 * _median_s(eager_prefill, repeats),
+        "eager_llm_prefill_ms": 1e3 * median_time(eager_prefill, repeats),
         "eager_decode_ms_per_token": 1e3
         * statistics.median(eager_decode() for _ in range(repeats)),
         "decode_past_tokens": n,
     }
     if runner.has_vision:
-        timings["ort_vision_ms"] = 1e3 * _median_s(
+        timings["ort_vision_ms"] = 1e3 * median_time(
             lambda: runner.encode_image(pixels.numpy()), repeats
         )
     result = {

@@ -28,7 +28,7 @@ FILLER = (
 )
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -51,10 +51,10 @@ def roofline(info: Any, n: int, repeats: int = 5) -> dict[str, float]:
     best = 0.0
     for k, cols in ((d, d), (d, m), (m, d)):
         a, b = torch.randn(n, k), torch.randn(k, cols)
-        t = min(_median_time(lambda a=a, b=b: a @ b, 1) for _ in range(repeats))
+        t = min(median_time(lambda a=a, b=b: a @ b, 1) for _ in range(repeats))
         best = max(best, 2 * n * k * cols / t / 1e9)
     big = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)  # 256 MiB
-    t_read = min(_median_time(lambda: big.sum(), 1) for _ in range(repeats))
+    t_read = min(median_time(lambda: big.sum(), 1) for _ in range(repeats))
     return {"gemm_gflops": best, "mem_read_gbs": big.numel() * 4 / t_read / 1e9}
 
 
@@ -92,8 +92,8 @@ def bench_eager(
             token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
         return (time.perf_counter() - t0) / decode_tokens
 
-    prefill_s = _median_time(prefill, repeats)
-    vision_s = _median_time(vision, repeats)
+    prefill_s = median_time(prefill, repeats)
+    vision_s = median_time(vision, repeats)
     decode()  # warm-up
     decode_s = statistics.median(decode() for _ in range(max(1, repeats // 2)))
     return {
@@ -111,8 +111,8 @@ def bench_engine(
 ) -> dict[str, float]:
     ids, start = engine.encode_prompt(prompt)
     feats = engine.encode_image(image)
-    vision_s = _median_time(lambda: engine.encode_image(image), repeats)
-    llm_s = _median_time(lambda: engine.prefill(ids, feats, start), repeats)
+    vision_s = median_time(lambda: engine.encode_image(image), repeats)
+    llm_s = median_time(lambda: engine.prefill(ids, feats, start), repeats)
 
     def decode() -> float:
         logits, cache = engine.prefill(ids, feats, start)
