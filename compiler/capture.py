@@ -347,7 +347,8 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
 
 @dataclass
 class Segment:
-    """One exported segment with its IO names; `module` is the eager segment it came from."""
+    """One exported segment: its program, IO names, and the example inputs + dynamic shapes it was
+    exported with (a rewritten graph is re-exported with the same)."""
 
     name: str
     program: torch.export.ExportedProgram

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mllmc.runtime.errors import UserError
@@ -66,7 +66,6 @@ class PresetSpec:
     vocab_size: int  # decoder embedding rows; >= tokenizer size, as in real checkpoints
     tokenizer_vocab: int = 600
     init_std: float = 0.02
-    extra_text: dict = field(default_factory=dict)
 
 
 PRESETS: dict[str, PresetSpec] = {
