@@ -128,7 +128,7 @@ def layer_contribution(
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
         ]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=image, text=text, return_tensors="pt")
+        inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
         with torch.no_grad():
             orig = model(**inputs).logits[0, -1]
             for layer in range(L):

@@ -206,13 +206,16 @@ class Rope(nn.Module):
         self.register_buffer("inv_freq", rotary_emb.inv_freq.detach().clone(), persistent=False)
         self.attention_scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids: (B, T) int64 -> cos, sin: (B, 1, T, hd)
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: (B, T) int64 -> cos, sin: (B, 1, T, hd) in `dtype`; the angles are
+        # computed in fp32 whatever the model's dtype, as HF's rotary embedding does
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
         cos = (emb.cos() * self.attention_scaling)[:, None]
         sin = (emb.sin() * self.attention_scaling)[:, None]
-        return cos, sin
+        return cos.to(dtype), sin.to(dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -285,10 +288,11 @@ class PrefillSegment(_Decoder):
         n = input_ids.shape[1]
         ids = torch.where(input_ids == self.image_token_id, torch.zeros_like(input_ids), input_ids)
         h = self.embed_tokens(ids)  # (1, n, d)
-        visual_rows = visual_start + torch.arange(self.num_visual_tokens)  # (N_v,)
+        dev = input_ids.device
+        visual_rows = visual_start + torch.arange(self.num_visual_tokens, device=dev)  # (N_v,)
         h = h.index_copy(1, visual_rows, image_features.to(h.dtype))
-        positions = torch.arange(n)[None, :]  # (1, n)
-        cos, sin = self.rope(positions)
+        positions = torch.arange(n, device=dev)[None, :]  # (1, n)
+        cos, sin = self.rope(positions, h.dtype)
         # additive causal mask, built once: 0 where a query may attend, the most negative float
         # elsewhere (a boolean mask makes the ONNX attention re-select -inf per layer and check
         # for NaN rows, ~15% of the prefill on CPU)
@@ -310,7 +314,7 @@ class DecodeSegment(_Decoder):
 
     def forward(self, input_ids, position_ids, *past):
         h = self.embed_tokens(input_ids)  # (1, 1, d)
-        cos, sin = self.rope(position_ids)
+        cos, sin = self.rope(position_ids, h.dtype)
         present: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             # one new query attends to every cached key: no mask needed
@@ -414,9 +418,16 @@ def example_prefill_inputs(info: ModelInfo, n_text: int = 8) -> tuple[torch.Tens
     return ids, feats, torch.tensor([start], dtype=torch.int64)
 
 
+def on_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Example inputs moved to the model's device, float ones cast to its dtype (a model loaded
+    in bf16 on a GPU is captured there, with inputs of its own kind)."""
+    p = next(model.parameters())
+    return tuple(a.to(p.device, p.dtype) if a.is_floating_point() else a.to(p.device) for a in args)
+
+
 def export_prefill(model: nn.Module, info: ModelInfo) -> Segment:
     seg = PrefillSegment(model, info).eval()
-    args = example_prefill_inputs(info)
+    args = on_model(model, example_prefill_inputs(info))
     n = torch.export.Dim("n", min=info.num_visual_tokens + 2, max=MAX_SEQ)
     dyn = ({1: n}, None, None)
     with torch.no_grad():
@@ -444,7 +455,7 @@ def example_decode_inputs(info: ModelInfo, past_len: int = 12) -> tuple[torch.Te
 
 def export_decode(model: nn.Module, info: ModelInfo) -> Segment:
     seg = DecodeSegment(model, info).eval()
-    args = example_decode_inputs(info)
+    args = on_model(model, example_decode_inputs(info))
     # one dynamic cache length per layer: passes may leave layers with different lengths
     dims = [torch.export.Dim.DYNAMIC for _ in range(info.num_layers)]
     past_dyn = [{2: dims[i // 2]} for i in range(2 * info.num_layers)]
@@ -464,7 +475,7 @@ def export_decode(model: nn.Module, info: ModelInfo) -> Segment:
 def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
     seg = VisionSegment(model).eval()
     gen = torch.Generator().manual_seed(2)
-    args = (torch.randn(1, 3, info.image_size, info.image_size, generator=gen),)
+    args = on_model(model, (torch.randn(1, 3, info.image_size, info.image_size, generator=gen),))
     with torch.no_grad():
         ep = torch.export.export(seg, args, strict=False)
     return Segment("vision", ep, ["pixel_values"], ["image_features"], args, None)

@@ -66,6 +66,7 @@ class PresetSpec:
     vocab_size: int  # decoder embedding rows; >= tokenizer size, as in real checkpoints
     tokenizer_vocab: int = 600
     init_std: float = 0.02
+    dtype: str = "float32"  # dtype the weights are built and saved in
 
 
 PRESETS: dict[str, PresetSpec] = {
@@ -103,6 +104,28 @@ PRESETS: dict[str, PresetSpec] = {
         tokenizer_vocab=1000,
         init_std=0.02,
     ),
+    # The shapes of llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14-336 + Vicuna-7B), random weights:
+    # for GPU benchmarks at the size ShortV's numbers were measured at. Its config matches the
+    # published LLaVA-1.5-7B ShortV layer list, as the real checkpoint's does. ~14 GB on disk.
+    "llava-7b-shape": PresetSpec(
+        description="LLaVA-1.5-7B shapes, random init, float16 (~7.1B params, ~14 GB): CLIP "
+        "24 layers, 336 px / patch 14 -> 576 visual tokens; Llama 32 layers, hidden 4096",
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        vision_mlp=4096,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=32,
+        mlp=11008,
+        vocab_size=32064,
+        tokenizer_vocab=1000,
+        init_std=0.02,
+        dtype="float16",
+    ),
 }
 
 
@@ -128,17 +151,25 @@ def _build_tokenizer(vocab_size: int):
     return tok
 
 
-def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0, force: bool = False) -> Path:
+def write_preset(
+    name: str, out_dir: str | os.PathLike, seed: int = 0, force: bool = False, device: str = "cpu"
+) -> Path:
     """Write preset `name` as a Hugging Face LLaVA model directory at `out_dir`; returns its path."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return write_model(PRESETS[name], out_dir, seed=seed, force=force)
+    return write_model(PRESETS[name], out_dir, seed=seed, force=force, device=device)
 
 
 def write_model(
-    spec: PresetSpec, out_dir: str | os.PathLike, seed: int = 0, force: bool = False
+    spec: PresetSpec,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    force: bool = False,
+    device: str = "cpu",
 ) -> Path:
-    """Write a random-init LLaVA-1.5 model of shapes `spec` at `out_dir` (atomically)."""
+    """Write a random-init LLaVA-1.5 model of shapes `spec` at `out_dir` (atomically). The
+    weights are drawn on `device` (a GPU draws a 7B model in seconds; the same seed gives other
+    weights on another device)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
@@ -201,7 +232,13 @@ def write_model(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, spec.dtype))  # build in the saved dtype: half the RAM
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},

@@ -114,7 +114,7 @@ def eager_generate(
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
         ]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
     config = copy.deepcopy(model.generation_config)
     config.update(
         max_new_tokens=max_new_tokens,
@@ -136,7 +136,7 @@ def eager_generate(
             model.generation_config.eos_token_id = saved_eos
     n = inputs["input_ids"].shape[1]
     tokens = out.sequences[0, n:].tolist()
-    logits = torch.cat(out.logits, 0).float().numpy()  # (S, V)
+    logits = torch.cat(out.logits, 0).float().cpu().numpy()  # (S, V)
     return tokens, logits
 
 

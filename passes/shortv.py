@@ -198,7 +198,7 @@ def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
 def text_rows(input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int) -> torch.Tensor:
     """Indices of the text rows (n_text,) of an (1, n) prompt whose visual span is
     [visual_start, visual_start + num_visual): no NonZero, static count n - N_v."""
-    t = torch.arange(input_ids.shape[1] - num_visual)  # (n_text,)
+    t = torch.arange(input_ids.shape[1] - num_visual, device=input_ids.device)  # (n_text,)
     return torch.where(t < visual_start, t, t + num_visual)
 
 
@@ -232,14 +232,15 @@ def freeze_layer(graph: fx.Graph, layer: Any, text_idx: fx.Node) -> None:
     with graph.inserting_before(layer.attention):
         mask_t = _insert(graph, layer.attention, select, (mask, 2, text_idx))
     layer.attention.replace_input_with(mask, mask_t)
+    # the layer input as the residual add reads it *now*: when the previous layer was frozen too,
+    # its output node was replaced by that rewrite (layer.layer_input may be the stale one)
+    h_in = next(a for a in layer.attn_residual.args if a is not layer.o_proj)
     with graph.inserting_before(layer.attn_residual):
-        h_t = _insert(graph, layer.attn_residual, select, (layer.layer_input, 1, text_idx))
-    layer.attn_residual.replace_input_with(layer.layer_input, h_t)
+        h_t = _insert(graph, layer.attn_residual, select, (h_in, 1, text_idx))
+    layer.attn_residual.replace_input_with(h_in, h_t)
     out_t = layer.mlp_residual  # (1, n_text, d)
     with graph.inserting_after(out_t):
-        out = _insert(
-            graph, out_t, torch.ops.aten.index_copy.default, (layer.layer_input, 1, text_idx, out_t)
-        )
+        out = _insert(graph, out_t, torch.ops.aten.index_copy.default, (h_in, 1, text_idx, out_t))
     out_t.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 

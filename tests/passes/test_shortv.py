@@ -63,6 +63,36 @@ def test_rewrite_matches_eager_reference(captured, sample_image):
             assert got[1].shape[2] == inputs["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rewrite_in_half_precision(tiny_model_dir, sample_image, dtype):
+    """A model loaded in bf16/fp16 is captured and rewritten in its own dtype. In half precision
+    the residual add reads the previous layer's output node itself (in fp32 an aliasing `to`
+    node sits between), so adjacent frozen layers check that each rewrite sees the graph as the
+    previous one left it."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.compiler.capture import model_info
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=dtype).eval()
+    info = model_info(model, tiny_model_dir)
+    segs = capture(model, info)
+    assert segs.prefill.example_inputs[1].dtype == dtype
+    inputs, start = _prefill_inputs(tiny_model_dir, info, sample_image)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        feats = segs.vision.program.module()(inputs["pixel_values"])
+        for layers in ((1, 2), (0, 1, 2, 3, 4, 5)):
+            out = shortv(segs, ShortVConfig(layers=layers)).segments
+            got = out.prefill.program.module()(inputs["input_ids"], feats, torch.tensor([start]))
+            assert got[0].dtype == dtype
+            with keep_rows(model, layers):
+                ref = model(**inputs).logits[0, -1]
+            # same ops in the same order as HF: equal up to one half-precision step at the
+            # largest logit (measured: bit-identical on CPU)
+            tol = torch.finfo(dtype).eps * ref.abs().max().item()
+            assert (got[0][0] - ref).abs().max().item() <= tol, (dtype, layers)
+
+
 def test_identity_config_is_the_unmodified_graph(captured, sample_image):
     model_dir, model, info, segs = captured
     result = shortv(segs, ShortVConfig(layers=()))

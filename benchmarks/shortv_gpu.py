@@ -1,0 +1,255 @@
+"""ShortV on a GPU, in one process: LLM prefill of HF eager (SDPA), the captured prefill program
+and the ShortV-rewritten one, each run by PyTorch on CUDA (plain and torch.compile'd), with the
+measured speedup against the FLOPs-ideal one and the parity of the rewrite in the model's dtype.
+
+    python benchmarks/shortv_gpu.py [--model models/llava-7b-shape] [--dtype bfloat16]
+
+The ONNX and TensorRT engines need onnxruntime-gpu / TensorRT, which the machines here lack; what
+this measures is the graph rewrite itself on the GPU: the same exported programs the backends
+lower (see compiler/torch_engine.py). A missing model dir is written from the preset of that name
+(`llava-7b-shape`: LLaVA-1.5-7B's shapes, whose config matches the published ShortV layer list).
+Writes results/shortv_gpu.json and results/shortv_gpu.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def device_time(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs after two warm-ups, waiting for the GPU."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_peak(info: Any, n: int, dtype: torch.dtype, device: str, repeats: int) -> float:
+    """Best TFLOP/s of the decoder's prefill GEMM shapes on this GPU, in the model's dtype."""
+    d, m = info.hidden_size, info.intermediate_size
+    best = 0.0
+    for k, cols in ((d, d), (d, m), (m, d)):
+        a = torch.randn(n, k, device=device, dtype=dtype)
+        b = torch.randn(k, cols, device=device, dtype=dtype)
+        t = device_time(lambda a=a, b=b: a @ b, repeats)
+        best = max(best, 2 * n * k * cols / t / 1e12)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="models/llava-7b-shape")
+    ap.add_argument("--preset", default=None, help="preset to write if --model is missing")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="shortv_gpu", help="stem of the JSON / PNG written")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--ratio", type=float, default=0.6)
+    ap.add_argument("--text-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--device", default="cuda", help="cuda (the point); cpu for a smoke run")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("shortv_gpu: no CUDA device; this benchmark runs on a GPU", file=sys.stderr)
+        sys.exit(2)
+    device = args.device
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mllmc.compiler.bench import prompt_for
+    from mllmc.compiler.capture import capture, model_info, read_config
+    from mllmc.compiler.flops import analytic_prefill_flops
+    from mllmc.compiler.presets import write_preset
+    from mllmc.compiler.verify import probe_image
+    from mllmc.passes.shortv import ShortVConfig, keep_rows, prepare, shortv
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        t0 = time.perf_counter()
+        write_preset(args.preset or model_dir.name, model_dir, device=device)
+        print(f"wrote {model_dir} in {time.perf_counter() - t0:.0f} s")
+    read_config(model_dir)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=dtype, device_map=device if device != "cpu" else None
+    ).eval()
+    info = model_info(model, model_dir)
+    cfg = prepare(ShortVConfig(ratio=args.ratio), model, info)
+    segments = capture(model, info)
+    rewritten = shortv(segments, cfg).segments
+    setup_s = time.perf_counter() - t0
+    print(f"loaded, captured and rewrote in {setup_s:.0f} s; frozen {list(cfg.layers)}")
+    print(f"  ({cfg.order_from})")
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": prompt_for(args.text_tokens)}],
+        }
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=probe_image(info.image_size), text=text, return_tensors="pt")
+    inputs = inputs.to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    ids = inputs["input_ids"]
+    n = ids.shape[1]
+    start = torch.tensor([int((ids[0] == info.image_token_id).int().argmax())], device=device)
+
+    with torch.no_grad():
+        feats = segments.vision.program.module()(inputs["pixel_values"])
+        base_fn = segments.prefill.program.module()
+        short_fn = rewritten.prefill.program.module()
+        rows: dict[str, Any] = {}
+
+        def hf_full():
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+        def hf_vision():
+            return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+        t_full, t_vision = device_time(hf_full, args.repeats), device_time(hf_vision, args.repeats)
+        rows["hf_eager"] = {"llm_prefill_s": t_full - t_vision, "frozen": []}
+        variants = [("mllmc_torch", base_fn, []), ("mllmc_torch+shortv", short_fn, cfg.layers)]
+        if not args.no_compile:
+            variants += [
+                ("mllmc_torch_compile", torch.compile(base_fn, dynamic=False), []),
+                ("mllmc_torch_compile+shortv", torch.compile(short_fn, dynamic=False), cfg.layers),
+            ]
+        for name, fn, frozen in variants:
+            t0 = time.perf_counter()
+            fn(ids, feats, start)  # compiles, for the torch.compile rows
+            first_s = time.perf_counter() - t0
+            t = device_time(lambda fn=fn: fn(ids, feats, start), args.repeats)
+            rows[name] = {"llm_prefill_s": t, "frozen": list(frozen), "first_call_s": first_s}
+            print(f"  {name}: {t * 1e3:.2f} ms (first call {first_s:.1f} s)")
+
+        # parity in the model's dtype: unrewritten vs HF, ShortV vs HF with the frozen-row hooks
+        hf_logits = model(**inputs).logits[0, -1].float()
+        with keep_rows(model, cfg.layers):
+            ref_logits = model(**inputs).logits[0, -1].float()
+        base_logits = base_fn(ids, feats, start)[0][0].float()
+        short_logits = short_fn(ids, feats, start)[0][0].float()
+
+    def parity(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+        return {
+            "max_abs_logit_diff": float((a - b).abs().max()),
+            "logit_scale": float(b.abs().max()),
+            "top1_match": bool(a.argmax() == b.argmax()),
+        }
+
+    peak = gemm_peak(info, n, dtype, args.device, args.repeats)
+    n_text = n - info.num_visual_tokens
+    for row in rows.values():
+        row["llm_prefill_flops"] = analytic_prefill_flops(info, n_text, set(row["frozen"]))
+        row["tflops"] = row["llm_prefill_flops"] / row["llm_prefill_s"] / 1e12
+        row["fraction_of_gemm_peak"] = row["tflops"] / peak
+        row["speedup_vs_hf_eager"] = rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
+    ideal = analytic_prefill_flops(info, n_text) / analytic_prefill_flops(
+        info, n_text, set(cfg.layers)
+    )
+    pass_speedup = {}
+    for base, short in (("mllmc_torch", "mllmc_torch+shortv"),) + (
+        () if args.no_compile else (("mllmc_torch_compile", "mllmc_torch_compile+shortv"),)
+    ):
+        measured = rows[base]["llm_prefill_s"] / rows[short]["llm_prefill_s"]
+        pass_speedup[short] = {
+            "measured": measured,
+            "flops_ideal": ideal,
+            "fraction_of_ideal": (measured - 1) / (ideal - 1),
+        }
+    report = {
+        "model": str(model_dir),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "prompt_tokens": n,
+        "visual_tokens": info.num_visual_tokens,
+        "frozen_layers": list(cfg.layers),
+        "order_from": cfg.order_from,
+        "gemm_peak_tflops": peak,
+        "rows": rows,
+        "pass_speedup": pass_speedup,
+        "parity": {
+            "captured_vs_hf": parity(base_logits, hf_logits),
+            "shortv_vs_reference": parity(short_logits, ref_logits),
+            "reference_vs_hf": parity(ref_logits, hf_logits),
+        },
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / f"{args.name}.png")
+    print(format_table(report))
+    print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.png')}")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{Path(report['model']).name} on {report['device']}, {report['dtype']}: "
+        f"{report['prompt_tokens']} prompt tokens ({report['visual_tokens']} visual), "
+        f"{len(report['frozen_layers'])} frozen layers; GEMM peak "
+        f"{report['gemm_peak_tflops']:.0f} TFLOP/s",
+        f"{'engine':28s} {'LLM prefill ms':>14s} {'vs HF eager':>11s} {'TFLOP/s':>8s} {'%peak':>6s}",
+    ]
+    for name, r in report["rows"].items():
+        lines.append(
+            f"{name:28s} {r['llm_prefill_s'] * 1e3:14.2f} {r['speedup_vs_hf_eager']:10.2f}x "
+            f"{r['tflops']:8.0f} {r['fraction_of_gemm_peak']:6.0%}"
+        )
+    for name, s in report["pass_speedup"].items():
+        lines.append(
+            f"{name}: {s['measured']:.2f}x measured vs {s['flops_ideal']:.2f}x FLOPs-ideal "
+            f"({s['fraction_of_ideal']:.0%} of ideal)"
+        )
+    for name, p in report["parity"].items():
+        lines.append(
+            f"parity {name}: max |Δlogit| {p['max_abs_logit_diff']:.3g} (logits up to "
+            f"{p['logit_scale']:.3g}), top-1 {'same' if p['top1_match'] else 'differs'}"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["rows"])
+    vals = [report["rows"][n]["llm_prefill_s"] * 1e3 for n in names]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.barh(names, vals, color=["#888" if "shortv" not in n else "#2a7" for n in names])
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.1f}", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("LLM prefill (ms)")
+    ax.set_title(
+        f"{Path(report['model']).name} on {report['device']} ({report['dtype']}), "
+        f"{report['prompt_tokens']} tokens, {len(report['frozen_layers'])} layers frozen"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
