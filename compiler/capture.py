@@ -191,11 +191,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    # (B, kv_heads, S, hd) -> (B, kv_heads * n_rep, S, hd)
+    # (B, kv_heads, S, hd) -> (B, kv_heads * n_rep, S, hd), head h reading kv head h // n_rep as
+    # HF's repeat_kv does. A gather rather than HF's expand + reshape: torch 2.11's export cannot
+    # prove the stride guard that reshape of the expanded view adds (Min(hd*S, n_rep*hd*S)) for a
+    # dynamic S, and the copy costs the same
     if n_rep == 1:
         return x
-    b, kvh, s, hd = x.shape
-    return x[:, :, None].expand(b, kvh, n_rep, s, hd).reshape(b, kvh * n_rep, s, hd)
+    heads = torch.arange(x.shape[1] * n_rep, device=x.device) // n_rep
+    return x.index_select(1, heads)
 
 
 class Rope(nn.Module):
