@@ -39,6 +39,25 @@ def device_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def kernel_table(fn, rows: int = 25) -> str:
+    """The top kernels of three calls of fn, by device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    tables = [
+        prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+        for key in (["cuda_time_total"] if torch.cuda.is_available() else []) + ["cpu_time_total"]
+    ]
+    return "\n".join(tables)
+
+
 def gemm_peak(info: Any, n: int, dtype: torch.dtype, device: str, repeats: int) -> float:
     """Best TFLOP/s of the decoder's prefill GEMM shapes on this GPU, in the model's dtype."""
     d, m = info.hidden_size, info.intermediate_size
@@ -65,6 +84,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--device", default="cuda", help="cuda (the point); cpu for a smoke run")
+    ap.add_argument("--layers", help="frozen layers as a JSON list, instead of --ratio")
+    ap.add_argument("--profile", action="store_true", help="write each engine's top kernels")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("shortv_gpu: no CUDA device; this benchmark runs on a GPU", file=sys.stderr)
@@ -77,6 +98,7 @@ def main() -> None:
     from mllmc.compiler.capture import capture, model_info, read_config
     from mllmc.compiler.flops import analytic_prefill_flops
     from mllmc.compiler.presets import write_preset
+    from mllmc.compiler.torch_engine import on_device
     from mllmc.compiler.verify import probe_image
     from mllmc.passes.shortv import ShortVConfig, keep_rows, prepare, shortv
 
@@ -88,13 +110,17 @@ def main() -> None:
     read_config(model_dir)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    model = LlavaForConditionalGeneration.from_pretrained(
-        str(model_dir), dtype=dtype, device_map=device if device != "cpu" else None
-    ).eval()
+    # load, capture and rewrite on the CPU; then the model and the programs move to the GPU
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype).eval()
     info = model_info(model, model_dir)
-    cfg = prepare(ShortVConfig(ratio=args.ratio), model, info)
+    layers = tuple(json.loads(args.layers)) if args.layers else None
+    cfg = prepare(ShortVConfig(layers=layers, ratio=args.ratio), model, info)
     segments = capture(model, info)
     rewritten = shortv(segments, cfg).segments
+    model = model.to(device)
+    vision_fn = on_device(segments.vision.program, device)
+    base_fn = on_device(segments.prefill.program, device)
+    short_fn = on_device(rewritten.prefill.program, device)
     setup_s = time.perf_counter() - t0
     print(f"loaded, captured and rewrote in {setup_s:.0f} s; frozen {list(cfg.layers)}")
     print(f"  ({cfg.order_from})")
@@ -115,9 +141,7 @@ def main() -> None:
     start = torch.tensor([int((ids[0] == info.image_token_id).int().argmax())], device=device)
 
     with torch.no_grad():
-        feats = segments.vision.program.module()(inputs["pixel_values"])
-        base_fn = segments.prefill.program.module()
-        short_fn = rewritten.prefill.program.module()
+        feats = vision_fn(inputs["pixel_values"])
         rows: dict[str, Any] = {}
 
         def hf_full():
@@ -128,6 +152,7 @@ def main() -> None:
 
         t_full, t_vision = device_time(hf_full, args.repeats), device_time(hf_vision, args.repeats)
         rows["hf_eager"] = {"llm_prefill_s": t_full - t_vision, "frozen": []}
+        profiles: dict[str, str] = {}
         variants = [("mllmc_torch", base_fn, []), ("mllmc_torch+shortv", short_fn, cfg.layers)]
         if not args.no_compile:
             variants += [
@@ -141,6 +166,8 @@ def main() -> None:
             t = device_time(lambda fn=fn: fn(ids, feats, start), args.repeats)
             rows[name] = {"llm_prefill_s": t, "frozen": list(frozen), "first_call_s": first_s}
             print(f"  {name}: {t * 1e3:.2f} ms (first call {first_s:.1f} s)")
+            if args.profile:
+                profiles[name] = kernel_table(lambda fn=fn: fn(ids, feats, start))
 
         # parity in the model's dtype: unrewritten vs HF, ShortV vs HF with the frozen-row hooks
         hf_logits = model(**inputs).logits[0, -1].float()
@@ -198,6 +225,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     plot(report, out / f"{args.name}.png")
+    if profiles:
+        text = "\n\n".join(f"== {name}\n{table}" for name, table in profiles.items())
+        (out / f"{args.name}-profile.txt").write_text(text)
     print(format_table(report))
     print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.png')}")
 

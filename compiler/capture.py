@@ -422,10 +422,10 @@ def example_prefill_inputs(info: ModelInfo, n_text: int = 8) -> tuple[torch.Tens
 
 
 def on_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Example inputs moved to the model's device, float ones cast to its dtype (a model loaded
-    in bf16 on a GPU is captured there, with inputs of its own kind)."""
-    p = next(model.parameters())
-    return tuple(a.to(p.device, p.dtype) if a.is_floating_point() else a.to(p.device) for a in args)
+    """Example inputs with float ones cast to the model's dtype (a model loaded in bf16 is
+    captured in bf16)."""
+    dtype = next(model.parameters()).dtype
+    return tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
 
 
 def export_prefill(model: nn.Module, info: ModelInfo) -> Segment:
@@ -485,7 +485,18 @@ def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
 
 
 def capture(model: nn.Module, info: ModelInfo) -> Segments:
-    """Export the three segments of a loaded LLaVA model."""
+    """Export the three segments of a loaded LLaVA model, in its dtype, on the CPU.
+
+    Capture and rewrites run on the CPU, where the traced graph does not depend on which GPU
+    attention kernel the fake tensors would pick (on CUDA, torch 2.11's export adds a guard on
+    the memory-efficient kernel's mask padding that it then cannot prove for a dynamic length).
+    The programs share the model's parameters: move the model, then the programs
+    (`TorchEngine(segments, device=...)`), once every rewrite is done."""
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(
+            f"capture runs on the CPU (model is on {device}); move it to the device afterwards"
+        )
     return Segments(
         info=info,
         vision=export_vision(model, info),

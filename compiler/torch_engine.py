@@ -9,25 +9,34 @@ will wrap. Greedy only; batch 1, as the segments are.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
-def _runner(program: torch.export.ExportedProgram, compile: bool) -> Callable[..., Any]:
-    module = program.module()
-    return torch.compile(module, dynamic=False) if compile else module
+def on_device(program: torch.export.ExportedProgram, device: str) -> torch.fx.GraphModule:
+    """The program as a module on `device`: its weights and the devices its graph creates
+    tensors on (arange, ...) moved there. Moves the program in place; its weights are the
+    model's, so move the model first and nothing is copied twice."""
+    from torch.export.passes import move_to_device_pass
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        # the graph's tensor-metadata asserts compare device strings: 'cuda' != 'cuda:0'
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return move_to_device_pass(program, dev).module()
 
 
 class TorchEngine:
-    """vision -> prefill -> decode loop over `Segments`, on the device they were captured on."""
+    """vision -> prefill -> decode loop over `Segments` (captured on the CPU) on `device`;
+    `compile=True` runs vision and prefill through torch.compile (Inductor)."""
 
-    def __init__(self, segments: Any, compile: bool = False):
+    def __init__(self, segments: Any, device: str = "cpu", compile: bool = False):
         self.info = segments.info
-        self.vision = _runner(segments.vision.program, compile)
-        self.prefill_fn = _runner(segments.prefill.program, compile)
-        self.decode_fn = _runner(segments.decode.program, False)  # one token: launch-bound
+        modules = [on_device(seg.program, device) for seg in segments]
+        if compile:
+            modules[0], modules[1] = (torch.compile(m, dynamic=False) for m in modules[:2])
+        self.vision, self.prefill_fn, self.decode_fn = modules
 
     @torch.no_grad()
     def prefill(

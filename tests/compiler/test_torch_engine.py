@@ -54,18 +54,19 @@ def test_torch_engine_matches_hf_generate(request, model_fixture, device, sample
     from transformers import LlavaForConditionalGeneration
 
     model_dir = request.getfixturevalue(model_fixture)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    model = model.to(device).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     info = model_info(model, model_dir)
-    segments = capture(model, info)
+    segments = capture(model, info)  # on the CPU, and the rewrite too; then everything moves
+    frozen = (0, 1, 2, info.num_layers - 1)
+    variants = [((), segments), (frozen, shortv(segments, ShortVConfig(layers=frozen)).segments)]
+    model = model.to(device)
     inputs = _processed(model_dir, sample_image, device)
-    last = info.num_layers - 1
     shortv_info = get_pass("shortv")
-    for layers in ((), (0, 1, 2, last)):
+    for layers, segs in variants:
         cfg = ShortVConfig(layers=layers)
-        segs = shortv(segments, cfg).segments if layers else segments
-        assert next(segs.prefill.program.module().parameters()).device.type == device
-        tokens, logits = TorchEngine(segs).generate(
+        engine = TorchEngine(segs, device=device)
+        assert next(engine.prefill_fn.parameters()).device.type == device
+        tokens, logits = engine.generate(
             inputs["input_ids"], inputs["pixel_values"], max_new_tokens=16
         )
         records = [{"_info": shortv_info, "_cfg": cfg}] if layers else []
