@@ -217,21 +217,28 @@ def check_frozen_rewrite(layer: Any) -> str | None:
     return None
 
 
-def freeze_layer(graph: fx.Graph, layer: Any, text_idx: fx.Node) -> None:
-    """Rewrite one located decoder layer so that only its text rows are computed."""
+def freeze_layer(
+    graph: fx.Graph, layer: Any, text_idx: fx.Node, shared: dict[tuple[fx.Node, int], fx.Node]
+) -> None:
+    """Rewrite one located decoder layer so that only its text rows are computed.
+
+    `shared` holds the text-row gathers of tensors every layer reads (the cos/sin tables, the
+    causal mask), made once at their first use: layers must be rewritten in ascending order."""
     select = torch.ops.aten.index_select.default
+
+    def rows_of(table: fx.Node, dim: int, before: fx.Node) -> fx.Node:
+        if (table, dim) not in shared:
+            with graph.inserting_before(before):
+                shared[table, dim] = _insert(graph, table, select, (table, dim, text_idx))
+        return shared[table, dim]
+
     with graph.inserting_before(layer.q_proj):
         x_t = _insert(graph, layer.q_proj, select, (layer.norm_out, 1, text_idx))
     layer.q_proj.replace_input_with(layer.norm_out, x_t)
     for mul, i in layer.query_rope_operands:  # cos/sin (1, 1, n, hd) -> (1, 1, n_text, hd)
-        table = mul.args[i]
-        with graph.inserting_before(mul):
-            rows = _insert(graph, mul, select, (table, 2, text_idx))
-        mul.update_arg(i, rows)
+        mul.update_arg(i, rows_of(mul.args[i], 2, mul))
     mask = layer.attention_mask  # (1, 1, n, n) -> (1, 1, n_text, n)
-    with graph.inserting_before(layer.attention):
-        mask_t = _insert(graph, layer.attention, select, (mask, 2, text_idx))
-    layer.attention.replace_input_with(mask, mask_t)
+    layer.attention.replace_input_with(mask, rows_of(mask, 2, layer.attention))
     # the layer input as the residual add reads it *now*: when the previous layer was frozen too,
     # its output node was replaced by that rewrite (layer.layer_input may be the stale one)
     h_in = next(a for a in layer.attn_residual.args if a is not layer.o_proj)
@@ -274,11 +281,12 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
         text_idx = graph.call_function(
             text_rows, (inputs["input_ids"], inputs["visual_start"], num_visual)
         )
-    for i in cfg.layers:
+    shared: dict[tuple[fx.Node, int], fx.Node] = {}
+    for i in sorted(cfg.layers):
         reason = check_frozen_rewrite(anatomy[i])
         if reason:
             raise RuntimeError(f"shortv cannot rewrite layer {i}: {reason}")
-        freeze_layer(graph, anatomy[i], text_idx)
+        freeze_layer(graph, anatomy[i], text_idx, shared)
     graph.lint()
     gm.recompile()
     segments = segments.replace_segment(reexport(prefill, gm))

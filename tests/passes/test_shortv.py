@@ -122,6 +122,15 @@ def test_rewritten_graph_structure(captured):
             assert hint(k_rows) == n_text + info.num_visual_tokens
         else:
             assert q_rows == k_rows == mlp_rows
+
+    # per frozen layer: gathers of the norm output and of the residual, one scatter back; the
+    # cos/sin tables and the causal mask are gathered once for all frozen layers
+    def count(seg, op):
+        return sum(n.target is op for n in seg.program.graph.nodes)
+
+    select, copy = torch.ops.aten.index_select.default, torch.ops.aten.index_copy.default
+    assert count(new.prefill, select) - count(segs.prefill, select) == 2 * len(frozen) + 3
+    assert count(new.prefill, copy) - count(segs.prefill, copy) == len(frozen)
     # the decode segment is not touched
     assert new.decode is segs.decode
     assert [p["frozen_visual"] for p in new.layer_plan] == [
