@@ -4,7 +4,8 @@ HF eager vs the mllmc ONNX engine vs the same model exported by `transformers.ex
     python benchmarks/baseline.py [--model models/small-llava] [--out benchmarks/results]
 
 Writes results/baseline.json and results/baseline.png. Rows: LLM prefill at 576 visual tokens
-(+ a ~32-token prompt), decode ms/token over 32 tokens, RSS after each engine is loaded; the machine's
+(+ a ~32-token prompt), decode ms/token over 32 tokens (medians of rounds that run every engine in
+turn), the RSS each engine adds and the process peak; the machine's
 roofline (fp32 GEMM GFLOP/s at the model's shapes, memory read GB/s) and each engine as a fraction
 of it. The transformers.exporters row times the LLM only (its stock export has no vision part; see
 hf_exporters.py), fed the same image features.
@@ -16,7 +17,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,11 +37,11 @@ from mllmc.compiler.verify import probe_image  # noqa: E402
 from mllmc.runtime import load  # noqa: E402
 
 
-def bench_hf_exporters(
-    runner: HFExportersRunner, ids: np.ndarray, feats: np.ndarray, decode_tokens: int, repeats: int
-) -> dict[str, float]:
+def hf_exporters_timers(
+    runner: HFExportersRunner, ids: np.ndarray, feats: np.ndarray, decode_tokens: int
+) -> dict[str, bench.Timer]:
+    """Timers of the transformers.exporters engine: LLM prefill and decode (it has no vision)."""
     embeds = runner.embed(ids, feats)
-    llm_s = bench.median_time(lambda: runner.prefill(embeds), repeats)
 
     def decode() -> float:
         logits, cache = runner.prefill(embeds)
@@ -50,15 +50,7 @@ def bench_hf_exporters(
             logits, cache = runner.decode_step(int(np.argmax(logits)), cache, ids.shape[1] + i)
         return (time.perf_counter() - t0) / decode_tokens
 
-    decode()
-    return {
-        "prompt_tokens": int(ids.shape[1]),
-        "llm_prefill_s": llm_s,
-        "vision_s": float("nan"),
-        "prefill_s": float("nan"),
-        "decode_s_per_token": statistics.median(decode() for _ in range(max(1, repeats // 2))),
-        "rss_mb": bench.rss_mb(),
-    }
+    return {"llm_prefill": bench.timed(lambda: runner.prefill(embeds)), "decode": decode}
 
 
 def main() -> None:
@@ -81,33 +73,47 @@ def main() -> None:
     model, info = load_model(model_dir)
     image = probe_image(size=info.image_size)
     prompt = bench.prompt_for(args.text_tokens)
-    rows = {
-        "hf_eager": bench.bench_eager(
-            model, str(model_dir), image, prompt, args.decode_tokens, args.repeats
-        )
-    }
+    timers, tokens, memory = {}, {}, {}
+    timers["hf_eager"], tokens["hf_eager"] = bench.eager_timers(
+        model, str(model_dir), image, prompt, args.decode_tokens
+    )
+    timers["hf_eager"]["prefill"]()
+    memory["hf_eager"] = bench.rss_mb()
 
     artifact = out / "artifacts" / f"{model_dir.name}-onnx"
     t0 = time.perf_counter()
     compile_model(model_dir, artifact, validate=True, force=True)
     compile_s = time.perf_counter() - t0
+    gc.collect()
+    before = bench.rss_mb()
     engine = load(artifact)
-    rows["mllmc_onnx"] = bench.bench_engine(engine, image, prompt, args.decode_tokens, args.repeats)
+    timers["mllmc_onnx"], tokens["mllmc_onnx"] = bench.engine_timers(
+        engine, image, prompt, args.decode_tokens
+    )
+    timers["mllmc_onnx"]["llm_prefill"]()
+    memory["mllmc_onnx"] = bench.rss_mb() - before
     ids, _ = engine.encode_prompt(prompt)
     feats = engine.encode_image(image)
-    del engine
-    gc.collect()
 
     hfx_dir = out / "artifacts" / f"{model_dir.name}-hf-exporters"
     t0 = time.perf_counter()
     if not (hfx_dir / "export.json").is_file():
         export(str(model_dir), str(hfx_dir))
     hfx_s = time.perf_counter() - t0
+    gc.collect()
+    before = bench.rss_mb()
     runner = HFExportersRunner(hfx_dir)
-    rows["transformers_exporters_onnx"] = bench_hf_exporters(
-        runner, ids, feats, args.decode_tokens, args.repeats
-    )
-    del runner
+    hfx = "transformers_exporters_onnx"
+    timers[hfx] = hf_exporters_timers(runner, ids, feats, args.decode_tokens)
+    timers[hfx]["llm_prefill"]()
+    tokens[hfx], memory[hfx] = int(ids.shape[1]), bench.rss_mb() - before
+
+    medians = bench.interleaved(timers, args.repeats)
+    rows = {
+        name: {**bench.row_from(medians[name], tokens[name]), "rss_mb": memory[name]}
+        for name in timers
+    }
+    del engine, runner
 
     n = rows["hf_eager"]["prompt_tokens"]
     peak = bench.roofline(info, n, args.repeats)
@@ -134,6 +140,9 @@ def main() -> None:
         "decode_tokens": args.decode_tokens,
         "threads": torch.get_num_threads(),
         "roofline": peak,
+        "peak_rss_mb": bench.peak_rss_mb(),
+        "rss_note": "rows: hf_eager = process RSS with the model loaded; engines = RSS growth "
+        "from loading the engine and running one prefill",
         "compile_s": {"mllmc_onnx": compile_s, "transformers_exporters_onnx": hfx_s},
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "rows": rows,

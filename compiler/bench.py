@@ -2,7 +2,8 @@
 
 The fair baseline is HF eager with its own KV cache and logits at the last position only
 (`logits_to_keep=1`). Every engine gets the same image and prompt; times are medians over
-`repeats` runs after one warm-up. The same run measures the machine's roofline (fp32 GEMM GFLOP/s
+`repeats` rounds after one warm-up round, each round running every engine in turn
+(`interleaved`). The same run measures the machine's roofline (fp32 GEMM GFLOP/s
 at the model's shapes, memory read GB/s) and reports each engine as a fraction of it.
 """
 
@@ -38,6 +39,12 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def rss_mb() -> float:
     import psutil
 
@@ -63,9 +70,52 @@ def prompt_for(n_text: int) -> str:
     return " ".join(words.split()[: max(1, n_text - 12)])  # the chat template adds ~12 tokens
 
 
-def bench_eager(
-    model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int, repeats: int
-) -> dict[str, float]:
+Timer = Callable[[], float]  # runs once; returns the seconds (per token, for decode) it took
+
+
+def interleaved(
+    timers: dict[str, dict[str, Timer]], repeats: int, pause: float = 0.1
+) -> dict[str, dict[str, float]]:
+    """Median of every timer over `repeats` rounds after one warm-up round. Each round runs every
+    engine once, in turn, so the slow drifts of a shared machine (neighbours, clocks; ±20% here
+    between runs) fall on all rows alike instead of on whichever engine ran last. Each timer
+    starts after `pause` seconds idle: onnxruntime's pool threads spin-wait for a while after a
+    run, and would otherwise take the cores from the engine timed next (HF eager measured 50×
+    slower on tiny-llava right after an onnxruntime call on 2 cores)."""
+
+    def run(timer: Timer) -> float:
+        time.sleep(pause)
+        return timer()
+
+    for engine in timers.values():
+        for timer in engine.values():
+            run(timer)
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {metric: [] for metric in engine} for name, engine in timers.items()
+    }
+    for _ in range(repeats):
+        for name, engine in timers.items():
+            for metric, timer in engine.items():
+                samples[name][metric].append(run(timer))
+    return {
+        name: {metric: statistics.median(v) for metric, v in metrics.items()}
+        for name, metrics in samples.items()
+    }
+
+
+def timed(fn: Callable[[], Any]) -> Timer:
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def eager_timers(
+    model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int
+) -> tuple[dict[str, Timer], int]:
+    """Timers of HF eager: "prefill" (vision + LLM, one forward), "vision", "decode" (per token)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -82,7 +132,7 @@ def bench_eager(
         return model.model.get_image_features(pixel_values=inputs["pixel_values"])
 
     @torch.no_grad()
-    def decode():
+    def decode() -> float:
         out = prefill()
         token = out.logits[:, -1:].argmax(-1)
         cache = out.past_key_values
@@ -92,27 +142,16 @@ def bench_eager(
             token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
         return (time.perf_counter() - t0) / decode_tokens
 
-    prefill_s = median_time(prefill, repeats)
-    vision_s = median_time(vision, repeats)
-    decode()  # warm-up
-    decode_s = statistics.median(decode() for _ in range(max(1, repeats // 2)))
-    return {
-        "prompt_tokens": int(inputs["input_ids"].shape[1]),
-        "prefill_s": prefill_s,
-        "vision_s": vision_s,
-        "llm_prefill_s": prefill_s - vision_s,
-        "decode_s_per_token": decode_s,
-        "rss_mb": rss_mb(),
-    }
+    timers = {"prefill": timed(prefill), "vision": timed(vision), "decode": decode}
+    return timers, int(inputs["input_ids"].shape[1])
 
 
-def bench_engine(
-    engine: Any, image: Any, prompt: str, decode_tokens: int, repeats: int
-) -> dict[str, float]:
+def engine_timers(
+    engine: Any, image: Any, prompt: str, decode_tokens: int
+) -> tuple[dict[str, Timer], int]:
+    """Timers of an mllmc engine: "vision", "llm_prefill", "decode" (per token)."""
     ids, start = engine.encode_prompt(prompt)
     feats = engine.encode_image(image)
-    vision_s = median_time(lambda: engine.encode_image(image), repeats)
-    llm_s = median_time(lambda: engine.prefill(ids, feats, start), repeats)
 
     def decode() -> float:
         logits, cache = engine.prefill(ids, feats, start)
@@ -122,15 +161,28 @@ def bench_engine(
             logits, cache = engine.decode_step(int(np.argmax(logits)), pos + i, cache)
         return (time.perf_counter() - t0) / decode_tokens
 
-    decode()
-    decode_s = statistics.median(decode() for _ in range(max(1, repeats // 2)))
+    timers = {
+        "vision": timed(lambda: engine.encode_image(image)),
+        "llm_prefill": timed(lambda: engine.prefill(ids, feats, start)),
+        "decode": decode,
+    }
+    return timers, int(ids.shape[1])
+
+
+def row_from(times: dict[str, float], prompt_tokens: int) -> dict[str, float]:
+    """A table row from interleaved medians (eager's prefill includes its vision tower)."""
+    vision = times.get("vision", float("nan"))
+    if "llm_prefill" in times:
+        llm, prefill = times["llm_prefill"], vision + times["llm_prefill"]
+    else:
+        prefill = times["prefill"]
+        llm = prefill - vision
     return {
-        "prompt_tokens": int(ids.shape[1]),
-        "prefill_s": vision_s + llm_s,
-        "vision_s": vision_s,
-        "llm_prefill_s": llm_s,
-        "decode_s_per_token": decode_s,
-        "rss_mb": rss_mb(),
+        "prompt_tokens": prompt_tokens,
+        "prefill_s": prefill,
+        "vision_s": vision,
+        "llm_prefill_s": llm,
+        "decode_s_per_token": times["decode"],
     }
 
 
@@ -166,19 +218,32 @@ def bench(
     model, info = load_model(model_dir)
     image = probe_image(size=info.image_size)
     prompt = prompt_for(n_text)
-    rows: dict[str, dict[str, Any]] = {}
-    rows["hf_eager"] = bench_eager(model, model_dir, image, prompt, decode_tokens, repeats)
+    timers: dict[str, dict[str, Timer]] = {}
+    tokens: dict[str, int] = {}
+    memory: dict[str, float] = {}  # MB: eager's process RSS, each engine's growth of it
+    timers["hf_eager"], tokens["hf_eager"] = eager_timers(
+        model, model_dir, image, prompt, decode_tokens
+    )
+    timers["hf_eager"]["prefill"]()
+    memory["hf_eager"] = rss_mb()
     variants = [("mllmc_" + target, [])]
     if passes:
         variants.append(("mllmc_" + target + "+" + "+".join(p.name for p, _ in passes), passes))
-    manifests = {}
+    manifests, engines = {}, {}
     for name, plist in variants:
         out = work / "artifacts" / f"{Path(model_dir).name}-{name}"
         result = compile_model(model_dir, out, plist, target=target, validate=False, force=True)
         manifests[name] = result.manifest
-        engine = load(out)
-        rows[name] = bench_engine(engine, image, prompt, decode_tokens, repeats)
-        del engine
+        before = rss_mb()
+        engines[name] = load(out)
+        timers[name], tokens[name] = engine_timers(engines[name], image, prompt, decode_tokens)
+        timers[name]["llm_prefill"]()
+        memory[name] = rss_mb() - before
+    medians = interleaved(timers, repeats)
+    rows: dict[str, dict[str, Any]] = {
+        name: {**row_from(medians[name], tokens[name]), "rss_mb": memory[name]} for name in timers
+    }
+    del engines
     n = rows["hf_eager"]["prompt_tokens"]
     peak = roofline(info, n, repeats)
     base_manifest = manifests[variants[0][0]]
@@ -209,6 +274,9 @@ def bench(
         "decode_tokens": decode_tokens,
         "threads": torch.get_num_threads(),
         "roofline": peak,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_note": "rows: hf_eager = process RSS with the model loaded; engines = RSS growth "
+        "from loading the engine and running one prefill",
         "rows": rows,
     }
     if passes:
