@@ -54,7 +54,16 @@ def _passes(args: argparse.Namespace) -> list[tuple[Any, Any]]:
 def cmd_preset(args: argparse.Namespace) -> int:
     from .presets import write_preset
 
-    out = write_preset(args.name, args.output, seed=args.seed, force=args.force)
+    if args.device != "cpu":
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UserError(f"unknown device {args.device!r}; e.g. cpu, cuda, cuda:1") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device on this machine")
+    out = write_preset(args.name, args.output, seed=args.seed, force=args.force, device=args.device)
     print(f"wrote {args.name} to {out}")
     return 0
 
@@ -228,9 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(
         "preset", "write a random-init LLaVA model directory (for tests and benchmarks)", cmd_preset
     )
-    sp.add_argument("name", help=f"one of: {', '.join(PRESETS)}")
+    sp.add_argument(
+        "name", help="; ".join(f"{name}: {spec.description}" for name, spec in PRESETS.items())
+    )
     sp.add_argument("-o", "--output", required=True, help="model directory to write")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--device",
+        default="cpu",
+        help="where the random weights are drawn (cuda draws a 7B model in seconds; the same "
+        "seed gives other weights on another device)",
+    )
     sp.add_argument("--force", action="store_true", help="overwrite an existing directory")
 
     sp = add(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 MLLMC = str(Path(sys.executable).parent / "mllmc")
 
@@ -67,6 +68,13 @@ def test_preset_writes_a_loadable_model(tmp_path):
         assert (out / f).read_bytes() == (again / f).read_bytes(), f
     user_error("preset", "tiny-llava", "-o", out, match="exists")
     user_error("preset", "huge-llava", "-o", tmp_path / "x", match="unknown preset 'huge-llava'")
+    user_error(
+        "preset", "tiny-llava", "-o", tmp_path / "x", "--device", "gpu9", match="unknown device"
+    )
+    if not torch.cuda.is_available():
+        user_error(
+            "preset", "tiny-llava", "-o", tmp_path / "x", "--device", "cuda", match="no CUDA device"
+        )
 
 
 def test_run_inspect_verify_golden(artifact, tiny_model_dir, sample_image, tmp_path):
