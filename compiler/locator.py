@@ -54,7 +54,6 @@ def layer_of(node: fx.Node) -> tuple[int, str] | None:
 @dataclass
 class LayerAnatomy:
     index: int
-    layer_input: fx.Node  # h entering the layer (B, T, d), as the residual add reads it
     norm_out: fx.Node  # input_layernorm(h) (B, T, d): input of q/k/v
     q_proj: fx.Node
     k_proj: fx.Node
@@ -64,6 +63,13 @@ class LayerAnatomy:
     attn_residual: fx.Node  # h + o_proj(...)
     mlp_residual: fx.Node  # attn_residual + mlp(...): the layer output
     query_rope_operands: list[tuple[fx.Node, int]] = field(default_factory=list)
+
+    @property
+    def layer_input(self) -> fx.Node:
+        """h entering the layer (B, T, d), as the residual add reads it *now*: derived, not
+        stored, because rewriting the layer before (ShortV freezing it, say) replaces the node
+        that feeds this one."""
+        return next(a for a in self.attn_residual.args if a is not self.o_proj)
 
     @property
     def attention_mask(self) -> fx.Node | None:
@@ -129,7 +135,6 @@ def locate_layers(graph: fx.Graph) -> list[LayerAnatomy]:
         mlp_residual = _one(
             (n for n in down.users if n.target in _ADD_OPS), "residual add after the MLP", index
         )
-        layer_input = next(a for a in attn_residual.args if a is not o)
         norm_out = k.args[0]  # keys and values always read every row; q_proj may read a subset
         if not isinstance(norm_out, fx.Node) or v.args[0] is not norm_out:
             raise LocatorError(f"layer {index}: k_proj and v_proj do not share their input")
@@ -145,7 +150,6 @@ def locate_layers(graph: fx.Graph) -> list[LayerAnatomy]:
         layers.append(
             LayerAnatomy(
                 index=index,
-                layer_input=layer_input,
                 norm_out=norm_out,
                 q_proj=q,
                 k_proj=k,

@@ -239,9 +239,7 @@ def freeze_layer(
         mul.update_arg(i, rows_of(mul.args[i], 2, mul))
     mask = layer.attention_mask  # (1, 1, n, n) -> (1, 1, n_text, n)
     layer.attention.replace_input_with(mask, rows_of(mask, 2, layer.attention))
-    # the layer input as the residual add reads it *now*: when the previous layer was frozen too,
-    # its output node was replaced by that rewrite (layer.layer_input may be the stale one)
-    h_in = next(a for a in layer.attn_residual.args if a is not layer.o_proj)
+    h_in = layer.layer_input  # read before the residual add is rewired to the text rows
     with graph.inserting_before(layer.attn_residual):
         h_t = _insert(graph, layer.attn_residual, select, (h_in, 1, text_idx))
     layer.attn_residual.replace_input_with(h_in, h_t)
