@@ -99,7 +99,7 @@ def main() -> None:
     from mllmc.compiler.flops import analytic_prefill_flops
     from mllmc.compiler.presets import write_preset
     from mllmc.compiler.torch_engine import on_device
-    from mllmc.compiler.verify import probe_image
+    from mllmc.compiler.verify import probe_image, processor_inputs
     from mllmc.passes.shortv import ShortVConfig, keep_rows, prepare, shortv
 
     model_dir = Path(args.model)
@@ -126,15 +126,8 @@ def main() -> None:
     print(f"  ({cfg.order_from})")
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": prompt_for(args.text_tokens)}],
-        }
-    ]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=probe_image(info.image_size), text=text, return_tensors="pt")
-    inputs = inputs.to(device)
+    image, prompt = probe_image(info.image_size), prompt_for(args.text_tokens)
+    inputs = processor_inputs(processor, image, prompt).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     ids = inputs["input_ids"]
     n = ids.shape[1]

@@ -118,10 +118,9 @@ def eager_timers(
     """Timers of HF eager: "prefill" (vision + LLM, one forward), "vision", "decode" (per token)."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=image, text=text, return_tensors="pt")
+    from .verify import processor_inputs
+
+    inputs = processor_inputs(AutoProcessor.from_pretrained(model_dir), image, prompt)
 
     @torch.no_grad()
     def prefill():

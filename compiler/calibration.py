@@ -118,17 +118,15 @@ def layer_contribution(
 
     from mllmc.passes.shortv import keep_rows
 
+    from .verify import processor_inputs
+
     processor = AutoProcessor.from_pretrained(info.model_dir)
     L = info.num_layers
     lc_visual = np.zeros(L)
     lc_text = np.zeros(L)
     t0 = time.perf_counter()
     for image, prompt in tqdm(samples, desc="calibrate", disable=not progress, unit="sample"):
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
+        inputs = processor_inputs(processor, image, prompt).to(model.device)
         with torch.no_grad():
             orig = model(**inputs).logits[0, -1]
             for layer in range(L):

@@ -86,6 +86,21 @@ class VerifyReport:
         }
 
 
+def processor_inputs(processor: Any, image: Any, prompt: str) -> Any:
+    """The HF processor's tensors for one image (a PIL image or a path) and a prompt; a prompt
+    without the image token gets the model's chat template, as the runtime does."""
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        image = Image.open(image)
+    if getattr(processor, "image_token", "<image>") not in prompt:
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
 def eager_generate(
     model: Any,
     model_dir: str | Path,
@@ -104,17 +119,7 @@ def eager_generate(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
-    if isinstance(image, (str, Path)):
-        from PIL import Image
-
-        image = Image.open(image)
-    image_token = getattr(processor, "image_token", "<image>")
-    if image_token not in prompt:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+    inputs = processor_inputs(processor, image, prompt).to(model.device)
     config = copy.deepcopy(model.generation_config)
     config.update(
         max_new_tokens=max_new_tokens,

@@ -10,7 +10,13 @@ import torch
 
 from mllmc.compiler.capture import capture, model_info
 from mllmc.compiler.torch_engine import TorchEngine
-from mllmc.compiler.verify import DEFAULT_PROMPT, LOGIT_TOL, compare, eager_generate
+from mllmc.compiler.verify import (
+    DEFAULT_PROMPT,
+    LOGIT_TOL,
+    compare,
+    eager_generate,
+    processor_inputs,
+)
 from mllmc.passes import get_pass
 from mllmc.passes.shortv import ShortVConfig, shortv
 
@@ -37,21 +43,9 @@ def device(request):
         yield "cpu"
 
 
-def _processed(model_dir, image_path, device):
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    proc = AutoProcessor.from_pretrained(model_dir)
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_PROMPT}]}
-    ]
-    text = proc.apply_chat_template(messages, add_generation_prompt=True)
-    return proc(images=Image.open(image_path), text=text, return_tensors="pt").to(device)
-
-
 @pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "other_model_dir"])
 def test_torch_engine_matches_hf_generate(request, model_fixture, device, sample_image):
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model_dir = request.getfixturevalue(model_fixture)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -60,7 +54,8 @@ def test_torch_engine_matches_hf_generate(request, model_fixture, device, sample
     frozen = (0, 1, 2, info.num_layers - 1)
     variants = [((), segments), (frozen, shortv(segments, ShortVConfig(layers=frozen)).segments)]
     model = model.to(device)
-    inputs = _processed(model_dir, sample_image, device)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    inputs = processor_inputs(processor, sample_image, DEFAULT_PROMPT).to(device)
     shortv_info = get_pass("shortv")
     for layers, segs in variants:
         cfg = ShortVConfig(layers=layers)
