@@ -14,7 +14,6 @@ hf_exporters.py), fed the same image features.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -73,25 +72,19 @@ def main() -> None:
     model, info = load_model(model_dir)
     image = probe_image(size=info.image_size)
     prompt = bench.prompt_for(args.text_tokens)
-    timers, tokens, memory = {}, {}, {}
-    timers["hf_eager"], tokens["hf_eager"] = bench.eager_timers(
-        model, str(model_dir), image, prompt, args.decode_tokens
-    )
-    timers["hf_eager"]["prefill"]()
-    memory["hf_eager"] = bench.rss_mb()
+    entries = {
+        "hf_eager": bench.eager_entry(model, str(model_dir), image, prompt, args.decode_tokens)
+    }
 
     artifact = out / "artifacts" / f"{model_dir.name}-onnx"
     t0 = time.perf_counter()
     compile_model(model_dir, artifact, validate=True, force=True)
     compile_s = time.perf_counter() - t0
-    gc.collect()
-    before = bench.rss_mb()
-    engine = load(artifact)
-    timers["mllmc_onnx"], tokens["mllmc_onnx"] = bench.engine_timers(
-        engine, image, prompt, args.decode_tokens
+    entries["mllmc_onnx"] = bench.loaded_entry(
+        lambda: load(artifact),
+        lambda engine: bench.engine_timers(engine, image, prompt, args.decode_tokens),
     )
-    timers["mllmc_onnx"]["llm_prefill"]()
-    memory["mllmc_onnx"] = bench.rss_mb() - before
+    engine = entries["mllmc_onnx"].engine
     ids, _ = engine.encode_prompt(prompt)
     feats = engine.encode_image(image)
 
@@ -100,39 +93,21 @@ def main() -> None:
     if not (hfx_dir / "export.json").is_file():
         export(str(model_dir), str(hfx_dir))
     hfx_s = time.perf_counter() - t0
-    gc.collect()
-    before = bench.rss_mb()
-    runner = HFExportersRunner(hfx_dir)
-    hfx = "transformers_exporters_onnx"
-    timers[hfx] = hf_exporters_timers(runner, ids, feats, args.decode_tokens)
-    timers[hfx]["llm_prefill"]()
-    tokens[hfx], memory[hfx] = int(ids.shape[1]), bench.rss_mb() - before
+    entries["transformers_exporters_onnx"] = bench.loaded_entry(
+        lambda: HFExportersRunner(hfx_dir),
+        lambda runner: (
+            hf_exporters_timers(runner, ids, feats, args.decode_tokens),
+            int(ids.shape[1]),
+        ),
+    )
 
-    medians = bench.interleaved(timers, args.repeats)
-    rows = {
-        name: {**bench.row_from(medians[name], tokens[name]), "rss_mb": memory[name]}
-        for name in timers
-    }
-    del engine, runner
+    rows = bench.side_by_side(entries, args.repeats)
+    del entries, engine
 
     n = rows["hf_eager"]["prompt_tokens"]
     peak = bench.roofline(info, n, args.repeats)
     flops = analytic_prefill_flops(info, n - info.num_visual_tokens)
-    for row in rows.values():
-        row["llm_prefill_flops"] = flops
-        row["prefill_fraction_of_gemm_peak"] = (
-            flops / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
-        )
-        row["decode_fraction_of_bandwidth"] = (
-            bench.decode_bytes(info, n) / row["decode_s_per_token"] / 1e9 / peak["mem_read_gbs"]
-        )
-        row["llm_prefill_speedup_vs_eager"] = (
-            rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
-        )
-        row["prefill_speedup_vs_eager"] = rows["hf_eager"]["prefill_s"] / row["prefill_s"]
-        row["decode_speedup_vs_eager"] = (
-            rows["hf_eager"]["decode_s_per_token"] / row["decode_s_per_token"]
-        )
+    bench.add_ratios(rows, info, peak, dict.fromkeys(rows, flops))
     report = {
         "model": str(model_dir),
         "visual_tokens": info.num_visual_tokens,
@@ -141,8 +116,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "roofline": peak,
         "peak_rss_mb": bench.peak_rss_mb(),
-        "rss_note": "rows: hf_eager = process RSS with the model loaded; engines = RSS growth "
-        "from loading the engine and running one prefill",
+        "rss_note": bench.RSS_NOTE,
         "compile_s": {"mllmc_onnx": compile_s, "transformers_exporters_onnx": hfx_s},
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "rows": rows,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,20 +22,13 @@ from typing import Any
 
 import torch
 
+from mllmc.compiler.bench import best_gemm_flops, median_time
+
 
 def device_time(fn, repeats: int) -> float:
     """Median seconds of fn() over `repeats` runs after two warm-ups, waiting for the GPU."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+    return median_time(fn, repeats, warmup=2, sync=sync)
 
 
 def kernel_table(fn, rows: int = 25) -> str:
@@ -60,14 +52,8 @@ def kernel_table(fn, rows: int = 25) -> str:
 
 def gemm_peak(info: Any, n: int, dtype: torch.dtype, device: str, repeats: int) -> float:
     """Best TFLOP/s of the decoder's prefill GEMM shapes on this GPU, in the model's dtype."""
-    d, m = info.hidden_size, info.intermediate_size
-    best = 0.0
-    for k, cols in ((d, d), (d, m), (m, d)):
-        a = torch.randn(n, k, device=device, dtype=dtype)
-        b = torch.randn(k, cols, device=device, dtype=dtype)
-        t = device_time(lambda a=a, b=b: a @ b, repeats)
-        best = max(best, 2 * n * k * cols / t / 1e12)
-    return best
+    time_of = lambda fn: device_time(fn, repeats)  # noqa: E731
+    return best_gemm_flops(info, n, time_of, device=device, dtype=dtype) / 1e12
 
 
 def main() -> None:

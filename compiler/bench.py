@@ -9,12 +9,14 @@ at the model's shapes, memory read GB/s) and reports each engine as a fraction o
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +31,39 @@ FILLER = (
 )
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
+def median_time(
+    fn: Callable[[], Any],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], Any] | None = None,
+) -> float:
+    """Median seconds of fn() over `repeats` runs after `warmup` untimed ones; `sync` (e.g.
+    torch.cuda.synchronize) is called before and after each timed run, so that a GPU's queued
+    work is inside the time it belongs to."""
+    wait = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
+        wait()
         t0 = time.perf_counter()
         fn()
+        wait()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def best_gemm_flops(
+    info: Any, n: int, time_of: Callable[[Callable[[], Any]], float], **like: Any
+) -> float:
+    """Best FLOP/s of the decoder's prefill GEMM shapes (q/o projections, MLP up and down) at
+    n rows; `like` places and types the operands (device=, dtype=), `time_of` times one product."""
+    d, m = info.hidden_size, info.intermediate_size
+    best = 0.0
+    for k, cols in ((d, d), (d, m), (m, d)):
+        a, b = torch.randn(n, k, **like), torch.randn(k, cols, **like)
+        best = max(best, 2 * n * k * cols / time_of(lambda a=a, b=b: a @ b))
+    return best
 
 
 def peak_rss_mb() -> float:
@@ -54,15 +81,10 @@ def rss_mb() -> float:
 def roofline(info: Any, n: int, repeats: int = 5) -> dict[str, float]:
     """Best fp32 GEMM GFLOP/s over the decoder's prefill shapes (q/o projections, MLP up and
     down), and memory read GB/s over a buffer well past the caches."""
-    d, m = info.hidden_size, info.intermediate_size
-    best = 0.0
-    for k, cols in ((d, d), (d, m), (m, d)):
-        a, b = torch.randn(n, k), torch.randn(k, cols)
-        t = min(median_time(lambda a=a, b=b: a @ b, 1) for _ in range(repeats))
-        best = max(best, 2 * n * k * cols / t / 1e9)
+    best = best_gemm_flops(info, n, lambda fn: min(median_time(fn, 1) for _ in range(repeats)))
     big = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)  # 256 MiB
     t_read = min(median_time(lambda: big.sum(), 1) for _ in range(repeats))
-    return {"gemm_gflops": best, "mem_read_gbs": big.numel() * 4 / t_read / 1e9}
+    return {"gemm_gflops": best / 1e9, "mem_read_gbs": big.numel() * 4 / t_read / 1e9}
 
 
 def prompt_for(n_text: int) -> str:
@@ -168,6 +190,71 @@ def engine_timers(
     return timers, int(ids.shape[1])
 
 
+RSS_NOTE = (
+    "rows: hf_eager = process RSS with the model loaded; engines = RSS growth from loading the "
+    "engine and running one prefill"
+)
+
+
+@dataclass
+class Entry:
+    """One engine of a side-by-side run: its timers, prompt length and memory (RSS_NOTE)."""
+
+    timers: dict[str, Timer]
+    prompt_tokens: int
+    rss_mb: float
+    engine: Any = None  # kept alive until the timers have run
+
+
+def eager_entry(model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int) -> Entry:
+    timers, n = eager_timers(model, model_dir, image, prompt, decode_tokens)
+    timers["prefill"]()
+    return Entry(timers, n, rss_mb())
+
+
+def loaded_entry(
+    load: Callable[[], Any], timers_of: Callable[[Any], tuple[dict[str, Timer], int]]
+) -> Entry:
+    """Load an engine, make its timers and run its LLM prefill once, measuring the RSS added."""
+    gc.collect()
+    before = rss_mb()
+    engine = load()
+    timers, n = timers_of(engine)
+    timers["llm_prefill"]()
+    return Entry(timers, n, rss_mb() - before, engine)
+
+
+def side_by_side(entries: dict[str, Entry], repeats: int) -> dict[str, dict[str, Any]]:
+    """Table rows of `entries` timed `interleaved`."""
+    medians = interleaved({name: e.timers for name, e in entries.items()}, repeats)
+    return {
+        name: {**row_from(medians[name], e.prompt_tokens), "rss_mb": e.rss_mb}
+        for name, e in entries.items()
+    }
+
+
+def add_ratios(
+    rows: dict[str, dict[str, Any]], info: Any, peak: dict[str, float], flops: dict[str, int]
+) -> None:
+    """Each row's prefill FLOPs (`flops[name]`), its fractions of the roofline and its speedups
+    over the "hf_eager" row, in place."""
+    eager = rows["hf_eager"]
+    for name, row in rows.items():
+        row["llm_prefill_flops"] = flops[name]
+        row["prefill_fraction_of_gemm_peak"] = (
+            flops[name] / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
+        )
+        row["decode_fraction_of_bandwidth"] = (
+            decode_bytes(info, row["prompt_tokens"])
+            / row["decode_s_per_token"]
+            / 1e9
+            / peak["mem_read_gbs"]
+        )
+        row["llm_prefill_speedup_vs_eager"] = eager["llm_prefill_s"] / row["llm_prefill_s"]
+        row["prefill_speedup_vs_eager"] = eager["prefill_s"] / row["prefill_s"]
+        row["decode_speedup_vs_eager"] = eager["decode_s_per_token"] / row["decode_s_per_token"]
+
+
 def row_from(times: dict[str, float], prompt_tokens: int) -> dict[str, float]:
     """A table row from interleaved medians (eager's prefill includes its vision tower)."""
     vision = times.get("vision", float("nan"))
@@ -217,55 +304,32 @@ def bench(
     model, info = load_model(model_dir)
     image = probe_image(size=info.image_size)
     prompt = prompt_for(n_text)
-    timers: dict[str, dict[str, Timer]] = {}
-    tokens: dict[str, int] = {}
-    memory: dict[str, float] = {}  # MB: eager's process RSS, each engine's growth of it
-    timers["hf_eager"], tokens["hf_eager"] = eager_timers(
-        model, model_dir, image, prompt, decode_tokens
-    )
-    timers["hf_eager"]["prefill"]()
-    memory["hf_eager"] = rss_mb()
+    entries = {"hf_eager": eager_entry(model, model_dir, image, prompt, decode_tokens)}
     variants = [("mllmc_" + target, [])]
     if passes:
         variants.append(("mllmc_" + target + "+" + "+".join(p.name for p, _ in passes), passes))
-    manifests, engines = {}, {}
+    manifests = {}
     for name, plist in variants:
         out = work / "artifacts" / f"{Path(model_dir).name}-{name}"
         result = compile_model(model_dir, out, plist, target=target, validate=False, force=True)
         manifests[name] = result.manifest
-        before = rss_mb()
-        engines[name] = load(out)
-        timers[name], tokens[name] = engine_timers(engines[name], image, prompt, decode_tokens)
-        timers[name]["llm_prefill"]()
-        memory[name] = rss_mb() - before
-    medians = interleaved(timers, repeats)
-    rows: dict[str, dict[str, Any]] = {
-        name: {**row_from(medians[name], tokens[name]), "rss_mb": memory[name]} for name in timers
-    }
-    del engines
+        entries[name] = loaded_entry(
+            lambda out=out: load(out),
+            lambda engine: engine_timers(engine, image, prompt, decode_tokens),
+        )
+    rows = side_by_side(entries, repeats)
+    del entries
     n = rows["hf_eager"]["prompt_tokens"]
     peak = roofline(info, n, repeats)
     base_manifest = manifests[variants[0][0]]
     from .flops import analytic_prefill_flops
 
-    for name, row in rows.items():
+    flops = {}
+    for name in rows:
         m = manifests.get(name, base_manifest)
         frozen = {i for i, layer in enumerate(m["layers"]) if layer.get("frozen_visual")}
-        flops = analytic_prefill_flops(info, n - info.num_visual_tokens, frozen)
-        row["llm_prefill_flops"] = flops
-        row["prefill_fraction_of_gemm_peak"] = (
-            flops / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
-        )
-        row["decode_fraction_of_bandwidth"] = (
-            decode_bytes(info, n) / row["decode_s_per_token"] / 1e9 / peak["mem_read_gbs"]
-        )
-        row["llm_prefill_speedup_vs_eager"] = (
-            rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
-        )
-        row["prefill_speedup_vs_eager"] = rows["hf_eager"]["prefill_s"] / row["prefill_s"]
-        row["decode_speedup_vs_eager"] = (
-            rows["hf_eager"]["decode_s_per_token"] / row["decode_s_per_token"]
-        )
+        flops[name] = analytic_prefill_flops(info, n - info.num_visual_tokens, frozen)
+    add_ratios(rows, info, peak, flops)
     report: dict[str, Any] = {
         "model": str(model_dir),
         "visual_tokens": info.num_visual_tokens,
@@ -274,8 +338,7 @@ def bench(
         "threads": torch.get_num_threads(),
         "roofline": peak,
         "peak_rss_mb": peak_rss_mb(),
-        "rss_note": "rows: hf_eager = process RSS with the model loaded; engines = RSS growth "
-        "from loading the engine and running one prefill",
+        "rss_note": RSS_NOTE,
         "rows": rows,
     }
     if passes:
