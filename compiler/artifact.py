@@ -21,10 +21,25 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mllmc.runtime import __version__
-from mllmc.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
+from mllmc.runtime.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    ModelInfo,
+    SegmentEntry,
+    from_json,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from mllmc.compiler.capture import Segments
+    from mllmc.passes import PassRecord
+
+__all__ = ["build_manifest", "copy_preprocessing", "staged_directory", "write_manifest"]
 
 PREPROCESSING_FILES = (
     "tokenizer.json",
@@ -69,36 +84,25 @@ def copy_preprocessing(model_dir: str | Path, out: Path) -> None:
 
 
 def build_manifest(
-    info: Any,
-    model: Any,
-    segments: Any,
-    records: list[dict[str, Any]],
+    info: ModelInfo,
+    segments: Segments,
+    records: Sequence[PassRecord],
     entries: dict[str, dict[str, Any]],
-    flops: dict[str, Any],
+    flops: dict[str, dict[str, int]],
     target: str,
-) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "mllmc_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "target": target,
-        "model": {
-            "source": info.model_dir,
-            "model_type": model.config.model_type,
-            "config_hash": info.config_hash,
-            **info.to_json(),
-        },
-        "passes": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records],
-        "segments": entries,
-        "visual_tokens": {
-            "per_image": info.num_visual_tokens,
-            "per_layer": segments.visual_tokens_per_layer,
-        },
-        "layers": [{"index": i, **plan} for i, plan in enumerate(segments.layer_plan)],
-        "positions": "original",  # decode continues at position n (prompt length), gaps allowed
-        "flops": flops,
-    }
-
-
-def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """The manifest of an artifact: `entries` are the backend's per-segment file + IO records."""
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        mllmc_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        target=target,
+        model=info,
+        passes=tuple(r.applied for r in records if r.applied is not None),
+        segments={name: from_json(SegmentEntry, e, f"{name} entry") for name, e in entries.items()},
+        visual_tokens=segments.num_visual_tokens,
+        layers=tuple(segments.layer_plan),
+        flops=flops,
+        extra=dict(extra or {}),
+    )

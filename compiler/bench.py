@@ -327,7 +327,7 @@ def bench(
     flops = {}
     for name in rows:
         m = manifests.get(name, base_manifest)
-        frozen = {i for i, layer in enumerate(m["layers"]) if layer.get("frozen_visual")}
+        frozen = {layer.index for layer in m.layers if not layer.visual_computed}
         flops[name] = analytic_prefill_flops(info, n - info.num_visual_tokens, frozen)
     add_ratios(rows, info, peak, flops)
     report: dict[str, Any] = {

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.manifest import LayerPlan, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -51,34 +52,6 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 def supported_text() -> str:
     return ", ".join(f"{k} = {v}" for k, v in SUPPORTED_ARCHITECTURES.items())
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the compiler and the runtime need to know about a captured model."""
-
-    model_dir: str
-    config_hash: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    image_token_id: int
-    num_visual_tokens: int  # N_v per image, after the feature-select strategy
-    image_size: int
-    vision_hidden_size: int
-    vision_layers: int
-    vision_patch_size: int
-    eos_token_ids: tuple[int, ...]
-    text_model_type: str
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["eos_token_ids"] = list(self.eos_token_ids)
-        return d
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
@@ -158,6 +131,7 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
     return ModelInfo(
         model_dir=str(Path(model_dir).resolve()),
         config_hash=config_hash(model_dir),
+        model_type=cfg.model_type,
         num_layers=tc.num_hidden_layers,
         hidden_size=tc.hidden_size,
         num_heads=tc.num_attention_heads,
@@ -173,6 +147,7 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
         vision_patch_size=vc.patch_size,
         eos_token_ids=tuple(int(e) for e in eos_ids),
         text_model_type=tc.model_type,
+        max_position_embeddings=int(getattr(tc, "max_position_embeddings", 0) or 0),
     )
 
 
@@ -379,29 +354,35 @@ class Segment:
 class Segments:
     """The captured model: three segments plus what passes record about each decoder layer.
 
-    layer_plan[l]: {"visual_tokens": visual rows in layer l's input and KV cache,
-                    "frozen_visual": whether layer l computes its visual rows}
+    layer_plan[l]: what layer l holds (`LayerPlan`: visual rows in its input and KV cache,
+    whether it computes its visual rows); passes replace entries, they never mutate them.
     """
 
     info: ModelInfo
     vision: Segment
     prefill: Segment
     decode: Segment
-    layer_plan: list[dict[str, Any]]
+    layer_plan: list[LayerPlan]
 
     def __iter__(self):
         return iter((self.vision, self.prefill, self.decode))
 
     @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image entering the LLM: the rows the vision segment outputs."""
+        out = next(n for n in self.vision.program.graph.nodes if n.op == "output").args[0][0]
+        return int(out.meta["val"].shape[1])
+
+    @property
     def visual_tokens_per_layer(self) -> list[int]:
-        return [p["visual_tokens"] for p in self.layer_plan]
+        return [p.visual_tokens for p in self.layer_plan]
 
     def replace_segment(self, seg: Segment) -> Segments:
         """A copy with one segment replaced (passes return new Segments, never mutate inputs)."""
         import copy
 
         new = copy.copy(self)
-        new.layer_plan = [dict(p) for p in self.layer_plan]
+        new.layer_plan = list(self.layer_plan)
         setattr(new, seg.name, seg)
         return new
 
@@ -513,7 +494,7 @@ def capture(model: nn.Module, info: ModelInfo) -> Segments:
         prefill=export_prefill(model, info),
         decode=export_decode(model, info),
         layer_plan=[
-            {"visual_tokens": info.num_visual_tokens, "frozen_visual": False}
-            for _ in range(info.num_layers)
+            LayerPlan(i, info.num_visual_tokens, info.num_visual_tokens)
+            for i in range(info.num_layers)
         ],
     )

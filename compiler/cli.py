@@ -81,10 +81,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     m = result.manifest
-    flops = m["flops"]
+    flops = m.flops
     cut = 1 - flops["after"]["prefill"] / flops["before"]["prefill"]
-    val = m.get("validation")
-    print(f"wrote {result.out_dir}  ({', '.join(p['name'] for p in m['passes']) or 'no passes'})")
+    val = m.validation
+    print(f"wrote {result.out_dir}  ({', '.join(p.name for p in m.passes) or 'no passes'})")
     print(
         f"prefill FLOPs at {flops['after']['reference_prompt_tokens']} tokens: "
         f"{flops['before']['prefill'] / 1e9:.3f} -> {flops['after']['prefill'] / 1e9:.3f} GFLOP ({cut:.1%} cut)"
@@ -151,7 +151,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.artifact)
     model, info = load_model(args.against)
-    if info.config_hash != manifest["model"]["config_hash"]:
+    if info.config_hash != manifest.model.config_hash:
         raise UserError(f"{args.artifact} was compiled from a different model than {args.against}")
     if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"cannot read image {args.image}: no such file")

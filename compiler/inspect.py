@@ -1,61 +1,85 @@
-"""`mllmc inspect`: what an artifact holds, read from its manifest alone."""
+"""`mllmc inspect`: what an artifact holds, read from its manifest alone.
+
+Generic over the layer plan: every pass records what it did in the per-layer `LayerPlan`
+(visual rows in the layer's input and KV cache, whether the layer computes them), so nothing here
+knows one pass from another. A manifest that names engine files the directory lacks is a corrupt
+artifact (UserError, exit 2), not a description.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from mllmc.runtime.manifest import read_manifest
+from mllmc.runtime.manifest import Manifest, check_files, read_manifest
 
 
 def _gflop(x: float) -> str:
     return f"{x / 1e9:.3f}"
 
 
+def kv_cache_bytes(m: Manifest, n_text: int, bytes_per_value: int = 4) -> dict[str, int]:
+    """KV-cache bytes at the end of a prompt of `n_text` text tokens (+ the image span), and per
+    generated token, from the plan: layer l caches n_text + kv_visual_tokens rows."""
+    info = m.model
+    row = 2 * info.num_kv_heads * info.head_dim * bytes_per_value  # key + value, one row, one layer
+    prompt = sum((n_text + layer.kv_visual_tokens) * row for layer in m.layers)
+    return {"prompt": prompt, "per_token": row * len(m.layers)}
+
+
 def describe(artifact: str | Path, as_json: bool = False) -> str:
     m = read_manifest(artifact)
+    check_files(artifact, m)
+    n_text = m.flops["after"]["reference_text_tokens"]
+    kv = kv_cache_bytes(m, n_text)
     if as_json:
-        return json.dumps(
-            {k: m[k] for k in ("model", "passes", "segments", "visual_tokens", "layers", "flops")},
-            indent=2,
-        )
-    model, flops = m["model"], m["flops"]
+        data = m.to_json()
+        data["kv_cache_bytes"] = {"reference_text_tokens": n_text, **kv}
+        return json.dumps(data, indent=2)
+    model, flops = m.model, m.flops
     lines = [
-        f"artifact   {artifact}  (format {m['format_version']}, mllmc {m['mllmc_version']}, "
-        f"target {m.get('target', 'onnx')})",
-        f"model      {model['model_type']}/{model['text_model_type']}  {model['source']}  "
-        f"(config {model['config_hash']})",
-        f"decoder    {model['num_layers']} layers, hidden {model['hidden_size']}, heads "
-        f"{model['num_heads']}/{model['num_kv_heads']} kv, visual tokens {m['visual_tokens']['per_image']}",
-        "passes     "
-        + (", ".join(f"{p['name']}({_cfg(p['config'])})" for p in m["passes"]) or "none"),
+        f"artifact   {artifact}  (format {m.format_version}, mllmc {m.mllmc_version}, "
+        f"target {m.target})",
+        f"model      {model.model_type}/{model.text_model_type}  {model.model_dir}  "
+        f"(config {model.config_hash})",
+        f"decoder    {model.num_layers} layers, hidden {model.hidden_size}, heads "
+        f"{model.num_heads}/{model.num_kv_heads} kv, visual tokens {model.num_visual_tokens} "
+        f"from the vision tower, {m.visual_tokens} enter the LLM",
+        "passes     " + (", ".join(f"{p.name}({_cfg(p.config)})" for p in m.passes) or "none"),
     ]
-    for p in m["passes"]:
-        if p["name"] == "shortv":
-            lines.append(
-                f"           shortv frozen layers {p['stats']['frozen_layers']} "
-                f"(order from {p['config'].get('order_from') or 'explicit'})"
-            )
+    for p in m.passes:
+        stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if k != "order_from")
+        origin = f" (layer order from {p.config['order_from']})" if p.config.get("order_from") else ""
+        lines.append(f"           {p.name}: {stats}{origin}")
     lines.append("segments")
-    for name, seg in m["segments"].items():
-        ins = ", ".join(f"{i['name']}{i['shape']}" for i in seg["inputs"][:3])
-        more = f" +{len(seg['inputs']) - 3} more" if len(seg["inputs"]) > 3 else ""
-        lines.append(f"  {name:8s} {seg['file']:14s} in: {ins}{more}")
-    lines.append("layers     index  visual tokens  visual rows computed")
-    for layer in m["layers"]:
-        computed = "no (frozen)" if layer.get("frozen_visual") else "yes"
-        lines.append(f"           {layer['index']:5d}  {layer['visual_tokens']:13d}  {computed}")
+    for name, seg in m.segments.items():
+        ins = ", ".join(f"{i.name}{list(i.shape)}" for i in seg.inputs[:3])
+        more = f" +{len(seg.inputs) - 3} more" if len(seg.inputs) > 3 else ""
+        lines.append(f"  {name:8s} {seg.file:14s} in: {ins}{more}")
+    lines.append("layers     index  visual tokens  KV visual rows  visual rows computed")
+    for layer in m.layers:
+        computed = "yes" if layer.visual_computed else "no (frozen)"
+        if layer.visual_tokens == 0:
+            computed = "- (none left)"
+        lines.append(
+            f"           {layer.index:5d}  {layer.visual_tokens:13d}  {layer.kv_visual_tokens:14d}"
+            f"  {computed}"
+        )
+    lines.append(
+        f"KV cache   {kv['prompt'] / 2**20:.2f} MiB at the end of a {n_text}-text-token prompt, "
+        f"{kv['per_token'] / 2**10:.1f} KiB per generated token (fp32)"
+    )
     b, a = flops["before"], flops["after"]
     lines.append(
         f"FLOPs      at {a['reference_prompt_tokens']} prompt tokens "
-        f"({a['reference_text_tokens']} text + {m['visual_tokens']['per_image']} visual), GFLOP:"
+        f"({a['reference_text_tokens']} text + {m.visual_tokens} visual), GFLOP:"
     )
     for seg in ("vision", "prefill", "decode_step"):
         cut = 1 - a[seg] / b[seg] if b[seg] else 0.0
         lines.append(
             f"  {seg:11s} before {_gflop(b[seg]):>10s}  after {_gflop(a[seg]):>10s}  ({cut:.1%} cut)"
         )
-    val = m.get("validation")
+    val = m.validation
     if val:
         lines.append(
             f"validation max |Δlogit| {val['max_abs_logit_diff']:.2e} over {val['steps']} steps, "

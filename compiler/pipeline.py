@@ -7,6 +7,7 @@ matched the eager reference on a probe input, so OUT is never left half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -16,8 +17,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mllmc.passes import PassInfo, config_to_json
+from mllmc.passes import PassInfo, PassRecord, config_to_json
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.manifest import AppliedPass, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def prepare_passes(passes: PassList, model: Any, info: Any) -> list[tuple[PassIn
     return [(p, p.prepare(cfg, model, info) if p.prepare else cfg) for p, cfg in passes]
 
 
-def run_passes(segments: Any, passes: PassList) -> tuple[Any, list[dict[str, Any]]]:
+def run_passes(segments: Any, passes: PassList) -> tuple[Any, list[PassRecord]]:
     """Apply prepared `passes` in order; returns the rewritten segments and one record per pass."""
     check_order(passes)
     records = []
@@ -79,16 +81,10 @@ def run_passes(segments: Any, passes: PassList) -> tuple[Any, list[dict[str, Any
         result = info.fn(segments, cfg)
         lint(segments, result.segments, info.name)
         segments = result.segments
-        records.append(
-            {
-                "name": info.name,
-                "config": config_to_json(cfg),
-                "stats": result.stats,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "_cfg": cfg,
-                "_info": info,
-            }
+        applied = AppliedPass(
+            info.name, config_to_json(cfg), result.stats, round(time.perf_counter() - t0, 3)
         )
+        records.append(PassRecord(info, cfg, applied))
         log.info("pass %s: %s", info.name, result.stats)
     return segments, records
 
@@ -96,7 +92,7 @@ def run_passes(segments: Any, passes: PassList) -> tuple[Any, list[dict[str, Any
 @dataclass
 class CompileResult:
     out_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 def compile_model(
@@ -149,7 +145,6 @@ def compile_model(
             bar.update()
             manifest = artifact.build_manifest(
                 info,
-                model,
                 segments,
                 records,
                 entries,
@@ -161,7 +156,7 @@ def compile_model(
             if validate:
                 step("validate")
                 report = verify.verify(tmp, model, info, records, max_new_tokens=4)
-                manifest["validation"] = report.summary()
+                manifest = dataclasses.replace(manifest, validation=report.summary())
                 artifact.write_manifest(tmp, manifest)
                 if not report.ok:
                     raise UserError(

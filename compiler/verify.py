@@ -12,10 +12,16 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from mllmc.passes import PassRecord
+    from mllmc.runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +113,7 @@ def eager_generate(
     image: Any,
     prompt: str,
     max_new_tokens: int,
-    records: list[dict[str, Any]] = (),
+    records: Sequence[PassRecord] = (),
     stop_at_eos: bool = False,
 ) -> tuple[list[int], np.ndarray]:
     """Greedy HF generation with every pass's eager reference active -> (tokens, logits (S, V)).
@@ -133,8 +139,7 @@ def eager_generate(
         model.generation_config.eos_token_id = None  # generate() falls back to it otherwise
     with contextlib.ExitStack() as stack, torch.no_grad():
         for r in records:
-            if r["_info"].reference is not None:
-                stack.enter_context(r["_info"].reference(model, None, r["_cfg"]))
+            stack.enter_context(r.reference(model, None))
         try:
             out = model.generate(**inputs, generation_config=config)
         finally:
@@ -168,7 +173,7 @@ def verify(
     artifact_dir: str | Path,
     model: Any,
     info: Any,
-    records: list[dict[str, Any]],
+    records: Sequence[PassRecord],
     image: Any = None,
     prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = 8,
@@ -186,12 +191,12 @@ def verify(
     return report
 
 
-def records_from_manifest(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rebuild (pass info, config) records from an artifact's manifest, for `mllmc verify`."""
-    from mllmc.passes import get_pass
+def records_from_manifest(manifest: Manifest) -> list[PassRecord]:
+    """Rebuild the pass records (registry entry + config) of an artifact, for `mllmc verify`."""
+    from mllmc.passes import PassRecord, get_pass, make_config
 
     records = []
-    for p in manifest.get("passes", []):
-        info = get_pass(p["name"])
-        records.append({**p, "_info": info, "_cfg": info.config_cls(**p["config"])})
+    for p in manifest.passes:
+        info = get_pass(p.name)
+        records.append(PassRecord(info, make_config(info, p.config), p))
     return records

@@ -29,9 +29,9 @@ def main() -> None:
     # Freeze visual tokens in 60% of the layers (ShortV). The layer order comes from the paper's
     # published list for LLaVA-1.5-7B/13B, or from a built-in calibration run for other models.
     result = compile_model(model_dir, out_dir, passes=["shortv:ratio=0.6"], force=True)
-    shortv = result.manifest["passes"][0]
-    print(f"frozen layers: {shortv['stats']['frozen_layers']} ({shortv['config']['order_from']})")
-    flops = result.manifest["flops"]
+    shortv = result.manifest.passes[0]
+    print(f"frozen layers: {shortv.stats['frozen_layers']} ({shortv.config['order_from']})")
+    flops = result.manifest.flops
     print(
         f"prefill GFLOP: {flops['before']['prefill'] / 1e9:.3f} -> {flops['after']['prefill'] / 1e9:.3f}"
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.manifest import AppliedPass
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,28 @@ class PassInfo:
     stage: str  # "pre_llm" | "in_llm"
     prepare: Callable[[Any, Any, Any], Any] | None = None
     reference: Callable[[Any, Any, Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """A pass in a pipeline: its registry entry, its resolved config, and (once it ran) what it
+    did, as the manifest stores it."""
+
+    info: PassInfo
+    config: Any
+    applied: AppliedPass | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def reference(self, model: Any, info: Any) -> Any:
+        """The pass's eager reference as a context manager (a no-op for passes without one)."""
+        import contextlib
+
+        if self.info.reference is None:
+            return contextlib.nullcontext()
+        return self.info.reference(model, info, self.config)
 
 
 REGISTRY: dict[str, PassInfo] = {}

@@ -289,7 +289,7 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
     gm.recompile()
     segments = segments.replace_segment(reexport(prefill, gm))
     for i in cfg.layers:
-        segments.layer_plan[i]["frozen_visual"] = True
+        segments.layer_plan[i] = dataclasses.replace(segments.layer_plan[i], visual_computed=False)
     return PassResult(
         segments,
         {

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .manifest import SEGMENTS, read_manifest
+from .manifest import SEGMENTS, check_files, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +71,14 @@ class Engine:
 
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        for name in SEGMENTS:
-            entry = self.manifest["segments"][name]
-            path = self.root / entry["file"]
-            if not path.is_file():
-                raise UserError(f"corrupt artifact {self.root}: {entry['file']} is missing")
-            if entry.get("external_data") and not (self.root / entry["external_data"]).is_file():
-                raise UserError(
-                    f"corrupt artifact {self.root}: {entry['external_data']} is missing"
-                )
+        check_files(self.root, self.manifest)
         self.sessions = {
-            name: _session(self.root / self.manifest["segments"][name]["file"], providers, threads)
+            name: _session(self.root / self.manifest.segments[name].file, providers, threads)
             for name in SEGMENTS
         }
-        self.num_visual_tokens: int = self.manifest["visual_tokens"]["per_image"]
-        self.num_layers: int = len(self.manifest["layers"])
-        self.eos_token_ids: set[int] = set(self.manifest["model"].get("eos_token_ids", []))
+        self.num_visual_tokens: int = self.manifest.visual_tokens
+        self.num_layers: int = len(self.manifest.layers)
+        self.eos_token_ids: set[int] = set(self.manifest.model.eos_token_ids)
         self.image_preprocessor = ImagePreprocessor(read_image_processor_config(self.root))
         self.prompt_encoder = PromptEncoder.from_dir(self.root)
         self._past_names = [i.name for i in self.sessions["decode"].get_inputs()][2:]
@@ -151,7 +143,7 @@ class Engine:
         t1 = time.perf_counter()
         logits, cache = self.prefill(input_ids, features, visual_start)
         t2 = time.perf_counter()
-        position = input_ids.shape[1]
+        position = input_ids.shape[1] + self.manifest.decode_position_offset
         tokens: list[int] = []
         chosen: list[np.ndarray] = []
         while True:

@@ -73,8 +73,8 @@ def record(
             "onnxruntime_version": onnxruntime.__version__,
             "platform": platform.platform(),
             "manifest_sha256": _digest(Path(artifact) / "manifest.json"),
-            "model_config_hash": m["model"]["config_hash"],
-            "passes": [{"name": p["name"], "config": p["config"]} for p in m["passes"]],
+            "model_config_hash": m.model.config_hash,
+            "passes": [{"name": p.name, "config": p.config} for p in m.passes],
         },
     }
 

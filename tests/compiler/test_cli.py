@@ -111,7 +111,7 @@ def test_run_inspect_verify_golden(artifact, tiny_model_dir, sample_image, tmp_p
     assert "prefill" in text and "ms/token" in text
 
     info = mllmc("inspect", artifact).stdout
-    assert "frozen layers [0, 2, 3]" in info and "prefill" in info and "cut" in info
+    assert "frozen_layers=[0, 2, 3]" in info and "prefill" in info and "cut" in info
     assert json.loads(mllmc("inspect", artifact, "--json").stdout)["passes"][0]["name"] == "shortv"
 
     proc = mllmc("verify", artifact, "--against", tiny_model_dir, "--max-new-tokens", "8")

@@ -18,6 +18,7 @@ from mllmc.compiler.pipeline import compile_model
 from mllmc.compiler.verify import records_from_manifest, verify
 from mllmc.runtime import load
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.manifest import FORMAT_VERSION, read_manifest
 from tests.conftest import TINY_SHORTV_LAYERS
 
 NEW_TOKENS = 16
@@ -68,9 +69,8 @@ def test_unrewritten_artifact_matches_hf_generate(compiled, sample_image):
 
 def test_shortv_artifact_matches_eager_reference(compiled, sample_image):
     model, info, _, shortv, layers = compiled[1:]
-    manifest = json.loads((shortv / "manifest.json").read_text())
-    records = records_from_manifest(manifest)
-    assert records[0]["_cfg"].layers == tuple(layers)
+    records = records_from_manifest(read_manifest(shortv))
+    assert records[0].config.layers == tuple(layers)
     report = verify(shortv, model, info, records, image=sample_image, max_new_tokens=NEW_TOKENS)
     _check(report)
     # and the frozen model is a different model: the unrewritten oracle disagrees with it
@@ -81,13 +81,17 @@ def test_shortv_artifact_matches_eager_reference(compiled, sample_image):
 def test_manifest_records_passes_layers_and_flops(compiled):
     _, info, base, shortv, layers = compiled[1:]
     m = json.loads((shortv / "manifest.json").read_text())
-    assert m["format_version"] == 1
+    assert m["format_version"] == FORMAT_VERSION
+    assert read_manifest(shortv).to_json() == m  # the typed manifest round-trips its JSON
     assert m["passes"][0]["name"] == "shortv"
     assert m["passes"][0]["stats"]["frozen_layers"] == layers
-    assert [layer["frozen_visual"] for layer in m["layers"]] == [
+    assert [not layer["visual_computed"] for layer in m["layers"]] == [
         i in layers for i in range(info.num_layers)
     ]
-    assert m["visual_tokens"]["per_layer"] == [info.num_visual_tokens] * info.num_layers
+    assert [layer["visual_tokens"] for layer in m["layers"]] == [info.num_visual_tokens] * len(
+        m["layers"]
+    )
+    assert m["visual_tokens"] == info.num_visual_tokens
     assert m["flops"]["after"]["prefill"] < m["flops"]["before"]["prefill"]
     assert m["flops"]["after"]["decode_step"] == m["flops"]["before"]["decode_step"]
     assert m["validation"]["ok"] and m["validation"]["max_abs_logit_diff"] <= 1e-4

@@ -17,7 +17,7 @@ from mllmc.compiler.verify import (
     eager_generate,
     processor_inputs,
 )
-from mllmc.passes import get_pass
+from mllmc.passes import PassRecord, get_pass
 from mllmc.passes.shortv import ShortVConfig, shortv
 
 DEVICES = [
@@ -64,7 +64,7 @@ def test_torch_engine_matches_hf_generate(request, model_fixture, device, sample
         tokens, logits = engine.generate(
             inputs["input_ids"], inputs["pixel_values"], max_new_tokens=16
         )
-        records = [{"_info": shortv_info, "_cfg": cfg}] if layers else []
+        records = [PassRecord(shortv_info, cfg)] if layers else []
         ref_tokens, ref_logits = eager_generate(
             model, model_dir, sample_image, DEFAULT_PROMPT, 16, records
         )

@@ -133,7 +133,7 @@ def test_rewritten_graph_structure(captured):
     assert count(new.prefill, copy) - count(segs.prefill, copy) == len(frozen)
     # the decode segment is not touched
     assert new.decode is segs.decode
-    assert [p["frozen_visual"] for p in new.layer_plan] == [
+    assert [not p.visual_computed for p in new.layer_plan] == [
         i in frozen for i in range(info.num_layers)
     ]
 
