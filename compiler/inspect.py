@@ -49,7 +49,9 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
     ]
     for p in m.passes:
         stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if k != "order_from")
-        origin = f" (layer order from {p.config['order_from']})" if p.config.get("order_from") else ""
+        origin = (
+            f" (layer order from {p.config['order_from']})" if p.config.get("order_from") else ""
+        )
         lines.append(f"           {p.name}: {stats}{origin}")
     lines.append("segments")
     for name, seg in m.segments.items():
