@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/mllmc compile models/tiny-llava --pass shortv -o out/tiny-shortv --force
 	$(BIN)/mllmc inspect out/tiny-shortv
 	$(BIN)/mllmc run out/tiny-shortv --image examples/images/shapes.png --prompt "Describe the image." --max-new-tokens 16
-	$(BIN)/mllmc bench models/tiny-llava --pass shortv --repeats 5 -o out/bench/tiny-shortv.json
+	$(BIN)/mllmc bench models/tiny-llava --pass shortv --repeats 5 -o out/bench/tiny-shortv.json --force
 
 test: install
 	$(BIN)/pytest -q

@@ -13,25 +13,26 @@ It runs with no access to the source model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mllmc.runtime import __version__
 from mllmc.runtime.manifest import (
     FORMAT_VERSION,
+    MANIFEST_NAME,
     Manifest,
     ModelInfo,
     SegmentEntry,
     from_json,
     write_manifest,
 )
+
+from . import outputs
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -53,23 +54,50 @@ PREPROCESSING_FILES = (
 )
 
 
-@contextlib.contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out`; when the block succeeds it replaces `out` (one
-    rename), when it fails it is removed. So `out` is never seen half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it the user's usual mode
+# Engine files a backend may write into an artifact (besides those its manifest names).
+ENGINE_SUFFIXES = (".onnx", ".data", ".pt2", ".engine", ".ep")
+
+
+def replaceable(path: Path) -> str | None:
+    """None if `path` is an mllmc artifact that `--force` may replace; else why it is not.
+
+    An artifact is a directory whose manifest.json names an mllmc version and format, holding
+    only the files mllmc writes into one (engine files, the manifest, preprocessing files)."""
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return f"it is not an mllmc artifact (no {MANIFEST_NAME})"
     try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        data = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return f"its {MANIFEST_NAME} is not an mllmc manifest"
+    if not isinstance(data, dict) or "format_version" not in data or "mllmc_version" not in data:
+        return f"its {MANIFEST_NAME} is not an mllmc manifest"
+    named: set[str] = set()
+    segments = data.get("segments")
+    if isinstance(segments, dict):
+        for entry in segments.values():
+            if isinstance(entry, dict):
+                named |= {v for k, v in entry.items() if k in ("file", "external_data") and v}
+    known = {MANIFEST_NAME, "image_processor.json", *PREPROCESSING_FILES, *map(str, named)}
+    foreign = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in path.iterdir()
+        if p.is_symlink()
+        or not p.is_file()
+        or (p.name not in known and not p.name.endswith(ENGINE_SUFFIXES))
+    )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        return f"it holds files mllmc did not write ({shown})"
+    return None
+
+
+def staged_directory(out: str | os.PathLike, force: bool = False) -> ContextManager[Path]:
+    """Write an artifact: a temporary directory that becomes `out` when complete (see
+    `mllmc.compiler.outputs.staged_directory`); --force replaces only another artifact."""
+    return outputs.staged_directory(out, force=force, replaceable=replaceable)
 
 
 def copy_preprocessing(model_dir: str | Path, out: Path) -> None:

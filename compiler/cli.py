@@ -5,14 +5,20 @@ check) exits 1."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import math
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+
+from .outputs import check_output_file
 
 EXAMPLES = """\
 examples:
@@ -24,6 +30,7 @@ examples:
   mllmc run out/tiny-shortv --image cat.png --prompt "Describe the image." --max-new-tokens 16
   mllmc verify out/tiny-shortv --against models/tiny-llava
   mllmc inspect out/tiny-shortv
+  mllmc eval out/tiny-shortv --task shapes-qa -n 200
   mllmc golden record out/tiny --image cat.png --prompt "Describe the image." -o golden.json
   mllmc golden check out/tiny golden.json
   mllmc bench models/small-llava --pass shortv --target onnx
@@ -36,6 +43,39 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi] (one-line error, exit 2, otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(*, positive: bool) -> Callable[[str], float]:
+    """argparse type: a finite float, > 0 (positive) or >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}"
+            )
+        return value
+
+    return parse
 
 
 def _passes(args: argparse.Namespace) -> list[tuple[Any, Any]]:
@@ -102,6 +142,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.pass_name != "shortv":
         raise UserError(f"calibrate supports --pass shortv only, got {args.pass_name!r}")
+    check_output_file(args.output, args.force, "LC file")
+    if not args.no_plot:
+        check_output_file(Path(args.output).with_suffix(".png"), args.force, "LC chart")
     calibrate_cli(
         args.model,
         args.output,
@@ -114,11 +157,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    report = evaluate(
+        args.path,
+        task=args.task,
+        data=args.data,
+        n=args.num_items,
+        split=args.split,
+        max_new_tokens=args.max_new_tokens,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(report.line())
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mllmc.runtime import load
 
+    from .outputs import write_file
+
+    check_output_file(args.save_logits, args.force, "logits")
     engine = load(args.artifact, providers=args.providers, threads=args.threads)
     result = engine.generate(
         args.image,
@@ -129,7 +195,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.save_logits:
-        np.save(args.save_logits, result.logits.astype(np.float32))
+        buf = io.BytesIO()
+        np.save(buf, result.logits.astype(np.float32))
+        write_file(args.save_logits, buf.getvalue(), force=args.force)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -179,9 +247,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_golden(args: argparse.Namespace) -> int:
     from mllmc.runtime import golden
 
+    from .outputs import write_file
+
     if args.golden_cmd == "record":
-        g = golden.record(args.artifact, args.image, args.prompt, args.max_new_tokens)
-        Path(args.output).write_text(json.dumps(g, indent=2))
+        check_output_file(args.output, args.force, "golden file")
+        g = golden.record(
+            args.artifact, args.image, args.prompt, args.max_new_tokens, golden_path=args.output
+        )
+        write_file(args.output, json.dumps(g, indent=2) + "\n", force=args.force)
         print(f"recorded {len(g['token_ids'])} tokens to {args.output}")
         return 0
     problems = golden.check(args.artifact, golden.read_golden(args.golden), tol=args.tol)
@@ -195,6 +268,8 @@ def cmd_golden(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_cli
 
+    check_output_file(args.output, args.force, "benchmark report")
+    check_output_file(Path(args.output).with_suffix(".png"), args.force, "benchmark plot")
     bench_cli(
         args.model,
         _passes(args),
@@ -241,14 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
         "name", help="; ".join(f"{name}: {spec.description}" for name, spec in PRESETS.items())
     )
     sp.add_argument("-o", "--output", required=True, help="model directory to write")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     sp.add_argument(
         "--device",
         default="cpu",
         help="where the random weights are drawn (cuda draws a 7B model in seconds; the same "
         "seed gives other weights on another device)",
     )
-    sp.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a preset directory mllmc wrote before (never another directory)",
+    )
 
     sp = add(
         "compile", "compile a Hugging Face LLaVA directory into an engine artifact", cmd_compile
@@ -265,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe", metavar="FILE.toml", help="[[pass]] tables with name and options")
     sp.add_argument("--target", default="onnx", help="onnx (default) or trt")
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
-    sp.add_argument("--force", action="store_true", help="overwrite an existing artifact")
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing mllmc artifact (never another directory, a file, or the model)",
+    )
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = add("calibrate", "measure ShortV Layer Contribution on calibration data", cmd_calibrate)
@@ -273,12 +356,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pass", dest="pass_name", default="shortv", help="shortv")
     sp.add_argument("--images", help="directory of images (default: built-in generated images)")
     sp.add_argument("--prompts", help="text file, one prompt per line (default: built-in)")
-    sp.add_argument("-n", "--num-samples", type=int, default=40)
+    sp.add_argument("-n", "--num-samples", type=_int_in(1), default=40)
     sp.add_argument(
         "-o", "--output", required=True, help="LC file (.json); a .png chart is written beside it"
     )
     sp.add_argument("--no-plot", action="store_true")
+    sp.add_argument("--force", action="store_true", help="replace an existing LC file and chart")
     sp.add_argument("-q", "--quiet", action="store_true")
+
+    sp = add(
+        "eval",
+        "accuracy of an artifact (runtime engine) or a HF model dir (HF eager) on QA items",
+        cmd_eval,
+    )
+    sp.add_argument("path", help="an mllmc artifact or a Hugging Face model directory")
+    sp.add_argument("--task", help="a built-in task: shapes-qa")
+    sp.add_argument(
+        "--data", metavar="FILE.jsonl", help='lines of {"image": PATH, "prompt": ..., "answer": ...}'
+    )
+    sp.add_argument("-n", "--num-items", type=int, default=None, help="default: 500 / all lines")
+    sp.add_argument("--split", default="heldout", help="task split: heldout (default) or train")
+    sp.add_argument("--max-new-tokens", type=int, default=4)
+    sp.add_argument("--threads", type=int, default=None, help="onnxruntime threads (artifacts)")
+    sp.add_argument("--json", action="store_true", help="print the report (and each answer) as JSON")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = add("run", "generate text for an image and a prompt with a compiled artifact", cmd_run)
     sp.add_argument("artifact")
@@ -286,14 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--prompt", required=True, help="with <image>, or plain text for the chat template"
     )
-    sp.add_argument("--max-new-tokens", type=int, default=32)
-    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    sp.add_argument("--top-k", type=int, default=0)
-    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--max-new-tokens", type=_int_in(1), default=32)
+    sp.add_argument(
+        "--temperature", type=_number(positive=False), default=0.0, help="0 = greedy (default)"
+    )
+    sp.add_argument("--top-k", type=_int_in(0), default=0, help="0 = no top-k cut (default)")
+    sp.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None)
     sp.add_argument("--json", action="store_true", help="print {token_ids, text, timings} as JSON")
     sp.add_argument("--save-logits", metavar="F.npy", help="save (steps x vocab) float32 logits")
+    sp.add_argument("--force", action="store_true", help="replace an existing --save-logits file")
     sp.add_argument("--providers", nargs="+", help="onnxruntime execution providers")
-    sp.add_argument("--threads", type=int, default=None)
+    sp.add_argument(
+        "--threads",
+        type=_int_in(1, os.cpu_count() or 1),
+        default=None,
+        help=f"onnxruntime threads, 1..{os.cpu_count() or 1} (default: all cores)",
+    )
 
     sp = add(
         "verify", "compare a compiled artifact with the eager model (+ pass references)", cmd_verify
@@ -302,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--against", required=True, help="the source model directory")
     sp.add_argument("--image", default=None, help="default: a built-in synthetic image")
     sp.add_argument("--prompt", default="Describe the image.")
-    sp.add_argument("--max-new-tokens", type=int, default=16)
-    sp.add_argument("--tol", type=float, default=1e-4)
+    sp.add_argument("--max-new-tokens", type=_int_in(1), default=16)
+    sp.add_argument("--tol", type=_number(positive=True), default=1e-4)
 
     sp = add(
         "inspect",
@@ -319,24 +428,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("artifact")
     g.add_argument("--image", required=True)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=_int_in(1), default=16)
     g.add_argument("-o", "--output", required=True)
+    g.add_argument("--force", action="store_true", help="replace an existing golden file")
     g = gsub.add_parser(
         "check", help="check an artifact against a golden file (exit 1 on mismatch)"
     )
     g.add_argument("artifact")
     g.add_argument("golden")
-    g.add_argument("--tol", type=float, default=1e-3)
+    g.add_argument("--tol", type=_number(positive=True), default=1e-3)
 
     sp = add("bench", "benchmark an artifact side by side with Hugging Face eager", cmd_bench)
     sp.add_argument("model")
     sp.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]")
     sp.add_argument("--recipe")
     sp.add_argument("--target", default="onnx")
-    sp.add_argument("--text-tokens", type=int, default=32)
-    sp.add_argument("--decode-tokens", type=int, default=32)
-    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--text-tokens", type=_int_in(1), default=32)
+    sp.add_argument("--decode-tokens", type=_int_in(1), default=32)
+    sp.add_argument("--repeats", type=_int_in(1), default=3)
     sp.add_argument("-o", "--output", default="benchmarks/results/bench.json")
+    sp.add_argument("--force", action="store_true", help="replace an existing report")
     return p
 
 
@@ -351,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name in ("transformers", "torch", "onnxscript"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     try:
         return args.fn(args)
     except UserError as e:
@@ -359,6 +472,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("mllmc: interrupted\n")
         return 130
+    except Terminated as e:
+        sys.stderr.write(f"mllmc: stopped by {signal.Signals(e.signum).name}\n")
+        return 128 + e.signum
+
+
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every `finally` and
+    staged directory cleans up before the process exits."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,16 @@ STAGE_ORDER = {"pre_llm": 0, "in_llm": 1}
 
 
 def check_order(passes: PassList) -> None:
-    """Pre-LLM passes (they change N_v before the decoder) must come before in-LLM passes."""
+    """Each pass at most once (two of one kind do not compose: one config says it all), and
+    pre-LLM passes (they change N_v before the decoder) before in-LLM passes."""
+    seen: set[str] = set()
+    for info, _ in passes:
+        if info.name in seen:
+            raise UserError(
+                f"pass order refused: {info.name!r} is given twice; a pass runs once per "
+                f"pipeline: give one {info.name} with all its options"
+            )
+        seen.add(info.name)
     for (a, _), (b, _) in zip(passes, passes[1:], strict=False):
         if STAGE_ORDER[a.stage] > STAGE_ORDER[b.stage]:
             raise UserError(
@@ -107,15 +116,15 @@ def compile_model(
     """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`.
 
     `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order."""
-    from . import artifact, backends, capture, flops, verify
+    from . import artifact, backends, capture, flops, outputs, verify
 
     passes = resolve_passes(passes)
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
     backend = backends.get_backend(target)
     check_order(passes)
     capture.read_config(model_dir)
+    out = outputs.check_output_dir(
+        out_dir, force, artifact.replaceable, what="artifact", protected=[model_dir]
+    )
 
     steps = ["load", "capture", "passes", "flops", target, "validate" if validate else "write"]
     bar = tqdm(total=len(steps), desc="compile", disable=not progress, unit="step")
@@ -123,23 +132,23 @@ def compile_model(
     def step(name: str) -> None:
         bar.set_postfix_str(name)
 
-    step("load")
-    model, info = capture.load_model(model_dir)
-    passes = prepare_passes(passes, model, info)
-    bar.update()
-    step("capture")
-    segments = capture.capture(model, info)
-    base_flops = flops.segment_flops(segments)
-    bar.update()
-    step("passes")
-    segments, records = run_passes(segments, passes)
-    bar.update()
-    step("flops")
-    new_flops = flops.segment_flops(segments)
-    bar.update()
-
+    # staged from the start: a failure, Ctrl-C or SIGTERM at any step removes the temp dir
     try:
-        with artifact.staged_directory(out) as tmp:
+        with artifact.staged_directory(out, force=force) as tmp:
+            step("load")
+            model, info = capture.load_model(model_dir)
+            passes = prepare_passes(passes, model, info)
+            bar.update()
+            step("capture")
+            segments = capture.capture(model, info)
+            base_flops = flops.segment_flops(segments)
+            bar.update()
+            step("passes")
+            segments, records = run_passes(segments, passes)
+            bar.update()
+            step("flops")
+            new_flops = flops.segment_flops(segments)
+            bar.update()
             step(target)
             entries = {seg.name: backend(seg, tmp) for seg in segments}
             bar.update()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 
 from .errors import UserError
 
-GOLDEN_VERSION = 1
+GOLDEN_VERSION = 2  # 2: the image path is relative to the golden file
 TOP_K = 5
 
 
@@ -44,8 +46,15 @@ def _summary(logits: np.ndarray) -> list[dict[str, Any]]:
 
 
 def record(
-    artifact: str | Path, image: str | Path, prompt: str, max_new_tokens: int = 16
+    artifact: str | Path,
+    image: str | Path,
+    prompt: str,
+    max_new_tokens: int = 16,
+    golden_path: str | Path | None = None,
 ) -> dict[str, Any]:
+    """Run `artifact` on `image` + `prompt` and return the golden record. The image path is
+    stored relative to the directory of `golden_path` (where the golden will be written), so a
+    check works from any working directory; without it, as an absolute path."""
     import onnxruntime
 
     from . import __version__, load
@@ -56,10 +65,14 @@ def record(
         raise UserError(f"cannot read image {image_path}: no such file")
     result = engine.generate(image_path, prompt, max_new_tokens=max_new_tokens)
     m = engine.manifest
+    if golden_path is not None:
+        stored = os.path.relpath(image_path.resolve(), Path(golden_path).resolve().parent)
+    else:
+        stored = str(image_path.resolve())
     return {
         "golden_version": GOLDEN_VERSION,
         "inputs": {
-            "image": str(image_path),
+            "image": Path(stored).as_posix(),
             "image_sha256": _digest(image_path),
             "prompt": prompt,
             "max_new_tokens": max_new_tokens,
@@ -79,24 +92,84 @@ def record(
     }
 
 
+def _schema_problem(golden: Any) -> str | None:
+    """What makes `golden` not a well-formed golden record (None if it is one)."""
+    if not isinstance(golden, dict):
+        return "not a JSON object"
+    inputs = golden.get("inputs")
+    if not isinstance(inputs, dict):
+        return "missing 'inputs'"
+    for key, tp in (("image", str), ("image_sha256", str), ("prompt", str), ("max_new_tokens", int)):
+        if not isinstance(inputs.get(key), tp) or isinstance(inputs.get(key), bool):
+            return f"inputs.{key} should be {tp.__name__}"
+    if inputs["max_new_tokens"] < 1:
+        return "inputs.max_new_tokens should be >= 1"
+    tokens = golden.get("token_ids")
+    if not isinstance(tokens, list) or not tokens or not all(_is_int(t) for t in tokens):
+        return "token_ids should be a non-empty list of token ids"
+    steps = golden.get("logits")
+    if not isinstance(steps, list) or len(steps) != len(tokens):
+        n = len(steps) if isinstance(steps, list) else "no"
+        return f"logits should hold one entry per generated token ({len(tokens)}), it has {n}"
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            return f"logits[{i}] should be an object"
+        ids, values = step.get("top_ids"), step.get("top_values")
+        if not isinstance(ids, list) or not ids or not all(_is_int(t) for t in ids):
+            return f"logits[{i}].top_ids should be a non-empty list of token ids"
+        if not isinstance(values, list) or len(values) != len(ids) or not all(map(_is_num, values)):
+            return f"logits[{i}].top_values should be {len(ids)} numbers"
+        if not _is_num(step.get("mean")) or not _is_num(step.get("std")):
+            return f"logits[{i}] should have numeric mean and std"
+    return None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def read_golden(path: str | Path) -> dict[str, Any]:
+    """Read and check a golden file; its image path is resolved against the file's directory."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"golden file {p} not found (make one with: mllmc golden record)")
     try:
         golden = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"corrupt golden file {p}: {e}") from None
     if not isinstance(golden, dict) or golden.get("golden_version") != GOLDEN_VERSION:
-        raise UserError(f"{p} is not an mllmc golden file of version {GOLDEN_VERSION}")
+        version = golden.get("golden_version") if isinstance(golden, dict) else None
+        raise UserError(
+            f"{p} is not an mllmc golden file of version {GOLDEN_VERSION} (it says {version!r}); "
+            "re-record it with: mllmc golden record"
+        )
+    problem = _schema_problem(golden)
+    if problem:
+        raise UserError(f"corrupt golden file {p}: {problem}")
+    image = Path(golden["inputs"]["image"])
+    golden["inputs"]["image"] = str(image if image.is_absolute() else p.resolve().parent / image)
     return golden
 
 
 def check(artifact: str | Path, golden: dict[str, Any], tol: float = 1e-3) -> list[str]:
-    """Rerun the golden's inputs on `artifact`; returns the differences (empty: it matches)."""
+    """Rerun the golden's inputs on `artifact`; returns the differences (empty: it matches).
+
+    Every recorded step is compared: tokens exactly, the top-5 logit values, mean and std within
+    `tol`; a NaN on either side is a difference, never a pass."""
+    if not (math.isfinite(tol) and tol > 0):
+        raise UserError(f"tol must be a positive number, got {tol}")
+    problem = _schema_problem(golden)
+    if problem:
+        raise UserError(f"corrupt golden record: {problem}")
     inputs = golden["inputs"]
     image = Path(inputs["image"])
-    if image.is_file() and _digest(image) != inputs["image_sha256"]:
+    if not image.is_file():
+        raise UserError(f"the golden's image {image} is not there (it was recorded with it)")
+    if _digest(image) != inputs["image_sha256"]:
         return [f"image {image} changed since the golden was recorded"]
     now = record(artifact, image, inputs["prompt"], inputs["max_new_tokens"])
     problems = []
@@ -114,8 +187,12 @@ def check(artifact: str | Path, golden: dict[str, Any], tol: float = 1e-3) -> li
             f"golden {golden['token_ids'][first : first + 4]}"
         )
     for step, (a, b) in enumerate(zip(now["logits"], golden["logits"], strict=False)):
-        worst = max(abs(x - y) for x, y in zip(a["top_values"], b["top_values"], strict=True))
-        worst = max(worst, abs(a["mean"] - b["mean"]), abs(a["std"] - b["std"]))
+        pairs = [*zip(a["top_values"], b["top_values"], strict=False), (a["mean"], b["mean"])]
+        pairs.append((a["std"], b["std"]))
+        if any(not (math.isfinite(x) and math.isfinite(y)) for x, y in pairs):
+            problems.append(f"step {step}: NaN or infinite logits")
+            break
+        worst = max(abs(x - y) for x, y in pairs)
         if a["top_ids"][:1] != b["top_ids"][:1] or worst > tol:
             problems.append(f"step {step}: logits moved by {worst:.2e} (tol {tol:.0e})")
             break

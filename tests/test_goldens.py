@@ -22,13 +22,11 @@ def test_golden(name, request, tiny_base_artifact, tiny_shortv_artifact):
     artifact = tiny_shortv_artifact if name.endswith("shortv") else tiny_base_artifact
     path = GOLDENS / f"{name}.json"
     if request.config.getoption("--update-goldens"):
-        record = golden.record(artifact, IMAGE, PROMPT, max_new_tokens=16)
-        record["inputs"]["image"] = str(IMAGE.relative_to(Path(__file__).parents[1]))
+        record = golden.record(artifact, IMAGE, PROMPT, max_new_tokens=16, golden_path=path)
         path.write_text(json.dumps(record, indent=2) + "\n")
         pytest.skip(f"re-recorded {path}")
     assert path.is_file(), f"{path} missing: record it with --update-goldens"
-    expected = golden.read_golden(path)
-    expected["inputs"]["image"] = str(Path(__file__).parents[1] / expected["inputs"]["image"])
+    expected = golden.read_golden(path)  # the image path is relative to the golden file
     problems = golden.check(artifact, expected, tol=1e-3)
     assert not problems, "; ".join(problems)
     assert len(expected["token_ids"]) >= 1

@@ -251,7 +251,7 @@ def test_artifact_and_input_errors(artifact, tmp_path, sample_image):
         "x",
         "--max-new-tokens",
         "0",
-        match="max_new_tokens",
+        match="--max-new-tokens: must be >= 1",
     )
 
 
@@ -262,7 +262,9 @@ def test_calibrate_writes_lc_and_plot(tiny_model_dir, tmp_path):
     assert sorted(lc["order"]) == list(range(lc["num_layers"])) and lc["samples"] == 2
     assert out.with_suffix(".png").is_file()
     assert "LC(visual)" in proc.stdout
+    user_error("calibrate", tiny_model_dir, "-o", out, match="already exists; pass --force")
+    other = tmp_path / "lc2.json"
     user_error(
-        "calibrate", tiny_model_dir, "--images", tmp_path / "nodir", "-o", out, match="not found"
+        "calibrate", tiny_model_dir, "--images", tmp_path / "nodir", "-o", other, match="not found"
     )
-    user_error("calibrate", tiny_model_dir, "--pass", "fastv", "-o", out, match="shortv only")
+    user_error("calibrate", tiny_model_dir, "--pass", "fastv", "-o", other, match="shortv only")

@@ -1,0 +1,306 @@
+"""What mllmc promises about a user's files and its own error contract, through the real console
+script: --force replaces only what mllmc wrote, the source model is never an output, a
+replacement is one atomic swap, a killed compile leaves nothing behind, goldens never pass
+vacuously, and every bad input is one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.compiler.test_cli import MLLMC, mllmc, user_error
+
+
+def temps_beside(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-"))
+
+
+def one_line_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mllmc")]
+    assert len(errors) == 1 and match in errors[0], proc.stderr
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("my notes")
+    return d
+
+
+def test_force_replaces_only_an_mllmc_artifact(
+    tiny_model_dir, tiny_base_artifact, user_dir, tmp_path
+):
+    weights = sorted(p.name for p in tiny_model_dir.iterdir())
+    # a user's directory, the current directory, the source model, inside it, above it
+    user_error("compile", tiny_model_dir, "-o", user_dir, "--force", match="not an mllmc artifact")
+    assert (user_dir / "notes.txt").read_text() == "my notes"
+    proc = subprocess.run(
+        [MLLMC, "compile", str(tiny_model_dir), "-o", ".", "--force"],
+        cwd=user_dir,
+        capture_output=True,
+        text=True,
+    )
+    one_line_error(proc, "refusing to replace")
+    assert (user_dir / "notes.txt").read_text() == "my notes"
+    for out in (tiny_model_dir, tiny_model_dir / "sub", tiny_model_dir.parent):
+        user_error("compile", tiny_model_dir, "-o", out, "--force", match="source model")
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == weights
+    # an artifact with a file mllmc did not write in it is not replaced either
+    art = tmp_path / "art"
+    shutil.copytree(tiny_base_artifact, art)
+    (art / "README.txt").write_text("mine")
+    user_error("compile", tiny_model_dir, "-o", art, "--force", match="did not write (README.txt)")
+    assert (art / "README.txt").is_file()
+    # a file is never replaced, and the check comes before any work (no temp dir made)
+    f = tmp_path / "file.bin"
+    f.write_bytes(b"data")
+    user_error("compile", tiny_model_dir, "-o", f, "--force", match="is a file")
+    user_error("compile", tiny_model_dir, "-o", f / "sub", match="is a file, not a directory")
+    assert f.read_bytes() == b"data" and temps_beside(f) == []
+    user_error("compile", tiny_model_dir, "-o", "/sys/mllmc-out", match="cannot write")
+
+
+def test_force_replaces_an_artifact_in_one_swap(tiny_model_dir, tiny_base_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_base_artifact, art)
+    before = json.loads((art / "manifest.json").read_text())["created"]
+    time.sleep(1.1)
+    mllmc("compile", tiny_model_dir, "-o", art, "--force", "--no-validate", "-q")
+    after = json.loads((art / "manifest.json").read_text())["created"]
+    assert after != before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".art.")]
+    assert leftovers in ([], [".art.lock"]), leftovers
+
+
+def test_concurrent_compiles_to_one_output_do_not_both_succeed(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [MLLMC, "compile", str(tiny_model_dir), "-o", str(out), "--no-validate", "-q"]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "appeared while this ran" in loser or "already exists" in loser, loser
+    assert (out / "manifest.json").is_file() and temps_beside(out) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_killed_compile_leaves_nothing_behind(tiny_model_dir, tmp_path, signum):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [MLLMC, "compile", str(tiny_model_dir), "-o", str(out), "-q"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not temps_beside(out) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert temps_beside(out), "the compile never staged its output"
+    time.sleep(1.0)  # well inside the compile (loading the model)
+    proc.send_signal(signum)
+    code = proc.wait(timeout=120)
+    assert code == 128 + signum, proc.stderr.read()
+    assert f"stopped by {signal.Signals(signum).name}" in proc.stderr.read()
+    assert not out.exists() and temps_beside(out) == []
+
+
+def test_stale_temp_dirs_of_dead_writers_are_removed_never_live_ones(tmp_path):
+    out = tmp_path / "m"
+    dead = tmp_path / ".m.tmp-99999999-abc"  # above any pid_max: no such process
+    live = tmp_path / f".m.tmp-{os.getpid()}-def"  # this test process: alive
+    other = tmp_path / ".other.tmp-99999999-abc"  # another output's: not ours to touch
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "weights.bin").write_bytes(b"x")
+    mllmc("preset", "tiny-llava", "-o", out)
+    assert not dead.exists() and live.is_dir() and other.is_dir()
+
+
+def test_preset_force_replaces_only_a_preset(user_dir, tmp_path):
+    user_error("preset", "tiny-llava", "-o", user_dir, "--force", match="not a preset directory")
+    assert (user_dir / "notes.txt").read_text() == "my notes"
+    out = tmp_path / "p"
+    mllmc("preset", "tiny-llava", "-o", out)
+    mllmc("preset", "tiny-llava", "-o", out, "--force", "--seed", "1")
+    (out / "extra.txt").write_text("mine")
+    user_error("preset", "tiny-llava", "-o", out, "--force", match="did not write (extra.txt)")
+
+
+def test_two_passes_of_one_kind_are_refused(tiny_model_dir, tmp_path):
+    user_error(
+        "compile",
+        tiny_model_dir,
+        "--pass",
+        "shortv:layers=[1]",
+        "--pass",
+        "shortv:layers=[2]",
+        "-o",
+        tmp_path / "x",
+        match="'shortv' is given twice",
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_numbers_are_one_line_errors(
+    tiny_base_artifact, tiny_model_dir, sample_image, tmp_path
+):
+    run = ("run", tiny_base_artifact, "--image", sample_image, "--prompt", "Hi")
+    for args, match in [
+        (("--seed", "-1"), "--seed: must be between 0"),
+        (("--temperature", "nan"), "--temperature: must be a finite number"),
+        (("--temperature", "-1"), "--temperature: must be a finite number"),
+        (("--top-k", "-3"), "--top-k: must be >= 0"),
+        (("--threads", "100000"), "--threads: must be between 1 and"),
+        (("--threads", "-1"), "--threads: must be between 1 and"),
+        (("--max-new-tokens", "0"), "--max-new-tokens: must be >= 1"),
+    ]:
+        user_error(*run, *args, match=match)
+    verify = ("verify", tiny_base_artifact, "--against", tiny_model_dir)
+    user_error(*verify, "--tol", "-1", match="--tol: must be a finite number > 0")
+    user_error(*verify, "--tol", "inf", match="--tol: must be a finite number > 0")
+    user_error("golden", "check", tiny_base_artifact, "g.json", "--tol", "0", match="--tol")
+    user_error("bench", tiny_model_dir, "--repeats", "0", match="--repeats: must be >= 1")
+    user_error("calibrate", tiny_model_dir, "-n", "0", "-o", tmp_path / "lc.json", match="-n")
+
+
+def test_output_files_go_where_asked_and_replace_only_with_force(
+    tiny_base_artifact, sample_image, tmp_path
+):
+    run = ("run", tiny_base_artifact, "--image", sample_image, "--prompt", "Hi")
+    logits = tmp_path / "new" / "dir" / "x.npy"  # missing parents are made
+    mllmc(*run, "--max-new-tokens", "2", "--save-logits", logits)
+    assert np.load(logits).shape[0] >= 1
+    user_error(*run, "--save-logits", logits, match="already exists; pass --force")
+    mllmc(*run, "--max-new-tokens", "3", "--save-logits", logits, "--force")
+    user_error(*run, "--save-logits", tmp_path, match="is a directory")
+    f = tmp_path / "plain"
+    f.write_text("x")
+    user_error(*run, "--save-logits", f / "x.npy", match="is a file, not a directory")
+    golden = tmp_path / "g" / "golden.json"
+    rec = ("golden", "record", tiny_base_artifact, "--image", sample_image, "--prompt", "Hi")
+    mllmc(*rec, "-o", golden)
+    user_error(*rec, "-o", golden, match="already exists; pass --force")
+    assert golden.is_file() and not [p for p in golden.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_golden_check_works_from_another_directory(tiny_base_artifact, sample_image, tmp_path):
+    work = tmp_path / "work"
+    (work / "goldens").mkdir(parents=True)
+    img = work / "img.png"
+    shutil.copy(sample_image, img)
+    proc = subprocess.run(
+        [MLLMC, "golden", "record", str(tiny_base_artifact), "--image", "img.png"]
+        + ["--prompt", "Hi", "--max-new-tokens", "3", "-o", "goldens/g.json"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    g = json.loads((work / "goldens" / "g.json").read_text())
+    assert g["inputs"]["image"] == "../img.png"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [MLLMC, "golden", "check", str(tiny_base_artifact), str(work / "goldens" / "g.json")],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "passed" in proc.stdout, proc.stderr
+
+
+def test_goldens_never_pass_vacuously(tiny_base_artifact, sample_image, tmp_path):
+    path = tmp_path / "g.json"
+    mllmc(
+        "golden",
+        "record",
+        tiny_base_artifact,
+        "--image",
+        sample_image,
+        "--prompt",
+        "Hi",
+        "-o",
+        path,
+    )
+    good = json.loads(path.read_text())
+
+    def variant(name: str, change) -> Path:
+        g = json.loads(json.dumps(good))
+        change(g)
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(g))
+        return p
+
+    corrupt = {
+        "empty-logits": lambda g: g.update(logits=[]),
+        "fewer-logits": lambda g: g["logits"].pop(),
+        "no-tokens": lambda g: g.update(token_ids=[]),
+        "missing-inputs": lambda g: g.pop("inputs"),
+        "string-prompt-len": lambda g: g["inputs"].update(max_new_tokens="16"),
+        "bad-top-values": lambda g: g["logits"][0].update(top_values="high"),
+        "no-mean": lambda g: g["logits"][-1].pop("mean"),
+    }
+    for name, change in corrupt.items():
+        user_error(
+            "golden", "check", tiny_base_artifact, variant(name, change), match="corrupt golden"
+        )
+    # NaN statistics (Python's json reads NaN) fail the check, at any step, never pass
+    for step in (0, len(good["logits"]) - 1):
+        nan = variant(f"nan{step}", lambda g, s=step: g["logits"][s].update(std=float("nan")))
+        proc = mllmc("golden", "check", tiny_base_artifact, nan, check=1)
+        assert "FAILED" in proc.stdout and "NaN" in proc.stdout
+    # a drift at the last step is found: every step is compared
+    last = variant("drift", lambda g: g["logits"][-1]["top_values"].__setitem__(1, 99.0))
+    assert "FAILED" in mllmc("golden", "check", tiny_base_artifact, last, check=1).stdout
+
+
+def _corrupt_manifest(src: Path, dst: Path, change) -> Path:
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    change(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_manifest_schema_and_paths_are_checked(tiny_base_artifact, sample_image, tmp_path):
+    cases = {
+        "layers-wrong-type": (lambda m: m.update(layers="all"), "layers should be a list"),
+        "visual-str": (lambda m: m.update(visual_tokens="16"), "visual_tokens should be an integer"),
+        "file-int": (
+            lambda m: m["segments"]["vision"].update(file=3),
+            "segments.vision.file should be a string",
+        ),
+        "no-model": (lambda m: m.pop("model"), "missing 'model'"),
+        "escape": (
+            lambda m: m["segments"]["decode"].update(file="../decode.onnx"),
+            "outside the artifact",
+        ),
+        "absolute": (
+            lambda m: m["segments"]["prefill"].update(file="/etc/passwd"),
+            "outside the artifact",
+        ),
+        "short-plan": (lambda m: m["layers"].pop(), "layer plans for a"),
+    }
+    for name, (change, match) in cases.items():
+        art = _corrupt_manifest(tiny_base_artifact, tmp_path / name, change)
+        for cmd in (("inspect", art), ("run", art, "--image", sample_image, "--prompt", "Hi")):
+            msg = user_error(*cmd, match="corrupt artifact manifest")
+            assert match in msg, msg
+
+
+def test_inspect_refuses_an_artifact_with_missing_engine_files(tiny_base_artifact, tmp_path):
+    art = tmp_path / "a"
+    shutil.copytree(tiny_base_artifact, art)
+    (art / "prefill.onnx").unlink()
+    user_error("inspect", art, match="prefill.onnx is missing")
