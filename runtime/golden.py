@@ -99,7 +99,12 @@ def _schema_problem(golden: Any) -> str | None:
     inputs = golden.get("inputs")
     if not isinstance(inputs, dict):
         return "missing 'inputs'"
-    for key, tp in (("image", str), ("image_sha256", str), ("prompt", str), ("max_new_tokens", int)):
+    for key, tp in (
+        ("image", str),
+        ("image_sha256", str),
+        ("prompt", str),
+        ("max_new_tokens", int),
+    ):
         if not isinstance(inputs.get(key), tp) or isinstance(inputs.get(key), bool):
             return f"inputs.{key} should be {tp.__name__}"
     if inputs["max_new_tokens"] < 1:

@@ -276,7 +276,10 @@ def _corrupt_manifest(src: Path, dst: Path, change) -> Path:
 def test_manifest_schema_and_paths_are_checked(tiny_base_artifact, sample_image, tmp_path):
     cases = {
         "layers-wrong-type": (lambda m: m.update(layers="all"), "layers should be a list"),
-        "visual-str": (lambda m: m.update(visual_tokens="16"), "visual_tokens should be an integer"),
+        "visual-str": (
+            lambda m: m.update(visual_tokens="16"),
+            "visual_tokens should be an integer",
+        ),
         "file-int": (
             lambda m: m["segments"]["vision"].update(file=3),
             "segments.vision.file should be a string",
