@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from mllmc.compiler import bench
-from mllmc.compiler.calibration import calibrate_cli
+from mllmc.passes.calibration import calibrate_cli
 from mllmc.compiler.presets import write_preset
 
 

@@ -138,7 +138,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate_cli
+    from mllmc.passes.calibration import calibrate_cli
 
     if args.pass_name != "shortv":
         raise UserError(f"calibrate supports --pass shortv only, got {args.pass_name!r}")

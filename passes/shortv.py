@@ -161,7 +161,7 @@ def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
         return dataclasses.replace(cfg, order_from="explicit")
     k = frozen_count(cfg.ratio, L)
     if cfg.lc is not None:
-        from mllmc.compiler.calibration import read_lc_file
+        from mllmc.passes.calibration import read_lc_file
 
         order = read_lc_file(cfg.lc, info)
         source = f"lc file {cfg.lc}"
@@ -175,7 +175,7 @@ def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
         source = f"published list for {name}"
         log.warning("shortv: model matches %s; using the published layer order", name)
     else:
-        from mllmc.compiler.calibration import builtin_samples, layer_contribution
+        from mllmc.passes.calibration import builtin_samples, layer_contribution
 
         t0 = time.perf_counter()
         log.warning(

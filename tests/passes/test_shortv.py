@@ -174,7 +174,7 @@ def test_parse_pass_spec_values():
 
 
 def test_calibration_order_is_deterministic_and_used(captured, tmp_path):
-    from mllmc.compiler.calibration import builtin_samples, layer_contribution
+    from mllmc.passes.calibration import builtin_samples, layer_contribution
 
     _, model, info, _ = captured
     samples = builtin_samples(info, n=2)

@@ -116,9 +116,8 @@ def layer_contribution(
     from tqdm.auto import tqdm
     from transformers import AutoProcessor
 
+    from mllmc.compiler.verify import processor_inputs
     from mllmc.passes.shortv import keep_rows
-
-    from .verify import processor_inputs
 
     processor = AutoProcessor.from_pretrained(info.model_dir)
     L = info.num_layers
@@ -204,7 +203,7 @@ def calibrate_cli(
     plot: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from .capture import load_model
+    from mllmc.compiler.capture import load_model
 
     model, info = load_model(model_dir)
     samples = load_samples(images, prompts, n, info)
