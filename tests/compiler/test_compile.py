@@ -116,12 +116,24 @@ def test_manifest_records_passes_layers_and_flops(compiled):
 
 
 def test_identity_config_gives_the_unrewritten_logits(compiled, tmp_path, sample_image):
+    """End to end through ONNX: freezing only the last layer's visual rows (which feed no logit)
+    runs the whole rewrite, and generates what the unrewritten artifact generates."""
     if compiled.fixture != "tiny_model_dir":
         pytest.skip("artifact-level identity runs on tiny-llava; graph-level on both (test_shortv)")
     info, base = compiled.info, compiled.base
+    last = info.num_layers - 1
     ident = compile_model(
-        info.model_dir, tmp_path / "ident", ["shortv:layers=[]"], validate=False, progress=False
+        info.model_dir,
+        tmp_path / "ident",
+        [f"shortv:layers=[{last}]"],
+        validate=False,
+        progress=False,
     ).out_dir
+    scatters = [
+        sum(n.op_type == "ScatterND" for n in onnx.load(str(d / "prefill.onnx")).graph.node)
+        for d in (base, ident)
+    ]
+    assert scatters[1] == scatters[0] + 1  # the frozen layer's write-back is in the ONNX
     a = load(base).generate(sample_image, "Describe the image.", max_new_tokens=8)
     b = load(ident).generate(sample_image, "Describe the image.", max_new_tokens=8)
     assert a.token_ids == b.token_ids
