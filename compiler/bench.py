@@ -422,9 +422,11 @@ def bench_cli(
     decode_tokens: int,
     repeats: int,
 ) -> dict[str, Any]:
+    from .outputs import write_file
+
     out = Path(output)
     report = bench(model_dir, passes, target, out.parent, n_text, decode_tokens, repeats)
-    out.write_text(json.dumps(report, indent=2))
+    write_file(out, json.dumps(report, indent=2), force=True)  # the CLI checked --force up front
     plot(report, out.with_suffix(".png"))
     print(format_table(report))
     print(f"wrote {out} and {out.with_suffix('.png')}")
