@@ -9,6 +9,7 @@ external data when a file would pass protobuf's 2 GB limit.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ def _segment_bytes(seg: Any) -> int:
 
 
 def _name_dims(model: onnx.ModelProto, seg: Any) -> None:
-    """Give the dynamic dims stable names (the exporter calls them s70, s89, ...)."""
+    """Give the dynamic dims stable names (the exporter calls them s2, s26, ...): the prompt
+    length `n`, layer l's cache length `past_<l>`. Outputs carry expressions of the same symbols
+    (`past_3 + 1`), renamed symbol by symbol: s2 never matches inside s26."""
     renames: dict[str, str] = {}
     for vi in model.graph.input:
         dims = vi.type.tensor_type.shape.dim
@@ -35,15 +38,22 @@ def _name_dims(model: onnx.ModelProto, seg: Any) -> None:
             renames[dims[1].dim_param] = "n"
         elif vi.name.startswith("past.") and len(dims) > 2 and dims[2].dim_param:
             renames[dims[2].dim_param] = f"past_{vi.name.split('.')[1]}"
+    renames.pop("", None)
     if not renames:
         return
     for vi in [*model.graph.input, *model.graph.output]:
         for d in vi.type.tensor_type.shape.dim:
             if d.dim_param:
-                for old, new in renames.items():
-                    d.dim_param = (
-                        d.dim_param.replace(old, new) if old in d.dim_param else d.dim_param
-                    )
+                d.dim_param = rename_symbols(d.dim_param, renames)
+
+
+def rename_symbols(expr: str, renames: dict[str, str]) -> str:
+    """`expr` (a dim name or expression such as 's26 + 1') with each whole identifier in
+    `renames` replaced."""
+    return _IDENT.sub(lambda m: renames.get(m.group(0), m.group(0)), expr)
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def export_segment(seg: Any, out_dir: Path) -> dict[str, Any]:

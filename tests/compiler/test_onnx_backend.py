@@ -1,0 +1,53 @@
+"""The ONNX backend names dynamic dims by whole symbol: on a 24-layer decoder, layer l's cache
+input `past.l.key` / `past.l.value` has dim `past_l` and its output `present.l.*` has
+`past_l + 1` (a substring rename once gave layer 7 the dim of layer 26)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mllmc.compiler.backends.onnx import rename_symbols
+
+DEEP_SPEC = dict(
+    description="test-only: 24 decoder layers of width 32",
+    image_size=32,
+    patch_size=16,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_mlp=64,
+    hidden=32,
+    layers=24,
+    heads=2,
+    kv_heads=1,
+    mlp=64,
+    vocab_size=640,
+)
+
+
+def test_rename_symbols_whole_identifiers_only():
+    renames = {"s2": "past_7", "s26": "past_12", "s7": "n"}
+    assert rename_symbols("s26", renames) == "past_12"
+    assert rename_symbols("s2 + 1", renames) == "past_7 + 1"
+    assert rename_symbols("s26 + s2", renames) == "past_12 + past_7"
+    assert rename_symbols("s270", renames) == "s270"  # not a symbol that was renamed
+    assert rename_symbols("2*s7", renames) == "2*n"
+
+
+@pytest.mark.slow  # a 24-layer capture + ONNX export takes ~1 min on 2 cores
+def test_deep_decoder_dims_named_per_layer(tmp_path: Path):
+    from mllmc.compiler.backends.onnx import export_segment
+    from mllmc.compiler.capture import export_decode, load_model
+    from mllmc.compiler.presets import PresetSpec, write_model
+
+    model_dir = write_model(PresetSpec(**DEEP_SPEC), tmp_path / "deep", seed=0)
+    model, info = load_model(model_dir)
+    entry = export_segment(export_decode(model, info), tmp_path)
+    inputs = {io["name"]: io["shape"] for io in entry["inputs"]}
+    outputs = {io["name"]: io["shape"] for io in entry["outputs"]}
+    for layer in range(24):
+        for kv in ("key", "value"):
+            assert inputs[f"past.{layer}.{kv}"][2] == f"past_{layer}", (layer, kv, inputs)
+            assert outputs[f"present.{layer}.{kv}"][2] == f"past_{layer} + 1", (layer, kv)
