@@ -266,11 +266,14 @@ class _Decoder(nn.Module):
 
 class PrefillSegment(_Decoder):
     """input_ids (1, n) with N_v image placeholders starting at visual_start, image_features
-    (1, N_v, d), visual_start (1,) int64 -> logits (1, V), then k_0, v_0, k_1, v_1, ..."""
+    (1, N_v, d), visual_start (1,) int64 -> logits (1, V), then k_0, v_0, k_1, v_1, ...
 
-    def __init__(self, model: nn.Module, info: ModelInfo):
+    N_v is the number of rows the vision segment outputs: the tower's patch count, or fewer when a
+    pre-LLM pass (fastervlm) prunes them."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo, num_visual: int | None = None):
         super().__init__(model, info)
-        self.num_visual_tokens = info.num_visual_tokens
+        self.num_visual_tokens = info.num_visual_tokens if num_visual is None else num_visual
 
     def forward(self, input_ids, image_features, visual_start):
         n = input_ids.shape[1]
@@ -356,6 +359,8 @@ class Segments:
 
     layer_plan[l]: what layer l holds (`LayerPlan`: visual rows in its input and KV cache,
     whether it computes its visual rows); passes replace entries, they never mutate them.
+    model: the eager model the segments were captured from (they share its parameters); a
+    pre-LLM pass that changes the image-span length re-captures the prefill from it.
     """
 
     info: ModelInfo
@@ -363,6 +368,7 @@ class Segments:
     prefill: Segment
     decode: Segment
     layer_plan: list[LayerPlan]
+    model: nn.Module | None = None
 
     def __iter__(self):
         return iter((self.vision, self.prefill, self.decode))
@@ -402,13 +408,18 @@ def reexport(seg: Segment, gm: torch.fx.GraphModule) -> Segment:
 MAX_SEQ = 8192
 
 
-def example_prefill_inputs(info: ModelInfo, n_text: int = 8) -> tuple[torch.Tensor, ...]:
-    n = n_text + info.num_visual_tokens
+def example_prefill_inputs(
+    info: ModelInfo, n_text: int = 8, num_visual: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """A prompt of n_text text tokens around an image span of `num_visual` rows (default: the
+    tower's N_v) starting at position 3."""
+    num_visual = info.num_visual_tokens if num_visual is None else num_visual
+    n = n_text + num_visual
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, max(4, info.image_token_id), (1, n), generator=gen)
     start = 3
-    ids[0, start : start + info.num_visual_tokens] = info.image_token_id
-    feats = torch.randn(1, info.num_visual_tokens, info.hidden_size, generator=gen)
+    ids[0, start : start + num_visual] = info.image_token_id
+    feats = torch.randn(1, num_visual, info.hidden_size, generator=gen)
     return ids, feats, torch.tensor([start], dtype=torch.int64)
 
 
@@ -419,10 +430,12 @@ def on_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Te
     return tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
 
 
-def export_prefill(model: nn.Module, info: ModelInfo) -> Segment:
-    seg = PrefillSegment(model, info).eval()
-    args = on_model(model, example_prefill_inputs(info))
-    n = torch.export.Dim("n", min=info.num_visual_tokens + 2, max=MAX_SEQ)
+def export_prefill(model: nn.Module, info: ModelInfo, num_visual: int | None = None) -> Segment:
+    """The prefill for an image span of `num_visual` rows (default: the tower's N_v)."""
+    num_visual = info.num_visual_tokens if num_visual is None else num_visual
+    seg = PrefillSegment(model, info, num_visual).eval()
+    args = on_model(model, example_prefill_inputs(info, num_visual=num_visual))
+    n = torch.export.Dim("n", min=num_visual + 2, max=MAX_SEQ)
     dyn = ({1: n}, None, None)
     with torch.no_grad():
         ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
@@ -436,11 +449,16 @@ def export_prefill(model: nn.Module, info: ModelInfo) -> Segment:
     )
 
 
-def example_decode_inputs(info: ModelInfo, past_len: int = 12) -> tuple[torch.Tensor, ...]:
+def example_decode_inputs(
+    info: ModelInfo, past_len: int = 12, past_lens: list[int] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """One token at position past_len after a cache of past_len rows per layer, or of
+    past_lens[l] rows in layer l (pruning passes leave layers with different cache lengths)."""
+    lens = past_lens if past_lens is not None else [past_len] * info.num_layers
     gen = torch.Generator().manual_seed(1)
     past = [
-        torch.randn(1, info.num_kv_heads, past_len, info.head_dim, generator=gen)
-        for _ in range(2 * info.num_layers)
+        torch.randn(1, info.num_kv_heads, lens[i // 2], info.head_dim, generator=gen)
+        for i in range(2 * info.num_layers)
     ]
     ids = torch.tensor([[5]], dtype=torch.int64)
     pos = torch.tensor([[past_len]], dtype=torch.int64)
@@ -497,4 +515,5 @@ def capture(model: nn.Module, info: ModelInfo) -> Segments:
             LayerPlan(i, info.num_visual_tokens, info.num_visual_tokens)
             for i in range(info.num_layers)
         ],
+        model=model,
     )

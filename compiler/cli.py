@@ -138,10 +138,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from mllmc.passes.calibration import calibrate_cli
+    from mllmc.passes.calibration import calibrate_cli, calibrate_exit_cli
 
+    if args.pass_name == "vte":
+        if args.threshold is None:
+            raise UserError(
+                "calibrate --pass vte needs --threshold T (the largest mean KL allowed)"
+            )
+        check_output_file(args.output, args.force, "exit file")
+        calibrate_exit_cli(
+            args.model,
+            args.output,
+            args.threshold,
+            images=args.images,
+            prompts=args.prompts,
+            n=args.num_samples,
+            progress=not args.quiet,
+        )
+        return 0
     if args.pass_name != "shortv":
-        raise UserError(f"calibrate supports --pass shortv only, got {args.pass_name!r}")
+        raise UserError(f"calibrate supports --pass shortv or vte, got {args.pass_name!r}")
     check_output_file(args.output, args.force, "LC file")
     if not args.no_plot:
         check_output_file(Path(args.output).with_suffix(".png"), args.force, "LC chart")
@@ -353,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("calibrate", "measure ShortV Layer Contribution on calibration data", cmd_calibrate)
     sp.add_argument("model")
-    sp.add_argument("--pass", dest="pass_name", default="shortv", help="shortv")
+    sp.add_argument("--pass", dest="pass_name", default="shortv", help="shortv or vte")
+    sp.add_argument(
+        "--threshold", type=float, help="vte: the largest mean output KL the exit layer may cause"
+    )
     sp.add_argument("--images", help="directory of images (default: built-in generated images)")
     sp.add_argument("--prompts", help="text file, one prompt per line (default: built-in)")
     sp.add_argument("-n", "--num-samples", type=_int_in(1), default=40)

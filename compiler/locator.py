@@ -12,7 +12,11 @@ node names, and hands each pass a `LayerAnatomy` per layer:
 
 `query_rope_operands` lists, for every multiply on the query path between q_proj and the
 attention call, the operand that comes from outside that path (the cos/sin tables): a pass that
-computes fewer query rows must gather those rows of them too.
+computes fewer query rows must gather those rows of them too. `key_rope_operands` is the same on
+the key path (a pass that drops rows from a layer's input gathers both), and `post_rope_key` is
+the key after RoPE, before any cache concatenation or head repeat (B, kvh, T, hd): with the
+attention call's query input (`post_rope_query`, (B, H, T, hd)) it gives a pass one row of
+attention probabilities (FastV's score) without un-fusing the attention.
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ class LayerAnatomy:
     attn_residual: fx.Node  # h + o_proj(...)
     mlp_residual: fx.Node  # attn_residual + mlp(...): the layer output
     query_rope_operands: list[tuple[fx.Node, int]] = field(default_factory=list)
+    key_rope_operands: list[tuple[fx.Node, int]] = field(default_factory=list)
+    post_rope_key: fx.Node | None = None  # (B, kvh, T, hd)
+
+    @property
+    def post_rope_query(self) -> fx.Node:
+        """The query the attention call reads, after RoPE (B, H, T, hd)."""
+        return self.attention.args[0]
 
     @property
     def layer_input(self) -> fx.Node:
@@ -98,6 +109,20 @@ def _forward_closure(start: fx.Node, stop: fx.Node) -> set[fx.Node]:
         on_path.add(n)
         todo.extend(a for a in n.all_input_nodes)
     return on_path
+
+
+def _outside_operands(path: set[fx.Node]) -> list[tuple[fx.Node, int]]:
+    """(multiply, argument index) of each multiply on `path` whose operand comes from outside
+    it (the RoPE cos/sin tables), in graph order."""
+    found = [
+        (n, i)
+        for n in path
+        if n.target in _MUL_OPS
+        for i, a in enumerate(n.args)
+        if isinstance(a, fx.Node) and a not in path
+    ]
+    order = {n: i for i, n in enumerate(next(iter(path)).graph.nodes)} if path else {}
+    return sorted(found, key=lambda t: (order[t[0]], t[1]))
 
 
 def _one(nodes: Iterable[fx.Node], what: str, layer: int) -> fx.Node:
@@ -138,14 +163,16 @@ def locate_layers(graph: fx.Graph) -> list[LayerAnatomy]:
         norm_out = k.args[0]  # keys and values always read every row; q_proj may read a subset
         if not isinstance(norm_out, fx.Node) or v.args[0] is not norm_out:
             raise LocatorError(f"layer {index}: k_proj and v_proj do not share their input")
-        query_arg = attention.args[0]
-        q_path = _forward_closure(q, query_arg)
-        rope_operands = [
-            (n, i)
-            for n in q_path
-            if n.target in _MUL_OPS
-            for i, a in enumerate(n.args)
-            if isinstance(a, fx.Node) and a not in q_path
+        q_path = _forward_closure(q, attention.args[0])
+        k_path = _forward_closure(k, attention.args[1])
+        rope_operands = _outside_operands(q_path)
+        key_rope = _outside_operands(k_path)
+        # RoPE's sum x·cos + rotate_half(x)·sin: the one add on the key path reading the multiplies
+        key_muls = {mul for mul, _ in key_rope}
+        rope_adds = [
+            n
+            for n in k_path
+            if n.target in _ADD_OPS and any(a in key_muls for a in n.all_input_nodes)
         ]
         layers.append(
             LayerAnatomy(
@@ -159,6 +186,8 @@ def locate_layers(graph: fx.Graph) -> list[LayerAnatomy]:
                 attn_residual=attn_residual,
                 mlp_residual=mlp_residual,
                 query_rope_operands=rope_operands,
+                key_rope_operands=key_rope,
+                post_rope_key=rope_adds[0] if len(rope_adds) == 1 else None,
             )
         )
     if sorted(by_layer) != list(range(len(layers))):

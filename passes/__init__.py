@@ -144,9 +144,8 @@ def parse_pass_spec(spec: str) -> tuple[PassInfo, Any] | None:
 
 def parse_recipe(path: str) -> list[tuple[PassInfo, Any]]:
     """A TOML recipe: [[pass]] tables, each with `name` and the pass's options."""
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
@@ -173,9 +172,11 @@ def config_to_json(cfg: Any) -> dict[str, Any]:
 
 
 def _register_builtin() -> None:
-    from . import shortv
+    from . import fastv, shortv, vte
 
     register(shortv.PASS)
+    register(fastv.PASS)
+    register(vte.PASS)
 
 
 _register_builtin()

@@ -219,3 +219,97 @@ def calibrate_cli(
         plot_lc(lc, png)
         print(f"wrote {png}")
     return lc
+
+
+# ----------------------------------------------------------------------------------------------
+# Visual-token exit (vte): the earliest exit layer whose output stays close to the full model's.
+
+
+def exit_divergence(
+    model: Any, info: Any, samples: list[tuple[Any, str]], progress: bool = False
+) -> list[float]:
+    """Mean over `samples` of KL(p_exit ‖ p_orig) at the last prompt token, for every exit layer
+    K = 0..L (K = L is the unmodified model: 0), with the vte eager reference (layers >= K see
+    the text rows only)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoProcessor
+
+    from mllmc.compiler.verify import processor_inputs
+    from mllmc.passes.row_pruning import pruned_forward
+
+    processor = AutoProcessor.from_pretrained(info.model_dir)
+    L = info.num_layers
+    kl = np.zeros(L + 1)
+    for image, prompt in tqdm(samples, desc="calibrate", disable=not progress, unit="sample"):
+        inputs = processor_inputs(processor, image, prompt).to(model.device)
+        with torch.no_grad():
+            orig = model(**inputs).logits[0, -1]
+            for k in range(L):
+                with pruned_forward(model, k):
+                    kl[k] += _kl(model(**inputs).logits[0, -1], orig)
+    return (kl / len(samples)).tolist()
+
+
+def choose_exit(kl: list[float], threshold: float) -> int:
+    """The earliest K whose mean KL is below `threshold` (K = L, no exit, always is)."""
+    return next(k for k, v in enumerate(kl) if v < threshold or k == len(kl) - 1)
+
+
+def read_exit_file(path: str | Path, info: Any) -> tuple[int, float]:
+    """(exit layer, threshold) of a `mllmc calibrate --pass vte` file, checked against the model."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(
+            f"vte: exit file {p} not found (make one with: mllmc calibrate MODEL --pass vte "
+            f"--threshold T -o {p})"
+        )
+    try:
+        data = json.loads(p.read_text())
+        k, threshold, layers = int(data["k"]), float(data["threshold"]), int(data["num_layers"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"vte: corrupt exit file {p}: {e}") from None
+    if layers != info.num_layers or not 0 <= k <= layers:
+        raise UserError(
+            f"vte: exit file {p} is for a {layers}-layer model; this model has "
+            f"{info.num_layers} layers"
+        )
+    return k, threshold
+
+
+def calibrate_exit_cli(
+    model_dir: str,
+    output: str,
+    threshold: float,
+    images: str | None,
+    prompts: str | None,
+    n: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`mllmc calibrate MODEL --pass vte --threshold T`: the exit file `vte:calib=FILE` reads."""
+    from mllmc.compiler.capture import load_model
+
+    if not threshold > 0:
+        raise UserError(f"--threshold must be > 0, got {threshold}")
+    model, info = load_model(model_dir)
+    samples = load_samples(images, prompts, n, info)
+    t0 = time.perf_counter()
+    kl = exit_divergence(model, info, samples, progress=progress)
+    k = choose_exit(kl, threshold)
+    data = {
+        "pass": "vte",
+        "model_config_hash": info.config_hash,
+        "num_layers": info.num_layers,
+        "samples": len(samples),
+        "threshold": threshold,
+        "kl": kl,
+        "k": k,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    print("exit K  mean KL(exit ‖ full)")
+    for i, v in enumerate(kl):
+        print(f"{i:6d}  {v:10.3e}{'  <- chosen' if i == k else ''}")
+    print(f"wrote {out}: vte exit at layer {k} (threshold {threshold}, {len(samples)} samples)")
+    return data

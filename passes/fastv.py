@@ -1,0 +1,145 @@
+"""fastv — prune visual tokens after layer K by the last token's attention (FastV, arXiv 2403.06764).
+
+Contract (METHODS.md): at layer K-1 take the attention probabilities of the last prompt token over
+the visual span, averaged over heads; keep the top round(N_v·(1-R)) visual tokens in their original
+order; layers >= K run on the shorter sequence and their KV cache holds only the kept rows; kept
+tokens keep their original position ids; decode continues at position n (the unpruned length).
+
+Graph change on the prefill segment (decode is unchanged; its per-layer cache lengths are dynamic):
+
+    layer K-1:  post-RoPE q (1, H, n, hd), k (1, kvh, n, hd)  ->  + one score row:
+                softmax(q[-1] k^T · scale) head-mean over the span (N_v,) -> TopK(kept) -> sort
+                -> keep index (n',) = text rows + kept visual rows, n' = n - N_v + kept
+    layers >= K: h, cos/sin, causal mask gathered at keep (passes/row_pruning.py)
+                 (1, n, d) -> (1, n', d); present K/V (1, kvh, n', hd)
+
+The attention call of layer K-1 stays fused: the score is one extra query row against the
+post-RoPE keys the locator exposes (`LayerAnatomy.post_rope_key`).
+
+Which detail follows which source:
+- head mean, last-token row, columns of the image span, `round(N_v·(1-R))` kept, TopK then
+  sorting the kept indices so the order is the original one, text rows all kept: pkunlp-icler/FastV
+  (`src/transformers/.../modeling_llama.py`, FastV inplace mode: `keep_indexs` = arange before the
+  image, top-k image positions, arange after, sorted; `position_ids = keep_indexs`).
+- defaults K=2, R=0.5: the paper's main setting (lmms-eval's FastV uses K=3).
+- decode at position n with per-layer caches: FastV's KV-cache mode keeps the original position
+  ids of the kept tokens, so the next token continues after the unpruned prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mllmc.runtime.errors import UserError
+
+from . import PassInfo, PassResult
+from .row_pruning import drop_rows, fastv_keep_index, pruned_forward
+
+
+@dataclass(frozen=True)
+class FastVConfig:
+    """k: the first layer that runs on the pruned sequence (the score comes from layer k-1);
+    ratio: the fraction of visual tokens dropped (0 keeps all: the identity)."""
+
+    k: int = 2
+    ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"k must be an integer layer index >= 1, got {self.k!r}")
+        if (
+            isinstance(self.ratio, bool)
+            or not isinstance(self.ratio, (int, float))
+            or not 0.0 <= float(self.ratio) < 1.0
+        ):
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
+
+
+def kept_count(num_visual: int, ratio: float) -> int:
+    """Visual tokens kept: round(N_v·(1-R)), Python's round as the official code."""
+    return int(round(num_visual * (1 - ratio)))
+
+
+def check_k(k: int, num_layers: int) -> None:
+    if not 1 <= k <= num_layers - 1:
+        raise UserError(
+            f"fastv: k={k} out of range; the score comes from layer k-1 and layers >= k are "
+            f"pruned, so k must be in 1..{num_layers - 1} for this {num_layers}-layer model"
+        )
+
+
+def prepare(cfg: FastVConfig, model: Any, info: Any) -> FastVConfig:
+    check_k(cfg.k, info.num_layers)
+    return cfg
+
+
+def fastv(segments: Any, cfg: FastVConfig) -> PassResult:
+    """Prune the visual rows of prefill layers >= cfg.k to the top-scored ones."""
+    from mllmc.compiler.capture import reexport
+    from mllmc.compiler.locator import locate_layers, placeholders
+
+    info = segments.info
+    check_k(cfg.k, info.num_layers)
+    plan = segments.layer_plan
+    num_visual = plan[cfg.k - 1].visual_tokens
+    if any(p.visual_tokens != num_visual or not p.visual_computed for p in plan):
+        raise UserError("fastv: the layer plan is not uniform (another in-LLM pass ran first)")
+    kept = kept_count(num_visual, cfg.ratio)
+
+    prefill = segments.prefill
+    gm = prefill.program.module()
+    graph = gm.graph
+    layers = locate_layers(graph)
+    inputs = dict(zip(prefill.input_names, placeholders(graph), strict=True))
+    scorer = layers[cfg.k - 1]
+    if scorer.post_rope_key is None:
+        raise RuntimeError(f"fastv cannot score layer {cfg.k - 1}: no post-RoPE key found")
+    scale = scorer.attention.kwargs.get("scale") or info.head_dim**-0.5
+    with graph.inserting_before(scorer.attention):
+        keep = graph.call_function(
+            fastv_keep_index,
+            (
+                scorer.post_rope_query,
+                scorer.post_rope_key,
+                inputs["visual_start"],
+                num_visual,
+                kept,
+                float(scale),
+            ),
+        )
+    gathers = drop_rows(graph, layers, cfg.k, keep)
+    graph.lint()
+    gm.recompile()
+    segments = segments.replace_segment(reexport(prefill, gm))
+    for i in range(cfg.k, info.num_layers):
+        segments.layer_plan[i] = dataclasses.replace(
+            segments.layer_plan[i], visual_tokens=kept, kv_visual_tokens=kept
+        )
+    return PassResult(
+        segments,
+        {
+            "score_layer": cfg.k - 1,
+            "pruned_layers": [cfg.k, info.num_layers - 1],
+            "visual_tokens": num_visual,
+            "kept_visual_tokens": kept,
+            "gathers": gathers,
+        },
+    )
+
+
+def reference(model: Any, info: Any, cfg: FastVConfig) -> contextlib.AbstractContextManager:
+    return pruned_forward(model, cfg.k, lambda n: kept_count(n, cfg.ratio))
+
+
+PASS = PassInfo(
+    name="fastv",
+    fn=fastv,
+    config_cls=FastVConfig,
+    summary="prune visual tokens after layer K by the last token's attention (FastV)",
+    stage="in_llm",
+    prepare=prepare,
+    reference=reference,
+)

@@ -1,0 +1,263 @@
+"""Dropping visual rows from the decoder's sequence at layer K: the machinery FastV and VTE share.
+
+Graph side (`drop_rows`): one keep index (n',) of the rows that layers >= K hold, in their
+original order, gathers everything those layers read that has a row axis:
+
+    layer K's input h          (1, n, d)       -> index_select(h, 1, keep)          (1, n', d)
+    RoPE cos/sin of layers >= K (1, 1, n, hd)  -> index_select(., 2, keep)          (1, 1, n', hd)
+    causal mask of layers >= K  (1, 1, n, n)   -> rows and columns at keep          (1, 1, n', n')
+
+so kept tokens keep their original positions (the cos/sin rows are theirs; gaps are allowed), the
+mask stays causal in the original positions, and the present K/V of layers >= K come out with n'
+rows. n' = n - N_v + kept is static given n: the keep index is built with arange / where / gather
+(and TopK for FastV's selection), never NonZero. With K = L (no layer after the exit) the final
+hidden state is gathered instead, which leaves the last row, and so the logits, unchanged.
+
+Decode needs nothing: the decode graph takes one dynamic cache length per layer, and the next
+position is n (the unpruned prompt length), as FastV's official code continues it.
+
+Eager side (`pruned_forward`): hooks on the Hugging Face model that compute the same thing with HF's
+own modules: the selection from layer K-1's q/k projections and HF's RoPE / repeat_kv, then
+HF decoder layers >= K fed the gathered hidden state, position embeddings and mask. It shares
+nothing with the graph rewrite. `kept_rows(model)` tells other references (ShortV's frozen-row
+hooks) which original rows layers >= K hold, so composed references stay consistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import fx
+
+# ----------------------------------------------------------------------------------------------
+# Keep indices (traced into the prefill graph; static shapes, no NonZero).
+
+
+def text_keep_index(
+    input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int
+) -> torch.Tensor:
+    """The text rows of an (1, n) prompt whose image span is [visual_start, visual_start + N_v):
+    (n - N_v,) int64, in order."""
+    return _text_rows(input_ids.shape[1], visual_start, num_visual)
+
+
+def _text_rows(n: Any, visual_start: torch.Tensor, num_visual: int) -> torch.Tensor:
+    t = torch.arange(n - num_visual, device=visual_start.device)  # (n - N_v,)
+    return torch.where(t < visual_start, t, t + num_visual)
+
+
+def keep_index(
+    n: Any, visual_start: torch.Tensor, num_visual: int, kept_visual: torch.Tensor
+) -> torch.Tensor:
+    """Text rows plus the visual rows `kept_visual` (kept,) ascending, in original order:
+    (n - N_v + kept,) int64. Row t of the result is t before the span, kept_visual[t - start]
+    inside it and t - kept + N_v after it."""
+    kept = kept_visual.shape[0]
+    if kept == 0:
+        return _text_rows(n, visual_start, num_visual)
+    t = torch.arange(n - num_visual + kept, device=visual_start.device)  # (n',)
+    inside = kept_visual.index_select(0, (t - visual_start).clamp(0, kept - 1))  # (n',)
+    after = torch.where(t < visual_start + kept, inside, t - kept + num_visual)
+    return torch.where(t < visual_start, t, after)
+
+
+def last_row_visual_scores(
+    q: torch.Tensor, k: torch.Tensor, visual_start: torch.Tensor, num_visual: int, scale: float
+) -> torch.Tensor:
+    """FastV's score: the last query row's attention probabilities over the visual span,
+    averaged over heads. q (1, H, n, hd) and k (1, kvh, n, hd) after RoPE -> (N_v,) float32.
+    The last row sees every key, so no mask is needed."""
+    b, heads, _, hd = q.shape
+    kv_heads = k.shape[1]
+    q_last = q[:, :, -1:, :].reshape(b, kv_heads, heads // kv_heads, hd)  # (1, kvh, rep, hd)
+    logits = torch.matmul(q_last, k.transpose(-1, -2)) * scale  # (1, kvh, rep, n)
+    probs = logits.float().softmax(-1).mean(dim=(1, 2))[0]  # (n,)
+    span = visual_start + torch.arange(num_visual, device=q.device)  # (N_v,)
+    return probs.index_select(0, span)
+
+
+def fastv_keep_index(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    visual_start: torch.Tensor,
+    num_visual: int,
+    kept: int,
+    scale: float,
+) -> torch.Tensor:
+    """Keep index (n - N_v + kept,) from the top-`kept` visual scores, in original order
+    (TopK, then a sort of the kept positions)."""
+    scores = last_row_visual_scores(q, k, visual_start, num_visual, scale)  # (N_v,)
+    top = torch.topk(scores, kept).indices  # (kept,) by score
+    kept_visual = torch.sort(top).values + visual_start  # (kept,) in original order
+    return keep_index(k.shape[2], visual_start, num_visual, kept_visual)
+
+
+# ----------------------------------------------------------------------------------------------
+# The graph rewrite.
+
+
+def drop_rows(graph: fx.Graph, layers: list[Any], k: int, keep: fx.Node) -> int:
+    """Make decoder layers >= k of `graph` (located `layers`) run on the rows `keep` (n',).
+    Returns how many gathers were inserted. `keep` must be defined before layer k's input
+    (FastV computes it in layer k-1, VTE from the graph inputs)."""
+    select = torch.ops.aten.index_select.default
+    count = 0
+    if k == len(layers):  # no layer after the exit: gather the final hidden state
+        h = layers[-1].mlp_residual
+    else:
+        h = layers[k].layer_input
+    with graph.inserting_after(h):
+        h_kept = graph.call_function(select, (h, 1, keep))  # (1, n', d)
+    h.replace_all_uses_with(h_kept, delete_user_cb=lambda user: user is not h_kept)
+    count += 1
+    shared: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def rows(table: fx.Node, dim: int, before: fx.Node) -> fx.Node:
+        nonlocal count
+        if (table, dim) not in shared:
+            with graph.inserting_before(before):
+                shared[table, dim] = graph.call_function(select, (table, dim, keep))
+            count += 1
+        return shared[table, dim]
+
+    for layer in layers[k:]:
+        for mul, i in [*layer.query_rope_operands, *layer.key_rope_operands]:
+            mul.update_arg(i, rows(mul.args[i], 2, mul))  # cos/sin (1, 1, n', hd)
+        mask = layer.attention_mask
+        if mask is not None:  # (1, 1, n, n) -> (1, 1, n', n')
+            mask_rows = rows(mask, 2, layer.attention)
+            layer.attention.replace_input_with(mask, rows(mask_rows, 3, layer.attention))
+    return count
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager reference on the Hugging Face model.
+
+_ACTIVE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def kept_rows(model: Any) -> torch.Tensor | None:
+    """Original row indices (n',) that the pruned layers of `model` hold for the prompt being run
+    under `pruned_forward`, or None when no rows were dropped."""
+    state = _ACTIVE.get(model)
+    return None if state is None else state.get("index")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    return rotate_half(x)
+
+
+def _hf_last_row_scores(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Head-mean attention probabilities of the last row of HF decoder `layer` over all n keys,
+    from its own input norm, q/k projections, RoPE and repeat_kv. h (1, n, d); cos/sin (1, n, hd)
+    -> (n,) float32."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    attn = layer.self_attn
+    hd = attn.head_dim
+    x = layer.input_layernorm(h)  # (1, n, d)
+    q = attn.q_proj(x[:, -1:]).view(1, 1, -1, hd).transpose(1, 2)  # (1, H, 1, hd)
+    keys = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)  # (1, kvh, n, hd)
+    c, s = cos[:, None], sin[:, None]  # (1, 1, n, hd)
+    q = q * c[:, :, -1:] + _rotate_half(q) * s[:, :, -1:]
+    keys = keys * c + _rotate_half(keys) * s
+    keys = repeat_kv(keys, q.shape[1] // keys.shape[1])  # (1, H, n, hd)
+    probs = (torch.matmul(q, keys.transpose(2, 3)) * attn.scaling).float().softmax(-1)
+    return probs.mean(dim=1)[0, 0]  # (n,)
+
+
+@contextlib.contextmanager
+def pruned_forward(
+    model: Any, k: int, kept_of: Callable[[int], int] | None = None
+) -> Iterator[None]:
+    """Make HF LLaVA `model` run decoder layers >= k on the text rows plus kept_of(N_v) visual
+    rows during prefill (N_v: the image tokens in the prompt), chosen by layer k-1's last-row
+    attention (FastV's selection, as pkunlp-icler/FastV builds `keep_indexs`: arange before the
+    span, the top-k visual positions, arange after it, sorted); with kept_of None no visual row
+    is kept (VTE). Decode steps run on each layer's (shorter) cache at the unpruned positions."""
+    scored = kept_of is not None
+    lm = model.model.language_model
+    layers = lm.layers
+    image_token_id = model.config.image_token_id
+    state: dict[str, Any] = {"n": None, "index": None}
+
+    def on_prompt(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or ids.shape[1] == 1:
+            return  # a decode step: the prompt's selection stays
+        visual = (ids[0] == image_token_id).nonzero()[:, 0]  # (N_v,)
+        state.update(n=ids.shape[1], index=None, start=None)
+        if len(visual) == 0:
+            return
+        start, count = int(visual[0]), len(visual)
+        state.update(start=start, count=count)
+        if not scored:
+            n = ids.shape[1]
+            state["index"] = torch.cat((torch.arange(start), torch.arange(start + count, n))).to(
+                ids.device
+            )
+
+    def select(_layer, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if state.get("start") is None or h.shape[1] != state["n"]:
+            return
+        cos, sin = kwargs["position_embeddings"]
+        scores = _hf_last_row_scores(_layer, h, cos, sin)  # (n,)
+        start, count, n = state["start"], state["count"], state["n"]
+        top = scores[start : start + count].topk(kept_of(count)).indices + start
+        dev = h.device
+        index = torch.cat(
+            (torch.arange(start, device=dev), top, torch.arange(start + count, n, device=dev))
+        )
+        state["index"] = index.sort().values
+
+    def prune(layer_idx: int):
+        def hook(_layer, args, kwargs):
+            index = state["index"]
+            if index is None:
+                return None
+            h = args[0] if args else kwargs["hidden_states"]
+            cos, sin = kwargs["position_embeddings"]
+            mask = kwargs.get("attention_mask")
+            if cos.shape[-2] != state["n"]:  # decode: crop a materialised mask to this cache
+                if isinstance(mask, torch.Tensor):
+                    cache = kwargs["past_key_values"]
+                    length = cache.get_seq_length(layer_idx) + h.shape[1]
+                    kwargs["attention_mask"] = mask[..., -length:]
+                return args, kwargs
+            if h.shape[1] == state["n"]:
+                h = h.index_select(1, index)  # (1, n', d)
+            kwargs["position_embeddings"] = (
+                cos.index_select(-2, index),
+                sin.index_select(-2, index),
+            )
+            if isinstance(mask, torch.Tensor):
+                kwargs["attention_mask"] = mask.index_select(-2, index).index_select(-1, index)
+            if isinstance(kwargs.get("position_ids"), torch.Tensor):
+                kwargs["position_ids"] = kwargs["position_ids"].index_select(-1, index)
+            if args:
+                return (h, *args[1:]), kwargs
+            kwargs["hidden_states"] = h
+            return args, kwargs
+
+        return hook
+
+    handles = [model.register_forward_pre_hook(on_prompt, with_kwargs=True)]
+    if k < len(layers):
+        if scored:
+            handles.append(layers[k - 1].register_forward_pre_hook(select, with_kwargs=True))
+        for i in range(k, len(layers)):
+            handles.append(layers[i].register_forward_pre_hook(prune(i), with_kwargs=True))
+        _ACTIVE[model] = state
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        _ACTIVE.pop(model, None)
