@@ -172,11 +172,13 @@ def config_to_json(cfg: Any) -> dict[str, Any]:
 
 
 def _register_builtin() -> None:
-    from . import fastv, shortv, vte
+    from . import fastervlm, fastv, shortv, vtc_cls, vte
 
     register(shortv.PASS)
     register(fastv.PASS)
     register(vte.PASS)
+    register(fastervlm.PASS)
+    register(vtc_cls.PASS)
 
 
 _register_builtin()

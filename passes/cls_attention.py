@@ -1,0 +1,194 @@
+"""[CLS] -> patch attention in the CLIP vision tower: the scorer FasterVLM and VTC-CLS share.
+
+Graph side (`keep_top_patches`): in the vision segment, the [CLS] query row of encoder layer l
+is scored against that layer's keys, from the layer's own q/k projections (the attention call
+stays fused):
+
+    q_proj(x_l)[:, :1], k_proj(x_l)   (1, 1, dv), (1, 1 + P, dv)
+    -> softmax(q_cls k^T · hd^-0.5) head-mean, patch columns        (P,)   summed over the layers
+    -> TopK(kept) -> sort -> gather the projected features           (1, P, d) -> (1, kept, d)
+
+so only the kept tokens, in spatial (row-major patch) order, leave the vision segment. The image
+span the prefill expects shrinks to `kept`: the pass re-captures the prefill for it and the
+manifest's `visual_tokens` tells the runtime how many placeholders `<image>` expands to.
+
+Eager side (`cls_pruned_forward`): hooks on the HF model: the same scores from HF's CLIP encoder
+layer (layer_norm1, q_proj, k_proj), the projector output gathered at the top-k patches, and the
+prompt's image span shortened to `kept` placeholders (positions compacted, as the official code
+builds the shorter input embeddings), decode positions following the shorter prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from mllmc.runtime.errors import UserError
+
+
+def vision_layer_of_feature(feature_layer: int, vision_layers: int) -> int:
+    """The encoder layer whose output LLaVA takes as image features (hidden_states[f]):
+    f = -2 -> layer L_v - 2; f >= 1 -> layer f - 1."""
+    index = vision_layers + feature_layer if feature_layer < 0 else feature_layer - 1
+    if not 0 <= index < vision_layers:
+        raise UserError(
+            f"vision_feature_layer {feature_layer} is the patch embedding, not an encoder layer: "
+            "no [CLS] attention to score patches with"
+        )
+    return index
+
+
+def check_tower(model: Any, name: str) -> None:
+    """UserError unless the tower has a [CLS] token that LLaVA drops (the scorer needs both)."""
+    cfg = model.config
+    vision_type = getattr(cfg.vision_config, "model_type", "")
+    if vision_type != "clip_vision_model":
+        raise UserError(
+            f"{name}: the vision tower {vision_type!r} has no [CLS] token to score patches with; "
+            "this pass needs a CLIP tower"
+        )
+    if cfg.vision_feature_select_strategy != "default":
+        raise UserError(
+            f"{name}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} "
+            "feeds the [CLS] token itself to the LLM; this pass scores patches by [CLS] "
+            "attention and needs the 'default' strategy (patches only)"
+        )
+
+
+def cls_patch_scores(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """[CLS] row of one layer's attention over the patches, head-mean.
+    q, k: (1, 1 + P, dv) projections -> (P,) float32."""
+    b, t, dv = k.shape
+    hd = dv // heads
+    q_cls = q[:, :1].reshape(b, 1, heads, hd).transpose(1, 2)  # (1, Hv, 1, hd)
+    keys = k.reshape(b, t, heads, hd).transpose(1, 2)  # (1, Hv, 1 + P, hd)
+    probs = (torch.matmul(q_cls, keys.transpose(-1, -2)) * scale).float().softmax(-1)
+    return probs.mean(dim=1)[0, 0, 1:]  # (P,)
+
+
+def gather_top(features: torch.Tensor, scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """features (1, P, d), scores (P,) -> the top-`kept` rows in spatial order (1, kept, d)."""
+    top = torch.sort(torch.topk(scores, kept).indices).values  # (kept,)
+    return features.index_select(1, top)
+
+
+_VISION_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn\.([qk])_proj$")
+
+
+def _projections(graph: fx.Graph) -> dict[tuple[int, str], fx.Node]:
+    from mllmc.compiler.locator import module_path
+
+    found: dict[tuple[int, str], fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            m = _VISION_LAYER.search(module_path(node))
+            if m:
+                found[int(m.group(1)), m.group(2)] = node
+    return found
+
+
+def keep_top_patches(segments: Any, layers: Sequence[int], kept: int) -> Any:
+    """Rewrite the vision segment to output the `kept` patches with the highest [CLS] attention
+    summed over vision `layers`, and re-capture the prefill for that image span."""
+    from mllmc.compiler.capture import export_prefill, reexport
+
+    vision = segments.vision
+    gm = vision.program.module()
+    graph = gm.graph
+    proj = _projections(graph)
+    output = next(n for n in graph.nodes if n.op == "output")
+    features = output.args[0][0]  # (1, P, d)
+    with graph.inserting_before(output):
+        total = None
+        for layer in layers:
+            if (layer, "q") not in proj or (layer, "k") not in proj:
+                raise RuntimeError(f"vision layer {layer}: q/k projections not found")
+            q = proj[layer, "q"]
+            heads = next(int(u.meta["val"].shape[2]) for u in q.users if u.meta["val"].dim() == 4)
+            dv = int(q.meta["val"].shape[-1])
+            score = graph.call_function(
+                cls_patch_scores, (q, proj[layer, "k"], heads, (dv // heads) ** -0.5)
+            )
+            total = score if total is None else graph.call_function(torch.add, (total, score))
+        kept_features = graph.call_function(gather_top, (features, total, kept))
+    output.replace_input_with(features, kept_features)
+    graph.lint()
+    gm.recompile()
+    segments = segments.replace_segment(reexport(vision, gm))
+    if segments.model is None:
+        raise RuntimeError("the prefill can only be re-captured from the model it came from")
+    segments = segments.replace_segment(export_prefill(segments.model, segments.info, kept))
+    return segments
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager reference.
+
+
+@contextlib.contextmanager
+def cls_pruned_forward(model: Any, layers: Sequence[int], kept: int) -> Iterator[None]:
+    """Make HF LLaVA `model` feed only the top-`kept` patches by [CLS] attention (summed over
+    vision `layers`) to its LLM, with the prompt's image span shortened to match."""
+    image_token_id = model.config.image_token_id
+    tower = model.model.vision_tower
+    encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
+    state: dict[str, Any] = {"scores": None, "dropped": 0}
+
+    def score(layer_module, args, kwargs):
+        # the layer's full attention matrix from HF's own modules and attributes, [CLS] row
+        h = args[0] if args else kwargs["hidden_states"]  # (1, 1 + P, dv)
+        attn = layer_module.self_attn
+        x = layer_module.layer_norm1(h)
+        t, heads, hd = x.shape[1], attn.num_heads, attn.head_dim
+        q = attn.q_proj(x).view(1, t, heads, hd).transpose(1, 2)  # (1, Hv, 1 + P, hd)
+        k = attn.k_proj(x).view(1, t, heads, hd).transpose(1, 2)
+        probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1)
+        s = probs[:, :, 0, 1:].mean(dim=1)[0]  # (P,)
+        state["scores"] = s if state["scores"] is None else state["scores"] + s
+
+    def gather(_module, _args, output):
+        top = state["scores"].topk(kept).indices.sort().values  # (kept,)
+        state["scores"] = None
+        return output.index_select(1, top)  # (1, kept, d)
+
+    def shorten(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return None
+        n = ids.shape[1]
+        if n > 1:  # the prompt: keep the first `kept` image placeholders
+            is_image = ids[0] == image_token_id
+            rank = torch.cumsum(is_image.long(), 0)
+            keep = ~is_image | (rank <= kept)
+            state["dropped"] = int((~keep).sum())
+            kwargs["input_ids"] = ids[:, keep]
+            for name in ("attention_mask",):
+                if isinstance(kwargs.get(name), torch.Tensor):
+                    kwargs[name] = kwargs[name][:, keep]
+            for name in ("cache_position", "position_ids"):
+                if isinstance(kwargs.get(name), torch.Tensor):
+                    kwargs[name] = kwargs[name][..., : n - state["dropped"]]
+        else:  # a decode step: positions follow the shorter prompt
+            dropped = state["dropped"]
+            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                kwargs["attention_mask"] = kwargs["attention_mask"][:, dropped:]
+            for name in ("cache_position", "position_ids"):
+                if isinstance(kwargs.get(name), torch.Tensor):
+                    kwargs[name] = kwargs[name] - dropped
+        return args, kwargs
+
+    handles = [model.register_forward_pre_hook(shorten, with_kwargs=True)]
+    handles += [
+        encoder_layers[i].register_forward_pre_hook(score, with_kwargs=True) for i in layers
+    ]
+    handles.append(model.model.multi_modal_projector.register_forward_hook(gather))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,108 @@
+"""vtc_cls — prune visual tokens before the LLM by [CLS] attention summed over vision layers
+(VTC-CLS, THU-MIG/VTC-CLS).
+
+Contract: as fastervlm (METHODS.md "fastervlm / vtc_cls"), except that each patch's score is its
+[CLS] attention (head-mean) summed over a range of vision encoder layers `layers=[a, b]`
+(inclusive, 0-based), instead of taken at the feature layer alone. Keep the top `keep=N` (or
+round(N_v·(1-R)) for `ratio=R`, default 0.75) in spatial order; only those enter the LLM.
+
+Graph change: the vision segment outputs (1, keep, d) (one [CLS] score row per scored layer, a
+sum, TopK, sort, gather: passes/cls_attention.py, shared with fastervlm); the prefill is
+re-captured for `keep` visual tokens; manifest `visual_tokens` = keep.
+
+Which detail follows which source: the [CLS]-attention ensemble over layers, head mean, top-k in
+spatial order: the VTC-CLS paper (THU-MIG/VTC-CLS); the default range, every encoder layer up to
+and including the feature layer, is this pass's choice (the layers that produce the features).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mllmc.runtime.errors import UserError
+
+from . import PassInfo, PassResult
+from .cls_attention import check_tower, cls_pruned_forward, keep_top_patches
+from .cls_attention import vision_layer_of_feature as feature_layer_index
+from .fastervlm import check_keep_options, resolve_keep
+
+
+@dataclass(frozen=True)
+class VTCClsConfig:
+    """layers: [a, b], the vision layers whose [CLS] attention is summed (default: 0 to the
+    feature layer); keep: visual tokens kept, or ratio: the fraction dropped (default 0.75)."""
+
+    layers: tuple[int, ...] | None = None
+    keep: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        check_keep_options(self.keep, self.ratio)
+        if self.layers is not None:
+            layers = self.layers
+            if (
+                not isinstance(layers, (list, tuple))
+                or len(layers) != 2
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+                or not 0 <= layers[0] <= layers[1]
+            ):
+                raise ValueError(f"layers must be [a, b] with 0 <= a <= b, got {layers!r}")
+            object.__setattr__(self, "layers", tuple(layers))
+
+    def kept(self, num_visual: int) -> int:
+        ratio = 0.75 if self.keep is None and self.ratio is None else self.ratio
+        return resolve_keep("vtc_cls", self.keep, ratio, num_visual)
+
+
+def prepare(cfg: VTCClsConfig, model: Any, info: Any) -> VTCClsConfig:
+    check_tower(model, "vtc_cls")
+    kept = cfg.kept(info.num_visual_tokens)
+    layers = cfg.layers
+    if layers is None:
+        layers = (0, feature_layer_index(model.config.vision_feature_layer, info.vision_layers))
+    if layers[1] >= info.vision_layers:
+        raise UserError(
+            f"vtc_cls: layers {list(layers)} out of range; the vision tower has layers "
+            f"0..{info.vision_layers - 1}"
+        )
+    return dataclasses.replace(cfg, layers=layers, keep=kept, ratio=None)
+
+
+def vtc_cls(segments: Any, cfg: VTCClsConfig) -> PassResult:
+    """Vision segment outputs the top-`keep` patches by summed [CLS] attention."""
+    if cfg.layers is None:
+        raise ValueError("vtc_cls: resolve the config with prepare() before the rewrite")
+    num_visual = segments.num_visual_tokens
+    if num_visual != segments.info.num_visual_tokens:
+        raise UserError("vtc_cls: the visual tokens were already pruned by another pass")
+    kept = cfg.kept(num_visual)
+    scored = list(range(cfg.layers[0], cfg.layers[1] + 1))
+    segments = keep_top_patches(segments, scored, kept)
+    segments.layer_plan[:] = [
+        dataclasses.replace(p, visual_tokens=kept, kv_visual_tokens=kept)
+        for p in segments.layer_plan
+    ]
+    return PassResult(
+        segments,
+        {"vision_layers": scored, "visual_tokens": num_visual, "kept_visual_tokens": kept},
+    )
+
+
+def reference(model: Any, info: Any, cfg: VTCClsConfig) -> contextlib.AbstractContextManager:
+    if cfg.layers is None or cfg.keep is None:
+        raise ValueError("vtc_cls: resolve the config with prepare() before the reference")
+    return cls_pruned_forward(model, range(cfg.layers[0], cfg.layers[1] + 1), cfg.keep)
+
+
+PASS = PassInfo(
+    name="vtc_cls",
+    fn=vtc_cls,
+    config_cls=VTCClsConfig,
+    summary="keep the top-k patches by [CLS] attention summed over vision layers (VTC-CLS)",
+    stage="pre_llm",
+    prepare=prepare,
+    reference=reference,
+)
