@@ -1,15 +1,21 @@
-"""Engine: runs an mllmc artifact (vision -> prefill -> decode loop) with onnxruntime.
+"""Engine: runs an mllmc artifact (vision -> prefill -> decode loop) on the runner its target
+names (runtime/runners/: onnx, aoti, trt).
 
-No torch, and no knowledge of passes: the prefill graph already holds every rewrite, and each
-layer's KV cache is whatever the prefill returned for it (passes may leave layers with different
-cache lengths; decode just appends one row to each). Positions continue from the prompt length n,
-as recorded in the manifest.
+One generate loop, `SegmentLoop`, over three segment runners; the runners take feeds by the
+manifest's IO names and cast them to the manifest's dtypes, so nothing here knows the target.
+No torch (the torch-based runners import it themselves), and no knowledge of passes: the prefill
+graph already holds every rewrite, and each layer's KV cache is whatever the prefill returned for
+it (passes may leave layers with different cache lengths; decode appends one row to each).
+Decode positions continue from the prompt length n + the manifest's `decode_position_offset`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +24,12 @@ import numpy as np
 
 from .errors import UserError
 from .manifest import SEGMENTS, check_files, read_manifest
+from .runners import RunnerOptions, SegmentRunner, open_segment
 
 log = logging.getLogger(__name__)
+
+DECODE_INPUTS = ("input_ids", "position_ids")  # the decode segment's inputs besides the cache
+PREFILL_INPUTS = ("input_ids", "image_features", "visual_start")
 
 
 @dataclass
@@ -39,85 +49,163 @@ class GenerationResult:
         }
 
 
-def _session(path: Path, providers: list[str] | None, threads: int | None):
-    import onnxruntime as ort
+@dataclass
+class LoopOutput:
+    tokens: list[int]
+    logits: np.ndarray  # (steps, V) float32
+    timings: dict[str, float]
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    available = ort.get_available_providers()
-    chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
-    if providers and not chosen:
-        raise UserError(
-            f"none of the providers {providers} is available; available: {', '.join(available)}"
+
+class SegmentLoop:
+    """vision -> prefill -> greedy/sampled decode over three `SegmentRunner`s.
+
+    The decode cache is matched to the prefill's outputs by name: decode input `past.<l>.<kv>`
+    is fed the prefill's (or the last decode step's) output `present.<l>.<kv>`."""
+
+    def __init__(self, runners: Mapping[str, SegmentRunner], decode_position_offset: int = 0):
+        self.runners = dict(runners)
+        self.decode_position_offset = decode_position_offset
+        decode_inputs = [t.name for t in self.runners["decode"].entry.inputs]
+        for seg, names, wanted in (
+            ("prefill", [t.name for t in self.runners["prefill"].entry.inputs], PREFILL_INPUTS),
+            ("decode", decode_inputs[: len(DECODE_INPUTS)], DECODE_INPUTS),
+        ):
+            if sorted(names) != sorted(wanted):
+                raise UserError(f"corrupt artifact: the {seg} segment's inputs are {names}")
+        self._past_names = [n for n in decode_inputs if n not in DECODE_INPUTS]
+        self._present_of = {p: "present" + p[len("past") :] for p in self._past_names}
+        for seg in ("prefill", "decode"):
+            outputs = {t.name for t in self.runners[seg].entry.outputs}
+            missing = [n for n in ["logits", *self._present_of.values()] if n not in outputs]
+            if missing or not all(p.startswith("past.") for p in self._past_names):
+                raise UserError(
+                    f"corrupt artifact: the {seg} segment does not output "
+                    f"{', '.join(missing) or 'a cache for every past.* input'}"
+                )
+
+    # -- the three segments -------------------------------------------------------------
+
+    def encode_pixels(self, pixel_values: np.ndarray) -> Any:
+        """(1, 3, H, W) pixels -> image features (1, N_v, d), in the vision runner's arrays."""
+        return self.runners["vision"]({"pixel_values": pixel_values})["image_features"]
+
+    def prefill(
+        self, input_ids: np.ndarray, image_features: Any, visual_start: int
+    ) -> tuple[np.ndarray, list[Any]]:
+        """input_ids (1, n) -> (logits at the last position (V,) float32, KV cache per input
+        `past.*` of the decode segment, in its order)."""
+        runner = self.runners["prefill"]
+        out = runner(
+            {
+                "input_ids": np.asarray(input_ids),
+                "image_features": image_features,
+                "visual_start": np.array([visual_start]),
+            }
         )
-    try:
-        return ort.InferenceSession(str(path), opts, providers=chosen or None)
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf classes
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UserError(f"corrupt engine file {path}: {first}") from None
+        return runner.to_numpy(out["logits"])[0], [
+            out[self._present_of[p]] for p in self._past_names
+        ]
+
+    def decode_step(
+        self, token_id: int, position: int, cache: list[Any]
+    ) -> tuple[np.ndarray, list[Any]]:
+        """One new token at `position` -> (logits (V,), cache with one more row per layer)."""
+        runner = self.runners["decode"]
+        feeds: dict[str, Any] = {
+            "input_ids": np.array([[token_id]]),
+            "position_ids": np.array([[position]]),
+        }
+        feeds.update(zip(self._past_names, cache, strict=True))
+        out = runner(feeds)
+        return runner.to_numpy(out["logits"])[0], [
+            out[self._present_of[p]] for p in self._past_names
+        ]
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def loop(
+        self,
+        pixel_values: np.ndarray,
+        input_ids: np.ndarray,
+        visual_start: int,
+        max_new_tokens: int,
+        *,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> LoopOutput:
+        """Generate up to `max_new_tokens` tokens (stopping after one in `eos_token_ids`)."""
+        rng = np.random.default_rng(seed)
+        t0 = time.perf_counter()
+        features = self.encode_pixels(pixel_values)
+        t1 = time.perf_counter()
+        logits, cache = self.prefill(input_ids, features, visual_start)
+        t2 = time.perf_counter()
+        position = int(input_ids.shape[1]) + self.decode_position_offset
+        tokens: list[int] = []
+        chosen: list[np.ndarray] = []
+        while True:
+            token = _choose(logits, temperature, top_k, rng)
+            tokens.append(token)
+            chosen.append(logits.astype(np.float32))
+            if len(tokens) >= max_new_tokens or token in eos_token_ids:
+                break
+            logits, cache = self.decode_step(token, position, cache)
+            position += 1
+        t3 = time.perf_counter()
+        steps = len(tokens) - 1
+        return LoopOutput(
+            tokens,
+            np.stack(chosen),
+            {
+                "vision_s": t1 - t0,
+                "prefill_s": t2 - t1,
+                "decode_s_per_token": (t3 - t2) / steps if steps else 0.0,
+                "total_s": t3 - t0,
+            },
+        )
 
 
-class Engine:
-    """A loaded artifact. `generate()` is the whole pipeline; `prefill()` / `decode_step()` are
-    the two halves for callers that run their own loop."""
+class Engine(SegmentLoop):
+    """A loaded artifact. `generate()` is the whole pipeline; `encode_image()`, `prefill()` and
+    `decode_step()` are its parts for callers that run their own loop."""
 
     def __init__(
         self, root: str | Path, providers: list[str] | None = None, threads: int | None = None
     ):
         from .preprocess import ImagePreprocessor, PromptEncoder, read_image_processor_config
 
+        cores = os.cpu_count() or 1
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores
+        ):
+            raise UserError(f"threads must be an integer from 1 to {cores} here, got {threads!r}")
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         check_files(self.root, self.manifest)
-        self.sessions = {
-            name: _session(self.root / self.manifest.segments[name].file, providers, threads)
+        options = RunnerOptions(tuple(providers) if providers else None, threads)
+        runners = {
+            name: open_segment(
+                self.manifest.target,
+                self.root,
+                name,
+                self.manifest.segments[name],
+                self.manifest,
+                options,
+            )
             for name in SEGMENTS
         }
+        super().__init__(runners, self.manifest.decode_position_offset)
         self.num_visual_tokens: int = self.manifest.visual_tokens
         self.num_layers: int = len(self.manifest.layers)
         self.eos_token_ids: set[int] = set(self.manifest.model.eos_token_ids)
         self.image_preprocessor = ImagePreprocessor(read_image_processor_config(self.root))
         self.prompt_encoder = PromptEncoder.from_dir(self.root)
-        self._past_names = [i.name for i in self.sessions["decode"].get_inputs()][2:]
 
-    # -- the three segments ---------------------------------------------------------------
-
-    def encode_image(self, image: Any) -> np.ndarray:
+    def encode_image(self, image: Any) -> Any:
         """image (path, PIL image or HxWx3 uint8 array) -> image features (1, N_v, d)."""
-        pixel_values = self.image_preprocessor(image)  # (1, 3, H, W)
-        (features,) = self.sessions["vision"].run(None, {"pixel_values": pixel_values})
-        return features
-
-    def prefill(
-        self, input_ids: np.ndarray, image_features: np.ndarray, visual_start: int
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """input_ids (1, n) int64 -> (logits at the last position (V,), KV cache per layer)."""
-        outputs = self.sessions["prefill"].run(
-            None,
-            {
-                "input_ids": input_ids.astype(np.int64),
-                "image_features": image_features.astype(np.float32),
-                "visual_start": np.array([visual_start], dtype=np.int64),
-            },
-        )
-        return outputs[0][0], outputs[1:]
-
-    def decode_step(
-        self, token_id: int, position: int, cache: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One new token at `position` -> (logits (V,), cache with one more row per layer)."""
-        feeds = {
-            "input_ids": np.array([[token_id]], dtype=np.int64),
-            "position_ids": np.array([[position]], dtype=np.int64),
-        }
-        feeds.update(zip(self._past_names, cache, strict=True))
-        outputs = self.sessions["decode"].run(None, feeds)
-        return outputs[0][0], outputs[1:]
-
-    # -- generation ---------------------------------------------------------------------
+        return self.encode_pixels(self.image_preprocessor(image))  # (1, 3, H, W) float32
 
     def encode_prompt(self, prompt: str) -> tuple[np.ndarray, int]:
         return self.prompt_encoder.encode(prompt, self.num_visual_tokens)
@@ -132,42 +220,71 @@ class Engine:
         temperature: float = 0.0,
         top_k: int = 0,
         seed: int | None = None,
+        strict: bool = False,
     ) -> GenerationResult:
-        """Greedy (temperature 0) or sampled generation for one image + prompt."""
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        rng = np.random.default_rng(seed)
+        """Greedy (temperature 0) or sampled (softmax of logits / temperature, over the top_k
+        logits when top_k > 0) generation for one image + prompt.
+
+        A prompt plus `max_new_tokens` longer than the model's max_position_embeddings logs one
+        warning (positions past it were never trained), or raises UserError when `strict`."""
+        vocab = self.manifest.model.vocab_size
+        _check_generate_args(max_new_tokens, temperature, top_k, seed, vocab)
         input_ids, visual_start = self.encode_prompt(prompt)
-        t0 = time.perf_counter()
-        features = self.encode_image(image)
-        t1 = time.perf_counter()
-        logits, cache = self.prefill(input_ids, features, visual_start)
-        t2 = time.perf_counter()
-        position = input_ids.shape[1] + self.manifest.decode_position_offset
-        tokens: list[int] = []
-        chosen: list[np.ndarray] = []
-        while True:
-            token = _choose(logits, temperature, top_k, rng)
-            tokens.append(token)
-            chosen.append(logits.astype(np.float32))
-            if len(tokens) >= max_new_tokens or (stop_at_eos and token in self.eos_token_ids):
-                break
-            logits, cache = self.decode_step(token, position, cache)
-            position += 1
-        t3 = time.perf_counter()
-        decode_steps = max(len(tokens) - 1, 1)
+        self._check_length(int(input_ids.shape[1]), max_new_tokens, strict)
+        out = self.loop(
+            self.image_preprocessor(image),
+            input_ids,
+            visual_start,
+            max_new_tokens,
+            eos_token_ids=self.eos_token_ids if stop_at_eos else frozenset(),
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
         return GenerationResult(
-            token_ids=tokens,
-            text=self.prompt_encoder.decode(tokens),
-            logits=np.stack(chosen),
-            timings={
-                "vision_s": t1 - t0,
-                "prefill_s": t2 - t1,
-                "decode_s_per_token": (t3 - t2) / decode_steps if len(tokens) > 1 else 0.0,
-                "total_s": t3 - t0,
-            },
+            token_ids=out.tokens,
+            text=self.prompt_encoder.decode(out.tokens),
+            logits=out.logits,
+            timings=out.timings,
             prompt_tokens=int(input_ids.shape[1]),
         )
+
+    def _check_length(self, prompt_tokens: int, max_new_tokens: int, strict: bool) -> None:
+        limit = self.manifest.model.max_position_embeddings
+        # the last token generated is never fed back, so the model sees n + new - 1 positions
+        positions = prompt_tokens + self.decode_position_offset + max_new_tokens - 1
+        if positions <= limit:
+            return
+        msg = (
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) reaches "
+            f"position {positions}, past the model's max_position_embeddings ({limit})"
+        )
+        if strict:
+            raise UserError(f"{msg}; shorten the prompt or lower max_new_tokens")
+        log.warning("%s: output past position %d is unreliable", msg, limit)
+
+
+def _check_generate_args(
+    max_new_tokens: Any, temperature: Any, top_k: Any, seed: Any, vocab: int
+) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, np.floating, np.integer))
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not is_int(top_k) or not 0 <= top_k <= vocab:
+        raise UserError(
+            f"top_k must be an integer from 0 to the vocabulary size {vocab}, got {top_k!r}"
+        )
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise UserError(f"seed must be None or an integer >= 0, got {seed!r}")
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:

@@ -9,13 +9,14 @@ external data when a file would pass protobuf's 2 GB limit.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
+
+from ..segment_io import rename_symbols
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,6 @@ def _name_dims(model: onnx.ModelProto, seg: Any) -> None:
         for d in vi.type.tensor_type.shape.dim:
             if d.dim_param:
                 d.dim_param = rename_symbols(d.dim_param, renames)
-
-
-def rename_symbols(expr: str, renames: dict[str, str]) -> str:
-    """`expr` (a dim name or expression such as 's26 + 1') with each whole identifier in
-    `renames` replaced."""
-    return _IDENT.sub(lambda m: renames.get(m.group(0), m.group(0)), expr)
-
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def export_segment(seg: Any, out_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""Segment runners: one small module per artifact target (`onnx.py`, `aoti.py`, `trt.py`).
+
+The engine (runtime/engine.py) holds the one generate loop; it asks the module named by the
+manifest's `target` for one runner per segment:
+
+    open_segment(root, name, entry, manifest, options) -> SegmentRunner
+
+A runner checks its engine file's IO (names, ranks, dtypes) against the manifest's
+`SegmentEntry` when it opens it, takes feeds by input name (numpy arrays made on the host, cast
+here to the manifest's dtypes, or values it returned itself, such as a KV cache that stays on
+its device) and returns its outputs by name. A new target is one new module here; nothing else
+in the runtime changes. This package imports no torch; the torch runners import it lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..manifest import Manifest, SegmentEntry, TensorSpec
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """What a caller of `load()` may choose: onnxruntime providers, CPU threads."""
+
+    providers: tuple[str, ...] | None = None
+    threads: int | None = None
+
+
+class SegmentRunner(Protocol):
+    """One segment's engine, opened and checked against its manifest entry."""
+
+    entry: SegmentEntry
+
+    def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Run once: `feeds` by input name -> outputs by name (the runner's own array type)."""
+        ...
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        """An output of this runner as a host numpy array (float32 for floating outputs)."""
+        ...
+
+
+def open_segment(
+    target: str,
+    root: Path,
+    name: str,
+    entry: SegmentEntry,
+    manifest: Manifest,
+    options: RunnerOptions,
+) -> SegmentRunner:
+    """The runner for segment `name` of an artifact compiled for `target`."""
+    module_name = f"{__name__}.{target}"
+    if target not in known_targets():
+        raise UserError(
+            f"artifact {root} is for target {target!r}, which this mllmc cannot run "
+            f"(targets it runs: {', '.join(known_targets())})"
+        )
+    module = importlib.import_module(module_name)
+    return module.open_segment(root, name, entry, manifest, options)
+
+
+def known_targets() -> list[str]:
+    """The targets that have a runner module in this package."""
+    here = Path(__file__).parent
+    return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
+
+
+def check_io(
+    path: Path,
+    segment: str,
+    kind: str,
+    found: Sequence[tuple[str, int, str]],
+    expected: Sequence[TensorSpec],
+) -> None:
+    """UserError naming the first difference between an engine file's inputs or outputs
+    (`found`: name, rank, dtype each) and the manifest's (`expected`)."""
+    want = [(t.name, len(t.shape), t.dtype) for t in expected]
+    if [n for n, _, _ in found] != [n for n, _, _ in want]:
+        names = ", ".join(n for n, _, _ in found[:4]) + (", ..." if len(found) > 4 else "")
+        wanted = ", ".join(n for n, _, _ in want[:4]) + (", ..." if len(want) > 4 else "")
+        raise UserError(
+            f"corrupt artifact: {path.name} does not match the manifest's {segment!r} segment: "
+            f"its {kind} are [{names}], the manifest says [{wanted}]"
+        )
+    for (name, rank, dtype), (_, want_rank, want_dtype) in zip(found, want, strict=True):
+        if rank != want_rank or dtype != want_dtype:
+            raise UserError(
+                f"corrupt artifact: {path.name} does not match the manifest's {segment!r} "
+                f"segment: {kind[:-1]} {name!r} is rank {rank} {dtype}, the manifest says rank "
+                f"{want_rank} {want_dtype}"
+            )
+
+
+def check_feeds(entry: SegmentEntry, feeds: Mapping[str, Any], segment: str) -> None:
+    """ValueError if `feeds` does not name exactly the segment's inputs (a caller's bug)."""
+    names = [t.name for t in entry.inputs]
+    if set(feeds) != set(names):
+        raise ValueError(f"{segment} takes inputs {names}, got {sorted(feeds)}")

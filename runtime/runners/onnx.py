@@ -1,0 +1,80 @@
+"""ONNX runner: one onnxruntime session per segment. numpy in, numpy out; no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import UserError
+from . import RunnerOptions, check_feeds, check_io
+
+if TYPE_CHECKING:
+    from ..manifest import Manifest, SegmentEntry
+
+# onnxruntime's type strings -> the manifest's numpy dtype names
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+
+
+class OnnxRunner:
+    """A segment's .onnx file in an onnxruntime session, checked against its manifest entry."""
+
+    def __init__(self, path: Path, name: str, entry: SegmentEntry, options: RunnerOptions):
+        self.entry = entry
+        self.name = name
+        self.session = _session(path, options)
+        for kind, found, expected in (
+            ("inputs", self.session.get_inputs(), entry.inputs),
+            ("outputs", self.session.get_outputs(), entry.outputs),
+        ):
+            io = [(a.name, len(a.shape), ORT_DTYPES.get(a.type, a.type)) for a in found]
+            check_io(path, name, kind, io, expected)
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in entry.inputs}
+        self._outputs = [t.name for t in entry.outputs]
+
+    def __call__(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        check_feeds(self.entry, feeds, self.name)
+        cast = {k: np.asarray(v, dtype=self._dtypes[k]) for k, v in feeds.items()}
+        return dict(zip(self._outputs, self.session.run(self._outputs, cast), strict=True))
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        a = np.asarray(value)
+        return a.astype(np.float32) if a.dtype.kind == "f" else a
+
+
+def _session(path: Path, options: RunnerOptions) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if options.threads:
+        opts.intra_op_num_threads = options.threads
+    available = ort.get_available_providers()
+    providers = list(options.providers or ["CPUExecutionProvider"])
+    chosen = [p for p in providers if p in available]
+    if options.providers and not chosen:
+        raise UserError(
+            f"none of the providers {providers} is available; available: {', '.join(available)}"
+        )
+    try:
+        return ort.InferenceSession(str(path), opts, providers=chosen or None)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf classes
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"corrupt engine file {path}: {first}") from None
+
+
+def open_segment(
+    root: Path, name: str, entry: SegmentEntry, manifest: Manifest, options: RunnerOptions
+) -> OnnxRunner:
+    return OnnxRunner(root / entry.file, name, entry, options)

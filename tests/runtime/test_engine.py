@@ -1,0 +1,150 @@
+"""The runtime engine: runner chosen by the manifest's target, engine files checked against the
+manifest on load, and every argument a user passes checked (console script: one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mllmc.runtime import UserError, load
+
+MLLMC = str(Path(sys.executable).parent / "mllmc")
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([MLLMC, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert match in lines[0], lines[0]
+
+
+@pytest.fixture
+def copied(tiny_base_artifact: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_base_artifact, out)
+    return out
+
+
+def test_swapped_engine_file_is_one_line(copied: Path, sample_image: Path):
+    shutil.copy(copied / "decode.onnx", copied / "vision.onnx")  # names still say vision.onnx
+    proc = run_cli("run", copied, "--image", sample_image, "--prompt", "Hi")
+    one_line_error(proc, "vision.onnx does not match the manifest's 'vision' segment")
+    assert "pixel_values" in proc.stderr and "input_ids" in proc.stderr
+
+
+def test_dtype_mismatch_names_the_input(copied: Path):
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["segments"]["prefill"]["inputs"][1]["dtype"] = "float16"
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="'image_features' is rank 3 float32, the manifest says"):
+        load(copied)
+
+
+def test_unknown_target_names_the_known_ones(copied: Path, sample_image: Path):
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["target"] = "tpu"
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("run", copied, "--image", sample_image, "--prompt", "Hi")
+    one_line_error(proc, "target 'tpu'")
+    assert "targets it runs: " in proc.stderr and "onnx" in proc.stderr
+
+
+@pytest.mark.parametrize("threads", [0, -1, 100_000, True, 1.5])
+def test_threads_bounded_by_the_cores(tiny_base_artifact: Path, threads):
+    with pytest.raises(UserError, match="threads must be an integer from 1 to"):
+        load(tiny_base_artifact, threads=threads)
+
+
+def test_threads_cli(tiny_base_artifact: Path, sample_image: Path):
+    proc = run_cli(
+        "run", tiny_base_artifact, "--image", sample_image, "--prompt", "Hi", "--threads", 100000
+    )
+    one_line_error(proc, "--threads")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 10**6}, "top_k"),
+        ({"seed": -3}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.0}, "max_new_tokens"),
+    ],
+)
+def test_generate_checks_its_arguments(tiny_base_artifact: Path, sample_image: Path, kwargs, match):
+    engine = load(tiny_base_artifact)
+    with pytest.raises(UserError, match=match):
+        engine.generate(sample_image, "Hi", **{"max_new_tokens": 2, **kwargs})
+
+
+def test_top_k_above_vocab_cli(tiny_base_artifact: Path, sample_image: Path):
+    proc = run_cli(
+        "run",
+        tiny_base_artifact,
+        "--image",
+        sample_image,
+        "--prompt",
+        "Hi",
+        "--top-k",
+        100000,
+        "--temperature",
+        1,
+    )
+    one_line_error(proc, "top_k must be an integer from 0 to the vocabulary size")
+
+
+@pytest.fixture
+def short_context(copied: Path) -> Path:
+    """The tiny artifact with its model's max_position_embeddings cut to 40 positions, so that
+    going past it takes a few decode steps, not thousands."""
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["model"]["max_position_embeddings"] = 40
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    return copied
+
+
+def test_past_max_positions_warns_or_refuses(short_context: Path, sample_image: Path, caplog):
+    engine = load(short_context)
+    n = engine.encode_prompt("Hi")[0].shape[1]
+    fits = 40 - n + 1  # the last new token is never fed back: positions 0 .. 39
+    assert fits > 1
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        engine.generate(sample_image, "Hi", max_new_tokens=fits + 1, strict=True)
+    with caplog.at_level("WARNING", logger="mllmc.runtime.engine"):
+        engine.generate(sample_image, "Hi", max_new_tokens=fits, strict=True)
+        assert not caplog.records
+        engine.generate(sample_image, "Hi", max_new_tokens=fits + 1)
+    warnings = [r for r in caplog.records if "max_position_embeddings" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_past_max_positions_cli_warns_once(short_context: Path, sample_image: Path):
+    proc = run_cli(
+        "run",
+        short_context,
+        "--image",
+        sample_image,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        40,
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("max_position_embeddings") == 1, proc.stderr
+    assert json.loads(proc.stdout)["token_ids"]
