@@ -42,8 +42,10 @@ STAGE_ORDER = {"pre_llm": 0, "in_llm": 1}
 
 
 def check_order(passes: PassList) -> None:
-    """Each pass at most once (two of one kind do not compose: one config says it all), and
-    pre-LLM passes (they change N_v before the decoder) before in-LLM passes."""
+    """The order rules, each refused with one line naming it: each pass at most once (one config
+    says it all); pre-LLM passes (they change N_v before the decoder) before in-LLM passes; at
+    most one pruning pass per stage (two would choose conflicting spans); an in-LLM pruning pass
+    (fastv, vte) before the in-LLM passes that rewrite layers for the rows they hold (shortv)."""
     seen: set[str] = set()
     for info, _ in passes:
         if info.name in seen:
@@ -57,6 +59,20 @@ def check_order(passes: PassList) -> None:
             raise UserError(
                 f"pass order refused: {b.name!r} changes the visual tokens before the LLM, so it "
                 f"must come before {a.name!r}, which rewrites layers inside it"
+            )
+    for i, (b, _) in enumerate(passes):
+        for a, _ in passes[:i]:
+            if a.stage != b.stage or not b.prunes:
+                continue
+            if a.prunes:
+                where = "enter the LLM" if b.stage == "pre_llm" else "later layers hold"
+                raise UserError(
+                    f"pass order refused: {a.name!r} and {b.name!r} both choose which visual "
+                    f"tokens {where}; their pruned spans conflict: give one of them"
+                )
+            raise UserError(
+                f"pass order refused: {b.name!r} drops visual rows, so it must come before "
+                f"{a.name!r}, which rewrites layers for the rows they hold"
             )
 
 
@@ -112,14 +128,17 @@ def compile_model(
     validate: bool = True,
     force: bool = False,
     progress: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> CompileResult:
     """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`.
 
-    `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order."""
+    `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order. `target`:
+    onnx (float32, CPU) or aoti (`device` cpu or cuda, `dtype` float32, bfloat16 or float16)."""
     from . import artifact, backends, capture, flops, outputs, verify
 
     passes = resolve_passes(passes)
-    backend = backends.get_backend(target)
+    backend = backends.get_backend(target, backends.TargetOptions(device, dtype))
     check_order(passes)
     capture.read_config(model_dir)
     out = outputs.check_output_dir(
@@ -137,6 +156,7 @@ def compile_model(
         with artifact.staged_directory(out, force=force) as tmp:
             step("load")
             model, info = capture.load_model(model_dir)
+            model = backend.prepare(model)
             passes = prepare_passes(passes, model, info)
             bar.update()
             step("capture")
@@ -159,12 +179,13 @@ def compile_model(
                 entries,
                 {"before": base_flops, "after": new_flops},
                 target,
+                backend.extra,
             )
             artifact.copy_preprocessing(model_dir, tmp)
             artifact.write_manifest(tmp, manifest)
             if validate:
                 step("validate")
-                report = verify.verify(tmp, model, info, records, max_new_tokens=4)
+                report = verify.verify(tmp, model, info, records, max_new_tokens=4, tol=backend.tol)
                 manifest = dataclasses.replace(manifest, validation=report.summary())
                 artifact.write_manifest(tmp, manifest)
                 if not report.ok:

@@ -8,6 +8,9 @@ config dataclass whose defaults come from the paper. Each registry entry also na
   rewritten graph computes (hooks), used only by tests and `mllmc verify`.
 - `stage`: "pre_llm" passes change the visual tokens before the decoder, "in_llm" passes rewrite
   decoder layers; the pipeline refuses an in-LLM pass before a pre-LLM one.
+- `prunes`: the pass chooses which visual tokens remain (fastervlm / vtc_cls before the LLM,
+  fastv / vte inside it); two pruning passes of one stage conflict, and an in-LLM pruning pass
+  must precede the in-LLM passes that rewrite layers for the rows they hold (shortv).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class PassInfo:
     stage: str  # "pre_llm" | "in_llm"
     prepare: Callable[[Any, Any, Any], Any] | None = None
     reference: Callable[[Any, Any, Any], Any] | None = None
+    prunes: bool = False
 
 
 @dataclass(frozen=True)

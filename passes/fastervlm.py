@@ -114,4 +114,5 @@ PASS = PassInfo(
     stage="pre_llm",
     prepare=prepare,
     reference=reference,
+    prunes=True,
 )

@@ -142,4 +142,5 @@ PASS = PassInfo(
     stage="in_llm",
     prepare=prepare,
     reference=reference,
+    prunes=True,
 )

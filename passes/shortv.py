@@ -21,6 +21,11 @@ graph, not masked.
 Which layers: `layers=[...]` explicitly; otherwise the `ratio` of layers with the lowest Layer
 Contribution (LC), the order taken from `lc=FILE.json` (`mllmc calibrate`), from the paper's
 published lists when the model matches LLaVA-1.5-7B/13B, or from a calibration run on built-in data.
+
+Composition: after a pruning pass (fastv, vte; the pipeline refuses them after shortv) a frozen
+layer freezes whatever visual rows it still holds (its text index uses the plan's count for that
+layer); a frozen layer after a vte exit holds none, so it is skipped and the stats say so
+(`skipped_layers`). After fastervlm the image span is simply shorter.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch import fx
 from mllmc.runtime.errors import UserError
 
 from . import PassInfo, PassResult
+from .row_pruning import kept_rows
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +201,15 @@ def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
 # The rewrite: locator -> check -> replacement.
 
 
-def text_rows(input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int) -> torch.Tensor:
+def text_rows(
+    input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int, held: int | None = None
+) -> torch.Tensor:
     """Indices of the text rows (n_text,) of an (1, n) prompt whose visual span is
-    [visual_start, visual_start + num_visual): no NonZero, static count n - N_v."""
+    [visual_start, visual_start + num_visual): no NonZero, static count n - N_v. With `held`,
+    the indices in a layer that holds only `held` of those visual rows (a pruning pass ran
+    first: the kept visual rows stay contiguous at visual_start)."""
     t = torch.arange(input_ids.shape[1] - num_visual, device=input_ids.device)  # (n_text,)
-    return torch.where(t < visual_start, t, t + num_visual)
+    return torch.where(t < visual_start, t, t + (num_visual if held is None else held))
 
 
 def _insert(graph: fx.Graph, like: fx.Node, target: Any, args: tuple) -> fx.Node:
@@ -270,32 +280,40 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
     graph = gm.graph
     anatomy = {layer.index: layer for layer in locate_layers(graph)}
     inputs = dict(zip(prefill.input_names, placeholders(graph), strict=True))
-    num_visual = segments.visual_tokens_per_layer[cfg.layers[0]]
-    if any(segments.visual_tokens_per_layer[i] != num_visual for i in cfg.layers):
-        raise UserError(
-            "shortv: frozen layers see different visual-token counts (a pruning pass ran first)"
-        )
-    with graph.inserting_after(inputs["visual_start"]):
-        text_idx = graph.call_function(
-            text_rows, (inputs["input_ids"], inputs["visual_start"], num_visual)
-        )
+    # after a pruning pass (fastv, vte) layers hold different visual-row counts: one text index
+    # per count; a layer with no visual rows left (after a vte exit) has nothing to freeze and is
+    # skipped (recorded in the stats)
+    span = segments.num_visual_tokens
+    held = {i: segments.layer_plan[i].visual_tokens for i in cfg.layers}
+    skipped = [i for i in cfg.layers if held[i] == 0]
+    text_idx: dict[int, fx.Node] = {}
+    for count in sorted({held[i] for i in cfg.layers if held[i] > 0}):
+        with graph.inserting_after(inputs["visual_start"]):
+            text_idx[count] = graph.call_function(
+                text_rows, (inputs["input_ids"], inputs["visual_start"], span, count)
+            )
     shared: dict[tuple[fx.Node, int], fx.Node] = {}
-    for i in sorted(cfg.layers):
+    for i in sorted(set(cfg.layers) - set(skipped)):
         reason = check_frozen_rewrite(anatomy[i])
         if reason:
             raise RuntimeError(f"shortv cannot rewrite layer {i}: {reason}")
-        freeze_layer(graph, anatomy[i], text_idx, shared)
+        freeze_layer(graph, anatomy[i], text_idx[held[i]], shared)
     graph.lint()
     gm.recompile()
     segments = segments.replace_segment(reexport(prefill, gm))
-    for i in cfg.layers:
+    for i in set(cfg.layers) - set(skipped):
         segments.layer_plan[i] = dataclasses.replace(segments.layer_plan[i], visual_computed=False)
     return PassResult(
         segments,
         {
-            "frozen_layers": list(cfg.layers),
+            "frozen_layers": sorted(set(cfg.layers) - set(skipped)),
             "order_from": cfg.order_from,
-            "visual_tokens": num_visual,
+            "visual_tokens": sorted({held[i] for i in cfg.layers}),
+            **(
+                {"skipped_layers": skipped, "skipped_why": "no visual rows left (after an exit)"}
+                if skipped
+                else {}
+            ),
         },
     )
 
@@ -321,6 +339,10 @@ def keep_rows(model: Any, layers: Sequence[int], rows: str = "visual") -> Iterat
         h_in = kwargs.get("hidden_states", args[0] if args else None)
         h_out = output[0] if isinstance(output, tuple) else output
         mask = state["mask"]
+        kept = kept_rows(model)  # a pruning pass's reference dropped rows before this layer
+        if mask is not None and h_in is not None and kept is not None:
+            if h_in.shape[1] == kept.shape[0] != mask.shape[0]:
+                mask = mask.index_select(0, kept)
         if mask is None or h_in is None or h_in.shape[1] != mask.shape[0] or h_in.shape[1] == 1:
             return output  # decode step or no image: nothing to keep
         keep = mask if rows == "visual" else ~mask

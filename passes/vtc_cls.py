@@ -105,4 +105,5 @@ PASS = PassInfo(
     stage="pre_llm",
     prepare=prepare,
     reference=reference,
+    prunes=True,
 )

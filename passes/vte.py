@@ -131,4 +131,5 @@ PASS = PassInfo(
     stage="in_llm",
     prepare=prepare,
     reference=reference,
+    prunes=True,
 )
