@@ -217,6 +217,18 @@ def item(seed: int) -> Item:
             return Item(_draw(shapes), question, answer, kind, seed)
 
 
+def warmup_item(seed: int) -> Item:
+    """A one-shape scene and "What colour is the <shape>?": an easier item that training mixes
+    in early (a curriculum), so that the vision-to-answer path forms before the full task."""
+    rng = random.Random(seed)
+    while True:
+        kind = rng.choice(SHAPES)
+        shapes = _scene(rng, [kind], [rng.random() < 0.5])
+        if shapes is not None:
+            question = QUESTION_TEMPLATES["colour"].format(shape=kind)
+            return Item(_draw(shapes), question, shapes[0].colour, "colour", seed)
+
+
 def items(split: str = "heldout", n: int = 500, start: int = 0) -> Iterator[Item]:
     """The first `n` items of `split` ("train" or "heldout"), from its `start`-th seed on."""
     if split not in SPLIT_SEEDS:
