@@ -1,0 +1,242 @@
+"""Pruning and early exit (fastv, vte, fastervlm, vtc_cls) and their composition with shortv:
+graph rewrite vs eager reference on two LLaVA configs (prefill), identity configs through the
+rewrite machinery, graph structure (TopK / Gather, no NonZero), FLOPs from the rewritten graph vs
+the analytic formula over the plan, order rules, bad options through the console script, the vte
+exit calibration, and 16-token parity (prefill + decode) through the ONNX engine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from mllmc.compiler.capture import capture, load_model
+from mllmc.compiler.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
+from mllmc.compiler.pipeline import check_order, prepare_passes, resolve_passes, run_passes
+from mllmc.runtime.errors import UserError
+from tests.compiler.test_cli import mllmc, user_error
+
+PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
+
+
+@pytest.fixture(scope="module", params=["tiny_model_dir", "other_model_dir"])
+def captured(request):
+    model_dir = request.getfixturevalue(request.param)
+    model, info = load_model(model_dir)
+    return model_dir, model, info, capture(model, info)
+
+
+def _run(captured, specs, sample_image):
+    """Rewrite with `specs`, then run the rewritten prefill and the composed eager references on
+    one image + prompt -> (segments, records, graph outputs, reference logits, plain logits)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    model_dir, model, info, segs = captured
+    segs, records = run_passes(segs, prepare_passes(resolve_passes(specs), model, info))
+    inputs = AutoProcessor.from_pretrained(model_dir)(
+        images=Image.open(sample_image), text=PROMPT, return_tensors="pt"
+    )
+    ids = inputs["input_ids"]
+    is_image = ids[0] == info.image_token_id
+    start = int(is_image.nonzero()[0])
+    # the runtime's prompt: the image span holds as many placeholders as the vision segment gives
+    span = ~is_image | (torch.cumsum(is_image.long(), 0) <= segs.num_visual_tokens)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        feats = segs.vision.program.module()(inputs["pixel_values"])
+        got = segs.prefill.program.module()(ids[:, span], feats, torch.tensor([start]))
+        plain = model(**inputs).logits[0, -1]
+        for record in records:
+            stack.enter_context(record.reference(model, None))
+        ref = model(**inputs).logits[0, -1]
+    return segs, records, got, ref, plain
+
+
+CASES = [
+    ["fastv"],
+    ["fastv:k=1,ratio=0.75"],
+    ["fastv:k=-1"],  # replaced below by the last valid k
+    ["vte:k=0"],
+    ["vte:k=2"],
+    ["fastervlm:keep=5"],
+    ["fastervlm:ratio=0.5"],
+    ["vtc_cls:layers=[0,1],keep=7"],
+    ["fastv:k=2,ratio=0.5", "shortv:layers=[1,2,3]"],
+    ["vte:k=2", "shortv:layers=[0,3]"],
+    ["fastervlm:keep=6", "shortv:layers=[1,2]"],
+    ["vtc_cls:keep=9", "fastv:k=1,ratio=0.5", "shortv:layers=[0,2]"],
+]
+
+
+@pytest.mark.parametrize("specs", CASES, ids=["+".join(c) for c in CASES])
+def test_rewrite_matches_eager_reference(captured, sample_image, specs):
+    info = captured[2]
+    specs = [s.replace("k=-1", f"k={info.num_layers - 1}") for s in specs]
+    segs, records, got, ref, plain = _run(captured, specs, sample_image)
+    assert (got[0][0] - ref).abs().max().item() <= 1e-4, specs
+    # the check can fail: every case here changes what the model computes
+    assert (ref - plain).abs().max().item() > 1e-3, specs
+    # each layer's present K/V holds the text rows plus the visual rows the plan says
+    n_text = got[1].shape[2] - segs.layer_plan[0].kv_visual_tokens
+    for layer, key in zip(segs.layer_plan, got[1::2], strict=True):
+        assert key.shape[2] == n_text + layer.kv_visual_tokens
+    if any(s.startswith("shortv") for s in specs):
+        shortv = records[-1].applied.stats
+        if specs[0].startswith("vte"):  # layer 3 is after the exit: nothing to freeze
+            assert shortv["skipped_layers"] == [3] and shortv["frozen_layers"] == [0]
+        else:
+            assert not shortv.get("skipped_layers")
+            frozen = [p.index for p in segs.layer_plan if not p.visual_computed]
+            assert frozen == shortv["frozen_layers"]
+            # frozen layers after a pruning pass freeze the rows they still hold: compare with
+            # the pipeline without shortv, which must differ
+            _, _, got_no_shortv, _, _ = _run(captured, specs[:-1], sample_image)
+            assert (got[0][0] - got_no_shortv[0][0]).abs().max().item() > 1e-3
+
+
+IDENTITY = ["fastv:ratio=0.0", "vte:k=L", "fastervlm:keep=N", "vtc_cls:keep=N"]
+
+
+@pytest.mark.parametrize("spec", IDENTITY)
+def test_identity_config_is_the_unmodified_graph(captured, sample_image, spec):
+    """A do-nothing config runs the real rewrite (its gathers are in the graph) and gives the
+    unrewritten graph's outputs to 1e-6."""
+    _, _, info, base = captured
+    spec = spec.replace("k=L", f"k={info.num_layers}").replace(
+        "keep=N", f"keep={info.num_visual_tokens}"
+    )
+    segs, _, got, _, _ = _run(captured, [spec], sample_image)
+    _, _, want, _, _ = _run(captured, [], sample_image)
+    select = torch.ops.aten.index_select.default
+    rewritten = segs.vision if spec.startswith(("fastervlm", "vtc_cls")) else segs.prefill
+    unrewritten = base.vision if rewritten.name == "vision" else base.prefill
+
+    def count(seg):
+        return sum(n.target is select for n in seg.program.graph.nodes)
+
+    assert count(rewritten) > count(unrewritten), spec
+    assert len(got) == len(want) == 1 + 2 * info.num_layers
+    assert all((a - b).abs().max().item() <= 1e-6 for a, b in zip(got, want, strict=True))
+
+
+def test_static_graph_and_plan(captured):
+    _, model, info, base = captured
+    segs, _ = run_passes(base, prepare_passes(resolve_passes(["fastv:k=2"]), model, info))
+    targets = {n.target for n in segs.prefill.program.graph.nodes}
+    assert torch.ops.aten.topk.default in targets and torch.ops.aten.sort.default in targets
+    assert not any("nonzero" in str(t) for t in targets)
+    kept = int(round(info.num_visual_tokens * 0.5))
+    assert [p.visual_tokens for p in segs.layer_plan] == [info.num_visual_tokens] * 2 + [kept] * (
+        info.num_layers - 2
+    )
+    assert segs.decode is base.decode  # decode takes per-layer cache lengths already
+    segs, _ = run_passes(base, prepare_passes(resolve_passes(["fastervlm:keep=4"]), model, info))
+    assert segs.num_visual_tokens == 4 and segs.prefill is not base.prefill
+    vision_targets = {n.target for n in segs.vision.program.graph.nodes}
+    assert torch.ops.aten.topk.default in vision_targets
+    assert not any("nonzero" in str(t) for t in vision_targets)
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [["fastv:k=2,ratio=0.5"], ["vte:k=1"], ["fastervlm:keep=5", "shortv:layers=[0,2]"]],
+    ids=["fastv", "vte", "fastervlm+shortv"],
+)
+def test_flops_from_graph_match_analytic_formula(captured, specs):
+    _, model, info, base = captured
+    segs, records = run_passes(base, prepare_passes(resolve_passes(specs), model, info))
+    n_text = 64
+    inputs = reference_prefill_inputs(info, n_text, segs.num_visual_tokens)
+    scored = [r.applied.stats["score_layer"] for r in records if r.name == "fastv"]
+    want = analytic_prefill_flops(info, n_text, plan=segs.layer_plan, scored_layers=scored)
+    assert count_flops(segs.prefill.program, inputs) == want
+    assert want < analytic_prefill_flops(info, n_text)
+
+
+def test_order_rules():
+    def refused(*specs: str) -> str:
+        with pytest.raises(UserError, match="pass order refused") as e:
+            check_order(resolve_passes(list(specs)))
+        return str(e.value)
+
+    assert "must come before 'shortv'" in refused("shortv:layers=[1]", "fastv")
+    assert "spans conflict" in refused("fastv", "vte:k=2")
+    assert "spans conflict" in refused("fastervlm", "vtc_cls")
+    assert "before the LLM" in refused("vte:k=2", "fastervlm")
+    check_order(resolve_passes(["fastervlm", "fastv", "shortv:layers=[1]"]))  # allowed
+
+
+def test_bad_options_through_the_console_script(tiny_model_dir, tmp_path):
+    out = tmp_path / "never"
+    for spec, match in [
+        ("fastv:ratio=1.0", "ratio must be in [0, 1)"),
+        ("fastv:k=0", "k must be an integer layer index >= 1"),
+        ("vte:k=-1", "k must be an integer layer index >= 0"),
+        ("fastervlm:keep=0", "keep must be an integer >= 1"),
+        ("fastv:scorer=cls", "unknown option 'scorer'"),
+        ("fastv:k=6", "k must be in 1..5"),
+        ("vte:k=7", "k must be in 0..6"),
+        ("fastervlm:keep=17", "keep must be in 1..16"),
+    ]:
+        user_error("compile", tiny_model_dir, "--pass", spec, "-o", out, match=match)
+        assert not out.exists()
+
+
+def test_vte_calibration_file_feeds_the_pass(tiny_model_dir, tmp_path):
+    exit_file = tmp_path / "exit.json"
+    proc = mllmc(
+        "calibrate", tiny_model_dir, "--pass", "vte", "--threshold", "0.05", "-n", "2", "-o",
+        exit_file, "-q",
+    )  # fmt: skip
+    data = json.loads(exit_file.read_text())
+    assert f"vte exit at layer {data['k']}" in proc.stdout
+    kl = data["kl"]
+    assert len(kl) == data["num_layers"] + 1 and kl[-1] == 0.0
+    assert all(v >= 0.05 for v in kl[: data["k"]]) and kl[data["k"]] < 0.05
+    from mllmc.passes import parse_pass_spec
+    from mllmc.passes.vte import prepare
+
+    model, info = load_model(tiny_model_dir)
+    _, cfg = parse_pass_spec(f"vte:calib={exit_file}")
+    assert prepare(cfg, model, info).k == data["k"]
+    user_error("calibrate", tiny_model_dir, "--pass", "vte", "-o", exit_file, match="--threshold")
+
+
+PIPELINES = {
+    "fastervlm+fastv+shortv": ["fastervlm:keep=6", "fastv:k=2,ratio=0.5", "shortv:layers=[0,3]"],
+    "vtc_cls+vte+shortv": ["vtc_cls:layers=[0,1],ratio=0.25", "vte:k=3", "shortv:layers=[1,4]"],
+}
+
+
+@pytest.fixture(scope="module", params=list(PIPELINES))
+def composed_artifact(request, captured, tmp_path_factory):
+    from mllmc.compiler.pipeline import compile_model
+
+    model_dir = captured[0]
+    out = tmp_path_factory.mktemp("pruned") / request.param
+    return compile_model(model_dir, out, PIPELINES[request.param], validate=False, progress=False)
+
+
+def test_engine_matches_composed_references_for_16_tokens(captured, composed_artifact):
+    """Prefill and 15 decode steps through the ONNX engine (per-layer cache lengths, decode
+    positions from the manifest) against HF generate with the composed eager references."""
+    from mllmc.compiler.inspect import kv_cache_bytes
+    from mllmc.compiler.verify import records_from_manifest, verify
+
+    _, model, info, _ = captured
+    manifest = composed_artifact.manifest
+    report = verify(
+        composed_artifact.out_dir,
+        model,
+        info,
+        records_from_manifest(manifest),
+        max_new_tokens=16,
+    )
+    assert report.ok and report.tokens_match and len(report.step_diffs) == 16, report.line()
+    # KV cache bytes follow the plan: fewer visual rows than the unpruned model
+    kv = kv_cache_bytes(manifest, 64)
+    row = 2 * info.num_kv_heads * info.head_dim * 4
+    assert kv["prompt"] == sum((64 + p.kv_visual_tokens) * row for p in manifest.layers)
+    assert kv["prompt"] < (64 + info.num_visual_tokens) * row * info.num_layers
