@@ -116,6 +116,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         args.output,
         _passes(args),
         target=args.target,
+        device=args.device,
+        dtype=args.dtype,
         validate=not args.no_validate,
         force=args.force,
         progress=not args.quiet,
@@ -358,7 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a pass and its options, e.g. shortv:layers=[1,3]; repeat for a pipeline",
     )
     sp.add_argument("--recipe", metavar="FILE.toml", help="[[pass]] tables with name and options")
-    sp.add_argument("--target", default="onnx", help="onnx (default) or trt")
+    sp.add_argument(
+        "--target",
+        default="onnx",
+        help="onnx (default; onnxruntime, float32 CPU), aoti (AOTInductor .pt2 packages) or trt",
+    )
+    sp.add_argument("--device", default="cpu", help="aoti: cpu (default) or cuda")
+    sp.add_argument(
+        "--dtype", default="float32", help="aoti: float32 (default), bfloat16 or float16"
+    )
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
     sp.add_argument(
         "--force",

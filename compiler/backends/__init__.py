@@ -1,22 +1,77 @@
-"""Backends: exported segment -> engine file. Each returns the segment's manifest entry."""
+"""Backends: exported segment -> engine file. `get_backend(target, options)` returns a
+`Backend`: called on each segment, it writes the engine file and returns the segment's manifest
+entry; `extra` goes into the manifest (device, dtype), `tol` is the logit tolerance the compile
+validation holds it to."""
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
 
-TARGETS = ("onnx", "trt")
+TARGETS = ("onnx", "aoti", "trt")
+DTYPES = ("float32", "bfloat16", "float16")
+# compile validation against eager in the same dtype: fp32 holds 1e-4 (ARCHITECTURE.md); a
+# 16-bit engine's kernels round differently from eager's, by up to a few units of the last bit
+DTYPE_TOL = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
 
 
-def get_backend(target: str) -> Callable[[Any, Path], dict[str, Any]]:
-    if target == "onnx":
-        from .onnx import export_segment
+@dataclass(frozen=True)
+class TargetOptions:
+    """Where and in what precision a target's engines run."""
 
-        return export_segment
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Backend:
+    export: Callable[[Any, Path], dict[str, Any]]
+    options: TargetOptions = TargetOptions()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, seg: Any, out_dir: Path) -> dict[str, Any]:
+        return self.export(seg, out_dir)
+
+    def prepare(self, model: Any) -> Any:
+        """The eager model in the engines' dtype: captured, and validated against, in it."""
+        if self.options.dtype == "float32":
+            return model
+        import torch
+
+        return model.to(getattr(torch, self.options.dtype))
+
+    @property
+    def tol(self) -> float:
+        return DTYPE_TOL[self.options.dtype]
+
+
+def check_options(target: str, options: TargetOptions) -> None:
+    """UserError for a dtype or device the target cannot build for here."""
+    if options.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {options.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    if target == "onnx" and (options.device != "cpu" or options.dtype != "float32"):
+        raise UserError(
+            "target 'onnx' builds float32 engines for onnxruntime (--device cpu --dtype "
+            "float32); use --target aoti for another device or dtype"
+        )
+    if options.device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {options.device!r}; valid devices: cpu, cuda")
+    if options.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device cuda: no CUDA device on this machine (target {target!r})")
+
+
+def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
+    options = options or TargetOptions()
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
     if target == "trt":
         missing = [m for m in ("tensorrt", "torch_tensorrt") if importlib.util.find_spec(m) is None]
         if missing:
@@ -25,4 +80,15 @@ def get_backend(target: str) -> Callable[[Any, Path], dict[str, Any]]:
                 "with an NVIDIA GPU); use --target onnx here"
             )
         raise UserError("target 'trt' is not implemented in this version yet; use --target onnx")
-    raise UserError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
+    check_options(target, options)
+    if target == "onnx":
+        from .onnx import export_segment
+
+        return Backend(export_segment, options)
+    from .aoti import compile_segment
+
+    return Backend(
+        lambda seg, out: compile_segment(seg, out, options.device),
+        options,
+        {"device": options.device, "dtype": options.dtype},
+    )

@@ -37,7 +37,9 @@ class TorchCallRunner:
 
     def _tensor(self, value: Any, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
-            return value.to(self.device, dtype)  # a no-op for a cache this runner returned
+            # a no-op for a contiguous cache a runner returned; compiled code assumes the strides
+            # it was compiled with (a prefill output may be a transposed view)
+            return value.to(self.device, dtype).contiguous()
         return torch.from_numpy(np.ascontiguousarray(value)).to(self.device, dtype)
 
     @torch.no_grad()

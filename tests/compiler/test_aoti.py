@@ -1,0 +1,134 @@
+"""`--target aoti` on tiny-llava, CPU: the ShortV artifact (compiled once per session: one AOTI
+compile of tiny-llava is ~1-2 min on 2 cores) matches HF eager with the pass's eager reference
+(<= 1e-4, identical greedy tokens over 16 steps) and the ONNX artifact of the same pipeline, runs
+through `mllmc run` / `inspect` / `golden check` / Python `load()`, and bad input is one line,
+exit 2. The artifact without passes is checked the same way in a slow test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mllmc.runtime import load
+
+from ..conftest import TINY_SHORTV_LAYERS
+
+MLLMC = str(Path(sys.executable).parent / "mllmc")
+GOLDENS = Path(__file__).parents[1] / "goldens"
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([MLLMC, *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, match: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mllmc")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_aoti_shortv(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mllmc.compiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-aoti-shortv"
+    spec = f"shortv:layers={TINY_SHORTV_LAYERS}"
+    return compile_model(tiny_model_dir, out, [spec], target="aoti", progress=False).out_dir
+
+
+def check_parity(artifact: Path, model_dir: Path, image: Path) -> None:
+    from mllmc.compiler.capture import load_model
+    from mllmc.compiler.verify import LOGIT_TOL, records_from_manifest, verify
+
+    engine = load(artifact)
+    assert engine.manifest.target == "aoti" and engine.manifest.extra["device"] == "cpu"
+    model, info = load_model(model_dir)
+    records = records_from_manifest(engine.manifest)
+    report = verify(artifact, model, info, records, image=image, max_new_tokens=16)
+    assert len(report.step_diffs) == 16, report.line()
+    assert report.tokens_match and report.max_abs_logit_diff <= LOGIT_TOL, report.line()
+
+
+def test_aoti_shortv_matches_eager_reference(tiny_aoti_shortv, tiny_model_dir, sample_image):
+    files = sorted(p.name for p in tiny_aoti_shortv.iterdir() if p.suffix == ".pt2")
+    assert files == ["decode.pt2", "prefill.pt2", "vision.pt2"]
+    check_parity(tiny_aoti_shortv, tiny_model_dir, sample_image)
+
+
+def test_aoti_matches_onnx_same_pipeline(tiny_aoti_shortv, tiny_shortv_artifact, sample_image):
+    aoti, onnx = load(tiny_aoti_shortv), load(tiny_shortv_artifact)
+    a = aoti.generate(sample_image, "Describe the image.", 16, stop_at_eos=False)
+    o = onnx.generate(sample_image, "Describe the image.", 16, stop_at_eos=False)
+    assert a.token_ids == o.token_ids
+    assert np.abs(a.logits - o.logits).max() <= 1e-4
+    # the same manifest, but for the target and its settings
+    assert aoti.manifest.layers == onnx.manifest.layers
+    assert aoti.manifest.visual_tokens == onnx.manifest.visual_tokens
+
+
+def test_aoti_cli_run_inspect_golden(tiny_aoti_shortv, sample_image):
+    proc = run_cli("run", tiny_aoti_shortv, "--image", sample_image, "--prompt", "Hi", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["token_ids"]) >= 1
+    proc = run_cli("inspect", tiny_aoti_shortv)
+    assert proc.returncode == 0 and "aoti" in proc.stdout, proc.stderr
+    # the ONNX ShortV golden (same model, same pass) holds for the AOTI engine too
+    proc = run_cli("golden", "check", tiny_aoti_shortv, GOLDENS / "tiny-llava-shortv.json")
+    assert proc.returncode == 0 and "passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_aoti_package_for_another_device(tiny_aoti_shortv, tmp_path, sample_image):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_aoti_shortv, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["extra"]["device"] = "cuda"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("run", copy, "--image", sample_image, "--prompt", "Hi")
+    one_line_error(proc, "vision.pt2 was compiled for cpu, the manifest says cuda")
+
+
+def test_aoti_swapped_package(tiny_aoti_shortv, tmp_path, sample_image):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_aoti_shortv, copy)
+    shutil.copy(copy / "decode.pt2", copy / "prefill.pt2")
+    proc = run_cli("run", copy, "--image", sample_image, "--prompt", "Hi")
+    one_line_error(proc, "prefill.pt2 does not match the manifest's 'prefill' segment")
+
+
+def test_aoti_bad_options(tiny_model_dir, tmp_path):
+    out = tmp_path / "x"
+    one_line_error(
+        run_cli("compile", tiny_model_dir, "-o", out, "--target", "aoti", "--dtype", "float8"),
+        "unknown dtype 'float8'",
+    )
+    one_line_error(
+        run_cli("compile", tiny_model_dir, "-o", out, "--target", "aoti", "--device", "tpu"),
+        "unknown device 'tpu'",
+    )
+    one_line_error(
+        run_cli("compile", tiny_model_dir, "-o", out, "--dtype", "bfloat16"),
+        "target 'onnx' builds float32 engines",
+    )
+    if not torch.cuda.is_available():
+        one_line_error(
+            run_cli("compile", tiny_model_dir, "-o", out, "--target", "aoti", "--device", "cuda"),
+            "no CUDA device on this machine",
+        )
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a second AOTI compile (~1-2 min)
+def test_aoti_base_matches_hf(tiny_model_dir, tmp_path, sample_image):
+    from mllmc.compiler.pipeline import compile_model
+
+    out = compile_model(tiny_model_dir, tmp_path / "base", target="aoti", progress=False).out_dir
+    check_parity(out, tiny_model_dir, sample_image)
