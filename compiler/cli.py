@@ -156,6 +156,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             prompts=args.prompts,
             n=args.num_samples,
             progress=not args.quiet,
+            task=args.task,
+            data=args.data,
         )
         return 0
     if args.pass_name != "shortv":
@@ -171,6 +173,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         n=args.num_samples,
         plot=not args.no_plot,
         progress=not args.quiet,
+        task=args.task,
+        data=args.data,
     )
     return 0
 
@@ -385,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--images", help="directory of images (default: built-in generated images)")
     sp.add_argument("--prompts", help="text file, one prompt per line (default: built-in)")
+    sp.add_argument("--task", help="a built-in task's train split instead: shapes-qa")
+    sp.add_argument(
+        "--data", metavar="FILE.jsonl", help="the images and prompts of a JSONL file (as eval)"
+    )
     sp.add_argument("-n", "--num-samples", type=_int_in(1), default=40)
     sp.add_argument(
         "-o", "--output", required=True, help="LC file (.json); a .png chart is written beside it"
@@ -401,13 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path", help="an mllmc artifact or a Hugging Face model directory")
     sp.add_argument("--task", help="a built-in task: shapes-qa")
     sp.add_argument(
-        "--data", metavar="FILE.jsonl", help='lines of {"image": PATH, "prompt": ..., "answer": ...}'
+        "--data",
+        metavar="FILE.jsonl",
+        help='lines of {"image": PATH, "prompt": ..., "answer": ...}',
     )
     sp.add_argument("-n", "--num-items", type=int, default=None, help="default: 500 / all lines")
     sp.add_argument("--split", default="heldout", help="task split: heldout (default) or train")
     sp.add_argument("--max-new-tokens", type=int, default=4)
-    sp.add_argument("--threads", type=int, default=None, help="onnxruntime threads (artifacts)")
-    sp.add_argument("--json", action="store_true", help="print the report (and each answer) as JSON")
+    sp.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime (artifact) or torch (HF) threads"
+    )
+    sp.add_argument(
+        "--json", action="store_true", help="print the report (and each answer) as JSON"
+    )
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = add("run", "generate text for an image and a prompt with a compiled artifact", cmd_run)

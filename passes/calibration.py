@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mllmc.compiler.evaluate import calibration_samples
 from mllmc.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,24 @@ def builtin_samples(info: Any, n: int = 40, seed: int = 0) -> list[tuple[Any, st
 
 
 def load_samples(
-    images: str | None, prompts: str | None, n: int, info: Any
+    images: str | None,
+    prompts: str | None,
+    n: int,
+    info: Any,
+    task: str | None = None,
+    data: str | None = None,
 ) -> list[tuple[Any, str]]:
-    """Calibration samples from an image directory and a prompts file (either may be built-in)."""
+    """Calibration samples: the train split of a built-in task (`task`, e.g. shapes-qa), the
+    images and prompts of a JSONL file (`data`, as `mllmc eval --data` reads), or an image
+    directory and a prompts file (either may be built-in)."""
     from PIL import Image, UnidentifiedImageError
 
     if n < 1:
         raise UserError(f"--num-samples must be >= 1, got {n}")
+    if task is not None or data is not None:
+        if images is not None or prompts is not None:
+            raise UserError("give --task or --data, or --images/--prompts, not both")
+        return calibration_samples(task, data, n)
     if prompts is not None:
         p = Path(prompts)
         if not p.is_file():
@@ -202,11 +214,13 @@ def calibrate_cli(
     n: int,
     plot: bool = True,
     progress: bool = True,
+    task: str | None = None,
+    data: str | None = None,
 ) -> dict[str, Any]:
     from mllmc.compiler.capture import load_model
 
     model, info = load_model(model_dir)
-    samples = load_samples(images, prompts, n, info)
+    samples = load_samples(images, prompts, n, info, task=task, data=data)
     lc = layer_contribution(model, info, samples, progress=progress)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +298,8 @@ def calibrate_exit_cli(
     prompts: str | None,
     n: int,
     progress: bool = True,
+    task: str | None = None,
+    data: str | None = None,
 ) -> dict[str, Any]:
     """`mllmc calibrate MODEL --pass vte --threshold T`: the exit file `vte:calib=FILE` reads."""
     from mllmc.compiler.capture import load_model
@@ -291,7 +307,7 @@ def calibrate_exit_cli(
     if not threshold > 0:
         raise UserError(f"--threshold must be > 0, got {threshold}")
     model, info = load_model(model_dir)
-    samples = load_samples(images, prompts, n, info)
+    samples = load_samples(images, prompts, n, info, task=task, data=data)
     t0 = time.perf_counter()
     kl = exit_divergence(model, info, samples, progress=progress)
     k = choose_exit(kl, threshold)
