@@ -56,21 +56,27 @@ def _run(captured, specs, sample_image):
 
 CASES = [
     ["fastv"],
+    ["vte:k=0"],
+    ["fastervlm:keep=5"],
+    ["fastv:k=2,ratio=0.5", "shortv:layers=[1,2,3]"],
+    ["vtc_cls:keep=9", "fastv:k=1,ratio=0.5", "shortv:layers=[0,2]"],
+]
+SLOW_CASES = [
     ["fastv:k=1,ratio=0.75"],
     ["fastv:k=-1"],  # replaced below by the last valid k
-    ["vte:k=0"],
     ["vte:k=2"],
-    ["fastervlm:keep=5"],
     ["fastervlm:ratio=0.5"],
     ["vtc_cls:layers=[0,1],keep=7"],
-    ["fastv:k=2,ratio=0.5", "shortv:layers=[1,2,3]"],
     ["vte:k=2", "shortv:layers=[0,3]"],
     ["fastervlm:keep=6", "shortv:layers=[1,2]"],
-    ["vtc_cls:keep=9", "fastv:k=1,ratio=0.5", "shortv:layers=[0,2]"],
 ]
 
 
-@pytest.mark.parametrize("specs", CASES, ids=["+".join(c) for c in CASES])
+@pytest.mark.parametrize(
+    "specs",
+    [pytest.param(c, id="+".join(c)) for c in CASES]
+    + [pytest.param(c, id="+".join(c), marks=pytest.mark.slow) for c in SLOW_CASES],
+)
 def test_rewrite_matches_eager_reference(captured, sample_image, specs):
     info = captured[2]
     specs = [s.replace("k=-1", f"k={info.num_layers - 1}") for s in specs]
@@ -208,24 +214,37 @@ PIPELINES = {
     "fastervlm+fastv+shortv": ["fastervlm:keep=6", "fastv:k=2,ratio=0.5", "shortv:layers=[0,3]"],
     "vtc_cls+vte+shortv": ["vtc_cls:layers=[0,1],ratio=0.25", "vte:k=3", "shortv:layers=[1,4]"],
 }
+# every pass through the engine on both configs; the two cross pairs run with -m slow
+ENGINE_CASES = [
+    pytest.param("tiny_model_dir", "fastervlm+fastv+shortv", id="tiny-fastervlm+fastv+shortv"),
+    pytest.param("other_model_dir", "vtc_cls+vte+shortv", id="other-vtc_cls+vte+shortv"),
+    pytest.param(
+        "tiny_model_dir", "vtc_cls+vte+shortv", id="tiny-vtc_cls+vte+shortv", marks=pytest.mark.slow
+    ),
+    pytest.param(
+        "other_model_dir",
+        "fastervlm+fastv+shortv",
+        id="other-fastervlm+fastv+shortv",
+        marks=pytest.mark.slow,
+    ),
+]
 
 
-@pytest.fixture(scope="module", params=list(PIPELINES))
-def composed_artifact(request, captured, tmp_path_factory):
-    from mllmc.compiler.pipeline import compile_model
-
-    model_dir = captured[0]
-    out = tmp_path_factory.mktemp("pruned") / request.param
-    return compile_model(model_dir, out, PIPELINES[request.param], validate=False, progress=False)
-
-
-def test_engine_matches_composed_references_for_16_tokens(captured, composed_artifact):
+@pytest.mark.parametrize(("model_fixture", "pipeline"), ENGINE_CASES)
+def test_engine_matches_composed_references_for_16_tokens(
+    request, tmp_path, model_fixture, pipeline
+):
     """Prefill and 15 decode steps through the ONNX engine (per-layer cache lengths, decode
     positions from the manifest) against HF generate with the composed eager references."""
     from mllmc.compiler.inspect import kv_cache_bytes
+    from mllmc.compiler.pipeline import compile_model
     from mllmc.compiler.verify import records_from_manifest, verify
 
-    _, model, info, _ = captured
+    model_dir = request.getfixturevalue(model_fixture)
+    model, info = load_model(model_dir)
+    composed_artifact = compile_model(
+        model_dir, tmp_path / pipeline, PIPELINES[pipeline], validate=False, progress=False
+    )
     manifest = composed_artifact.manifest
     report = verify(
         composed_artifact.out_dir,
