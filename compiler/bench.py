@@ -282,6 +282,17 @@ def decode_bytes(info: Any, past: int) -> int:
     return 4 * (weights + kv)
 
 
+def plan_prefill_flops(manifest: Any, n_text: int) -> int:
+    """Analytic LLM-prefill FLOPs of an artifact for n_text text tokens, from its layer plan
+    (and the layers a pass scores one extra attention row in, as its stats record)."""
+    from .flops import analytic_prefill_flops
+
+    scored = [p.stats["score_layer"] for p in manifest.passes if "score_layer" in p.stats]
+    return analytic_prefill_flops(
+        manifest.model, n_text, plan=manifest.layers, scored_layers=scored
+    )
+
+
 def bench(
     model_dir: str,
     passes: list,
@@ -322,13 +333,15 @@ def bench(
     n = rows["hf_eager"]["prompt_tokens"]
     peak = roofline(info, n, repeats)
     base_manifest = manifests[variants[0][0]]
-    from .flops import analytic_prefill_flops
+    from .inspect import kv_cache_bytes
 
     flops = {}
     for name in rows:
         m = manifests.get(name, base_manifest)
-        frozen = {layer.index for layer in m.layers if not layer.visual_computed}
-        flops[name] = analytic_prefill_flops(info, n - info.num_visual_tokens, frozen)
+        flops[name] = plan_prefill_flops(m, n - info.num_visual_tokens)
+        kv = kv_cache_bytes(m, n - info.num_visual_tokens)
+        rows[name]["kv_cache_bytes_prompt"] = kv["prompt"]
+        rows[name]["kv_cache_bytes_per_token"] = kv["per_token"]
     add_ratios(rows, info, peak, flops)
     report: dict[str, Any] = {
         "model": str(model_dir),
@@ -360,14 +373,17 @@ def format_table(report: dict[str, Any]) -> str:
         f"roofline: GEMM {report['roofline']['gemm_gflops']:.1f} GFLOP/s, "
         f"read {report['roofline']['mem_read_gbs']:.1f} GB/s",
         f"{'engine':28s} {'vision ms':>9s} {'LLM prefill ms':>14s} {'vs eager':>8s} "
-        f"{'decode ms/tok':>13s} {'vs eager':>8s} {'%GEMM':>6s} {'%BW':>5s}",
+        f"{'decode ms/tok':>13s} {'vs eager':>8s} {'%GEMM':>6s} {'%BW':>5s} "
+        f"{'KV MiB':>7s} {'KV KiB/tok':>10s}",
     ]
     for name, r in report["rows"].items():
         lines.append(
             f"{name:28s} {r['vision_s'] * 1e3:9.1f} {r['llm_prefill_s'] * 1e3:14.1f} "
             f"{r['llm_prefill_speedup_vs_eager']:7.2f}x {r['decode_s_per_token'] * 1e3:13.2f} "
             f"{r['decode_speedup_vs_eager']:7.2f}x {r['prefill_fraction_of_gemm_peak']:6.0%} "
-            f"{r['decode_fraction_of_bandwidth']:5.0%}"
+            f"{r['decode_fraction_of_bandwidth']:5.0%} "
+            f"{r.get('kv_cache_bytes_prompt', float('nan')) / 2**20:7.2f} "
+            f"{r.get('kv_cache_bytes_per_token', float('nan')) / 2**10:10.1f}"
         )
     if "pass_speedup" in report:
         s = report["pass_speedup"]
