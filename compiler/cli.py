@@ -215,6 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
+        strict=args.strict,
     )
     if args.save_logits:
         buf = io.BytesIO()
@@ -439,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print {token_ids, text, timings} as JSON")
     sp.add_argument("--save-logits", metavar="F.npy", help="save (steps x vocab) float32 logits")
     sp.add_argument("--force", action="store_true", help="replace an existing --save-logits file")
+    sp.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse (exit 2) a prompt + new tokens past the model's max_position_embeddings "
+        "instead of warning",
+    )
     sp.add_argument("--providers", nargs="+", help="onnxruntime execution providers")
     sp.add_argument(
         "--threads",

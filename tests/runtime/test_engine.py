@@ -148,3 +148,19 @@ def test_past_max_positions_cli_warns_once(short_context: Path, sample_image: Pa
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("max_position_embeddings") == 1, proc.stderr
     assert json.loads(proc.stdout)["token_ids"]
+
+
+def test_past_max_positions_cli_strict_refuses(short_context: Path, sample_image: Path):
+    proc = run_cli(
+        "run",
+        short_context,
+        "--image",
+        sample_image,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        40,
+        "--strict",
+    )
+    one_line_error(proc, "max_position_embeddings")
+    assert proc.stdout == ""  # refused before generating anything
