@@ -40,7 +40,11 @@ _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 
 
 def count_flops(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...]) -> int:
-    """FLOPs of running the graph on `inputs` (matmuls and attention, as torch counts them)."""
+    """FLOPs of running the graph on `inputs` (matmuls and attention, as torch counts them);
+    float inputs are cast to the dtype of the program's weights (a bf16 capture counts the same)."""
+    weights = [t for t in program.state_dict.values() if t.is_floating_point()]
+    if weights:
+        inputs = tuple(t.to(weights[0].dtype) if t.is_floating_point() else t for t in inputs)
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         program.module()(*inputs)
     return int(counter.get_total_flops())

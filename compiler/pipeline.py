@@ -171,6 +171,7 @@ def compile_model(
             bar.update()
             step(target)
             entries = {seg.name: backend(seg, tmp) for seg in segments}
+            entries = backend.finish_artifact(tmp, entries)
             bar.update()
             manifest = artifact.build_manifest(
                 info,

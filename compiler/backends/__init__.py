@@ -34,8 +34,16 @@ class Backend:
     options: TargetOptions = TargetOptions()
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # after every segment is written: (out_dir, entries) -> entries (e.g. one weights file)
+    finish: Callable[[Path, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]] | None = None
+
     def __call__(self, seg: Any, out_dir: Path) -> dict[str, Any]:
         return self.export(seg, out_dir)
+
+    def finish_artifact(
+        self, out_dir: Path, entries: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        return self.finish(out_dir, entries) if self.finish else entries
 
     def prepare(self, model: Any) -> Any:
         """The eager model in the engines' dtype: captured, and validated against, in it."""
@@ -82,9 +90,9 @@ def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
         raise UserError("target 'trt' is not implemented in this version yet; use --target onnx")
     check_options(target, options)
     if target == "onnx":
-        from .onnx import export_segment
+        from .onnx import export_segment, share_weights
 
-        return Backend(export_segment, options)
+        return Backend(export_segment, options, finish=share_weights)
     from .aoti import compile_segment
 
     return Backend(

@@ -1,13 +1,17 @@
-"""ONNX backend: each exported segment -> `<segment>.onnx` (torch.onnx dynamo exporter).
+"""ONNX backend: each exported segment -> `<segment>.onnx` (torch.onnx dynamo exporter), the
+weights of all segments in one `weights.data` file they point into.
 
 The exporter takes the `ExportedProgram` as it is after the passes, so what a pass removed from
 the graph is absent from the ONNX. Dynamic dims get readable names (`n` for the prompt length,
 `past_<l>` for layer l's cache length) and onnx.checker runs on every file. Weights go to
-external data when a file would pass protobuf's 2 GB limit.
+external data (`share_weights`): the prefill and decode graphs carry the same decoder weights,
+and each distinct tensor is written to `weights.data` once, both graphs' initializers pointing
+at the same offsets, so an artifact holds one copy of the weights, not two.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -21,7 +25,10 @@ from ..segment_io import rename_symbols
 log = logging.getLogger(__name__)
 
 OPSET = 18
-EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to `<file>.data`
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB leave the exporter in `<file>.data`
+SHARED_DATA = "weights.data"  # every segment's weights, each distinct tensor once
+ALIGN = 4096  # tensor offsets in SHARED_DATA: page-aligned, so onnxruntime may map them
+INLINE_BYTES = 4096  # smaller initializers (shapes, norms' eps...) stay inside the graph
 
 
 def _segment_bytes(seg: Any) -> int:
@@ -87,3 +94,45 @@ def _io(vi: onnx.ValueInfoProto) -> dict[str, Any]:
         "shape": shape,
         "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
     }
+
+
+def share_weights(out_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Move every segment's initializers of INLINE_BYTES or more into one `SHARED_DATA` file,
+    each distinct tensor (same dtype, shape and bytes) written once; return the entries with
+    `external_data` pointing at it. The per-segment data files the exporter wrote are removed."""
+    offsets: dict[tuple[int, tuple[int, ...], bytes], tuple[int, int]] = {}
+    out = {}
+    with open(out_dir / SHARED_DATA, "wb") as data:
+        for name, entry in entries.items():
+            path = out_dir / entry["file"]
+            model = onnx.load(str(path), load_external_data=True)
+            for init in model.graph.initializer:
+                raw = onnx.numpy_helper.to_array(init).tobytes()
+                if len(raw) < INLINE_BYTES:
+                    continue
+                key = (init.data_type, tuple(init.dims), hashlib.sha256(raw).digest())
+                if key not in offsets:
+                    start = -data.tell() % ALIGN + data.tell()
+                    data.write(b"\0" * (start - data.tell()))
+                    data.write(raw)
+                    offsets[key] = (start, len(raw))
+                offset, length = offsets[key]
+                _point_at(init, offset, length)
+            onnx.save_model(model, str(path))  # tensors already external: only the graph is written
+            if entry.get("external_data"):
+                (out_dir / entry["external_data"]).unlink(missing_ok=True)
+            onnx.checker.check_model(str(path))
+            out[name] = {**entry, "external_data": SHARED_DATA}
+    log.info("shared weights: %d distinct tensors in %s", len(offsets), SHARED_DATA)
+    return out
+
+
+def _point_at(init: onnx.TensorProto, offset: int, length: int) -> None:
+    """Make `init` an external tensor at SHARED_DATA[offset : offset + length]."""
+    dims, data_type, name = list(init.dims), init.data_type, init.name
+    init.Clear()
+    init.name, init.data_type = name, data_type
+    init.dims.extend(dims)
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", SHARED_DATA), ("offset", offset), ("length", length)):
+        init.external_data.add(key=key, value=str(value))
