@@ -30,10 +30,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RunnerOptions:
-    """What a caller of `load()` may choose: onnxruntime providers, CPU threads."""
+    """What a caller of `load()` may choose: onnxruntime providers, CPU threads, and whether
+    the segments share the artifact's one copy of the weights in memory (`share_weights`: the
+    ONNX runner maps weights.data instead of repacking each graph's GEMM weights: ~1x the
+    weights in memory instead of ~1.7x, at a slower decode on the CPU; see README)."""
 
     providers: tuple[str, ...] | None = None
     threads: int | None = None
+    share_weights: bool = False
 
 
 class SegmentRunner(Protocol):

@@ -60,6 +60,10 @@ def _session(path: Path, options: RunnerOptions) -> Any:
     opts.log_severity_level = 3
     if options.threads:
         opts.intra_op_num_threads = options.threads
+    if options.share_weights:
+        # prepacking copies every GEMM weight into a per-session buffer (prefill and decode
+        # would hold one each); without it the initializers stay mapped from weights.data
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     available = ort.get_available_providers()
     providers = list(options.providers or ["CPUExecutionProvider"])
     chosen = [p for p in providers if p in available]

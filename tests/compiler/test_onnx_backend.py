@@ -82,3 +82,17 @@ def test_weights_stored_once(tiny_base_artifact: Path, tiny_model_dir: Path):
     engine_bytes = sum((tiny_base_artifact / f).stat().st_size for f in files)
     weight_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
     assert engine_bytes < 1.3 * weight_bytes, (engine_bytes, weight_bytes)
+
+
+def test_share_weights_same_output(tiny_base_artifact: Path, sample_image: Path):
+    """Sessions that map weights.data (no per-session prepacked copies) give the same tokens."""
+    import numpy as np
+
+    from mllmc.runtime import load
+
+    default = load(tiny_base_artifact).generate(sample_image, "Hi", 8, stop_at_eos=False)
+    shared = load(tiny_base_artifact, share_weights=True).generate(
+        sample_image, "Hi", 8, stop_at_eos=False
+    )
+    assert shared.token_ids == default.token_ids
+    assert np.abs(shared.logits - default.logits).max() <= 1e-4
