@@ -368,11 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--target",
         default="onnx",
-        help="onnx (default; onnxruntime, float32 CPU), aoti (AOTInductor .pt2 packages) or trt",
+        help="onnx (default; onnxruntime, float32 CPU), aoti (AOTInductor .pt2 packages) or trt "
+        "(TensorRT via torch-tensorrt; written for, not run on, a GPU here)",
     )
-    sp.add_argument("--device", default="cpu", help="aoti: cpu (default) or cuda")
+    sp.add_argument("--device", default="cpu", help="aoti: cpu (default) or cuda; trt: cuda")
     sp.add_argument(
-        "--dtype", default="float32", help="aoti: float32 (default), bfloat16 or float16"
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: float32; trt: float16)",
     )
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
     sp.add_argument(

@@ -129,12 +129,13 @@ def compile_model(
     force: bool = False,
     progress: bool = True,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str | None = None,
 ) -> CompileResult:
     """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`.
 
     `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order. `target`:
-    onnx (float32, CPU) or aoti (`device` cpu or cuda, `dtype` float32, bfloat16 or float16)."""
+    onnx (float32, CPU), aoti (`device` cpu or cuda, `dtype` float32 (default), bfloat16 or
+    float16) or trt (cuda; float16 by default)."""
     from . import artifact, backends, capture, flops, outputs, verify
 
     passes = resolve_passes(passes)

@@ -5,7 +5,7 @@ validation holds it to."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,7 @@ from mllmc.runtime.errors import UserError
 
 TARGETS = ("onnx", "aoti", "trt")
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_DTYPE = {"onnx": "float32", "aoti": "float32", "trt": "float16"}
 # compile validation against eager in the same dtype: fp32 holds 1e-4 (ARCHITECTURE.md); a
 # 16-bit engine's kernels round differently from eager's, by up to a few units of the last bit
 DTYPE_TOL = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
@@ -25,7 +26,8 @@ class TargetOptions:
     """Where and in what precision a target's engines run."""
 
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the target's default (DEFAULT_DTYPE)
+    max_seq_len: int | None = None  # trt: the longest prompt / cache its profiles accept
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,24 @@ def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
     options = options or TargetOptions()
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
+    if options.dtype is None:
+        options = dataclasses.replace(options, dtype=DEFAULT_DTYPE[target])
     if target == "trt":
-        missing = [m for m in ("tensorrt", "torch_tensorrt") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise UserError(
-                f"target 'trt' needs {', '.join(missing)} (pip install 'mllmc[trt]' on a machine "
-                "with an NVIDIA GPU); use --target onnx here"
-            )
-        raise UserError("target 'trt' is not implemented in this version yet; use --target onnx")
+        from ..capture import MAX_SEQ
+        from . import trt
+
+        if options.device == "cpu":  # the CLI's default device; TensorRT runs on CUDA only
+            options = dataclasses.replace(options, device="cuda")
+        if options.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {options.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+        trt.check_available()
+        check_options(target, options)
+        max_seq = options.max_seq_len or MAX_SEQ
+        return Backend(
+            lambda seg, out: trt.compile_segment(seg, out, str(options.dtype), max_seq),
+            options,
+            {"device": options.device, "dtype": options.dtype, "max_seq_len": max_seq},
+        )
     check_options(target, options)
     if target == "onnx":
         from .onnx import export_segment, share_weights

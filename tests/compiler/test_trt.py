@@ -1,0 +1,124 @@
+"""`--target trt`: the parts that need neither TensorRT nor a GPU (optimisation-profile shape
+ranges, precisions, capability detection, manifest settings), and the one-line errors where
+CUDA / tensorrt / torch_tensorrt are missing. The TensorRT build itself has not been run here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllmc.compiler import backends
+from mllmc.compiler.backends import trt
+from mllmc.runtime import UserError
+
+MLLMC = str(Path(sys.executable).parent / "mllmc")
+HAVE_TRT = not trt.missing_requirements(torch.cuda.is_available())
+
+
+def one_line_error(args: list[object], match: str) -> str:
+    proc = subprocess.run([MLLMC, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mllmc")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+PREFILL_INPUTS = [
+    {"name": "input_ids", "shape": [1, "n"], "dtype": "int64"},
+    {"name": "image_features", "shape": [1, 16, 128], "dtype": "float16"},
+    {"name": "visual_start", "shape": [1], "dtype": "int64"},
+]
+DECODE_INPUTS = [
+    {"name": "input_ids", "shape": [1, 1], "dtype": "int64"},
+    {"name": "position_ids", "shape": [1, 1], "dtype": "int64"},
+    {"name": "past.0.key", "shape": [1, 2, "past_0", 32], "dtype": "float16"},
+    {"name": "past.1.key", "shape": [1, 2, "past_1", 32], "dtype": "float16"},
+]
+
+
+def test_prefill_profile():
+    ids, feats, start = trt.input_specs(PREFILL_INPUTS, max_seq_len=512)
+    assert (ids.min_shape, ids.opt_shape, ids.max_shape) == ((1, 18), (1, 16 + 64), (1, 512))
+    assert feats.min_shape == feats.opt_shape == feats.max_shape == (1, 16, 128)
+    assert feats.dtype == "float16" and start.max_shape == (1,)
+
+
+def test_decode_profile_per_layer_cache():
+    specs = {s.name: s for s in trt.input_specs(DECODE_INPUTS, max_seq_len=100)}
+    assert specs["input_ids"].max_shape == (1, 1)
+    for name in ("past.0.key", "past.1.key"):
+        s = specs[name]
+        assert (s.min_shape, s.opt_shape, s.max_shape) == (
+            (1, 2, 1, 32),
+            (1, 2, 64, 32),
+            (1, 2, 100, 32),
+        )
+
+
+def test_profile_refuses_short_max_seq_len():
+    with pytest.raises(UserError, match="shorter than the image span"):
+        trt.input_specs(PREFILL_INPUTS, max_seq_len=10)
+
+
+def test_precisions():
+    assert trt.PRECISIONS["float16"] == ("float16", "float32")
+    assert trt.PRECISIONS["bfloat16"] == ("bfloat16", "float32")
+    assert trt.PRECISIONS["float32"] == ("float32",)
+    assert backends.DEFAULT_DTYPE["trt"] == "float16"
+
+
+def test_missing_requirements_names_each():
+    def none(m: str) -> bool:
+        return False
+
+    def both(m: str) -> bool:
+        return True
+
+    assert trt.missing_requirements(False, none) == ["a CUDA device", "tensorrt", "torch_tensorrt"]
+    assert trt.missing_requirements(True, lambda m: m == "tensorrt") == ["torch_tensorrt"]
+    assert trt.missing_requirements(True, both) == []
+
+
+def test_backend_settings_for_the_manifest(monkeypatch):
+    """With the requirements faked present: device cuda, float16 by default, the profile limit."""
+    monkeypatch.setattr(trt, "check_available", lambda what="": None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend = backends.get_backend("trt", backends.TargetOptions())
+    assert backend.extra == {"device": "cuda", "dtype": "float16", "max_seq_len": 8192}
+    backend = backends.get_backend(
+        "trt", backends.TargetOptions(dtype="bfloat16", max_seq_len=2048)
+    )
+    assert backend.extra["dtype"] == "bfloat16" and backend.extra["max_seq_len"] == 2048
+    with pytest.raises(UserError, match="unknown dtype"):
+        backends.get_backend("trt", backends.TargetOptions(dtype="int8"))
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
+def test_compile_trt_says_what_is_missing(tiny_model_dir, tmp_path):
+    line = one_line_error(
+        ["compile", tiny_model_dir, "--target", "trt", "-o", tmp_path / "t"], "needs"
+    )
+    for what in trt.missing_requirements(torch.cuda.is_available()):
+        assert what in line
+    assert "pip install 'mllmc[trt]'" in line
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
+def test_run_trt_artifact_says_what_is_missing(tiny_base_artifact, tmp_path, sample_image):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base_artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"] = "trt"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    line = one_line_error(
+        ["run", copy, "--image", sample_image, "--prompt", "Hi"], "TensorRT engine"
+    )
+    assert "pip install 'mllmc[trt]'" in line
