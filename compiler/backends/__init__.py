@@ -105,10 +105,12 @@ def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
         from .onnx import export_segment, share_weights
 
         return Backend(export_segment, options, finish=share_weights)
-    from .aoti import compile_segment
+    from .aoti import WeightStore, compile_segment
 
+    store = WeightStore()  # the weights of all three segments, each tensor once
     return Backend(
-        lambda seg, out: compile_segment(seg, out, options.device),
+        lambda seg, out: compile_segment(seg, out, options.device, store),
         options,
         {"device": options.device, "dtype": options.dtype},
+        finish=store.save,
     )

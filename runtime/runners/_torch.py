@@ -34,6 +34,7 @@ class TorchCallRunner:
         self.device = torch.device(device)
         self._inputs = [(t.name, torch_dtype(t.dtype)) for t in entry.inputs]
         self._outputs = [t.name for t in entry.outputs]
+        self.weights: Any = None  # what `fn` reads its weights from, kept alive with it
 
     def _tensor(self, value: Any, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(value, torch.Tensor):

@@ -1,5 +1,7 @@
 """AOTInductor runner: a segment's `.pt2` package (torch._inductor.aoti_load_package) on the
-device it was compiled for. Imports torch when an aoti artifact is loaded, never before.
+device it was compiled for. Imports torch when an aoti artifact is loaded, never before. The
+packages hold code; their weights come from the artifact's one weights file, loaded once and
+handed to every package without a copy.
 
 Before the shared library is loaded, the package's metadata is read from the zip: AOTInductor's
 device key must be the manifest's device (and that device must be here), and the IO the
@@ -8,6 +10,7 @@ compiler recorded in it must be the manifest's."""
 from __future__ import annotations
 
 import json
+import weakref
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
     from ..manifest import Manifest, SegmentEntry
 
 IO_KEY = "mllmc_io"  # written by compiler/backends/aoti.py
+CONSTANTS_KEY = "mllmc_constants"  # constant name -> key in the artifact's weights file
 
 
 def package_metadata(path: Path) -> dict[str, str]:
@@ -69,4 +73,61 @@ def open_segment(
     except Exception as e:  # the loader raises RuntimeError with a C++ message
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load engine file {path}: {first}") from None
-    return TorchCallRunner(name, entry, model, device)
+    runner = TorchCallRunner(name, entry, model, device)
+    if CONSTANTS_KEY in meta:
+        if not entry.external_data:
+            raise UserError(f"corrupt artifact: {path.name} needs a weights file, none is named")
+        weights = shared_weights(root / entry.external_data, device)
+        try:
+            mapping = json.loads(meta[CONSTANTS_KEY])
+            constants = {name: weights.tensors[key] for name, key in mapping.items()}
+            needed = set(model.get_constant_fqns())
+            model.load_constants(
+                {k: v for k, v in constants.items() if k in needed},
+                check_full_update=True,
+                user_managed=True,  # no copy: every package reads the one set of tensors
+            )
+        except (KeyError, TypeError, json.JSONDecodeError, RuntimeError) as e:
+            raise UserError(
+                f"corrupt artifact: {path.name} and {entry.external_data}: {e}"
+            ) from None
+        runner.weights = weights  # keep the tensors alive as long as the runner
+    return runner
+
+
+class SharedWeights:
+    """The tensors of an artifact's weights file on one device, shared by its packages."""
+
+    def __init__(self, tensors: dict[str, Any]):
+        self.tensors = tensors
+
+
+_LOADED: weakref.WeakValueDictionary[tuple[str, int, str], SharedWeights] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def shared_weights(path: Path, device: str) -> SharedWeights:
+    """`path` loaded once per device while any runner uses it (memory-mapped on the CPU)."""
+    import torch
+
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise UserError(f"corrupt artifact: cannot read {path}: {e}") from None
+    key = (str(path.resolve()), stat.st_mtime_ns, device)
+    found = _LOADED.get(key)
+    if found is None:
+        try:
+            tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # a bad archive raises several types
+            raise UserError(
+                f"corrupt weights file {path}: {str(e).splitlines()[0][:300]}"
+            ) from None
+        if not isinstance(tensors, dict):
+            raise UserError(f"corrupt weights file {path}: not a dict of tensors")
+        if device != "cpu":
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+        found = SharedWeights(tensors)
+        _LOADED[key] = found
+    return found

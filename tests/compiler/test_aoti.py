@@ -132,3 +132,22 @@ def test_aoti_base_matches_hf(tiny_model_dir, tmp_path, sample_image):
 
     out = compile_model(tiny_model_dir, tmp_path / "base", target="aoti", progress=False).out_dir
     check_parity(out, tiny_model_dir, sample_image)
+
+
+def test_aoti_weights_once(tiny_aoti_shortv, tiny_model_dir):
+    """The packages hold code only; weights.pt holds each tensor once, prefill and decode read
+    the same keys (and, loaded, the same memory)."""
+    from mllmc.runtime.runners.aoti import CONSTANTS_KEY, package_metadata
+
+    weights = (tiny_aoti_shortv / "weights.pt").stat().st_size
+    model_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert weights < 1.05 * model_bytes, (weights, model_bytes)
+    maps = {
+        seg: json.loads(package_metadata(tiny_aoti_shortv / f"{seg}.pt2")[CONSTANTS_KEY])
+        for seg in ("prefill", "decode")
+    }
+    layer_keys = {k for k in maps["decode"].values() if k.startswith("layers.")}
+    assert layer_keys and layer_keys <= set(maps["prefill"].values())
+    engine = load(tiny_aoti_shortv)
+    pre, dec = engine.runners["prefill"].weights, engine.runners["decode"].weights
+    assert pre is dec  # one set of tensors for both packages
