@@ -171,7 +171,13 @@ def test_model_dir_errors(tmp_path, tiny_model_dir):
 def test_pass_and_option_errors(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     user_error(
-        "compile", tiny_model_dir, "--pass", "fastx", "-o", out, match="valid passes: shortv"
+        "compile",
+        tiny_model_dir,
+        "--pass",
+        "fastx",
+        "-o",
+        out,
+        match="valid passes: fastervlm, fastv, shortv, vtc_cls, vte",
     )
     user_error(
         "compile", tiny_model_dir, "--pass", "shortv:k=1", "-o", out, match="valid options: layers"
@@ -267,4 +273,12 @@ def test_calibrate_writes_lc_and_plot(tiny_model_dir, tmp_path):
     user_error(
         "calibrate", tiny_model_dir, "--images", tmp_path / "nodir", "-o", other, match="not found"
     )
-    user_error("calibrate", tiny_model_dir, "--pass", "fastv", "-o", other, match="shortv only")
+    user_error(
+        "calibrate",
+        tiny_model_dir,
+        "--pass",
+        "fastv",
+        "-o",
+        other,
+        match="supports --pass shortv or vte",
+    )
