@@ -200,7 +200,13 @@ def test_pass_and_option_errors(tmp_path, tiny_model_dir):
         "compile", tiny_model_dir, "--pass", "shortv:lc=nope.json", "-o", out, "-q", match="LC file"
     )
     user_error(
-        "compile", tiny_model_dir, "--target", "tpu", "-o", out, match="valid targets: onnx, trt"
+        "compile",
+        tiny_model_dir,
+        "--target",
+        "tpu",
+        "-o",
+        out,
+        match="valid targets: onnx, aoti, trt",
     )
     user_error("compile", tiny_model_dir, "-o", out, "--bogus", match="unrecognized arguments")
     out.mkdir()
