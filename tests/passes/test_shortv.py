@@ -168,7 +168,10 @@ def test_option_errors(captured):
         parse_pass_spec("shortv:ratio=1.0")
     with pytest.raises(UserError, match="unknown option 'k'.*valid options: layers, ratio, lc"):
         parse_pass_spec("shortv:k=2")
-    with pytest.raises(UserError, match="unknown pass 'shortx'.*valid passes: shortv"):
+    with pytest.raises(
+        UserError,
+        match="unknown pass 'shortx'.*valid passes: fastervlm, fastv, shortv, vtc_cls, vte",
+    ):
         parse_pass_spec("shortx")
     with pytest.raises(UserError, match="LC file .* not found"):
         prepare(ShortVConfig(lc="/nonexistent/lc.json"), model, info)
