@@ -1,4 +1,6 @@
-"""mllmc runtime: loads an mllmc artifact and runs it with numpy + onnxruntime. Imports no torch.
+"""mllmc runtime: loads an mllmc artifact and runs it on the runner its target names
+(runtime/runners/): numpy + onnxruntime for onnx artifacts, which never import torch; aoti and
+trt artifacts import torch when they are loaded.
 
 from mllmc.runtime import load
 engine = load("out/tiny-shortv")
