@@ -1,4 +1,6 @@
-"""Tiny and small random-init LLaVA-1.5 model directories for tests and benchmarks.
+"""Tiny and small LLaVA-1.5 model directories for tests and benchmarks: random-init ones, and
+`trained-tiny-llava`, whose weights and tokenizer were trained on the shapes-qa task
+(compiler/shapes_qa.py) by benchmarks/train_shapes_llava.py and ship in compiler/assets/.
 
 `write_preset(name, out_dir, seed)` writes a complete Hugging Face model directory (config.json,
 model.safetensors, tokenizer.json + tokenizer_config.json with the `<image>` token, the
@@ -13,8 +15,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mllmc.runtime.errors import UserError
+
+from .shapes_qa import tokenizer_corpus
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,12 @@ class PresetSpec:
     tokenizer_vocab: int = 600
     init_std: float = 0.02
     dtype: str = "float32"  # dtype the weights are built and saved in
+    # words the tokenizer is trained on besides the built-in corpus
+    extra_corpus: str = ""
+    # trained weights (a safetensors file) and their tokenizer.json, under compiler/assets/;
+    # None: random init and a tokenizer trained on the corpus
+    weights: str | None = None
+    tokenizer_file: str | None = None
 
 
 PRESETS: dict[str, PresetSpec] = {
@@ -126,10 +137,34 @@ PRESETS: dict[str, PresetSpec] = {
         init_std=0.02,
         dtype="float16",
     ),
+    # Trained on shapes-qa (benchmarks/train_shapes_llava.py reproduces the shipped weights).
+    "trained-tiny-llava": PresetSpec(
+        description="trained on shapes-qa: CLIP 3 layers, 128 px / patch 16 -> 64 visual tokens; "
+        "Llama 6 layers, hidden 128, GQA 4:2",
+        image_size=128,
+        patch_size=16,
+        vision_hidden=96,
+        vision_layers=3,
+        vision_heads=4,
+        vision_mlp=256,
+        hidden=128,
+        layers=6,
+        heads=4,
+        kv_heads=2,
+        mlp=256,
+        vocab_size=640,
+        tokenizer_vocab=640,
+        init_std=0.02,
+        extra_corpus=tokenizer_corpus(),
+        weights="trained-tiny-llava.safetensors",
+        tokenizer_file="trained-tiny-llava-tokenizer.json",
+    ),
 }
 
+ASSETS = Path(__file__).parent / "assets"
 
-def _build_tokenizer(vocab_size: int):
+
+def _build_tokenizer(vocab_size: int, extra_corpus: str = ""):
     """A byte-level BPE tokenizer with Llama-style specials and the `<image>` token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -142,7 +177,7 @@ def _build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([_CORPUS] * 4 + [extra_corpus] * 8, trainer=trainer)
     tok.add_special_tokens(["<image>"])
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
@@ -154,7 +189,8 @@ def _build_tokenizer(vocab_size: int):
 def write_preset(
     name: str, out_dir: str | os.PathLike, seed: int = 0, force: bool = False, device: str = "cpu"
 ) -> Path:
-    """Write preset `name` as a Hugging Face LLaVA model directory at `out_dir`; returns its path."""
+    """Write preset `name` as a Hugging Face LLaVA model directory at `out_dir`; returns its path.
+    A trained preset's weights do not depend on `seed`."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
     return write_model(PRESETS[name], out_dir, seed=seed, force=force, device=device)
@@ -167,13 +203,27 @@ def write_model(
     force: bool = False,
     device: str = "cpu",
 ) -> Path:
-    """Write a random-init LLaVA-1.5 model of shapes `spec` at `out_dir` (atomically). The
-    weights are drawn on `device` (a GPU draws a 7B model in seconds; the same seed gives other
-    weights on another device)."""
+    """Write a LLaVA-1.5 model of shapes `spec` at `out_dir` (atomically): random init, or the
+    trained weights `spec.weights` names. Random weights are drawn on `device` (a GPU draws a 7B
+    model in seconds; the same seed gives other weights on another device)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
+    model, processor = build_model(spec, seed=seed, device=device)
 
+    from .artifact import staged_directory
+
+    with staged_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("wrote %s (%.1fM params, seed %d) to %s", spec.description, n_params / 1e6, seed, out)
+    return out
+
+
+def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[Any, Any]:
+    """(LlavaForConditionalGeneration in eval mode, LlavaProcessor) of shapes `spec`: what
+    `write_model` saves, and what the training script trains."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -185,7 +235,12 @@ def write_model(
         PreTrainedTokenizerFast,
     )
 
-    tok = _build_tokenizer(spec.tokenizer_vocab)
+    if spec.tokenizer_file is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(ASSETS / spec.tokenizer_file))
+    else:
+        tok = _build_tokenizer(spec.tokenizer_vocab, spec.extra_corpus)
     image_token_id = tok.token_to_id("<image>")
     vocab_size = max(spec.vocab_size, tok.get_vocab_size())
     tokenizer = PreTrainedTokenizerFast(
@@ -239,6 +294,12 @@ def write_model(
             model = LlavaForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(default_dtype)
+    if spec.weights is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(ASSETS / spec.weights))
+        model_state = model.state_dict()
+        model.load_state_dict({k: v.to(model_state[k].dtype) for k, v in state.items()})
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -260,12 +321,4 @@ def write_model(
         chat_template=LLAVA_CHAT_TEMPLATE,
         image_token="<image>",
     )
-
-    from .artifact import staged_directory
-
-    with staged_directory(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("wrote %s (%.1fM params, seed %d) to %s", spec.description, n_params / 1e6, seed, out)
-    return out
+    return model, processor

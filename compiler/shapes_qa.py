@@ -1,7 +1,9 @@
 """shapes-qa: a deterministic synthetic visual-QA task drawn with Pillow.
 
-Each item is a scene of 2-4 flat shapes (circle / square / triangle) in one of five colours and
-two sizes on a light background, and one question with a one-word answer:
+Each item is a 128 x 128 scene of 2-4 flat shapes (circle / square / triangle) in one of five
+colours and two sizes on a light background, one shape per quadrant (placed at random inside
+it: for a 16 px patch ViT each shape lies in one 4 x 4 block of patches), and one question with a
+one-word answer:
 
     kind        question                                   answer           looks at
     colour      What colour is the circle?                 red ... purple   one small region
@@ -45,8 +47,9 @@ COLOURS = {
 COUNT_WORDS = ("zero", "one", "two", "three")
 KINDS = ("colour", "count", "leftright", "largest")
 # radius (half the bounding box) of the two sizes, in pixels at IMAGE_SIZE
-SMALL_RADIUS = (8, 11)
-LARGE_RADIUS = (17, 22)
+SMALL_RADIUS = (12, 16)
+LARGE_RADIUS = (24, 29)
+GRID = 2  # scenes are laid out on a 2 x 2 grid of 64 px cells, one shape per cell
 LEFTRIGHT_MIN_GAP = 16  # pixels between the centres of the two shapes of a left/right question
 BACKGROUND = (238, 238, 232)
 
@@ -102,30 +105,23 @@ class Item:
     seed: int
 
 
-def _place(rng: random.Random, kinds: list[str], radii: list[int]) -> list[tuple[int, int]] | None:
-    """Centres for shapes of radius `radii`, inside the image and not touching; None if the
-    random placement failed (the caller draws another scene)."""
-    centres: list[tuple[int, int]] = []
-    for r in radii:
-        for _ in range(50):
-            x = rng.randint(r + 3, IMAGE_SIZE - r - 4)
-            y = rng.randint(r + 3, IMAGE_SIZE - r - 4)
-            if all(
-                abs(x - cx) > r + cr + 4 or abs(y - cy) > r + cr + 4
-                for (cx, cy), cr in zip(centres, radii, strict=False)
-            ):
-                centres.append((x, y))
-                break
-        else:
-            return None
+def _place(rng: random.Random, radii: list[int]) -> list[tuple[int, int]]:
+    """Centres for shapes of radius `radii`, one per distinct cell of a GRID x GRID layout (so
+    shapes never touch, and each stays inside its cell: a 2x2 block of 16 px patches)."""
+    cell = IMAGE_SIZE // GRID
+    cells = rng.sample(range(GRID * GRID), len(radii))
+    centres = []
+    for c, r in zip(cells, radii, strict=True):
+        slack = cell // 2 - 1 - r
+        x = (c % GRID) * cell + cell // 2 + rng.randint(-slack, slack)
+        y = (c // GRID) * cell + cell // 2 + rng.randint(-slack, slack)
+        centres.append((x, y))
     return centres
 
 
-def _scene(rng: random.Random, kinds: list[str], large: list[bool]) -> list[Shape] | None:
+def _scene(rng: random.Random, kinds: list[str], large: list[bool]) -> list[Shape]:
     radii = [rng.randint(*(LARGE_RADIUS if big else SMALL_RADIUS)) for big in large]
-    centres = _place(rng, kinds, radii)
-    if centres is None:
-        return None
+    centres = _place(rng, radii)
     colours = [rng.choice(list(COLOURS)) for _ in kinds]
     return [
         Shape(k, c, x, y, r) for k, c, (x, y), r in zip(kinds, colours, centres, radii, strict=True)
@@ -159,8 +155,6 @@ def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str] | N
         kinds = [target] + [rng.choice(others) for _ in range(rng.randint(1, 3))]
         rng.shuffle(kinds)
         shapes = _scene(rng, kinds, [rng.random() < 0.5 for _ in kinds])
-        if shapes is None:
-            return None
         (hit,) = [s for s in shapes if s.kind == target]
         return shapes, QUESTION_TEMPLATES["colour"].format(shape=target), hit.colour
     if kind == "count":
@@ -171,8 +165,6 @@ def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str] | N
         kinds = [target] * count + [rng.choice(others) for _ in range(total - count)]
         rng.shuffle(kinds)
         shapes = _scene(rng, kinds, [rng.random() < 0.4 for _ in kinds])
-        if shapes is None:
-            return None
         return shapes, QUESTION_TEMPLATES["count"].format(shape=target), COUNT_WORDS[count]
     if kind == "leftright":
         a, b = rng.sample(SHAPES, 2)
@@ -180,8 +172,6 @@ def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str] | N
         kinds = [a, b] + [c] * rng.randint(0, 2)
         rng.shuffle(kinds)
         shapes = _scene(rng, kinds, [rng.random() < 0.5 for _ in kinds])
-        if shapes is None:
-            return None
         (sa,) = [s for s in shapes if s.kind == a]
         (sb,) = [s for s in shapes if s.kind == b]
         if abs(sa.x - sb.x) < LEFTRIGHT_MIN_GAP:
@@ -196,8 +186,6 @@ def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str] | N
         order = list(range(n))
         rng.shuffle(order)
         shapes = _scene(rng, [kinds[i] for i in order], [large[i] for i in order])
-        if shapes is None:
-            return None
         areas = sorted((s.area for s in shapes), reverse=True)
         biggest = max(shapes, key=lambda s: s.area)
         if areas[0] < 2 * areas[1] or biggest.kind != target:
@@ -218,15 +206,23 @@ def item(seed: int) -> Item:
 
 
 def warmup_item(seed: int) -> Item:
-    """A one-shape scene and "What colour is the <shape>?": an easier item that training mixes
-    in early (a curriculum), so that the vision-to-answer path forms before the full task."""
+    """An easier item that training mixes in early (a curriculum), so that the vision-to-answer
+    path forms before the full task: a colour question about a scene of one or two shapes, or a
+    left/right question about a scene of exactly two."""
     rng = random.Random(seed)
     while True:
-        kind = rng.choice(SHAPES)
-        shapes = _scene(rng, [kind], [rng.random() < 0.5])
-        if shapes is not None:
-            question = QUESTION_TEMPLATES["colour"].format(shape=kind)
+        mode = rng.randrange(3)
+        a, b = rng.sample(SHAPES, 2)
+        kinds = [a] if mode == 0 else [a, b]
+        shapes = _scene(rng, kinds, [rng.random() < 0.5 for _ in kinds])
+        if mode < 2:
+            question = QUESTION_TEMPLATES["colour"].format(shape=a)
             return Item(_draw(shapes), question, shapes[0].colour, "colour", seed)
+        sa, sb = shapes
+        if abs(sa.x - sb.x) >= LEFTRIGHT_MIN_GAP:
+            question = QUESTION_TEMPLATES["leftright"].format(a=a, b=b)
+            answer = "left" if sa.x < sb.x else "right"
+            return Item(_draw(shapes), question, answer, "leftright", seed)
 
 
 def items(split: str = "heldout", n: int = 500, start: int = 0) -> Iterator[Item]:

@@ -82,3 +82,23 @@ def tiny_shortv_artifact(tiny_model_dir: Path, tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("artifacts") / "tiny-shortv"
     spec = f"shortv:layers={TINY_SHORTV_LAYERS}"
     return compile_model(tiny_model_dir, out, [spec], progress=False).out_dir
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained-tiny-llava preset (shipped shapes-qa weights)."""
+    from mllmc.compiler.presets import write_preset
+
+    return write_preset("trained-tiny-llava", tmp_path_factory.mktemp("models") / "trained")
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """trained-tiny-llava compiled without passes. Not validated at compile time: the trained
+    model's logits are larger than a random model's and the ONNX engine differs from eager by
+    ~1e-4 in absolute logits (the compile check's tolerance); tests/compiler/test_evaluate.py
+    checks that both give the same answers instead."""
+    from mllmc.compiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "trained-base"
+    return compile_model(trained_model_dir, out, validate=False, progress=False).out_dir
