@@ -57,11 +57,11 @@ def _run(captured, specs, sample_image):
 CASES = [
     ["fastv"],
     ["vte:k=0"],
-    ["fastervlm:keep=5"],
-    ["fastv:k=2,ratio=0.5", "shortv:layers=[1,2,3]"],
     ["vtc_cls:keep=9", "fastv:k=1,ratio=0.5", "shortv:layers=[0,2]"],
 ]
 SLOW_CASES = [
+    ["fastervlm:keep=5"],
+    ["fastv:k=2,ratio=0.5", "shortv:layers=[1,2,3]"],
     ["fastv:k=1,ratio=0.75"],
     ["fastv:k=-1"],  # replaced below by the last valid k
     ["vte:k=2"],
