@@ -11,14 +11,17 @@ compiler never looks at which preset wrote a directory: it reads the same files 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
 
+from .outputs import check_output_dir, staged_directory
 from .shapes_qa import tokenizer_corpus
 
 log = logging.getLogger(__name__)
@@ -164,6 +167,34 @@ PRESETS: dict[str, PresetSpec] = {
 ASSETS = Path(__file__).parent / "assets"
 
 
+# Written into every preset directory: `--force` replaces a directory only when it holds this
+# marker (a preset mllmc wrote) and the files a Hugging Face LLaVA directory has, or nothing.
+MARKER = ".mllmc-preset"
+_HF_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+    r"model\.safetensors\.index\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
+    r"chat_template\.(jinja|json)|processor_config\.json|preprocessor_config\.json)$"
+)
+
+
+def replaceable(path: Path) -> str | None:
+    """None if `path` is empty or a preset directory mllmc wrote; else why --force may not
+    replace it (a real model directory has no marker and is never replaced)."""
+    entries = list(path.iterdir())
+    if not entries:
+        return None
+    if not (path / MARKER).is_file():
+        return f"it is not a preset directory written by mllmc (no {MARKER} marker)"
+    foreign = sorted(
+        p.name
+        for p in entries
+        if p.name != MARKER and (not p.is_file() or not _HF_FILES.match(p.name))
+    )
+    if foreign:
+        return f"it holds files mllmc did not write ({', '.join(foreign[:3])})"
+    return None
+
+
 def _build_tokenizer(vocab_size: int, extra_corpus: str = ""):
     """A byte-level BPE tokenizer with Llama-style specials and the `<image>` token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -207,15 +238,15 @@ def write_model(
     trained weights `spec.weights` names. Random weights are drawn on `device` (a GPU draws a 7B
     model in seconds; the same seed gives other weights on another device)."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
+    empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    force = force or empty_dir  # an empty directory is there to be filled
+    check_output_dir(out, force, replaceable, what="model directory")
     model, processor = build_model(spec, seed=seed, device=device)
 
-    from .artifact import staged_directory
-
-    with staged_directory(out) as tmp:
+    with staged_directory(out, force=force, replaceable=replaceable) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"preset": spec.description, "seed": seed}) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     log.info("wrote %s (%.1fM params, seed %d) to %s", spec.description, n_params / 1e6, seed, out)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mllmc.runtime.errors import UserError
 from tests.compiler.test_cli import MLLMC, mllmc, user_error
 
 
@@ -71,28 +72,38 @@ def test_force_replaces_only_an_mllmc_artifact(
     user_error("compile", tiny_model_dir, "-o", "/sys/mllmc-out", match="cannot write")
 
 
-def test_force_replaces_an_artifact_in_one_swap(tiny_model_dir, tiny_base_artifact, tmp_path):
+def test_force_replaces_an_artifact_in_one_swap(tiny_base_artifact, tmp_path):
+    """The swap compile ends with, run directly: the old artifact is renamed aside, the new one
+    renamed in, the old one deleted; nothing else is left beside it."""
+    from mllmc.compiler.artifact import staged_directory
+
     art = tmp_path / "art"
     shutil.copytree(tiny_base_artifact, art)
-    before = json.loads((art / "manifest.json").read_text())["created"]
-    time.sleep(1.1)
-    mllmc("compile", tiny_model_dir, "-o", art, "--force", "--no-validate", "-q")
-    after = json.loads((art / "manifest.json").read_text())["created"]
-    assert after != before
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".art.")]
-    assert leftovers in ([], [".art.lock"]), leftovers
+    with staged_directory(art, force=True) as tmp:
+        assert tmp.parent == art.parent and tmp.name.startswith(f".art.tmp-{os.getpid()}-")
+        shutil.copytree(tiny_base_artifact, tmp, dirs_exist_ok=True)
+        (tmp / "manifest.json").write_text((tmp / "manifest.json").read_text() + " ")
+        assert (art / "prefill.onnx").is_file()  # the old artifact is intact until the swap
+    assert (art / "manifest.json").read_text().endswith(" ")  # the new one is in place
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".art."))
+    assert leftovers == [".art.lock"], leftovers
+    with pytest.raises(UserError, match="already exists|appeared"), staged_directory(art):
+        pass  # without force: refused at the swap too, and its temp dir removed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".art.")) == leftovers
 
 
-def test_concurrent_compiles_to_one_output_do_not_both_succeed(tiny_model_dir, tmp_path):
+def test_concurrent_writers_to_one_output_do_not_both_succeed(tmp_path):
+    """Two writers racing for one new output without --force (presets: the same staging and
+    swap as compile, seconds instead of a minute): exactly one succeeds."""
     out = tmp_path / "out"
-    cmd = [MLLMC, "compile", str(tiny_model_dir), "-o", str(out), "--no-validate", "-q"]
+    cmd = [MLLMC, "preset", "tiny-llava", "-o", str(out)]
     procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, err in results if code == 2)
     assert "appeared while this ran" in loser or "already exists" in loser, loser
-    assert (out / "manifest.json").is_file() and temps_beside(out) == []
+    assert (out / "config.json").is_file() and temps_beside(out) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
