@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from mllmc.compiler import bench
-from mllmc.passes.calibration import calibrate_cli
 from mllmc.compiler.presets import write_preset
+from mllmc.passes.calibration import calibrate_cli
 
 
 def main() -> None:
