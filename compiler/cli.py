@@ -391,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("--pass", dest="pass_name", default="shortv", help="shortv or vte")
     sp.add_argument(
-        "--threshold", type=float, help="vte: the largest mean output KL the exit layer may cause"
+        "--threshold",
+        type=_number(positive=True),
+        help="vte: the largest mean output KL the exit layer may cause",
     )
     sp.add_argument("--images", help="directory of images (default: built-in generated images)")
     sp.add_argument("--prompts", help="text file, one prompt per line (default: built-in)")
@@ -421,9 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("-n", "--num-items", type=int, default=None, help="default: 500 / all lines")
     sp.add_argument("--split", default="heldout", help="task split: heldout (default) or train")
-    sp.add_argument("--max-new-tokens", type=int, default=4)
+    sp.add_argument("--max-new-tokens", type=_int_in(1), default=4)
     sp.add_argument(
-        "--threads", type=int, default=None, help="onnxruntime (artifact) or torch (HF) threads"
+        "--threads",
+        type=_int_in(1, os.cpu_count() or 1),
+        default=None,
+        help="onnxruntime (artifact) or torch (HF) threads",
     )
     sp.add_argument(
         "--json", action="store_true", help="print the report (and each answer) as JSON"

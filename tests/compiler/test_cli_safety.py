@@ -318,3 +318,12 @@ def test_inspect_refuses_an_artifact_with_missing_engine_files(tiny_base_artifac
     shutil.copytree(tiny_base_artifact, art)
     (art / "prefill.onnx").unlink()
     user_error("inspect", art, match="prefill.onnx is missing")
+
+
+def test_eval_and_calibrate_numbers_are_checked(tiny_base_artifact, tiny_model_dir, tmp_path):
+    ev = ("eval", tiny_base_artifact, "--task", "shapes-qa")
+    user_error(*ev, "--threads", "100000", match="--threads: must be between 1 and")
+    user_error(*ev, "--max-new-tokens", "0", match="--max-new-tokens: must be >= 1")
+    cal = ("calibrate", tiny_model_dir, "--pass", "vte", "-o", tmp_path / "exit.json")
+    user_error(*cal, "--threshold", "nan", match="--threshold: must be a finite number > 0")
+    user_error(*cal, "--threshold", "-1", match="--threshold: must be a finite number > 0")
