@@ -198,9 +198,7 @@ def staged_directory(
         )
     except OSError as e:
         raise UserError(f"cannot write beside {out}: {_why(e)}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it the user's usual mode
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it the user's usual mode
     try:
         yield tmp
         publish(tmp, out, force, never)

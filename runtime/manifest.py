@@ -17,6 +17,7 @@ never a KeyError deep in the runtime.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -240,14 +241,11 @@ def _build(tp: Any, value: Any, where: str, path: str = "") -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
-            try:
+            with contextlib.suppress(UserError):
                 return _build(option, value, where, path)
-            except UserError as e:
-                errors.append(e)
         raise bad(" or ".join(_type_name(o) for o in options))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

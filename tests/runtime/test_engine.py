@@ -133,34 +133,21 @@ def test_past_max_positions_warns_or_refuses(short_context: Path, sample_image: 
     assert len(warnings) == 1
 
 
-def test_past_max_positions_cli_warns_once(short_context: Path, sample_image: Path):
-    proc = run_cli(
-        "run",
-        short_context,
-        "--image",
-        sample_image,
-        "--prompt",
-        "Hi",
-        "--max-new-tokens",
-        40,
-        "--json",
+def _run_past_max_positions(artifact: Path, image: Path, *flags: str):
+    """`mllmc run` with 40 new tokens on the 40-position artifact: past the model's positions."""
+    return run_cli(
+        "run", artifact, "--image", image, "--prompt", "Hi", "--max-new-tokens", 40, *flags
     )
+
+
+def test_past_max_positions_cli_warns_once(short_context: Path, sample_image: Path):
+    proc = _run_past_max_positions(short_context, sample_image, "--json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("max_position_embeddings") == 1, proc.stderr
     assert json.loads(proc.stdout)["token_ids"]
 
 
 def test_past_max_positions_cli_strict_refuses(short_context: Path, sample_image: Path):
-    proc = run_cli(
-        "run",
-        short_context,
-        "--image",
-        sample_image,
-        "--prompt",
-        "Hi",
-        "--max-new-tokens",
-        40,
-        "--strict",
-    )
+    proc = _run_past_max_positions(short_context, sample_image, "--strict")
     one_line_error(proc, "max_position_embeddings")
     assert proc.stdout == ""  # refused before generating anything
