@@ -30,6 +30,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -48,6 +49,8 @@ class Batcher:
         self.tokenizer = processor.tokenizer
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id
+        ip = processor.image_processor
+        self.grid = ip.crop_size["height"] // processor.patch_size
         self._prompt_ids: dict[str, list[int]] = {}
         self.answer_id = {}
         for word in shapes_qa.ANSWER_WORDS:
@@ -66,6 +69,7 @@ class Batcher:
         return self._prompt_ids[question]
 
     def __call__(self, items: list[shapes_qa.Item]) -> dict[str, torch.Tensor]:
+        patch_labels = torch.stack([patch_labels_of(it, self.grid) for it in items])
         pixel_values = self.processor.image_processor(
             images=[it.image for it in items], return_tensors="pt"
         )["pixel_values"]  # (B, 3, 128, 128)
@@ -88,18 +92,114 @@ class Batcher:
             "pixel_values": pixel_values,
             "labels": labels,
             "prompt_lens": torch.tensor(prompt_lens),
+            "patch_labels": patch_labels,
         }
 
 
-def loss_fn(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+# Dense labels per image patch, from the scene the item was drawn from: what the shape covering
+# the patch is, its colour and size, the patch cell of its centre (column, row) and whether this
+# patch is that centre. Background patches are labelled as such for kind/colour/size and ignored
+# for the rest; patches a shape covers only a little of are ignored everywhere.
+AUX_HEADS = {
+    "kind": 1 + len(shapes_qa.SHAPES),
+    "colour": 1 + len(shapes_qa.COLOURS),
+    "size": 3,
+    "column": None,  # grid cells, set from the grid
+    "row": None,
+    "centre": 2,
+}
+COVERED = 0.25  # share of a patch a shape must cover to label it
+
+
+def patch_labels_of(it: shapes_qa.Item, grid: int) -> torch.Tensor:
+    """(grid * grid, len(AUX_HEADS)) int64 labels for `it`'s patches, row-major like the ViT's."""
+    mask = np.asarray(shapes_qa.shape_mask(it))
+    side = mask.shape[0] // grid
+    cells = mask.reshape(grid, side, grid, side).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    counts = np.stack([(cells == i + 1).sum(1) for i in range(len(it.shapes))], 1)  # (P, shapes)
+    colours = list(shapes_qa.COLOURS)
+    out = torch.full((grid * grid, len(AUX_HEADS)), -100, dtype=torch.long)
+    for p in range(grid * grid):
+        if counts[p].sum() == 0:
+            out[p, :3] = 0  # background
+            continue
+        k = int(counts[p].argmax())
+        if counts[p, k] < COVERED * side * side:
+            continue
+        s = it.shapes[k]
+        cx, cy = min(s.x // side, grid - 1), min(s.y // side, grid - 1)
+        out[p] = torch.tensor(
+            [
+                1 + shapes_qa.SHAPES.index(s.kind),
+                1 + colours.index(s.colour),
+                1 + int(s.r >= shapes_qa.LARGE_RADIUS[0]),
+                cx,
+                cy,
+                int(p == cy * grid + cx),
+            ]
+        )
+    return out
+
+
+def sincos_positions(model, grid: int) -> None:
+    """Initialise the ViT's learned position embeddings with a 2-D sine-cosine table (as MAE
+    does), at the scale of the patch embeddings: with the default small random init the position
+    signal sits far below the pixels' and the model took thousands of steps to learn where
+    anything is (left/right stayed at chance). The table stays trainable."""
+    emb = model.get_submodule("model.vision_tower").embeddings
+    dim = emb.position_embedding.weight.shape[1]
+    quarter = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (xs.flatten(), ys.flatten()):
+        angle = coord[:, None].float() * freq[None]
+        parts += [angle.sin(), angle.cos()]
+    table = torch.cat(parts, dim=1)  # (grid * grid, 4 * quarter)
+    with torch.no_grad():
+        w = emb.position_embedding.weight
+        w.zero_()
+        w[1:, : table.shape[1]] = table  # row 0 is [CLS]'s
+
+
+class AuxHeads(torch.nn.Module):
+    """Linear probes on the projector's output (the visual tokens the decoder reads), trained
+    with the answer loss and dropped afterwards: dense supervision that makes each visual token
+    say what lies under it, so the decoder learns to read it in far fewer steps."""
+
+    def __init__(self, model, grid: int) -> None:
+        super().__init__()
+        sizes = {k: (grid if v is None else v) for k, v in AUX_HEADS.items()}
+        self.sizes = list(sizes.values())
+        self.head = torch.nn.Linear(model.config.text_config.hidden_size, sum(self.sizes))
+        self.features: torch.Tensor | None = None
+        projector = model.get_submodule("model.multi_modal_projector")
+        projector.register_forward_hook(lambda _m, _i, out: setattr(self, "features", out))
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.features).split(self.sizes, dim=-1)  # each (B, P, classes)
+        return sum(
+            torch.nn.functional.cross_entropy(
+                lg.flatten(0, 1), labels[..., j].flatten(), ignore_index=-100
+            )
+            for j, lg in enumerate(logits)
+        ) / len(logits)
+
+
+def loss_fn(
+    model, batch: dict[str, torch.Tensor], aux: AuxHeads | None = None, aux_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer loss, auxiliary patch loss); the auxiliary one is 0 without `aux`."""
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         pixel_values=batch["pixel_values"],
     ).logits  # (B, n, V)
-    return torch.nn.functional.cross_entropy(
+    answer = torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100
     )
+    patch = aux.loss(batch["patch_labels"]) if aux is not None and aux_weight > 0 else 0 * answer
+    return answer, patch
 
 
 @torch.no_grad()
@@ -140,6 +240,9 @@ def main() -> None:
     ap.add_argument("--warmup-share", type=float, default=0.8)
     ap.add_argument("--curriculum", type=float, default=0.4)
     ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument(
+        "--aux-weight", type=float, default=1.0, help="weight of the dense patch loss (0: off)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-items", type=int, default=400, help="held-out items for the accuracies")
@@ -153,6 +256,8 @@ def main() -> None:
     model, processor = build_model(spec, seed=args.seed)
     model.train()
     batcher = Batcher(processor)
+    sincos_positions(model, batcher.grid)
+    aux = AuxHeads(model, batcher.grid)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"{PRESET}: {n_params / 1e6:.2f}M params, {args.steps} steps x {args.batch_size}",
@@ -163,8 +268,9 @@ def main() -> None:
     baseline = shapes_qa.majority_baseline(heldout)
     print(f"majority-answer baseline (held-out): {fmt(baseline)}", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    named = [*model.named_parameters(), *aux.named_parameters(prefix="aux")]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": args.weight_decay},
@@ -195,22 +301,31 @@ def main() -> None:
                 for _ in range(args.batch_size)
             ]
         )
-        loss = loss_fn(model, batch)
+        answer, patch = loss_fn(model, batch, aux, args.aux_weight)
+        loss = answer + args.aux_weight * patch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        now = torch.tensor([answer.item(), patch.item()])
+        running = now if running is None else 0.95 * running + 0.05 * now
         if (step + 1) % 50 == 0:
             el = time.perf_counter() - t_start
             print(
-                f"step {step + 1:5d}  loss {running:.4f}  lr {sched.get_last_lr()[0]:.2e}  {el:.0f} s",
+                f"step {step + 1:5d}  loss {running[0]:.4f}  patch {running[1]:.4f}  lr {sched.get_last_lr()[0]:.2e}  {el:.0f} s",
                 flush=True,
             )
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             acc = accuracy(model, batcher, heldout[:200])
-            history.append({"step": step + 1, "loss": running, **acc})
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": running[0].item(),
+                    "patch_loss": running[1].item(),
+                    **acc,
+                }
+            )
             print(f"  held-out (200): {fmt(acc)}", flush=True)
 
     train_s = time.perf_counter() - t_start

@@ -120,6 +120,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         target=args.target,
         device=args.device,
         dtype=args.dtype,
+        max_seq_len=args.max_seq_len,
         validate=not args.no_validate,
         force=args.force,
         progress=not args.quiet,
@@ -378,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         help="float32, bfloat16 or float16 (default: float32; trt: float16)",
+    )
+    sp.add_argument(
+        "--max-seq-len",
+        type=_int_in(2),
+        metavar="N",
+        help="trt: the longest prompt + generated tokens its engines accept (default: 8192)",
     )
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
     sp.add_argument(

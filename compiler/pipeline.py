@@ -130,16 +130,17 @@ def compile_model(
     progress: bool = True,
     device: str = "cpu",
     dtype: str | None = None,
+    max_seq_len: int | None = None,
 ) -> CompileResult:
     """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`.
 
     `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order. `target`:
     onnx (float32, CPU), aoti (`device` cpu or cuda, `dtype` float32 (default), bfloat16 or
-    float16) or trt (cuda; float16 by default)."""
+    float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles)."""
     from . import artifact, backends, capture, flops, outputs, verify
 
     passes = resolve_passes(passes)
-    backend = backends.get_backend(target, backends.TargetOptions(device, dtype))
+    backend = backends.get_backend(target, backends.TargetOptions(device, dtype, max_seq_len))
     check_order(passes)
     capture.read_config(model_dir)
     out = outputs.check_output_dir(

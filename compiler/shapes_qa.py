@@ -103,6 +103,7 @@ class Item:
     answer: str
     kind: str
     seed: int
+    shapes: tuple[Shape, ...] = ()  # the scene drawn in `image` (what training's dense labels use)
 
 
 def _place(rng: random.Random, radii: list[int]) -> list[tuple[int, int]]:
@@ -128,14 +129,20 @@ def _scene(rng: random.Random, kinds: list[str], large: list[bool]) -> list[Shap
     ]
 
 
-def _draw(shapes: list[Shape]) -> Any:
+def _draw(shapes: list[Shape] | tuple[Shape, ...], mask: bool = False) -> Any:
+    """The scene as a 128 x 128 RGB image, or with `mask` as an "L" image whose pixels hold the
+    index + 1 of the shape covering them (0 for background)."""
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    img = (
+        Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        if mask
+        else (Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND))
+    )
     draw = ImageDraw.Draw(img)
-    for s in shapes:
+    for i, s in enumerate(shapes):
         box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
-        fill = COLOURS[s.colour]
+        fill = i + 1 if mask else COLOURS[s.colour]
         if s.kind == "circle":
             draw.ellipse(box, fill=fill)
         elif s.kind == "square":
@@ -145,6 +152,12 @@ def _draw(shapes: list[Shape]) -> Any:
                 [(s.x, s.y - s.r), (s.x + s.r, s.y + s.r), (s.x - s.r, s.y + s.r)], fill=fill
             )
     return img
+
+
+def shape_mask(it: Item) -> Any:
+    """Which shape of `it.shapes` covers each pixel of `it.image`: an "L" image holding the
+    shape's index + 1, 0 for background (the dense labels the training script learns from)."""
+    return _draw(it.shapes, mask=True)
 
 
 def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str] | None:
@@ -202,7 +215,7 @@ def item(seed: int) -> Item:
         drawn = _question(rng, kind)
         if drawn is not None:
             shapes, question, answer = drawn
-            return Item(_draw(shapes), question, answer, kind, seed)
+            return Item(_draw(shapes), question, answer, kind, seed, tuple(shapes))
 
 
 def warmup_item(seed: int) -> Item:
@@ -217,12 +230,12 @@ def warmup_item(seed: int) -> Item:
         shapes = _scene(rng, kinds, [rng.random() < 0.5 for _ in kinds])
         if mode < 2:
             question = QUESTION_TEMPLATES["colour"].format(shape=a)
-            return Item(_draw(shapes), question, shapes[0].colour, "colour", seed)
+            return Item(_draw(shapes), question, shapes[0].colour, "colour", seed, tuple(shapes))
         sa, sb = shapes
         if abs(sa.x - sb.x) >= LEFTRIGHT_MIN_GAP:
             question = QUESTION_TEMPLATES["leftright"].format(a=a, b=b)
             answer = "left" if sa.x < sb.x else "right"
-            return Item(_draw(shapes), question, answer, "leftright", seed)
+            return Item(_draw(shapes), question, answer, "leftright", seed, tuple(shapes))
 
 
 def items(split: str = "heldout", n: int = 500, start: int = 0) -> Iterator[Item]:

@@ -82,10 +82,21 @@ def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
     options = options or TargetOptions()
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
+    from ..capture import MAX_SEQ
+
+    if options.max_seq_len is not None:
+        if target != "trt":
+            raise UserError(
+                f"--max-seq-len sizes TensorRT's shape profiles (--target trt); target "
+                f"{target!r} accepts any length up to {MAX_SEQ}"
+            )
+        if not 2 <= options.max_seq_len <= MAX_SEQ:
+            raise UserError(
+                f"--max-seq-len must be between 2 and {MAX_SEQ}, got {options.max_seq_len}"
+            )
     if options.dtype is None:
         options = dataclasses.replace(options, dtype=DEFAULT_DTYPE[target])
     if target == "trt":
-        from ..capture import MAX_SEQ
         from . import trt
 
         if options.device == "cpu":  # the CLI's default device; TensorRT runs on CUDA only

@@ -71,7 +71,7 @@ def input_specs(inputs: list[dict[str, Any]], max_seq_len: int) -> list[InputSpe
     low = {"n": span + 2}
     if max_seq_len < max(low["n"], 2):
         raise UserError(
-            f"max_seq_len {max_seq_len} is shorter than the image span + 2 ({low['n']} tokens)"
+            f"--max-seq-len {max_seq_len} is shorter than the image span + 2 ({low['n']} tokens)"
         )
     opt = min(max_seq_len, span + OPT_TEXT_TOKENS)
     specs = []

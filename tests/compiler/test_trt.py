@@ -98,6 +98,26 @@ def test_backend_settings_for_the_manifest(monkeypatch):
     assert backend.extra["dtype"] == "bfloat16" and backend.extra["max_seq_len"] == 2048
     with pytest.raises(UserError, match="unknown dtype"):
         backends.get_backend("trt", backends.TargetOptions(dtype="int8"))
+    with pytest.raises(UserError, match="between 2 and 8192"):
+        backends.get_backend("trt", backends.TargetOptions(max_seq_len=9000))
+
+
+def test_max_seq_len_applies_to_trt_only():
+    for target in ("onnx", "aoti"):
+        with pytest.raises(UserError, match="--target trt"):
+            backends.get_backend(target, backends.TargetOptions(max_seq_len=1024))
+
+
+def test_max_seq_len_cli_errors(tiny_model_dir, tmp_path):
+    """--max-seq-len: an integer >= 2, and only where it applies; nothing is written."""
+    out = tmp_path / "t"
+    one_line_error(["compile", tiny_model_dir, "-o", out, "--max-seq-len", "lots"], "integer")
+    one_line_error(["compile", tiny_model_dir, "-o", out, "--max-seq-len", "1"], ">= 2")
+    line = one_line_error(
+        ["compile", tiny_model_dir, "-o", out, "--max-seq-len", "1024"], "--max-seq-len"
+    )
+    assert "--target trt" in line
+    assert not out.exists()
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
