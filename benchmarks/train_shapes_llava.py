@@ -44,8 +44,11 @@ PRESET = "trained-tiny-llava"
 class Batcher:
     """Turns shapes-qa items into padded training tensors with the model's own processor."""
 
-    def __init__(self, processor) -> None:
+    def __init__(self, processor, turns: int = 1, seed: int = 0) -> None:
         self.processor = processor
+        self.turns = turns
+        self.rng = random.Random(seed)
+        self._turn_ids: dict[str, list[int]] = {}
         self.tokenizer = processor.tokenizer
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id
@@ -68,24 +71,43 @@ class Batcher:
             self._prompt_ids[question] = inputs["input_ids"][0].tolist()
         return self._prompt_ids[question]
 
+    def turn_ids(self, question: str) -> list[int]:
+        """A later turn of the conversation: "USER: <question> ASSISTANT:" (no image)."""
+        if question not in self._turn_ids:
+            text = f"USER: {question} ASSISTANT:"
+            self._turn_ids[question] = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._turn_ids[question]
+
     def __call__(self, items: list[shapes_qa.Item]) -> dict[str, torch.Tensor]:
         patch_labels = torch.stack([patch_labels_of(it, self.grid) for it in items])
         pixel_values = self.processor.image_processor(
             images=[it.image for it in items], return_tensors="pt"
         )["pixel_values"]  # (B, 3, 128, 128)
-        seqs, prompt_lens = [], []
+        seqs, prompt_lens, answer_at = [], [], []
         for it in items:
             p = self.prompt_ids(it.image, it.question)
-            seqs.append(p + [self.answer_id[it.answer], self.eos])
+            seq = p + [self.answer_id[it.answer], self.eos]
+            at = [len(p)]
+            if self.turns > 1:  # more questions about the same image, as later turns
+                others = [q for q in shapes_qa.scene_questions(it.shapes) if q[1] != it.question]
+                for _, question, answer in self.rng.sample(
+                    others, min(self.turns - 1, len(others))
+                ):
+                    seq += self.turn_ids(question)
+                    at.append(len(seq))
+                    seq += [self.answer_id[answer], self.eos]
+            seqs.append(seq)
             prompt_lens.append(len(p))
+            answer_at.append(at)
         n = max(len(s) for s in seqs)
         input_ids = torch.full((len(items), n), self.pad, dtype=torch.long)
         attention_mask = torch.zeros((len(items), n), dtype=torch.long)
         labels = torch.full((len(items), n), -100, dtype=torch.long)
-        for i, (s, pl) in enumerate(zip(seqs, prompt_lens, strict=True)):
+        for i, (s, at) in enumerate(zip(seqs, answer_at, strict=True)):
             input_ids[i, : len(s)] = torch.tensor(s)
             attention_mask[i, : len(s)] = 1
-            labels[i, pl : len(s)] = torch.tensor(s[pl:])  # answer token + EOS
+            for a in at:  # each answer token + its EOS
+                labels[i, a : a + 2] = torch.tensor(s[a : a + 2])
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -97,22 +119,18 @@ class Batcher:
 
 
 # Dense labels per image patch, from the scene the item was drawn from: what the shape covering
-# the patch is, its colour and size, the patch cell of its centre (column, row) and whether this
-# patch is that centre. Background patches are labelled as such for kind/colour/size and ignored
-# for the rest; patches a shape covers only a little of are ignored everywhere.
-AUX_HEADS = {
-    "kind": 1 + len(shapes_qa.SHAPES),
-    "colour": 1 + len(shapes_qa.COLOURS),
-    "size": 3,
-    "column": None,  # grid cells, set from the grid
-    "row": None,
-    "centre": 2,
-}
+# the patch is, its colour and size, whether this patch holds the shape's centre, and the centre's
+# coordinates (pixels; regressed as a single number each, so that "left of" is a comparison of
+# two numbers the decoder can read). Background patches are labelled as such for kind, colour and
+# size and ignored for the rest; patches a shape covers only a little of are ignored everywhere.
+AUX_HEADS = {"kind": 1 + len(shapes_qa.SHAPES), "colour": 1 + len(shapes_qa.COLOURS)}
+AUX_HEADS |= {"size": 3, "centre": 2, "x": 0, "y": 0}  # 0: a regression
 COVERED = 0.25  # share of a patch a shape must cover to label it
 
 
 def patch_labels_of(it: shapes_qa.Item, grid: int) -> torch.Tensor:
-    """(grid * grid, len(AUX_HEADS)) int64 labels for `it`'s patches, row-major like the ViT's."""
+    """(grid * grid, len(AUX_HEADS)) int64 labels for `it`'s patches, row-major like the ViT's
+    (-100: ignored)."""
     mask = np.asarray(shapes_qa.shape_mask(it))
     side = mask.shape[0] // grid
     cells = mask.reshape(grid, side, grid, side).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
@@ -127,15 +145,15 @@ def patch_labels_of(it: shapes_qa.Item, grid: int) -> torch.Tensor:
         if counts[p, k] < COVERED * side * side:
             continue
         s = it.shapes[k]
-        cx, cy = min(s.x // side, grid - 1), min(s.y // side, grid - 1)
+        centre = min(s.y // side, grid - 1) * grid + min(s.x // side, grid - 1)
         out[p] = torch.tensor(
             [
                 1 + shapes_qa.SHAPES.index(s.kind),
                 1 + colours.index(s.colour),
                 1 + int(s.r >= shapes_qa.LARGE_RADIUS[0]),
-                cx,
-                cy,
-                int(p == cy * grid + cx),
+                int(p == centre),
+                s.x,
+                s.y,
             ]
         )
     return out
@@ -163,27 +181,81 @@ def sincos_positions(model, grid: int) -> None:
 
 
 class AuxHeads(torch.nn.Module):
-    """Linear probes on the projector's output (the visual tokens the decoder reads), trained
-    with the answer loss and dropped afterwards: dense supervision that makes each visual token
-    say what lies under it, so the decoder learns to read it in far fewer steps."""
+    """Probes on the projector's output (the visual tokens the decoder reads), trained with the
+    answer loss and dropped afterwards: dense supervision that makes each visual token say what
+    lies under it. The shape and colour probes score a token against the decoder's own input
+    embeddings of the words ("circle", "red"), as LLaVA's first stage aligns visual tokens with
+    word embeddings: the question's "circle" then finds the circle's tokens by similarity."""
 
-    def __init__(self, model, grid: int) -> None:
+    def __init__(self, model, tokenizer, align: bool = True) -> None:
         super().__init__()
-        sizes = {k: (grid if v is None else v) for k, v in AUX_HEADS.items()}
-        self.sizes = list(sizes.values())
+        self.sizes = [max(n, 1) for n in AUX_HEADS.values()]
         self.head = torch.nn.Linear(model.config.text_config.hidden_size, sum(self.sizes))
+        self._embed = [model.get_input_embeddings()]  # a list: not a submodule of the probes
+        self.align = align
+
+        def ids(words) -> list[int]:
+            return [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words]
+
+        self.word_ids = {"kind": ids(shapes_qa.SHAPES), "colour": ids(shapes_qa.COLOURS)}
         self.features: torch.Tensor | None = None
         projector = model.get_submodule("model.multi_modal_projector")
         projector.register_forward_hook(lambda _m, _i, out: setattr(self, "features", out))
 
+    def outputs(self) -> list[torch.Tensor]:
+        out = list(self.head(self.features).split(self.sizes, dim=-1))  # each (B, P, classes)
+        if self.align:
+            for j, name in enumerate(AUX_HEADS):
+                if name in self.word_ids:
+                    words = self.features @ self._embed[0].weight[self.word_ids[name]].T
+                    out[j] = torch.cat([out[j][..., :1], words], dim=-1)  # background, words
+        return out
+
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features).split(self.sizes, dim=-1)  # each (B, P, classes)
-        return sum(
-            torch.nn.functional.cross_entropy(
-                lg.flatten(0, 1), labels[..., j].flatten(), ignore_index=-100
-            )
-            for j, lg in enumerate(logits)
-        ) / len(logits)
+        f = torch.nn.functional
+        total = 0.0
+        for j, (out, classes) in enumerate(zip(self.outputs(), AUX_HEADS.values(), strict=True)):
+            target = labels[..., j]
+            if classes:
+                total = total + f.cross_entropy(
+                    out.flatten(0, 1), target.flatten(), ignore_index=-100
+                )
+            else:
+                keep = target != -100
+                half = shapes_qa.IMAGE_SIZE / 2
+                total = total + f.mse_loss(out[..., 0][keep], target[keep].float() / half - 1)
+        return total / len(AUX_HEADS)
+
+
+def pretrain_vision(
+    model, batcher: Batcher, aux: AuxHeads, steps: int, lr: float, rng: random.Random, t0: float
+) -> None:
+    """Stage 1: the vision tower and projector alone, on the dense patch labels (the decoder is
+    not run), so that the decoder then starts from visual tokens that already say what and where
+    each shape is — the role LLaVA's first, alignment stage plays with a pretrained CLIP."""
+    cfg = model.config
+    params = [*model.get_submodule("model.vision_tower").parameters()]
+    params += [*model.get_submodule("model.multi_modal_projector").parameters()]
+    params += [*aux.parameters(), model.get_input_embeddings().weight]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    lo, hi = shapes_qa.SPLIT_SEEDS["train"]
+    running = None
+    for step in range(steps):
+        batch = batcher([shapes_qa.item(rng.randrange(lo, hi)) for _ in range(64)])
+        model.model.get_image_features(
+            pixel_values=batch["pixel_values"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
+        loss = aux.loss(batch["patch_labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if (step + 1) % 50 == 0:
+            el = time.perf_counter() - t0
+            print(f"vision {step + 1:5d}  patch {running:.4f}  {el:.0f} s", flush=True)
 
 
 def loss_fn(
@@ -243,6 +315,26 @@ def main() -> None:
     ap.add_argument(
         "--aux-weight", type=float, default=1.0, help="weight of the dense patch loss (0: off)"
     )
+    ap.add_argument(
+        "--no-align", action="store_true", help="plain linear probes, not word-embedding ones"
+    )
+    ap.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="questions per training image: the item's own, then up to TURNS-1 more as later turns",
+    )
+    ap.add_argument(
+        "--vision-steps",
+        type=int,
+        default=0,
+        help="first train the vision tower + projector alone on the patch labels for this many steps",
+    )
+    ap.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="keep the vision tower fixed after --vision-steps (the projector still trains)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-items", type=int, default=400, help="held-out items for the accuracies")
@@ -255,9 +347,10 @@ def main() -> None:
     spec = replace(PRESETS[PRESET], weights=None, tokenizer_file=None)
     model, processor = build_model(spec, seed=args.seed)
     model.train()
-    batcher = Batcher(processor)
+    batcher = Batcher(processor, turns=args.turns, seed=args.seed)
+    eval_batcher = Batcher(processor)
     sincos_positions(model, batcher.grid)
-    aux = AuxHeads(model, batcher.grid)
+    aux = AuxHeads(model, processor.tokenizer, align=not args.no_align)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"{PRESET}: {n_params / 1e6:.2f}M params, {args.steps} steps x {args.batch_size}",
@@ -291,6 +384,10 @@ def main() -> None:
     lo, hi = shapes_qa.SPLIT_SEEDS["train"]
     running = None
     history = []
+    if args.vision_steps:
+        pretrain_vision(model, batcher, aux, args.vision_steps, args.lr, rng, t_start)
+    if args.freeze_vision:  # as LLaVA-1.5 keeps its CLIP frozen while the decoder learns
+        model.get_submodule("model.vision_tower").requires_grad_(False)
     for step in range(args.steps):
         share = args.warmup_share * max(0.0, 1 - step / (args.curriculum * args.steps))
         batch = batcher(
@@ -317,7 +414,7 @@ def main() -> None:
                 flush=True,
             )
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            acc = accuracy(model, batcher, heldout[:200])
+            acc = accuracy(model, eval_batcher, heldout[:200])
             history.append(
                 {
                     "step": step + 1,
@@ -332,7 +429,7 @@ def main() -> None:
     # Ship float16: round, reload into the float32 model, and measure what the preset will hold.
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    acc = accuracy(model, batcher, heldout)
+    acc = accuracy(model, eval_batcher, heldout)
     args.output.mkdir(parents=True, exist_ok=True)
     shipped = PRESETS[PRESET]
     save_file(state, str(args.output / shipped.weights))

@@ -28,6 +28,7 @@ examples:
   mllmc compile MODEL --pass shortv:ratio=0.6,lc=lc.json -o out/shortv
   mllmc compile MODEL --pass fastervlm:keep=144 --pass shortv:ratio=0.6 -o out/both
   mllmc compile MODEL --pass fastv:k=2,ratio=0.5 --target aoti -o out/fastv-aoti
+  mllmc compile MODEL --pass shortv:ratio=0.6 --target trt --max-seq-len 4096 -o out/trt
   mllmc calibrate models/tiny-llava --pass shortv -o lc.json
   mllmc run out/tiny-shortv --image cat.png --prompt "Describe the image." --max-new-tokens 16
   mllmc verify out/tiny-shortv --against models/tiny-llava

@@ -207,6 +207,31 @@ def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str] | N
     raise UserError(f"unknown shapes-qa question kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
+def scene_questions(shapes: tuple[Shape, ...] | list[Shape]) -> list[tuple[str, str, str]]:
+    """Every unambiguous (kind, question, answer) the task can ask about a scene, by the same
+    rules as `item`: what multi-turn training asks beside an item's own question."""
+    out = []
+    kinds = [s.kind for s in shapes]
+    single = [s for s in shapes if kinds.count(s.kind) == 1]
+    for s in single:
+        out.append(("colour", QUESTION_TEMPLATES["colour"].format(shape=s.kind), s.colour))
+    for k in SHAPES:
+        if kinds.count(k) < len(COUNT_WORDS):
+            out.append(
+                ("count", QUESTION_TEMPLATES["count"].format(shape=k), COUNT_WORDS[kinds.count(k)])
+            )
+    for sa in single:
+        for sb in single:
+            if sa is not sb and abs(sa.x - sb.x) >= LEFTRIGHT_MIN_GAP:
+                question = QUESTION_TEMPLATES["leftright"].format(a=sa.kind, b=sb.kind)
+                out.append(("leftright", question, "left" if sa.x < sb.x else "right"))
+    areas = sorted((s.area for s in shapes), reverse=True)
+    if len(shapes) > 1 and areas[0] >= 2 * areas[1]:
+        biggest = max(shapes, key=lambda s: s.area)
+        out.append(("largest", QUESTION_TEMPLATES["largest"], biggest.kind))
+    return out
+
+
 def item(seed: int) -> Item:
     """The shapes-qa item of `seed` (a pure function of the seed)."""
     rng = random.Random(seed)

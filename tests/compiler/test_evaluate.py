@@ -55,6 +55,23 @@ def test_answers_match_the_scene():
     assert baseline["colour"] < 0.5 and baseline["leftright"] < 0.7
 
 
+def test_scene_and_mask_agree_with_the_image():
+    """Each item carries the scene it was drawn from: the shape mask covers exactly the
+    non-background pixels, each shape's pixels have its colour, and the item's own question is
+    one of the questions the scene admits (what multi-turn training asks beside it)."""
+    import numpy as np
+
+    for it in shapes_qa.items("train", 24):
+        mask = np.asarray(shapes_qa.shape_mask(it))
+        pixels = np.asarray(it.image)
+        assert ((mask > 0) == (pixels != shapes_qa.BACKGROUND).any(-1)).all()
+        for i, shape in enumerate(it.shapes):
+            assert (pixels[mask == i + 1] == shapes_qa.COLOURS[shape.colour]).all()
+        asked = shapes_qa.scene_questions(it.shapes)
+        assert (it.kind, it.question, it.answer) in asked
+        assert all(answer in shapes_qa.ANSWER_WORDS for _, _, answer in asked)
+
+
 def test_normalise():
     assert normalise(" Red.</s>") == "red"
     assert normalise("LEFT, of course") == "left"
