@@ -44,6 +44,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -377,34 +378,49 @@ def main() -> None:
     def draw(n: int) -> dict[str, torch.Tensor]:
         return batcher([shapes_qa.item(rng.randrange(lo, hi)) for _ in range(n)])
 
-    def log(stage: str, step: int, losses: torch.Tensor, every: int = 50) -> None:
-        if (step + 1) % every == 0:
-            el = time.perf_counter() - t_start
-            vals = "  ".join(f"{v:.4f}" for v in losses.tolist())
-            print(f"{stage} {step + 1:5d}  loss {vals}  {el:.0f} s", flush=True)
+    def stage(
+        name: str,
+        steps: int,
+        params: list[tuple[str, torch.nn.Parameter]],
+        lr: float,
+        step_losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        after_step: Callable[[int], None] | None = None,
+        clip: list[tuple[str, torch.nn.Parameter]] | None = None,
+    ) -> None:
+        """`steps` AdamW steps on `params`; `step_losses()` draws a batch and returns (loss to
+        minimise, losses to log); the gradient norm of `clip` (default: `params`) is capped at 1."""
+        opt = adamw(params, lr, args.weight_decay)
+        sched = schedule(opt, steps, args.warmup)
+        running = None
+        for step in range(steps):
+            loss, logged = step_losses()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in clip or params], 1.0)
+            opt.step()
+            sched.step()
+            running = logged if running is None else 0.95 * running + 0.05 * logged
+            if (step + 1) % 50 == 0:
+                vals = "  ".join(f"{v:.4f}" for v in running.tolist())
+                el = time.perf_counter() - t_start
+                print(f"{name} {step + 1:5d}  loss {vals}  {el:.0f} s", flush=True)
+            if after_step is not None:
+                after_step(step)
+
+    vision_parts = ("model.vision_tower", "model.multi_modal_projector")
+    decoder = [(n, p) for n, p in model.named_parameters() if not n.startswith(vision_parts)]
+    vision = [(n, p) for n, p in model.named_parameters() if n.startswith(vision_parts)]
 
     # stage 1: the decoder (and the scene embeddings) on scene features
-    projector.scene = scene
-    decoder = [
-        (n, p)
-        for n, p in model.named_parameters()
-        if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))
-    ]
-    opt = adamw([*decoder, *scene.named_parameters(prefix="tables")], args.lr, args.weight_decay)
-    sched = schedule(opt, args.scene_steps, args.warmup)
-    running = None
-    for step in range(args.scene_steps):
+    def scene_step() -> tuple[torch.Tensor, torch.Tensor]:
         batch = draw(args.batch_size)
         projector.labels = batch["patch_labels"]
         loss = answer_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in decoder], 1.0)
-        opt.step()
-        sched.step()
-        now = loss.detach()[None]
-        running = now if running is None else 0.95 * running + 0.05 * now
-        log("scene", step, running)
+        return loss, loss.detach()[None]
+
+    projector.scene = scene
+    tables = list(scene.named_parameters(prefix="tables"))
+    stage("scene", args.scene_steps, decoder + tables, args.lr, scene_step, clip=decoder)
     projector.scene = None
     scene.requires_grad_(False)
     if args.scene_steps:
@@ -413,16 +429,9 @@ def main() -> None:
         print(f"  held-out (200) with scene features: {fmt(acc)}", flush=True)
 
     # stage 2: vision tower + projector -> scene features (the decoder is not run)
-    vision = [
-        (n, p)
-        for n, p in model.named_parameters()
-        if n.startswith(("model.vision_tower", "model.multi_modal_projector"))
-    ]
-    opt = adamw(vision, args.lr, args.weight_decay)
-    sched = schedule(opt, args.distill_steps, args.warmup)
     cfg = model.config
-    running = None
-    for step in range(args.distill_steps):
+
+    def distill_step() -> tuple[torch.Tensor, torch.Tensor]:
         batch = draw(64)
         model.model.get_image_features(
             pixel_values=batch["pixel_values"],
@@ -430,40 +439,29 @@ def main() -> None:
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         )
         loss = distill_loss(projector.features, scene, batch["patch_labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in vision], 1.0)
-        opt.step()
-        sched.step()
-        now = loss.detach()[None]
-        running = now if running is None else 0.95 * running + 0.05 * now
-        log("distill", step, running)
+        return loss, loss.detach()[None]
+
+    stage("distill", args.distill_steps, vision, args.lr, distill_step)
     if args.distill_steps:
         acc = accuracy(model, eval_batcher, heldout[:200])
         history.append({"stage": "distill", **acc})
         print(f"  held-out (200) from pixels: {fmt(acc)}", flush=True)
 
     # stage 3: end to end on pixels
-    opt = adamw(model.named_parameters(), args.lr_end_to_end, args.weight_decay)
-    sched = schedule(opt, args.steps, args.warmup)
-    running = None
-    for step in range(args.steps):
+    def end_to_end_step() -> tuple[torch.Tensor, torch.Tensor]:
         batch = draw(args.batch_size)
         answer = answer_loss(model, batch)
         distill = distill_loss(projector.features, scene, batch["patch_labels"])
-        loss = answer + args.distill_weight * distill
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        now = torch.stack([answer.detach(), distill.detach()])
-        running = now if running is None else 0.95 * running + 0.05 * now
-        log("end-to-end", step, running)
+        return answer + args.distill_weight * distill, torch.stack([answer, distill]).detach()
+
+    def evaluate_every(step: int) -> None:
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             acc = accuracy(model, eval_batcher, heldout[:200])
             history.append({"stage": "end-to-end", "step": step + 1, **acc})
             print(f"  held-out (200): {fmt(acc)}", flush=True)
+
+    everything = list(model.named_parameters())
+    stage("end-to-end", args.steps, everything, args.lr_end_to_end, end_to_end_step, evaluate_every)
 
     train_s = time.perf_counter() - t_start
     # Ship float16: round, reload into the float32 model, and measure what the preset will hold.
