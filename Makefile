@@ -37,11 +37,15 @@ demo: install
 	$(BIN)/mllmc eval out/trained-shortv --task shapes-qa -n 200 -q
 	$(BIN)/mllmc bench models/trained-tiny-llava --pass $(DEMO_SHORTV) --repeats 5 -o out/bench/trained-shortv.json --force
 
+# one pytest worker per core (at most 4), each test module on one worker so that its fixtures
+# (compiled artifacts) are built once; a plain `pytest` runs serially
+XDIST := -n auto --maxprocesses 4 --dist loadfile
+
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(XDIST)
 
 test-all: install
-	$(BIN)/pytest -q -m ""
+	$(BIN)/pytest -q $(XDIST) -m ""
 
 lint: install
 	$(BIN)/ruff check .

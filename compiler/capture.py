@@ -27,8 +27,6 @@ What we take from transformers and what we write ourselves:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,57 +39,19 @@ from torch import nn
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import LayerPlan, ModelInfo
 
+from .model_dir import (  # noqa: F401  (also importable from capture)
+    MAX_SEQ,
+    SUPPORTED_ARCHITECTURES,
+    SUPPORTED_TEXT_MODELS,
+    SUPPORTED_VISION_MODELS,
+    config_hash,
+    read_config,
+    supported_text,
+)
+
 log = logging.getLogger(__name__)
 
-# model_type of config.json -> what it is; the only architectures capture accepts.
-SUPPORTED_ARCHITECTURES = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)"}
-SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
-SUPPORTED_VISION_MODELS = ("clip_vision_model",)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-def supported_text() -> str:
-    return ", ".join(f"{k} = {v}" for k, v in SUPPORTED_ARCHITECTURES.items())
-
-
-def read_config(model_dir: str | Path) -> dict[str, Any]:
-    """config.json of a model dir, checked for a supported architecture (UserError otherwise)."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise UserError(f"model directory {root} not found")
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{root} is not a Hugging Face model directory: config.json is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"corrupt {cfg_path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"corrupt {cfg_path}: not a JSON object")
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UserError(
-            f"unsupported architecture {model_type!r} in {cfg_path}; supported: {supported_text()}"
-        )
-    text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
-    if text_type not in SUPPORTED_TEXT_MODELS:
-        raise UserError(
-            f"unsupported LLaVA decoder {text_type!r}; supported decoders: "
-            f"{', '.join(SUPPORTED_TEXT_MODELS)}"
-        )
-    vision_type = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
-    if vision_type not in SUPPORTED_VISION_MODELS:
-        raise UserError(
-            f"unsupported LLaVA vision tower {vision_type!r}; supported: "
-            f"{', '.join(SUPPORTED_VISION_MODELS)}"
-        )
-    if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
-        raise UserError(f"{root} has no weights (*.safetensors)")
-    return cfg
-
-
-def config_hash(model_dir: str | Path) -> str:
-    return hashlib.sha256(Path(model_dir, "config.json").read_bytes()).hexdigest()[:16]
 
 
 def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelInfo]:
@@ -403,9 +363,6 @@ def reexport(seg: Segment, gm: torch.fx.GraphModule) -> Segment:
     return Segment(
         seg.name, ep, seg.input_names, seg.output_names, seg.example_inputs, seg.dynamic_shapes
     )
-
-
-MAX_SEQ = 8192
 
 
 def example_prefill_inputs(

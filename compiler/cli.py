@@ -144,14 +144,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from mllmc.passes.calibration import calibrate_cli, calibrate_exit_cli
+    from .model_dir import read_config
 
+    # checks that need no model first: a bad option is refused before torch loads
+    if args.pass_name not in ("shortv", "vte"):
+        raise UserError(f"calibrate supports --pass shortv or vte, got {args.pass_name!r}")
+    read_config(args.model)
     if args.pass_name == "vte":
         if args.threshold is None:
             raise UserError(
                 "calibrate --pass vte needs --threshold T (the largest mean KL allowed)"
             )
         check_output_file(args.output, args.force, "exit file")
+        from mllmc.passes.calibration import calibrate_exit_cli
+
         calibrate_exit_cli(
             args.model,
             args.output,
@@ -164,11 +170,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             data=args.data,
         )
         return 0
-    if args.pass_name != "shortv":
-        raise UserError(f"calibrate supports --pass shortv or vte, got {args.pass_name!r}")
     check_output_file(args.output, args.force, "LC file")
     if not args.no_plot:
         check_output_file(Path(args.output).with_suffix(".png"), args.force, "LC chart")
+    from mllmc.passes.calibration import calibrate_cli
+
     calibrate_cli(
         args.model,
         args.output,
@@ -293,13 +299,17 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_cli
+    from .model_dir import read_config
 
+    passes = _passes(args)
+    read_config(args.model)
     check_output_file(args.output, args.force, "benchmark report")
     check_output_file(Path(args.output).with_suffix(".png"), args.force, "benchmark plot")
+    from .bench import bench_cli
+
     bench_cli(
         args.model,
-        _passes(args),
+        passes,
         target=args.target,
         output=args.output,
         n_text=args.text_tokens,

@@ -137,15 +137,20 @@ def compile_model(
     `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order. `target`:
     onnx (float32, CPU), aoti (`device` cpu or cuda, `dtype` float32 (default), bfloat16 or
     float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles)."""
-    from . import artifact, backends, capture, flops, outputs, verify
+    from . import artifact, backends, outputs
+    from .model_dir import read_config
 
+    # every check that needs no model runs before torch is imported: bad input costs no wait
     passes = resolve_passes(passes)
-    backend = backends.get_backend(target, backends.TargetOptions(device, dtype, max_seq_len))
+    options = backends.resolve_options(target, backends.TargetOptions(device, dtype, max_seq_len))
     check_order(passes)
-    capture.read_config(model_dir)
+    read_config(model_dir)
     out = outputs.check_output_dir(
         out_dir, force, artifact.replaceable, what="artifact", protected=[model_dir]
     )
+    from . import capture, flops, verify
+
+    backend = backends.get_backend(target, options)
 
     steps = ["load", "capture", "passes", "flops", target, "validate" if validate else "write"]
     bar = tqdm(total=len(steps), desc="compile", disable=not progress, unit="step")

@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-import torch
-from torch import fx
+from typing import TYPE_CHECKING, Any
 
 from mllmc.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import fx
 
 
 def vision_layer_of_feature(feature_layer: int, vision_layers: int) -> int:
@@ -63,6 +64,8 @@ def check_tower(model: Any, name: str) -> None:
 def cls_patch_scores(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """[CLS] row of one layer's attention over the patches, head-mean.
     q, k: (1, 1 + P, dv) projections -> (P,) float32."""
+    import torch
+
     b, t, dv = k.shape
     hd = dv // heads
     q_cls = q[:, :1].reshape(b, 1, heads, hd).transpose(1, 2)  # (1, Hv, 1, hd)
@@ -73,6 +76,8 @@ def cls_patch_scores(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float)
 
 def gather_top(features: torch.Tensor, scores: torch.Tensor, kept: int) -> torch.Tensor:
     """features (1, P, d), scores (P,) -> the top-`kept` rows in spatial order (1, kept, d)."""
+    import torch
+
     top = torch.sort(torch.topk(scores, kept).indices).values  # (kept,)
     return features.index_select(1, top)
 
@@ -81,6 +86,8 @@ _VISION_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn\.([qk])_p
 
 
 def _projections(graph: fx.Graph) -> dict[tuple[int, str], fx.Node]:
+    import torch
+
     from mllmc.compiler.locator import module_path
 
     found: dict[tuple[int, str], fx.Node] = {}
@@ -95,6 +102,8 @@ def _projections(graph: fx.Graph) -> dict[tuple[int, str], fx.Node]:
 def keep_top_patches(segments: Any, layers: Sequence[int], kept: int) -> Any:
     """Rewrite the vision segment to output the `kept` patches with the highest [CLS] attention
     summed over vision `layers`, and re-capture the prefill for that image span."""
+    import torch
+
     from mllmc.compiler.capture import export_prefill, reexport
 
     vision = segments.vision
@@ -134,6 +143,8 @@ def keep_top_patches(segments: Any, layers: Sequence[int], kept: int) -> Any:
 def cls_pruned_forward(model: Any, layers: Sequence[int], kept: int) -> Iterator[None]:
     """Make HF LLaVA `model` feed only the top-`kept` patches by [CLS] attention (summed over
     vision `layers`) to its LLM, with the prompt's image span shortened to match."""
+    import torch
+
     image_token_id = model.config.image_token_id
     tower = model.model.vision_tower
     encoder_layers = getattr(tower, "vision_model", tower).encoder.layers

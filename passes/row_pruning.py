@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import fx
+if TYPE_CHECKING:
+    import torch
+    from torch import fx
+
 
 # ----------------------------------------------------------------------------------------------
 # Keep indices (traced into the prefill graph; static shapes, no NonZero).
@@ -46,6 +48,8 @@ def text_keep_index(
 
 
 def _text_rows(n: Any, visual_start: torch.Tensor, num_visual: int) -> torch.Tensor:
+    import torch
+
     t = torch.arange(n - num_visual, device=visual_start.device)  # (n - N_v,)
     return torch.where(t < visual_start, t, t + num_visual)
 
@@ -56,6 +60,8 @@ def keep_index(
     """Text rows plus the visual rows `kept_visual` (kept,) ascending, in original order:
     (n - N_v + kept,) int64. Row t of the result is t before the span, kept_visual[t - start]
     inside it and t - kept + N_v after it."""
+    import torch
+
     kept = kept_visual.shape[0]
     if kept == 0:
         return _text_rows(n, visual_start, num_visual)
@@ -71,6 +77,8 @@ def last_row_visual_scores(
     """FastV's score: the last query row's attention probabilities over the visual span,
     averaged over heads. q (1, H, n, hd) and k (1, kvh, n, hd) after RoPE -> (N_v,) float32.
     The last row sees every key, so no mask is needed."""
+    import torch
+
     b, heads, _, hd = q.shape
     kv_heads = k.shape[1]
     q_last = q[:, :, -1:, :].reshape(b, kv_heads, heads // kv_heads, hd)  # (1, kvh, rep, hd)
@@ -90,6 +98,8 @@ def fastv_keep_index(
 ) -> torch.Tensor:
     """Keep index (n - N_v + kept,) from the top-`kept` visual scores, in original order
     (TopK, then a sort of the kept positions)."""
+    import torch
+
     scores = last_row_visual_scores(q, k, visual_start, num_visual, scale)  # (N_v,)
     top = torch.topk(scores, kept).indices  # (kept,) by score
     kept_visual = torch.sort(top).values + visual_start  # (kept,) in original order
@@ -104,6 +114,8 @@ def drop_rows(graph: fx.Graph, layers: list[Any], k: int, keep: fx.Node) -> int:
     """Make decoder layers >= k of `graph` (located `layers`) run on the rows `keep` (n',).
     Returns how many gathers were inserted. `keep` must be defined before layer k's input
     (FastV computes it in layer k-1, VTE from the graph inputs)."""
+    import torch
+
     select = torch.ops.aten.index_select.default
     count = 0
     if k == len(layers):  # no layer after the exit: gather the final hidden state
@@ -157,6 +169,7 @@ def _hf_last_row_scores(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: tor
     """Head-mean attention probabilities of the last row of HF decoder `layer` over all n keys,
     from its own input norm, q/k projections, RoPE and repeat_kv. h (1, n, d); cos/sin (1, n, hd)
     -> (n,) float32."""
+    import torch
     from transformers.models.llama.modeling_llama import repeat_kv
 
     attn = layer.self_attn
@@ -181,6 +194,8 @@ def pruned_forward(
     attention (FastV's selection, as pkunlp-icler/FastV builds `keep_indexs`: arange before the
     span, the top-k visual positions, arange after it, sorted); with kept_of None no visual row
     is kept (VTE). Decode steps run on each layer's (shorter) cache at the unpruned positions."""
+    import torch
+
     scored = kept_of is not None
     lm = model.model.language_model
     layers = lm.layers

@@ -36,15 +36,16 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import fx
+from typing import TYPE_CHECKING, Any
 
 from mllmc.runtime.errors import UserError
 
 from . import PassInfo, PassResult
 from .row_pruning import kept_rows
+
+if TYPE_CHECKING:
+    import torch
+    from torch import fx
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,8 @@ def text_rows(
     [visual_start, visual_start + num_visual): no NonZero, static count n - N_v. With `held`,
     the indices in a layer that holds only `held` of those visual rows (a pruning pass ran
     first: the kept visual rows stay contiguous at visual_start)."""
+    import torch
+
     t = torch.arange(input_ids.shape[1] - num_visual, device=input_ids.device)  # (n_text,)
     return torch.where(t < visual_start, t, t + (num_visual if held is None else held))
 
@@ -234,6 +237,8 @@ def freeze_layer(
 
     `shared` holds the text-row gathers of tensors every layer reads (the cos/sin tables, the
     causal mask), made once at their first use: layers must be rewritten in ascending order."""
+    import torch
+
     select = torch.ops.aten.index_select.default
 
     def rows_of(table: fx.Node, dim: int, before: fx.Node) -> fx.Node:
@@ -328,6 +333,8 @@ def keep_rows(model: Any, layers: Sequence[int], rows: str = "visual") -> Iterat
     during prefill: layer output = layer input on those rows. With rows="visual" this is ShortV's
     frozen layer (text rows, keys and values are computed exactly as in a full layer); it is also
     Layer Contribution's ablation ("zero the residual updates at those positions")."""
+    import torch
+
     image_token_id = model.config.image_token_id
     state: dict[str, torch.Tensor | None] = {"mask": None}
 

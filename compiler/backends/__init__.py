@@ -13,6 +13,8 @@ from typing import Any
 
 from mllmc.runtime.errors import UserError
 
+from ..model_dir import MAX_SEQ
+
 TARGETS = ("onnx", "aoti", "trt")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DTYPE = {"onnx": "float32", "aoti": "float32", "trt": "float16"}
@@ -78,12 +80,13 @@ def check_options(target: str, options: TargetOptions) -> None:
             raise UserError(f"--device cuda: no CUDA device on this machine (target {target!r})")
 
 
-def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
+def resolve_options(target: str, options: TargetOptions | None = None) -> TargetOptions:
+    """The target's options with its defaults filled in, or UserError for what it cannot build.
+    Imports nothing heavy (torch only to ask whether CUDA is there), so that `mllmc compile`
+    refuses bad options before it loads anything."""
     options = options or TargetOptions()
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
-    from ..capture import MAX_SEQ
-
     if options.max_seq_len is not None:
         if target != "trt":
             raise UserError(
@@ -104,14 +107,21 @@ def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
         if options.dtype not in DTYPES:
             raise UserError(f"unknown dtype {options.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
         trt.check_available()
-        check_options(target, options)
+    check_options(target, options)
+    return options
+
+
+def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
+    options = resolve_options(target, options)
+    if target == "trt":
+        from . import trt
+
         max_seq = options.max_seq_len or MAX_SEQ
         return Backend(
             lambda seg, out: trt.compile_segment(seg, out, str(options.dtype), max_seq),
             options,
             {"device": options.device, "dtype": options.dtype, "max_seq_len": max_seq},
         )
-    check_options(target, options)
     if target == "onnx":
         from .onnx import export_segment, share_weights
 

@@ -214,6 +214,38 @@ def test_pass_and_option_errors(tmp_path, tiny_model_dir):
     assert not list(out.iterdir())
 
 
+def test_input_checks_come_before_torch_loads(tmp_path, tiny_model_dir):
+    """What can be checked without the model (pass specs, targets and their options, the model
+    directory's config, output paths) is refused before torch is imported: one line at once."""
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("mine")
+    cases = [
+        ["compile", tiny_model_dir, "--pass", "fastx", "-o", tmp_path / "o"],
+        ["compile", tiny_model_dir, "--pass", "fastv:ratio=1.0", "-o", tmp_path / "o"],
+        ["compile", tiny_model_dir, "--target", "aoti", "--dtype", "int8", "-o", tmp_path / "o"],
+        ["compile", tiny_model_dir, "--max-seq-len", "100", "-o", tmp_path / "o"],
+        ["compile", tmp_path / "nope", "-o", tmp_path / "o"],
+        ["compile", tiny_model_dir, "-o", user_dir, "--force"],
+        ["calibrate", tmp_path / "nope", "-o", tmp_path / "lc.json"],
+        ["calibrate", tiny_model_dir, "--pass", "fastv", "-o", tmp_path / "lc.json"],
+        ["bench", tiny_model_dir, "--pass", "shortv:k=1"],
+    ]
+    code = (
+        "import json, sys\n"
+        "from mllmc.compiler.cli import main\n"
+        "codes = [main([str(a) for a in case]) for case in json.loads(sys.argv[1])]\n"
+        "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))\n"
+    )
+    arg = json.dumps([[str(a) for a in case] for case in cases])
+    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [2] * len(cases), "torch": False}, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mllmc: error:")]
+    assert len(errors) == len(cases), proc.stderr
+    assert not (tmp_path / "o").exists() and (user_dir / "notes.txt").read_text() == "mine"
+
+
 def test_artifact_and_input_errors(artifact, tmp_path, sample_image):
     run = ("--prompt", "Describe.", "--max-new-tokens", "2")
     user_error("run", tmp_path / "none", "--image", sample_image, *run, match="not found")

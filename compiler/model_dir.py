@@ -1,0 +1,66 @@
+"""A Hugging Face model directory and the limits of what capture accepts, checked before
+anything heavy is imported.
+
+`read_config` is the first thing `mllmc compile` does with a model directory: a missing or
+corrupt directory, or an architecture capture does not support, is one line before torch and
+transformers load (seconds), so bad input is refused at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from mllmc.runtime.errors import UserError
+
+# model_type of config.json -> what it is; the only architectures capture accepts.
+SUPPORTED_ARCHITECTURES = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)"}
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+SUPPORTED_VISION_MODELS = ("clip_vision_model",)
+# the longest sequence (prompt, or prompt + cache) a captured graph accepts
+MAX_SEQ = 8192
+
+
+def supported_text() -> str:
+    return ", ".join(f"{k} = {v}" for k, v in SUPPORTED_ARCHITECTURES.items())
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a model dir, checked for a supported architecture (UserError otherwise)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise UserError(f"model directory {root} not found")
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{root} is not a Hugging Face model directory: config.json is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"corrupt {cfg_path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"corrupt {cfg_path}: not a JSON object")
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UserError(
+            f"unsupported architecture {model_type!r} in {cfg_path}; supported: {supported_text()}"
+        )
+    text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
+    if text_type not in SUPPORTED_TEXT_MODELS:
+        raise UserError(
+            f"unsupported LLaVA decoder {text_type!r}; supported decoders: "
+            f"{', '.join(SUPPORTED_TEXT_MODELS)}"
+        )
+    vision_type = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if vision_type not in SUPPORTED_VISION_MODELS:
+        raise UserError(
+            f"unsupported LLaVA vision tower {vision_type!r}; supported: "
+            f"{', '.join(SUPPORTED_VISION_MODELS)}"
+        )
+    if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
+        raise UserError(f"{root} has no weights (*.safetensors)")
+    return cfg
+
+
+def config_hash(model_dir: str | Path) -> str:
+    return hashlib.sha256(Path(model_dir, "config.json").read_bytes()).hexdigest()[:16]
