@@ -127,7 +127,7 @@ def jsonl_items(path: str | Path, n: int | None = None) -> list[EvalItem]:
         raise UserError(f"-n must be >= 1, got {n}")
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"data file {p} not found")
+        raise UserError(f"data file {p} " + ("is a directory" if p.is_dir() else "not found"))
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:

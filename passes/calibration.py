@@ -91,7 +91,9 @@ def load_samples(
     if prompts is not None:
         p = Path(prompts)
         if not p.is_file():
-            raise UserError(f"prompts file {p} not found")
+            raise UserError(
+                f"prompts file {p} " + ("is a directory" if p.is_dir() else "not found")
+            )
         prompt_list = [line.strip() for line in p.read_text().splitlines() if line.strip()]
         if not prompt_list:
             raise UserError(f"prompts file {p} has no prompts")
@@ -102,7 +104,7 @@ def load_samples(
     else:
         d = Path(images)
         if not d.is_dir():
-            raise UserError(f"image directory {d} not found")
+            raise UserError(f"image directory {d} " + ("is a file" if d.exists() else "not found"))
         files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)[:n]
         if not files:
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {d}")

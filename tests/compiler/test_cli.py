@@ -311,6 +311,8 @@ def test_calibrate_writes_lc_and_plot(tiny_model_dir, tmp_path):
     user_error(
         "calibrate", tiny_model_dir, "--images", tmp_path / "nodir", "-o", other, match="not found"
     )
+    user_error("calibrate", tiny_model_dir, "--images", out, "-o", other, match="is a file")
+    user_error("calibrate", tiny_model_dir, "--prompts", tmp_path, "-o", other, match="is a dir")
     user_error(
         "calibrate",
         tiny_model_dir,

@@ -120,6 +120,7 @@ def test_eval_cli_errors(trained_artifact, tmp_path):
     user_error("eval", trained_artifact, "--task", "shapes-qa", "-n", "0", match="-n must be >= 1")
     user_error("eval", trained_artifact, match="exactly one of --task or --data")
     user_error("eval", trained_artifact, "--data", tmp_path / "x.jsonl", match="not found")
+    user_error("eval", trained_artifact, "--data", tmp_path, match="is a directory")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "prompt": "q", "answer": "red"}\n{not json\n')
     user_error("eval", trained_artifact, "--data", bad, match="bad.jsonl:1: cannot read image")
