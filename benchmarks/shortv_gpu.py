@@ -3,6 +3,14 @@ and the ShortV-rewritten one, each run by PyTorch on CUDA (plain and torch.compi
 measured speedup against the FLOPs-ideal one and the parity of the rewrite in the model's dtype.
 
     python benchmarks/shortv_gpu.py [--model models/llava-7b-shape] [--dtype bfloat16]
+    python benchmarks/shortv_gpu.py --cuda-graphs --decode --profile     # every row
+
+Each row reports wall time and, on CUDA, the time of its kernels (torch.profiler) side by side:
+a call whose wall time exceeds its kernel time is host-bound. `--cuda-graphs` adds the two
+programs compiled with torch.compile(mode="reduce-overhead") (Inductor's CUDA graphs: one graph
+replay per call, no per-op launch on the host); `--decode` adds one decode step after the
+prompt, plain and as a CUDA graph, with the bytes it must read (decoder weights + KV cache) as a
+fraction of the device's copy bandwidth. `--device cpu` is a smoke run (tests/test_benchmarks.py).
 
 The ONNX and TensorRT engines need onnxruntime-gpu / TensorRT, which the machines here lack; what
 this measures is the graph rewrite itself on the GPU: the same exported programs the backends
@@ -50,6 +58,35 @@ def kernel_table(fn, rows: int = 25) -> str:
     return "\n".join(tables)
 
 
+def kernel_time(fn, calls: int = 5) -> float | None:
+    """Seconds of GPU kernels per call of fn (torch.profiler, self device time of every event);
+    None on the CPU. Beside the wall time it shows whether a call is host-bound."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(
+        getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+        for e in prof.key_averages()
+    )
+    return total_us / 1e6 / calls
+
+
+def copy_bandwidth(device: str, repeats: int, gib: float = 1.0) -> float:
+    """Best bytes/s of a device-to-device copy (read + write), the memory-bandwidth roofline the
+    decode row is held to."""
+    x = torch.empty(int(gib * 2**30) // 2, dtype=torch.float16, device=device)
+    y = torch.empty_like(x)
+    t = device_time(lambda: y.copy_(x), repeats)
+    return 2 * x.numel() * x.element_size() / t
+
+
 def gemm_peak(info: Any, n: int, dtype: torch.dtype, device: str, repeats: int) -> float:
     """Best TFLOP/s of the decoder's prefill GEMM shapes on this GPU, in the model's dtype."""
     time_of = lambda fn: device_time(fn, repeats)  # noqa: E731
@@ -72,6 +109,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda (the point); cpu for a smoke run")
     ap.add_argument("--layers", help="frozen layers as a JSON list, instead of --ratio")
     ap.add_argument("--profile", action="store_true", help="write each engine's top kernels")
+    ap.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="add rows compiled with torch.compile(mode='reduce-overhead'): Inductor's CUDA "
+        "graphs, one replay per call, no per-op launches on the host",
+    )
+    ap.add_argument(
+        "--decode", action="store_true", help="add decode ms/token against memory bandwidth"
+    )
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("shortv_gpu: no CUDA device; this benchmark runs on a GPU", file=sys.stderr)
@@ -138,13 +184,27 @@ def main() -> None:
                 ("mllmc_torch_compile", torch.compile(base_fn, dynamic=False), []),
                 ("mllmc_torch_compile+shortv", torch.compile(short_fn, dynamic=False), cfg.layers),
             ]
+        if args.cuda_graphs:
+            graphs = {"mode": "reduce-overhead", "dynamic": False}
+            variants += [
+                ("mllmc_cuda_graphs", torch.compile(base_fn, **graphs), []),
+                ("mllmc_cuda_graphs+shortv", torch.compile(short_fn, **graphs), cfg.layers),
+            ]
         for name, fn, frozen in variants:
             t0 = time.perf_counter()
             fn(ids, feats, start)  # compiles, for the torch.compile rows
             first_s = time.perf_counter() - t0
-            t = device_time(lambda fn=fn: fn(ids, feats, start), args.repeats)
-            rows[name] = {"llm_prefill_s": t, "frozen": list(frozen), "first_call_s": first_s}
-            print(f"  {name}: {t * 1e3:.2f} ms (first call {first_s:.1f} s)")
+            call = lambda fn=fn: fn(ids, feats, start)  # noqa: E731
+            t = device_time(call, args.repeats)
+            kernels = kernel_time(call)
+            rows[name] = {
+                "llm_prefill_s": t,
+                "kernel_s": kernels,
+                "frozen": list(frozen),
+                "first_call_s": first_s,
+            }
+            kernel_text = f", kernels {kernels * 1e3:.2f} ms" if kernels is not None else ""
+            print(f"  {name}: {t * 1e3:.2f} ms{kernel_text} (first call {first_s:.1f} s)")
             if args.profile:
                 profiles[name] = kernel_table(lambda fn=fn: fn(ids, feats, start))
 
@@ -152,8 +212,10 @@ def main() -> None:
         hf_logits = model(**inputs).logits[0, -1].float()
         with keep_rows(model, cfg.layers):
             ref_logits = model(**inputs).logits[0, -1].float()
-        base_logits = base_fn(ids, feats, start)[0][0].float()
+        base_out = base_fn(ids, feats, start)
+        base_logits = base_out[0][0].float()
         short_logits = short_fn(ids, feats, start)[0][0].float()
+        decode = measure_decode(args, segments, base_out, n) if args.decode else None
 
     def parity(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
         return {
@@ -173,9 +235,12 @@ def main() -> None:
         info, n_text, set(cfg.layers)
     )
     pass_speedup = {}
-    for base, short in (("mllmc_torch", "mllmc_torch+shortv"),) + (
-        () if args.no_compile else (("mllmc_torch_compile", "mllmc_torch_compile+shortv"),)
-    ):
+    pairs = [("mllmc_torch", "mllmc_torch+shortv")]
+    if not args.no_compile:
+        pairs.append(("mllmc_torch_compile", "mllmc_torch_compile+shortv"))
+    if args.cuda_graphs:
+        pairs.append(("mllmc_cuda_graphs", "mllmc_cuda_graphs+shortv"))
+    for base, short in pairs:
         measured = rows[base]["llm_prefill_s"] / rows[short]["llm_prefill_s"]
         pass_speedup[short] = {
             "measured": measured,
@@ -194,6 +259,7 @@ def main() -> None:
         "gemm_peak_tflops": peak,
         "rows": rows,
         "pass_speedup": pass_speedup,
+        "decode": decode,
         "parity": {
             "captured_vs_hf": parity(base_logits, hf_logits),
             "shortv_vs_reference": parity(short_logits, ref_logits),
@@ -211,19 +277,70 @@ def main() -> None:
     print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.png')}")
 
 
+def measure_decode(args: Any, segments: Any, prefill_out: Any, n: int) -> dict[str, Any]:
+    """One decode step after the n-token prompt (the prefill's cache), plain and, with
+    --cuda-graphs, as a CUDA graph: ms/token, and the bytes it must read (decoder weights + KV
+    cache) over that time as a fraction of the device's copy bandwidth."""
+    from mllmc.compiler.torch_engine import on_device
+
+    device = args.device
+    decode_fn = on_device(segments.decode.program, device)
+    past = list(prefill_out[1:])
+    token = torch.ones(1, 1, dtype=torch.long, device=device)
+    position = torch.full((1, 1), n, dtype=torch.long, device=device)
+    weight_bytes = sum(
+        p.numel() * p.element_size()
+        for name, p in decode_fn.named_parameters()
+        if "vision" not in name and "projector" not in name
+    )
+    kv_bytes = sum(t.numel() * t.element_size() for t in past)
+    bandwidth = copy_bandwidth(device, args.repeats)
+    fns = [("decode", decode_fn)]
+    if args.cuda_graphs:
+        fns.append(("decode_cuda_graphs", torch.compile(decode_fn, mode="reduce-overhead")))
+    rows = {}
+    for name, fn in fns:
+        call = lambda fn=fn: fn(token, position, *past)  # noqa: E731
+        call()
+        t = device_time(call, args.repeats)
+        rows[name] = {
+            "s_per_token": t,
+            "kernel_s": kernel_time(call),
+            "fraction_of_bandwidth": (weight_bytes + kv_bytes) / t / bandwidth,
+        }
+        print(f"  {name}: {t * 1e3:.2f} ms/token")
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes": kv_bytes,
+        "copy_bandwidth_gbs": bandwidth / 1e9,
+        "rows": rows,
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"{Path(report['model']).name} on {report['device']}, {report['dtype']}: "
         f"{report['prompt_tokens']} prompt tokens ({report['visual_tokens']} visual), "
         f"{len(report['frozen_layers'])} frozen layers; GEMM peak "
         f"{report['gemm_peak_tflops']:.0f} TFLOP/s",
-        f"{'engine':28s} {'LLM prefill ms':>14s} {'vs HF eager':>11s} {'TFLOP/s':>8s} {'%peak':>6s}",
+        f"{'engine':28s} {'LLM prefill ms':>14s} {'kernels ms':>10s} {'vs HF eager':>11s} "
+        f"{'TFLOP/s':>8s} {'%peak':>6s}",
     ]
     for name, r in report["rows"].items():
+        kernels = r.get("kernel_s")
+        kernel_text = f"{kernels * 1e3:10.2f}" if kernels is not None else f"{'-':>10s}"
         lines.append(
-            f"{name:28s} {r['llm_prefill_s'] * 1e3:14.2f} {r['speedup_vs_hf_eager']:10.2f}x "
-            f"{r['tflops']:8.0f} {r['fraction_of_gemm_peak']:6.0%}"
+            f"{name:28s} {r['llm_prefill_s'] * 1e3:14.2f} {kernel_text} "
+            f"{r['speedup_vs_hf_eager']:10.2f}x {r['tflops']:8.0f} {r['fraction_of_gemm_peak']:6.0%}"
         )
+    decode = report.get("decode")
+    if decode:
+        reads = (decode["weight_bytes"] + decode["kv_bytes"]) / 1e9
+        for name, r in decode["rows"].items():
+            lines.append(
+                f"{name}: {r['s_per_token'] * 1e3:.2f} ms/token, reads {reads:.2f} GB "
+                f"({r['fraction_of_bandwidth']:.0%} of {decode['copy_bandwidth_gbs']:.0f} GB/s copy)"
+            )
     for name, s in report["pass_speedup"].items():
         lines.append(
             f"{name}: {s['measured']:.2f}x measured vs {s['flops_ideal']:.2f}x FLOPs-ideal "
