@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,35 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
 
 def config_hash(model_dir: str | Path) -> str:
     return hashlib.sha256(Path(model_dir, "config.json").read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What pass options are checked against, read from config.json alone, before the model
+    loads: None where the file leaves a value to Hugging Face's defaults. The loaded model's
+    ModelInfo has the final word (each pass's `prepare` checks again)."""
+
+    num_layers: int | None = None
+    num_visual_tokens: int | None = None
+    vision_layers: int | None = None
+
+
+def model_shape(cfg: dict[str, Any]) -> ModelShape:
+    """The decoder's layer count, the visual tokens per image and the vision tower's layer count
+    as config.json states them (a checked config, from `read_config`)."""
+
+    def count(section: Any, key: str) -> int | None:
+        value = section.get(key) if isinstance(section, dict) else None
+        return (
+            value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+        )
+
+    text, vision = cfg.get("text_config"), cfg.get("vision_config")
+    image, patch = count(vision, "image_size"), count(vision, "patch_size")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    num_visual = None
+    if image and patch and strategy in ("default", "full"):
+        num_visual = (image // patch) ** 2 + (strategy == "full")  # "full" keeps [CLS]
+    return ModelShape(
+        count(text, "num_hidden_layers"), num_visual, count(vision, "num_hidden_layers")
+    )

@@ -138,13 +138,16 @@ def compile_model(
     onnx (float32, CPU), aoti (`device` cpu or cuda, `dtype` float32 (default), bfloat16 or
     float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles)."""
     from . import artifact, backends, outputs
-    from .model_dir import read_config
+    from .model_dir import model_shape, read_config
 
     # every check that needs no model runs before torch is imported: bad input costs no wait
     passes = resolve_passes(passes)
     options = backends.resolve_options(target, backends.TargetOptions(device, dtype, max_seq_len))
     check_order(passes)
-    read_config(model_dir)
+    shape = model_shape(read_config(model_dir))
+    for info, cfg in passes:
+        if info.check is not None:
+            info.check(cfg, shape)
     out = outputs.check_output_dir(
         out_dir, force, artifact.replaceable, what="artifact", protected=[model_dir]
     )

@@ -2,6 +2,8 @@
 
 A pass is one file with one public function `fn(segments, cfg) -> PassResult` and one frozen
 config dataclass whose defaults come from the paper. Each registry entry also names:
+- `check(cfg, shape)`: refuses options that config.json alone rules out (a layer index past the
+  model's depth), before the model loads; `prepare` checks the same against the loaded model.
 - `prepare(cfg, model, info) -> cfg`: resolves what needs the eager model (e.g. ShortV's layer
   order from calibration) before the rewrite; the rewrite itself sees only graphs.
 - `reference(model, info, cfg)`: a context manager that makes the HF model compute what the
@@ -39,6 +41,9 @@ class PassInfo:
     summary: str
     stage: str  # "pre_llm" | "in_llm"
     prepare: Callable[[Any, Any, Any], Any] | None = None
+    # (cfg, ModelShape) -> None: UserError for options the model's config.json already rules
+    # out, run before the model loads (values the config leaves unstated are None: skip them)
+    check: Callable[[Any, Any], None] | None = None
     reference: Callable[[Any, Any, Any], Any] | None = None
     prunes: bool = False
 

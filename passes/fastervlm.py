@@ -74,6 +74,11 @@ class FasterVLMConfig:
         return resolve_keep("fastervlm", self.keep, ratio, num_visual)
 
 
+def check(cfg: FasterVLMConfig, shape: Any) -> None:
+    if shape.num_visual_tokens is not None:
+        cfg.kept(shape.num_visual_tokens)
+
+
 def prepare(cfg: FasterVLMConfig, model: Any, info: Any) -> FasterVLMConfig:
     check_tower(model, "fastervlm")
     kept = cfg.kept(info.num_visual_tokens)
@@ -112,6 +117,7 @@ PASS = PassInfo(
     config_cls=FasterVLMConfig,
     summary="keep the top-k patches by the vision tower's [CLS] attention (FasterVLM)",
     stage="pre_llm",
+    check=check,
     prepare=prepare,
     reference=reference,
     prunes=True,

@@ -71,6 +71,11 @@ def check_k(k: int, num_layers: int) -> None:
         )
 
 
+def check(cfg: FastVConfig, shape: Any) -> None:
+    if shape.num_layers is not None:
+        check_k(cfg.k, shape.num_layers)
+
+
 def prepare(cfg: FastVConfig, model: Any, info: Any) -> FastVConfig:
     check_k(cfg.k, info.num_layers)
     return cfg
@@ -140,6 +145,7 @@ PASS = PassInfo(
     config_cls=FastVConfig,
     summary="prune visual tokens after layer K by the last token's attention (FastV)",
     stage="in_llm",
+    check=check,
     prepare=prepare,
     reference=reference,
     prunes=True,

@@ -156,15 +156,26 @@ def frozen_count(ratio: float, num_layers: int) -> int:
     return int(round(ratio * num_layers))
 
 
+def check_layers(layers: Sequence[int], num_layers: int) -> None:
+    bad = [i for i in layers if i >= num_layers]
+    if bad:
+        raise UserError(
+            f"shortv: layers {bad} out of range; the model has layers 0..{num_layers - 1}"
+        )
+
+
+def check(cfg: ShortVConfig, shape: Any) -> None:
+    if cfg.layers is not None and shape.num_layers is not None:
+        check_layers(cfg.layers, shape.num_layers)
+
+
 def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
     """Resolve the frozen layer list (explicit, LC file, published list, or calibration)."""
     L = info.num_layers
     if getattr(info, "num_visual_tokens", 1) < 1:
         raise UserError("shortv: the model puts no visual tokens in the prompt; nothing to freeze")
     if cfg.layers is not None:
-        bad = [i for i in cfg.layers if i >= L]
-        if bad:
-            raise UserError(f"shortv: layers {bad} out of range; the model has layers 0..{L - 1}")
+        check_layers(cfg.layers, L)
         return dataclasses.replace(cfg, order_from="explicit")
     k = frozen_count(cfg.ratio, L)
     if cfg.lc is not None:
@@ -376,6 +387,7 @@ PASS = PassInfo(
     config_cls=ShortVConfig,
     summary="freeze visual tokens in the lowest-Layer-Contribution layers (ShortV)",
     stage="in_llm",
+    check=check,
     prepare=prepare,
     reference=reference,
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,17 +58,28 @@ class VTCClsConfig:
         return resolve_keep("vtc_cls", self.keep, ratio, num_visual)
 
 
+def check_layers(layers: Sequence[int], vision_layers: int) -> None:
+    if layers[1] >= vision_layers:
+        raise UserError(
+            f"vtc_cls: layers {list(layers)} out of range; the vision tower has layers "
+            f"0..{vision_layers - 1}"
+        )
+
+
+def check(cfg: VTCClsConfig, shape: Any) -> None:
+    if shape.num_visual_tokens is not None:
+        cfg.kept(shape.num_visual_tokens)
+    if cfg.layers is not None and shape.vision_layers is not None:
+        check_layers(cfg.layers, shape.vision_layers)
+
+
 def prepare(cfg: VTCClsConfig, model: Any, info: Any) -> VTCClsConfig:
     check_tower(model, "vtc_cls")
     kept = cfg.kept(info.num_visual_tokens)
     layers = cfg.layers
     if layers is None:
         layers = (0, feature_layer_index(model.config.vision_feature_layer, info.vision_layers))
-    if layers[1] >= info.vision_layers:
-        raise UserError(
-            f"vtc_cls: layers {list(layers)} out of range; the vision tower has layers "
-            f"0..{info.vision_layers - 1}"
-        )
+    check_layers(layers, info.vision_layers)
     return dataclasses.replace(cfg, layers=layers, keep=kept, ratio=None)
 
 
@@ -103,6 +115,7 @@ PASS = PassInfo(
     config_cls=VTCClsConfig,
     summary="keep the top-k patches by [CLS] attention summed over vision layers (VTC-CLS)",
     stage="pre_llm",
+    check=check,
     prepare=prepare,
     reference=reference,
     prunes=True,

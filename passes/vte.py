@@ -59,6 +59,11 @@ def check_k(k: int, num_layers: int) -> None:
         )
 
 
+def check(cfg: VTEConfig, shape: Any) -> None:
+    if cfg.k is not None and shape.num_layers is not None:
+        check_k(cfg.k, shape.num_layers)
+
+
 def prepare(cfg: VTEConfig, model: Any, info: Any) -> VTEConfig:
     """Resolve K from `calib` when it is not given, and check it against the model."""
     if cfg.k is None:
@@ -129,6 +134,7 @@ PASS = PassInfo(
     config_cls=VTEConfig,
     summary="visual-token exit: layers >= K hold text rows only (static DyVTE)",
     stage="in_llm",
+    check=check,
     prepare=prepare,
     reference=reference,
     prunes=True,

@@ -63,6 +63,34 @@ def test_locator_finds_every_layer(captured):
     assert all(layer.attention_mask is not None for layer in prefill_layers)
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "other_model_dir"])
+def test_model_shape_from_config_agrees_with_the_loaded_model(request, model_fixture):
+    """The shape pass options are checked against before the model loads (config.json alone)
+    is the loaded model's."""
+    from mllmc.compiler.model_dir import model_shape
+
+    model_dir = request.getfixturevalue(model_fixture)
+    _, info = load_model(model_dir)
+    shape = model_shape(read_config(model_dir))
+    assert (shape.num_layers, shape.num_visual_tokens, shape.vision_layers) == (
+        info.num_layers,
+        info.num_visual_tokens,
+        info.vision_layers,
+    )
+
+
+def test_model_shape_leaves_unstated_values_to_the_loaded_model():
+    from mllmc.compiler.model_dir import ModelShape, model_shape
+
+    assert model_shape({"model_type": "llava"}) == ModelShape(None, None, None)
+    cfg = {
+        "text_config": {"num_hidden_layers": 32},
+        "vision_config": {"image_size": 336, "patch_size": 14, "num_hidden_layers": True},
+        "vision_feature_select_strategy": "full",
+    }
+    assert model_shape(cfg) == ModelShape(32, 577, None)  # "full" keeps [CLS]; a bool is no count
+
+
 def test_read_config_errors(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="not found"):
         read_config(tmp_path / "nope")

@@ -215,14 +215,19 @@ def test_pass_and_option_errors(tmp_path, tiny_model_dir):
 
 
 def test_input_checks_come_before_torch_loads(tmp_path, tiny_model_dir):
-    """What can be checked without the model (pass specs, targets and their options, the model
-    directory's config, output paths) is refused before torch is imported: one line at once."""
+    """What can be checked without the model (pass specs and the options config.json rules out,
+    targets and their options, the model directory's config, output paths) is refused before
+    torch is imported: one line at once."""
     user_dir = tmp_path / "mine"
     user_dir.mkdir()
     (user_dir / "notes.txt").write_text("mine")
     cases = [
         ["compile", tiny_model_dir, "--pass", "fastx", "-o", tmp_path / "o"],
         ["compile", tiny_model_dir, "--pass", "fastv:ratio=1.0", "-o", tmp_path / "o"],
+        # ruled out by config.json alone: refused before the model loads too
+        ["compile", tiny_model_dir, "--pass", "fastv:k=6", "-o", tmp_path / "o"],
+        ["compile", tiny_model_dir, "--pass", "fastervlm:keep=17", "-o", tmp_path / "o"],
+        ["compile", tiny_model_dir, "--pass", "shortv:layers=[6]", "-o", tmp_path / "o"],
         ["compile", tiny_model_dir, "--target", "aoti", "--dtype", "int8", "-o", tmp_path / "o"],
         ["compile", tiny_model_dir, "--max-seq-len", "100", "-o", tmp_path / "o"],
         ["compile", tmp_path / "nope", "-o", tmp_path / "o"],
