@@ -153,7 +153,7 @@ def compile_model(
     )
     from . import capture, flops, verify
 
-    backend = backends.get_backend(target, options)
+    backend = backends.build_backend(target, options)
 
     steps = ["load", "capture", "passes", "flops", target, "validate" if validate else "write"]
     bar = tqdm(total=len(steps), desc="compile", disable=not progress, unit="step")

@@ -283,11 +283,7 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
     if cfg.layers is None:
         raise ValueError("shortv: resolve cfg.layers with prepare() before the rewrite")
     info = segments.info
-    bad = [i for i in cfg.layers if i >= info.num_layers]
-    if bad:
-        raise UserError(
-            f"shortv: layers {bad} out of range; the model has layers 0..{info.num_layers - 1}"
-        )
+    check_layers(cfg.layers, info.num_layers)
     if not cfg.layers:
         return PassResult(segments, {"frozen_layers": [], "order_from": cfg.order_from})
 

@@ -112,7 +112,11 @@ def resolve_options(target: str, options: TargetOptions | None = None) -> Target
 
 
 def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
-    options = resolve_options(target, options)
+    return build_backend(target, resolve_options(target, options))
+
+
+def build_backend(target: str, options: TargetOptions) -> Backend:
+    """The backend for options `resolve_options` returned (it checks; this only builds)."""
     if target == "trt":
         from . import trt
 
