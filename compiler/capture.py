@@ -6,6 +6,10 @@
     decode  : input_ids (1, 1), position_ids (1, 1), past K/V per layer
                                                        -> logits (1, V), present K/V per layer
 
+and, on demand, the same decode step over fixed-capacity cache buffers
+(`export_static_cache_decode`: the shapes a CUDA graph needs, run by
+runtime/runners/_static_cache.py behind the decode contract above).
+
 The model is loaded with the same code a user's real LLaVA goes through
 (`LlavaForConditionalGeneration.from_pretrained`), and every weight stays an HF module: the
 segments below only re-write the *forward* of the decoder, op by op, so that the exported graph is
@@ -161,6 +165,9 @@ class DecoderLayer(nn.Module):
 
     Shapes: h (B, T, d); cos/sin (B, 1, T, hd); mask (B, 1, T, S) bool or None;
     past_k/past_v (B, kvh, P, hd) or None; returns h (B, T, d), k/v (B, kvh, P + T, hd).
+    With `cache_len` (1,) int64 (static-cache decode, T = 1): past_k/past_v are buffers of C rows
+    of which the first cache_len hold the cache, and k/v returned are this token's row only
+    (B, kvh, 1, hd), for the caller to write at row cache_len (see `attend_static_cache`).
     Views use -1 for the row count, so a pass may hand a projection fewer rows.
     """
 
@@ -173,7 +180,7 @@ class DecoderLayer(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = float(getattr(hf_layer.self_attn, "scaling", head_dim**-0.5))
 
-    def forward(self, h, cos, sin, mask, past_k=None, past_v=None):
+    def forward(self, h, cos, sin, mask, past_k=None, past_v=None, cache_len=None):
         b = h.shape[0]
         attn = self.self_attn
         x = self.input_layernorm(h)  # (B, T, d)
@@ -182,27 +189,59 @@ class DecoderLayer(nn.Module):
         v = attn.v_proj(x).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)  # (B, H, T, hd)
         k = apply_rope(k, cos, sin)  # (B, kvh, T, hd)
-        if past_k is not None:
-            k = torch.cat((past_k, k), dim=2)  # (B, kvh, P + T, hd)
-            v = torch.cat((past_v, v), dim=2)
         n_rep = self.num_heads // self.num_kv_heads
-        if mask is None and n_rep > 1:
-            # decode (no mask: every query sees every cached key): the n_rep query heads of a kv
-            # head become rows of one group, so the cache is read once per kv head instead of
-            # being copied n_rep times (the copy and its transposes were ~15% of a CPU decode
-            # step on small-llava)
-            t = q.shape[2]
-            grouped = q.reshape(b, self.num_kv_heads, n_rep * t, self.head_dim)
-            o = F.scaled_dot_product_attention(grouped, k, v, scale=self.scaling)
-            o = o.reshape(b, self.num_heads, t, self.head_dim)
+        if cache_len is not None:
+            o = attend_static_cache(q, k, v, past_k, past_v, cache_len, self.scaling)
         else:
-            o = F.scaled_dot_product_attention(
-                q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, scale=self.scaling
-            )  # (B, H, T, hd)
+            if past_k is not None:
+                k = torch.cat((past_k, k), dim=2)  # (B, kvh, P + T, hd)
+                v = torch.cat((past_v, v), dim=2)
+            if mask is None and n_rep > 1:
+                # decode (no mask: every query sees every cached key): the n_rep query heads of
+                # a kv head become rows of one group, so the cache is read once per kv head
+                # instead of being copied n_rep times (the copy and its transposes were ~15% of
+                # a CPU decode step on small-llava)
+                t = q.shape[2]
+                grouped = q.reshape(b, self.num_kv_heads, n_rep * t, self.head_dim)
+                o = F.scaled_dot_product_attention(grouped, k, v, scale=self.scaling)
+                o = o.reshape(b, self.num_heads, t, self.head_dim)
+            else:
+                o = F.scaled_dot_product_attention(
+                    q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, scale=self.scaling
+                )  # (B, H, T, hd)
         o = o.transpose(1, 2).reshape(b, -1, self.num_heads * self.head_dim)  # (B, T, H*hd)
         h = h + attn.o_proj(o)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k, v
+
+
+def attend_static_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    cache_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query row over a fixed-capacity cache plus its own key: (B, H, 1, hd).
+
+    q (B, H, 1, hd); k, v (B, kvh, 1, hd): this token's row; past_k/past_v (B, kvh, C, hd) whose
+    rows >= cache_len (1,) are ignored. The shapes do not depend on how many rows are valid, so
+    one program (and one CUDA graph per capacity C) serves every decode step. Each cached row is
+    read once and nothing is copied: the scores over the buffer and over the new row share one
+    softmax (fp32, as HF's eager attention computes it), instead of writing the new row into a
+    copy of the buffer; the caller writes it in place afterwards."""
+    b, heads, _, hd = q.shape
+    kvh = past_k.shape[1]
+    g = q.reshape(b, kvh, heads // kvh, hd) * scale  # the n_rep heads of a kv head as rows
+    scores_past = torch.matmul(g, past_k.transpose(2, 3)).float()  # (B, kvh, n_rep, C)
+    valid = torch.arange(past_k.shape[2], device=q.device) < cache_len  # (C,)
+    scores_past = scores_past.masked_fill(~valid, float("-inf"))
+    scores_new = torch.matmul(g, k.transpose(2, 3)).float()  # (B, kvh, n_rep, 1)
+    probs = torch.cat((scores_past, scores_new), dim=-1).softmax(dim=-1).to(q.dtype)
+    o = torch.matmul(probs[..., :-1], past_v) + probs[..., -1:] * v  # (B, kvh, n_rep, hd)
+    return o.reshape(b, heads, 1, hd)
 
 
 class _Decoder(nn.Module):
@@ -274,6 +313,23 @@ class DecodeSegment(_Decoder):
         return (self.logits_last(h), *present)
 
 
+class StaticCacheDecodeSegment(_Decoder):
+    """The decode step over fixed-capacity cache buffers (what CUDA graphs need: the shapes stay
+    the same from step to step). input_ids (1, 1), position_ids (1, 1), cache_len (L,) int64,
+    k_0, v_0, ... (1, kvh, C, hd) of which the first cache_len[l] rows of layer l are its cache
+    -> logits (1, V), then this token's k_0, v_0, ... rows (1, kvh, 1, hd), which the caller
+    writes at row cache_len[l] of its buffers (runtime/runners/_static_cache.py)."""
+
+    def forward(self, input_ids, position_ids, cache_len, *past):
+        h = self.embed_tokens(input_ids)  # (1, 1, d)
+        cos, sin = self.rope(position_ids, h.dtype)
+        rows: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer(h, cos, sin, None, past[2 * i], past[2 * i + 1], cache_len[i : i + 1])
+            rows += [k, v]
+        return (self.logits_last(h), *rows)
+
+
 class VisionSegment(nn.Module):
     """pixel_values (1, 3, H, W) -> projected image features (1, N_v, d) (LLaVA-1.5 path)."""
 
@@ -321,6 +377,8 @@ class Segments:
     whether it computes its visual rows); passes replace entries, they never mutate them.
     model: the eager model the segments were captured from (they share its parameters); a
     pre-LLM pass that changes the image-span length re-captures the prefill from it.
+    static_decode: the decode step over fixed-capacity cache buffers (`capture(...,
+    static_decode=True)`), for engines that run decode as CUDA graphs; passes leave it as is.
     """
 
     info: ModelInfo
@@ -329,6 +387,7 @@ class Segments:
     decode: Segment
     layer_plan: list[LayerPlan]
     model: nn.Module | None = None
+    static_decode: Segment | None = None  # `export_static_cache_decode`, when asked for
 
     def __iter__(self):
         return iter((self.vision, self.prefill, self.decode))
@@ -441,6 +500,34 @@ def export_decode(model: nn.Module, info: ModelInfo) -> Segment:
     )
 
 
+def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
+    """The decode step over cache buffers of a capacity C that is dynamic in the program and
+    fixed while a runner uses one set of buffers (`StaticCacheDecodeSegment`). It depends on the
+    model alone: no pass rewrites decode."""
+    seg = StaticCacheDecodeSegment(model, info).eval()
+    capacity, valid = 16, 12
+    ids, pos, *past = example_decode_inputs(info, past_len=capacity)
+    cache_len = torch.full((info.num_layers,), valid, dtype=torch.int64)
+    args = on_model(model, (ids, pos, cache_len, *past))
+    cap = torch.export.Dim("capacity", min=2, max=MAX_SEQ)
+    dyn = {
+        "input_ids": None,
+        "position_ids": None,
+        "cache_len": None,
+        "past": tuple({2: cap} for _ in range(2 * info.num_layers)),
+    }
+    with torch.no_grad():
+        ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
+    return Segment(
+        "decode",
+        ep,
+        ["input_ids", "position_ids", "cache_len", *kv_names(info.num_layers, "past")],
+        ["logits", *kv_names(info.num_layers, "new")],
+        args,
+        dyn,
+    )
+
+
 def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
     seg = VisionSegment(model).eval()
     gen = torch.Generator().manual_seed(2)
@@ -450,8 +537,9 @@ def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
     return Segment("vision", ep, ["pixel_values"], ["image_features"], args, None)
 
 
-def capture(model: nn.Module, info: ModelInfo) -> Segments:
-    """Export the three segments of a loaded LLaVA model, in its dtype, on the CPU.
+def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> Segments:
+    """Export the three segments of a loaded LLaVA model, in its dtype, on the CPU (and, with
+    `static_decode`, the static-cache decode step beside them).
 
     Capture and rewrites run on the CPU, where the traced graph does not depend on which GPU
     attention kernel the fake tensors would pick (on CUDA, torch 2.11's export adds a guard on
@@ -473,4 +561,5 @@ def capture(model: nn.Module, info: ModelInfo) -> Segments:
             for i in range(info.num_layers)
         ],
         model=model,
+        static_decode=export_static_cache_decode(model, info) if static_decode else None,
     )

@@ -16,6 +16,7 @@ import torch
 
 from mllmc.runtime.engine import SegmentLoop
 from mllmc.runtime.manifest import SegmentEntry, from_json
+from mllmc.runtime.runners._static_cache import DEFAULT_BUCKET, GraphPerShape, StaticCacheDecoder
 from mllmc.runtime.runners._torch import TorchCallRunner
 
 from .segment_io import segment_io
@@ -40,20 +41,48 @@ def segment_entry(seg: Any, file: str = "") -> SegmentEntry:
 
 
 class TorchEngine(SegmentLoop):
-    """vision -> prefill -> decode loop over `Segments` (captured on the CPU) on `device`;
-    `compile=True` runs vision and prefill through torch.compile (Inductor)."""
+    """vision -> prefill -> decode loop over `Segments` (captured on the CPU) on `device`.
 
-    def __init__(self, segments: Any, device: str = "cpu", compile: bool = False):
+    compile: vision and prefill run through torch.compile (Inductor).
+    static_cache: decode runs the static-cache program (`capture(..., static_decode=True)`) over
+    buffers of `bucket`-row capacity steps (runtime/runners/_static_cache.py); same tokens and
+    logits as the default decode, whose cache grows by a copy each step.
+    cuda_graphs (CUDA only; implies static_cache): each decode step is one CUDA graph replay per
+    capacity bucket, and vision and prefill one replay per input shape (prompt length), so no
+    op is launched from the host on the critical path."""
+
+    def __init__(
+        self,
+        segments: Any,
+        device: str = "cpu",
+        compile: bool = False,
+        static_cache: bool = False,
+        cuda_graphs: bool = False,
+        bucket: int = DEFAULT_BUCKET,
+    ):
+        if cuda_graphs and torch.device(device).type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device!r}")
+        static_cache = static_cache or cuda_graphs
+        if static_cache and segments.static_decode is None:
+            raise ValueError("static_cache needs segments captured with static_decode=True")
         self.info = segments.info
         entries = [segment_entry(seg) for seg in segments]
         modules = [on_device(seg.program, device) for seg in segments]
         if compile:
             modules[0], modules[1] = (torch.compile(m, dynamic=False) for m in modules[:2])
         self.vision, self.prefill_fn, self.decode_fn = modules
-        runners = {
-            seg.name: TorchCallRunner(seg.name, entry, module, device)
-            for seg, entry, module in zip(segments, entries, modules, strict=True)
+        fns: list[Any] = list(modules)
+        if cuda_graphs:
+            fns[0], fns[1] = GraphPerShape(fns[0], device), GraphPerShape(fns[1], device)
+        runners: dict[str, Any] = {
+            seg.name: TorchCallRunner(seg.name, entry, fn, device)
+            for seg, entry, fn in zip(segments, entries, fns, strict=True)
         }
+        if static_cache:
+            self.decode_fn = on_device(segments.static_decode.program, device)
+            runners["decode"] = StaticCacheDecoder(
+                "decode", entries[2], self.decode_fn, device, cuda_graphs=cuda_graphs, bucket=bucket
+            )
         super().__init__(runners)
 
     def generate(
