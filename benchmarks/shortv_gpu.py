@@ -7,10 +7,15 @@ measured speedup against the FLOPs-ideal one and the parity of the rewrite in th
 
 Each row reports wall time and, on CUDA, the time of its kernels (torch.profiler) side by side:
 a call whose wall time exceeds its kernel time is host-bound. `--cuda-graphs` adds the two
-programs compiled with torch.compile(mode="reduce-overhead") (Inductor's CUDA graphs: one graph
-replay per call, no per-op launch on the host); `--decode` adds one decode step after the
-prompt, plain and as a CUDA graph, with the bytes it must read (decoder weights + KV cache) as a
-fraction of the device's copy bandwidth. `--device cpu` is a smoke run (tests/test_benchmarks.py).
+programs as CUDA graphs, twice: the exported programs op by op captured into one graph per
+prompt length (`mllmc_cuda_graphs`, the runtime's GraphPerShape), and compiled with
+torch.compile(mode="reduce-overhead") (`mllmc_compile_graphs`, Inductor's CUDA graphs): one
+replay per call, no per-op launch on the host. `--decode` adds a greedy loop of `--decode-steps`
+steps after the prompt, ms/token with the host reading each token, for the growing cache
+(`decode`), the static-cache program (`decode_static`) and, with --cuda-graphs, its CUDA graph
+replays (`decode_cuda_graphs`), with the bytes a step must read (decoder weights + the KV cache
+at mid-loop) as a fraction of the device's copy bandwidth. `--device cpu` is a smoke run of the
+rows that do not need CUDA (tests/test_benchmarks.py).
 
 The ONNX and TensorRT engines need onnxruntime-gpu / TensorRT, which the machines here lack; what
 this measures is the graph rewrite itself on the GPU: the same exported programs the backends
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mllmc.compiler.bench import best_gemm_flops, median_time
@@ -118,6 +124,7 @@ def main() -> None:
     ap.add_argument(
         "--decode", action="store_true", help="add decode ms/token against memory bandwidth"
     )
+    ap.add_argument("--decode-steps", type=int, default=32, help="decode steps per timed loop")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("shortv_gpu: no CUDA device; this benchmark runs on a GPU", file=sys.stderr)
@@ -133,6 +140,7 @@ def main() -> None:
     from mllmc.compiler.torch_engine import on_device
     from mllmc.compiler.verify import probe_image, processor_inputs
     from mllmc.passes.shortv import ShortVConfig, keep_rows, prepare, shortv
+    from mllmc.runtime.runners._static_cache import GraphPerShape
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -147,7 +155,7 @@ def main() -> None:
     info = model_info(model, model_dir)
     layers = tuple(json.loads(args.layers)) if args.layers else None
     cfg = prepare(ShortVConfig(layers=layers, ratio=args.ratio), model, info)
-    segments = capture(model, info)
+    segments = capture(model, info, static_decode=args.decode)
     rewritten = shortv(segments, cfg).segments
     model = model.to(device)
     vision_fn = on_device(segments.vision.program, device)
@@ -184,11 +192,18 @@ def main() -> None:
                 ("mllmc_torch_compile", torch.compile(base_fn, dynamic=False), []),
                 ("mllmc_torch_compile+shortv", torch.compile(short_fn, dynamic=False), cfg.layers),
             ]
+        if args.cuda_graphs and device == "cuda":
+            variants += [
+                ("mllmc_cuda_graphs", GraphPerShape(base_fn, device), []),
+                ("mllmc_cuda_graphs+shortv", GraphPerShape(short_fn, device), cfg.layers),
+            ]
+        elif args.cuda_graphs:
+            print("  mllmc_cuda_graphs rows: skipped, they need a CUDA device")
         if args.cuda_graphs:
             graphs = {"mode": "reduce-overhead", "dynamic": False}
             variants += [
-                ("mllmc_cuda_graphs", torch.compile(base_fn, **graphs), []),
-                ("mllmc_cuda_graphs+shortv", torch.compile(short_fn, **graphs), cfg.layers),
+                ("mllmc_compile_graphs", torch.compile(base_fn, **graphs), []),
+                ("mllmc_compile_graphs+shortv", torch.compile(short_fn, **graphs), cfg.layers),
             ]
         for name, fn, frozen in variants:
             t0 = time.perf_counter()
@@ -238,8 +253,11 @@ def main() -> None:
     pairs = [("mllmc_torch", "mllmc_torch+shortv")]
     if not args.no_compile:
         pairs.append(("mllmc_torch_compile", "mllmc_torch_compile+shortv"))
-    if args.cuda_graphs:
-        pairs.append(("mllmc_cuda_graphs", "mllmc_cuda_graphs+shortv"))
+    pairs += [
+        (name, name + "+shortv")
+        for name in ("mllmc_cuda_graphs", "mllmc_compile_graphs")
+        if name in rows
+    ]
     for base, short in pairs:
         measured = rows[base]["llm_prefill_s"] / rows[short]["llm_prefill_s"]
         pass_speedup[short] = {
@@ -278,38 +296,65 @@ def main() -> None:
 
 
 def measure_decode(args: Any, segments: Any, prefill_out: Any, n: int) -> dict[str, Any]:
-    """One decode step after the n-token prompt (the prefill's cache), plain and, with
-    --cuda-graphs, as a CUDA graph: ms/token, and the bytes it must read (decoder weights + KV
-    cache) over that time as a fraction of the device's copy bandwidth."""
-    from mllmc.compiler.torch_engine import on_device
+    """A greedy loop of --decode-steps steps after the n-token prompt, from the prefill's cache,
+    the host reading each token as a generate loop does: ms/token for the growing cache, the
+    static-cache program and (--cuda-graphs, CUDA) its graph replays, and the bytes a step reads
+    (decoder weights + the cache at mid-loop) over that time as a fraction of copy bandwidth."""
+    from mllmc.compiler.torch_engine import on_device, segment_entry
+    from mllmc.runtime.runners._static_cache import StaticCacheDecoder
+    from mllmc.runtime.runners._torch import TorchCallRunner
 
-    device = args.device
-    decode_fn = on_device(segments.decode.program, device)
-    past = list(prefill_out[1:])
-    token = torch.ones(1, 1, dtype=torch.long, device=device)
-    position = torch.full((1, 1), n, dtype=torch.long, device=device)
+    device, steps = args.device, args.decode_steps
+    entry = segment_entry(segments.decode)
+    grow_fn = on_device(segments.decode.program, device)
+    static_fn = on_device(segments.static_decode.program, device)
+    runners: dict[str, Any] = {
+        "decode": TorchCallRunner("decode", entry, grow_fn, device),
+        "decode_static": StaticCacheDecoder("decode", entry, static_fn, device),
+    }
+    if args.cuda_graphs and device == "cuda":
+        runners["decode_cuda_graphs"] = StaticCacheDecoder(
+            "decode", entry, static_fn, device, cuda_graphs=True
+        )
+    elif args.cuda_graphs:
+        print("  decode_cuda_graphs: skipped, it needs a CUDA device")
+    past_names = [t.name for t in entry.inputs if t.name.startswith("past.")]
+    prompt_cache = dict(zip(past_names, prefill_out[1:], strict=True))
     weight_bytes = sum(
         p.numel() * p.element_size()
-        for name, p in decode_fn.named_parameters()
+        for name, p in grow_fn.named_parameters()
         if "vision" not in name and "projector" not in name
     )
-    kv_bytes = sum(t.numel() * t.element_size() for t in past)
+    row_bytes = sum(t[0, :, 0].numel() * t.element_size() for t in prompt_cache.values())
+    rows_mid = int(next(iter(prompt_cache.values())).shape[2]) + steps // 2
+    kv_bytes = row_bytes * rows_mid
     bandwidth = copy_bandwidth(device, args.repeats)
-    fns = [("decode", decode_fn)]
-    if args.cuda_graphs:
-        fns.append(("decode_cuda_graphs", torch.compile(decode_fn, mode="reduce-overhead")))
-    rows = {}
-    for name, fn in fns:
-        call = lambda fn=fn: fn(token, position, *past)  # noqa: E731
-        call()
-        t = device_time(call, args.repeats)
+
+    def generate(runner: Any) -> list[int]:
+        cache, token, tokens = dict(prompt_cache), 1, []
+        for step in range(steps):
+            feeds = {"input_ids": np.array([[token]]), "position_ids": np.array([[n + step]])}
+            out = runner({**feeds, **cache})
+            token = int(out["logits"][0].argmax())  # the host waits for each token
+            tokens.append(token)
+            cache = {p: out["present" + p[len("past") :]] for p in past_names}
+        return tokens
+
+    rows, first = {}, None
+    for name, runner in runners.items():
+        tokens = generate(runner)  # warm-up (and, for CUDA graphs, the captures)
+        first = first or tokens
+        t = device_time(lambda runner=runner: generate(runner), max(3, args.repeats // 4)) / steps
+        kernels = kernel_time(lambda runner=runner: generate(runner), calls=2)
         rows[name] = {
             "s_per_token": t,
-            "kernel_s": kernel_time(call),
+            "kernel_s": kernels / steps if kernels is not None else None,
             "fraction_of_bandwidth": (weight_bytes + kv_bytes) / t / bandwidth,
+            "same_tokens": tokens == first,
         }
-        print(f"  {name}: {t * 1e3:.2f} ms/token")
+        print(f"  {name}: {t * 1e3:.2f} ms/token, same tokens: {tokens == first}")
     return {
+        "steps": steps,
         "weight_bytes": weight_bytes,
         "kv_bytes": kv_bytes,
         "copy_bandwidth_gbs": bandwidth / 1e9,
@@ -337,9 +382,12 @@ def format_table(report: dict[str, Any]) -> str:
     if decode:
         reads = (decode["weight_bytes"] + decode["kv_bytes"]) / 1e9
         for name, r in decode["rows"].items():
+            kernels = r.get("kernel_s")
+            kernel_text = f", kernels {kernels * 1e3:.2f} ms" if kernels is not None else ""
             lines.append(
-                f"{name}: {r['s_per_token'] * 1e3:.2f} ms/token, reads {reads:.2f} GB "
-                f"({r['fraction_of_bandwidth']:.0%} of {decode['copy_bandwidth_gbs']:.0f} GB/s copy)"
+                f"{name}: {r['s_per_token'] * 1e3:.2f} ms/token{kernel_text}, reads {reads:.2f} "
+                f"GB ({r['fraction_of_bandwidth']:.0%} of {decode['copy_bandwidth_gbs']:.0f} GB/s "
+                f"copy), tokens {'same' if r['same_tokens'] else 'DIFFER'}"
             )
     for name, s in report["pass_speedup"].items():
         lines.append(
