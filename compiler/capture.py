@@ -519,7 +519,7 @@ def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
     with torch.no_grad():
         ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
     return Segment(
-        "decode",
+        "decode_static",
         ep,
         ["input_ids", "position_ids", "cache_len", *kv_names(info.num_layers, "past")],
         ["logits", *kv_names(info.num_layers, "new")],

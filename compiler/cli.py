@@ -28,6 +28,7 @@ examples:
   mllmc compile MODEL --pass shortv:ratio=0.6,lc=lc.json -o out/shortv
   mllmc compile MODEL --pass fastervlm:keep=144 --pass shortv:ratio=0.6 -o out/both
   mllmc compile MODEL --pass fastv:k=2,ratio=0.5 --target aoti -o out/fastv-aoti
+  mllmc compile MODEL --pass shortv --target aoti --device cuda --dtype bfloat16 -o out/gpu
   mllmc compile MODEL --pass shortv:ratio=0.6 --target trt --max-seq-len 4096 -o out/trt
   mllmc calibrate models/tiny-llava --pass shortv -o lc.json
   mllmc run out/tiny-shortv --image cat.png --prompt "Describe the image." --max-new-tokens 16
@@ -122,6 +123,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         max_seq_len=args.max_seq_len,
+        decode_cache=args.decode_cache,
         validate=not args.no_validate,
         force=args.force,
         progress=not args.quiet,
@@ -396,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(2),
         metavar="N",
         help="trt: the longest prompt + generated tokens its engines accept (default: 8192)",
+    )
+    sp.add_argument(
+        "--decode-cache",
+        choices=["growing", "static"],
+        default=None,
+        help="aoti: 'static' adds a decode step over fixed-capacity cache buffers, replayed as "
+        "a CUDA graph per step on CUDA (default there); 'growing' (default on the CPU, and the "
+        "only one for onnx and trt) copies each layer's cache one row longer per step",
     )
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
     sp.add_argument(

@@ -131,18 +131,24 @@ def compile_model(
     device: str = "cpu",
     dtype: str | None = None,
     max_seq_len: int | None = None,
+    decode_cache: str | None = None,
 ) -> CompileResult:
     """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`.
 
     `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order. `target`:
     onnx (float32, CPU), aoti (`device` cpu or cuda, `dtype` float32 (default), bfloat16 or
-    float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles)."""
+    float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles).
+    `decode_cache` (aoti): "static" adds the decode step over fixed-capacity buffers, which the
+    runtime replays as CUDA graphs on CUDA (the default there); "growing" (the default on the
+    CPU) does not."""
     from . import artifact, backends, outputs
     from .model_dir import model_shape, read_config
 
     # every check that needs no model runs before torch is imported: bad input costs no wait
     passes = resolve_passes(passes)
-    options = backends.resolve_options(target, backends.TargetOptions(device, dtype, max_seq_len))
+    options = backends.resolve_options(
+        target, backends.TargetOptions(device, dtype, max_seq_len, decode_cache)
+    )
     check_order(passes)
     shape = model_shape(read_config(model_dir))
     for info, cfg in passes:
@@ -170,7 +176,7 @@ def compile_model(
             passes = prepare_passes(passes, model, info)
             bar.update()
             step("capture")
-            segments = capture.capture(model, info)
+            segments = capture.capture(model, info, options.decode_cache == "static")
             base_flops = flops.segment_flops(segments)
             bar.update()
             step("passes")
@@ -181,6 +187,8 @@ def compile_model(
             bar.update()
             step(target)
             entries = {seg.name: backend(seg, tmp) for seg in segments}
+            if segments.static_decode is not None:
+                entries[segments.static_decode.name] = backend(segments.static_decode, tmp)
             entries = backend.finish_artifact(tmp, entries)
             bar.update()
             manifest = artifact.build_manifest(

@@ -1,5 +1,6 @@
 """A captured segment's IO as manifest records: names, shapes (dynamic dims named `n` for the
-prompt length and `past_<l>` for layer l's cache length, outputs as expressions of them such as
+prompt length, `past_<l>` for layer l's cache length and `capacity` for the static-cache
+buffers' rows, outputs as expressions of them such as
 `past_3 + 1`) and dtypes, read from the ExportedProgram's own metadata. Backends that do not
 write a self-describing file (AOTInductor, TensorRT) and the torch engine use it."""
 
@@ -26,7 +27,9 @@ def dim_names(segment: str, inputs: list[tuple[str, list[int | str]]]) -> dict[s
         if name == "input_ids" and segment == "prefill" and isinstance(shape[1], str):
             renames[shape[1]] = "n"
         elif name.startswith("past.") and len(shape) > 2 and isinstance(shape[2], str):
-            renames[shape[2]] = f"past_{name.split('.')[1]}"
+            # the static-cache decode's buffers share one capacity; otherwise one length a layer
+            static = segment == "decode_static"
+            renames[shape[2]] = "capacity" if static else f"past_{name.split('.')[1]}"
     return renames
 
 

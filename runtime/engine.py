@@ -177,6 +177,8 @@ class Engine(SegmentLoop):
         providers: list[str] | None = None,
         threads: int | None = None,
         share_weights: bool = False,
+        cuda_graphs: bool | None = None,
+        decode_cache: str | None = None,
     ):
         from .preprocess import ImagePreprocessor, PromptEncoder, read_image_processor_config
 
@@ -188,7 +190,26 @@ class Engine(SegmentLoop):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         check_files(self.root, self.manifest)
-        options = RunnerOptions(tuple(providers) if providers else None, threads, share_weights)
+        if cuda_graphs and self.manifest.target != "aoti":
+            raise UserError(
+                f"CUDA graphs are built for aoti artifacts on CUDA; {self.root} is a "
+                f"{self.manifest.target} artifact"
+            )
+        if decode_cache not in (None, "growing", "static"):
+            raise UserError(
+                f"decode_cache must be None, 'growing' or 'static', got {decode_cache!r}"
+            )
+        if decode_cache == "static" and self.manifest.target != "aoti":
+            raise UserError(
+                f"{self.root} is a {self.manifest.target} artifact: its decode cache grows"
+            )
+        options = RunnerOptions(
+            tuple(providers) if providers else None,
+            threads,
+            share_weights,
+            cuda_graphs,
+            decode_cache,
+        )
         runners = {
             name: open_segment(
                 self.manifest.target,
@@ -308,8 +329,22 @@ def load(
     providers: list[str] | None = None,
     threads: int | None = None,
     share_weights: bool = False,
+    cuda_graphs: bool | None = None,
+    decode_cache: str | None = None,
 ) -> Engine:
     """Load an artifact directory written by `mllmc compile`. `share_weights=True`: the
     segments use the artifact's one copy of the weights in memory (ONNX: ~1x the weights instead
-    of ~1.7x, decode slower on the CPU without onnxruntime's prepacked GEMM weights)."""
-    return Engine(path, providers=providers, threads=threads, share_weights=share_weights)
+    of ~1.7x, decode slower on the CPU without onnxruntime's prepacked GEMM weights).
+    `cuda_graphs` (aoti artifacts compiled for CUDA; None: on there, off elsewhere): vision and
+    prefill replay one CUDA graph per input shape, and decode (`--decode-cache static`) one per
+    step, instead of launching each op from the host. `decode_cache` (aoti): None runs the
+    artifact's own choice; "growing" runs its growing-cache decode even where it also holds a
+    static one; "static" requires one."""
+    return Engine(
+        path,
+        providers=providers,
+        threads=threads,
+        share_weights=share_weights,
+        cuda_graphs=cuda_graphs,
+        decode_cache=decode_cache,
+    )

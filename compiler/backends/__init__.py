@@ -17,6 +17,10 @@ from ..model_dir import MAX_SEQ
 
 TARGETS = ("onnx", "aoti", "trt")
 DTYPES = ("float32", "bfloat16", "float16")
+# growing: the decode program takes each layer's cache and returns it one row longer (a copy);
+# static: it reads fixed-capacity buffers the runtime owns and returns the new rows, so each step
+# has the same shapes and runs as one CUDA graph replay (runtime/runners/_static_cache.py)
+DECODE_CACHES = ("growing", "static")
 DEFAULT_DTYPE = {"onnx": "float32", "aoti": "float32", "trt": "float16"}
 # compile validation against eager in the same dtype: fp32 holds 1e-4 (ARCHITECTURE.md); a
 # 16-bit engine's kernels round differently from eager's, by up to a few units of the last bit
@@ -30,6 +34,8 @@ class TargetOptions:
     device: str = "cpu"
     dtype: str | None = None  # None: the target's default (DEFAULT_DTYPE)
     max_seq_len: int | None = None  # trt: the longest prompt / cache its profiles accept
+    # None: static for aoti on CUDA (decode as CUDA graphs), growing otherwise
+    decode_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,18 @@ def resolve_options(target: str, options: TargetOptions | None = None) -> Target
             )
     if options.dtype is None:
         options = dataclasses.replace(options, dtype=DEFAULT_DTYPE[target])
+    if options.decode_cache is None:
+        static = target == "aoti" and options.device == "cuda"
+        options = dataclasses.replace(options, decode_cache="static" if static else "growing")
+    if options.decode_cache not in DECODE_CACHES:
+        raise UserError(
+            f"unknown decode cache {options.decode_cache!r}; valid: {', '.join(DECODE_CACHES)}"
+        )
+    if options.decode_cache == "static" and target != "aoti":
+        raise UserError(
+            f"--decode-cache static is built for --target aoti; target {target!r} decodes with "
+            "a growing cache"
+        )
     if target == "trt":
         from . import trt
 
@@ -136,6 +154,6 @@ def build_backend(target: str, options: TargetOptions) -> Backend:
     return Backend(
         lambda seg, out: compile_segment(seg, out, options.device, store),
         options,
-        {"device": options.device, "dtype": options.dtype},
+        {"device": options.device, "dtype": options.dtype, "decode_cache": options.decode_cache},
         finish=store.save,
     )

@@ -33,11 +33,15 @@ class RunnerOptions:
     """What a caller of `load()` may choose: onnxruntime providers, CPU threads, and whether
     the segments share the artifact's one copy of the weights in memory (`share_weights`: the
     ONNX runner maps weights.data instead of repacking each graph's GEMM weights: ~1x the
-    weights in memory instead of ~1.7x, at a slower decode on the CPU; see README)."""
+    weights in memory instead of ~1.7x, at a slower decode on the CPU; see README), and whether
+    an aoti artifact on CUDA runs its segments as CUDA graph replays (`cuda_graphs`) and which of
+    its decode programs it runs (`decode_cache`)."""
 
     providers: tuple[str, ...] | None = None
     threads: int | None = None
     share_weights: bool = False
+    cuda_graphs: bool | None = None  # aoti on CUDA: graph replays (None: on where it can be)
+    decode_cache: str | None = None  # aoti: "growing" or "static" (None: the artifact's own)
 
 
 class SegmentRunner(Protocol):

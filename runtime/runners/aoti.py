@@ -43,8 +43,48 @@ def package_metadata(path: Path) -> dict[str, str]:
 def open_segment(
     root: Path, name: str, entry: SegmentEntry, manifest: Manifest, options: RunnerOptions
 ) -> Any:
-    path = root / entry.file
+    """The runner of segment `name`. An artifact compiled with `--decode-cache static` holds a
+    `decode_static` package beside `decode`: its decode runs that package over fixed-capacity
+    buffers (runtime/runners/_static_cache.py). With CUDA graphs (the default on CUDA; off with
+    `load(..., cuda_graphs=False)`), vision and prefill replay one graph per input shape and each
+    static-cache decode step one graph per capacity bucket."""
     device = str(manifest.extra.get("device", "cpu"))
+    on_cuda = device.startswith("cuda")
+    graphs = on_cuda if options.cuda_graphs is None else options.cuda_graphs
+    if graphs and not on_cuda:
+        raise UserError(f"CUDA graphs need an artifact compiled for CUDA; {root} runs on {device}")
+    static = manifest.segments.get("decode_static") if name == "decode" else None
+    if name == "decode" and options.decode_cache == "static" and static is None:
+        raise UserError(
+            f"artifact {root} has no static-cache decode: recompile it with --decode-cache static"
+        )
+    if static is not None and options.decode_cache != "growing":
+        want = ["input_ids", "position_ids", "cache_len"]
+        want += [t.name for t in entry.inputs if t.name.startswith("past.")]
+        if [t.name for t in static.inputs] != want:
+            raise UserError(
+                f"corrupt artifact: the decode_static segment's inputs do not match decode's in {root}"
+            )
+        from ._static_cache import StaticCacheDecoder
+
+        package = _open_package(root, "decode_static", static, device, options)
+        runner = StaticCacheDecoder(name, entry, package.fn, device, cuda_graphs=graphs)
+        runner.weights = package.weights
+        return runner
+    runner = _open_package(root, name, entry, device, options)
+    if graphs and name in ("vision", "prefill"):
+        from ._static_cache import GraphPerShape
+
+        runner.fn = GraphPerShape(runner.fn, device)
+    return runner
+
+
+def _open_package(
+    root: Path, name: str, entry: SegmentEntry, device: str, options: RunnerOptions
+) -> Any:
+    """A TorchCallRunner over segment `name`'s .pt2 package, checked against its manifest
+    entry before its shared library is loaded, with the artifact's shared weights."""
+    path = root / entry.file
     meta = package_metadata(path)
     compiled_for = meta.get("AOTI_DEVICE_KEY")
     if compiled_for != device.split(":")[0]:

@@ -1,8 +1,10 @@
-"""`--target aoti` on tiny-llava, CPU: the ShortV artifact (compiled once per session: one AOTI
-compile of tiny-llava is ~1-2 min on 2 cores) matches HF eager with the pass's eager reference
-(<= 1e-4, identical greedy tokens over 16 steps) and the ONNX artifact of the same pipeline, runs
-through `mllmc run` / `inspect` / `golden check` / Python `load()`, and bad input is one line,
-exit 2. The artifact without passes is checked the same way in a slow test."""
+"""`--target aoti` on tiny-llava, CPU: the ShortV artifact (compiled once per session, with both
+decode programs, `--decode-cache static`: one AOTI compile of tiny-llava is ~1-2 min on 2 cores)
+matches HF eager with the pass's eager reference (<= 1e-4, identical greedy tokens over 16 steps)
+and the ONNX artifact of the same pipeline with either decode, runs through `mllmc run` /
+`inspect` / `golden check` / Python `load()`, and bad input is one line, exit 2. The artifact
+without passes (growing-cache decode only, the CPU default) is checked the same way in a slow
+test."""
 
 from __future__ import annotations
 
@@ -42,7 +44,9 @@ def tiny_aoti_shortv(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-aoti-shortv"
     spec = f"shortv:layers={TINY_SHORTV_LAYERS}"
-    return compile_model(tiny_model_dir, out, [spec], target="aoti", progress=False).out_dir
+    return compile_model(
+        tiny_model_dir, out, [spec], target="aoti", decode_cache="static", progress=False
+    ).out_dir
 
 
 def check_parity(artifact: Path, model_dir: Path, image: Path) -> None:
@@ -60,16 +64,19 @@ def check_parity(artifact: Path, model_dir: Path, image: Path) -> None:
 
 def test_aoti_shortv_matches_eager_reference(tiny_aoti_shortv, tiny_model_dir, sample_image):
     files = sorted(p.name for p in tiny_aoti_shortv.iterdir() if p.suffix == ".pt2")
-    assert files == ["decode.pt2", "prefill.pt2", "vision.pt2"]
+    assert files == ["decode.pt2", "decode_static.pt2", "prefill.pt2", "vision.pt2"]
+    assert type(load(tiny_aoti_shortv).runners["decode"]).__name__ == "StaticCacheDecoder"
     check_parity(tiny_aoti_shortv, tiny_model_dir, sample_image)
 
 
 def test_aoti_matches_onnx_same_pipeline(tiny_aoti_shortv, tiny_shortv_artifact, sample_image):
-    aoti, onnx = load(tiny_aoti_shortv), load(tiny_shortv_artifact)
-    a = aoti.generate(sample_image, "Describe the image.", 16, stop_at_eos=False)
+    onnx = load(tiny_shortv_artifact)
     o = onnx.generate(sample_image, "Describe the image.", 16, stop_at_eos=False)
-    assert a.token_ids == o.token_ids
-    assert np.abs(a.logits - o.logits).max() <= 1e-4
+    for decode_cache in ("static", "growing"):  # both decode programs of the artifact
+        aoti = load(tiny_aoti_shortv, decode_cache=decode_cache)
+        a = aoti.generate(sample_image, "Describe the image.", 16, stop_at_eos=False)
+        assert a.token_ids == o.token_ids, decode_cache
+        assert np.abs(a.logits - o.logits).max() <= 1e-4, decode_cache
     # the same manifest, but for the target and its settings
     assert aoti.manifest.layers == onnx.manifest.layers
     assert aoti.manifest.visual_tokens == onnx.manifest.visual_tokens
@@ -118,12 +125,41 @@ def test_aoti_bad_options(tiny_model_dir, tmp_path):
         run_cli("compile", tiny_model_dir, "-o", out, "--dtype", "bfloat16"),
         "target 'onnx' builds float32 engines",
     )
+    one_line_error(
+        run_cli("compile", tiny_model_dir, "-o", out, "--decode-cache", "static"),
+        "--decode-cache static is built for --target aoti",
+    )
+    one_line_error(
+        run_cli("compile", tiny_model_dir, "-o", out, "--target", "aoti", "--decode-cache", "x"),
+        "invalid choice: 'x'",
+    )
     if not torch.cuda.is_available():
         one_line_error(
             run_cli("compile", tiny_model_dir, "-o", out, "--target", "aoti", "--device", "cuda"),
             "no CUDA device on this machine",
         )
     assert not out.exists()
+
+
+def test_aoti_runtime_options_that_cannot_apply(tiny_aoti_shortv, tiny_base_artifact, tmp_path):
+    from mllmc.runtime.errors import UserError
+
+    with pytest.raises(UserError, match="CUDA graphs need an artifact compiled for CUDA"):
+        load(tiny_aoti_shortv, cuda_graphs=True)
+    with pytest.raises(UserError, match="CUDA graphs are built for aoti artifacts"):
+        load(tiny_base_artifact, cuda_graphs=True)
+    with pytest.raises(UserError, match="its decode cache grows"):
+        load(tiny_base_artifact, decode_cache="static")
+    with pytest.raises(UserError, match="decode_cache must be"):
+        load(tiny_aoti_shortv, decode_cache="paged")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_aoti_shortv, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["segments"]["decode_static"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="recompile it with --decode-cache static"):
+        load(copy, decode_cache="static")
+    assert type(load(copy).runners["decode"]).__name__ == "TorchCallRunner"
 
 
 @pytest.mark.slow  # a second AOTI compile (~1-2 min)
@@ -148,6 +184,10 @@ def test_aoti_weights_once(tiny_aoti_shortv, tiny_model_dir):
     }
     layer_keys = {k for k in maps["decode"].values() if k.startswith("layers.")}
     assert layer_keys and layer_keys <= set(maps["prefill"].values())
-    engine = load(tiny_aoti_shortv)
-    pre, dec = engine.runners["prefill"].weights, engine.runners["decode"].weights
-    assert pre is dec  # one set of tensors for both packages
+    static = json.loads(package_metadata(tiny_aoti_shortv / "decode_static.pt2")[CONSTANTS_KEY])
+    # the decoder weights again, not a second copy (each program has its own rope table)
+    assert {k for k in static.values() if k.startswith("layers.")} == layer_keys
+    for decode_cache in ("static", "growing"):
+        engine = load(tiny_aoti_shortv, decode_cache=decode_cache)
+        pre, dec = engine.runners["prefill"].weights, engine.runners["decode"].weights
+        assert pre is dec  # one set of tensors for every package
