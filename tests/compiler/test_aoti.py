@@ -49,12 +49,12 @@ def tiny_aoti_shortv(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     ).out_dir
 
 
-def check_parity(artifact: Path, model_dir: Path, image: Path) -> None:
+def check_parity(artifact: Path, model_dir: Path, image: Path, device: str = "cpu") -> None:
     from mllmc.compiler.capture import load_model
     from mllmc.compiler.verify import LOGIT_TOL, records_from_manifest, verify
 
     engine = load(artifact)
-    assert engine.manifest.target == "aoti" and engine.manifest.extra["device"] == "cpu"
+    assert engine.manifest.target == "aoti" and engine.manifest.extra["device"] == device
     model, info = load_model(model_dir)
     records = records_from_manifest(engine.manifest)
     report = verify(artifact, model, info, records, image=image, max_new_tokens=16)
@@ -191,3 +191,32 @@ def test_aoti_weights_once(tiny_aoti_shortv, tiny_model_dir):
         engine = load(tiny_aoti_shortv, decode_cache=decode_cache)
         pre, dec = engine.runners["prefill"].weights, engine.runners["decode"].weights
         assert pre is dec  # one set of tensors for every package
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_aoti_cuda_graphs_match_eager(tiny_model_dir, tmp_path, sample_image):
+    """--device cuda (static-cache decode by default): vision and prefill as one graph replay
+    per shape, each decode step as one replay, against HF eager with the pass's reference and
+    against the same packages run call by call (fp32, TF32 off)."""
+    from mllmc.compiler.pipeline import compile_model
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        spec = f"shortv:layers={TINY_SHORTV_LAYERS}"
+        out = compile_model(
+            tiny_model_dir, tmp_path / "cuda", [spec], target="aoti", device="cuda", progress=False
+        ).out_dir
+        engine = load(out)
+        assert engine.manifest.extra["decode_cache"] == "static"
+        assert engine.runners["decode"].cuda_graphs
+        check_parity(out, tiny_model_dir, sample_image, device="cuda")
+        eager = load(out, cuda_graphs=False)
+        for _ in range(2):  # the second run replays the graphs the first one captured
+            a = engine.generate(sample_image, "Describe the image.", 16, stop_at_eos=False)
+            b = eager.generate(sample_image, "Describe the image.", 16, stop_at_eos=False)
+            assert a.token_ids == b.token_ids
+            assert np.abs(a.logits - b.logits).max() <= 1e-4
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
