@@ -39,7 +39,7 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
     model, flops = m.model, m.flops
     lines = [
         f"artifact   {artifact}  (format {m.format_version}, mllmc {m.mllmc_version}, "
-        f"target {m.target})",
+        f"target {m.target}" + "".join(f", {k} {v}" for k, v in m.extra.items()) + ")",
         f"model      {model.model_type}/{model.text_model_type}  {model.model_dir}  "
         f"(config {model.config_hash})",
         f"decoder    {model.num_layers} layers, hidden {model.hidden_size}, heads "
@@ -54,10 +54,12 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
         )
         lines.append(f"           {p.name}: {stats}{origin}")
     lines.append("segments")
+    width = max(len(name) for name in m.segments)
+    file_width = max(len(seg.file) for seg in m.segments.values())
     for name, seg in m.segments.items():
         ins = ", ".join(f"{i.name}{list(i.shape)}" for i in seg.inputs[:3])
         more = f" +{len(seg.inputs) - 3} more" if len(seg.inputs) > 3 else ""
-        lines.append(f"  {name:8s} {seg.file:14s} in: {ins}{more}")
+        lines.append(f"  {name:{width}s} {seg.file:{file_width}s} in: {ins}{more}")
     lines.append("layers     index  visual tokens  KV visual rows  visual rows computed")
     for layer in m.layers:
         computed = "yes" if layer.visual_computed else "no (frozen)"
