@@ -46,7 +46,7 @@ bench)
     python3 benchmarks/shortv_gpu.py --preset small-llava --model "$models/small-llava" \
         --cuda-graphs --decode --out "$out" --name shortv_gpu_small 2>&1 | tee "$out/bench-log.txt"
     timeout 420 python3 benchmarks/shortv_gpu.py --preset llava-7b-shape \
-        --model "$models/llava-7b-shape" --cuda-graphs --decode --profile --out "$out" \
+        --model "$models/llava-7b-shape" --cuda-graphs --decode --profile --sdpa-ab --out "$out" \
         --name shortv_gpu 2>&1 | tee -a "$out/bench-log.txt"
     ;;
 *)

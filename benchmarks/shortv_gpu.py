@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,13 @@ def main() -> None:
         "--decode", action="store_true", help="add decode ms/token against memory bandwidth"
     )
     ap.add_argument("--decode-steps", type=int, default=32, help="decode steps per timed loop")
+    ap.add_argument(
+        "--sdpa-ab",
+        action="store_true",
+        help="CUDA: add the ShortV rows (op by op, and as CUDA graphs with --cuda-graphs) with "
+        "attention held to the memory-efficient kernel, '@efficient': does the kernel PyTorch "
+        "picks for the frozen layers' few-row masked attention (cuDNN) cost host time?",
+    )
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("shortv_gpu: no CUDA device; this benchmark runs on a GPU", file=sys.stderr)
@@ -205,11 +213,27 @@ def main() -> None:
                 ("mllmc_compile_graphs", torch.compile(base_fn, **graphs), []),
                 ("mllmc_compile_graphs+shortv", torch.compile(short_fn, **graphs), cfg.layers),
             ]
+        if args.sdpa_ab and device == "cuda":
+            variants.append(("mllmc_torch+shortv@efficient", short_fn, cfg.layers))
+            if args.cuda_graphs:
+                short_graphs = GraphPerShape(short_fn, device)
+                variants.append(("mllmc_cuda_graphs+shortv@efficient", short_graphs, cfg.layers))
+        elif args.sdpa_ab:
+            print("  @efficient rows: skipped, they need a CUDA device")
         for name, fn, frozen in variants:
+            backend = nullcontext()
+            if name.endswith("@efficient"):
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                backend = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
+
+            def call(fn=fn, backend=backend):
+                with backend:
+                    return fn(ids, feats, start)
+
             t0 = time.perf_counter()
-            fn(ids, feats, start)  # compiles, for the torch.compile rows
+            call()  # compiles, for the torch.compile rows; captures, for the graph rows
             first_s = time.perf_counter() - t0
-            call = lambda fn=fn: fn(ids, feats, start)  # noqa: E731
             t = device_time(call, args.repeats)
             kernels = kernel_time(call)
             rows[name] = {
@@ -250,14 +274,8 @@ def main() -> None:
         info, n_text, set(cfg.layers)
     )
     pass_speedup = {}
-    pairs = [("mllmc_torch", "mllmc_torch+shortv")]
-    if not args.no_compile:
-        pairs.append(("mllmc_torch_compile", "mllmc_torch_compile+shortv"))
-    pairs += [
-        (name, name + "+shortv")
-        for name in ("mllmc_cuda_graphs", "mllmc_compile_graphs")
-        if name in rows
-    ]
+    # every ShortV row against the same engine without the pass
+    pairs = [(name.split("+shortv")[0], name) for name in rows if "+shortv" in name]
     for base, short in pairs:
         measured = rows[base]["llm_prefill_s"] / rows[short]["llm_prefill_s"]
         pass_speedup[short] = {
