@@ -358,19 +358,27 @@ def measure_decode(args: Any, segments: Any, prefill_out: Any, n: int) -> dict[s
             cache = {p: out["present" + p[len("past") :]] for p in past_names}
         return tokens
 
-    rows, first = {}, None
+    # warm-up (and, for CUDA graphs, the captures), then rounds that run every loop in turn, so
+    # that a machine's drift lands on no single row
+    tokens = {name: generate(runner) for name, runner in runners.items()}
+    first = next(iter(tokens.values()))
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    for _ in range(max(3, args.repeats // 4)):
+        for name, runner in runners.items():
+            timed = median_time(lambda runner=runner: generate(runner), 1, warmup=0, sync=sync)
+            times[name].append(timed / steps)
+    rows = {}
     for name, runner in runners.items():
-        tokens = generate(runner)  # warm-up (and, for CUDA graphs, the captures)
-        first = first or tokens
-        t = device_time(lambda runner=runner: generate(runner), max(3, args.repeats // 4)) / steps
+        t = float(np.median(times[name]))
         kernels = kernel_time(lambda runner=runner: generate(runner), calls=2)
         rows[name] = {
             "s_per_token": t,
             "kernel_s": kernels / steps if kernels is not None else None,
             "fraction_of_bandwidth": (weight_bytes + kv_bytes) / t / bandwidth,
-            "same_tokens": tokens == first,
+            "same_tokens": tokens[name] == first,
         }
-        print(f"  {name}: {t * 1e3:.2f} ms/token, same tokens: {tokens == first}")
+        print(f"  {name}: {t * 1e3:.2f} ms/token, same tokens: {tokens[name] == first}")
     return {
         "steps": steps,
         "weight_bytes": weight_bytes,
