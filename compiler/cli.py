@@ -219,7 +219,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .outputs import write_file
 
     check_output_file(args.save_logits, args.force, "logits")
-    engine = load(args.artifact, providers=args.providers, threads=args.threads)
+    engine = load(
+        args.artifact,
+        providers=args.providers,
+        threads=args.threads,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+    )
     result = engine.generate(
         args.image,
         args.prompt,
@@ -490,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(1, os.cpu_count() or 1),
         default=None,
         help=f"onnxruntime threads, 1..{os.cpu_count() or 1} (default: all cores)",
+    )
+    sp.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="aoti artifacts on CUDA: launch each op from the host instead of replaying CUDA "
+        "graphs (the default there)",
     )
 
     sp = add(

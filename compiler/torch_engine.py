@@ -73,7 +73,8 @@ class TorchEngine(SegmentLoop):
         self.vision, self.prefill_fn, self.decode_fn = modules
         fns: list[Any] = list(modules)
         if cuda_graphs:
-            fns[0], fns[1] = GraphPerShape(fns[0], device), GraphPerShape(fns[1], device)
+            fns[0] = GraphPerShape(fns[0], device, "vision")
+            fns[1] = GraphPerShape(fns[1], device, "prefill")
         runners: dict[str, Any] = {
             seg.name: TorchCallRunner(seg.name, entry, fn, device)
             for seg, entry, fn in zip(segments, entries, fns, strict=True)

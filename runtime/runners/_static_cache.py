@@ -23,11 +23,13 @@ Imported only by the torch-based runners (it imports torch).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import UserError
 from . import check_feeds
 from ._torch import TorchCallRunner, torch_dtype
 
@@ -35,6 +37,19 @@ if TYPE_CHECKING:
     from ..manifest import SegmentEntry
 
 DEFAULT_BUCKET = 256
+
+
+@contextmanager
+def capture_errors(segment: str) -> Iterator[None]:
+    """A failed CUDA graph capture as one line that says how to run without graphs."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"CUDA graph capture of the {segment} segment failed ({first}); run without graphs: "
+            "load(path, cuda_graphs=False) or mllmc run --no-cuda-graphs"
+        ) from e
 
 
 class _Bucket:
@@ -93,6 +108,7 @@ class StaticCacheDecoder(TorchCallRunner):
         self._current: _Bucket | None = None
         self._returned: list[torch.Tensor] = []  # the views the last step returned
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.captures = self.replays = 0  # CUDA graphs captured (one per bucket) and replayed
 
     @property
     def capacity(self) -> int:
@@ -156,9 +172,11 @@ class StaticCacheDecoder(TorchCallRunner):
                 self._lens_dev.copy_(saved)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with capture_errors(self.name), torch.cuda.graph(graph, pool=self._pool):
                 bucket.logits = self._step(bucket)
             bucket.graph = graph
+            self.captures += 1
+        self.replays += 1
         bucket.graph.replay()
         assert bucket.logits is not None
         return bucket.logits
@@ -200,13 +218,15 @@ class GraphPerShape:
     into the graph's static tensors; outputs are returned as copies, so a caller may keep them
     across calls. `fn` must do device work only (no host sync), as exported programs do."""
 
-    def __init__(self, fn: Callable[..., Any], device: str):
+    def __init__(self, fn: Callable[..., Any], device: str, name: str = "segment"):
         self.fn = fn
+        self.name = name
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[torch.Tensor], Any]] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self.replays = 0
 
     def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple[Any, list[torch.Tensor], Any]:
         static = [a.clone() for a in args]
@@ -216,7 +236,7 @@ class GraphPerShape:
             self.fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with capture_errors(self.name), torch.cuda.graph(graph, pool=self._pool):
             out = self.fn(*static)
         return graph, static, out
 
@@ -229,6 +249,7 @@ class GraphPerShape:
         for dst, src in zip(static, args, strict=True):
             dst.copy_(src)
         graph.replay()
+        self.replays += 1
         if isinstance(out, torch.Tensor):
             return out.clone()
         return tuple(o.clone() for o in out)

@@ -75,7 +75,7 @@ def open_segment(
     if graphs and name in ("vision", "prefill"):
         from ._static_cache import GraphPerShape
 
-        runner.fn = GraphPerShape(runner.fn, device)
+        runner.fn = GraphPerShape(runner.fn, device, name)
     return runner
 
 

@@ -85,7 +85,11 @@ def test_aoti_matches_onnx_same_pipeline(tiny_aoti_shortv, tiny_shortv_artifact,
 def test_aoti_cli_run_inspect_golden(tiny_aoti_shortv, sample_image):
     proc = run_cli("run", tiny_aoti_shortv, "--image", sample_image, "--prompt", "Hi", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert len(json.loads(proc.stdout)["token_ids"]) >= 1
+    tokens = json.loads(proc.stdout)["token_ids"]
+    assert len(tokens) >= 1
+    args = ("run", tiny_aoti_shortv, "--image", sample_image, "--prompt", "Hi", "--json")
+    proc = run_cli(*args, "--no-cuda-graphs")  # what the CPU runs anyway: the same tokens
+    assert proc.returncode == 0 and json.loads(proc.stdout)["token_ids"] == tokens, proc.stderr
     proc = run_cli("inspect", tiny_aoti_shortv)
     assert proc.returncode == 0 and "aoti" in proc.stdout, proc.stderr
     # the ONNX ShortV golden (same model, same pass) holds for the AOTI engine too
@@ -218,5 +222,8 @@ def test_aoti_cuda_graphs_match_eager(tiny_model_dir, tmp_path, sample_image):
             b = eager.generate(sample_image, "Describe the image.", 16, stop_at_eos=False)
             assert a.token_ids == b.token_ids
             assert np.abs(a.logits - b.logits).max() <= 1e-4
+        assert engine.runners["decode"].replays == 30 and engine.runners["decode"].captures >= 1
+        assert engine.runners["prefill"].fn.replays == 2
+        assert not eager.runners["decode"].cuda_graphs
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -117,6 +117,9 @@ def test_cuda_graphs_match_eager(captured, sample_image, specs, device):
             got, got_logits = engine.generate(ids, pixels, 16)
             assert got == want
             assert float((got_logits - want_logits).abs().max()) <= 1e-4
+        decoder = engine.runners["decode"]
+        assert decoder.replays == 30 and 1 <= decoder.captures == len(decoder._buckets)
+        assert engine.runners["prefill"].fn.replays == 2
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
         model.to("cpu")
