@@ -11,7 +11,9 @@ loop as the next step's `past.*`, which it recognises and does not copy. A cache
 return (a prefill's) is copied into the buffers once.
 
 Capacity comes in buckets of `bucket` rows: a cache that outgrows its buffers moves into the next
-bucket's (one copy, and on CUDA one new graph capture per bucket, kept for reuse). Like any static
+bucket's (one copy, and on CUDA one new graph capture per bucket, kept for reuse). At most
+`max_buckets` buckets are kept (the least recently used goes first), so a long generation holds
+two sets of buffers, not one per size it passed through. Like any static
 cache, the buffers are the runner's: a cache it returned stays valid until a later step writes
 past its length, so a caller that branches from an older cache must copy it first.
 
@@ -23,6 +25,7 @@ Imported only by the torch-based runners (it imports torch).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
     from ..manifest import SegmentEntry
 
 DEFAULT_BUCKET = 256
+MAX_BUCKETS = 2  # buffer sets (and decode graphs) kept per runner
+MAX_GRAPHS = 8  # graphs kept per GraphPerShape (each holds its outputs: a prefill's KV cache)
 
 
 @contextmanager
@@ -82,14 +87,16 @@ class StaticCacheDecoder(TorchCallRunner):
         *,
         cuda_graphs: bool = False,
         bucket: int = DEFAULT_BUCKET,
+        max_buckets: int = MAX_BUCKETS,
     ):
         super().__init__(name, entry, fn, device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
-        if bucket < 1:
-            raise ValueError(f"bucket must be >= 1, got {bucket}")
+        if bucket < 1 or max_buckets < 2:
+            raise ValueError(f"need bucket >= 1 and max_buckets >= 2, got {bucket}, {max_buckets}")
         self.cuda_graphs = cuda_graphs
         self.bucket = bucket
+        self.max_buckets = max_buckets
         inputs = {t.name: t for t in entry.inputs}
         self._past_names = [t.name for t in entry.inputs if t.name.startswith("past.")]
         self._present_names = ["present" + n[len("past") :] for n in self._past_names]
@@ -104,23 +111,31 @@ class StaticCacheDecoder(TorchCallRunner):
             len(self._past_names) // 2, dtype=torch.int64, device=self.device
         )
         self._lens: list[int] = []  # host copy of _lens_dev, one per layer
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: OrderedDict[int, _Bucket] = OrderedDict()  # least recently used first
         self._current: _Bucket | None = None
         self._returned: list[torch.Tensor] = []  # the views the last step returned
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.captures = self.replays = 0  # CUDA graphs captured (one per bucket) and replayed
+        self.moves = 0  # times a cache moved into a bigger bucket
 
     @property
     def capacity(self) -> int:
         """Rows per cache buffer now (0 before the first step)."""
         return self._current.capacity if self._current else 0
 
-    def _bucket_for(self, rows: int) -> _Bucket:
+    def _bucket_for(self, rows: int, keep: _Bucket | None = None) -> _Bucket:
+        """The bucket that holds `rows` rows, now the most recently used; the least recently
+        used others (never `keep`) are dropped down to max_buckets."""
         capacity = -(-rows // self.bucket) * self.bucket
-        found = self._buckets.get(capacity)
+        found = self._buckets.pop(capacity, None)
         if found is None:
             found = _Bucket(capacity, self._shapes, self._cache_dtype, self.device)
-            self._buckets[capacity] = found
+        self._buckets[capacity] = found
+        for old in list(self._buckets):
+            if len(self._buckets) <= self.max_buckets:
+                break
+            if self._buckets[old] is not keep and old != capacity:
+                del self._buckets[old]
         return found
 
     def _adopt(self, caches: list[Any]) -> None:
@@ -143,10 +158,11 @@ class StaticCacheDecoder(TorchCallRunner):
         """Move the cache into the next bucket up (it fills its buffers)."""
         old = self._current
         assert old is not None
-        new = self._bucket_for(old.capacity + 1)
+        new = self._bucket_for(old.capacity + 1, keep=old)
         for src, dst, n in zip(old.buffers, new.buffers, _repeat2(self._lens), strict=True):
             dst[:, :, :n].copy_(src[:, :, :n])
         self._current = new
+        self.moves += 1
 
     def _step(self, bucket: _Bucket) -> torch.Tensor:
         """Run the program over `bucket`, write each new row at its layer's length, advance the
@@ -214,17 +230,29 @@ def _repeat2(lens: list[int]) -> list[int]:
 
 class GraphPerShape:
     """`fn(*tensors) -> tensor or tuple` on CUDA, run as one CUDA graph per distinct set of input
-    shapes and dtypes (captured on first use, after one eager warm-up call). Inputs are copied
-    into the graph's static tensors; outputs are returned as copies, so a caller may keep them
-    across calls. `fn` must do device work only (no host sync), as exported programs do."""
+    shapes and dtypes (captured on first use, after one eager warm-up call; the `max_graphs`
+    most recently used are kept). Inputs are copied into the graph's static tensors; outputs are
+    returned as copies, so a caller may keep them across calls. `fn` must do device work only
+    (no host sync), as exported programs do. The graphs share one memory pool: safe here because
+    a replay recomputes everything it writes and its outputs are copied before the next one."""
 
-    def __init__(self, fn: Callable[..., Any], device: str, name: str = "segment"):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        device: str,
+        name: str = "segment",
+        max_graphs: int = MAX_GRAPHS,
+    ):
         self.fn = fn
         self.name = name
+        self.max_graphs = max_graphs
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
-        self._graphs: dict[tuple[Any, ...], tuple[Any, list[torch.Tensor], Any]] = {}
+        # least recently used first
+        self._graphs: OrderedDict[tuple[Any, ...], tuple[Any, list[torch.Tensor], Any]] = (
+            OrderedDict()
+        )
         self._pool = torch.cuda.graph_pool_handle()
         self.replays = 0
 
@@ -243,7 +271,11 @@ class GraphPerShape:
     @torch.no_grad()
     def __call__(self, *args: torch.Tensor) -> Any:
         key = tuple((tuple(a.shape), a.dtype) for a in args)
-        if key not in self._graphs:
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+        else:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
             self._graphs[key] = self._capture(args)
         graph, static, out = self._graphs[key]
         for dst, src in zip(static, args, strict=True):

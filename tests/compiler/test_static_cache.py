@@ -76,7 +76,8 @@ def test_static_cache_matches_growing_cache(captured, sample_image, specs):
         assert float((logits - ref_logits).abs().max()) <= 1e-5
     decoder = engine.runners["decode"]
     assert decoder.capacity >= ids.shape[1] + 15 and decoder.capacity % 4 == 0
-    assert len(decoder._buckets) > 2  # grown, not sized once
+    assert decoder.moves >= 3  # grown, not sized once
+    assert len(decoder._buckets) == decoder.max_buckets == 2  # and the old buffers let go
     if specs:  # a pruning pass leaves the layers from k on with fewer cached rows
         assert len(set(decoder._lens)) == 2
 
@@ -112,13 +113,13 @@ def test_cuda_graphs_match_eager(captured, sample_image, specs, device):
         want, want_logits = TorchEngine(segs, device, static_cache=True, bucket=8).generate(
             ids, pixels, 16
         )
-        engine = TorchEngine(segs, device, cuda_graphs=True, bucket=8)
+        engine = TorchEngine(segs, device, cuda_graphs=True, bucket=8)  # grows across buckets
         for _ in range(2):
             got, got_logits = engine.generate(ids, pixels, 16)
             assert got == want
             assert float((got_logits - want_logits).abs().max()) <= 1e-4
         decoder = engine.runners["decode"]
-        assert decoder.replays == 30 and 1 <= decoder.captures == len(decoder._buckets)
+        assert decoder.replays == 30 and decoder.moves >= 2 and decoder.captures >= 2
         assert engine.runners["prefill"].fn.replays == 2
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
