@@ -14,8 +14,9 @@ Capacity comes in buckets of `bucket` rows: a cache that outgrows its buffers mo
 bucket's (one copy, and on CUDA one new graph capture per bucket, kept for reuse). At most
 `max_buckets` buckets are kept (the least recently used goes first), so a long generation holds
 two sets of buffers, not one per size it passed through. Like any static
-cache, the buffers are the runner's: a cache it returned stays valid until a later step writes
-past its length, so a caller that branches from an older cache must copy it first.
+cache, the buffers are the runner's: a step only writes past the lengths of the caches it returned
+before, so an older one stays valid (continuing from it copies it back in), until the runner takes
+in another prompt's cache, which overwrites the rows they share.
 
 `GraphPerShape` is the same idea for segments whose shapes are fixed per call (vision, and the
 prefill per prompt length): one CUDA graph per input shape, captured on first use.

@@ -124,3 +124,33 @@ def test_cuda_graphs_match_eager(captured, sample_image, specs, device):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
         model.to("cpu")
+
+
+def test_static_cache_continues_from_an_older_cache(captured, sample_image):
+    """A cache the runner returned steps ago stays valid: continuing from it (a second branch)
+    gives what the growing cache gives from the same point."""
+    import numpy as np
+
+    model_dir, _, _, segs = captured
+    inputs = _inputs(model_dir, sample_image)
+    ids, pixels = inputs["input_ids"].numpy(), inputs["pixel_values"].numpy()
+    start = int(np.argmax(ids[0] == segs.info.image_token_id))
+    n = ids.shape[1]
+
+    def branches(engine):
+        logits, cache = engine.prefill(ids, engine.encode_pixels(pixels), start)
+        for i in range(3):
+            logits, cache = engine.decode_step(int(np.argmax(logits)), n + i, cache)
+        branch_point, at = cache, logits
+        for i in range(3, 6):  # on past the branch point
+            logits, cache = engine.decode_step(int(np.argmax(logits)), n + i, cache)
+        first = logits
+        logits, cache = at, branch_point  # back to step 3, another token
+        for i in range(3, 6):
+            logits, cache = engine.decode_step(int(np.argsort(logits)[-2]), n + i, cache)
+        return first, logits
+
+    want = branches(TorchEngine(segs))
+    got = branches(TorchEngine(segs, static_cache=True, bucket=4))
+    for a, b in zip(got, want, strict=True):
+        assert float(np.abs(a - b).max()) <= 1e-5
