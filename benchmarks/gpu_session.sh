@@ -6,6 +6,10 @@
 #                                          # cache and CUDA graphs, AOTI on CUDA (tiny models)
 #   bash benchmarks/gpu_session.sh bench   # benchmarks/shortv_gpu.py with every row: small-llava,
 #                                          # then llava-7b-shape (bf16, 626 tokens)
+#   bash benchmarks/gpu_session.sh aoti    # the product path: `mllmc bench` of small-llava with
+#                                          # and without ShortV, --target aoti --device cuda, bf16
+#
+# In that order of importance: one lease's 15 device minutes hold the first two comfortably.
 #
 # It uses the machine's own python3 and torch. mllmc is put on PYTHONPATH as it is laid out in
 # the repository (no build step); Python wheels carried in .whl/ (for example the transformers
@@ -49,8 +53,15 @@ bench)
         --model "$models/llava-7b-shape" --cuda-graphs --decode --profile --sdpa-ab --out "$out" \
         --name shortv_gpu 2>&1 | tee -a "$out/bench-log.txt"
     ;;
+aoti)
+    [ -f "$models/small-llava/config.json" ] || python3 -c "from mllmc.compiler.presets \
+import write_preset as w; w('small-llava', '$models/small-llava', device='cuda')"
+    timeout 540 python3 -c "import sys; from mllmc.compiler.cli import main; sys.exit(main())" \
+        bench "$models/small-llava" --pass shortv --target aoti --device cuda --dtype bfloat16 \
+        --repeats 10 -o "$out/bench_aoti_cuda.json" --force 2>&1 | tee "$out/aoti-log.txt"
+    ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|bench" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|bench|aoti" >&2
     exit 2
     ;;
 esac

@@ -3,8 +3,10 @@
 The fair baseline is HF eager with its own KV cache and logits at the last position only
 (`logits_to_keep=1`). Every engine gets the same image and prompt; times are medians over
 `repeats` rounds after one warm-up round, each round running every engine in turn
-(`interleaved`). The same run measures the machine's roofline (fp32 GEMM GFLOP/s
-at the model's shapes, memory read GB/s) and reports each engine as a fraction of it.
+(`interleaved`). The same run measures the machine's roofline (GEMM GFLOP/s in the engines'
+dtype at the model's shapes, memory read GB/s) and reports each engine as a fraction of it.
+On a GPU (`device="cuda"`, targets that build for it: aoti, trt) HF eager runs there in the same
+dtype, and every timer waits for the device before it stops.
 """
 
 from __future__ import annotations
@@ -78,13 +80,26 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def roofline(info: Any, n: int, repeats: int = 5) -> dict[str, float]:
-    """Best fp32 GEMM GFLOP/s over the decoder's prefill shapes (q/o projections, MLP up and
-    down), and memory read GB/s over a buffer well past the caches."""
-    best = best_gemm_flops(info, n, lambda fn: min(median_time(fn, 1) for _ in range(repeats)))
-    big = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)  # 256 MiB
-    t_read = min(median_time(lambda: big.sum(), 1) for _ in range(repeats))
-    return {"gemm_gflops": best / 1e9, "mem_read_gbs": big.numel() * 4 / t_read / 1e9}
+def device_sync(device: str) -> Callable[[], Any] | None:
+    """What waits for `device`'s queued work (None on the CPU)."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+
+
+def roofline(
+    info: Any, n: int, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
+    """Best GEMM GFLOP/s in `dtype` over the decoder's prefill shapes (q/o projections, MLP up
+    and down), and memory read GB/s over a buffer well past the caches, on `device`."""
+    sync = device_sync(device)
+
+    def best_of(fn: Callable[[], Any]) -> float:
+        return min(median_time(fn, 1, sync=sync) for _ in range(repeats))
+
+    best = best_gemm_flops(info, n, best_of, device=device, dtype=dtype)
+    size = 2**30 if sync else 256 * 2**20  # well past a GPU's L2 / a CPU's caches
+    big = torch.empty(size // 4, dtype=torch.float32, device=device).fill_(1.0)
+    t_read = best_of(lambda: big.sum())
+    return {"gemm_gflops": best / 1e9, "mem_read_gbs": size / t_read / 1e9}
 
 
 def prompt_for(n_text: int) -> str:
@@ -125,10 +140,15 @@ def interleaved(
     }
 
 
-def timed(fn: Callable[[], Any]) -> Timer:
+def timed(fn: Callable[[], Any], sync: Callable[[], Any] | None = None) -> Timer:
+    """A Timer of fn(); with `sync` (a GPU's), the device's queued work is inside the time."""
+    wait = sync or (lambda: None)
+
     def run() -> float:
+        wait()
         t0 = time.perf_counter()
         fn()
+        wait()
         return time.perf_counter() - t0
 
     return run
@@ -137,12 +157,17 @@ def timed(fn: Callable[[], Any]) -> Timer:
 def eager_timers(
     model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int
 ) -> tuple[dict[str, Timer], int]:
-    """Timers of HF eager: "prefill" (vision + LLM, one forward), "vision", "decode" (per token)."""
+    """Timers of HF eager: "prefill" (vision + LLM, one forward), "vision", "decode" (per token),
+    on the model's device and in its dtype."""
     from transformers import AutoProcessor
 
     from .verify import processor_inputs
 
+    param = next(model.parameters())
     inputs = processor_inputs(AutoProcessor.from_pretrained(model_dir), image, prompt)
+    inputs = inputs.to(param.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    sync = device_sync(str(param.device))
 
     @torch.no_grad()
     def prefill():
@@ -157,20 +182,25 @@ def eager_timers(
         out = prefill()
         token = out.logits[:, -1:].argmax(-1)
         cache = out.past_key_values
+        if sync:
+            sync()
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
             out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
             token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
+            int(token)  # the host reads each token, as a generate loop and the engines do
         return (time.perf_counter() - t0) / decode_tokens
 
-    timers = {"prefill": timed(prefill), "vision": timed(vision), "decode": decode}
+    timers = {"prefill": timed(prefill, sync), "vision": timed(vision, sync), "decode": decode}
     return timers, int(inputs["input_ids"].shape[1])
 
 
 def engine_timers(
-    engine: Any, image: Any, prompt: str, decode_tokens: int
+    engine: Any, image: Any, prompt: str, decode_tokens: int, device: str = "cpu"
 ) -> tuple[dict[str, Timer], int]:
-    """Timers of an mllmc engine: "vision", "llm_prefill", "decode" (per token)."""
+    """Timers of an mllmc engine: "vision", "llm_prefill", "decode" (per token); the engine
+    runs on `device` (its outputs may stay there: the timers wait for it)."""
+    sync = device_sync(device)
     ids, start = engine.encode_prompt(prompt)
     feats = engine.encode_image(image)
 
@@ -183,8 +213,8 @@ def engine_timers(
         return (time.perf_counter() - t0) / decode_tokens
 
     timers = {
-        "vision": timed(lambda: engine.encode_image(image)),
-        "llm_prefill": timed(lambda: engine.prefill(ids, feats, start)),
+        "vision": timed(lambda: engine.encode_image(image), sync),
+        "llm_prefill": timed(lambda: engine.prefill(ids, feats, start), sync),
         "decode": decode,
     }
     return timers, int(ids.shape[1])
@@ -234,7 +264,11 @@ def side_by_side(entries: dict[str, Entry], repeats: int) -> dict[str, dict[str,
 
 
 def add_ratios(
-    rows: dict[str, dict[str, Any]], info: Any, peak: dict[str, float], flops: dict[str, int]
+    rows: dict[str, dict[str, Any]],
+    info: Any,
+    peak: dict[str, float],
+    flops: dict[str, int],
+    itemsize: int = 4,
 ) -> None:
     """Each row's prefill FLOPs (`flops[name]`), its fractions of the roofline and its speedups
     over the "hf_eager" row, in place."""
@@ -245,7 +279,7 @@ def add_ratios(
             flops[name] / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
         )
         row["decode_fraction_of_bandwidth"] = (
-            decode_bytes(info, row["prompt_tokens"])
+            decode_bytes(info, row["prompt_tokens"], itemsize)
             / row["decode_s_per_token"]
             / 1e9
             / peak["mem_read_gbs"]
@@ -272,14 +306,15 @@ def row_from(times: dict[str, float], prompt_tokens: int) -> dict[str, float]:
     }
 
 
-def decode_bytes(info: Any, past: int) -> int:
-    """Bytes one decode step must read: decoder weights (+ lm_head) and the fp32 KV cache."""
+def decode_bytes(info: Any, past: int, itemsize: int = 4) -> int:
+    """Bytes one decode step must read: decoder weights (+ lm_head) and the KV cache, at
+    `itemsize` bytes per element (4: float32)."""
     d, m, L = info.hidden_size, info.intermediate_size, info.num_layers
     q_dim, kv_dim = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
     per_layer = d * q_dim * 2 + d * kv_dim * 2 + 3 * d * m
     weights = L * per_layer + d * info.vocab_size
     kv = L * 2 * past * kv_dim
-    return 4 * (weights + kv)
+    return itemsize * (weights + kv)
 
 
 def plan_prefill_flops(manifest: Any, n_text: int) -> int:
@@ -301,18 +336,25 @@ def bench(
     n_text: int = 32,
     decode_tokens: int = 32,
     repeats: int = 3,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Eager vs the unrewritten engine vs the engine with `passes`, one process, one image."""
+    """Eager vs the unrewritten engine vs the engine with `passes`, one process, one image;
+    `device` and `dtype` as for `mllmc compile` (HF eager runs on that device in that dtype)."""
     from mllmc.runtime import load
 
+    from . import backends
     from .capture import load_model
     from .pipeline import compile_model
     from .verify import probe_image
 
+    options = backends.resolve_options(target, backends.TargetOptions(device, dtype))
+    torch_dtype = getattr(torch, str(options.dtype))
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model, info = load_model(model_dir)
+    model = model.to(device=options.device, dtype=torch_dtype)
     image = probe_image(size=info.image_size)
     prompt = prompt_for(n_text)
     entries = {"hf_eager": eager_entry(model, model_dir, image, prompt, decode_tokens)}
@@ -322,16 +364,25 @@ def bench(
     manifests = {}
     for name, plist in variants:
         out = work / "artifacts" / f"{Path(model_dir).name}-{name}"
-        result = compile_model(model_dir, out, plist, target=target, validate=False, force=True)
+        result = compile_model(
+            model_dir,
+            out,
+            plist,
+            target=target,
+            device=options.device,
+            dtype=options.dtype,
+            validate=False,
+            force=True,
+        )
         manifests[name] = result.manifest
         entries[name] = loaded_entry(
             lambda out=out: load(out),
-            lambda engine: engine_timers(engine, image, prompt, decode_tokens),
+            lambda engine: engine_timers(engine, image, prompt, decode_tokens, options.device),
         )
     rows = side_by_side(entries, repeats)
     del entries
     n = rows["hf_eager"]["prompt_tokens"]
-    peak = roofline(info, n, repeats)
+    peak = roofline(info, n, repeats, options.device, torch_dtype)
     base_manifest = manifests[variants[0][0]]
     from .inspect import kv_cache_bytes
 
@@ -342,9 +393,12 @@ def bench(
         kv = kv_cache_bytes(m, n - info.num_visual_tokens)
         rows[name]["kv_cache_bytes_prompt"] = kv["prompt"]
         rows[name]["kv_cache_bytes_per_token"] = kv["per_token"]
-    add_ratios(rows, info, peak, flops)
+    add_ratios(rows, info, peak, flops, torch_dtype.itemsize)
     report: dict[str, Any] = {
         "model": str(model_dir),
+        "device": torch.cuda.get_device_name() if options.device == "cuda" else "cpu",
+        "dtype": options.dtype,
+        "torch": torch.__version__,
         "visual_tokens": info.num_visual_tokens,
         "prompt_tokens": n,
         "decode_tokens": decode_tokens,
@@ -369,7 +423,8 @@ def bench(
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['model']}: {report['prompt_tokens']} prompt tokens "
-        f"({report['visual_tokens']} visual), {report['threads']} threads",
+        f"({report['visual_tokens']} visual), {report.get('dtype', 'float32')} on "
+        f"{report.get('device', 'cpu')}, {report['threads']} threads",
         f"roofline: GEMM {report['roofline']['gemm_gflops']:.1f} GFLOP/s, "
         f"read {report['roofline']['mem_read_gbs']:.1f} GB/s",
         f"{'engine':28s} {'vision ms':>9s} {'LLM prefill ms':>14s} {'vs eager':>8s} "
@@ -437,11 +492,15 @@ def bench_cli(
     n_text: int,
     decode_tokens: int,
     repeats: int,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     from .outputs import write_file
 
     out = Path(output)
-    report = bench(model_dir, passes, target, out.parent, n_text, decode_tokens, repeats)
+    report = bench(
+        model_dir, passes, target, out.parent, n_text, decode_tokens, repeats, device, dtype
+    )
     write_file(out, json.dumps(report, indent=2), force=True)  # the CLI checked --force up front
     plot(report, out.with_suffix(".png"))
     print(format_table(report))

@@ -38,6 +38,7 @@ examples:
   mllmc golden record out/tiny --image cat.png --prompt "Describe the image." -o golden.json
   mllmc golden check out/tiny golden.json
   mllmc bench models/small-llava --pass shortv --target onnx
+  mllmc bench MODEL --pass shortv --target aoti --device cuda --dtype bfloat16
 """
 
 
@@ -306,9 +307,11 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .backends import TargetOptions, resolve_options
     from .model_dir import read_config
 
     passes = _passes(args)
+    resolve_options(args.target, TargetOptions(args.device, args.dtype))
     read_config(args.model)
     check_output_file(args.output, args.force, "benchmark report")
     check_output_file(Path(args.output).with_suffix(".png"), args.force, "benchmark plot")
@@ -322,6 +325,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         n_text=args.text_tokens,
         decode_tokens=args.decode_tokens,
         repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
     )
     return 0
 
@@ -541,7 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]")
     sp.add_argument("--recipe")
-    sp.add_argument("--target", default="onnx")
+    sp.add_argument("--target", default="onnx", help="onnx (default), aoti or trt")
+    sp.add_argument(
+        "--device", default="cpu", help="as for compile; HF eager runs there too (aoti: cuda)"
+    )
+    sp.add_argument("--dtype", default=None, help="as for compile; HF eager runs in it too")
     sp.add_argument("--text-tokens", type=_int_in(1), default=32)
     sp.add_argument("--decode-tokens", type=_int_in(1), default=32)
     sp.add_argument("--repeats", type=_int_in(1), default=3)

@@ -18,10 +18,15 @@ def _gflop(x: float) -> str:
     return f"{x / 1e9:.3f}"
 
 
-def kv_cache_bytes(m: Manifest, n_text: int, bytes_per_value: int = 4) -> dict[str, int]:
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_cache_bytes(m: Manifest, n_text: int) -> dict[str, int]:
     """KV-cache bytes at the end of a prompt of `n_text` text tokens (+ the image span), and per
-    generated token, from the plan: layer l caches n_text + kv_visual_tokens rows."""
+    generated token, from the plan (layer l caches n_text + kv_visual_tokens rows) and the
+    engines' dtype (float32 unless the manifest names another)."""
     info = m.model
+    bytes_per_value = DTYPE_BYTES[str(m.extra.get("dtype", "float32"))]
     row = 2 * info.num_kv_heads * info.head_dim * bytes_per_value  # key + value, one row, one layer
     prompt = sum((n_text + layer.kv_visual_tokens) * row for layer in m.layers)
     return {"prompt": prompt, "per_token": row * len(m.layers)}
@@ -71,7 +76,8 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
         )
     lines.append(
         f"KV cache   {kv['prompt'] / 2**20:.2f} MiB at the end of a {n_text}-text-token prompt, "
-        f"{kv['per_token'] / 2**10:.1f} KiB per generated token (fp32)"
+        f"{kv['per_token'] / 2**10:.1f} KiB per generated token "
+        f"({m.extra.get('dtype', 'float32')})"
     )
     b, a = flops["before"], flops["after"]
     lines.append(

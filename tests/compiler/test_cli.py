@@ -235,6 +235,9 @@ def test_input_checks_come_before_torch_loads(tmp_path, tiny_model_dir):
         ["calibrate", tmp_path / "nope", "-o", tmp_path / "lc.json"],
         ["calibrate", tiny_model_dir, "--pass", "fastv", "-o", tmp_path / "lc.json"],
         ["bench", tiny_model_dir, "--pass", "shortv:k=1"],
+        ["bench", tiny_model_dir, "--target", "tensorflow"],
+        ["bench", tiny_model_dir, "--dtype", "bfloat16"],  # onnx builds float32 engines
+        ["bench", tiny_model_dir, "--target", "aoti", "--dtype", "int4"],
     ]
     code = (
         "import json, sys\n"

@@ -160,3 +160,19 @@ def test_compile_refuses_existing_output_and_leaves_nothing_behind(tiny_model_di
         compile_model(tiny_model_dir, target, ["shortv:layers=[99]"], progress=False)
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left behind
+
+
+def test_kv_cache_bytes_follow_the_engines_dtype(tiny_base_artifact):
+    """`inspect` and `bench` size the KV cache in the artifact's dtype: a bf16 engine's cache is
+    half a float32 one's."""
+    import dataclasses
+
+    from mllmc.compiler.inspect import kv_cache_bytes
+    from mllmc.runtime.manifest import read_manifest
+
+    m = read_manifest(tiny_base_artifact)
+    fp32 = kv_cache_bytes(m, 64)
+    info = m.model
+    assert fp32["per_token"] == 2 * info.num_kv_heads * info.head_dim * 4 * info.num_layers
+    bf16 = kv_cache_bytes(dataclasses.replace(m, extra={"dtype": "bfloat16"}), 64)
+    assert bf16 == {k: v // 2 for k, v in fp32.items()}
