@@ -156,6 +156,13 @@ def test_aoti_runtime_options_that_cannot_apply(tiny_aoti_shortv, tiny_base_arti
         load(tiny_base_artifact, decode_cache="static")
     with pytest.raises(UserError, match="decode_cache must be"):
         load(tiny_aoti_shortv, decode_cache="paged")
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_aoti_shortv, renamed)
+    manifest = json.loads((renamed / "manifest.json").read_text())
+    manifest["segments"]["decode_static"]["inputs"][2]["name"] = "lengths"
+    (renamed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="decode_static segment's inputs do not match decode's"):
+        load(renamed)
     copy = tmp_path / "copy"
     shutil.copytree(tiny_aoti_shortv, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
