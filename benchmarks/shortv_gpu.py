@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mllmc.compiler.bench import best_gemm_flops, median_time
+from mllmc.compiler.bench import best_gemm_flops, device_sync, median_time
 
 
 def device_time(fn, repeats: int) -> float:
@@ -363,7 +363,7 @@ def measure_decode(args: Any, segments: Any, prefill_out: Any, n: int) -> dict[s
     tokens = {name: generate(runner) for name, runner in runners.items()}
     first = next(iter(tokens.values()))
     times: dict[str, list[float]] = {name: [] for name in runners}
-    sync = torch.cuda.synchronize if device == "cuda" else None
+    sync = device_sync(device)
     for _ in range(max(3, args.repeats // 4)):
         for name, runner in runners.items():
             timed = median_time(lambda runner=runner: generate(runner), 1, warmup=0, sync=sync)

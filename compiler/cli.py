@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.runners import DECODE_CACHES
 
 from .outputs import check_output_file
 
@@ -411,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--decode-cache",
-        choices=["growing", "static"],
+        choices=DECODE_CACHES,
         default=None,
         help="aoti: 'static' adds a decode step over fixed-capacity cache buffers, replayed as "
         "a CUDA graph per step on CUDA (default there); 'growing' (default on the CPU, and the "

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import UserError
 from .manifest import SEGMENTS, check_files, read_manifest
-from .runners import RunnerOptions, SegmentRunner, open_segment
+from .runners import DECODE_CACHES, RunnerOptions, SegmentRunner, open_segment
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,10 @@ class Engine(SegmentLoop):
                 f"CUDA graphs are built for aoti artifacts on CUDA; {self.root} is a "
                 f"{self.manifest.target} artifact"
             )
-        if decode_cache not in (None, "growing", "static"):
+        if decode_cache is not None and decode_cache not in DECODE_CACHES:
             raise UserError(
-                f"decode_cache must be None, 'growing' or 'static', got {decode_cache!r}"
+                f"decode_cache must be None or one of {', '.join(DECODE_CACHES)}, "
+                f"got {decode_cache!r}"
             )
         if decode_cache == "static" and self.manifest.target != "aoti":
             raise UserError(

@@ -12,15 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.runners import DECODE_CACHES
 
 from ..model_dir import MAX_SEQ
 
 TARGETS = ("onnx", "aoti", "trt")
 DTYPES = ("float32", "bfloat16", "float16")
-# growing: the decode program takes each layer's cache and returns it one row longer (a copy);
-# static: it reads fixed-capacity buffers the runtime owns and returns the new rows, so each step
-# has the same shapes and runs as one CUDA graph replay (runtime/runners/_static_cache.py)
-DECODE_CACHES = ("growing", "static")
 DEFAULT_DTYPE = {"onnx": "float32", "aoti": "float32", "trt": "float16"}
 # compile validation against eager in the same dtype: fp32 holds 1e-4 (ARCHITECTURE.md); a
 # 16-bit engine's kernels round differently from eager's, by up to a few units of the last bit

@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from ..manifest import Manifest, SegmentEntry, TensorSpec
 
 
+# growing: the decode program takes each layer's cache and returns it one row longer (a copy);
+# static: it reads fixed-capacity buffers the runner owns and returns the new rows, so each step
+# has the same shapes and runs as one CUDA graph replay (_static_cache.py)
+DECODE_CACHES = ("growing", "static")
+
+
 @dataclass(frozen=True)
 class RunnerOptions:
     """What a caller of `load()` may choose: onnxruntime providers, CPU threads, and whether

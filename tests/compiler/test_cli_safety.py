@@ -182,6 +182,10 @@ def test_bad_numbers_are_one_line_errors(
     user_error(*verify, "--tol", "inf", match="--tol: must be a finite number > 0")
     user_error("golden", "check", tiny_base_artifact, "g.json", "--tol", "0", match="--tol")
     user_error("bench", tiny_model_dir, "--repeats", "0", match="--repeats: must be >= 1")
+    user_error(
+        "bench", tiny_model_dir, "--target", "aoti", "--device", "tpu", match="unknown device"
+    )
+    user_error("bench", tiny_model_dir, "--dtype", "bfloat16", match="target 'onnx' builds float32")
     user_error("calibrate", tiny_model_dir, "-n", "0", "-o", tmp_path / "lc.json", match="-n")
 
 
