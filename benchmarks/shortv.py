@@ -45,7 +45,14 @@ def main() -> None:
 
     passes = [parse_pass_spec(f"shortv:ratio={args.ratio},lc={lc_path}")]
     report = bench.bench(
-        str(model_dir), passes, "onnx", out, args.text_tokens, args.decode_tokens, args.repeats
+        str(model_dir),
+        passes,
+        "onnx",
+        out / "artifacts",
+        args.text_tokens,
+        args.decode_tokens,
+        args.repeats,
+        force=True,
     )
     report["lc_file"] = str(lc_path)
     (out / "shortv.json").write_text(json.dumps(report, indent=2))

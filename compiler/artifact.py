@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mllmc.runtime import __version__
+from mllmc.runtime.jsonfile import JSONError, read_json
 from mllmc.runtime.manifest import (
+    FLOAT32_TOL,
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,
@@ -54,21 +56,19 @@ PREPROCESSING_FILES = (
 )
 
 
-# Engine files a backend may write into an artifact (besides those its manifest names).
-ENGINE_SUFFIXES = (".onnx", ".data", ".pt2", ".engine", ".ep")
-
-
 def replaceable(path: Path) -> str | None:
     """None if `path` is an mllmc artifact that `--force` may replace; else why it is not.
 
     An artifact is a directory whose manifest.json names an mllmc version and format, holding
-    only the files mllmc writes into one (engine files, the manifest, preprocessing files)."""
+    only the files mllmc writes into one: the engine files its manifest names, the manifest and
+    the preprocessing files. Anything else (a `my_model.onnx` of one's own, a results file) makes
+    it a directory mllmc did not write, and it is not replaced."""
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file():
         return f"it is not an mllmc artifact (no {MANIFEST_NAME})"
     try:
-        data = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        data = read_json(manifest_path, allow_nan=True)
+    except JSONError:
         return f"its {MANIFEST_NAME} is not an mllmc manifest"
     if not isinstance(data, dict) or "format_version" not in data or "mllmc_version" not in data:
         return f"its {MANIFEST_NAME} is not an mllmc manifest"
@@ -77,14 +77,16 @@ def replaceable(path: Path) -> str | None:
     if isinstance(segments, dict):
         for entry in segments.values():
             if isinstance(entry, dict):
-                named |= {v for k, v in entry.items() if k in ("file", "external_data") and v}
-    known = {MANIFEST_NAME, "image_processor.json", *PREPROCESSING_FILES, *map(str, named)}
+                named |= {
+                    v
+                    for k, v in entry.items()
+                    if k in ("file", "external_data") and isinstance(v, str) and v
+                }
+    known = {MANIFEST_NAME, "image_processor.json", *PREPROCESSING_FILES, *named}
     foreign = sorted(
         p.name + ("/" if p.is_dir() else "")
         for p in path.iterdir()
-        if p.is_symlink()
-        or not p.is_file()
-        or (p.name not in known and not p.name.endswith(ENGINE_SUFFIXES))
+        if p.is_symlink() or not p.is_file() or p.name not in known
     )
     if foreign:
         shown = ", ".join(foreign[:3]) + (
@@ -119,8 +121,11 @@ def build_manifest(
     flops: dict[str, dict[str, int]],
     target: str,
     extra: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    tol: float = FLOAT32_TOL,
 ) -> Manifest:
-    """The manifest of an artifact: `entries` are the backend's per-segment file + IO records."""
+    """The manifest of an artifact: `entries` are the backend's per-segment file + IO records;
+    `dtype` is the engines' precision and `tol` the logit tolerance they are held to."""
     return Manifest(
         format_version=FORMAT_VERSION,
         mllmc_version=__version__,
@@ -132,5 +137,7 @@ def build_manifest(
         visual_tokens=segments.num_visual_tokens,
         layers=tuple(segments.layer_plan),
         flops=flops,
+        dtype=dtype,
+        tol=tol,
         extra=dict(extra or {}),
     )

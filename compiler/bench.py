@@ -14,10 +14,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,16 +56,138 @@ def median_time(
     return statistics.median(times)
 
 
+MIN_ROUNDS = 3  # fewer rounds than this cannot show how much the timings vary
+MAX_SPREAD = 0.3  # (max - min) / median of a row's timing over rounds above which it is flagged
+CONTENTION_SLACK = 0.2  # share of the benchmark's threads other processes may take unflagged
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; the machine's count elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_clock() -> tuple[float, float, float]:
+    """(wall seconds, this process's CPU seconds, the machine's busy CPU seconds, all processes
+    together): between two readings, CPU seconds / wall seconds is the number of CPUs busy."""
+    import psutil
+
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    guest = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)  # also counted in user
+    return time.perf_counter(), time.process_time(), sum(t) - idle - guest
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of per-round values, and their relative spread (max - min) / median."""
+    med, lo, hi = statistics.median(values), min(values), max(values)
+    rel = (hi - lo) / med if med > 0 else 0.0
+    return {"median": med, "min": lo, "max": hi, "rel": rel, "rounds": len(values)}
+
+
+def format_spread(s: Mapping[str, float], suffix: str = "x") -> str:
+    """A median with its range over rounds: '2.31x (1.90-2.70)'."""
+    return f"{s['median']:.2f}{suffix} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def trust_verdict(
+    times: Mapping[str, Sequence[float]],
+    others_cpus: float,
+    threads: int,
+    cpus: int | None = None,
+) -> dict[str, Any]:
+    """Whether one engine's timings can be trusted. `times`: per-round seconds of each of its
+    metrics; `others_cpus`: how many CPUs other processes kept busy, on average, while it ran;
+    `threads`: the threads every engine was given; `cpus`: the machine's CPUs (os.cpu_count()).
+
+    Untrusted: fewer than MIN_ROUNDS rounds (the spread is unknown), rounds that differ by more
+    than MAX_SPREAD of their median, or other processes leaving fewer free CPUs than the threads
+    need (less CONTENTION_SLACK). Contention slows engines unevenly (threads that wait on each
+    other collapse, spinning ones do not), so ratios measured under it can be off many times."""
+    cpus = cpus or os.cpu_count() or 1
+    reasons = []
+    rounds = min((len(v) for v in times.values()), default=0)
+    if rounds < MIN_ROUNDS:
+        reasons.append(
+            f"{rounds} round(s): too few to see how much the timings vary "
+            f"(use --repeats {MIN_ROUNDS} or more)"
+        )
+    for metric, values in times.items():
+        rel = spread(values)["rel"] if values else 0.0
+        if rel > MAX_SPREAD:
+            reasons.append(f"{metric} varies {rel:.0%} between rounds")
+    free = cpus - others_cpus
+    if free < threads * (1 - CONTENTION_SLACK):
+        fewer = max(1, math.floor(free))
+        reasons.append(
+            f"other processes kept {others_cpus:.1f} of {cpus} CPUs busy, leaving "
+            f"{max(free, 0.0):.1f} for {threads} thread{'s' if threads > 1 else ''} (bench a "
+            f"quiet machine{f', or pass --threads {fewer}' if fewer < threads else ''})"
+        )
+    return {"ok": not reasons, "reasons": reasons, "others_cpus": others_cpus, "rounds": rounds}
+
+
+def gemm_shapes(info: Any) -> list[tuple[int, int]]:
+    """(k, columns) of the decoder's prefill GEMMs: q/o projections, MLP up and down."""
+    d, m = info.hidden_size, info.intermediate_size
+    return [(d, d), (d, m), (m, d)]
+
+
 def best_gemm_flops(
     info: Any, n: int, time_of: Callable[[Callable[[], Any]], float], **like: Any
 ) -> float:
     """Best FLOP/s of the decoder's prefill GEMM shapes (q/o projections, MLP up and down) at
-    n rows; `like` places and types the operands (device=, dtype=), `time_of` times one product."""
-    d, m = info.hidden_size, info.intermediate_size
+    n rows with torch; `like` places and types the operands (device=, dtype=), `time_of` times one
+    product."""
     best = 0.0
-    for k, cols in ((d, d), (d, m), (m, d)):
+    for k, cols in gemm_shapes(info):
         a, b = torch.randn(n, k, **like), torch.randn(k, cols, **like)
         best = max(best, 2 * n * k * cols / time_of(lambda a=a, b=b: a @ b))
+    return best
+
+
+def numpy_gemm_flops(info: Any, n: int, time_of: Callable[[Callable[[], Any]], float]) -> float:
+    """`best_gemm_flops` in float32 with numpy's BLAS."""
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for k, cols in gemm_shapes(info):
+        a = rng.standard_normal((n, k), dtype=np.float32)
+        b = rng.standard_normal((k, cols), dtype=np.float32)
+        best = max(best, 2 * n * k * cols / time_of(lambda a=a, b=b: a @ b))
+    return best
+
+
+def onnxruntime_gemm_flops(
+    info: Any, n: int, time_of: Callable[[Callable[[], Any]], float], threads: int | None = None
+) -> float:
+    """`best_gemm_flops` in float32 with onnxruntime's CPU MatMul (the weight an initializer,
+    prepacked as in an engine), on `threads` intra-op threads."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    best = 0.0
+    for k, cols in gemm_shapes(info):
+        w = numpy_helper.from_array(rng.standard_normal((k, cols), dtype=np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["a", "w"], ["y"])],
+            "gemm",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, cols])],
+            [w],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9  # what every onnxruntime this project supports reads
+        session = ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        feeds = {"a": rng.standard_normal((n, k), dtype=np.float32)}
+        best = max(best, 2 * n * k * cols / time_of(lambda s=session, f=feeds: s.run(None, f)))
     return best
 
 
@@ -86,20 +209,76 @@ def device_sync(device: str) -> Callable[[], Any] | None:
 
 
 def roofline(
-    info: Any, n: int, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> dict[str, float]:
+    info: Any,
+    n: int,
+    repeats: int = 5,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Best GEMM GFLOP/s in `dtype` over the decoder's prefill shapes (q/o projections, MLP up
-    and down), and memory read GB/s over a buffer well past the caches, on `device`."""
+    and down), and memory read GB/s over a buffer well past the caches, on `device`. On the CPU
+    in float32 the GEMM is the fastest of torch, numpy's BLAS and onnxruntime's MatMul (on
+    `threads` threads): "gemm_source" names it, "gemm_gflops_by" has each. `raise_roof` lifts
+    a limit that an engine then beats."""
     sync = device_sync(device)
 
     def best_of(fn: Callable[[], Any]) -> float:
         return min(median_time(fn, 1, sync=sync) for _ in range(repeats))
 
-    best = best_gemm_flops(info, n, best_of, device=device, dtype=dtype)
+    by = {"torch": best_gemm_flops(info, n, best_of, device=device, dtype=dtype) / 1e9}
+    if sync is None and dtype == torch.float32:
+        by["numpy"] = numpy_gemm_flops(info, n, best_of) / 1e9
+        by["onnxruntime"] = onnxruntime_gemm_flops(info, n, best_of, threads) / 1e9
+    source = max(by, key=by.__getitem__)
     size = 2**30 if sync else 256 * 2**20  # well past a GPU's L2 / a CPU's caches
     big = torch.empty(size // 4, dtype=torch.float32, device=device).fill_(1.0)
     t_read = best_of(lambda: big.sum())
-    return {"gemm_gflops": best / 1e9, "mem_read_gbs": size / t_read / 1e9}
+    return {
+        "gemm_gflops": by[source],
+        "gemm_source": source,
+        "gemm_gflops_by": by,
+        "mem_read_gbs": size / t_read / 1e9,
+    }
+
+
+def raise_roof(peak: dict[str, Any], key: str, achieved: Mapping[str, float]) -> str | None:
+    """Lift `peak[key]` to the best of `achieved` (row name -> the same unit) when a row beat
+    it: the measured limit was then not the machine's, and no row may show more than 100% of
+    it. The measured limit stays as `key + "_measured"`, the row as `key + "_raised_by"`.
+    Returns that row's name, or None when the limit held."""
+    finite = {name: v for name, v in achieved.items() if math.isfinite(v)}
+    if not finite:
+        return None
+    name = max(finite, key=finite.__getitem__)
+    if not finite[name] > peak[key]:
+        return None
+    peak[key + "_measured"], peak[key], peak[key + "_raised_by"] = peak[key], finite[name], name
+    return name
+
+
+def check_lengths(model_dir: str | Path, n_text: int, decode_tokens: int) -> None:
+    """Refuse text and decode token counts whose sequence (text + visual + decoded tokens) is
+    longer than the model takes: its max_position_embeddings, and at most the longest sequence a
+    captured graph accepts (MAX_SEQ). Reads config.json only, before anything loads."""
+    from mllmc.runtime.errors import UserError
+
+    from .model_dir import MAX_SEQ, model_shape, read_config
+
+    cfg = read_config(model_dir)
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    limit = text.get("max_position_embeddings")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        limit = MAX_SEQ
+    limit = min(limit, MAX_SEQ)
+    visual = model_shape(cfg).num_visual_tokens or 0
+    total = n_text + visual + decode_tokens
+    if total > limit:
+        raise UserError(
+            f"--text-tokens {n_text} + {visual} visual tokens + --decode-tokens {decode_tokens} = "
+            f"{total} positions, more than the model takes ({limit}: its max_position_embeddings, "
+            f"at most {MAX_SEQ}); lower --text-tokens or --decode-tokens"
+        )
 
 
 def prompt_for(n_text: int) -> str:
@@ -110,15 +289,28 @@ def prompt_for(n_text: int) -> str:
 Timer = Callable[[], float]  # runs once; returns the seconds (per token, for decode) it took
 
 
-def interleaved(
+@dataclass
+class Rounds:
+    """What `interleaved_rounds` measured: per-round seconds of every engine's timers, the CPUs
+    this process kept busy (on average) while each engine's timers ran, and the CPUs other
+    processes kept busy over all the rounds (the machine's CPU time is counted in ticks of
+    10 ms, too coarse for one engine's few milliseconds)."""
+
+    times: dict[str, dict[str, list[float]]]
+    cpus_used: dict[str, float]
+    others_cpus: float
+
+
+def interleaved_rounds(
     timers: dict[str, dict[str, Timer]], repeats: int, pause: float = 0.1
-) -> dict[str, dict[str, float]]:
-    """Median of every timer over `repeats` rounds after one warm-up round. Each round runs every
-    engine once, in turn, so the slow drifts of a shared machine (neighbours, clocks; ±20% here
-    between runs) fall on all rows alike instead of on whichever engine ran last. Each timer
-    starts after `pause` seconds idle: onnxruntime's pool threads spin-wait for a while after a
-    run, and would otherwise take the cores from the engine timed next (HF eager measured 50×
-    slower on tiny-llava right after an onnxruntime call on 2 cores)."""
+) -> Rounds:
+    """Every timer over `repeats` rounds after one warm-up round. Each round runs every engine
+    once, in turn, so the slow drifts of a shared machine (neighbours, clocks; ±20% here between
+    runs) fall on all rows alike instead of on whichever engine ran last. Each timer starts after
+    `pause` seconds idle: onnxruntime's pool threads spin-wait for a while after a run, and would
+    otherwise take the cores from the engine timed next (HF eager measured 50× slower on
+    tiny-llava right after an onnxruntime call on 2 cores). Around each timed run the process's
+    and the machine's CPU time are read (`cpu_clock`), for `trust_verdict`."""
 
     def run(timer: Timer) -> float:
         time.sleep(pause)
@@ -130,13 +322,31 @@ def interleaved(
     samples: dict[str, dict[str, list[float]]] = {
         name: {metric: [] for metric in engine} for name, engine in timers.items()
     }
+    clock = {name: np.zeros(3) for name in timers}  # wall, own CPU, machine busy CPU seconds
+    start = np.array(cpu_clock())
     for _ in range(repeats):
         for name, engine in timers.items():
             for metric, timer in engine.items():
-                samples[name][metric].append(run(timer))
+                time.sleep(pause)
+                before = np.array(cpu_clock())
+                samples[name][metric].append(timer())
+                clock[name] += np.array(cpu_clock()) - before
+    wall, own, busy = (np.array(cpu_clock()) - start).tolist()
+    return Rounds(
+        samples,
+        cpus_used={name: float(c[1] / max(c[0], 1e-9)) for name, c in clock.items()},
+        others_cpus=max(busy - own, 0.0) / max(wall, 1e-9),
+    )
+
+
+def interleaved(
+    timers: dict[str, dict[str, Timer]], repeats: int, pause: float = 0.1
+) -> dict[str, dict[str, float]]:
+    """Median of every timer of `interleaved_rounds`."""
+    rounds = interleaved_rounds(timers, repeats, pause)
     return {
         name: {metric: statistics.median(v) for metric, v in metrics.items()}
-        for name, metrics in samples.items()
+        for name, metrics in rounds.times.items()
     }
 
 
@@ -254,13 +464,64 @@ def loaded_entry(
     return Entry(timers, n, rss_mb() - before, engine)
 
 
-def side_by_side(entries: dict[str, Entry], repeats: int) -> dict[str, dict[str, Any]]:
-    """Table rows of `entries` timed `interleaved`."""
-    medians = interleaved({name: e.timers for name, e in entries.items()}, repeats)
-    return {
-        name: {**row_from(medians[name], e.prompt_tokens), "rss_mb": e.rss_mb}
-        for name, e in entries.items()
-    }
+TIME_KEYS = ("prefill_s", "vision_s", "llm_prefill_s", "decode_s_per_token")
+
+
+def side_by_side(
+    entries: dict[str, Entry], repeats: int, threads: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Table rows of `entries` timed `interleaved_rounds`: each row has the medians, "rounds"
+    (the per-round values), "spread" (`spread` of each), "cpus_used" (this process's busy CPUs
+    while the row ran) and "trust" (`trust_verdict`, for `threads`: torch's by default)."""
+    measured = interleaved_rounds({name: e.timers for name, e in entries.items()}, repeats)
+    threads = threads or torch.get_num_threads()
+    rows = {}
+    for name, e in entries.items():
+        times = measured.times[name]
+        medians = {metric: statistics.median(v) for metric, v in times.items()}
+        per_round = [
+            row_from({metric: v[i] for metric, v in times.items()}, e.prompt_tokens)
+            for i in range(min(len(v) for v in times.values()))
+        ]
+        rounds = {
+            key: [r[key] for r in per_round]
+            for key in TIME_KEYS
+            if all(math.isfinite(r[key]) for r in per_round)
+        }
+        rows[name] = {
+            **row_from(medians, e.prompt_tokens),
+            "rss_mb": e.rss_mb,
+            "rounds": rounds,
+            "spread": {key: spread(v) for key, v in rounds.items()},
+            "cpus_used": measured.cpus_used[name],
+            "trust": trust_verdict(rounds, measured.others_cpus, threads),
+        }
+    return rows
+
+
+def ratio_spread(num: Mapping[str, Any], den: Mapping[str, Any], key: str) -> dict[str, float]:
+    """`spread` of num[key] / den[key] over the rounds both rows ran (rounds interleave the
+    engines, so round i of each saw the same machine); the ratio of the two values alone when
+    either row has no per-round values."""
+    a, b = num.get("rounds", {}).get(key), den.get("rounds", {}).get(key)
+    if a and b and len(a) == len(b):
+        return spread([x / y for x, y in zip(a, b, strict=True)])
+    return spread([num[key] / den[key]])
+
+
+def run_trust(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The whole run's verdict: trusted when every row's `trust_verdict` is; the reasons of
+    those that are not, each once, with the rows it holds for."""
+    by_reason: dict[str, list[str]] = {}
+    for name, row in rows.items():
+        for reason in row.get("trust", {}).get("reasons", []):
+            by_reason.setdefault(reason, []).append(name)
+    reasons = [
+        f"{'all rows' if len(names) == len(rows) > 1 else ', '.join(names)}: {reason}"
+        for reason, names in by_reason.items()
+    ]
+    busy = [row["trust"]["others_cpus"] for row in rows.values() if "trust" in row]
+    return {"ok": not reasons, "reasons": reasons, "others_cpus": max(busy, default=0.0)}
 
 
 def add_ratios(
@@ -271,22 +532,27 @@ def add_ratios(
     itemsize: int = 4,
 ) -> None:
     """Each row's prefill FLOPs (`flops[name]`), its fractions of the roofline and its speedups
-    over the "hf_eager" row, in place."""
+    over the "hf_eager" row (the median over rounds, with "<name>_spread": `ratio_spread`), in
+    place. A row faster than the roofline raises it (`raise_roof`), so no fraction tops 100%."""
     eager = rows["hf_eager"]
+    gflops = {name: flops[name] / row["llm_prefill_s"] / 1e9 for name, row in rows.items()}
+    gbs = {
+        name: decode_bytes(info, row["prompt_tokens"], itemsize) / row["decode_s_per_token"] / 1e9
+        for name, row in rows.items()
+    }
+    raise_roof(peak, "gemm_gflops", gflops)
+    raise_roof(peak, "mem_read_gbs", gbs)
     for name, row in rows.items():
         row["llm_prefill_flops"] = flops[name]
-        row["prefill_fraction_of_gemm_peak"] = (
-            flops[name] / row["llm_prefill_s"] / 1e9 / peak["gemm_gflops"]
-        )
-        row["decode_fraction_of_bandwidth"] = (
-            decode_bytes(info, row["prompt_tokens"], itemsize)
-            / row["decode_s_per_token"]
-            / 1e9
-            / peak["mem_read_gbs"]
-        )
-        row["llm_prefill_speedup_vs_eager"] = eager["llm_prefill_s"] / row["llm_prefill_s"]
-        row["prefill_speedup_vs_eager"] = eager["prefill_s"] / row["prefill_s"]
-        row["decode_speedup_vs_eager"] = eager["decode_s_per_token"] / row["decode_s_per_token"]
+        row["prefill_fraction_of_gemm_peak"] = gflops[name] / peak["gemm_gflops"]
+        row["decode_fraction_of_bandwidth"] = gbs[name] / peak["mem_read_gbs"]
+        for key, out in (
+            ("llm_prefill_s", "llm_prefill_speedup_vs_eager"),
+            ("prefill_s", "prefill_speedup_vs_eager"),
+            ("decode_s_per_token", "decode_speedup_vs_eager"),
+        ):
+            s = ratio_spread(eager, row, key)
+            row[out], row[out + "_spread"] = s["median"], s
 
 
 def row_from(times: dict[str, float], prompt_tokens: int) -> dict[str, float]:
@@ -328,42 +594,74 @@ def plan_prefill_flops(manifest: Any, n_text: int) -> int:
     )
 
 
+def check_threads(threads: int | None) -> int:
+    """The thread count every engine of a benchmark runs on: `threads`, checked against the CPUs
+    this process may use (`available_cpus`), or all of them when None."""
+    from mllmc.runtime.errors import UserError
+
+    cpus = available_cpus()
+    if threads is None:
+        return cpus
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise UserError(f"--threads must be an integer from 1 to {cpus} here, got {threads!r}")
+    return threads
+
+
 def bench(
     model_dir: str,
     passes: list,
     target: str = "onnx",
-    work_dir: str | Path = "benchmarks/results",
+    artifacts_dir: str | Path | None = None,
     n_text: int = 32,
     decode_tokens: int = 32,
     repeats: int = 3,
     device: str = "cpu",
     dtype: str | None = None,
+    force: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Eager vs the unrewritten engine vs the engine with `passes`, one process, one image;
-    `device` and `dtype` as for `mllmc compile` (HF eager runs on that device in that dtype)."""
+    `device` and `dtype` as for `mllmc compile` (HF eager runs on that device in that dtype).
+
+    The engines are compiled into `artifacts_dir` (as `<model>-mllmc_<target>[+<passes>]`; an
+    existing one is replaced only with `force`, and only if it is an artifact mllmc wrote),
+    checked before any work; None: a temporary directory, removed when the timing is done."""
+    import tempfile
+
     from mllmc.runtime import load
 
-    from . import backends
+    from . import artifact, backends, outputs
     from .capture import load_model
     from .pipeline import compile_model
     from .verify import probe_image
 
     options = backends.resolve_options(target, backends.TargetOptions(device, dtype))
+    check_lengths(model_dir, n_text, decode_tokens)
     torch_dtype = getattr(torch, str(options.dtype))
-    torch.set_num_threads(os.cpu_count() or 1)
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    threads = check_threads(threads)
+    torch.set_num_threads(threads)  # and every engine's onnxruntime intra-op pool: load() below
+    variants = [("mllmc_" + target, [])]
+    if passes:
+        variants.append(("mllmc_" + target + "+" + "+".join(p.name for p, _ in passes), passes))
+    scratch = None
+    if artifacts_dir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="mllmc-bench-")  # removed on any exit too
+        root = Path(scratch.name)
+    else:
+        root = outputs.check_output_folder(artifacts_dir, "benchmark artifacts")
+    paths = {name: root / f"{Path(model_dir).name}-{name}" for name, _ in variants}
+    for path in paths.values():
+        outputs.check_output_dir(
+            path, force, artifact.replaceable, what="artifact", protected=[model_dir]
+        )
     model, info = load_model(model_dir)
     model = model.to(device=options.device, dtype=torch_dtype)
     image = probe_image(size=info.image_size)
     prompt = prompt_for(n_text)
     entries = {"hf_eager": eager_entry(model, model_dir, image, prompt, decode_tokens)}
-    variants = [("mllmc_" + target, [])]
-    if passes:
-        variants.append(("mllmc_" + target + "+" + "+".join(p.name for p, _ in passes), passes))
     manifests = {}
     for name, plist in variants:
-        out = work / "artifacts" / f"{Path(model_dir).name}-{name}"
+        out = paths[name]
         result = compile_model(
             model_dir,
             out,
@@ -372,17 +670,19 @@ def bench(
             device=options.device,
             dtype=options.dtype,
             validate=False,
-            force=True,
+            force=force,
         )
         manifests[name] = result.manifest
         entries[name] = loaded_entry(
-            lambda out=out: load(out),
+            lambda out=out: load(out, threads=threads),
             lambda engine: engine_timers(engine, image, prompt, decode_tokens, options.device),
         )
-    rows = side_by_side(entries, repeats)
+    rows = side_by_side(entries, repeats, threads)
     del entries
+    if scratch is not None:
+        scratch.cleanup()
     n = rows["hf_eager"]["prompt_tokens"]
-    peak = roofline(info, n, repeats, options.device, torch_dtype)
+    peak = roofline(info, n, repeats, options.device, torch_dtype, threads)
     base_manifest = manifests[variants[0][0]]
     from .inspect import kv_cache_bytes
 
@@ -402,7 +702,13 @@ def bench(
         "visual_tokens": info.num_visual_tokens,
         "prompt_tokens": n,
         "decode_tokens": decode_tokens,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
+        "thread_settings": {
+            "torch.set_num_threads": torch.get_num_threads(),
+            "onnxruntime intra_op_num_threads": threads,
+        },
+        "cpus": os.cpu_count(),
+        "trust": run_trust(rows),
         "roofline": peak,
         "peak_rss_mb": peak_rss_mb(),
         "rss_note": RSS_NOTE,
@@ -411,35 +717,75 @@ def bench(
     if passes:
         base, rewritten = variants[0][0], variants[1][0]
         ideal = rows[base]["llm_prefill_flops"] / rows[rewritten]["llm_prefill_flops"]
-        measured = rows[base]["llm_prefill_s"] / rows[rewritten]["llm_prefill_s"]
+        measured_spread = ratio_spread(rows[base], rows[rewritten], "llm_prefill_s")
+        measured = measured_spread["median"]
         report["pass_speedup"] = {
             "flops_ideal": ideal,
             "measured": measured,
+            "measured_spread": measured_spread,
             "fraction_of_ideal": (measured - 1) / (ideal - 1) if ideal > 1 else None,
         }
     return report
 
 
+def roofline_lines(peak: Mapping[str, Any]) -> list[str]:
+    """The roofline's line of the table, and one per limit a row beat (`raise_roof`)."""
+    by = peak.get("gemm_gflops_by", {})
+    others = ", ".join(f"{k} {v:.1f}" for k, v in by.items() if k != peak.get("gemm_source"))
+    source = f" ({peak['gemm_source']}{'; ' + others if others else ''})" if by else ""
+    lines = [
+        f"roofline: GEMM {peak['gemm_gflops']:.1f} GFLOP/s{source}, "
+        f"read {peak['mem_read_gbs']:.1f} GB/s"
+    ]
+    for key, what, unit in (("gemm_gflops", "GEMM", "GFLOP/s"), ("mem_read_gbs", "read", "GB/s")):
+        if key + "_raised_by" in peak:
+            lines.append(
+                f"  {what} limit raised to {peak[key + '_raised_by']}'s measured {peak[key]:.1f} "
+                f"{unit}: the measured limit ({peak[key + '_measured']:.1f}) was not the machine's"
+            )
+    return lines
+
+
 def format_table(report: dict[str, Any]) -> str:
+    """The report as the table `mllmc bench` prints: speedups as median (min-max) over rounds,
+    and a warning with the reasons when a row's timings are not trustworthy (`trust_verdict`)."""
+    rows = report["rows"]
+
+    def ratio(r: Mapping[str, Any], key: str) -> str:
+        return format_spread(r.get(key + "_spread") or spread([r[key]]))
+
     lines = [
         f"model {report['model']}: {report['prompt_tokens']} prompt tokens "
         f"({report['visual_tokens']} visual), {report.get('dtype', 'float32')} on "
-        f"{report.get('device', 'cpu')}, {report['threads']} threads",
-        f"roofline: GEMM {report['roofline']['gemm_gflops']:.1f} GFLOP/s, "
-        f"read {report['roofline']['mem_read_gbs']:.1f} GB/s",
-        f"{'engine':28s} {'vision ms':>9s} {'LLM prefill ms':>14s} {'vs eager':>8s} "
-        f"{'decode ms/tok':>13s} {'vs eager':>8s} {'%GEMM':>6s} {'%BW':>5s} "
-        f"{'KV MiB':>7s} {'KV KiB/tok':>10s}",
+        f"{report.get('device', 'cpu')}, {report['threads']} threads for every engine",
+        *roofline_lines(report["roofline"]),
+        f"{'engine':28s} {'vision ms':>9s} {'LLM prefill ms':>14s} {'vs eager':>21s} "
+        f"{'decode ms/tok':>13s} {'vs eager':>21s} {'%GEMM':>6s} {'%BW':>5s} "
+        f"{'KV MiB':>7s} {'KV KiB/tok':>10s} {'trust':>5s}",
     ]
-    for name, r in report["rows"].items():
+    for name, r in rows.items():
+        trusted = r.get("trust", {}).get("ok")
         lines.append(
             f"{name:28s} {r['vision_s'] * 1e3:9.1f} {r['llm_prefill_s'] * 1e3:14.1f} "
-            f"{r['llm_prefill_speedup_vs_eager']:7.2f}x {r['decode_s_per_token'] * 1e3:13.2f} "
-            f"{r['decode_speedup_vs_eager']:7.2f}x {r['prefill_fraction_of_gemm_peak']:6.0%} "
+            f"{ratio(r, 'llm_prefill_speedup_vs_eager'):>21s} "
+            f"{r['decode_s_per_token'] * 1e3:13.2f} "
+            f"{ratio(r, 'decode_speedup_vs_eager'):>21s} "
+            f"{r['prefill_fraction_of_gemm_peak']:6.0%} "
             f"{r['decode_fraction_of_bandwidth']:5.0%} "
             f"{r.get('kv_cache_bytes_prompt', float('nan')) / 2**20:7.2f} "
-            f"{r.get('kv_cache_bytes_per_token', float('nan')) / 2**10:10.1f}"
+            f"{r.get('kv_cache_bytes_per_token', float('nan')) / 2**10:10.1f} "
+            f"{'?' if trusted is None else 'ok' if trusted else 'NO':>5s}"
         )
+    rounds = {s["rounds"] for r in rows.values() for s in r.get("spread", {}).values()}
+    if rounds:
+        lines.append(
+            f"times: medians over {'/'.join(map(str, sorted(rounds)))} rounds; speedups: median "
+            "(min-max) of the per-round ratios"
+        )
+    trust = report.get("trust")
+    if trust and not trust["ok"]:
+        lines.append("WARNING: these timings are not trustworthy; do not quote their ratios:")
+        lines += [f"  {reason}" for reason in trust["reasons"]]
     if "pass_speedup" in report:
         s = report["pass_speedup"]
         # The FLOPs cut is what the pass removes; the measured speedup says whether FLOPs set
@@ -447,7 +793,7 @@ def format_table(report: dict[str, Any]) -> str:
         cut = 1 - 1 / s["flops_ideal"]
         lines.append(
             f"pass prefill: {cut:.1%} fewer FLOPs (FLOPs-ideal speedup {s['flops_ideal']:.2f}x); "
-            f"measured speedup {s['measured']:.2f}x"
+            "measured speedup " + format_spread(s.get("measured_spread") or spread([s["measured"]]))
         )
         if s["measured"] < 1 + cut / 2:
             lines.append(
@@ -457,8 +803,12 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path, force: bool = True) -> None:
+    """The prefill and decode times of `report` as a PNG chart at `path` (written through a
+    temporary file; an existing file is replaced only with `force`)."""
     import matplotlib
+
+    from .outputs import write_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -480,29 +830,47 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"{report['visual_tokens']} visual"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_figure(fig, path, force=force)
+    finally:
+        plt.close(fig)
 
 
 def bench_cli(
     model_dir: str,
     passes: list,
     target: str,
-    output: str,
+    output: str | None,
     n_text: int,
     decode_tokens: int,
     repeats: int,
     device: str = "cpu",
     dtype: str | None = None,
+    artifacts_dir: str | None = None,
+    force: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
+    """`mllmc bench`: print the table; with `output`, also write the report (JSON) there and
+    its chart beside it (.png), each replacing an existing file only with `force`."""
     from .outputs import write_file
 
-    out = Path(output)
     report = bench(
-        model_dir, passes, target, out.parent, n_text, decode_tokens, repeats, device, dtype
+        model_dir,
+        passes,
+        target,
+        artifacts_dir,
+        n_text,
+        decode_tokens,
+        repeats,
+        device,
+        dtype,
+        force=force,
+        threads=threads,
     )
-    write_file(out, json.dumps(report, indent=2), force=True)  # the CLI checked --force up front
-    plot(report, out.with_suffix(".png"))
     print(format_table(report))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if output is not None:
+        out = Path(output)
+        write_file(out, json.dumps(report, indent=2), force=force)
+        plot(report, out.with_suffix(".png"), force=force)
+        print(f"wrote {out} and {out.with_suffix('.png')}")
     return report

@@ -22,7 +22,8 @@ What we take from transformers and what we write ourselves:
   projector, RMSNorm, the MLP modules, the rotary inverse frequencies (`rotary_emb.inv_freq` and
   `attention_scaling`, so every static rope scaling type HF knows is honoured).
 - written here: the decoder layer loop, attention with an explicit KV cache in tensors, the causal
-  mask from positions, the splice of image features at `visual_start`. `transformers.exporters`
+  mask from positions (with the sliding window HF's Mistral and Qwen2 apply, per layer, see
+  `layer_windows`), the splice of image features at `visual_start`. `transformers.exporters`
   (5.13+) exports a language model with its DynamicCache patched for export, but its graphs
   carry HF's mask machinery and cache classes, which a pass would have to see through, and it has
   no vision component; the explicit forward here is ~60 lines and gives the passes a graph whose
@@ -58,6 +59,41 @@ log = logging.getLogger(__name__)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+def layer_windows(text_config: Any) -> list[int | None]:
+    """Per decoder layer, the sliding attention window W of the parsed text config (a query sees
+    itself and the W - 1 keys before it), or None for full causal attention; what HF's modeling
+    code for the decoder applies:
+
+    - mistral: `config.sliding_window` in every layer (MistralConfig's default is 4096 when
+      config.json has no such key; None disables it);
+    - qwen2: `config.sliding_window` in the layers `config.layer_types` marks
+      "sliding_attention" (Qwen2Config derives them from `use_sliding_window` and
+      `max_window_layers`, and sets the window to None unless `use_sliding_window`);
+    - llama: none."""
+    num_layers = int(text_config.num_hidden_layers)
+    model_type = getattr(text_config, "model_type", "llama")
+    window = getattr(text_config, "sliding_window", None)
+    if model_type == "mistral":
+        sliding = [True] * num_layers
+    elif model_type == "qwen2":
+        types = list(getattr(text_config, "layer_types", None) or ["full_attention"] * num_layers)
+        sliding = [t == "sliding_attention" for t in types]
+        if any(sliding) and window is None:
+            raise UserError(
+                "the qwen2 config marks layers as sliding_attention but sets no sliding_window "
+                "(set use_sliding_window: true and sliding_window, or drop layer_types)"
+            )
+    else:
+        return [None] * num_layers
+    if window is None or not any(sliding):
+        return [None] * num_layers
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(
+            f"sliding_window must be an integer >= 1 in the text config, got {window!r}"
+        )
+    return [window if s else None for s in sliding]
+
+
 def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelInfo]:
     """Load a LLaVA directory in fp32 eval mode, as a user would; returns (model, info)."""
     read_config(model_dir)
@@ -89,6 +125,7 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
     if strategy not in ("default", "full"):
         raise UserError(f"vision_feature_select_strategy {strategy!r} is not supported")
     num_visual = n_patches if strategy == "default" else n_patches + 1
+    layer_windows(tc)  # a window HF itself cannot apply is refused here, before capture
     eos = model.generation_config.eos_token_id if model.generation_config else tc.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -179,6 +216,7 @@ class DecoderLayer(nn.Module):
         self.mlp = hf_layer.mlp
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = float(getattr(hf_layer.self_attn, "scaling", head_dim**-0.5))
+        self.window: int | None = None  # sliding window, for the static-cache decode step
 
     def forward(self, h, cos, sin, mask, past_k=None, past_v=None, cache_len=None):
         b = h.shape[0]
@@ -191,19 +229,21 @@ class DecoderLayer(nn.Module):
         k = apply_rope(k, cos, sin)  # (B, kvh, T, hd)
         n_rep = self.num_heads // self.num_kv_heads
         if cache_len is not None:
-            o = attend_static_cache(q, k, v, past_k, past_v, cache_len, self.scaling)
+            o = attend_static_cache(q, k, v, past_k, past_v, cache_len, self.scaling, self.window)
         else:
             if past_k is not None:
                 k = torch.cat((past_k, k), dim=2)  # (B, kvh, P + T, hd)
                 v = torch.cat((past_v, v), dim=2)
-            if mask is None and n_rep > 1:
-                # decode (no mask: every query sees every cached key): the n_rep query heads of
-                # a kv head become rows of one group, so the cache is read once per kv head
-                # instead of being copied n_rep times (the copy and its transposes were ~15% of
-                # a CPU decode step on small-llava)
+            if past_k is not None and n_rep > 1:
+                # decode (one query row; its mask, if any, is (1, 1, 1, S) and broadcasts): the
+                # n_rep query heads of a kv head become rows of one group, so the cache is read
+                # once per kv head instead of being copied n_rep times (the copy and its
+                # transposes were ~15% of a CPU decode step on small-llava)
                 t = q.shape[2]
                 grouped = q.reshape(b, self.num_kv_heads, n_rep * t, self.head_dim)
-                o = F.scaled_dot_product_attention(grouped, k, v, scale=self.scaling)
+                o = F.scaled_dot_product_attention(
+                    grouped, k, v, attn_mask=mask, scale=self.scaling
+                )
                 o = o.reshape(b, self.num_heads, t, self.head_dim)
             else:
                 o = F.scaled_dot_product_attention(
@@ -223,11 +263,13 @@ def attend_static_cache(
     past_v: torch.Tensor,
     cache_len: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One query row over a fixed-capacity cache plus its own key: (B, H, 1, hd).
 
     q (B, H, 1, hd); k, v (B, kvh, 1, hd): this token's row; past_k/past_v (B, kvh, C, hd) whose
-    rows >= cache_len (1,) are ignored. The shapes do not depend on how many rows are valid, so
+    rows >= cache_len (1,) are ignored, and with a sliding `window` W, the rows before
+    cache_len - W + 1 too (the query sees itself and the W - 1 rows before it). The shapes do not depend on how many rows are valid, so
     one program (and one CUDA graph per capacity C) serves every decode step. Each cached row is
     read once and nothing is copied: the scores over the buffer and over the new row share one
     softmax (fp32, as HF's eager attention computes it), instead of writing the new row into a
@@ -236,12 +278,29 @@ def attend_static_cache(
     kvh = past_k.shape[1]
     g = q.reshape(b, kvh, heads // kvh, hd) * scale  # the n_rep heads of a kv head as rows
     scores_past = torch.matmul(g, past_k.transpose(2, 3)).float()  # (B, kvh, n_rep, C)
-    valid = torch.arange(past_k.shape[2], device=q.device) < cache_len  # (C,)
+    rows = torch.arange(past_k.shape[2], device=q.device)  # (C,)
+    valid = rows < cache_len
+    if window is not None:
+        valid = valid & (rows > cache_len - window)
     scores_past = scores_past.masked_fill(~valid, float("-inf"))
     scores_new = torch.matmul(g, k.transpose(2, 3)).float()  # (B, kvh, n_rep, 1)
     probs = torch.cat((scores_past, scores_new), dim=-1).softmax(dim=-1).to(q.dtype)
     o = torch.matmul(probs[..., :-1], past_v) + probs[..., -1:] * v  # (B, kvh, n_rep, hd)
     return o.reshape(b, heads, 1, hd)
+
+
+def window_allows(distance: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys a query attends to, from query position - key position: causal, and within
+    the sliding `window` when there is one (HF's `sliding_window_overlay`: distance < W)."""
+    allowed = distance >= 0
+    return allowed if window is None else allowed & (distance < window)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where a query may attend, the most negative float elsewhere (a boolean mask makes the
+    ONNX attention re-select -inf per layer and check for NaN rows, ~15% of the prefill on
+    CPU)."""
+    return torch.zeros_like(allowed, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class _Decoder(nn.Module):
@@ -257,6 +316,9 @@ class _Decoder(nn.Module):
         self.rope = Rope(lm.rotary_emb)
         self.lm_head = model.lm_head
         self.image_token_id = info.image_token_id
+        self.windows = layer_windows(model.config.text_config)
+        for layer, window in zip(self.layers, self.windows, strict=True):
+            layer.window = window
 
     def logits_last(self, h: torch.Tensor) -> torch.Tensor:
         # h: (B, T, d) -> logits at the last position (B, V)
@@ -283,17 +345,16 @@ class PrefillSegment(_Decoder):
         h = h.index_copy(1, visual_rows, image_features.to(h.dtype))
         positions = torch.arange(n, device=dev)[None, :]  # (1, n)
         cos, sin = self.rope(positions, h.dtype)
-        # additive causal mask, built once: 0 where a query may attend, the most negative float
-        # elsewhere (a boolean mask makes the ONNX attention re-select -inf per layer and check
-        # for NaN rows, ~15% of the prefill on CPU)
-        causal = positions[0][None, :] <= positions[0][:, None]  # (n, n)
-        mask = torch.zeros_like(causal, dtype=h.dtype).masked_fill(
-            ~causal, torch.finfo(h.dtype).min
-        )
-        mask = mask[None, None]  # (1, 1, n, n)
+        # causal mask from positions, built once per distinct window (a pass that drops rows
+        # gathers its rows and columns, so it stays a mask over the original positions)
+        distance = positions[0][:, None] - positions[0][None, :]  # (n, n) query - key
+        masks = {
+            w: additive_mask(window_allows(distance, w), h.dtype)[None, None]  # (1, 1, n, n)
+            for w in set(self.windows)
+        }
         present: list[torch.Tensor] = []
-        for layer in self.layers:
-            h, k, v = layer(h, cos, sin, mask)
+        for layer, window in zip(self.layers, self.windows, strict=True):
+            h, k, v = layer(h, cos, sin, masks[window])
             present += [k, v]
         return (self.logits_last(h), *present)
 
@@ -307,8 +368,15 @@ class DecodeSegment(_Decoder):
         cos, sin = self.rope(position_ids, h.dtype)
         present: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            # one new query attends to every cached key: no mask needed
-            h, k, v = layer(h, cos, sin, None, past[2 * i], past[2 * i + 1])
+            # one new query attends to every cached key (no mask), or with a sliding window W to
+            # the last W - 1 cache rows and itself
+            mask = None
+            if self.windows[i] is not None:
+                rows = past[2 * i].shape[2]
+                distance = rows - torch.arange(rows + 1, device=h.device)  # (P + 1,)
+                mask = additive_mask(window_allows(distance, self.windows[i]), h.dtype)
+                mask = mask[None, None, None]  # (1, 1, 1, P + 1)
+            h, k, v = layer(h, cos, sin, mask, past[2 * i], past[2 * i + 1])
             present += [k, v]
         return (self.logits_last(h), *present)
 

@@ -19,7 +19,7 @@ from typing import Any
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.runners import DECODE_CACHES
 
-from .outputs import check_output_file
+from .outputs import check_output_file, check_output_folder
 
 EXAMPLES = """\
 examples:
@@ -172,6 +172,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             task=args.task,
             data=args.data,
+            force=args.force,
         )
         return 0
     check_output_file(args.output, args.force, "LC file")
@@ -189,6 +190,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         task=args.task,
         data=args.data,
+        force=args.force,
     )
     return 0
 
@@ -254,22 +256,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from mllmc.runtime.manifest import read_manifest
+    from .verify import verify_artifact
 
-    from .capture import load_model
-    from .verify import records_from_manifest, verify
-
-    manifest = read_manifest(args.artifact)
-    model, info = load_model(args.against)
-    if info.config_hash != manifest.model.config_hash:
-        raise UserError(f"{args.artifact} was compiled from a different model than {args.against}")
-    if args.image is not None and not Path(args.image).is_file():
-        raise UserError(f"cannot read image {args.image}: no such file")
-    report = verify(
+    report = verify_artifact(
         args.artifact,
-        model,
-        info,
-        records_from_manifest(manifest),
+        args.against,
         image=args.image,
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -314,8 +305,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     passes = _passes(args)
     resolve_options(args.target, TargetOptions(args.device, args.dtype))
     read_config(args.model)
-    check_output_file(args.output, args.force, "benchmark report")
-    check_output_file(Path(args.output).with_suffix(".png"), args.force, "benchmark plot")
+    if args.output is not None:
+        check_output_file(args.output, args.force, "benchmark report")
+        check_output_file(Path(args.output).with_suffix(".png"), args.force, "benchmark plot")
+    if args.artifacts_dir is not None:
+        check_output_folder(args.artifacts_dir, "benchmark artifacts")
     from .bench import bench_cli
 
     bench_cli(
@@ -328,12 +322,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         device=args.device,
         dtype=args.dtype,
+        artifacts_dir=args.artifacts_dir,
+        force=args.force,
+        threads=args.threads,
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mllmc.runtime import __version__
+
+    from .evaluate import MAX_ITEMS
 
     p = _Parser(
         prog="mllmc",
@@ -440,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--data", metavar="FILE.jsonl", help="the images and prompts of a JSONL file (as eval)"
     )
-    sp.add_argument("-n", "--num-samples", type=_int_in(1), default=40)
+    sp.add_argument("-n", "--num-samples", type=_int_in(1, MAX_ITEMS), default=40)
     sp.add_argument(
         "-o", "--output", required=True, help="LC file (.json); a .png chart is written beside it"
     )
@@ -460,7 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.jsonl",
         help='lines of {"image": PATH, "prompt": ..., "answer": ...}',
     )
-    sp.add_argument("-n", "--num-items", type=int, default=None, help="default: 500 / all lines")
+    sp.add_argument(
+        "-n",
+        "--num-items",
+        type=_int_in(1, MAX_ITEMS),
+        default=None,
+        help="default: 500 / all lines",
+    )
     sp.add_argument("--split", default="heldout", help="task split: heldout (default) or train")
     sp.add_argument("--max-new-tokens", type=_int_in(1), default=4)
     sp.add_argument(
@@ -517,7 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image", default=None, help="default: a built-in synthetic image")
     sp.add_argument("--prompt", default="Describe the image.")
     sp.add_argument("--max-new-tokens", type=_int_in(1), default=16)
-    sp.add_argument("--tol", type=_number(positive=True), default=1e-4)
+    sp.add_argument(
+        "--tol",
+        type=_number(positive=True),
+        default=None,
+        help="logit tolerance (x the logits' scale); default: the one the artifact records for "
+        "its dtype (1e-4 for float32)",
+    )
 
     sp = add(
         "inspect",
@@ -555,8 +566,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text-tokens", type=_int_in(1), default=32)
     sp.add_argument("--decode-tokens", type=_int_in(1), default=32)
     sp.add_argument("--repeats", type=_int_in(1), default=3)
-    sp.add_argument("-o", "--output", default="benchmarks/results/bench.json")
-    sp.add_argument("--force", action="store_true", help="replace an existing report")
+    sp.add_argument(
+        "--threads",
+        type=_int_in(1),
+        default=None,
+        help="CPU threads of every engine alike, torch and onnxruntime (default: all)",
+    )
+    sp.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE.json",
+        help="also write the report here, and its chart beside it (.png); default: print only",
+    )
+    sp.add_argument(
+        "--artifacts-dir",
+        metavar="DIR",
+        help="keep the compiled artifacts in DIR (default: a temporary directory, removed "
+        "afterwards)",
+    )
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing report and chart, and artifacts mllmc wrote in --artifacts-dir",
+    )
     return p
 
 

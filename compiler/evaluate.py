@@ -23,7 +23,7 @@ import json
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,61 +104,138 @@ def normalise(text: str) -> str:
 
 # -- items ------------------------------------------------------------------------------------
 
+MAX_ITEMS = 100_000  # the most items (eval) or samples (calibrate) one run takes
+MAX_LINE_BYTES = 16 * 2**20  # the longest line of a JSON-lines data file
 
-def task_items(task: str, n: int, split: str = "heldout") -> list[EvalItem]:
-    """The first `n` items of a built-in task's split."""
+
+def check_count(n: Any, option: str = "-n") -> int:
+    """`n` if it is an item count one run can take (1..MAX_ITEMS), UserError otherwise."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_ITEMS:
+        raise UserError(
+            f"{option} must be an integer from 1 to {MAX_ITEMS} (the most items one run takes), "
+            f"got {n!r}"
+        )
+    return n
+
+
+class Items:
+    """A sized, lazy sequence of items: `len()` is known up front, each item (its image
+    decoded) is made only when the iteration reaches it, so a long run holds one at a time."""
+
+    def __init__(self, count: int, make: Callable[[], Iterator[Any]]):
+        self.count = count
+        self._make = make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._make()
+
+    def map(self, fn: Callable[[Any], Any]) -> Items:
+        """The same items, each passed through `fn` as the iteration reaches it."""
+        return Items(self.count, lambda: map(fn, self._make()))
+
+
+def task_items(task: str, n: int, split: str = "heldout") -> Items:
+    """The first `n` items of a built-in task's split (made as they are iterated)."""
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
-    if n < 1:
-        raise UserError(f"-n must be >= 1, got {n}")
+    check_count(n)
     from . import shapes_qa
 
-    return [EvalItem(it.image, it.question, it.answer, it.kind) for it in shapes_qa.items(split, n)]
+    def make() -> Iterator[EvalItem]:
+        for it in shapes_qa.items(split, n):
+            yield EvalItem(it.image, it.question, it.answer, it.kind)
+
+    return Items(n, make)
 
 
-def jsonl_items(path: str | Path, n: int | None = None) -> list[EvalItem]:
-    """Items of a JSON-lines file (the first `n` when given); every image is opened up front, so
-    a bad line or an unreadable image fails before any model runs."""
-    from PIL import Image, UnidentifiedImageError
+def _jsonl_rows(p: Path) -> Iterator[tuple[int, Path, str, str, str]]:
+    """(line number, image path, prompt, answer, kind) of each non-blank line of `p`."""
+    from mllmc.runtime.jsonfile import JSONError, loads
 
-    if n is not None and n < 1:
-        raise UserError(f"-n must be >= 1, got {n}")
+    try:
+        f = p.open("rb")
+    except OSError as e:
+        raise UserError(f"cannot read data file {p}: {e.strerror or e}") from None
+    with f:
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+            except OSError as e:
+                raise UserError(f"cannot read data file {p}: {e.strerror or e}") from None
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise UserError(f"{p}:{lineno}: line longer than {MAX_LINE_BYTES} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{p}:{lineno}: not UTF-8 text ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                row = loads(line)
+                if not isinstance(row, dict):
+                    raise TypeError("not a JSON object")
+                image, prompt, answer = row["image"], row["prompt"], row["answer"]
+                kind = row.get("kind", "")
+                if not all(isinstance(v, str) for v in (image, prompt, answer, kind)):
+                    raise TypeError("image, prompt, answer (and kind) must be strings")
+            except (JSONError, KeyError, TypeError) as e:
+                raise UserError(
+                    f"{p}:{lineno}: bad line ({type(e).__name__}: {e}); each line must be "
+                    '{"image": PATH, "prompt": TEXT, "answer": TEXT}'
+                ) from None
+            image_path = Path(image) if Path(image).is_absolute() else p.parent / image
+            yield lineno, image_path, prompt, answer, kind
+
+
+def jsonl_items(path: str | Path, n: int | None = None) -> Items:
+    """Items of a JSON-lines file (the first `n` when given). Every line is parsed and every
+    image's header read up front, so a bad line, an unreadable image or one over the pixel
+    limit fails before any model runs; the images are decoded as the iteration reaches them."""
+    from mllmc.runtime.preprocess import load_image, open_image
+
+    if n is not None:
+        check_count(n)
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data file {p} " + ("is a directory" if p.is_dir() else "not found"))
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read data file {p}: {e}") from None
-    out: list[EvalItem] = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            image, prompt, answer = row["image"], row["prompt"], row["answer"]
-            kind = row.get("kind", "")
-            if not all(isinstance(v, str) for v in (image, prompt, answer, kind)):
-                raise TypeError("image, prompt, answer (and kind) must be strings")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(
-                f"{p}:{lineno}: bad line ({type(e).__name__}: {e}); each line must be "
-                '{"image": PATH, "prompt": TEXT, "answer": TEXT}'
-            ) from None
-        image_path = Path(image) if Path(image).is_absolute() else p.parent / image
-        try:
-            with Image.open(image_path) as im:
-                img = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f"{p}:{lineno}: cannot read image {image_path}: {e}") from None
-        out.append(EvalItem(img, prompt, answer, kind))
-        if n is not None and len(out) >= n:
+    limit = MAX_ITEMS if n is None else n
+    count = 0
+    for lineno, image_path, *_ in _jsonl_rows(p):
+        if count == limit:
+            if n is None:
+                raise UserError(
+                    f"data file {p} has more than {MAX_ITEMS} items (the most one run takes); "
+                    "give -n or split the file"
+                )
             break
-    if not out:
+        try:
+            open_image(image_path).close()
+        except UserError as e:
+            raise UserError(f"{p}:{lineno}: {e}") from None
+        count += 1
+    if not count:
         raise UserError(f"data file {p} has no items")
-    return out
+
+    def make() -> Iterator[EvalItem]:
+        rows = _jsonl_rows(p)
+        for _ in range(count):
+            lineno, image_path, prompt, answer, kind = next(rows)
+            try:
+                image = load_image(image_path, exif_transpose=False)
+            except UserError as e:
+                raise UserError(f"{p}:{lineno}: {e}") from None
+            yield EvalItem(image, prompt, answer, kind)
+
+    return Items(count, make)
 
 
 def write_jsonl(items: list[EvalItem], path: str | Path) -> Path:
@@ -313,14 +390,12 @@ def evaluate(
     )
 
 
-def calibration_samples(
-    task: str | None, data: str | Path | None, n: int
-) -> list[tuple[Any, str]] | None:
-    """(image, prompt) calibration samples from a task or a JSONL file; None when neither is
-    given (the caller then uses its own default samples)."""
+def calibration_samples(task: str | None, data: str | Path | None, n: int) -> Items | None:
+    """(image, prompt) calibration samples from a task or a JSONL file, made as they are
+    iterated; None when neither is given (the caller then uses its own default samples)."""
     if task is None and data is None:
         return None
     if task is not None and data is not None:
         raise UserError("give at most one of --task or --data")
     items = task_items(task, n, "train") if task is not None else jsonl_items(data, n)
-    return [(it.image, it.prompt) for it in items]
+    return items.map(lambda it: (it.image, it.prompt))

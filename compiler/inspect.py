@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import Manifest, check_files, read_manifest
 
 
@@ -26,7 +27,10 @@ def kv_cache_bytes(m: Manifest, n_text: int) -> dict[str, int]:
     generated token, from the plan (layer l caches n_text + kv_visual_tokens rows) and the
     engines' dtype (float32 unless the manifest names another)."""
     info = m.model
-    bytes_per_value = DTYPE_BYTES[str(m.extra.get("dtype", "float32"))]
+    dtype = str(m.extra.get("dtype", m.dtype))
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"corrupt artifact manifest: unknown engine dtype {dtype!r}")
+    bytes_per_value = DTYPE_BYTES[dtype]
     row = 2 * info.num_kv_heads * info.head_dim * bytes_per_value  # key + value, one row, one layer
     prompt = sum((n_text + layer.kv_visual_tokens) * row for layer in m.layers)
     return {"prompt": prompt, "per_token": row * len(m.layers)}
@@ -77,7 +81,7 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
     lines.append(
         f"KV cache   {kv['prompt'] / 2**20:.2f} MiB at the end of a {n_text}-text-token prompt, "
         f"{kv['per_token'] / 2**10:.1f} KiB per generated token "
-        f"({m.extra.get('dtype', 'float32')})"
+        f"({m.extra.get('dtype', m.dtype)})"
     )
     b, a = flops["before"], flops["after"]
     lines.append(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.jsonfile import JSONError, read_json
 
 # model_type of config.json -> what it is; the only architectures capture accepts.
 SUPPORTED_ARCHITECTURES = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)"}
@@ -36,23 +37,27 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise UserError(f"{root} is not a Hugging Face model directory: config.json is missing")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        cfg = read_json(cfg_path, allow_nan=True)  # as transformers reads it
+    except JSONError as e:
         raise UserError(f"corrupt {cfg_path}: {e}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"corrupt {cfg_path}: not a JSON object")
-    model_type = cfg.get("model_type")
+    model_type = _field(cfg, "model_type", str, cfg_path)
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UserError(
             f"unsupported architecture {model_type!r} in {cfg_path}; supported: {supported_text()}"
         )
-    text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
+    text = _field(cfg, "text_config", dict, cfg_path) or {}
+    vision = _field(cfg, "vision_config", dict, cfg_path) or {}
+    text_type = _field(text, "model_type", str, cfg_path, "text_config.") or "llama"
     if text_type not in SUPPORTED_TEXT_MODELS:
         raise UserError(
             f"unsupported LLaVA decoder {text_type!r}; supported decoders: "
             f"{', '.join(SUPPORTED_TEXT_MODELS)}"
         )
-    vision_type = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    vision_type = (
+        _field(vision, "model_type", str, cfg_path, "vision_config.") or "clip_vision_model"
+    )
     if vision_type not in SUPPORTED_VISION_MODELS:
         raise UserError(
             f"unsupported LLaVA vision tower {vision_type!r}; supported: "
@@ -61,6 +66,37 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
         raise UserError(f"{root} has no weights (*.safetensors)")
     return cfg
+
+
+_JSON_TYPES = {str: "a string", dict: "a JSON object"}
+
+
+def _field(section: dict[str, Any], key: str, tp: type, path: Path, prefix: str = "") -> Any:
+    """`section[key]` when it is absent, null or of type `tp`; UserError naming it otherwise."""
+    value = section.get(key)
+    if value is not None and not isinstance(value, tp):
+        raise UserError(
+            f"corrupt {path}: {prefix}{key} must be {_JSON_TYPES[tp]}, got "
+            f"{type(value).__name__} {json.dumps(value)[:40]}"
+        )
+    return value
+
+
+def check_processor(
+    model_dir: str | Path, cfg: dict[str, Any], image_size: int | None = None
+) -> None:
+    """UserError when the model's image processor config is unreadable, or makes images of
+    another size than its vision tower takes: `image_size` (the loaded model's), or before the
+    model loads `vision_config.image_size` where config.json states it."""
+    from mllmc.runtime.preprocess import check_image_size, read_image_processor_config
+
+    if image_size is None:
+        vision = cfg.get("vision_config") or {}
+        size = vision.get("image_size")
+        image_size = size if isinstance(size, int) and not isinstance(size, bool) else None
+    processor = read_image_processor_config(model_dir)
+    if image_size is not None and image_size > 0:
+        check_image_size(processor, image_size, model_dir)
 
 
 def config_hash(model_dir: str | Path) -> str:

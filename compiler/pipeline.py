@@ -27,14 +27,29 @@ PassList = Sequence[tuple[PassInfo, Any]]
 
 
 def resolve_passes(passes: Sequence[str | tuple[PassInfo, Any]]) -> list[tuple[PassInfo, Any]]:
-    """Accept pass specs as CLI strings ('shortv:layers=[1,2]') or parsed (info, config) pairs."""
-    from mllmc.passes import parse_pass_spec
+    """Accept pass specs as CLI strings ('shortv:layers=[1,2]') or parsed (info, config) pairs
+    (from `mllmc.passes.parse_pass_spec`); TypeError for anything else, UserError for a bad
+    spec or option."""
+    from mllmc.passes import PassInfo, check_config, parse_pass_spec
 
+    if isinstance(passes, (str, bytes)) or not isinstance(passes, Sequence):
+        raise TypeError(
+            f"passes must be a list of pass specs, e.g. ['shortv:ratio=0.6'], got "
+            f"{type(passes).__name__} {passes!r:.60}"
+        )
     out = []
     for p in passes:
-        parsed = parse_pass_spec(p) if isinstance(p, str) else p
-        if parsed is not None:
-            out.append(parsed)
+        if isinstance(p, str):
+            parsed = parse_pass_spec(p)
+            if parsed is not None:
+                out.append(parsed)
+        elif isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], PassInfo):
+            out.append((p[0], check_config(p[0], p[1])))
+        else:
+            raise TypeError(
+                "each pass must be a spec string such as 'shortv:ratio=0.6' or an (info, "
+                f"config) pair from mllmc.passes.parse_pass_spec, got {p!r:.60}"
+            )
     return out
 
 
@@ -142,7 +157,7 @@ def compile_model(
     runtime replays as CUDA graphs on CUDA (the default there); "growing" (the default on the
     CPU) does not."""
     from . import artifact, backends, outputs
-    from .model_dir import model_shape, read_config
+    from .model_dir import check_processor, model_shape, read_config
 
     # every check that needs no model runs before torch is imported: bad input costs no wait
     passes = resolve_passes(passes)
@@ -150,7 +165,9 @@ def compile_model(
         target, backends.TargetOptions(device, dtype, max_seq_len, decode_cache)
     )
     check_order(passes)
-    shape = model_shape(read_config(model_dir))
+    config = read_config(model_dir)
+    check_processor(model_dir, config)
+    shape = model_shape(config)
     for info, cfg in passes:
         if info.check is not None:
             info.check(cfg, shape)
@@ -172,6 +189,7 @@ def compile_model(
         with artifact.staged_directory(out, force=force) as tmp:
             step("load")
             model, info = capture.load_model(model_dir)
+            check_processor(model_dir, config, info.image_size)
             model = backend.prepare(model)
             passes = prepare_passes(passes, model, info)
             bar.update()
@@ -199,12 +217,16 @@ def compile_model(
                 {"before": base_flops, "after": new_flops},
                 target,
                 backend.extra,
+                dtype=str(backend.options.dtype),
+                tol=backend.tol,
             )
             artifact.copy_preprocessing(model_dir, tmp)
             artifact.write_manifest(tmp, manifest)
             if validate:
                 step("validate")
-                report = verify.verify(tmp, model, info, records, max_new_tokens=4, tol=backend.tol)
+                report = verify.verify(
+                    tmp, model, info, records, max_new_tokens=4, tol=manifest.tol
+                )
                 manifest = dataclasses.replace(manifest, validation=report.summary())
                 artifact.write_manifest(tmp, manifest)
                 if not report.ok:

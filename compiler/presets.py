@@ -21,7 +21,7 @@ from typing import Any
 
 from mllmc.runtime.errors import UserError
 
-from .outputs import check_output_dir, staged_directory
+from .outputs import check_names, check_output_dir, staged_directory
 from .shapes_qa import tokenizer_corpus
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,7 @@ def write_model(
     trained weights `spec.weights` names. Random weights are drawn on `device` (a GPU draws a 7B
     model in seconds; the same seed gives other weights on another device)."""
     out = Path(out_dir)
+    check_names(out)
     empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
     force = force or empty_dir  # an empty directory is there to be filled
     check_output_dir(out, force, replaceable, what="model directory")

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,22 +122,100 @@ def _literal(value: str) -> Any:
         return value  # a bare word or a path
 
 
-def make_config(info: PassInfo, options: dict[str, Any]) -> Any:
+def _type_text(tp: Any) -> str:
+    """A field type in words, for error messages."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in args if a is not type(None))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_text(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
+    """(True, `value` as field type `tp`) -- a list for a tuple, an integer for a float -- or
+    (False, None) when it is not of that type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return True, None
+        for option in typing.get_args(tp):
+            if option is not type(None):
+                ok, out = _coerce(option, value)
+                if ok:
+                    return True, out
+        return False, None
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        items = value if isinstance(value, (list, tuple)) else [value]  # one value: a 1-list
+        coerced = [_coerce(item, v) for v in items]
+        if all(ok for ok, _ in coerced):
+            return True, tuple(v for _, v in coerced)
+        return False, None
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (True, float(value)) if ok and math.isfinite(value) else (False, None)
+    if tp is str:
+        return isinstance(value, str), value
+    return True, value  # a type this check does not know: the config checks it itself
+
+
+def check_options(info: PassInfo, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` checked against the fields of the pass's config class: each key a field, each
+    value of the field's type (a list where it takes a list; an integer where it takes a
+    number); UserError naming the first that is not. Returns them coerced to the field types."""
     fields = {f.name: f for f in dataclasses.fields(info.config_cls)}
-    for key in options:
+    hints = typing.get_type_hints(info.config_cls)
+    out = {}
+    for key, value in options.items():
         if key not in fields:
             raise UserError(
                 f"unknown option {key!r} for pass {info.name!r}; valid options: "
                 f"{', '.join(fields) or '(none)'}"
             )
+        ok, out[key] = _coerce(hints[key], value)
+        if not ok:
+            quote = hints[key] in (str, str | None) and isinstance(value, (int, float))
+            hint = f" (to mean the text, quote it: {key}='{value}')" if quote else ""
+            raise UserError(
+                f"bad options for pass {info.name!r}: {key} must be {_type_text(hints[key])}, "
+                f"got {value!r}{hint}"
+            )
+    return out
+
+
+def make_config(info: PassInfo, options: dict[str, Any]) -> Any:
+    """The pass's config from `options` (checked by `check_options`); UserError if invalid."""
+    options = check_options(info, options)
     try:
         return info.config_cls(**options)
     except (TypeError, ValueError) as e:
         raise UserError(f"bad options for pass {info.name!r}: {e}") from None
 
 
+def check_config(info: PassInfo, cfg: Any) -> Any:
+    """A config object given directly (the Python API): TypeError unless it is the pass's
+    config class; its values checked as `make_config` checks options."""
+    if not isinstance(cfg, info.config_cls):
+        raise TypeError(
+            f"the config of pass {info.name!r} must be a {info.config_cls.__name__}, got "
+            f"{type(cfg).__name__}"
+        )
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return make_config(info, values)
+
+
 def parse_pass_spec(spec: str) -> tuple[PassInfo, Any] | None:
-    """'NAME[:KEY=VALUE[,KEY=VALUE...]]' -> (PassInfo, config); None for 'none'/'identity'."""
+    """'NAME[:KEY=VALUE[,KEY=VALUE...]]' -> (PassInfo, config); None for 'none'/'identity'.
+    Each key at most once, each value of its option's type (`check_options`)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a pass spec is a string such as 'shortv:ratio=0.6', got {spec!r:.60}")
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
     if name in NO_PASS:
@@ -145,9 +226,12 @@ def parse_pass_spec(spec: str) -> tuple[PassInfo, Any] | None:
     options: dict[str, Any] = {}
     for item in _split_options(rest):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key = key.strip()
+        if not eq or not key:
             raise UserError(f"bad pass option {item!r} in {spec!r}: expected KEY=VALUE")
-        options[key.strip()] = _literal(value.strip())
+        if key in options:
+            raise UserError(f"option {key!r} is given twice in {spec!r}: give it once")
+        options[key] = _literal(value.strip())
     return info, make_config(info, options)
 
 
@@ -163,17 +247,44 @@ def parse_recipe(path: str) -> list[tuple[PassInfo, Any]]:
         data = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"bad recipe {path}: {e}") from None
+    unknown = sorted(set(data) - {"pass"})
+    if unknown:
+        raise UserError(
+            f"bad recipe {path}: unknown key {unknown[0]!r}; a recipe holds [[pass]] tables"
+        )
+    tables = data.get("pass", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise UserError(
+            f"bad recipe {path}: 'pass' must be [[pass]] tables (one per pass, each with a "
+            f"name and the pass's options), got {_toml_kind(tables)}"
+        )
     out = []
-    for table in data.get("pass", []):
+    for table in tables:
         table = dict(table)
         name = table.pop("name", None)
         if name is None:
             raise UserError(f"bad recipe {path}: every [[pass]] needs a name")
+        if not isinstance(name, str):
+            raise UserError(
+                f'bad recipe {path}: a [[pass]] name must be a string, e.g. name = "shortv"; '
+                f"got {name!r}"
+            )
         if name in NO_PASS:
+            if table:
+                raise UserError(f"bad recipe {path}: pass {name!r} takes no options")
             continue
         info = get_pass(name)
         out.append((info, make_config(info, table)))
     return out
+
+
+def _toml_kind(value: Any) -> str:
+    """What a TOML value is, in words: `[pass]` is one table, `pass = ...` a value."""
+    if isinstance(value, dict):
+        return "one [pass] table (write [[pass]], with two brackets)"
+    if isinstance(value, list):
+        return f"a list of values {value!r}"[:80]
+    return f"the value {value!r}"[:80]
 
 
 def config_to_json(cfg: Any) -> dict[str, Any]:

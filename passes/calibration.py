@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mllmc.compiler.evaluate import calibration_samples
+from mllmc.compiler.evaluate import Items, calibration_samples, check_count
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.jsonfile import JSONError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,14 @@ _WORDS = ("CAT", "STOP", "OPEN", "42", "EXIT", "MAP", "SALE", "BUS")
 
 def builtin_images(n: int, size: int = 336, seed: int = 0) -> list[Any]:
     """n generated images: coloured shapes and a word drawn with Pillow on a tinted background."""
+    return list(iter_builtin_images(n, size, seed))
+
+
+def iter_builtin_images(n: int, size: int = 336, seed: int = 0) -> Iterator[Any]:
+    """`builtin_images`, made one at a time as they are iterated."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    images = []
     for i in range(n):
         bg = tuple(int(c) for c in rng.integers(150, 256, 3))
         img = Image.new("RGB", (size, size), bg)
@@ -60,13 +67,15 @@ def builtin_images(n: int, size: int = 336, seed: int = 0) -> list[Any]:
             else:
                 draw.polygon([(x0, y0 + h), (x0 + w // 2, y0), (x0 + w, y0 + h)], fill=color)
         draw.text((size // 8, size - size // 6), _WORDS[i % len(_WORDS)], fill=(0, 0, 0))
-        images.append(img)
-    return images
+        yield img
 
 
 def builtin_samples(info: Any, n: int = 40, seed: int = 0) -> list[tuple[Any, str]]:
     images = builtin_images(n, size=max(info.image_size, 64), seed=seed)
     return [(img, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)]) for i, img in enumerate(images)]
+
+
+MAX_PROMPTS_BYTES = 64 * 2**20  # the largest prompts file
 
 
 def load_samples(
@@ -76,31 +85,25 @@ def load_samples(
     info: Any,
     task: str | None = None,
     data: str | None = None,
-) -> list[tuple[Any, str]]:
+) -> Items:
     """Calibration samples: the train split of a built-in task (`task`, e.g. shapes-qa), the
     images and prompts of a JSONL file (`data`, as `mllmc eval --data` reads), or an image
-    directory and a prompts file (either may be built-in)."""
-    from PIL import Image, UnidentifiedImageError
+    directory and a prompts file (either may be built-in).
 
-    if n < 1:
-        raise UserError(f"--num-samples must be >= 1, got {n}")
+    Every file is read and checked here (image headers included); the images are decoded, or
+    generated at the model's image size (`info.image_size`; 336 px when `info` is None), as
+    the samples are iterated."""
+    from mllmc.runtime.preprocess import load_image, open_image
+
+    check_count(n, "--num-samples")
     if task is not None or data is not None:
         if images is not None or prompts is not None:
             raise UserError("give --task or --data, or --images/--prompts, not both")
         return calibration_samples(task, data, n)
-    if prompts is not None:
-        p = Path(prompts)
-        if not p.is_file():
-            raise UserError(
-                f"prompts file {p} " + ("is a directory" if p.is_dir() else "not found")
-            )
-        prompt_list = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-        if not prompt_list:
-            raise UserError(f"prompts file {p} has no prompts")
-    else:
-        prompt_list = list(BUILTIN_PROMPTS)
+    prompt_list = list(BUILTIN_PROMPTS) if prompts is None else read_prompts(prompts)
     if images is None:
-        imgs = builtin_images(n, size=max(info.image_size, 64))
+        size = 336 if info is None else max(info.image_size, 64)
+        imgs = Items(n, lambda: iter_builtin_images(n, size=size))
     else:
         d = Path(images)
         if not d.is_dir():
@@ -108,13 +111,36 @@ def load_samples(
         files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)[:n]
         if not files:
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {d}")
-        imgs = []
         for f in files:
-            try:
-                imgs.append(Image.open(f).convert("RGB"))
-            except (OSError, UnidentifiedImageError) as e:
-                raise UserError(f"cannot read image {f}: {e}") from None
-    return [(img, prompt_list[i % len(prompt_list)]) for i, img in enumerate(imgs[:n])]
+            open_image(f).close()
+        imgs = Items(len(files), lambda: (load_image(f, exif_transpose=False) for f in files))
+
+    def make() -> Iterator[tuple[Any, str]]:
+        for i, img in enumerate(imgs):
+            yield img, prompt_list[i % len(prompt_list)]
+
+    return Items(len(imgs), make)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The non-blank lines of a UTF-8 prompts file, stripped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts file {p} " + ("is a directory" if p.is_dir() else "not found"))
+    try:
+        if p.stat().st_size > MAX_PROMPTS_BYTES:
+            raise UserError(f"prompts file {p} is larger than {MAX_PROMPTS_BYTES} bytes")
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read prompts file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"prompts file {p} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+    prompt_list = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompt_list:
+        raise UserError(f"prompts file {p} has no prompts")
+    return prompt_list
 
 
 def _kl(ablated: torch.Tensor, orig: torch.Tensor) -> float:
@@ -123,41 +149,136 @@ def _kl(ablated: torch.Tensor, orig: torch.Tensor) -> float:
     return float((log_a.exp() * (log_a - log_o)).sum())
 
 
+class DecoderTail:
+    """One forward of an HF LLaVA model, kept so that the decoder can be rerun from any layer:
+    `logits` is the last position's, and `ablated(layer, keep)` reruns layers layer..L-1 with
+    `layer`'s output replaced by its input on the rows `keep` marks (the Layer Contribution
+    ablation, as `shortv.keep_rows` does in a full forward). The layers before `layer` and the
+    vision tower are not rerun: their outputs do not change."""
+
+    def __init__(self, model: Any, inputs: Any) -> None:
+        self.model = model
+        self.layers = model.model.language_model.layers
+        self.calls: list[tuple[torch.Tensor, tuple, dict[str, Any]]] = []
+
+        def grab(_module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+            if "hidden_states" in kwargs:
+                self.calls.append((kwargs["hidden_states"], args, dict(kwargs)))
+            else:
+                self.calls.append((args[0], args[1:], dict(kwargs)))
+
+        handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in self.layers]
+        try:
+            out = model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        self.logits = out.logits[0, -1]
+        self.image_rows = inputs["input_ids"][0] == model.config.image_token_id
+
+    def _run(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        _, args, kwargs = self.calls[i]
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        out = self.layers[i](hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def ablated(self, layer: int, keep: torch.Tensor) -> torch.Tensor:
+        """Last-position logits with `layer` passing the rows `keep` marks through unchanged."""
+        h_in = self.calls[layer][0]
+        hidden = torch.where(keep[None, :, None], h_in, self._run(layer, h_in))
+        for i in range(layer + 1, len(self.calls)):
+            hidden = self._run(i, hidden)
+        hidden = self.model.model.language_model.norm(hidden[:, -1:])
+        return self.model.lm_head(hidden)[0, -1]
+
+
 def layer_contribution(
-    model: Any, info: Any, samples: list[tuple[Any, str]], progress: bool = False
+    model: Any,
+    info: Any,
+    samples: Iterable[tuple[Any, str]],
+    progress: bool | None = False,
+    text: bool = True,
 ) -> dict[str, Any]:
-    """Per-layer visual and text LC averaged over `samples`, and the ascending visual order."""
+    """Per-layer visual LC (and text LC unless `text=False`: then "lc_text" is None) averaged
+    over `samples`, and the ascending visual order. Each sample runs the model once and then,
+    per layer and row kind, the decoder from that layer on (`DecoderTail`). `progress`: a
+    progress bar (None: where stderr is a terminal)."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor
 
     from mllmc.compiler.verify import processor_inputs
-    from mllmc.passes.shortv import keep_rows
 
     processor = AutoProcessor.from_pretrained(info.model_dir)
     L = info.num_layers
     lc_visual = np.zeros(L)
     lc_text = np.zeros(L)
+    count = 0
     t0 = time.perf_counter()
-    for image, prompt in tqdm(samples, desc="calibrate", disable=not progress, unit="sample"):
+    bar = tqdm(samples, desc="calibrate", disable=None if progress is None else not progress)
+    for image, prompt in bar:
         inputs = processor_inputs(processor, image, prompt).to(model.device)
         with torch.no_grad():
-            orig = model(**inputs).logits[0, -1]
+            tail = DecoderTail(model, inputs)
+            kinds = [(tail.image_rows, lc_visual)] + ([(~tail.image_rows, lc_text)] if text else [])
             for layer in range(L):
-                for rows, acc in (("visual", lc_visual), ("text", lc_text)):
-                    with keep_rows(model, [layer], rows=rows):
-                        acc[layer] += _kl(model(**inputs).logits[0, -1], orig)
-    lc_visual /= len(samples)
-    lc_text /= len(samples)
+                for keep, acc in kinds:
+                    acc[layer] += _kl(tail.ablated(layer, keep), tail.logits)
+        count += 1
+    lc_visual /= max(count, 1)
+    lc_text /= max(count, 1)
     order = sorted(range(L), key=lambda i: (round(lc_visual[i], 12), i))
     return {
         "model_config_hash": info.config_hash,
         "num_layers": L,
-        "samples": len(samples),
+        "samples": count,
         "lc_visual": lc_visual.tolist(),
-        "lc_text": lc_text.tolist(),
+        "lc_text": lc_text.tolist() if text else None,
         "order": order,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+DEFAULT_SAMPLES = 2  # built-in samples of the calibration a shortv pass runs without an order
+
+
+def default_order(model: Any, info: Any) -> tuple[list[int], str]:
+    """The layer order of ShortV's built-in calibration (DEFAULT_SAMPLES generated images,
+    visual LC only; under a minute on small-llava's 16 layers and 576 visual tokens on a few
+    CPU cores), with a progress bar where stderr is a terminal; and a line saying what it was."""
+    log.warning(
+        "shortv: no layer list, LC file or published list: calibrating on %d built-in samples "
+        "(for a better order: mllmc calibrate MODEL -o lc.json, then shortv:lc=lc.json)",
+        DEFAULT_SAMPLES,
+    )
+    lc = layer_contribution(
+        model, info, builtin_samples(info, n=DEFAULT_SAMPLES), progress=None, text=False
+    )
+    return lc["order"], f"calibration on {lc['samples']} built-in samples ({lc['seconds']:.1f} s)"
+
+
+def _read_calibration_file(p: Path, what: str, info: Any) -> dict[str, Any]:
+    """A calibration file's JSON object, refused when it is corrupt or was made for another
+    model than `info`'s (its recorded config hash differs; a file without one is taken on its
+    layer count alone)."""
+    try:
+        data = read_json(p)
+        if not isinstance(data, dict):
+            raise JSONError("not a JSON object")
+    except JSONError as e:
+        raise UserError(f"{what} {p} is corrupt: {e}") from None
+    recorded = data.get("model_config_hash")
+    if recorded is not None and recorded != info.config_hash:
+        raise UserError(
+            f"{what} {p} was made for another model (config hash {recorded}); "
+            f"{info.model_dir} has config hash {info.config_hash}: recalibrate on this model"
+        )
+    return data
+
+
+def _layer_index(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer layer index")
+    return value
 
 
 def read_lc_file(path: str | Path, info: Any) -> list[int]:
@@ -167,11 +288,13 @@ def read_lc_file(path: str | Path, info: Any) -> list[int]:
         raise UserError(
             f"shortv: LC file {p} not found (make one with: mllmc calibrate MODEL -o {p})"
         )
+    data = _read_calibration_file(p, "shortv: LC file", info)
     try:
-        data = json.loads(p.read_text())
-        order = [int(i) for i in data["order"]]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"shortv: corrupt LC file {p}: {e}") from None
+        if not isinstance(data.get("order"), list):
+            raise KeyError("order")
+        order = [_layer_index(i) for i in data["order"]]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"shortv: corrupt LC file {p}: {type(e).__name__}: {e}") from None
     if sorted(order) != list(range(info.num_layers)):
         raise UserError(
             f"shortv: LC file {p} is for a {len(order)}-layer model; this model has {info.num_layers} layers"
@@ -187,8 +310,12 @@ def format_table(lc: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def plot_lc(lc: dict[str, Any], path: Path) -> None:
+def plot_lc(lc: dict[str, Any], path: Path, force: bool = True) -> None:
+    """The LC of every layer as a PNG chart at `path` (written through a temporary file; an
+    existing file is replaced only with `force`)."""
     import matplotlib
+
+    from mllmc.compiler.outputs import write_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -204,8 +331,10 @@ def plot_lc(lc: dict[str, Any], path: Path) -> None:
     ax.set_title(f"ShortV Layer Contribution, {lc['samples']} samples")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_figure(fig, path, force=force)
+    finally:
+        plt.close(fig)
 
 
 def calibrate_cli(
@@ -218,21 +347,24 @@ def calibrate_cli(
     progress: bool = True,
     task: str | None = None,
     data: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
+    """`mllmc calibrate MODEL --pass shortv`: the LC file `shortv:lc=FILE` reads (and its chart
+    beside it, .png), each replacing an existing file only with `force`."""
     from mllmc.compiler.capture import load_model
+    from mllmc.compiler.outputs import write_file
 
+    load_samples(images, prompts, n, None, task=task, data=data)  # bad samples: before the model
     model, info = load_model(model_dir)
     samples = load_samples(images, prompts, n, info, task=task, data=data)
     lc = layer_contribution(model, info, samples, progress=progress)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(lc, indent=2))
+    out = write_file(output, json.dumps(lc, indent=2), force=force)
     print(format_table(lc))
     print(f"order (freeze first): {lc['order']}")
     print(f"wrote {out} ({lc['samples']} samples, {lc['seconds']} s)")
     if plot:
         png = out.with_suffix(".png")
-        plot_lc(lc, png)
+        plot_lc(lc, png, force=force)
         print(f"wrote {png}")
     return lc
 
@@ -279,17 +411,20 @@ def read_exit_file(path: str | Path, info: Any) -> tuple[int, float]:
             f"vte: exit file {p} not found (make one with: mllmc calibrate MODEL --pass vte "
             f"--threshold T -o {p})"
         )
+    data = _read_calibration_file(p, "vte: exit file", info)
     try:
-        data = json.loads(p.read_text())
-        k, threshold, layers = int(data["k"]), float(data["threshold"]), int(data["num_layers"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"vte: corrupt exit file {p}: {e}") from None
+        k, layers = _layer_index(data["k"]), _layer_index(data["num_layers"])
+        threshold = data["threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
+            raise TypeError(f"threshold {threshold!r} is not a number > 0")
+    except (KeyError, TypeError) as e:
+        raise UserError(f"vte: corrupt exit file {p}: {type(e).__name__}: {e}") from None
     if layers != info.num_layers or not 0 <= k <= layers:
         raise UserError(
             f"vte: exit file {p} is for a {layers}-layer model; this model has "
             f"{info.num_layers} layers"
         )
-    return k, threshold
+    return k, float(threshold)
 
 
 def calibrate_exit_cli(
@@ -302,12 +437,16 @@ def calibrate_exit_cli(
     progress: bool = True,
     task: str | None = None,
     data: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """`mllmc calibrate MODEL --pass vte --threshold T`: the exit file `vte:calib=FILE` reads."""
+    """`mllmc calibrate MODEL --pass vte --threshold T`: the exit file `vte:calib=FILE` reads
+    (an existing file is replaced only with `force`)."""
     from mllmc.compiler.capture import load_model
+    from mllmc.compiler.outputs import write_file
 
-    if not threshold > 0:
-        raise UserError(f"--threshold must be > 0, got {threshold}")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        raise UserError(f"--threshold must be a finite number > 0, got {threshold!r}")
+    load_samples(images, prompts, n, None, task=task, data=data)  # bad samples: before the model
     model, info = load_model(model_dir)
     samples = load_samples(images, prompts, n, info, task=task, data=data)
     t0 = time.perf_counter()
@@ -323,9 +462,7 @@ def calibrate_exit_cli(
         "k": k,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2))
+    out = write_file(output, json.dumps(data, indent=2), force=force)
     print("exit K  mean KL(exit ‖ full)")
     for i, v in enumerate(kl):
         print(f"{i:6d}  {v:10.3e}{'  <- chosen' if i == k else ''}")

@@ -36,7 +36,7 @@ from typing import Any
 from mllmc.runtime.errors import UserError
 
 from . import PassInfo, PassResult
-from .row_pruning import drop_rows, fastv_keep_index, pruned_forward
+from .row_pruning import drop_rows, fastv_keep_index, pruned_forward, refuse_sliding_window
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ def check(cfg: FastVConfig, shape: Any) -> None:
 
 def prepare(cfg: FastVConfig, model: Any, info: Any) -> FastVConfig:
     check_k(cfg.k, info.num_layers)
+    refuse_sliding_window("fastv", model, cfg.k)
     return cfg
 
 

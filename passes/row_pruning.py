@@ -106,6 +106,23 @@ def fastv_keep_index(
     return keep_index(k.shape[2], visual_start, num_visual, kept_visual)
 
 
+def refuse_sliding_window(name: str, model: Any, k: int) -> None:
+    """UserError when a decoder layer >= k of `model` has a sliding attention window that
+    positions the model accepts can exceed: after the prompt, those layers' caches hold rows at
+    gapped original positions, and the decode step's window counts cache rows."""
+    from mllmc.compiler.capture import layer_windows
+    from mllmc.runtime.errors import UserError
+
+    tc = model.config.text_config
+    limit = int(getattr(tc, "max_position_embeddings", 0) or 0)
+    windows = [w for w in layer_windows(tc)[k:] if w is not None and (limit == 0 or w < limit)]
+    if windows:
+        raise UserError(
+            f"{name}: layers >= {k} use a {windows[0]}-token sliding attention window, which "
+            f"{name} does not support (it drops cache rows); compile this model without {name}"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # The graph rewrite.
 

@@ -20,7 +20,8 @@ graph, not masked.
 
 Which layers: `layers=[...]` explicitly; otherwise the `ratio` of layers with the lowest Layer
 Contribution (LC), the order taken from `lc=FILE.json` (`mllmc calibrate`), from the paper's
-published lists when the model matches LLaVA-1.5-7B/13B, or from a calibration run on built-in data.
+published lists when the model matches LLaVA-1.5-7B/13B, or from a calibration run on built-in data
+(calibration.DEFAULT_SAMPLES generated images, visual LC only; the log says how many and how long).
 
 Composition: after a pruning pass (fastv, vte; the pipeline refuses them after shortv) a frozen
 layer freezes whatever visual rows it still holds (its text index uses the plan's count for that
@@ -33,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -193,17 +193,9 @@ def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
         source = f"published list for {name}"
         log.warning("shortv: model matches %s; using the published layer order", name)
     else:
-        from mllmc.passes.calibration import builtin_samples, layer_contribution
+        from mllmc.passes.calibration import default_order
 
-        t0 = time.perf_counter()
-        log.warning(
-            "shortv: no layer list, LC file or published list: calibrating on built-in data"
-        )
-        lc = layer_contribution(model, info, builtin_samples(info, n=8))
-        order = lc["order"]
-        source = (
-            f"calibration on {lc['samples']} built-in samples ({time.perf_counter() - t0:.1f} s)"
-        )
+        order, source = default_order(model, info)
         log.warning("shortv: %s", source)
     layers = tuple(sorted(order[:k]))
     return dataclasses.replace(cfg, layers=layers, order_from=source)

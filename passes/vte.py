@@ -30,7 +30,7 @@ from typing import Any
 from mllmc.runtime.errors import UserError
 
 from . import PassInfo, PassResult
-from .row_pruning import drop_rows, pruned_forward, text_keep_index
+from .row_pruning import drop_rows, pruned_forward, refuse_sliding_window, text_keep_index
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,11 @@ class VTEConfig:
             raise ValueError(f"k must be an integer layer index >= 0, got {self.k!r}")
         if self.calib is not None and not isinstance(self.calib, str):
             raise ValueError(f"calib must be a file path, got {self.calib!r}")
+        t = self.threshold
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")
+        ):
+            raise ValueError(f"threshold must be a finite number > 0, got {t!r}")
 
 
 def check_k(k: int, num_layers: int) -> None:
@@ -77,6 +82,7 @@ def prepare(cfg: VTEConfig, model: Any, info: Any) -> VTEConfig:
         k, threshold = read_exit_file(cfg.calib, info)
         cfg = dataclasses.replace(cfg, k=k, threshold=threshold)
     check_k(cfg.k, info.num_layers)
+    refuse_sliding_window("vte", model, cfg.k)
     return cfg
 
 

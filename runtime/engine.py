@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 DECODE_INPUTS = ("input_ids", "position_ids")  # the decode segment's inputs besides the cache
 PREFILL_INPUTS = ("input_ids", "image_features", "visual_start")
+# passes whose prefill takes the prompt's last row for its last text token: fastv scores the
+# visual tokens by its attention, vte's exit keeps the text rows only
+LAST_TEXT_ROW_PASSES = ("fastv", "vte")
 
 
 @dataclass
@@ -82,6 +85,11 @@ class SegmentLoop:
                     f"corrupt artifact: the {seg} segment does not output "
                     f"{', '.join(missing) or 'a cache for every past.* input'}"
                 )
+        prefill = self.runners["prefill"].entry
+        # the vocabulary (logits' last dim) and the image span (image_features' N_v), where the
+        # manifest fixes them: what token ids and visual_start are checked against
+        self._vocab = _static_dim(prefill.outputs, "logits", -1)
+        self._span = _static_dim(prefill.inputs, "image_features", 1) or 0
 
     # -- the three segments -------------------------------------------------------------
 
@@ -94,10 +102,22 @@ class SegmentLoop:
     ) -> tuple[np.ndarray, list[Any]]:
         """input_ids (1, n) -> (logits at the last position (V,) float32, KV cache per input
         `past.*` of the decode segment, in its order)."""
+        ids = np.asarray(input_ids)
+        if ids.dtype.kind not in "iu" or ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+            raise UserError(
+                f"input_ids must be a (1, n) integer array, got shape {ids.shape} dtype {ids.dtype}"
+            )
+        self._check_token_ids(ids, "input_ids")
+        n, span = ids.shape[1], self._span
+        if not _is_int(visual_start) or not 0 <= visual_start <= n - span:
+            raise UserError(
+                f"visual_start must be an integer from 0 to {n - span} (the {span}-token image "
+                f"span lies inside the {n}-token prompt), got {visual_start!r}"
+            )
         runner = self.runners["prefill"]
         out = runner(
             {
-                "input_ids": np.asarray(input_ids),
+                "input_ids": ids,
                 "image_features": image_features,
                 "visual_start": np.array([visual_start]),
             }
@@ -110,6 +130,17 @@ class SegmentLoop:
         self, token_id: int, position: int, cache: list[Any]
     ) -> tuple[np.ndarray, list[Any]]:
         """One new token at `position` -> (logits (V,), cache with one more row per layer)."""
+        if not _is_int(token_id):
+            raise UserError(f"token_id must be an integer token id, got {token_id!r}")
+        self._check_token_ids(np.array([token_id]), "token_id")
+        if not _is_int(position) or not 0 <= position < 2**62:
+            raise UserError(f"position must be an integer >= 0, got {position!r}")
+        if not isinstance(cache, (list, tuple)) or len(cache) != len(self._past_names):
+            got = f"{len(cache)} values" if isinstance(cache, (list, tuple)) else repr(cache)[:40]
+            raise UserError(
+                f"cache must be the list of {len(self._past_names)} arrays prefill() or "
+                f"decode_step() returned, got {got}"
+            )
         runner = self.runners["decode"]
         feeds: dict[str, Any] = {
             "input_ids": np.array([[token_id]]),
@@ -120,6 +151,14 @@ class SegmentLoop:
         return runner.to_numpy(out["logits"])[0], [
             out[self._present_of[p]] for p in self._past_names
         ]
+
+    def _check_token_ids(self, ids: np.ndarray, what: str) -> None:
+        """UserError unless the integers `ids` are token ids of the vocabulary."""
+        low, high, vocab = ids.min(), ids.max(), self._vocab
+        if low < 0 or (vocab is not None and high >= vocab):
+            top = f"0 to {vocab - 1}" if vocab is not None else ">= 0"
+            bad = low if low < 0 else high
+            raise UserError(f"{what}: {bad} is not a token id of this model ({top})")
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -180,7 +219,12 @@ class Engine(SegmentLoop):
         cuda_graphs: bool | None = None,
         decode_cache: str | None = None,
     ):
-        from .preprocess import ImagePreprocessor, PromptEncoder, read_image_processor_config
+        from .preprocess import (
+            ImagePreprocessor,
+            PromptEncoder,
+            check_image_size,
+            read_image_processor_config,
+        )
 
         cores = os.cpu_count() or 1
         if threads is not None and (
@@ -226,7 +270,9 @@ class Engine(SegmentLoop):
         self.num_visual_tokens: int = self.manifest.visual_tokens
         self.num_layers: int = len(self.manifest.layers)
         self.eos_token_ids: set[int] = set(self.manifest.model.eos_token_ids)
-        self.image_preprocessor = ImagePreprocessor(read_image_processor_config(self.root))
+        processor = read_image_processor_config(self.root)
+        check_image_size(processor, self.manifest.model.image_size, self.root)
+        self.image_preprocessor = ImagePreprocessor(processor)
         self.prompt_encoder = PromptEncoder.from_dir(self.root)
 
     def encode_image(self, image: Any) -> Any:
@@ -234,7 +280,20 @@ class Engine(SegmentLoop):
         return self.encode_pixels(self.image_preprocessor(image))  # (1, 3, H, W) float32
 
     def encode_prompt(self, prompt: str) -> tuple[np.ndarray, int]:
-        return self.prompt_encoder.encode(prompt, self.num_visual_tokens)
+        """prompt -> (input_ids (1, n) int64, visual_start: where the image span begins)."""
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
+        input_ids, visual_start = self.prompt_encoder.encode(prompt, self.num_visual_tokens)
+        if visual_start + self.num_visual_tokens == input_ids.shape[1]:
+            # the prompt ends with the image: refused where a pass reads the last row as text
+            passes = [p.name for p in self.manifest.passes if p.name in LAST_TEXT_ROW_PASSES]
+            if passes:
+                image = self.prompt_encoder.image_token
+                raise UserError(
+                    f"the prompt ends with the image, but {passes[0]} needs a text token last; "
+                    f"put text after {image} (e.g. '{image} Describe the image.')"
+                )
+        return input_ids, visual_start
 
     def generate(
         self,
@@ -290,13 +349,20 @@ class Engine(SegmentLoop):
         log.warning("%s: output past position %d is unreliable", msg, limit)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _static_dim(specs: Any, name: str, axis: int) -> int | None:
+    """Dim `axis` of tensor `name` among `specs` when the manifest fixes it (None otherwise)."""
+    dim = next((t.shape[axis] for t in specs if t.name == name and t.shape), None)
+    return dim if _is_int(dim) and dim > 0 else None
+
+
 def _check_generate_args(
     max_new_tokens: Any, temperature: Any, top_k: Any, seed: Any, vocab: int
 ) -> None:
-    def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if (
         isinstance(temperature, bool)
@@ -305,11 +371,11 @@ def _check_generate_args(
         or temperature < 0
     ):
         raise UserError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not is_int(top_k) or not 0 <= top_k <= vocab:
+    if not _is_int(top_k) or not 0 <= top_k <= vocab:
         raise UserError(
             f"top_k must be an integer from 0 to the vocabulary size {vocab}, got {top_k!r}"
         )
-    if seed is not None and (not is_int(seed) or seed < 0):
+    if seed is not None and (not _is_int(seed) or seed < 0):
         raise UserError(f"seed must be None or an integer >= 0, got {seed!r}")
 
 

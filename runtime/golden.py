@@ -10,7 +10,6 @@ only the runtime installed.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import platform
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .jsonfile import JSONError, read_json
 
 GOLDEN_VERSION = 2  # 2: the image path is relative to the golden file
 TOP_K = 5
@@ -134,7 +134,14 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A number that is a float64 (NaN included: `check` reports it as a difference)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        float(x)
+    except OverflowError:  # an integer beyond float64
+        return False
+    return True
 
 
 def read_golden(path: str | Path) -> dict[str, Any]:
@@ -143,8 +150,8 @@ def read_golden(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"golden file {p} not found (make one with: mllmc golden record)")
     try:
-        golden = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        golden = read_json(p, allow_nan=True)  # a NaN logit recorded fails the check
+    except JSONError as e:
         raise UserError(f"corrupt golden file {p}: {e}") from None
     if not isinstance(golden, dict) or golden.get("golden_version") != GOLDEN_VERSION:
         version = golden.get("golden_version") if isinstance(golden, dict) else None

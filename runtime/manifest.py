@@ -9,6 +9,8 @@
       layers: (LayerPlan, ...)    per decoder layer: visual rows in its input and KV cache, and
                                   whether it computes its visual rows
       decode_position_offset      first decode position = prompt tokens fed to prefill + offset
+      dtype, tol                  the engines' precision, and the logit tolerance (x the logits'
+                                  scale) they are held to against the eager model run in it
 
 `read_manifest` checks the file against this schema (types included), and that every file it
 names lies inside the artifact, so a corrupt or hand-edited manifest is one clear `UserError`,
@@ -25,13 +27,18 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypedDict, TypeVar
 
 from .errors import UserError
+from .jsonfile import JSONError, read_json
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SEGMENTS = ("vision", "prefill", "decode")
+DTYPES = ("float32", "bfloat16", "float16")  # the precisions an artifact's engines run in
+# the logit tolerance of a float32 engine against float32 eager; also what a manifest that
+# records no dtype / tolerance (written before they were recorded) is held to
+FLOAT32_TOL = 1e-4
 T = TypeVar("T")
 
 
@@ -104,6 +111,33 @@ class SegmentEntry:
         return [self.file] + ([self.external_data] if self.external_data else [])
 
 
+class FlopCounts(TypedDict):
+    """FLOPs of each segment at the reference prompt (compiler/flops.py `segment_flops`)."""
+
+    reference_text_tokens: int
+    reference_prompt_tokens: int
+    vision: int
+    prefill: int
+    decode_step: int
+
+
+class Flops(TypedDict):
+    before: FlopCounts  # the captured model
+    after: FlopCounts  # the model after the passes
+
+
+NON_FINITE = "NaN or infinity allowed"  # marks a float statistic that may be NaN / infinite
+
+
+class Validation(TypedDict):
+    """The compile-time check against the eager model: the keys every reader relies on (the
+    check's report may hold more)."""
+
+    max_abs_logit_diff: Annotated[float, NON_FINITE]
+    steps: int
+    tokens_match: bool
+
+
 @dataclass(frozen=True)
 class Manifest:
     format_version: int
@@ -115,9 +149,11 @@ class Manifest:
     segments: dict[str, SegmentEntry]
     visual_tokens: int
     layers: tuple[LayerPlan, ...]
-    flops: dict[str, dict[str, int]]
+    flops: Flops
     decode_position_offset: int = 0
-    validation: dict[str, Any] | None = None
+    dtype: str = "float32"
+    tol: float = FLOAT32_TOL
+    validation: Validation | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # target-specific settings (device, ...)
 
     @property
@@ -157,6 +193,10 @@ class Manifest:
             raise bad(f"{len(self.layers)} layer plans for a {self.model.num_layers}-layer model")
         if [layer.index for layer in self.layers] != list(range(len(self.layers))):
             raise bad("layer plans are not numbered 0..L-1")
+        if self.dtype not in DTYPES:
+            raise bad(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+        if self.tol <= 0:
+            raise bad(f"tol must be a positive number, got {self.tol}")
         if self.visual_tokens < 1:
             raise bad(f"visual_tokens must be >= 1, got {self.visual_tokens}")
         for layer in self.layers:
@@ -174,8 +214,8 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise UserError(f"{root} is not an mllmc artifact: {MANIFEST_NAME} is missing")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        data = read_json(path, allow_nan=True)  # a NaN check statistic mllmc recorded
+    except JSONError as e:
         raise UserError(f"corrupt artifact manifest {path}: {e}") from None
     if not isinstance(data, dict) or "format_version" not in data:
         raise UserError(f"corrupt artifact manifest {path}: no format_version")
@@ -237,10 +277,30 @@ def _build(tp: Any, value: Any, where: str, path: str = "") -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if typing.is_typeddict(tp):  # a JSON object with these keys at least; others kept as they are
+        if not isinstance(value, dict):
+            raise bad("an object")
+        hints = typing.get_type_hints(tp, include_extras=True)
+        for key in sorted(tp.__required_keys__):
+            if key not in value:
+                missing = f"{path}.{key}" if path else key
+                raise UserError(f"corrupt artifact manifest {where}: missing {missing!r}")
+        return {
+            k: _build(hints[k], v, where, f"{path}.{k}") if k in hints else v
+            for k, v in value.items()
+        }
+    if origin is Annotated:
+        base, *marks = typing.get_args(tp)
+        if NON_FINITE in marks and isinstance(value, float) and not math.isfinite(value):
+            return value
+        return _build(base, value, where, path)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        types_ = [o for o in options if o is not type(None)]
+        if len(types_) == 1:  # X | None: X's own error says what is wrong
+            return _build(types_[0], value, where, path)
         for option in options:
             if option is type(None):
                 continue

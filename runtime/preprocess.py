@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .jsonfile import JSONError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,9 @@ _IMAGE_CONFIG_SOURCES = (
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"corrupt {path}: {_one_line(e)}") from None
+        return read_json(path)
+    except JSONError as e:
+        raise UserError(f"corrupt {path}: {e}") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -79,13 +81,17 @@ def _one_line(e: BaseException) -> str:
 
 
 def _size_dict(value: Any, default_to_square: bool, name: str, path: Path) -> dict[str, int]:
-    """transformers' get_size_dict: an int, an (h, w) list or a dict -> {"shortest_edge"} or {"height", "width"}."""
+    """transformers' get_size_dict: an int, an (h, w) list or a dict -> {"shortest_edge"} or {"height", "width"}.
+
+    A size of more pixels than the image limit (`max_image_pixels`) is refused."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
+        value = {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
     if isinstance(value, (list, tuple)) and len(value) == 2:
         value = {"height": value[0], "width": value[1]}
     if isinstance(value, dict) and set(value) in ({"shortest_edge"}, {"height", "width"}):
         if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values()):
+            h = value.get("height", value.get("shortest_edge"))
+            check_pixels(value.get("width", h), h, f"{path}: {name}")
             return {k: int(v) for k, v in value.items()}
     raise UserError(
         f"{path}: unsupported {name} {value!r}; mllmc supports {{'shortest_edge': N}} or {{'height': H, 'width': W}}"
@@ -93,15 +99,21 @@ def _size_dict(value: Any, default_to_square: bool, name: str, path: Path) -> di
 
 
 def _channel_list(value: Any, name: str, path: Path) -> list[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)] * 3
-    if (
-        isinstance(value, (list, tuple))
-        and len(value) == 3
-        and all(isinstance(v, (int, float)) for v in value)
+    """image_mean / image_std: one finite number or three; image_std's must not be 0 (pixels
+    are divided by it)."""
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    if not (
+        isinstance(values, (list, tuple))
+        and len(values) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        and all(math.isfinite(v) for v in values)
     ):
-        return [float(v) for v in value]
-    raise UserError(f"{path}: {name} must be a number or 3 numbers, got {value!r}")
+        raise UserError(f"{path}: {name} must be a finite number or 3 of them, got {value!r}")
+    if name == "image_std" and any(v == 0 for v in values):
+        raise UserError(
+            f"{path}: image_std must not be 0 (pixels are divided by it), got {value!r}"
+        )
+    return [float(v) for v in values]
 
 
 def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -179,23 +191,111 @@ def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def output_size(cfg: dict[str, Any]) -> tuple[str, int, int] | None:
+    """(the setting that fixes it, height, width) of every image the processor config `cfg`
+    (from `read_image_processor_config`) makes, or None where the size depends on the image."""
+    if cfg["do_pad"]:
+        return "pad_size", cfg["pad_size"]["height"], cfg["pad_size"]["width"]
+    if cfg["do_center_crop"]:
+        return "crop_size", cfg["crop_size"]["height"], cfg["crop_size"]["width"]
+    if cfg["do_resize"] and "height" in cfg["size"]:
+        return "size", cfg["size"]["height"], cfg["size"]["width"]
+    return None
+
+
+def check_image_size(cfg: dict[str, Any], image_size: int, where: str | os.PathLike) -> None:
+    """UserError when the processor config `cfg` makes images of another size than the
+    `image_size` x `image_size` its vision tower takes."""
+    fixed = output_size(cfg)
+    if fixed is not None and fixed[1:] != (image_size, image_size):
+        key, h, w = fixed
+        raise UserError(
+            f"{where}: the image processor's {key} makes {h}x{w} images, but the vision tower "
+            f"takes {image_size}x{image_size}: set {key} to {image_size} in its processor config"
+        )
+
+
+# The most pixels an image may have, as a file mllmc decodes, as the size a processor config
+# resizes to, or after a resize: a larger one is refused before memory goes to it. The
+# environment variable MLLMC_MAX_IMAGE_PIXELS sets another limit (up to Pillow's own
+# decompression-bomb limit, about 179 megapixels, for files).
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_IMAGE_PIXELS_ENV = "MLLMC_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The image pixel limit: MLLMC_MAX_IMAGE_PIXELS, or 8192 x 8192."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    if text is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"{MAX_IMAGE_PIXELS_ENV} must be an integer >= 1, got {text[:40]!r}")
+    return value
+
+
+def check_pixels(width: int, height: int, what: str) -> None:
+    """UserError when a `width` x `height` image is over the pixel limit."""
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise UserError(
+            f"{what} is {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{limit} (set {MAX_IMAGE_PIXELS_ENV} to allow larger images)"
+        )
+
+
+def _image_error(path: Any, e: BaseException) -> UserError:
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"cannot read image {path}: no such file")
+    if isinstance(e, IsADirectoryError):
+        return UserError(f"cannot read image {path}: is a directory")
+    if isinstance(e, UnidentifiedImageError):
+        return UserError(f"cannot read image {path}: not an image file PIL can read")
+    if isinstance(e, Image.DecompressionBombError):
+        return UserError(
+            f"cannot read image {path}: more pixels than the limit of {max_image_pixels()} "
+            f"(set {MAX_IMAGE_PIXELS_ENV} to allow larger images)"
+        )
+    return UserError(f"cannot read image {path}: {_one_line(e)}")
+
+
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file without decoding its pixels (a lazy PIL image; close it), refusing
+    one over the pixel limit (`max_image_pixels`) or one PIL cannot identify."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # the size is checked here, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except _IMAGE_ERRORS as e:
+        raise _image_error(path, e) from None
+    try:
+        check_pixels(image.width, image.height, f"image {path}")
+    except UserError:
+        image.close()
+        raise
+    return image
+
+
+def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Image:
     """Open an image file as transformers' `load_image` does: EXIF orientation applied, mode RGB.
 
     (Note: this drops an alpha channel rather than compositing it onto white, exactly like
     `processor(images="file.png")`; a PIL image passed in instead is composited onto white.)
+    An image over the pixel limit (`max_image_pixels`) is refused before it is decoded.
     """
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"cannot read image {path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"cannot read image {path}: is a directory") from None
-    except UnidentifiedImageError:
-        raise UserError(f"cannot read image {path}: not an image file PIL can read") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {_one_line(e)}") from None
+    with open_image(path) as image:
+        try:
+            return (ImageOps.exif_transpose(image) if exif_transpose else image).convert("RGB")
+        except _IMAGE_ERRORS as e:
+            raise _image_error(path, e) from None
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -274,10 +374,13 @@ class ImagePreprocessor:
             raise UserError(
                 f"image must be RGB uint8 after conversion, got shape {array.shape} dtype {array.dtype}"
             )
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise UserError(f"image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
 
         if cfg["do_resize"]:
             # a PIL resize of the uint8 image, as transformers' PIL backend does it
             h, w = _resize_shape(array.shape[0], array.shape[1], cfg["size"])
+            check_pixels(w, h, f"the image resized from {array.shape[1]}x{array.shape[0]}")
             resized = Image.fromarray(array).resize((w, h), resample=cfg["resample"])
             array = np.array(resized)  # (h, w, 3) uint8
         x = np.ascontiguousarray(array.transpose(2, 0, 1))  # (3, H, W) uint8
@@ -355,11 +458,85 @@ def _read_chat_template(
     return template if isinstance(template, str) else None
 
 
+# What a chat template may do when it renders one prompt: write at most this many characters,
+# and finish within this many seconds. A template that goes past either is refused.
+MAX_TEMPLATE_OUTPUT = 1_000_000
+TEMPLATE_SECONDS = 10.0
+_MAX_INT_BITS = 14_300  # about 10**4300, the largest integer Python prints
+
+
+def _bounded_sandbox():
+    """jinja2's immutable sandbox, with `*` and `**` refused when their result would be larger
+    than a template's output limit (a string, list) or than Python can print (an integer)."""
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if (
+                        isinstance(seq, (str, list, tuple))
+                        and isinstance(times, int)
+                        and len(seq) * times > MAX_TEMPLATE_OUTPUT
+                    ):
+                        raise SecurityError(
+                            f"the result would be longer than {MAX_TEMPLATE_OUTPUT} characters"
+                        )
+            if (
+                operator == "**"
+                and isinstance(left, int)
+                and isinstance(right, int)
+                and right > 0
+                and abs(left) > 1
+                and right * abs(left).bit_length() > _MAX_INT_BITS
+            ):
+                raise SecurityError("the result would be a number too large to print")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
+
+
+def _render_bounded(template: Any, variables: dict[str, Any]) -> str:
+    """Render `template` within MAX_TEMPLATE_OUTPUT characters and TEMPLATE_SECONDS seconds
+    (UserError otherwise). The time limit is checked at every line the template's code runs,
+    through a trace function on this thread while it renders."""
+    import sys
+    import time
+
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+
+    def on_line(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and time.monotonic() > deadline:
+            raise TimeoutError(f"took longer than {TEMPLATE_SECONDS:g} s")
+        return on_line
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        parts, size = [], 0
+        for part in template.generate(**variables):
+            size += len(part)
+            if size > MAX_TEMPLATE_OUTPUT:
+                raise UserError(
+                    f"chat template failed: it writes more than {MAX_TEMPLATE_OUTPUT} characters"
+                )
+            parts.append(part)
+        return "".join(parts)
+    finally:
+        sys.settrace(previous)
+
+
 def _compile_template(source: str):
-    """A jinja2 template set up as transformers' _compile_jinja_template sets it up."""
+    """A jinja2 template set up as transformers' _compile_jinja_template sets it up (in a
+    sandbox whose `*` and `**` are bounded; see `_bounded_sandbox`)."""
     import jinja2
     from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(Extension):
         # {% generation %}...{% endgeneration %} marks assistant text for masks; it renders its body.
@@ -383,7 +560,7 @@ def _compile_template(source: str):
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
 
-    env = ImmutableSandboxedEnvironment(
+    env = _bounded_sandbox()(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
@@ -458,18 +635,19 @@ class PromptEncoder:
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
         ]
-        import jinja2
-
+        variables = {
+            **self.special_tokens,
+            "messages": messages,
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": True,
+        }
         try:
-            return self._template.render(
-                **self.special_tokens,
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=True,
-            )
-        except jinja2.TemplateError as e:
-            raise UserError(f"chat template failed: {_one_line(e)}") from None
+            return _render_bounded(self._template, variables)
+        except UserError:
+            raise
+        except Exception as e:  # the template is the model's code: any error it raises
+            raise UserError(f"chat template failed: {type(e).__name__}: {_one_line(e)}") from None
 
     def encode(self, prompt: str, num_visual_tokens: int) -> tuple[np.ndarray, int]:
         """prompt -> (input_ids (1, n) int64 with `num_visual_tokens` image tokens, index of the first).

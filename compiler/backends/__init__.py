@@ -12,16 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.manifest import DTYPES, FLOAT32_TOL
 from mllmc.runtime.runners import DECODE_CACHES
 
 from ..model_dir import MAX_SEQ
 
 TARGETS = ("onnx", "aoti", "trt")
-DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DTYPE = {"onnx": "float32", "aoti": "float32", "trt": "float16"}
 # compile validation against eager in the same dtype: fp32 holds 1e-4 (ARCHITECTURE.md); a
 # 16-bit engine's kernels round differently from eager's, by up to a few units of the last bit
-DTYPE_TOL = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+DTYPE_TOL = {"float32": FLOAT32_TOL, "bfloat16": 0.25, "float16": 0.05}
+
+
+def cast_model(model: Any, dtype: str) -> Any:
+    """The eager model in `dtype` (one of DTYPES): what an engine of that dtype is held to."""
+    if dtype == "float32":
+        return model
+    import torch
+
+    return model.to(getattr(torch, dtype))
 
 
 @dataclass(frozen=True)
@@ -54,11 +63,7 @@ class Backend:
 
     def prepare(self, model: Any) -> Any:
         """The eager model in the engines' dtype: captured, and validated against, in it."""
-        if self.options.dtype == "float32":
-            return model
-        import torch
-
-        return model.to(getattr(torch, self.options.dtype))
+        return cast_model(model, str(self.options.dtype))
 
     @property
     def tol(self) -> float:

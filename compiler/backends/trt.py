@@ -3,15 +3,23 @@ ExportedProgram whose graph holds TensorRT engines, built for CUDA from the prog
 after the passes.
 
 NOT RUN in this repository: TensorRT cannot be installed where mllmc is built and tested. The
-code is written against torch-tensorrt 2.5+ (`torch_tensorrt.dynamo.compile`, `Input(min_shape,
-opt_shape, max_shape)`, `torch_tensorrt.save(..., output_format="exported_program")`); the parts
-that need neither TensorRT nor a GPU (input shape ranges, precisions, capability detection,
-manifest entries) are what tests/compiler/test_trt.py checks.
+code is written for torch-tensorrt 2.14 (TensorRT 11), and calls only what 2.13, the release
+built for this project's torch 2.13, accepts with the same meaning:
+`torch_tensorrt.Input(min_shape=, opt_shape=, max_shape=, dtype=, name=)`,
+`torch_tensorrt.dynamo.compile(exported_program, inputs=, truncate_double=)` and
+`torch_tensorrt.save(module, file_path, output_format="exported_program", inputs=)`
+(`compile_kwargs` / `save_kwargs` / `input_kwargs` build them; tests/compiler/test_trt.py checks
+them against the installed signatures when torch_tensorrt is importable). The parts that need
+neither TensorRT nor a GPU (input shape ranges, capability detection, manifest entries) are what
+those tests check everywhere.
 
 Dynamic dims become TensorRT optimisation profiles: the prompt length `n` ranges from the image
 span + 2 to `max_seq_len` (default: the capture's maximum, 8192), each layer's cache length
 `past_<l>` from 1 to `max_seq_len`; the profile is tuned (`opt`) for an image span plus
-OPT_TEXT_TOKENS text tokens. Precision: float16 by default (float32 / bfloat16 on request).
+OPT_TEXT_TOKENS text tokens. Precision: float16 by default (float32 / bfloat16 on request). It
+follows the captured graph's dtype: the model is cast to it before capture, and TensorRT 10+
+builds strongly typed networks from the graph's dtypes (torch-tensorrt 2.14 has no
+`enabled_precisions`).
 """
 
 from __future__ import annotations
@@ -25,12 +33,6 @@ from mllmc.runtime.errors import UserError
 
 OPT_TEXT_TOKENS = 64
 INSTALL = "pip install 'mllmc[trt]'"
-# engine precision -> the precisions TensorRT may choose kernels in
-PRECISIONS = {
-    "float32": ("float32",),
-    "float16": ("float16", "float32"),
-    "bfloat16": ("bfloat16", "float32"),
-}
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,34 @@ def input_specs(inputs: list[dict[str, Any]], max_seq_len: int) -> list[InputSpe
     return specs
 
 
+def input_kwargs(spec: InputSpec, dtype: Any) -> dict[str, Any]:
+    """Keyword arguments of `torch_tensorrt.Input` for one engine input (`dtype`: the torch
+    dtype of `spec.dtype`): its optimisation profile and its name in the program."""
+    return {
+        "min_shape": spec.min_shape,
+        "opt_shape": spec.opt_shape,
+        "max_shape": spec.max_shape,
+        "dtype": dtype,
+        "name": spec.name,
+    }
+
+
+def compile_kwargs(trt_inputs: list[Any]) -> dict[str, Any]:
+    """Keyword arguments of `torch_tensorrt.dynamo.compile(program, **kwargs)`: the inputs'
+    shape ranges, and float64 constants truncated to float32 (TensorRT has no float64)."""
+    return {"inputs": trt_inputs, "truncate_double": True}
+
+
+def save_kwargs(examples: list[Any]) -> dict[str, Any]:
+    """Keyword arguments of `torch_tensorrt.save(module, path, **kwargs)`: an ExportedProgram
+    re-traced with the segment's example inputs."""
+    return {"output_format": "exported_program", "inputs": examples}
+
+
 def compile_segment(seg: Any, out_dir: Path, dtype: str, max_seq_len: int) -> dict[str, Any]:
     """Write `out_dir/<seg.name>.ep` (TensorRT engines inside an ExportedProgram); return its
-    manifest entry. Unrun here (see the module docstring)."""
+    manifest entry. `dtype` is the one the segment was captured in, which the engine follows.
+    Unrun here (see the module docstring)."""
     import torch
     import torch_tensorrt
 
@@ -102,23 +129,9 @@ def compile_segment(seg: Any, out_dir: Path, dtype: str, max_seq_len: int) -> di
     io = segment_io(seg)
     specs = input_specs(io["inputs"], max_seq_len)
     on_device(seg.program, "cuda")
-    trt_inputs = [
-        torch_tensorrt.Input(
-            min_shape=s.min_shape,
-            opt_shape=s.opt_shape,
-            max_shape=s.max_shape,
-            dtype=getattr(torch, s.dtype),
-            name=s.name,
-        )
-        for s in specs
-    ]
-    module = torch_tensorrt.dynamo.compile(
-        seg.program,
-        inputs=trt_inputs,
-        enabled_precisions={getattr(torch, p) for p in PRECISIONS[dtype]},
-        truncate_double=True,
-    )
+    trt_inputs = [torch_tensorrt.Input(**input_kwargs(s, getattr(torch, s.dtype))) for s in specs]
+    module = torch_tensorrt.dynamo.compile(seg.program, **compile_kwargs(trt_inputs))
     path = out_dir / f"{seg.name}.ep"
     examples = [t.to("cuda") for t in seg.example_inputs]
-    torch_tensorrt.save(module, str(path), output_format="exported_program", inputs=examples)
+    torch_tensorrt.save(module, str(path), **save_kwargs(examples))
     return {"file": path.name, "external_data": None, **io}

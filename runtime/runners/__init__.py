@@ -5,7 +5,7 @@ manifest's `target` for one runner per segment:
 
     open_segment(root, name, entry, manifest, options) -> SegmentRunner
 
-A runner checks its engine file's IO (names, ranks, dtypes) against the manifest's
+A runner checks its engine file's IO (names, ranks, dtypes, fixed dims) against the manifest's
 `SegmentEntry` when it opens it, takes feeds by input name (numpy arrays made on the host, cast
 here to the manifest's dtypes, or values it returned itself, such as a KV cache that stays on
 its device) and returns its outputs by name. A new target is one new module here; nothing else
@@ -93,11 +93,13 @@ def check_io(
     path: Path,
     segment: str,
     kind: str,
-    found: Sequence[tuple[str, int, str]],
+    found: Sequence[tuple[str, Sequence[int | str | None] | int, str]],
     expected: Sequence[TensorSpec],
 ) -> None:
     """UserError naming the first difference between an engine file's inputs or outputs
-    (`found`: name, rank, dtype each) and the manifest's (`expected`)."""
+    (`found`: name, shape (or only its rank), dtype each) and the manifest's (`expected`):
+    names, ranks, dtypes, and every dim the manifest fixes that the file fixes otherwise, or
+    one the manifest leaves free that the file fixes (an engine swapped from another model)."""
     want = [(t.name, len(t.shape), t.dtype) for t in expected]
     if [n for n, _, _ in found] != [n for n, _, _ in want]:
         names = ", ".join(n for n, _, _ in found[:4]) + (", ..." if len(found) > 4 else "")
@@ -106,17 +108,49 @@ def check_io(
             f"corrupt artifact: {path.name} does not match the manifest's {segment!r} segment: "
             f"its {kind} are [{names}], the manifest says [{wanted}]"
         )
-    for (name, rank, dtype), (_, want_rank, want_dtype) in zip(found, want, strict=True):
-        if rank != want_rank or dtype != want_dtype:
+    for (name, shape, dtype), spec in zip(found, expected, strict=True):
+        rank = shape if isinstance(shape, int) else len(shape)
+        if rank != len(spec.shape) or dtype != spec.dtype:
             raise UserError(
                 f"corrupt artifact: {path.name} does not match the manifest's {segment!r} "
                 f"segment: {kind[:-1]} {name!r} is rank {rank} {dtype}, the manifest says rank "
-                f"{want_rank} {want_dtype}"
+                f"{len(spec.shape)} {spec.dtype}"
             )
+        if isinstance(shape, int):
+            continue
+        for dim, want_dim in zip(shape, spec.shape, strict=True):
+            if _static(dim) and dim != want_dim:
+                raise UserError(
+                    f"corrupt artifact: {path.name} does not match the manifest's {segment!r} "
+                    f"segment: {kind[:-1]} {name!r} has shape {_dims(shape)}, the manifest "
+                    f"says {_dims(spec.shape)} (an engine file of another model?): recompile "
+                    "the artifact"
+                )
+
+
+def _static(dim: Any) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool)
+
+
+def _dims(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join(str(d) if _static(d) else repr(d) for d in shape) + "]"
 
 
 def check_feeds(entry: SegmentEntry, feeds: Mapping[str, Any], segment: str) -> None:
-    """ValueError if `feeds` does not name exactly the segment's inputs (a caller's bug)."""
+    """ValueError if `feeds` does not name exactly the segment's inputs (a caller's bug);
+    UserError if one has another rank, or another size in a dim the manifest fixes, than the
+    engine takes (an image or a cache of another shape)."""
     names = [t.name for t in entry.inputs]
     if set(feeds) != set(names):
         raise ValueError(f"{segment} takes inputs {names}, got {sorted(feeds)}")
+    for spec in entry.inputs:
+        value = feeds[spec.name]
+        shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+        if len(shape) != len(spec.shape) or any(
+            _static(want) and want > 0 and got != want
+            for got, want in zip(shape, spec.shape, strict=False)
+        ):
+            raise UserError(
+                f"the {segment} segment takes {spec.name} of shape {_dims(spec.shape)}, got "
+                f"{_dims(shape)}"
+            )

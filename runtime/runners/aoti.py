@@ -95,7 +95,7 @@ def _open_package(
     try:
         io = json.loads(meta[IO_KEY])
         for kind in ("inputs", "outputs"):
-            found = [(t["name"], len(t["shape"]), t["dtype"]) for t in io[kind]]
+            found = [(t["name"], list(t["shape"]), t["dtype"]) for t in io[kind]]
             check_io(path, name, kind, found, getattr(entry, kind))
     except (KeyError, TypeError, json.JSONDecodeError):
         raise UserError(f"corrupt engine file {path}: no mllmc IO record in its metadata") from None

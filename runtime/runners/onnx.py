@@ -14,6 +14,10 @@ from . import RunnerOptions, check_feeds, check_io
 if TYPE_CHECKING:
     from ..manifest import Manifest, SegmentEntry
 
+# onnxruntime's log levels: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Its log goes
+# straight to the terminal; its errors reach the user as exceptions (one UserError line) anyway
+LOG_SEVERITY = 4
+
 # onnxruntime's type strings -> the manifest's numpy dtype names
 ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -37,7 +41,7 @@ class OnnxRunner:
             ("inputs", self.session.get_inputs(), entry.inputs),
             ("outputs", self.session.get_outputs(), entry.outputs),
         ):
-            io = [(a.name, len(a.shape), ORT_DTYPES.get(a.type, a.type)) for a in found]
+            io = [(a.name, a.shape, ORT_DTYPES.get(a.type, a.type)) for a in found]
             check_io(path, name, kind, io, expected)
         self._dtypes = {t.name: np.dtype(t.dtype) for t in entry.inputs}
         self._outputs = [t.name for t in entry.outputs]
@@ -45,7 +49,11 @@ class OnnxRunner:
     def __call__(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         check_feeds(self.entry, feeds, self.name)
         cast = {k: np.asarray(v, dtype=self._dtypes[k]) for k, v in feeds.items()}
-        return dict(zip(self._outputs, self.session.run(self._outputs, cast), strict=True))
+        try:
+            outputs = self.session.run(self._outputs, cast)
+        except Exception as e:  # onnxruntime's own Fail / InvalidArgument / ... classes
+            raise UserError(f"the {self.name} engine failed: {_first_line(e)}") from None
+        return dict(zip(self._outputs, outputs, strict=True))
 
     def to_numpy(self, value: Any) -> np.ndarray:
         a = np.asarray(value)
@@ -55,9 +63,10 @@ class OnnxRunner:
 def _session(path: Path, options: RunnerOptions) -> Any:
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(LOG_SEVERITY)  # the log outside sessions too
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = LOG_SEVERITY
     if options.threads:
         opts.intra_op_num_threads = options.threads
     if options.share_weights:
@@ -74,8 +83,12 @@ def _session(path: Path, options: RunnerOptions) -> Any:
     try:
         return ort.InferenceSession(str(path), opts, providers=chosen or None)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf classes
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UserError(f"corrupt engine file {path}: {first}") from None
+        raise UserError(f"corrupt engine file {path}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def open_segment(

@@ -2,8 +2,9 @@
 compiler/backends/trt.py) loaded with torch-tensorrt on CUDA. Imports torch and torch_tensorrt
 when a trt artifact is loaded, never before.
 
-NOT RUN in this repository (no TensorRT where mllmc is built); written against torch-tensorrt
-2.5+. What is checked here: the capability detection (no CUDA / tensorrt / torch_tensorrt ->
+NOT RUN in this repository (no TensorRT where mllmc is built); written for torch-tensorrt 2.14
+(importing it registers the engine ops; the program loads with `torch.export.load`, as 2.13 and
+2.14 save it). What is checked here: the capability detection (no CUDA / tensorrt / torch_tensorrt ->
 one line naming what is missing) and the IO check against the manifest."""
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ def open_segment(
     vals = [n.meta["val"] for n in program.graph.nodes if n.op == "placeholder" and n.name in user]
     outs = [o.meta["val"] for o in next(n for n in program.graph.nodes if n.op == "output").args[0]]
     for kind, found, expected in (("inputs", vals, entry.inputs), ("outputs", outs, entry.outputs)):
-        # the program names its placeholders itself (past_0, ...): count, ranks and dtypes
+        # the program names its placeholders itself (past_0, ...): count, shapes and dtypes
         io = [
-            (t.name, v.dim(), str(v.dtype).removeprefix("torch."))
+            (
+                t.name,
+                [d if isinstance(d, int) else str(d) for d in v.shape],
+                str(v.dtype).removeprefix("torch."),
+            )
             for t, v in zip(expected, found, strict=False)
         ]
         if len(found) != len(expected):

@@ -11,6 +11,7 @@ import torch
 
 from mllmc.compiler.capture import capture, load_model, read_config
 from mllmc.compiler.locator import locate_layers
+from mllmc.compiler.pipeline import prepare_passes, resolve_passes
 from mllmc.runtime.errors import UserError
 
 
@@ -108,3 +109,113 @@ def test_read_config_errors(tmp_path, tiny_model_dir):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserError, match="cannot load model"):
         load_model(bad)
+
+
+def test_layer_windows_follow_hf_config_parsing():
+    """The sliding window per layer is the one HF's config parsing and modeling give, not the
+    presence of a config.json key."""
+    from transformers import LlavaConfig
+
+    from mllmc.compiler.capture import layer_windows
+
+    def windows(**text):
+        return layer_windows(LlavaConfig(text_config={"num_hidden_layers": 3, **text}).text_config)
+
+    # Mistral: 4096 when config.json says nothing, in every layer; null turns it off
+    assert windows(model_type="mistral") == [4096] * 3
+    assert windows(model_type="mistral", sliding_window=None) == [None] * 3
+    # Qwen2: only with use_sliding_window, and only in layers >= max_window_layers
+    assert windows(model_type="qwen2", sliding_window=8) == [None] * 3
+    qwen = dict(model_type="qwen2", sliding_window=8, use_sliding_window=True)
+    assert windows(**qwen, max_window_layers=1) == [None, 8, 8]
+    types = ["sliding_attention", "full_attention", "sliding_attention"]
+    assert windows(**qwen, layer_types=types) == [8, None, 8]  # layer_types has the last word
+    assert windows(model_type="llama", sliding_window=8) == [None] * 3  # Llama has no window
+    with pytest.raises(UserError, match="sets no sliding_window"):
+        windows(model_type="qwen2", layer_types=["sliding_attention"] * 3)
+
+
+def _windowed_model_dir(tiny_model_dir, out, text_type: str, **window):
+    """tiny-llava's shapes with a Mistral or Qwen2 decoder of a small sliding window, saved as a
+    model directory (random weights)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration, MistralConfig, Qwen2Config
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    tc = cfg.text_config
+    keys = (
+        "hidden_size intermediate_size num_hidden_layers num_attention_heads "
+        "num_key_value_heads vocab_size max_position_embeddings rms_norm_eps bos_token_id "
+        "eos_token_id pad_token_id tie_word_embeddings"
+    ).split()
+    cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}[text_type]
+    cfg.text_config = cls(**{k: getattr(tc, k) for k in keys}, initializer_range=0.1, **window)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "text_type, window, sliding",
+    [
+        ("mistral", {"sliding_window": 8}, [8] * 6),
+        (
+            "qwen2",
+            {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 3},
+            [None] * 3 + [8] * 3,
+        ),
+    ],
+)
+def test_sliding_window_matches_hf_past_the_window(
+    tiny_model_dir, tmp_path, sample_image, text_type, window, sliding
+):
+    """Prefill, decode and the static-cache decode step of a decoder with an 8-token sliding
+    window agree with HF eager on a ~26-token prompt and on decode steps past it."""
+    from PIL import Image
+
+    from mllmc.compiler.capture import PrefillSegment
+
+    model_dir = _windowed_model_dir(tiny_model_dir, tmp_path / text_type, text_type, **window)
+    model, info = load_model(model_dir)
+    model.set_attn_implementation("eager")
+    segs = capture(model, info, static_decode=True)
+    assert [layer.window for layer in PrefillSegment(model, info).layers] == sliding
+    # passes that drop cache rows are refused where a later layer has a window; vte's exit
+    # after the last layer drops nothing
+    for spec in ("fastv:k=2", "vte:k=3"):
+        with pytest.raises(UserError, match="8-token sliding attention window"):
+            prepare_passes(resolve_passes([spec]), model, info)
+    prepare_passes(resolve_passes([f"vte:k={info.num_layers}"]), model, info)
+    inputs = _hf_inputs(tiny_model_dir, Image.open(sample_image))
+    ids = inputs["input_ids"]
+    start = int((ids[0] == info.image_token_id).nonzero()[0])
+    n = ids.shape[1]
+    assert n > 2 * 8
+    with torch.no_grad():
+        feats = segs.vision.program.module()(inputs["pixel_values"])
+        out = segs.prefill.program.module()(ids, feats, torch.tensor([start]))
+        ref = model(**inputs).logits[:, -1]
+        assert (out[0] - ref).abs().max().item() <= 1e-4
+        # the window matters here: the same layers with full causal attention differ
+        full = PrefillSegment(model, info).eval()
+        full.windows = [None] * info.num_layers
+        assert (full(ids, feats, torch.tensor([start]))[0] - ref).abs().max().item() > 1e-3
+        cache, tokens = list(out[1:]), ids
+        capacity = n + 4
+        static_cache = [torch.nn.functional.pad(t, (0, 0, 0, capacity - n)) for t in cache]
+        decode = segs.decode.program.module()
+        static = segs.static_decode.program.module()
+        nxt = ref.argmax(-1)[:, None]
+        for step in range(3):
+            tokens = torch.cat([tokens, nxt], 1)
+            longer = dict(inputs, input_ids=tokens, attention_mask=torch.ones_like(tokens))
+            ref = model(**longer).logits[:, -1]
+            pos = torch.tensor([[n + step]])
+            got = decode(nxt, pos, *cache)
+            assert (got[0] - ref).abs().max().item() <= 1e-4, step
+            cache = list(got[1:])
+            cache_len = torch.full((info.num_layers,), n + step, dtype=torch.int64)
+            got_static = static(nxt, pos, cache_len, *static_cache)
+            assert (got_static[0] - ref).abs().max().item() <= 1e-4, step
+            for buf, row in zip(static_cache, got_static[1:], strict=True):
+                buf[:, :, n + step] = row[:, :, 0]
+            nxt = ref.argmax(-1)[:, None]

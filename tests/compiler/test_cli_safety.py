@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mllmc.runtime.errors import UserError
 from tests.compiler.test_cli import MLLMC, mllmc, user_error
@@ -63,6 +64,20 @@ def test_force_replaces_only_an_mllmc_artifact(
     (art / "README.txt").write_text("mine")
     user_error("compile", tiny_model_dir, "-o", art, "--force", match="did not write (README.txt)")
     assert (art / "README.txt").is_file()
+    # nor one holding engine-like files its manifest does not name: they are a user's too
+    (art / "README.txt").unlink()
+    (art / "my_model.onnx").write_bytes(b"my model")
+    (art / "results.data").write_bytes(b"my results")
+    user_error(
+        "compile",
+        tiny_model_dir,
+        "-o",
+        art,
+        "--force",
+        match="did not write (my_model.onnx, results.data)",
+    )
+    assert (art / "my_model.onnx").read_bytes() == b"my model"
+    assert (art / "results.data").read_bytes() == b"my results"
     # a file is never replaced, and the check comes before any work (no temp dir made)
     f = tmp_path / "file.bin"
     f.write_bytes(b"data")
@@ -127,15 +142,26 @@ def test_a_killed_compile_leaves_nothing_behind(tiny_model_dir, tmp_path, signum
 
 
 def test_stale_temp_dirs_of_dead_writers_are_removed_never_live_ones(tmp_path):
+    from mllmc.compiler.outputs import TEMP_MARKER
+
     out = tmp_path / "m"
     dead = tmp_path / ".m.tmp-99999999-abc"  # above any pid_max: no such process
+    dead_old = tmp_path / ".m.old-99999999-abc"  # an old output set aside, then a crash
     live = tmp_path / f".m.tmp-{os.getpid()}-def"  # this test process: alive
     other = tmp_path / ".other.tmp-99999999-abc"  # another output's: not ours to touch
-    for d in (dead, live, other):
+    for d in (dead, dead_old, live, other):
         d.mkdir()
         (d / "weights.bin").write_bytes(b"x")
+        (d / TEMP_MARKER).write_text("99999999\n")
+    # a user's directories whose names merely look like temporaries: no marker, never removed
+    users = [tmp_path / ".m.old-99999999-x", tmp_path / ".m.tmp-99999999-y"]
+    for d in users:
+        d.mkdir()
+        (d / "notes.txt").write_text("mine")
     mllmc("preset", "tiny-llava", "-o", out)
-    assert not dead.exists() and live.is_dir() and other.is_dir()
+    assert not dead.exists() and not dead_old.exists() and live.is_dir() and other.is_dir()
+    assert all((d / "notes.txt").read_text() == "mine" for d in users)
+    assert not (out / TEMP_MARKER).exists()  # the marker never reaches the output
 
 
 def test_preset_force_replaces_only_a_preset(user_dir, tmp_path):
@@ -331,3 +357,175 @@ def test_eval_and_calibrate_numbers_are_checked(tiny_base_artifact, tiny_model_d
     cal = ("calibrate", tiny_model_dir, "--pass", "vte", "-o", tmp_path / "exit.json")
     user_error(*cal, "--threshold", "nan", match="--threshold: must be a finite number > 0")
     user_error(*cal, "--threshold", "-1", match="--threshold: must be a finite number > 0")
+
+
+def test_bench_writes_its_artifacts_where_asked_or_to_a_temporary_directory(
+    tiny_model_dir, tiny_base_artifact, tmp_path, monkeypatch
+):
+    """bench compiles into --artifacts-dir (an existing artifact replaced only with --force) or
+    into a temporary directory it removes; never beside -o, into the current directory or the
+    source tree. The compile itself is the base artifact fixture, copied."""
+    from mllmc.compiler import bench, pipeline
+    from mllmc.runtime.manifest import read_manifest
+
+    name = f"{tiny_model_dir.name}-mllmc_onnx"
+    mine = tmp_path / "arts" / name
+    shutil.copytree(tiny_base_artifact, mine)
+    before = (mine / "manifest.json").read_bytes()
+    proc = subprocess.run(
+        [MLLMC, "bench", str(tiny_model_dir), "--artifacts-dir", str(tmp_path / "arts")],
+        capture_output=True,
+        text=True,
+    )
+    one_line_error(proc, "already exists; pass --force")
+    (mine / "notes.txt").write_text("mine")
+    proc = subprocess.run(
+        [MLLMC, "bench", str(tiny_model_dir), "--artifacts-dir", str(tmp_path / "arts")]
+        + ["--force"],
+        capture_output=True,
+        text=True,
+    )
+    one_line_error(proc, "did not write (notes.txt)")
+    assert (mine / "manifest.json").read_bytes() == before
+
+    compiled: list[Path] = []
+
+    def fake_compile(model_dir, out, passes, force=False, **_kw):
+        assert not Path(out).exists() or force
+        compiled.append(Path(out))
+        shutil.copytree(tiny_base_artifact, out, dirs_exist_ok=force)
+        return pipeline.CompileResult(Path(out), read_manifest(out))
+
+    monkeypatch.setattr(pipeline, "compile_model", fake_compile)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    threads = torch.get_num_threads()
+    try:
+        report = bench.bench(str(tiny_model_dir), [], n_text=4, decode_tokens=1, repeats=1)
+    finally:
+        torch.set_num_threads(threads)  # bench uses every core; leave the session as it was
+    assert set(report["rows"]) == {"hf_eager", "mllmc_onnx"}
+    (where,) = compiled
+    assert where.name == name and not where.exists()  # a temporary directory, removed
+    assert list(work.iterdir()) == []
+    assert tmp_path not in where.parents and tiny_model_dir not in where.parents
+
+
+def test_output_names_too_long_are_one_line_errors(tiny_model_dir, tiny_base_artifact, tmp_path):
+    long = tmp_path / ("n" * 300)
+    run = ("run", tiny_base_artifact, "--image", "x.png", "--prompt", "Hi")
+    rec = ("golden", "record", tiny_base_artifact, "--image", "x.png", "--prompt", "Hi")
+    for cmd in [
+        ("compile", tiny_model_dir, "-o", long),
+        ("compile", tiny_model_dir, "-o", long / "sub"),
+        ("preset", "tiny-llava", "-o", long),
+        ("calibrate", tiny_model_dir, "-o", long),
+        ("calibrate", tiny_model_dir, "--pass", "vte", "--threshold", "1", "-o", long),
+        (*run, "--save-logits", long),
+        (*rec, "-o", long),
+        ("bench", tiny_model_dir, "-o", long),
+        ("bench", tiny_model_dir, "--artifacts-dir", long),
+    ]:
+        user_error(*cmd, match="longer than the 255 a file name may be")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_link_is_never_written_through(
+    tiny_model_dir, tiny_base_artifact, sample_image, tmp_path
+):
+    """A symbolic link at an output path counts as existing, a dangling one too; --force replaces
+    the link itself, and the file it points to is untouched."""
+    dangling = tmp_path / "dangling.npy"
+    dangling.symlink_to(tmp_path / "nowhere.npy")
+    run = ("run", tiny_base_artifact, "--image", sample_image, "--prompt", "Hi")
+    rec = ("golden", "record", tiny_base_artifact, "--image", sample_image, "--prompt", "Hi")
+    for cmd in [
+        (*run, "--save-logits", dangling),
+        (*rec, "-o", dangling),
+        ("calibrate", tiny_model_dir, "-o", dangling),
+        ("calibrate", tiny_model_dir, "--pass", "vte", "--threshold", "1", "-o", dangling),
+        ("bench", tiny_model_dir, "-o", dangling),
+    ]:
+        user_error(*cmd, match="already exists; pass --force")
+    assert dangling.is_symlink() and not (tmp_path / "nowhere.npy").exists()
+    fifo = tmp_path / "fifo"  # nor is anything but a file or a link replaced: a device, a FIFO
+    os.mkfifo(fifo)
+    user_error(*run, "--save-logits", fifo, "--force", match="it is not a regular file")
+    user_error(*rec, "-o", fifo, "--force", match="it is not a regular file")
+    assert fifo.is_fifo()
+    fifo.unlink()
+    mllmc(*run, "--max-new-tokens", "2", "--save-logits", dangling, "--force")
+    assert not dangling.is_symlink() and np.load(dangling).shape[0] >= 1
+    assert not (tmp_path / "nowhere.npy").exists()
+    # calibrate --force onto links to a user's files: the links are replaced, the files kept
+    mine_json, mine_png = tmp_path / "mine.json", tmp_path / "mine.png"
+    mine_json.write_text("my json")
+    mine_png.write_bytes(b"my png")
+    lc = tmp_path / "lc.json"
+    lc.symlink_to(mine_json)
+    lc.with_suffix(".png").symlink_to(mine_png)
+    mllmc("calibrate", tiny_model_dir, "-n", "1", "-o", lc, "--force", "-q")
+    assert mine_json.read_text() == "my json" and mine_png.read_bytes() == b"my png"
+    assert not lc.is_symlink() and json.loads(lc.read_text())["samples"] == 1
+    assert not lc.with_suffix(".png").is_symlink()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch):
+    """Every file mllmc writes takes its name at the end only if nothing has it by then, without
+    --force: a file, or a dangling link, made while mllmc worked is kept."""
+    from mllmc.compiler import outputs
+
+    checked = outputs.check_output_file
+
+    def appears(path, force, what="output"):
+        checked(path, force, what)  # the check up front passes; then the name is taken
+        if Path(path).name == "f.json":
+            Path(path).write_text("theirs")
+        else:
+            Path(path).symlink_to(tmp_path / "nowhere")
+
+    monkeypatch.setattr(outputs, "check_output_file", appears)
+    for name in ("f.json", "link.json"):
+        with pytest.raises(UserError, match="appeared while this ran"):
+            outputs.write_file(tmp_path / name, "ours")
+    assert (tmp_path / "f.json").read_text() == "theirs"
+    assert (tmp_path / "link.json").is_symlink() and not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "link.json"]
+
+
+@pytest.fixture
+def immutable(tmp_path):
+    """chattr +i PATH, undone after the test; skips where the file system or user cannot."""
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip("chattr +i is not available here")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def test_force_checks_the_old_output_can_be_removed_before_any_work(
+    tiny_model_dir, tiny_base_artifact, sample_image, tmp_path, immutable
+):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_base_artifact, art)
+    immutable(art / "prefill.onnx")
+    compile_ = ("compile", tiny_model_dir, "-o", art, "--force", "-q")
+    user_error(*compile_, match="prefill.onnx is immutable")
+    immutable(art)
+    user_error(*compile_, match="read-only or immutable")
+    assert (art / "prefill.onnx").is_file() and temps_beside(art) == []
+    golden = tmp_path / "golden.json"
+    golden.write_text("mine")
+    immutable(golden)
+    rec = ("golden", "record", tiny_base_artifact, "--image", sample_image, "--prompt", "Hi")
+    user_error(*rec, "-o", golden, "--force", match="golden.json is immutable")
+    assert golden.read_text() == "mine"

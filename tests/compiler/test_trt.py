@@ -19,6 +19,7 @@ from mllmc.runtime import UserError
 
 MLLMC = str(Path(sys.executable).parent / "mllmc")
 HAVE_TRT = not trt.missing_requirements(torch.cuda.is_available())
+INSTALL_HINT = "the signature check runs where pip install 'mllmc[trt]' has been done"
 
 
 def one_line_error(args: list[object], match: str) -> str:
@@ -67,11 +68,48 @@ def test_profile_refuses_short_max_seq_len():
         trt.input_specs(PREFILL_INPUTS, max_seq_len=10)
 
 
-def test_precisions():
-    assert trt.PRECISIONS["float16"] == ("float16", "float32")
-    assert trt.PRECISIONS["bfloat16"] == ("bfloat16", "float32")
-    assert trt.PRECISIONS["float32"] == ("float32",)
+def _trt_kwargs() -> dict[str, dict[str, object]]:
+    spec = trt.input_specs(PREFILL_INPUTS, max_seq_len=512)[0]
+    return {
+        "Input": trt.input_kwargs(spec, torch.int64),
+        "dynamo.compile": trt.compile_kwargs([]),
+        "save": trt.save_kwargs([]),
+    }
+
+
+def test_trt_call_kwargs_without_precisions():
+    """The engine's precision follows the graph's dtype: torch-tensorrt 2.14's compile has no
+    `enabled_precisions` (it would fall into **kwargs and be ignored)."""
+    kwargs = _trt_kwargs()
     assert backends.DEFAULT_DTYPE["trt"] == "float16"
+    assert set(kwargs["dynamo.compile"]) == {"inputs", "truncate_double"}
+    assert set(kwargs["save"]) == {"output_format", "inputs"}
+    assert set(kwargs["Input"]) == {"min_shape", "opt_shape", "max_shape", "dtype", "name"}
+    assert kwargs["Input"]["min_shape"] == (1, 18) and kwargs["Input"]["name"] == "input_ids"
+
+
+def test_trt_call_kwargs_match_installed_signatures():
+    """Every keyword the backend passes is a named parameter of the installed torch-tensorrt
+    (not swallowed by **kwargs), and Input builds the dynamic profile from its keywords."""
+    try:
+        import torch_tensorrt
+    except Exception as e:  # not installed, or installed without its TensorRT / CUDA libraries
+        pytest.skip(f"torch_tensorrt is not importable here ({type(e).__name__}): {INSTALL_HINT}")
+    import inspect
+
+    kwargs = _trt_kwargs()
+    for name, fn in (
+        ("dynamo.compile", torch_tensorrt.dynamo.compile),
+        ("save", torch_tensorrt.save),
+    ):
+        params = inspect.signature(fn).parameters
+        named = {p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_KEYWORD}
+        assert set(kwargs[name]) <= named, (name, set(kwargs[name]) - named)
+    # Input takes **kwargs only: build one and read back what it kept
+    spec = torch_tensorrt.Input(**kwargs["Input"])
+    assert spec.shape_mode == torch_tensorrt.Input._ShapeMode.DYNAMIC
+    assert spec.shape["min_shape"] == (1, 18) and spec.shape["max_shape"] == (1, 512)
+    assert spec.name == "input_ids"
 
 
 def test_missing_requirements_names_each():

@@ -254,8 +254,28 @@ def test_engine_matches_composed_references_for_16_tokens(
         max_new_tokens=16,
     )
     assert report.ok and report.tokens_match and len(report.step_diffs) == 16, report.line()
+    # a prompt whose last token is an image token is refused, through the API and `mllmc run`:
+    # fastv scores from the last row, vte's exit keeps text rows, so it must be text
+    from mllmc.runtime import load
+
+    image, prompt = request.getfixturevalue("sample_image"), "USER: Describe this: <image>"
+    with pytest.raises(UserError, match="ends with the image"):
+        load(composed_artifact.out_dir).generate(image, prompt, max_new_tokens=1)
+    run = ["run", composed_artifact.out_dir, "--image", image, "--prompt", prompt]
+    user_error(*run, "--max-new-tokens", "1", match="ends with the image")
     # KV cache bytes follow the plan: fewer visual rows than the unpruned model
     kv = kv_cache_bytes(manifest, 64)
     row = 2 * info.num_kv_heads * info.head_dim * 4
     assert kv["prompt"] == sum((64 + p.kv_visual_tokens) * row for p in manifest.layers)
     assert kv["prompt"] < (64 + info.num_visual_tokens) * row * info.num_layers
+
+
+def test_prompt_ending_with_the_image_runs_without_row_pruning(tiny_base_artifact, sample_image):
+    """Without fastv / vte the last row may be visual: the prompt runs as HF runs it."""
+    from mllmc.runtime import load
+
+    engine = load(tiny_base_artifact)
+    ids, start = engine.encode_prompt("USER: Describe this: <image>")
+    assert start + engine.num_visual_tokens == ids.shape[1]
+    out = engine.generate(sample_image, "USER: Describe this: <image>", 2, stop_at_eos=False)
+    assert len(out.token_ids) == 2
