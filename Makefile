@@ -42,12 +42,14 @@ demo: install
 XDIST := -n auto --maxprocesses 4 --dist loadfile
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q $(XDIST)
 
 test-all: install
 	$(BIN)/pytest -q $(XDIST) -m ""
 
 lint: install
+	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -2,7 +2,7 @@
 
 The top-level folders compiler/, passes/ and runtime/ are the packages mllmc.compiler,
 mllmc.passes and mllmc.runtime. Every folder under them is a subpackage here (namespace
-discovery: an __init__.py is not needed, and data folders such as compiler/assets are packages
+discovery: an __init__.py is not needed, and data folders such as compiler/data/assets are packages
 whose files pyproject.toml's package-data selects), so a new one ships in the wheel without an
 edit; tests/test_wheel.py checks that each folder holding .py files is in the built wheel.
 """

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from mllmc.compiler import shapes_qa
-from mllmc.compiler.evaluate import artifact_runner, calibration_samples, evaluate, hf_runner
+from mllmc.compiler.data import shapes_qa
+from mllmc.compiler.data.presets import write_preset
 from mllmc.compiler.pipeline import compile_model
-from mllmc.compiler.presets import write_preset
+from mllmc.compiler.tools.evaluate import artifact_runner, calibration_samples, evaluate, hf_runner
 from mllmc.passes import REGISTRY
 from mllmc.runtime import load
 
@@ -76,7 +76,7 @@ def main() -> None:
     print(hf.line(), flush=True)
 
     # -- LC calibration on the train split ----------------------------------------------------
-    from mllmc.compiler.capture import load_model
+    from mllmc.compiler.core.capture import load_model
     from mllmc.passes.calibration import layer_contribution
 
     model, info = load_model(model_dir)

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_exporters import HFExportersRunner, export  # noqa: E402
 
-from mllmc.compiler import bench  # noqa: E402
-from mllmc.compiler.capture import load_model  # noqa: E402
-from mllmc.compiler.flops import analytic_prefill_flops  # noqa: E402
+from mllmc.compiler.core.capture import load_model  # noqa: E402
+from mllmc.compiler.core.flops import analytic_prefill_flops  # noqa: E402
+from mllmc.compiler.data.presets import write_preset  # noqa: E402
 from mllmc.compiler.pipeline import compile_model  # noqa: E402
-from mllmc.compiler.presets import write_preset  # noqa: E402
+from mllmc.compiler.tools import bench  # noqa: E402
 from mllmc.compiler.verify import probe_image  # noqa: E402
 from mllmc.runtime import load  # noqa: E402
 

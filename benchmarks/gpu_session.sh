@@ -34,7 +34,7 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 
 python3 - <<'EOF' 2>&1 | tee "$out/env.txt"
 import torch, transformers
-import mllmc.compiler.capture  # noqa: F401  (the package imports from here)
+import mllmc.compiler.core.capture  # noqa: F401  (the package imports from here)
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"{gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); transformers {transformers.__version__}")
 EOF
@@ -54,9 +54,9 @@ bench)
         --name shortv_gpu 2>&1 | tee -a "$out/bench-log.txt"
     ;;
 aoti)
-    [ -f "$models/small-llava/config.json" ] || python3 -c "from mllmc.compiler.presets \
+    [ -f "$models/small-llava/config.json" ] || python3 -c "from mllmc.compiler.data.presets \
 import write_preset as w; w('small-llava', '$models/small-llava', device='cuda')"
-    timeout 540 python3 -c "import sys; from mllmc.compiler.cli import main; sys.exit(main())" \
+    timeout 540 python3 -c "import sys; from mllmc.compiler.tools.cli import main; sys.exit(main())" \
         bench "$models/small-llava" --pass shortv --target aoti --device cuda --dtype bfloat16 \
         --repeats 10 -o "$out/bench_aoti_cuda.json" --force 2>&1 | tee "$out/aoti-log.txt"
     ;;

@@ -83,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from mllmc.compiler.bench import median_time
+from mllmc.compiler.tools.bench import median_time
 
 # Components `export_for_generation` yields for LLaVA, and the vision ones it does not.
 LLM_COMPONENTS = ("language_model", "lm_head", "decode")

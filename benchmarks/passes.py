@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from mllmc.compiler import bench
-from mllmc.compiler.inspect import kv_cache_bytes
-from mllmc.compiler.presets import write_preset
+from mllmc.compiler.data.presets import write_preset
+from mllmc.compiler.tools import bench
+from mllmc.compiler.tools.inspect_artifact import kv_cache_bytes
 
 LC_FILE = Path("benchmarks/results/shortv-lc.json")  # benchmarks/shortv.py's LC calibration
 
@@ -55,7 +55,7 @@ def run(
 ) -> dict[str, Any] | None:
     """Compile every variant (or reuse artifacts an earlier run left), then time all engines
     interleaved in this process."""
-    from mllmc.compiler.capture import load_model
+    from mllmc.compiler.core.capture import load_model
     from mllmc.compiler.pipeline import compile_model
     from mllmc.compiler.verify import probe_image
     from mllmc.runtime import load

@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from mllmc.compiler import bench
-from mllmc.compiler.presets import write_preset
-from mllmc.passes.calibration import calibrate_cli
+from mllmc.compiler.data.presets import write_preset
+from mllmc.compiler.tools import bench
+from mllmc.compiler.tools.calibrate import calibrate_cli
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ rows that do not need CUDA (tests/test_benchmarks.py).
 
 The ONNX and TensorRT engines need onnxruntime-gpu / TensorRT, which the machines here lack; what
 this measures is the graph rewrite itself on the GPU: the same exported programs the backends
-lower (see compiler/torch_engine.py). A missing model dir is written from the preset of that name
+lower (see compiler/tools/torch_engine.py). A missing model dir is written from the preset of that name
 (`llava-7b-shape`: LLaVA-1.5-7B's shapes, whose config matches the published ShortV layer list).
 Writes results/shortv_gpu.json and results/shortv_gpu.png.
 """
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mllmc.compiler.bench import best_gemm_flops, device_sync, median_time
+from mllmc.compiler.tools.bench import best_gemm_flops, device_sync, median_time
 
 
 def device_time(fn, repeats: int) -> float:
@@ -141,14 +141,19 @@ def main() -> None:
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from mllmc.compiler.bench import prompt_for
-    from mllmc.compiler.capture import capture, model_info, read_config
-    from mllmc.compiler.flops import analytic_prefill_flops
-    from mllmc.compiler.presets import write_preset
-    from mllmc.compiler.torch_engine import on_device
-    from mllmc.compiler.verify import probe_image, processor_inputs
+    from mllmc.compiler.core.capture import (
+        capture,
+        model_info,
+        on_device,
+        processor_inputs,
+        read_config,
+    )
+    from mllmc.compiler.core.flops import analytic_prefill_flops
+    from mllmc.compiler.data.presets import write_preset
+    from mllmc.compiler.tools.bench import prompt_for
+    from mllmc.compiler.verify import probe_image
     from mllmc.passes.shortv import ShortVConfig, keep_rows, prepare, shortv
-    from mllmc.runtime.runners._static_cache import GraphPerShape
+    from mllmc.runtime.static_cache import GraphPerShape
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -318,9 +323,10 @@ def measure_decode(args: Any, segments: Any, prefill_out: Any, n: int) -> dict[s
     the host reading each token as a generate loop does: ms/token for the growing cache, the
     static-cache program and (--cuda-graphs, CUDA) its graph replays, and the bytes a step reads
     (decoder weights + the cache at mid-loop) over that time as a fraction of copy bandwidth."""
-    from mllmc.compiler.torch_engine import on_device, segment_entry
-    from mllmc.runtime.runners._static_cache import StaticCacheDecoder
-    from mllmc.runtime.runners._torch import TorchCallRunner
+    from mllmc.compiler.core.capture import on_device
+    from mllmc.compiler.tools.torch_engine import segment_entry
+    from mllmc.runtime.static_cache import StaticCacheDecoder
+    from mllmc.runtime.torch_runner import TorchCallRunner
 
     device, steps = args.device, args.decode_steps
     entry = segment_entry(segments.decode)

@@ -4,13 +4,13 @@
     .venv/bin/python benchmarks/train_shapes_llava.py --steps 50 --scene-steps 50 \
         --distill-steps 50 -o /tmp/x                                            # smoke run
 
-The model is built by the same code as every preset (mllmc.compiler.presets.build_model: CLIP ViT
+The model is built by the same code as every preset (mllmc.compiler.data.presets.build_model: CLIP ViT
 with [CLS], feature layer -2, the "default" strategy, the GELU projector, a Llama decoder with
 GQA), with random init and a tokenizer trained on the preset corpus plus every shapes-qa question
 and answer word (each answer is one token). The inputs are exactly what the LlavaProcessor gives
 for the chat-template prompt (the pixel values and the prompt ids with the 64 image tokens),
 followed by the answer's token and EOS; the answer loss is on those tokens. Items are drawn fresh
-from the train split (compiler/shapes_qa.py), never from the held-out split that the reported
+from the train split (compiler/data/shapes_qa.py), never from the held-out split that the reported
 accuracies use.
 
 Trained end to end from pixels alone, the model stalls: vision and decoder have to find each other
@@ -32,7 +32,7 @@ its parts in stages:
 The scene features exist only during training: the shipped model is a plain LLaVA that sees
 pixels. At the end the weights are rounded to float16, written to
 OUT/trained-tiny-llava.safetensors with OUT/trained-tiny-llava-tokenizer.json (OUT defaults to
-compiler/assets/, where the preset reads them), and the held-out accuracy of the rounded model
+compiler/data/assets/, where the preset reads them), and the held-out accuracy of the rounded model
 (first generated token == answer token) is printed per question kind beside the majority-answer
 baseline.
 """
@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from mllmc.compiler import shapes_qa
-from mllmc.compiler.presets import ASSETS, PRESETS, build_model
-from mllmc.compiler.verify import processor_inputs
+from mllmc.compiler.core.capture import processor_inputs
+from mllmc.compiler.data import shapes_qa
+from mllmc.compiler.data.presets import ASSETS, PRESETS, build_model
 
 PRESET = "trained-tiny-llava"
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mllmc.passes import PassInfo, PassRecord, config_to_json
+from mllmc.compiler.core.pass_types import PassInfo, PassRecord
+from mllmc.passes import config_to_json
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import AppliedPass, Manifest
 
@@ -30,7 +31,8 @@ def resolve_passes(passes: Sequence[str | tuple[PassInfo, Any]]) -> list[tuple[P
     """Accept pass specs as CLI strings ('shortv:layers=[1,2]') or parsed (info, config) pairs
     (from `mllmc.passes.parse_pass_spec`); TypeError for anything else, UserError for a bad
     spec or option."""
-    from mllmc.passes import PassInfo, check_config, parse_pass_spec
+    from mllmc.compiler.core.pass_types import PassInfo
+    from mllmc.passes import check_config, parse_pass_spec
 
     if isinstance(passes, (str, bytes)) or not isinstance(passes, Sequence):
         raise TypeError(
@@ -156,8 +158,10 @@ def compile_model(
     `decode_cache` (aoti): "static" adds the decode step over fixed-capacity buffers, which the
     runtime replays as CUDA graphs on CUDA (the default there); "growing" (the default on the
     CPU) does not."""
-    from . import artifact, backends, outputs
-    from .model_dir import check_processor, model_shape, read_config
+    from mllmc.compiler.core.model_dir import check_processor, model_shape, read_config
+    from mllmc.compiler.files import artifact, outputs
+
+    from . import backends
 
     # every check that needs no model runs before torch is imported: bad input costs no wait
     passes = resolve_passes(passes)
@@ -174,7 +178,9 @@ def compile_model(
     out = outputs.check_output_dir(
         out_dir, force, artifact.replaceable, what="artifact", protected=[model_dir]
     )
-    from . import capture, flops, verify
+    from mllmc.compiler.core import capture, flops
+
+    from . import verify
 
     backend = backends.build_backend(target, options)
 

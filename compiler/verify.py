@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mllmc.compiler.core.capture import processor_inputs
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import FLOAT32_TOL
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from mllmc.passes import PassRecord
+    from mllmc.compiler.core.pass_types import PassRecord
     from mllmc.runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -145,21 +146,6 @@ class VerifyReport:
             "tokens_match": self.tokens_match,
             "divergences": [d.to_json() for d in self.divergences],
         }
-
-
-def processor_inputs(processor: Any, image: Any, prompt: str) -> Any:
-    """The HF processor's tensors for one image (a PIL image or a path) and a prompt; a prompt
-    without the image token gets the model's chat template, as the runtime does."""
-    if isinstance(image, (str, Path)):
-        from PIL import Image
-
-        image = Image.open(image)
-    if getattr(processor, "image_token", "<image>") not in prompt:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(images=image, text=prompt, return_tensors="pt")
 
 
 class _ForceTokens:
@@ -319,10 +305,10 @@ def verify_artifact(
     """`mllmc verify`: the artifact against the model directory it was compiled from, with the
     eager model run in the artifact's dtype and held to the tolerance its manifest records
     (`tol` overrides it)."""
+    from mllmc.compiler.core.capture import load_model
     from mllmc.runtime.manifest import read_manifest
 
     from .backends import cast_model
-    from .capture import load_model
 
     manifest = read_manifest(artifact_dir)
     if image is not None and not Path(image).is_file():
@@ -344,7 +330,8 @@ def verify_artifact(
 
 def records_from_manifest(manifest: Manifest) -> list[PassRecord]:
     """Rebuild the pass records (registry entry + config) of an artifact, for `mllmc verify`."""
-    from mllmc.passes import PassRecord, get_pass, make_config
+    from mllmc.compiler.core.pass_types import PassRecord
+    from mllmc.passes import get_pass, make_config
 
     records = []
     for p in manifest.passes:

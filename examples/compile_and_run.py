@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mllmc.compiler.data.presets import write_preset
 from mllmc.compiler.pipeline import compile_model
-from mllmc.compiler.presets import write_preset
 from mllmc.runtime import load
 
 HERE = Path(__file__).parent

@@ -88,7 +88,7 @@ _VISION_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn\.([qk])_p
 def _projections(graph: fx.Graph) -> dict[tuple[int, str], fx.Node]:
     import torch
 
-    from mllmc.compiler.locator import module_path
+    from mllmc.compiler.core.locator import module_path
 
     found: dict[tuple[int, str], fx.Node] = {}
     for node in graph.nodes:
@@ -104,7 +104,7 @@ def keep_top_patches(segments: Any, layers: Sequence[int], kept: int) -> Any:
     summed over vision `layers`, and re-capture the prefill for that image span."""
     import torch
 
-    from mllmc.compiler.capture import export_prefill, reexport
+    from mllmc.compiler.core.capture import export_prefill, reexport
 
     vision = segments.vision
     gm = vision.program.module()

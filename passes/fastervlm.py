@@ -27,9 +27,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import PassInfo, PassResult
 from .cls_attention import check_tower, cls_pruned_forward, keep_top_patches
 from .cls_attention import vision_layer_of_feature as feature_layer_index
 

@@ -33,9 +33,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import PassInfo, PassResult
 from .row_pruning import drop_rows, fastv_keep_index, pruned_forward, refuse_sliding_window
 
 
@@ -84,8 +84,8 @@ def prepare(cfg: FastVConfig, model: Any, info: Any) -> FastVConfig:
 
 def fastv(segments: Any, cfg: FastVConfig) -> PassResult:
     """Prune the visual rows of prefill layers >= cfg.k to the top-scored ones."""
-    from mllmc.compiler.capture import reexport
-    from mllmc.compiler.locator import locate_layers, placeholders
+    from mllmc.compiler.core.capture import reexport
+    from mllmc.compiler.core.locator import locate_layers, placeholders
 
     info = segments.info
     check_k(cfg.k, info.num_layers)

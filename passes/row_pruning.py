@@ -110,7 +110,7 @@ def refuse_sliding_window(name: str, model: Any, k: int) -> None:
     """UserError when a decoder layer >= k of `model` has a sliding attention window that
     positions the model accepts can exceed: after the prompt, those layers' caches hold rows at
     gapped original positions, and the decode step's window counts cache rows."""
-    from mllmc.compiler.capture import layer_windows
+    from mllmc.compiler.core.capture import layer_windows
     from mllmc.runtime.errors import UserError
 
     tc = model.config.text_config

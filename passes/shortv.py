@@ -38,9 +38,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import PassInfo, PassResult
 from .row_pruning import kept_rows
 
 if TYPE_CHECKING:
@@ -269,8 +269,8 @@ def freeze_layer(
 
 def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
     """Freeze the visual tokens of `cfg.layers` in the prefill segment."""
-    from mllmc.compiler.capture import reexport
-    from mllmc.compiler.locator import locate_layers, placeholders
+    from mllmc.compiler.core.capture import reexport
+    from mllmc.compiler.core.locator import locate_layers, placeholders
 
     if cfg.layers is None:
         raise ValueError("shortv: resolve cfg.layers with prepare() before the rewrite")

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import PassInfo, PassResult
 from .cls_attention import check_tower, cls_pruned_forward, keep_top_patches
 from .cls_attention import vision_layer_of_feature as feature_layer_index
 from .fastervlm import check_keep_options, resolve_keep

@@ -27,9 +27,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import PassInfo, PassResult
 from .row_pruning import drop_rows, pruned_forward, refuse_sliding_window, text_keep_index
 
 
@@ -88,8 +88,8 @@ def prepare(cfg: VTEConfig, model: Any, info: Any) -> VTEConfig:
 
 def vte(segments: Any, cfg: VTEConfig) -> PassResult:
     """Drop the visual rows of prefill layers >= cfg.k."""
-    from mllmc.compiler.capture import reexport
-    from mllmc.compiler.locator import locate_layers, placeholders
+    from mllmc.compiler.core.capture import reexport
+    from mllmc.compiler.core.locator import locate_layers, placeholders
 
     if cfg.k is None:
         raise ValueError("vte: resolve cfg.k with prepare() before the rewrite")

@@ -112,7 +112,7 @@ class SegmentEntry:
 
 
 class FlopCounts(TypedDict):
-    """FLOPs of each segment at the reference prompt (compiler/flops.py `segment_flops`)."""
+    """FLOPs of each segment at the reference prompt (compiler/core/flops.py `segment_flops`)."""
 
     reference_text_tokens: int
     reference_prompt_tokens: int

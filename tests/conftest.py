@@ -19,7 +19,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mllmc.compiler.presets import write_preset
+    from mllmc.compiler.data.presets import write_preset
 
     return write_preset("tiny-llava", tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
 
@@ -60,7 +60,7 @@ OTHER_SPEC = dict(
 
 @pytest.fixture(scope="session")
 def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mllmc.compiler.presets import PresetSpec, write_model
+    from mllmc.compiler.data.presets import PresetSpec, write_model
 
     return write_model(
         PresetSpec(**OTHER_SPEC), tmp_path_factory.mktemp("models") / "other-llava", seed=1
@@ -87,7 +87,7 @@ def tiny_shortv_artifact(tiny_model_dir: Path, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained-tiny-llava preset (shipped shapes-qa weights)."""
-    from mllmc.compiler.presets import write_preset
+    from mllmc.compiler.data.presets import write_preset
 
     return write_preset("trained-tiny-llava", tmp_path_factory.mktemp("models") / "trained")
 

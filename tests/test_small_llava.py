@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mllmc.compiler.capture import load_model
+from mllmc.compiler.core.capture import load_model
+from mllmc.compiler.data.presets import write_preset
 from mllmc.compiler.pipeline import compile_model
-from mllmc.compiler.presets import write_preset
 from mllmc.compiler.verify import records_from_manifest, verify
 from mllmc.runtime.manifest import read_manifest
 

@@ -49,14 +49,18 @@ def test_wheel_has_every_package_and_asset(wheel: Path):
                 rel = py.relative_to(ROOT / folder).as_posix()
                 if f"{package}/{rel}" not in names:
                     missing.append(f"{folder}/{rel}")
-        for asset in (ROOT / folder / "assets").glob("*"):
-            if f"{package}/assets/{asset.name}" not in names:
-                missing.append(f"{folder}/assets/{asset.name}")
+        for asset in (ROOT / folder).rglob("assets/*"):
+            rel = asset.relative_to(ROOT / folder).as_posix()
+            if f"{package}/{rel}" not in names:
+                missing.append(f"{folder}/{rel}")
     assert not missing, f"not in {wheel.name}: {missing}"
     assert "mllmc/runtime/runners/onnx.py" in names  # the runtime's loaders, by name
     assert not [n for n in names if "__pycache__" in n or n.startswith(("tests/", "build/"))]
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "mllmc = mllmc.compiler.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert (
+        "mllmc = mllmc.compiler.tools.cli:main"
+        in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
 
 
 RUN_IN_VENV = """

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mllmc.compiler.core.model_dir import MAX_SEQ
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import DTYPES, FLOAT32_TOL
 from mllmc.runtime.runners import DECODE_CACHES
-
-from ..model_dir import MAX_SEQ
 
 TARGETS = ("onnx", "aoti", "trt")
 DEFAULT_DTYPE = {"onnx": "float32", "aoti": "float32", "trt": "float16"}

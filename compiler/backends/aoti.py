@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..segment_io import segment_io
+from mllmc.compiler.core.segment_io import segment_io
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def compile_segment(
     `store`, the package holds no weights: they go to the store (saved by `store.save`)."""
     program = seg.program
     if torch.device(device).type != "cpu":
-        from ..torch_engine import on_device
+        from mllmc.compiler.core.capture import on_device
 
         on_device(program, device)
     io = segment_io(seg)

@@ -20,7 +20,7 @@ from typing import Any
 import onnx
 import torch
 
-from ..segment_io import rename_symbols
+from mllmc.compiler.core.segment_io import rename_symbols
 
 log = logging.getLogger(__name__)
 

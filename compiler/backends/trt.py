@@ -123,8 +123,8 @@ def compile_segment(seg: Any, out_dir: Path, dtype: str, max_seq_len: int) -> di
     import torch
     import torch_tensorrt
 
-    from ..segment_io import segment_io
-    from ..torch_engine import on_device
+    from mllmc.compiler.core.capture import on_device
+    from mllmc.compiler.core.segment_io import segment_io
 
     io = segment_io(seg)
     specs = input_specs(io["inputs"], max_seq_len)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # growing: the decode program takes each layer's cache and returns it one row longer (a copy);
 # static: it reads fixed-capacity buffers the runner owns and returns the new rows, so each step
-# has the same shapes and runs as one CUDA graph replay (_static_cache.py)
+# has the same shapes and runs as one CUDA graph replay (runtime/static_cache.py)
 DECODE_CACHES = ("growing", "static")
 
 

@@ -45,7 +45,7 @@ def open_segment(
 ) -> Any:
     """The runner of segment `name`. An artifact compiled with `--decode-cache static` holds a
     `decode_static` package beside `decode`: its decode runs that package over fixed-capacity
-    buffers (runtime/runners/_static_cache.py). With CUDA graphs (the default on CUDA; off with
+    buffers (runtime/static_cache.py). With CUDA graphs (the default on CUDA; off with
     `load(..., cuda_graphs=False)`), vision and prefill replay one graph per input shape and each
     static-cache decode step one graph per capacity bucket."""
     device = str(manifest.extra.get("device", "cpu"))
@@ -65,7 +65,7 @@ def open_segment(
             raise UserError(
                 f"corrupt artifact: the decode_static segment's inputs do not match decode's in {root}"
             )
-        from ._static_cache import StaticCacheDecoder
+        from ..static_cache import StaticCacheDecoder
 
         package = _open_package(root, "decode_static", static, device, options)
         runner = StaticCacheDecoder(name, entry, package.fn, device, cuda_graphs=graphs)
@@ -73,7 +73,7 @@ def open_segment(
         return runner
     runner = _open_package(root, name, entry, device, options)
     if graphs and name in ("vision", "prefill"):
-        from ._static_cache import GraphPerShape
+        from ..static_cache import GraphPerShape
 
         runner.fn = GraphPerShape(runner.fn, device, name)
     return runner
@@ -102,7 +102,7 @@ def _open_package(
 
     import torch
 
-    from ._torch import TorchCallRunner
+    from ..torch_runner import TorchCallRunner
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"artifact {root} runs on {device}: no CUDA device on this machine")

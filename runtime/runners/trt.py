@@ -37,7 +37,7 @@ def open_segment(
     import torch
     import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops the program calls)
 
-    from ._torch import TorchCallRunner
+    from ..torch_runner import TorchCallRunner
 
     path = root / entry.file
     try:

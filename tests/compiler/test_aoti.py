@@ -50,7 +50,7 @@ def tiny_aoti_shortv(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def check_parity(artifact: Path, model_dir: Path, image: Path, device: str = "cpu") -> None:
-    from mllmc.compiler.capture import load_model
+    from mllmc.compiler.core.capture import load_model
     from mllmc.compiler.verify import LOGIT_TOL, records_from_manifest, verify
 
     engine = load(artifact)

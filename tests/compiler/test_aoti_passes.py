@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from mllmc.compiler.capture import load_model
+from mllmc.compiler.core.capture import load_model
 
 from ..passes.test_pruning import PIPELINES
 

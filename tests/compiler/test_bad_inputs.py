@@ -90,7 +90,7 @@ def test_eval_data_refuses_bad_lines_and_images(tiny_model_dir, sample_image, tm
 
 
 def test_item_counts_are_bounded_and_streamed():
-    from mllmc.compiler.evaluate import MAX_ITEMS, task_items
+    from mllmc.compiler.tools.evaluate import MAX_ITEMS, task_items
 
     with pytest.raises(UserError, match=f"from 1 to {MAX_ITEMS}"):
         task_items("shapes-qa", 9_000_000)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from mllmc.compiler import bench
+from mllmc.compiler.tools import bench
 
 from .test_cli import mllmc, user_error
 

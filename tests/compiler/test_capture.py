@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from mllmc.compiler.capture import capture, load_model, read_config
-from mllmc.compiler.locator import locate_layers
+from mllmc.compiler.core.capture import capture, load_model, read_config
+from mllmc.compiler.core.locator import locate_layers
 from mllmc.compiler.pipeline import prepare_passes, resolve_passes
 from mllmc.runtime.errors import UserError
 
@@ -68,7 +68,7 @@ def test_locator_finds_every_layer(captured):
 def test_model_shape_from_config_agrees_with_the_loaded_model(request, model_fixture):
     """The shape pass options are checked against before the model loads (config.json alone)
     is the loaded model's."""
-    from mllmc.compiler.model_dir import model_shape
+    from mllmc.compiler.core.model_dir import model_shape
 
     model_dir = request.getfixturevalue(model_fixture)
     _, info = load_model(model_dir)
@@ -81,7 +81,7 @@ def test_model_shape_from_config_agrees_with_the_loaded_model(request, model_fix
 
 
 def test_model_shape_leaves_unstated_values_to_the_loaded_model():
-    from mllmc.compiler.model_dir import ModelShape, model_shape
+    from mllmc.compiler.core.model_dir import ModelShape, model_shape
 
     assert model_shape({"model_type": "llava"}) == ModelShape(None, None, None)
     cfg = {
@@ -116,7 +116,7 @@ def test_layer_windows_follow_hf_config_parsing():
     presence of a config.json key."""
     from transformers import LlavaConfig
 
-    from mllmc.compiler.capture import layer_windows
+    from mllmc.compiler.core.capture import layer_windows
 
     def windows(**text):
         return layer_windows(LlavaConfig(text_config={"num_hidden_layers": 3, **text}).text_config)
@@ -172,7 +172,7 @@ def test_sliding_window_matches_hf_past_the_window(
     window agree with HF eager on a ~26-token prompt and on decode steps past it."""
     from PIL import Image
 
-    from mllmc.compiler.capture import PrefillSegment
+    from mllmc.compiler.core.capture import PrefillSegment
 
     model_dir = _windowed_model_dir(tiny_model_dir, tmp_path / text_type, text_type, **window)
     model, info = load_model(model_dir)

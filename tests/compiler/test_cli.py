@@ -241,7 +241,7 @@ def test_input_checks_come_before_torch_loads(tmp_path, tiny_model_dir):
     ]
     code = (
         "import json, sys\n"
-        "from mllmc.compiler.cli import main\n"
+        "from mllmc.compiler.tools.cli import main\n"
         "codes = [main([str(a) for a in case]) for case in json.loads(sys.argv[1])]\n"
         "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))\n"
     )

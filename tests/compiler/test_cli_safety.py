@@ -90,7 +90,7 @@ def test_force_replaces_only_an_mllmc_artifact(
 def test_force_replaces_an_artifact_in_one_swap(tiny_base_artifact, tmp_path):
     """The swap compile ends with, run directly: the old artifact is renamed aside, the new one
     renamed in, the old one deleted; nothing else is left beside it."""
-    from mllmc.compiler.artifact import staged_directory
+    from mllmc.compiler.files.artifact import staged_directory
 
     art = tmp_path / "art"
     shutil.copytree(tiny_base_artifact, art)
@@ -142,7 +142,7 @@ def test_a_killed_compile_leaves_nothing_behind(tiny_model_dir, tmp_path, signum
 
 
 def test_stale_temp_dirs_of_dead_writers_are_removed_never_live_ones(tmp_path):
-    from mllmc.compiler.outputs import TEMP_MARKER
+    from mllmc.compiler.files.outputs import TEMP_MARKER
 
     out = tmp_path / "m"
     dead = tmp_path / ".m.tmp-99999999-abc"  # above any pid_max: no such process
@@ -365,7 +365,8 @@ def test_bench_writes_its_artifacts_where_asked_or_to_a_temporary_directory(
     """bench compiles into --artifacts-dir (an existing artifact replaced only with --force) or
     into a temporary directory it removes; never beside -o, into the current directory or the
     source tree. The compile itself is the base artifact fixture, copied."""
-    from mllmc.compiler import bench, pipeline
+    from mllmc.compiler import pipeline
+    from mllmc.compiler.tools import bench
     from mllmc.runtime.manifest import read_manifest
 
     name = f"{tiny_model_dir.name}-mllmc_onnx"
@@ -475,7 +476,7 @@ def test_a_link_is_never_written_through(
 def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch):
     """Every file mllmc writes takes its name at the end only if nothing has it by then, without
     --force: a file, or a dangling link, made while mllmc worked is kept."""
-    from mllmc.compiler import outputs
+    from mllmc.compiler.files import outputs
 
     checked = outputs.check_output_file
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from mllmc.compiler.capture import load_model
+from mllmc.compiler.core.capture import load_model
 from mllmc.compiler.pipeline import compile_model
 from mllmc.compiler.verify import records_from_manifest, verify
 from mllmc.runtime import load
@@ -167,7 +167,7 @@ def test_kv_cache_bytes_follow_the_engines_dtype(tiny_base_artifact):
     half a float32 one's."""
     import dataclasses
 
-    from mllmc.compiler.inspect import kv_cache_bytes
+    from mllmc.compiler.tools.inspect_artifact import kv_cache_bytes
     from mllmc.runtime.manifest import read_manifest
 
     m = read_manifest(tiny_base_artifact)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllmc.compiler import shapes_qa
-from mllmc.compiler.evaluate import evaluate, normalise, task_items, write_jsonl
+from mllmc.compiler.data import shapes_qa
+from mllmc.compiler.tools.evaluate import evaluate, normalise, task_items, write_jsonl
 from tests.compiler.test_cli import mllmc, user_error
 
 # What the shipped weights are stated to reach (README "Accuracy"; held-out accuracy of the fp16
@@ -138,8 +138,8 @@ def test_trained_preset_ships_its_weights(trained_model_dir):
     """The written directory holds the shipped float16 weights (as float32) and tokenizer."""
     from safetensors.torch import load_file
 
-    from mllmc.compiler.capture import load_model
-    from mllmc.compiler.presets import ASSETS, PRESETS
+    from mllmc.compiler.core.capture import load_model
+    from mllmc.compiler.data.presets import ASSETS, PRESETS
 
     spec = PRESETS["trained-tiny-llava"]
     shipped = load_file(str(ASSETS / spec.weights))
@@ -214,7 +214,7 @@ def test_training_script_runs_and_writes_a_loadable_preset(tmp_path):
 
     from safetensors.torch import load_file
 
-    from mllmc.compiler.presets import PRESETS, build_model
+    from mllmc.compiler.data.presets import PRESETS, build_model
 
     script = Path(__file__).parents[2] / "benchmarks" / "train_shapes_llava.py"
     args = ["--scene-steps", "3", "--distill-steps", "3", "--steps", "3", "--eval-items", "8"]

@@ -27,7 +27,7 @@ def refused_before_torch(cases: list[tuple[list[Any], str]]) -> None:
     ends the process), and torch must never have been imported."""
     code = (
         "import contextlib, io, json, sys\n"
-        "from mllmc.compiler.cli import main\n"
+        "from mllmc.compiler.tools.cli import main\n"
         "results = []\n"
         "for case in json.loads(sys.argv[1]):\n"
         "    err = io.StringIO()\n"

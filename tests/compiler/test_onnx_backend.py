@@ -39,8 +39,8 @@ def test_rename_symbols_whole_identifiers_only():
 @pytest.mark.slow  # a 24-layer capture + ONNX export takes ~1 min on 2 cores
 def test_deep_decoder_dims_named_per_layer(tmp_path: Path):
     from mllmc.compiler.backends.onnx import export_segment
-    from mllmc.compiler.capture import export_decode, load_model
-    from mllmc.compiler.presets import PresetSpec, write_model
+    from mllmc.compiler.core.capture import export_decode, load_model
+    from mllmc.compiler.data.presets import PresetSpec, write_model
 
     model_dir = write_model(PresetSpec(**DEEP_SPEC), tmp_path / "deep", seed=0)
     model, info = load_model(model_dir)

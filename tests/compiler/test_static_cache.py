@@ -1,5 +1,5 @@
 """Decode over fixed-capacity cache buffers (the static-cache program and its runner,
-runtime/runners/_static_cache.py): the same 16 greedy tokens and logits as HF generate and as
+runtime/static_cache.py): the same 16 greedy tokens and logits as HF generate and as
 the growing-cache decode, with and without a pass that leaves layers with different cache
 lengths, across capacity buckets and across prompts; on CUDA, the same again as CUDA graph
 replays."""
@@ -9,16 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mllmc.compiler.capture import capture, load_model
+from mllmc.compiler.core.capture import capture, load_model, processor_inputs
 from mllmc.compiler.pipeline import prepare_passes, resolve_passes, run_passes
-from mllmc.compiler.torch_engine import TorchEngine, segment_entry
-from mllmc.compiler.verify import (
-    DEFAULT_PROMPT,
-    LOGIT_TOL,
-    compare,
-    eager_generate,
-    processor_inputs,
-)
+from mllmc.compiler.tools.torch_engine import TorchEngine, segment_entry
+from mllmc.compiler.verify import DEFAULT_PROMPT, LOGIT_TOL, compare, eager_generate
 
 needs_cuda = [
     pytest.mark.gpu,

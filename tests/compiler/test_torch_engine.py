@@ -8,16 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mllmc.compiler.capture import capture, model_info
-from mllmc.compiler.torch_engine import TorchEngine
-from mllmc.compiler.verify import (
-    DEFAULT_PROMPT,
-    LOGIT_TOL,
-    compare,
-    eager_generate,
-    processor_inputs,
-)
-from mllmc.passes import PassRecord, get_pass
+from mllmc.compiler.core.capture import capture, model_info, processor_inputs
+from mllmc.compiler.core.pass_types import PassRecord
+from mllmc.compiler.tools.torch_engine import TorchEngine
+from mllmc.compiler.verify import DEFAULT_PROMPT, LOGIT_TOL, compare, eager_generate
+from mllmc.passes import get_pass
 from mllmc.passes.shortv import ShortVConfig, shortv
 
 DEVICES = [

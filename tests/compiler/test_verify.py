@@ -88,7 +88,7 @@ def test_verify_teacher_forces_eager_with_the_engines_tokens(tiny_model_dir, mon
     """`verify` with a fake engine that takes eager's runner-up at step 1 (a near-tie under a
     tolerance of that gap) and is wrong afterwards: every step is compared and it fails."""
     import mllmc.runtime
-    from mllmc.compiler.capture import load_model
+    from mllmc.compiler.core.capture import load_model
     from mllmc.compiler.verify import eager_generate, probe_image, verify
 
     model, info = load_model(tiny_model_dir)

@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from mllmc.compiler.capture import load_model
+    from mllmc.compiler.core.capture import load_model
 
     return load_model(tiny_model_dir)
 
@@ -19,8 +19,9 @@ def tiny(tiny_model_dir):
 def test_layer_contribution_matches_full_ablated_forwards(tiny):
     from transformers import AutoProcessor
 
-    from mllmc.compiler.verify import processor_inputs
-    from mllmc.passes.calibration import _kl, builtin_samples, layer_contribution
+    from mllmc.compiler.core.capture import processor_inputs
+    from mllmc.compiler.data.calib_images import builtin_samples
+    from mllmc.passes.calibration import _kl, layer_contribution
     from mllmc.passes.shortv import keep_rows
 
     model, info = tiny

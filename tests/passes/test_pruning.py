@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from mllmc.compiler.capture import capture, load_model
-from mllmc.compiler.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
+from mllmc.compiler.core.capture import capture, load_model
+from mllmc.compiler.core.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
 from mllmc.compiler.pipeline import check_order, prepare_passes, resolve_passes, run_passes
 from mllmc.runtime.errors import UserError
 from tests.compiler.test_cli import mllmc, user_error
@@ -236,8 +236,8 @@ def test_engine_matches_composed_references_for_16_tokens(
 ):
     """Prefill and 15 decode steps through the ONNX engine (per-layer cache lengths, decode
     positions from the manifest) against HF generate with the composed eager references."""
-    from mllmc.compiler.inspect import kv_cache_bytes
     from mllmc.compiler.pipeline import compile_model
+    from mllmc.compiler.tools.inspect_artifact import kv_cache_bytes
     from mllmc.compiler.verify import records_from_manifest, verify
 
     model_dir = request.getfixturevalue(model_fixture)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mllmc.compiler.capture import capture, load_model
-from mllmc.compiler.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
-from mllmc.compiler.locator import locate_layers
+from mllmc.compiler.core.capture import capture, load_model
+from mllmc.compiler.core.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
+from mllmc.compiler.core.locator import locate_layers
 from mllmc.passes import get_pass, parse_pass_spec
 from mllmc.passes.shortv import ShortVConfig, keep_rows, prepare, shortv
 from mllmc.runtime.errors import UserError
@@ -71,7 +71,7 @@ def test_rewrite_in_half_precision(tiny_model_dir, sample_image, dtype):
     previous one left it."""
     from transformers import LlavaForConditionalGeneration
 
-    from mllmc.compiler.capture import model_info
+    from mllmc.compiler.core.capture import model_info
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=dtype).eval()
     info = model_info(model, tiny_model_dir)
@@ -187,7 +187,8 @@ def test_parse_pass_spec_values():
 
 
 def test_calibration_order_is_deterministic_and_used(captured, tmp_path):
-    from mllmc.passes.calibration import builtin_samples, layer_contribution
+    from mllmc.compiler.data.calib_images import builtin_samples
+    from mllmc.passes.calibration import layer_contribution
 
     _, model, info, _ = captured
     samples = builtin_samples(info, n=2)

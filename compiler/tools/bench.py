@@ -261,9 +261,8 @@ def check_lengths(model_dir: str | Path, n_text: int, decode_tokens: int) -> Non
     """Refuse text and decode token counts whose sequence (text + visual + decoded tokens) is
     longer than the model takes: its max_position_embeddings, and at most the longest sequence a
     captured graph accepts (MAX_SEQ). Reads config.json only, before anything loads."""
+    from mllmc.compiler.core.model_dir import MAX_SEQ, model_shape, read_config
     from mllmc.runtime.errors import UserError
-
-    from .model_dir import MAX_SEQ, model_shape, read_config
 
     cfg = read_config(model_dir)
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
@@ -371,7 +370,7 @@ def eager_timers(
     on the model's device and in its dtype."""
     from transformers import AutoProcessor
 
-    from .verify import processor_inputs
+    from mllmc.compiler.core.capture import processor_inputs
 
     param = next(model.parameters())
     inputs = processor_inputs(AutoProcessor.from_pretrained(model_dir), image, prompt)
@@ -586,7 +585,7 @@ def decode_bytes(info: Any, past: int, itemsize: int = 4) -> int:
 def plan_prefill_flops(manifest: Any, n_text: int) -> int:
     """Analytic LLM-prefill FLOPs of an artifact for n_text text tokens, from its layer plan
     (and the layers a pass scores one extra attention row in, as its stats record)."""
-    from .flops import analytic_prefill_flops
+    from mllmc.compiler.core.flops import analytic_prefill_flops
 
     scored = [p.stats["score_layer"] for p in manifest.passes if "score_layer" in p.stats]
     return analytic_prefill_flops(
@@ -628,12 +627,12 @@ def bench(
     checked before any work; None: a temporary directory, removed when the timing is done."""
     import tempfile
 
+    from mllmc.compiler import backends
+    from mllmc.compiler.core.capture import load_model
+    from mllmc.compiler.files import artifact, outputs
+    from mllmc.compiler.pipeline import compile_model
+    from mllmc.compiler.verify import probe_image
     from mllmc.runtime import load
-
-    from . import artifact, backends, outputs
-    from .capture import load_model
-    from .pipeline import compile_model
-    from .verify import probe_image
 
     options = backends.resolve_options(target, backends.TargetOptions(device, dtype))
     check_lengths(model_dir, n_text, decode_tokens)
@@ -684,7 +683,7 @@ def bench(
     n = rows["hf_eager"]["prompt_tokens"]
     peak = roofline(info, n, repeats, options.device, torch_dtype, threads)
     base_manifest = manifests[variants[0][0]]
-    from .inspect import kv_cache_bytes
+    from .inspect_artifact import kv_cache_bytes
 
     flops = {}
     for name in rows:
@@ -808,7 +807,7 @@ def plot(report: dict[str, Any], path: Path, force: bool = True) -> None:
     temporary file; an existing file is replaced only with `force`)."""
     import matplotlib
 
-    from .outputs import write_figure
+    from mllmc.compiler.files.outputs import write_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -852,7 +851,7 @@ def bench_cli(
 ) -> dict[str, Any]:
     """`mllmc bench`: print the table; with `output`, also write the report (JSON) there and
     its chart beside it (.png), each replacing an existing file only with `force`."""
-    from .outputs import write_file
+    from mllmc.compiler.files.outputs import write_file
 
     report = bench(
         model_dir,

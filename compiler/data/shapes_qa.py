@@ -17,7 +17,7 @@ the area of every other. `item(seed)` is a pure function of the seed (same seed 
 bytes, question and answer); the kinds cycle with the seed, so every split is balanced across
 kinds. The train split draws seeds from [0, 10^7), the held-out split from [10^8, ...): disjoint.
 
-    from mllmc.compiler.shapes_qa import items
+    from mllmc.compiler.data.shapes_qa import items
     for it in items("heldout", 100):
         it.image, it.question, it.answer, it.kind      # PIL image (128x128 RGB), str, str, str
 

@@ -4,7 +4,7 @@
     report = evaluate("models/trained-tiny-llava", data="my.jsonl")    # a Hugging Face model dir
     print(report.line(), report.per_kind)
 
-Items come from a built-in task (`shapes-qa`, compiler/shapes_qa.py) or a JSON-lines file with
+Items come from a built-in task (`shapes-qa`, compiler/data/shapes_qa.py) or a JSON-lines file with
 one {"image": ..., "prompt": ..., "answer": ...} object a line ("image" is a path relative to the
 file, or absolute; an optional "kind" groups the accuracy). An mllmc artifact runs through the
 runtime Engine (greedy, `max_new_tokens` tokens, stops at EOS); a Hugging Face directory runs HF
@@ -144,7 +144,7 @@ def task_items(task: str, n: int, split: str = "heldout") -> Items:
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     check_count(n)
-    from . import shapes_qa
+    from mllmc.compiler.data import shapes_qa
 
     def make() -> Iterator[EvalItem]:
         for it in shapes_qa.items(split, n):
@@ -284,8 +284,7 @@ def hf_runner(
     import torch
     from transformers import AutoProcessor
 
-    from .capture import load_model
-    from .verify import processor_inputs
+    from mllmc.compiler.core.capture import load_model, processor_inputs
 
     if threads:
         torch.set_num_threads(threads)

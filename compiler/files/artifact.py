@@ -39,8 +39,8 @@ from . import outputs
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from mllmc.compiler.capture import Segments
-    from mllmc.passes import PassRecord
+    from mllmc.compiler.core.capture import Segments
+    from mllmc.compiler.core.pass_types import PassRecord
 
 __all__ = ["build_manifest", "copy_preprocessing", "staged_directory", "write_manifest"]
 
@@ -98,7 +98,7 @@ def replaceable(path: Path) -> str | None:
 
 def staged_directory(out: str | os.PathLike, force: bool = False) -> ContextManager[Path]:
     """Write an artifact: a temporary directory that becomes `out` when complete (see
-    `mllmc.compiler.outputs.staged_directory`); --force replaces only another artifact."""
+    `mllmc.compiler.files.outputs.staged_directory`); --force replaces only another artifact."""
     return outputs.staged_directory(out, force=force, replaceable=replaceable)
 
 

@@ -3,7 +3,7 @@ static-cache program: cache buffers of a fixed capacity that the runner owns, so
 decode step has the same shapes and, on CUDA, runs as one CUDA graph replay instead of one host
 launch per op.
 
-The program (compiler/capture.py, `StaticCacheDecodeSegment`) takes input_ids, position_ids,
+The program (compiler/core/capture.py, `StaticCacheDecodeSegment`) takes input_ids, position_ids,
 cache_len (L,) and the buffers, and returns the logits and each layer's new row; this runner
 writes the rows in place at cache_len and advances it, inside the same graph. The `present.*`
 it returns are views of its buffers (`buffer[:, :, :len]`), handed back to it by the generate
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import UserError
-from . import check_feeds
-from ._torch import TorchCallRunner, torch_dtype
+from .errors import UserError
+from .runners import check_feeds
+from .torch_runner import TorchCallRunner, torch_dtype
 
 if TYPE_CHECKING:
-    from ..manifest import SegmentEntry
+    from .manifest import SegmentEntry
 
 DEFAULT_BUCKET = 256
 MAX_BUCKETS = 2  # buffer sets (and decode graphs) kept per runner

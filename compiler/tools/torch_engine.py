@@ -14,25 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mllmc.compiler.core.capture import on_device
+from mllmc.compiler.core.segment_io import segment_io
 from mllmc.runtime.engine import SegmentLoop
 from mllmc.runtime.manifest import SegmentEntry, from_json
-from mllmc.runtime.runners._static_cache import DEFAULT_BUCKET, GraphPerShape, StaticCacheDecoder
-from mllmc.runtime.runners._torch import TorchCallRunner
-
-from .segment_io import segment_io
-
-
-def on_device(program: torch.export.ExportedProgram, device: str) -> torch.fx.GraphModule:
-    """The program as a module on `device`: its weights and the devices its graph creates
-    tensors on (arange, ...) moved there. Moves the program in place; its weights are the
-    model's, so move the model first and nothing is copied twice."""
-    from torch.export.passes import move_to_device_pass
-
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        # the graph's tensor-metadata asserts compare device strings: 'cuda' != 'cuda:0'
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return move_to_device_pass(program, dev).module()
+from mllmc.runtime.static_cache import DEFAULT_BUCKET, GraphPerShape, StaticCacheDecoder
+from mllmc.runtime.torch_runner import TorchCallRunner
 
 
 def segment_entry(seg: Any, file: str = "") -> SegmentEntry:
@@ -45,7 +32,7 @@ class TorchEngine(SegmentLoop):
 
     compile: vision and prefill run through torch.compile (Inductor).
     static_cache: decode runs the static-cache program (`capture(..., static_decode=True)`) over
-    buffers of `bucket`-row capacity steps (runtime/runners/_static_cache.py); same tokens and
+    buffers of `bucket`-row capacity steps (runtime/static_cache.py); same tokens and
     logits as the default decode, whose cache grows by a copy each step.
     cuda_graphs (CUDA only; implies static_cache): each decode step is one CUDA graph replay per
     capacity bucket, and vision and prefill one replay per input shape (prompt length), so no

@@ -8,14 +8,14 @@
 
 and, on demand, the same decode step over fixed-capacity cache buffers
 (`export_static_cache_decode`: the shapes a CUDA graph needs, run by
-runtime/runners/_static_cache.py behind the decode contract above).
+runtime/static_cache.py behind the decode contract above).
 
 The model is loaded with the same code a user's real LLaVA goes through
 (`LlavaForConditionalGeneration.from_pretrained`), and every weight stays an HF module: the
 segments below only re-write the *forward* of the decoder, op by op, so that the exported graph is
 static (no data-dependent image-token search, no DynamicCache object, no NonZero), and so that each
 node keeps an `nn_module_stack` entry that says which layer and which projection it belongs to
-(`layers.3.self_attn.q_proj`): `compiler/locator.py` reads that to find what a pass rewrites.
+(`layers.3.self_attn.q_proj`): `compiler/core/locator.py` reads that to find what a pass rewrites.
 
 What we take from transformers and what we write ourselves:
 - taken: config parsing, weight loading, the vision tower (CLIPVisionModel, exported as is), the
@@ -386,7 +386,7 @@ class StaticCacheDecodeSegment(_Decoder):
     the same from step to step). input_ids (1, 1), position_ids (1, 1), cache_len (L,) int64,
     k_0, v_0, ... (1, kvh, C, hd) of which the first cache_len[l] rows of layer l are its cache
     -> logits (1, V), then this token's k_0, v_0, ... rows (1, kvh, 1, hd), which the caller
-    writes at row cache_len[l] of its buffers (runtime/runners/_static_cache.py)."""
+    writes at row cache_len[l] of its buffers (runtime/static_cache.py)."""
 
     def forward(self, input_ids, position_ids, cache_len, *past):
         h = self.embed_tokens(input_ids)  # (1, 1, d)
@@ -631,3 +631,31 @@ def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> S
         model=model,
         static_decode=export_static_cache_decode(model, info) if static_decode else None,
     )
+
+
+def processor_inputs(processor: Any, image: Any, prompt: str) -> Any:
+    """The HF processor's tensors for one image (a PIL image or a path) and a prompt; a prompt
+    without the image token gets the model's chat template, as the runtime does."""
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        image = Image.open(image)
+    if getattr(processor, "image_token", "<image>") not in prompt:
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
+def on_device(program: torch.export.ExportedProgram, device: str) -> torch.fx.GraphModule:
+    """The program as a module on `device`: its weights and the devices its graph creates
+    tensors on (arange, ...) moved there. Moves the program in place; its weights are the
+    model's, so move the model first and nothing is copied twice."""
+    from torch.export.passes import move_to_device_pass
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        # the graph's tensor-metadata asserts compare device strings: 'cuda' != 'cuda:0'
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return move_to_device_pass(program, dev).module()

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import check_feeds
+from .runners import check_feeds
 
 if TYPE_CHECKING:
-    from ..manifest import SegmentEntry
+    from .manifest import SegmentEntry
 
 
 def torch_dtype(name: str) -> torch.dtype:

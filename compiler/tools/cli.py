@@ -16,10 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mllmc.compiler.files.outputs import check_output_file, check_output_folder
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.runners import DECODE_CACHES
-
-from .outputs import check_output_file, check_output_folder
 
 EXAMPLES = """\
 examples:
@@ -98,7 +97,7 @@ def _passes(args: argparse.Namespace) -> list[tuple[Any, Any]]:
 
 
 def cmd_preset(args: argparse.Namespace) -> int:
-    from .presets import write_preset
+    from mllmc.compiler.data.presets import write_preset
 
     if args.device != "cpu":
         import torch
@@ -115,7 +114,7 @@ def cmd_preset(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .pipeline import compile_model
+    from mllmc.compiler.pipeline import compile_model
 
     result = compile_model(
         args.model,
@@ -148,7 +147,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .model_dir import read_config
+    from mllmc.compiler.core.model_dir import read_config
 
     # checks that need no model first: a bad option is refused before torch loads
     if args.pass_name not in ("shortv", "vte"):
@@ -160,7 +159,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 "calibrate --pass vte needs --threshold T (the largest mean KL allowed)"
             )
         check_output_file(args.output, args.force, "exit file")
-        from mllmc.passes.calibration import calibrate_exit_cli
+        from .calibrate import calibrate_exit_cli
 
         calibrate_exit_cli(
             args.model,
@@ -178,7 +177,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_output_file(args.output, args.force, "LC file")
     if not args.no_plot:
         check_output_file(Path(args.output).with_suffix(".png"), args.force, "LC chart")
-    from mllmc.passes.calibration import calibrate_cli
+    from .calibrate import calibrate_cli
 
     calibrate_cli(
         args.model,
@@ -218,9 +217,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from mllmc.compiler.files.outputs import write_file
     from mllmc.runtime import load
-
-    from .outputs import write_file
 
     check_output_file(args.save_logits, args.force, "logits")
     engine = load(
@@ -256,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_artifact
+    from mllmc.compiler.verify import verify_artifact
 
     report = verify_artifact(
         args.artifact,
@@ -271,16 +269,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import describe
+    from .inspect_artifact import describe
 
     print(describe(args.artifact, as_json=args.json))
     return 0
 
 
 def cmd_golden(args: argparse.Namespace) -> int:
+    from mllmc.compiler.files.outputs import write_file
     from mllmc.runtime import golden
-
-    from .outputs import write_file
 
     if args.golden_cmd == "record":
         check_output_file(args.output, args.force, "golden file")
@@ -299,8 +296,8 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .backends import TargetOptions, resolve_options
-    from .model_dir import read_config
+    from mllmc.compiler.backends import TargetOptions, resolve_options
+    from mllmc.compiler.core.model_dir import read_config
 
     passes = _passes(args)
     resolve_options(args.target, TargetOptions(args.device, args.dtype))
@@ -356,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    from .presets import PRESETS
+    from mllmc.compiler.data.presets import PRESETS
 
     sp = add(
         "preset", "write a random-init LLaVA model directory (for tests and benchmarks)", cmd_preset

@@ -1,6 +1,6 @@
 """Tiny and small LLaVA-1.5 model directories for tests and benchmarks: random-init ones, and
 `trained-tiny-llava`, whose weights and tokenizer were trained on the shapes-qa task
-(compiler/shapes_qa.py) by benchmarks/train_shapes_llava.py and ship in compiler/assets/.
+(compiler/data/shapes_qa.py) by benchmarks/train_shapes_llava.py and ship in compiler/data/assets/.
 
 `write_preset(name, out_dir, seed)` writes a complete Hugging Face model directory (config.json,
 model.safetensors, tokenizer.json + tokenizer_config.json with the `<image>` token, the
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mllmc.compiler.files.outputs import check_names, check_output_dir, staged_directory
 from mllmc.runtime.errors import UserError
 
-from .outputs import check_names, check_output_dir, staged_directory
 from .shapes_qa import tokenizer_corpus
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class PresetSpec:
     dtype: str = "float32"  # dtype the weights are built and saved in
     # words the tokenizer is trained on besides the built-in corpus
     extra_corpus: str = ""
-    # trained weights (a safetensors file) and their tokenizer.json, under compiler/assets/;
+    # trained weights (a safetensors file) and their tokenizer.json, under compiler/data/assets/;
     # None: random init and a tokenizer trained on the corpus
     weights: str | None = None
     tokenizer_file: str | None = None
