@@ -1,4 +1,4 @@
-"""Baseline benchmark (issue: foundation): on small-llava, in one process,
+"""Baseline benchmark: on small-llava, in one process,
 HF eager vs the mllmc ONNX engine vs the same model exported by `transformers.exporters`.
 
     python benchmarks/baseline.py [--model models/small-llava] [--out benchmarks/results]
@@ -106,11 +106,11 @@ def main() -> None:
 
     n = rows["hf_eager"]["prompt_tokens"]
     peak = bench.roofline(info, n, args.repeats)
-    flops = analytic_prefill_flops(info, n - info.num_visual_tokens)
+    flops = analytic_prefill_flops(info, n - info.visual_tokens)
     bench.add_ratios(rows, info, peak, dict.fromkeys(rows, flops))
     report = {
         "model": str(model_dir),
-        "visual_tokens": info.num_visual_tokens,
+        "visual_tokens": info.visual_tokens,
         "prompt_tokens": n,
         "decode_tokens": args.decode_tokens,
         "threads": torch.get_num_threads(),

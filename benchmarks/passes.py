@@ -67,7 +67,7 @@ def run(
     prompt = bench.prompt_for(n_text)
     entries = {"hf_eager": bench.eager_entry(model, model_dir, image, prompt, decode_tokens)}
     manifests = {}
-    configs = {"onnx": [], **variants(info.num_layers, info.num_visual_tokens)}
+    configs = {"onnx": [], **variants(info.num_layers, info.visual_tokens)}
     for name, specs in configs.items():
         path = out / "artifacts" / f"{Path(model_dir).name}-{name.replace(':', '-')}"
         if reuse and (path / "manifest.json").is_file():
@@ -85,7 +85,7 @@ def run(
     if compile_only:
         return None
     rows = bench.side_by_side(entries, repeats)
-    n_text_eager = rows["hf_eager"]["prompt_tokens"] - info.num_visual_tokens
+    n_text_eager = rows["hf_eager"]["prompt_tokens"] - info.visual_tokens
     flops = {}
     for name in rows:
         m = manifests.get(name, manifests["onnx"])
@@ -101,7 +101,7 @@ def run(
         row["measured_speedup_vs_onnx"] = base["llm_prefill_s"] / row["llm_prefill_s"]
     return {
         "model": model_dir,
-        "visual_tokens": info.num_visual_tokens,
+        "visual_tokens": info.visual_tokens,
         "prompt_tokens": rows["hf_eager"]["prompt_tokens"],
         "decode_tokens": decode_tokens,
         "repeats": repeats,

@@ -1,4 +1,4 @@
-"""ShortV benchmark (issue: ShortV): small-llava, 576 visual tokens, ratio 0.6, in one process:
+"""ShortV benchmark: small-llava, 576 visual tokens, ratio 0.6, in one process:
 prefill time of HF eager, the unrewritten ONNX engine and the ShortV ONNX engine; measured
 speedup vs the FLOPs-ideal speedup.
 

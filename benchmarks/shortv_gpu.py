@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from mllmc.compiler.tools.bench import best_gemm_flops, device_sync, median_time
+from mllmc.runtime.static_cache import GraphPerShape
 
 
 def device_time(fn, repeats: int) -> float:
@@ -100,7 +101,7 @@ def gemm_peak(info: Any, n: int, dtype: torch.dtype, device: str, repeats: int) 
     return best_gemm_flops(info, n, time_of, device=device, dtype=dtype) / 1e12
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -133,124 +134,42 @@ def main() -> None:
         "attention held to the memory-efficient kernel, '@efficient': does the kernel PyTorch "
         "picks for the frozen layers' few-row masked attention (cuDNN) cost host time?",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("shortv_gpu: no CUDA device; this benchmark runs on a GPU", file=sys.stderr)
         sys.exit(2)
-    device = args.device
+    from transformers import AutoProcessor
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from mllmc.compiler.core.capture import (
-        capture,
-        model_info,
-        on_device,
-        processor_inputs,
-        read_config,
-    )
-    from mllmc.compiler.core.flops import analytic_prefill_flops
-    from mllmc.compiler.data.presets import write_preset
+    from mllmc.compiler.core.capture import processor_inputs
     from mllmc.compiler.tools.bench import prompt_for
     from mllmc.compiler.verify import probe_image
-    from mllmc.passes.shortv import ShortVConfig, keep_rows, prepare, shortv
-    from mllmc.runtime.static_cache import GraphPerShape
+    from mllmc.passes.shortv import keep_rows
 
+    device, dtype = args.device, getattr(torch, args.dtype)
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        t0 = time.perf_counter()
-        write_preset(args.preset or model_dir.name, model_dir, device=device)
-        print(f"wrote {model_dir} in {time.perf_counter() - t0:.0f} s")
-    read_config(model_dir)
-    dtype = getattr(torch, args.dtype)
-    t0 = time.perf_counter()
-    # load, capture and rewrite on the CPU; then the model and the programs move to the GPU
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype).eval()
-    info = model_info(model, model_dir)
-    layers = tuple(json.loads(args.layers)) if args.layers else None
-    cfg = prepare(ShortVConfig(layers=layers, ratio=args.ratio), model, info)
-    segments = capture(model, info, static_decode=args.decode)
-    rewritten = shortv(segments, cfg).segments
-    model = model.to(device)
-    vision_fn = on_device(segments.vision.program, device)
-    base_fn = on_device(segments.prefill.program, device)
-    short_fn = on_device(rewritten.prefill.program, device)
-    setup_s = time.perf_counter() - t0
-    print(f"loaded, captured and rewrote in {setup_s:.0f} s; frozen {list(cfg.layers)}")
-    print(f"  ({cfg.order_from})")
-
+    model, model_info, cfg, segments, fns = load_and_rewrite(args, model_dir, dtype)
+    vision_fn, base_fn, short_fn = fns
     processor = AutoProcessor.from_pretrained(str(model_dir))
-    image, prompt = probe_image(info.image_size), prompt_for(args.text_tokens)
+    image, prompt = probe_image(model_info.image_size), prompt_for(args.text_tokens)
     inputs = processor_inputs(processor, image, prompt).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     ids = inputs["input_ids"]
     n = ids.shape[1]
-    start = torch.tensor([int((ids[0] == info.image_token_id).int().argmax())], device=device)
+    image_start = int((ids[0] == model_info.image_token_id).int().argmax())
+    start = torch.tensor([image_start], device=device)
 
     with torch.no_grad():
         feats = vision_fn(inputs["pixel_values"])
-        rows: dict[str, Any] = {}
-
-        def hf_full():
-            return model(**inputs, use_cache=True, logits_to_keep=1)
-
-        def hf_vision():
-            return model.model.get_image_features(pixel_values=inputs["pixel_values"])
-
-        t_full, t_vision = device_time(hf_full, args.repeats), device_time(hf_vision, args.repeats)
-        rows["hf_eager"] = {"llm_prefill_s": t_full - t_vision, "frozen": []}
+        rows: dict[str, Any] = {"hf_eager": time_hf_eager(model, inputs, args.repeats)}
         profiles: dict[str, str] = {}
-        variants = [("mllmc_torch", base_fn, []), ("mllmc_torch+shortv", short_fn, cfg.layers)]
-        if not args.no_compile:
-            variants += [
-                ("mllmc_torch_compile", torch.compile(base_fn, dynamic=False), []),
-                ("mllmc_torch_compile+shortv", torch.compile(short_fn, dynamic=False), cfg.layers),
-            ]
-        if args.cuda_graphs and device == "cuda":
-            variants += [
-                ("mllmc_cuda_graphs", GraphPerShape(base_fn, device), []),
-                ("mllmc_cuda_graphs+shortv", GraphPerShape(short_fn, device), cfg.layers),
-            ]
-        elif args.cuda_graphs:
-            print("  mllmc_cuda_graphs rows: skipped, they need a CUDA device")
-        if args.cuda_graphs:
-            graphs = {"mode": "reduce-overhead", "dynamic": False}
-            variants += [
-                ("mllmc_compile_graphs", torch.compile(base_fn, **graphs), []),
-                ("mllmc_compile_graphs+shortv", torch.compile(short_fn, **graphs), cfg.layers),
-            ]
-        if args.sdpa_ab and device == "cuda":
-            variants.append(("mllmc_torch+shortv@efficient", short_fn, cfg.layers))
-            if args.cuda_graphs:
-                short_graphs = GraphPerShape(short_fn, device)
-                variants.append(("mllmc_cuda_graphs+shortv@efficient", short_graphs, cfg.layers))
-        elif args.sdpa_ab:
-            print("  @efficient rows: skipped, they need a CUDA device")
-        for name, fn, frozen in variants:
-            backend = nullcontext()
-            if name.endswith("@efficient"):
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                backend = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
-
-            def call(fn=fn, backend=backend):
-                with backend:
-                    return fn(ids, feats, start)
-
-            t0 = time.perf_counter()
-            call()  # compiles, for the torch.compile rows; captures, for the graph rows
-            first_s = time.perf_counter() - t0
-            t = device_time(call, args.repeats)
-            kernels = kernel_time(call)
-            rows[name] = {
-                "llm_prefill_s": t,
-                "kernel_s": kernels,
-                "frozen": list(frozen),
-                "first_call_s": first_s,
-            }
-            kernel_text = f", kernels {kernels * 1e3:.2f} ms" if kernels is not None else ""
-            print(f"  {name}: {t * 1e3:.2f} ms{kernel_text} (first call {first_s:.1f} s)")
-            if args.profile:
-                profiles[name] = kernel_table(call)
+        for name, fn, frozen in prefill_variants(args, base_fn, short_fn, cfg.layers):
+            rows[name], profile = time_variant(args, name, fn, frozen, (ids, feats, start))
+            if profile is not None:
+                profiles[name] = profile
 
         # parity in the model's dtype: unrewritten vs HF, ShortV vs HF with the frozen-row hooks
         hf_logits = model(**inputs).logits[0, -1].float()
@@ -261,25 +180,169 @@ def main() -> None:
         short_logits = short_fn(ids, feats, start)[0][0].float()
         decode = measure_decode(args, segments, base_out, n) if args.decode else None
 
-    def parity(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
-        return {
-            "max_abs_logit_diff": float((a - b).abs().max()),
-            "logit_scale": float(b.abs().max()),
-            "top1_match": bool(a.argmax() == b.argmax()),
-        }
+    peak = gemm_peak(model_info, n, dtype, args.device, args.repeats)
+    report = {
+        "model": str(model_dir),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "prompt_tokens": n,
+        "visual_tokens": model_info.visual_tokens,
+        "frozen_layers": list(cfg.layers),
+        "order_from": cfg.order_from,
+        "gemm_peak_tflops": peak,
+        "rows": rows,
+        "pass_speedup": add_flops(rows, model_info, n, cfg.layers, peak),
+        "decode": decode,
+        "parity": {
+            "captured_vs_hf": parity(base_logits, hf_logits),
+            "shortv_vs_reference": parity(short_logits, ref_logits),
+            "reference_vs_hf": parity(ref_logits, hf_logits),
+        },
+    }
+    write_report(args, report, profiles)
 
-    peak = gemm_peak(info, n, dtype, args.device, args.repeats)
-    n_text = n - info.num_visual_tokens
+
+def load_and_rewrite(args: argparse.Namespace, model_dir: Path, dtype: torch.dtype) -> tuple:
+    """Write the model from its preset if missing; load, capture and ShortV-rewrite it on the
+    CPU; move the model and the (vision, prefill, ShortV prefill) programs to the device.
+    Returns (model, ModelInfo, ShortV config, captured segments, the three programs)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.compiler.core.capture import capture, model_info, on_device, read_config
+    from mllmc.compiler.data.presets import write_preset
+    from mllmc.passes.shortv import ShortVConfig, prepare, shortv
+
+    device = args.device
+    if not (model_dir / "config.json").is_file():
+        t0 = time.perf_counter()
+        write_preset(args.preset or model_dir.name, model_dir, device=device)
+        print(f"wrote {model_dir} in {time.perf_counter() - t0:.0f} s")
+    read_config(model_dir)
+    t0 = time.perf_counter()
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype).eval()
+    info = model_info(model, model_dir)
+    layers = tuple(json.loads(args.layers)) if args.layers else None
+    cfg = prepare(ShortVConfig(layers=layers, ratio=args.ratio), model, info)
+    segments = capture(model, info, static_decode=args.decode)
+    rewritten = shortv(segments, cfg).segments
+    model = model.to(device)
+    fns = tuple(
+        on_device(program, device)
+        for program in (
+            segments.vision.program,
+            segments.prefill.program,
+            rewritten.prefill.program,
+        )
+    )
+    setup_s = time.perf_counter() - t0
+    print(f"loaded, captured and rewrote in {setup_s:.0f} s; frozen {list(cfg.layers)}")
+    print(f"  ({cfg.order_from})")
+    return model, info, cfg, segments, fns
+
+
+def time_hf_eager(model: Any, inputs: Any, repeats: int) -> dict[str, Any]:
+    """HF eager's LLM prefill: the full forward's time less the vision tower's."""
+
+    def hf_full():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def hf_vision():
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+    t_full, t_vision = device_time(hf_full, repeats), device_time(hf_vision, repeats)
+    return {"llm_prefill_s": t_full - t_vision, "frozen": []}
+
+
+def prefill_variants(
+    args: argparse.Namespace, base_fn: Any, short_fn: Any, frozen: Any
+) -> list[tuple[str, Any, Any]]:
+    """(row name, prefill callable, frozen layers) of every row the options ask for; rows that
+    need CUDA are skipped, with a line saying so, on another device."""
+    device = args.device
+    variants = [("mllmc_torch", base_fn, []), ("mllmc_torch+shortv", short_fn, frozen)]
+    if not args.no_compile:
+        variants += [
+            ("mllmc_torch_compile", torch.compile(base_fn, dynamic=False), []),
+            ("mllmc_torch_compile+shortv", torch.compile(short_fn, dynamic=False), frozen),
+        ]
+    if args.cuda_graphs and device == "cuda":
+        variants += [
+            ("mllmc_cuda_graphs", GraphPerShape(base_fn, device), []),
+            ("mllmc_cuda_graphs+shortv", GraphPerShape(short_fn, device), frozen),
+        ]
+    elif args.cuda_graphs:
+        print("  mllmc_cuda_graphs rows: skipped, they need a CUDA device")
+    if args.cuda_graphs:
+        graphs = {"mode": "reduce-overhead", "dynamic": False}
+        variants += [
+            ("mllmc_compile_graphs", torch.compile(base_fn, **graphs), []),
+            ("mllmc_compile_graphs+shortv", torch.compile(short_fn, **graphs), frozen),
+        ]
+    if args.sdpa_ab and device == "cuda":
+        variants.append(("mllmc_torch+shortv@efficient", short_fn, frozen))
+        if args.cuda_graphs:
+            short_graphs = GraphPerShape(short_fn, device)
+            variants.append(("mllmc_cuda_graphs+shortv@efficient", short_graphs, frozen))
+    elif args.sdpa_ab:
+        print("  @efficient rows: skipped, they need a CUDA device")
+    return variants
+
+
+def time_variant(
+    args: argparse.Namespace, name: str, fn: Any, frozen: Any, call_args: tuple
+) -> tuple[dict[str, Any], str | None]:
+    """One prefill row: first-call, median wall and kernel seconds of fn(*call_args) (an
+    '@efficient' row with attention held to the memory-efficient kernel), and its top
+    kernels with --profile."""
+    backend: Any = nullcontext()
+    if name.endswith("@efficient"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
+
+    def call():
+        with backend:
+            return fn(*call_args)
+
+    t0 = time.perf_counter()
+    call()  # compiles, for the torch.compile rows; captures, for the graph rows
+    first_s = time.perf_counter() - t0
+    t = device_time(call, args.repeats)
+    kernels = kernel_time(call)
+    row = {"llm_prefill_s": t, "kernel_s": kernels, "frozen": list(frozen), "first_call_s": first_s}
+    kernel_text = f", kernels {kernels * 1e3:.2f} ms" if kernels is not None else ""
+    print(f"  {name}: {t * 1e3:.2f} ms{kernel_text} (first call {first_s:.1f} s)")
+    return row, kernel_table(call) if args.profile else None
+
+
+def parity(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """How far logits `a` are from `b`: max |difference|, b's scale, whether top-1 agrees."""
+    return {
+        "max_abs_logit_diff": float((a - b).abs().max()),
+        "logit_scale": float(b.abs().max()),
+        "top1_match": bool(a.argmax() == b.argmax()),
+    }
+
+
+def add_flops(
+    rows: dict[str, Any], model_info: Any, n: int, frozen: Any, peak: float
+) -> dict[str, Any]:
+    """Add each row's analytic LLM-prefill FLOPs, TFLOP/s, fraction of the GEMM peak and
+    speedup over HF eager; returns every ShortV row's speedup over the same engine without
+    the pass, beside the FLOPs-ideal one."""
+    from mllmc.compiler.core.flops import analytic_prefill_flops
+
+    n_text = n - model_info.visual_tokens
     for row in rows.values():
-        row["llm_prefill_flops"] = analytic_prefill_flops(info, n_text, set(row["frozen"]))
+        row["llm_prefill_flops"] = analytic_prefill_flops(model_info, n_text, set(row["frozen"]))
         row["tflops"] = row["llm_prefill_flops"] / row["llm_prefill_s"] / 1e12
         row["fraction_of_gemm_peak"] = row["tflops"] / peak
         row["speedup_vs_hf_eager"] = rows["hf_eager"]["llm_prefill_s"] / row["llm_prefill_s"]
-    ideal = analytic_prefill_flops(info, n_text) / analytic_prefill_flops(
-        info, n_text, set(cfg.layers)
+    ideal = analytic_prefill_flops(model_info, n_text) / analytic_prefill_flops(
+        model_info, n_text, set(frozen)
     )
     pass_speedup = {}
-    # every ShortV row against the same engine without the pass
     pairs = [(name.split("+shortv")[0], name) for name in rows if "+shortv" in name]
     for base, short in pairs:
         measured = rows[base]["llm_prefill_s"] / rows[short]["llm_prefill_s"]
@@ -288,25 +351,11 @@ def main() -> None:
             "flops_ideal": ideal,
             "fraction_of_ideal": (measured - 1) / (ideal - 1),
         }
-    report = {
-        "model": str(model_dir),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "dtype": args.dtype,
-        "prompt_tokens": n,
-        "visual_tokens": info.num_visual_tokens,
-        "frozen_layers": list(cfg.layers),
-        "order_from": cfg.order_from,
-        "gemm_peak_tflops": peak,
-        "rows": rows,
-        "pass_speedup": pass_speedup,
-        "decode": decode,
-        "parity": {
-            "captured_vs_hf": parity(base_logits, hf_logits),
-            "shortv_vs_reference": parity(short_logits, ref_logits),
-            "reference_vs_hf": parity(ref_logits, hf_logits),
-        },
-    }
+    return pass_speedup
+
+
+def write_report(args: argparse.Namespace, report: dict[str, Any], profiles: dict[str, str]):
+    """Write the JSON report, its chart and (--profile) the kernel tables; print the table."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))

@@ -28,7 +28,7 @@ PassList = Sequence[tuple[PassInfo, Any]]
 
 
 def resolve_passes(passes: Sequence[str | tuple[PassInfo, Any]]) -> list[tuple[PassInfo, Any]]:
-    """Accept pass specs as CLI strings ('shortv:layers=[1,2]') or parsed (info, config) pairs
+    """Accept pass specs as CLI strings ('shortv:layers=[1,2]') or parsed (PassInfo, config) pairs
     (from `mllmc.passes.parse_pass_spec`); TypeError for anything else, UserError for a bad
     spec or option."""
     from mllmc.compiler.core.pass_types import PassInfo
@@ -49,7 +49,7 @@ def resolve_passes(passes: Sequence[str | tuple[PassInfo, Any]]) -> list[tuple[P
             out.append((p[0], check_config(p[0], p[1])))
         else:
             raise TypeError(
-                "each pass must be a spec string such as 'shortv:ratio=0.6' or an (info, "
+                "each pass must be a spec string such as 'shortv:ratio=0.6' or a (PassInfo, "
                 f"config) pair from mllmc.passes.parse_pass_spec, got {p!r:.60}"
             )
     return out
@@ -64,13 +64,13 @@ def check_order(passes: PassList) -> None:
     most one pruning pass per stage (two would choose conflicting spans); an in-LLM pruning pass
     (fastv, vte) before the in-LLM passes that rewrite layers for the rows they hold (shortv)."""
     seen: set[str] = set()
-    for info, _ in passes:
-        if info.name in seen:
+    for pass_info, _ in passes:
+        if pass_info.name in seen:
             raise UserError(
-                f"pass order refused: {info.name!r} is given twice; a pass runs once per "
-                f"pipeline: give one {info.name} with all its options"
+                f"pass order refused: {pass_info.name!r} is given twice; a pass runs once per "
+                f"pipeline: give one {pass_info.name} with all its options"
             )
-        seen.add(info.name)
+        seen.add(pass_info.name)
     for (a, _), (b, _) in zip(passes, passes[1:], strict=False):
         if STAGE_ORDER[a.stage] > STAGE_ORDER[b.stage]:
             raise UserError(
@@ -107,27 +107,27 @@ def lint(before: Any, after: Any, pass_name: str) -> None:
         new.program.graph.lint()
 
 
-def prepare_passes(passes: PassList, model: Any, info: Any) -> list[tuple[PassInfo, Any]]:
+def prepare_passes(passes: PassList, model: Any, model_info: Any) -> list[tuple[PassInfo, Any]]:
     """Resolve what each pass needs from the eager model (e.g. ShortV's layer list), and check
     its options against the model, before anything is captured."""
     check_order(passes)
-    return [(p, p.prepare(cfg, model, info) if p.prepare else cfg) for p, cfg in passes]
+    return [(p, p.prepare(cfg, model, model_info) if p.prepare else cfg) for p, cfg in passes]
 
 
 def run_passes(segments: Any, passes: PassList) -> tuple[Any, list[PassRecord]]:
     """Apply prepared `passes` in order; returns the rewritten segments and one record per pass."""
     check_order(passes)
     records = []
-    for info, cfg in passes:
+    for pass_info, cfg in passes:
         t0 = time.perf_counter()
-        result = info.fn(segments, cfg)
-        lint(segments, result.segments, info.name)
+        result = pass_info.fn(segments, cfg)
+        lint(segments, result.segments, pass_info.name)
         segments = result.segments
         applied = AppliedPass(
-            info.name, config_to_json(cfg), result.stats, round(time.perf_counter() - t0, 3)
+            pass_info.name, config_to_json(cfg), result.stats, round(time.perf_counter() - t0, 3)
         )
-        records.append(PassRecord(info, cfg, applied))
-        log.info("pass %s: %s", info.name, result.stats)
+        records.append(PassRecord(pass_info, cfg, applied))
+        log.info("pass %s: %s", pass_info.name, result.stats)
     return segments, records
 
 
@@ -152,94 +152,133 @@ def compile_model(
 ) -> CompileResult:
     """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`.
 
-    `passes`: e.g. ["shortv:ratio=0.6"] or [(info, config), ...], applied in order. `target`:
+    `passes`: e.g. ["shortv:ratio=0.6"] or [(PassInfo, config), ...], applied in order. `target`:
     onnx (float32, CPU), aoti (`device` cpu or cuda, `dtype` float32 (default), bfloat16 or
     float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles).
     `decode_cache` (aoti): "static" adds the decode step over fixed-capacity buffers, which the
     runtime replays as CUDA graphs on CUDA (the default there); "growing" (the default on the
     CPU) does not."""
-    from mllmc.compiler.core.model_dir import check_processor, model_shape, read_config
-    from mllmc.compiler.files import artifact, outputs
+    from mllmc.compiler.files import artifact
 
     from . import backends
 
     # every check that needs no model runs before torch is imported: bad input costs no wait
-    passes = resolve_passes(passes)
+    pass_list = resolve_passes(passes)
     options = backends.resolve_options(
         target, backends.TargetOptions(device, dtype, max_seq_len, decode_cache)
     )
-    check_order(passes)
-    config = read_config(model_dir)
-    check_processor(model_dir, config)
-    shape = model_shape(config)
-    for info, cfg in passes:
-        if info.check is not None:
-            info.check(cfg, shape)
-    out = outputs.check_output_dir(
-        out_dir, force, artifact.replaceable, what="artifact", protected=[model_dir]
-    )
-    from mllmc.compiler.core import capture, flops
-
-    from . import verify
-
+    config, out = _check_inputs(model_dir, out_dir, pass_list, force)
     backend = backends.build_backend(target, options)
 
     steps = ["load", "capture", "passes", "flops", target, "validate" if validate else "write"]
     bar = tqdm(total=len(steps), desc="compile", disable=not progress, unit="step")
-
-    def step(name: str) -> None:
-        bar.set_postfix_str(name)
-
     # staged from the start: a failure, Ctrl-C or SIGTERM at any step removes the temp dir
     try:
         with artifact.staged_directory(out, force=force) as tmp:
-            step("load")
-            model, info = capture.load_model(model_dir)
-            check_processor(model_dir, config, info.image_size)
-            model = backend.prepare(model)
-            passes = prepare_passes(passes, model, info)
-            bar.update()
-            step("capture")
-            segments = capture.capture(model, info, options.decode_cache == "static")
-            base_flops = flops.segment_flops(segments)
-            bar.update()
-            step("passes")
-            segments, records = run_passes(segments, passes)
-            bar.update()
-            step("flops")
-            new_flops = flops.segment_flops(segments)
-            bar.update()
-            step(target)
-            entries = {seg.name: backend(seg, tmp) for seg in segments}
-            if segments.static_decode is not None:
-                entries[segments.static_decode.name] = backend(segments.static_decode, tmp)
-            entries = backend.finish_artifact(tmp, entries)
-            bar.update()
-            manifest = artifact.build_manifest(
-                info,
-                segments,
-                records,
-                entries,
-                {"before": base_flops, "after": new_flops},
-                target,
-                backend.extra,
-                dtype=str(backend.options.dtype),
-                tol=backend.tol,
+            manifest = _write_artifact(
+                tmp, model_dir, config, pass_list, backend, target, validate, bar
             )
-            artifact.copy_preprocessing(model_dir, tmp)
-            artifact.write_manifest(tmp, manifest)
-            if validate:
-                step("validate")
-                report = verify.verify(
-                    tmp, model, info, records, max_new_tokens=4, tol=manifest.tol
-                )
-                manifest = dataclasses.replace(manifest, validation=report.summary())
-                artifact.write_manifest(tmp, manifest)
-                if not report.ok:
-                    raise UserError(
-                        f"compiled engine does not match the eager model: {report.line()}"
-                    )
-            bar.update()
     finally:
         bar.close()
     return CompileResult(out, manifest)
+
+
+def _check_inputs(
+    model_dir: str | Path, out_dir: str | Path, passes: PassList, force: bool
+) -> tuple[dict[str, Any], Path]:
+    """The checks that need no model: pass order, the model directory's config and processor,
+    each pass's options against the model's shape, and the output directory. Returns the
+    model's config and the output path."""
+    from mllmc.compiler.core.model_dir import check_processor, model_shape, read_config
+    from mllmc.compiler.files import artifact, outputs
+
+    check_order(passes)
+    config = read_config(model_dir)
+    check_processor(model_dir, config)
+    shape = model_shape(config)
+    for pass_info, cfg in passes:
+        if pass_info.check is not None:
+            pass_info.check(cfg, shape)
+    out = outputs.check_output_dir(
+        out_dir, force, artifact.replaceable, what="artifact", protected=[model_dir]
+    )
+    return config, out
+
+
+def _write_artifact(
+    tmp: Path,
+    model_dir: str | Path,
+    config: dict[str, Any],
+    passes: PassList,
+    backend: Any,
+    target: str,
+    validate: bool,
+    bar: Any,
+) -> Manifest:
+    """Load, capture, rewrite, compile and (if `validate`) check the model into the staging
+    directory `tmp`, advancing `bar` one step per stage; returns the manifest written there."""
+    from mllmc.compiler.core import capture, flops
+    from mllmc.compiler.core.model_dir import check_processor
+    from mllmc.compiler.files import artifact
+
+    bar.set_postfix_str("load")
+    model, model_info = capture.load_model(model_dir)
+    check_processor(model_dir, config, model_info.image_size)
+    model = backend.prepare(model)
+    passes = prepare_passes(passes, model, model_info)
+    bar.update()
+    bar.set_postfix_str("capture")
+    segments = capture.capture(model, model_info, backend.options.decode_cache == "static")
+    base_flops = flops.segment_flops(segments)
+    bar.update()
+    bar.set_postfix_str("passes")
+    segments, records = run_passes(segments, passes)
+    bar.update()
+    bar.set_postfix_str("flops")
+    new_flops = flops.segment_flops(segments)
+    bar.update()
+    bar.set_postfix_str(target)
+    entries = _compile_segments(tmp, segments, backend)
+    bar.update()
+    manifest = artifact.build_manifest(
+        model_info,
+        segments,
+        records,
+        entries,
+        {"before": base_flops, "after": new_flops},
+        backend.settings,
+        tol=backend.tol,
+    )
+    artifact.copy_preprocessing(model_dir, tmp)
+    artifact.write_manifest(tmp, manifest)
+    if validate:
+        bar.set_postfix_str("validate")
+        manifest = _validate(tmp, model, model_info, records, manifest)
+    bar.update()
+    return manifest
+
+
+def _compile_segments(tmp: Path, segments: Any, backend: Any) -> dict[str, Any]:
+    """Compile every segment (and the static-cache decode step, when captured) into `tmp`;
+    returns the backend's manifest entries by segment name."""
+    entries = {seg.name: backend(seg, tmp) for seg in segments}
+    if segments.static_decode is not None:
+        entries[segments.static_decode.name] = backend(segments.static_decode, tmp)
+    return backend.finish_artifact(tmp, entries)
+
+
+def _validate(
+    tmp: Path, model: Any, model_info: Any, records: list[PassRecord], manifest: Manifest
+) -> Manifest:
+    """Run the staged artifact against the eager model (and the passes' references), record
+    the result in its manifest, and refuse it (UserError) when they do not match."""
+    from mllmc.compiler.files import artifact
+
+    from . import verify
+
+    report = verify.verify(tmp, model, model_info, records, max_new_tokens=4, tol=manifest.tol)
+    manifest = dataclasses.replace(manifest, validation=report.summary())
+    artifact.write_manifest(tmp, manifest)
+    if not report.ok:
+        raise UserError(f"compiled engine does not match the eager model: {report.line()}")
+    return manifest

@@ -20,15 +20,20 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import sys
 import types
 import typing
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 # re-exported: the pass types live in the compiler core (see pass_types.py)
 from mllmc.compiler.core.pass_types import PassInfo as PassInfo
 from mllmc.compiler.core.pass_types import PassRecord as PassRecord
 from mllmc.compiler.core.pass_types import PassResult as PassResult
 from mllmc.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance as PassConfig  # a pass's frozen config dataclass
 
 REGISTRY: dict[str, PassInfo] = {}
 NO_PASS = ("none", "identity")
@@ -72,14 +77,14 @@ def _split_options(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _literal(value: str) -> Any:
+def _literal(value: str) -> object:
     try:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return value  # a bare word or a path
 
 
-def _type_text(tp: Any) -> str:
+def _type_text(tp: object) -> str:
     """A field type in words, for error messages."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -91,7 +96,7 @@ def _type_text(tp: Any) -> str:
     )
 
 
-def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
+def _coerce(tp: object, value: object) -> tuple[bool, object]:
     """(True, `value` as field type `tp`) -- a list for a tuple, an integer for a float -- or
     (False, None) when it is not of that type."""
     origin = typing.get_origin(tp)
@@ -123,7 +128,7 @@ def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
     return True, value  # a type this check does not know: the config checks it itself
 
 
-def check_options(info: PassInfo, options: dict[str, Any]) -> dict[str, Any]:
+def check_options(info: PassInfo, options: dict[str, object]) -> dict[str, object]:
     """`options` checked against the fields of the pass's config class: each key a field, each
     value of the field's type (a list where it takes a list; an integer where it takes a
     number); UserError naming the first that is not. Returns them coerced to the field types."""
@@ -147,7 +152,7 @@ def check_options(info: PassInfo, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(info: PassInfo, options: dict[str, Any]) -> Any:
+def make_config(info: PassInfo, options: dict[str, object]) -> PassConfig:
     """The pass's config from `options` (checked by `check_options`); UserError if invalid."""
     options = check_options(info, options)
     try:
@@ -156,7 +161,7 @@ def make_config(info: PassInfo, options: dict[str, Any]) -> Any:
         raise UserError(f"bad options for pass {info.name!r}: {e}") from None
 
 
-def check_config(info: PassInfo, cfg: Any) -> Any:
+def check_config(info: PassInfo, cfg: PassConfig) -> PassConfig:
     """A config object given directly (the Python API): TypeError unless it is the pass's
     config class; its values checked as `make_config` checks options."""
     if not isinstance(cfg, info.config_cls):
@@ -168,7 +173,7 @@ def check_config(info: PassInfo, cfg: Any) -> Any:
     return make_config(info, values)
 
 
-def parse_pass_spec(spec: str) -> tuple[PassInfo, Any] | None:
+def parse_pass_spec(spec: str) -> tuple[PassInfo, PassConfig] | None:
     """'NAME[:KEY=VALUE[,KEY=VALUE...]]' -> (PassInfo, config); None for 'none'/'identity'.
     Each key at most once, each value of its option's type (`check_options`)."""
     if not isinstance(spec, str):
@@ -180,7 +185,7 @@ def parse_pass_spec(spec: str) -> tuple[PassInfo, Any] | None:
             raise UserError(f"pass {name!r} takes no options")
         return None
     info = get_pass(name)
-    options: dict[str, Any] = {}
+    options: dict[str, object] = {}
     for item in _split_options(rest):
         key, eq, value = item.partition("=")
         key = key.strip()
@@ -192,7 +197,7 @@ def parse_pass_spec(spec: str) -> tuple[PassInfo, Any] | None:
     return info, make_config(info, options)
 
 
-def parse_recipe(path: str) -> list[tuple[PassInfo, Any]]:
+def parse_recipe(path: str) -> list[tuple[PassInfo, PassConfig]]:
     """A TOML recipe: [[pass]] tables, each with `name` and the pass's options."""
     import tomllib
     from pathlib import Path
@@ -235,7 +240,7 @@ def parse_recipe(path: str) -> list[tuple[PassInfo, Any]]:
     return out
 
 
-def _toml_kind(value: Any) -> str:
+def _toml_kind(value: object) -> str:
     """What a TOML value is, in words: `[pass]` is one table, `pass = ...` a value."""
     if isinstance(value, dict):
         return "one [pass] table (write [[pass]], with two brackets)"
@@ -244,8 +249,32 @@ def _toml_kind(value: Any) -> str:
     return f"the value {value!r}"[:80]
 
 
-def config_to_json(cfg: Any) -> dict[str, Any]:
+def config_to_json(cfg: PassConfig) -> dict[str, object]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def pass_entry(
+    fn: Callable[..., PassResult],
+    config_cls: type,
+    stage: str,
+    summary: str,
+    *,
+    prunes: bool = False,
+) -> PassInfo:
+    """The registry entry of the pass whose rewrite is `fn`: named after it, with its file's
+    `check`, `prepare` and `reference` functions (each pass file defines all three)."""
+    module = sys.modules[fn.__module__]
+    return PassInfo(
+        name=fn.__name__,
+        fn=fn,
+        config_cls=config_cls,
+        summary=summary,
+        stage=stage,
+        check=module.check,
+        prepare=module.prepare,
+        reference=module.reference,
+        prunes=prunes,
+    )
 
 
 def _register_builtin() -> None:

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import nn
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.runtime.manifest import ModelInfo
 
 from mllmc.compiler.data.calib_images import builtin_samples
 from mllmc.runtime.errors import UserError
@@ -39,12 +46,14 @@ class DecoderTail:
     ablation, as `shortv.keep_rows` does in a full forward). The layers before `layer` and the
     vision tower are not rerun: their outputs do not change."""
 
-    def __init__(self, model: Any, inputs: Any) -> None:
+    def __init__(
+        self, model: LlavaForConditionalGeneration, inputs: Mapping[str, torch.Tensor]
+    ) -> None:
         self.model = model
         self.layers = model.model.language_model.layers
         self.calls: list[tuple[torch.Tensor, tuple, dict[str, Any]]] = []
 
-        def grab(_module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        def grab(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             if "hidden_states" in kwargs:
                 self.calls.append((kwargs["hidden_states"], args, dict(kwargs)))
             else:
@@ -76,9 +85,9 @@ class DecoderTail:
 
 
 def layer_contribution(
-    model: Any,
-    info: Any,
-    samples: Iterable[tuple[Any, str]],
+    model: LlavaForConditionalGeneration,
+    info: ModelInfo,
+    samples: Iterable[tuple[Image.Image, str]],
     progress: bool | None = False,
     text: bool = True,
 ) -> dict[str, Any]:
@@ -124,7 +133,7 @@ def layer_contribution(
 DEFAULT_SAMPLES = 2  # built-in samples of the calibration a shortv pass runs without an order
 
 
-def default_order(model: Any, info: Any) -> tuple[list[int], str]:
+def default_order(model: LlavaForConditionalGeneration, info: ModelInfo) -> tuple[list[int], str]:
     """The layer order of ShortV's built-in calibration (DEFAULT_SAMPLES generated images,
     visual LC only; under a minute on small-llava's 16 layers and 576 visual tokens on a few
     CPU cores), with a progress bar where stderr is a terminal; and a line saying what it was."""
@@ -139,7 +148,7 @@ def default_order(model: Any, info: Any) -> tuple[list[int], str]:
     return lc["order"], f"calibration on {lc['samples']} built-in samples ({lc['seconds']:.1f} s)"
 
 
-def _read_calibration_file(p: Path, what: str, info: Any) -> dict[str, Any]:
+def _read_calibration_file(p: Path, what: str, info: ModelInfo) -> dict[str, Any]:
     """A calibration file's JSON object, refused when it is corrupt or was made for another
     model than `info`'s (its recorded config hash differs; a file without one is taken on its
     layer count alone)."""
@@ -158,13 +167,13 @@ def _read_calibration_file(p: Path, what: str, info: Any) -> dict[str, Any]:
     return data
 
 
-def _layer_index(value: Any) -> int:
+def _layer_index(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{value!r} is not an integer layer index")
     return value
 
 
-def read_lc_file(path: str | Path, info: Any) -> list[int]:
+def read_lc_file(path: str | Path, info: ModelInfo) -> list[int]:
     """The layer order (ascending LC) of an LC file, checked against the model."""
     p = Path(path)
     if not p.is_file():
@@ -190,7 +199,10 @@ def read_lc_file(path: str | Path, info: Any) -> list[int]:
 
 
 def exit_divergence(
-    model: Any, info: Any, samples: list[tuple[Any, str]], progress: bool = False
+    model: LlavaForConditionalGeneration,
+    info: ModelInfo,
+    samples: list[tuple[Image.Image, str]],
+    progress: bool = False,
 ) -> list[float]:
     """Mean over `samples` of KL(p_exit ‖ p_orig) at the last prompt token, for every exit layer
     K = 0..L (K = L is the unmodified model: 0), with the vte eager reference (layers >= K see
@@ -219,7 +231,7 @@ def choose_exit(kl: list[float], threshold: float) -> int:
     return next(k for k, v in enumerate(kl) if v < threshold or k == len(kl) - 1)
 
 
-def read_exit_file(path: str | Path, info: Any) -> tuple[int, float]:
+def read_exit_file(path: str | Path, info: ModelInfo) -> tuple[int, float]:
     """(exit layer, threshold) of a `mllmc calibrate --pass vte` file, checked against the model."""
     p = Path(path)
     if not p.is_file():

@@ -12,6 +12,9 @@ so only the kept tokens, in spatial (row-major patch) order, leave the vision se
 span the prefill expects shrinks to `kept`: the pass re-captures the prefill for it and the
 manifest's `visual_tokens` tells the runtime how many placeholders `<image>` expands to.
 
+Options (`check_keep_options`, `resolve_keep`): both passes keep `keep=N` tokens, or drop the
+fraction `ratio=R` (keep round(N_v·(1-R)); R = 0.75 when neither is given).
+
 Eager side (`cls_pruned_forward`): hooks on the HF model: the same scores from HF's CLIP encoder
 layer (layer_norm1, q_proj, k_proj), the projector output gathered at the top-k patches, and the
 prompt's image span shortened to `kept` placeholders (positions compacted, as the official code
@@ -25,11 +28,45 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mllmc.compiler.core.pass_types import PassResult
 from mllmc.runtime.errors import UserError
+
+from .rewrite import GraphEdit, replan
 
 if TYPE_CHECKING:
     import torch
     from torch import fx
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.compiler.core.capture import Segments
+
+DEFAULT_DROP_RATIO = 0.75  # 576 -> 144 visual tokens on LLaVA-1.5
+
+
+def check_keep_options(keep: object, ratio: object) -> None:
+    """ValueError for a keep / ratio pair that cannot be valid whatever the model."""
+    if keep is not None and ratio is not None:
+        raise ValueError("give keep=N or ratio=R, not both")
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+    if ratio is not None and (
+        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1
+    ):
+        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+
+
+def resolve_keep(name: str, keep: int | None, ratio: float | None, num_visual: int) -> int:
+    """Tokens kept out of `num_visual`: keep, or round(N_v·(1-R)) (R = DEFAULT_DROP_RATIO when
+    neither is given); UserError if impossible."""
+    if keep is None and ratio is None:
+        ratio = DEFAULT_DROP_RATIO
+    kept = keep if keep is not None else int(round(num_visual * (1 - (ratio or 0.0))))
+    if not 1 <= kept <= num_visual:
+        raise UserError(
+            f"{name}: keep={kept} out of range; the vision tower gives {num_visual} visual "
+            f"tokens, so keep must be in 1..{num_visual}"
+        )
+    return kept
 
 
 def vision_layer_of_feature(feature_layer: int, vision_layers: int) -> int:
@@ -44,7 +81,7 @@ def vision_layer_of_feature(feature_layer: int, vision_layers: int) -> int:
     return index
 
 
-def check_tower(model: Any, name: str) -> None:
+def check_tower(model: LlavaForConditionalGeneration, name: str) -> None:
     """UserError unless the tower has a [CLS] token that LLaVA drops (the scorer needs both)."""
     cfg = model.config
     vision_type = getattr(cfg.vision_config, "model_type", "")
@@ -99,16 +136,27 @@ def _projections(graph: fx.Graph) -> dict[tuple[int, str], fx.Node]:
     return found
 
 
-def keep_top_patches(segments: Any, layers: Sequence[int], kept: int) -> Any:
-    """Rewrite the vision segment to output the `kept` patches with the highest [CLS] attention
-    summed over vision `layers`, and re-capture the prefill for that image span."""
+def keep_top_patches(
+    segments: Segments,
+    name: str,
+    layers: Sequence[int],
+    keep: int | None,
+    ratio: float | None,
+    stats: dict[str, object],
+) -> PassResult:
+    """Pass `name`'s rewrite: the vision segment outputs the patches kept (`resolve_keep`) with
+    the highest [CLS] attention summed over vision `layers`, the prefill is re-captured for that
+    image span and every layer holds that many visual rows. `stats` lead the result's stats."""
     import torch
 
-    from mllmc.compiler.core.capture import export_prefill, reexport
+    from mllmc.compiler.core.capture import export_prefill
 
-    vision = segments.vision
-    gm = vision.program.module()
-    graph = gm.graph
+    num_visual = segments.visual_tokens
+    if num_visual != segments.info.visual_tokens:
+        raise UserError(f"{name}: the visual tokens were already pruned by another pass")
+    kept = resolve_keep(name, keep, ratio, num_visual)
+    edit = GraphEdit.open(segments, "vision")
+    graph = edit.graph
     proj = _projections(graph)
     output = next(n for n in graph.nodes if n.op == "output")
     features = output.args[0][0]  # (1, P, d)
@@ -126,13 +174,15 @@ def keep_top_patches(segments: Any, layers: Sequence[int], kept: int) -> Any:
             total = score if total is None else graph.call_function(torch.add, (total, score))
         kept_features = graph.call_function(gather_top, (features, total, kept))
     output.replace_input_with(features, kept_features)
-    graph.lint()
-    gm.recompile()
-    segments = segments.replace_segment(reexport(vision, gm))
+    segments = edit.finish()
     if segments.model is None:
         raise RuntimeError("the prefill can only be re-captured from the model it came from")
     segments = segments.replace_segment(export_prefill(segments.model, segments.info, kept))
-    return segments
+    every_layer = range(len(segments.layer_plan))
+    return PassResult(
+        replan(segments, every_layer, visual_tokens=kept, kv_visual_tokens=kept),
+        {**stats, "visual_tokens": num_visual, "kept_visual_tokens": kept},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +190,9 @@ def keep_top_patches(segments: Any, layers: Sequence[int], kept: int) -> Any:
 
 
 @contextlib.contextmanager
-def cls_pruned_forward(model: Any, layers: Sequence[int], kept: int) -> Iterator[None]:
+def cls_pruned_forward(
+    model: LlavaForConditionalGeneration, layers: Sequence[int], kept: int
+) -> Iterator[None]:
     """Make HF LLaVA `model` feed only the top-`kept` patches by [CLS] attention (summed over
     vision `layers`) to its LLM, with the prompt's image span shortened to match."""
     import torch

@@ -1,6 +1,6 @@
 """fastervlm — prune visual tokens before the LLM by [CLS] attention (FasterVLM, arXiv 2412.01818).
 
-Contract (METHODS.md): score each patch by the vision tower's [CLS] -> patch attention at the
+Contract (docs/passes.md): score each patch by the vision tower's [CLS] -> patch attention at the
 feature layer (LLaVA's vision_feature_layer, -2), averaged over heads; keep the top-k (`keep=N`,
 or `ratio=R`: keep = round(N_v·(1-R))) in spatial order; only the kept tokens enter the LLM, so
 the prefill shrinks everywhere (every layer, every KV cache) and decode positions follow the
@@ -25,36 +25,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassInfo, PassResult
-from mllmc.runtime.errors import UserError
+from mllmc.compiler.core.pass_types import PassResult
 
-from .cls_attention import check_tower, cls_pruned_forward, keep_top_patches
-from .cls_attention import vision_layer_of_feature as feature_layer_index
+from . import cls_attention, pass_entry
 
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
-def check_keep_options(keep: Any, ratio: Any) -> None:
-    """ValueError for a keep / ratio pair that cannot be valid whatever the model."""
-    if keep is not None and ratio is not None:
-        raise ValueError("give keep=N or ratio=R, not both")
-    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
-        raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
-    if ratio is not None and (
-        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1
-    ):
-        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+    from mllmc.compiler.core.capture import Segments
+    from mllmc.compiler.core.model_dir import ModelShape
+    from mllmc.runtime.manifest import ModelInfo
 
-
-def resolve_keep(name: str, keep: int | None, ratio: float | None, num_visual: int) -> int:
-    """Tokens kept out of `num_visual`: keep, or round(N_v·(1-R)); UserError if impossible."""
-    kept = keep if keep is not None else int(round(num_visual * (1 - (ratio or 0.0))))
-    if not 1 <= kept <= num_visual:
-        raise UserError(
-            f"{name}: keep={kept} out of range; the vision tower gives {num_visual} visual "
-            f"tokens, so keep must be in 1..{num_visual}"
-        )
-    return kept
+SUMMARY = "keep the top-k patches by the vision tower's [CLS] attention (FasterVLM)"
 
 
 @dataclass(frozen=True)
@@ -67,58 +51,44 @@ class FasterVLMConfig:
     layer: int | None = None
 
     def __post_init__(self) -> None:
-        check_keep_options(self.keep, self.ratio)
+        cls_attention.check_keep_options(self.keep, self.ratio)
 
     def kept(self, num_visual: int) -> int:
-        ratio = 0.75 if self.keep is None and self.ratio is None else self.ratio
-        return resolve_keep("fastervlm", self.keep, ratio, num_visual)
+        return cls_attention.resolve_keep("fastervlm", self.keep, self.ratio, num_visual)
 
 
-def check(cfg: FasterVLMConfig, shape: Any) -> None:
-    if shape.num_visual_tokens is not None:
-        cfg.kept(shape.num_visual_tokens)
+def check(cfg: FasterVLMConfig, shape: ModelShape) -> None:
+    if shape.visual_tokens is not None:
+        cfg.kept(shape.visual_tokens)
 
 
-def prepare(cfg: FasterVLMConfig, model: Any, info: Any) -> FasterVLMConfig:
-    check_tower(model, "fastervlm")
-    kept = cfg.kept(info.num_visual_tokens)
-    layer = feature_layer_index(model.config.vision_feature_layer, info.vision_layers)
+def prepare(
+    cfg: FasterVLMConfig, model: LlavaForConditionalGeneration, info: ModelInfo
+) -> FasterVLMConfig:
+    cls_attention.check_tower(model, "fastervlm")
+    kept = cfg.kept(info.visual_tokens)
+    layer = cls_attention.vision_layer_of_feature(
+        model.config.vision_feature_layer, info.vision_layers
+    )
     return dataclasses.replace(cfg, keep=kept, ratio=None, layer=layer)
 
 
-def fastervlm(segments: Any, cfg: FasterVLMConfig) -> PassResult:
+def fastervlm(segments: Segments, cfg: FasterVLMConfig) -> PassResult:
     """Vision segment outputs the top-`keep` patches; prefill re-captured for them."""
     if cfg.layer is None:
         raise ValueError("fastervlm: resolve the config with prepare() before the rewrite")
-    num_visual = segments.num_visual_tokens
-    if num_visual != segments.info.num_visual_tokens:
-        raise UserError("fastervlm: the visual tokens were already pruned by another pass")
-    kept = cfg.kept(num_visual)
-    segments = keep_top_patches(segments, [cfg.layer], kept)
-    segments.layer_plan[:] = [
-        dataclasses.replace(p, visual_tokens=kept, kv_visual_tokens=kept)
-        for p in segments.layer_plan
-    ]
-    return PassResult(
-        segments,
-        {"vision_layer": cfg.layer, "visual_tokens": num_visual, "kept_visual_tokens": kept},
+    stats = {"vision_layer": cfg.layer}
+    return cls_attention.keep_top_patches(
+        segments, "fastervlm", [cfg.layer], cfg.keep, cfg.ratio, stats
     )
 
 
-def reference(model: Any, info: Any, cfg: FasterVLMConfig) -> contextlib.AbstractContextManager:
+def reference(
+    model: LlavaForConditionalGeneration, info: ModelInfo, cfg: FasterVLMConfig
+) -> contextlib.AbstractContextManager[None]:
     if cfg.layer is None or cfg.keep is None:
         raise ValueError("fastervlm: resolve the config with prepare() before the reference")
-    return cls_pruned_forward(model, [cfg.layer], cfg.keep)
+    return cls_attention.cls_pruned_forward(model, [cfg.layer], cfg.keep)
 
 
-PASS = PassInfo(
-    name="fastervlm",
-    fn=fastervlm,
-    config_cls=FasterVLMConfig,
-    summary="keep the top-k patches by the vision tower's [CLS] attention (FasterVLM)",
-    stage="pre_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-    prunes=True,
-)
+PASS = pass_entry(fastervlm, FasterVLMConfig, "pre_llm", SUMMARY, prunes=True)

@@ -1,6 +1,6 @@
 """fastv — prune visual tokens after layer K by the last token's attention (FastV, arXiv 2403.06764).
 
-Contract (METHODS.md): at layer K-1 take the attention probabilities of the last prompt token over
+Contract (docs/passes.md): at layer K-1 take the attention probabilities of the last prompt token over
 the visual span, averaged over heads; keep the top round(N_v·(1-R)) visual tokens in their original
 order; layers >= K run on the shorter sequence and their KV cache holds only the kept rows; kept
 tokens keep their original position ids; decode continues at position n (the unpruned length).
@@ -29,14 +29,24 @@ Which detail follows which source:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassInfo, PassResult
+from mllmc.compiler.core.pass_types import PassResult
 from mllmc.runtime.errors import UserError
 
+from . import pass_entry
+from .rewrite import GraphEdit, replan, uniform_visual_tokens
 from .row_pruning import drop_rows, fastv_keep_index, pruned_forward, refuse_sliding_window
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.compiler.core.capture import Segments
+    from mllmc.compiler.core.model_dir import ModelShape
+    from mllmc.runtime.manifest import ModelInfo
+
+SUMMARY = "prune visual tokens after layer K by the last token's attention (FastV)"
 
 
 @dataclass(frozen=True)
@@ -71,61 +81,45 @@ def check_k(k: int, num_layers: int) -> None:
         )
 
 
-def check(cfg: FastVConfig, shape: Any) -> None:
+def check(cfg: FastVConfig, shape: ModelShape) -> None:
     if shape.num_layers is not None:
         check_k(cfg.k, shape.num_layers)
 
 
-def prepare(cfg: FastVConfig, model: Any, info: Any) -> FastVConfig:
+def prepare(cfg: FastVConfig, model: LlavaForConditionalGeneration, info: ModelInfo) -> FastVConfig:
     check_k(cfg.k, info.num_layers)
     refuse_sliding_window("fastv", model, cfg.k)
     return cfg
 
 
-def fastv(segments: Any, cfg: FastVConfig) -> PassResult:
+def fastv(segments: Segments, cfg: FastVConfig) -> PassResult:
     """Prune the visual rows of prefill layers >= cfg.k to the top-scored ones."""
-    from mllmc.compiler.core.capture import reexport
-    from mllmc.compiler.core.locator import locate_layers, placeholders
-
     info = segments.info
     check_k(cfg.k, info.num_layers)
-    plan = segments.layer_plan
-    num_visual = plan[cfg.k - 1].visual_tokens
-    if any(p.visual_tokens != num_visual or not p.visual_computed for p in plan):
-        raise UserError("fastv: the layer plan is not uniform (another in-LLM pass ran first)")
+    num_visual = uniform_visual_tokens(segments, "fastv")
     kept = kept_count(num_visual, cfg.ratio)
 
-    prefill = segments.prefill
-    gm = prefill.program.module()
-    graph = gm.graph
-    layers = locate_layers(graph)
-    inputs = dict(zip(prefill.input_names, placeholders(graph), strict=True))
-    scorer = layers[cfg.k - 1]
+    edit = GraphEdit.open(segments, "prefill")
+    scorer = edit.layers[cfg.k - 1]
     if scorer.post_rope_key is None:
         raise RuntimeError(f"fastv cannot score layer {cfg.k - 1}: no post-RoPE key found")
     scale = scorer.attention.kwargs.get("scale") or info.head_dim**-0.5
-    with graph.inserting_before(scorer.attention):
-        keep = graph.call_function(
+    with edit.graph.inserting_before(scorer.attention):
+        keep = edit.graph.call_function(
             fastv_keep_index,
             (
                 scorer.post_rope_query,
                 scorer.post_rope_key,
-                inputs["visual_start"],
+                edit.inputs["visual_start"],
                 num_visual,
                 kept,
                 float(scale),
             ),
         )
-    gathers = drop_rows(graph, layers, cfg.k, keep)
-    graph.lint()
-    gm.recompile()
-    segments = segments.replace_segment(reexport(prefill, gm))
-    for i in range(cfg.k, info.num_layers):
-        segments.layer_plan[i] = dataclasses.replace(
-            segments.layer_plan[i], visual_tokens=kept, kv_visual_tokens=kept
-        )
+    gathers = drop_rows(edit.graph, edit.layers, cfg.k, keep)
+    pruned = range(cfg.k, info.num_layers)
     return PassResult(
-        segments,
+        replan(edit.finish(), pruned, visual_tokens=kept, kv_visual_tokens=kept),
         {
             "score_layer": cfg.k - 1,
             "pruned_layers": [cfg.k, info.num_layers - 1],
@@ -136,18 +130,10 @@ def fastv(segments: Any, cfg: FastVConfig) -> PassResult:
     )
 
 
-def reference(model: Any, info: Any, cfg: FastVConfig) -> contextlib.AbstractContextManager:
+def reference(
+    model: LlavaForConditionalGeneration, info: ModelInfo, cfg: FastVConfig
+) -> contextlib.AbstractContextManager[None]:
     return pruned_forward(model, cfg.k, lambda n: kept_count(n, cfg.ratio))
 
 
-PASS = PassInfo(
-    name="fastv",
-    fn=fastv,
-    config_cls=FastVConfig,
-    summary="prune visual tokens after layer K by the last token's attention (FastV)",
-    stage="in_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-    prunes=True,
-)
+PASS = pass_entry(fastv, FastVConfig, "in_llm", SUMMARY, prunes=True)

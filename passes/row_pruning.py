@@ -26,36 +26,44 @@ hooks) which original rows layers >= K hold, so composed references stay consist
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from torch import fx
+    from torch import fx, nn
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.compiler.core.locator import LayerAnatomy
 
 
 # ----------------------------------------------------------------------------------------------
 # Keep indices (traced into the prefill graph; static shapes, no NonZero).
 
 
-def text_keep_index(
-    input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int
+def text_rows(
+    input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int, held: int | None = None
 ) -> torch.Tensor:
     """The text rows of an (1, n) prompt whose image span is [visual_start, visual_start + N_v):
-    (n - N_v,) int64, in order."""
-    return _text_rows(input_ids.shape[1], visual_start, num_visual)
+    (n - N_v,) int64, in order. With `held`, their indices in a layer that holds only `held` of
+    those visual rows (a pruning pass ran first: the kept visual rows stay contiguous at
+    visual_start)."""
+    return _text_rows(input_ids.shape[1], visual_start, num_visual, held)
 
 
-def _text_rows(n: Any, visual_start: torch.Tensor, num_visual: int) -> torch.Tensor:
+def _text_rows(
+    n: int | torch.SymInt, visual_start: torch.Tensor, num_visual: int, held: int | None = None
+) -> torch.Tensor:
     import torch
 
     t = torch.arange(n - num_visual, device=visual_start.device)  # (n - N_v,)
-    return torch.where(t < visual_start, t, t + num_visual)
+    return torch.where(t < visual_start, t, t + (num_visual if held is None else held))
 
 
 def keep_index(
-    n: Any, visual_start: torch.Tensor, num_visual: int, kept_visual: torch.Tensor
+    n: int | torch.SymInt, visual_start: torch.Tensor, num_visual: int, kept_visual: torch.Tensor
 ) -> torch.Tensor:
     """Text rows plus the visual rows `kept_visual` (kept,) ascending, in original order:
     (n - N_v + kept,) int64. Row t of the result is t before the span, kept_visual[t - start]
@@ -106,7 +114,7 @@ def fastv_keep_index(
     return keep_index(k.shape[2], visual_start, num_visual, kept_visual)
 
 
-def refuse_sliding_window(name: str, model: Any, k: int) -> None:
+def refuse_sliding_window(name: str, model: LlavaForConditionalGeneration, k: int) -> None:
     """UserError when a decoder layer >= k of `model` has a sliding attention window that
     positions the model accepts can exceed: after the prompt, those layers' caches hold rows at
     gapped original positions, and the decode step's window counts cache rows."""
@@ -127,7 +135,7 @@ def refuse_sliding_window(name: str, model: Any, k: int) -> None:
 # The graph rewrite.
 
 
-def drop_rows(graph: fx.Graph, layers: list[Any], k: int, keep: fx.Node) -> int:
+def drop_rows(graph: fx.Graph, layers: list[LayerAnatomy], k: int, keep: fx.Node) -> int:
     """Make decoder layers >= k of `graph` (located `layers`) run on the rows `keep` (n',).
     Returns how many gathers were inserted. `keep` must be defined before layer k's input
     (FastV computes it in layer k-1, VTE from the graph inputs)."""
@@ -166,14 +174,14 @@ def drop_rows(graph: fx.Graph, layers: list[Any], k: int, keep: fx.Node) -> int:
 # ----------------------------------------------------------------------------------------------
 # Eager reference on the Hugging Face model.
 
-_ACTIVE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, _PromptRows] = weakref.WeakKeyDictionary()
 
 
-def kept_rows(model: Any) -> torch.Tensor | None:
+def kept_rows(model: nn.Module) -> torch.Tensor | None:
     """Original row indices (n',) that the pruned layers of `model` hold for the prompt being run
     under `pruned_forward`, or None when no rows were dropped."""
     state = _ACTIVE.get(model)
-    return None if state is None else state.get("index")
+    return None if state is None else state.index
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +190,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return rotate_half(x)
 
 
-def _hf_last_row_scores(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def _hf_last_row_scores(
+    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
     """Head-mean attention probabilities of the last row of HF decoder `layer` over all n keys,
     from its own input norm, q/k projections, RoPE and repeat_kv. h (1, n, d); cos/sin (1, n, hd)
     -> (n,) float32."""
@@ -202,77 +212,68 @@ def _hf_last_row_scores(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: tor
     return probs.mean(dim=1)[0, 0]  # (n,)
 
 
-@contextlib.contextmanager
-def pruned_forward(
-    model: Any, k: int, kept_of: Callable[[int], int] | None = None
-) -> Iterator[None]:
-    """Make HF LLaVA `model` run decoder layers >= k on the text rows plus kept_of(N_v) visual
-    rows during prefill (N_v: the image tokens in the prompt), chosen by layer k-1's last-row
-    attention (FastV's selection, as pkunlp-icler/FastV builds `keep_indexs`: arange before the
-    span, the top-k visual positions, arange after it, sorted); with kept_of None no visual row
-    is kept (VTE). Decode steps run on each layer's (shorter) cache at the unpruned positions."""
-    import torch
+@dataclasses.dataclass
+class _PromptRows:
+    """What `pruned_forward`'s hooks know of the prompt being run: its length n, its image span
+    [start, start + count), and the rows `index` (n',) that the pruned layers hold (None until
+    chosen, and when the prompt has no image)."""
 
-    scored = kept_of is not None
-    lm = model.model.language_model
-    layers = lm.layers
-    image_token_id = model.config.image_token_id
-    state: dict[str, Any] = {"n": None, "index": None}
+    image_token_id: int
+    kept_of: Callable[[int], int] | None
+    n: int | None = None
+    start: int | None = None
+    count: int = 0
+    index: torch.Tensor | None = None
 
-    def on_prompt(_module, args, kwargs):
+    def on_prompt(self, _model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Model pre-hook: record the prompt's image span (a decode step keeps the prompt's);
+        without a scorer (VTE) the kept rows are the text rows."""
+        import torch
+
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or ids.shape[1] == 1:
-            return  # a decode step: the prompt's selection stays
-        visual = (ids[0] == image_token_id).nonzero()[:, 0]  # (N_v,)
-        state.update(n=ids.shape[1], index=None, start=None)
+            return
+        visual = (ids[0] == self.image_token_id).nonzero()[:, 0]  # (N_v,)
+        self.n, self.index, self.start = ids.shape[1], None, None
         if len(visual) == 0:
             return
-        start, count = int(visual[0]), len(visual)
-        state.update(start=start, count=count)
-        if not scored:
-            n = ids.shape[1]
-            state["index"] = torch.cat((torch.arange(start), torch.arange(start + count, n))).to(
-                ids.device
-            )
+        self.start, self.count = int(visual[0]), len(visual)
+        if self.kept_of is None:
+            after = torch.arange(self.start + self.count, self.n)
+            self.index = torch.cat((torch.arange(self.start), after)).to(ids.device)
 
-    def select(_layer, args, kwargs):
+    def select(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Pre-hook of layer k-1 during prefill: keep the text rows and the kept_of(N_v) visual
+        rows with the highest last-row attention, in their original order."""
+        import torch
+
         h = args[0] if args else kwargs["hidden_states"]
-        if state.get("start") is None or h.shape[1] != state["n"]:
+        if self.start is None or self.kept_of is None or h.shape[1] != self.n:
             return
         cos, sin = kwargs["position_embeddings"]
-        scores = _hf_last_row_scores(_layer, h, cos, sin)  # (n,)
-        start, count, n = state["start"], state["count"], state["n"]
-        top = scores[start : start + count].topk(kept_of(count)).indices + start
-        dev = h.device
+        scores = _hf_last_row_scores(layer, h, cos, sin)  # (n,)
+        start, count, dev = self.start, self.count, h.device
+        top = scores[start : start + count].topk(self.kept_of(count)).indices + start
         index = torch.cat(
-            (torch.arange(start, device=dev), top, torch.arange(start + count, n, device=dev))
+            (torch.arange(start, device=dev), top, torch.arange(start + count, self.n, device=dev))
         )
-        state["index"] = index.sort().values
+        self.index = index.sort().values
 
-    def prune(layer_idx: int):
-        def hook(_layer, args, kwargs):
-            index = state["index"]
-            if index is None:
+    def prune_hook(self, layer_idx: int) -> Callable[..., tuple | None]:
+        """Pre-hook of pruned layer `layer_idx`: gather its inputs at `index` during prefill; in a
+        decode step, crop a materialised mask to the layer's shorter cache."""
+
+        def hook(_layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+            if self.index is None:
                 return None
             h = args[0] if args else kwargs["hidden_states"]
-            cos, sin = kwargs["position_embeddings"]
-            mask = kwargs.get("attention_mask")
-            if cos.shape[-2] != state["n"]:  # decode: crop a materialised mask to this cache
-                if isinstance(mask, torch.Tensor):
-                    cache = kwargs["past_key_values"]
-                    length = cache.get_seq_length(layer_idx) + h.shape[1]
-                    kwargs["attention_mask"] = mask[..., -length:]
+            cos, _ = kwargs["position_embeddings"]
+            if cos.shape[-2] != self.n:
+                _crop_decode_mask(kwargs, layer_idx, h.shape[1])
                 return args, kwargs
-            if h.shape[1] == state["n"]:
-                h = h.index_select(1, index)  # (1, n', d)
-            kwargs["position_embeddings"] = (
-                cos.index_select(-2, index),
-                sin.index_select(-2, index),
-            )
-            if isinstance(mask, torch.Tensor):
-                kwargs["attention_mask"] = mask.index_select(-2, index).index_select(-1, index)
-            if isinstance(kwargs.get("position_ids"), torch.Tensor):
-                kwargs["position_ids"] = kwargs["position_ids"].index_select(-1, index)
+            if h.shape[1] == self.n:
+                h = h.index_select(1, self.index)  # (1, n', d)
+            _gather_layer_inputs(kwargs, self.index)
             if args:
                 return (h, *args[1:]), kwargs
             kwargs["hidden_states"] = h
@@ -280,12 +281,49 @@ def pruned_forward(
 
         return hook
 
-    handles = [model.register_forward_pre_hook(on_prompt, with_kwargs=True)]
+
+def _crop_decode_mask(kwargs: dict[str, Any], layer_idx: int, new_rows: int) -> None:
+    """A decode step's materialised mask cropped to layer `layer_idx`'s cache plus the new rows."""
+    import torch
+
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        length = kwargs["past_key_values"].get_seq_length(layer_idx) + new_rows
+        kwargs["attention_mask"] = mask[..., -length:]
+
+
+def _gather_layer_inputs(kwargs: dict[str, Any], index: torch.Tensor) -> None:
+    """A pruned layer's position embeddings, mask and position ids gathered at the kept rows."""
+    import torch
+
+    cos, sin = kwargs["position_embeddings"]
+    kwargs["position_embeddings"] = (cos.index_select(-2, index), sin.index_select(-2, index))
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        kwargs["attention_mask"] = mask.index_select(-2, index).index_select(-1, index)
+    if isinstance(kwargs.get("position_ids"), torch.Tensor):
+        kwargs["position_ids"] = kwargs["position_ids"].index_select(-1, index)
+
+
+@contextlib.contextmanager
+def pruned_forward(
+    model: LlavaForConditionalGeneration, k: int, kept_of: Callable[[int], int] | None = None
+) -> Iterator[None]:
+    """Make HF LLaVA `model` run decoder layers >= k on the text rows plus kept_of(N_v) visual
+    rows during prefill (N_v: the image tokens in the prompt), chosen by layer k-1's last-row
+    attention (FastV's selection, as pkunlp-icler/FastV builds `keep_indexs`: arange before the
+    span, the top-k visual positions, arange after it, sorted); with kept_of None no visual row
+    is kept (VTE). Decode steps run on each layer's (shorter) cache at the unpruned positions."""
+    layers = model.model.language_model.layers
+    state = _PromptRows(model.config.image_token_id, kept_of)
+    handles = [model.register_forward_pre_hook(state.on_prompt, with_kwargs=True)]
     if k < len(layers):
-        if scored:
-            handles.append(layers[k - 1].register_forward_pre_hook(select, with_kwargs=True))
+        if kept_of is not None:
+            handles.append(layers[k - 1].register_forward_pre_hook(state.select, with_kwargs=True))
         for i in range(k, len(layers)):
-            handles.append(layers[i].register_forward_pre_hook(prune(i), with_kwargs=True))
+            handles.append(
+                layers[i].register_forward_pre_hook(state.prune_hook(i), with_kwargs=True)
+            )
         _ACTIVE[model] = state
     try:
         yield

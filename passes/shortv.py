@@ -1,6 +1,6 @@
 """shortv — freeze visual tokens in ineffective layers (ShortV, arXiv 2504.00502).
 
-Contract (METHODS.md): in a frozen layer l the visual rows of the hidden state pass through
+Contract (docs/passes.md): in a frozen layer l the visual rows of the hidden state pass through
 unchanged. The input norm, keys and values are computed for all n rows (text still attends to the
 visual tokens, and the KV cache is that of the un-updated visual hidden state); queries (q_proj +
 RoPE), attention, o_proj, the post-attention norm and the MLP run on the n_text text rows only.
@@ -34,20 +34,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassInfo, PassResult
+from mllmc.compiler.core.pass_types import PassResult
 from mllmc.runtime.errors import UserError
 
-from .row_pruning import kept_rows
+from . import pass_entry
+from .rewrite import GraphEdit, replan
+from .row_pruning import kept_rows, text_rows
 
 if TYPE_CHECKING:
-    import torch
     from torch import fx
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.compiler.core.capture import Segments
+    from mllmc.compiler.core.locator import LayerAnatomy
+    from mllmc.compiler.core.model_dir import ModelShape
+    from mllmc.runtime.manifest import ModelInfo
 
 log = logging.getLogger(__name__)
+
+SUMMARY = "freeze visual tokens in the lowest-Layer-Contribution layers (ShortV)"
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ _PUBLISHED_MATCH = {
 }
 
 
-def published_order(model_type: str, info: Any) -> tuple[str, tuple[int, ...]] | None:
+def published_order(model_type: str, info: ModelInfo) -> tuple[str, tuple[int, ...]] | None:
     key = (model_type, info.hidden_size, info.num_layers, info.image_size)
     name = _PUBLISHED_MATCH.get(key)
     return (name, PUBLISHED_ORDERS[name]) if name else None
@@ -164,15 +173,17 @@ def check_layers(layers: Sequence[int], num_layers: int) -> None:
         )
 
 
-def check(cfg: ShortVConfig, shape: Any) -> None:
+def check(cfg: ShortVConfig, shape: ModelShape) -> None:
     if cfg.layers is not None and shape.num_layers is not None:
         check_layers(cfg.layers, shape.num_layers)
 
 
-def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
+def prepare(
+    cfg: ShortVConfig, model: LlavaForConditionalGeneration, info: ModelInfo
+) -> ShortVConfig:
     """Resolve the frozen layer list (explicit, LC file, published list, or calibration)."""
     L = info.num_layers
-    if getattr(info, "num_visual_tokens", 1) < 1:
+    if getattr(info, "visual_tokens", 1) < 1:
         raise UserError("shortv: the model puts no visual tokens in the prompt; nothing to freeze")
     if cfg.layers is not None:
         check_layers(cfg.layers, L)
@@ -205,26 +216,15 @@ def prepare(cfg: ShortVConfig, model: Any, info: Any) -> ShortVConfig:
 # The rewrite: locator -> check -> replacement.
 
 
-def text_rows(
-    input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int, held: int | None = None
-) -> torch.Tensor:
-    """Indices of the text rows (n_text,) of an (1, n) prompt whose visual span is
-    [visual_start, visual_start + num_visual): no NonZero, static count n - N_v. With `held`,
-    the indices in a layer that holds only `held` of those visual rows (a pruning pass ran
-    first: the kept visual rows stay contiguous at visual_start)."""
-    import torch
-
-    t = torch.arange(input_ids.shape[1] - num_visual, device=input_ids.device)  # (n_text,)
-    return torch.where(t < visual_start, t, t + (num_visual if held is None else held))
-
-
-def _insert(graph: fx.Graph, like: fx.Node, target: Any, args: tuple) -> fx.Node:
+def _insert(
+    graph: fx.Graph, like: fx.Node, target: Callable[..., object], args: tuple[object, ...]
+) -> fx.Node:
     node = graph.call_function(target, args)
     node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
     return node
 
 
-def check_frozen_rewrite(layer: Any) -> str | None:
+def check_frozen_rewrite(layer: LayerAnatomy) -> str | None:
     """Reason the frozen-layer rewrite may not fire on this layer, or None if it may."""
     if layer.attention_mask is None:
         return "attention has no explicit mask to restrict to the text rows"
@@ -234,7 +234,10 @@ def check_frozen_rewrite(layer: Any) -> str | None:
 
 
 def freeze_layer(
-    graph: fx.Graph, layer: Any, text_idx: fx.Node, shared: dict[tuple[fx.Node, int], fx.Node]
+    graph: fx.Graph,
+    layer: LayerAnatomy,
+    text_idx: fx.Node,
+    shared: dict[tuple[fx.Node, int], fx.Node],
 ) -> None:
     """Rewrite one located decoder layer so that only its text rows are computed.
 
@@ -267,11 +270,8 @@ def freeze_layer(
     out_t.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 
-def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
+def shortv(segments: Segments, cfg: ShortVConfig) -> PassResult:
     """Freeze the visual tokens of `cfg.layers` in the prefill segment."""
-    from mllmc.compiler.core.capture import reexport
-    from mllmc.compiler.core.locator import locate_layers, placeholders
-
     if cfg.layers is None:
         raise ValueError("shortv: resolve cfg.layers with prepare() before the rewrite")
     info = segments.info
@@ -279,15 +279,13 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
     if not cfg.layers:
         return PassResult(segments, {"frozen_layers": [], "order_from": cfg.order_from})
 
-    prefill = segments.prefill
-    gm = prefill.program.module()
-    graph = gm.graph
-    anatomy = {layer.index: layer for layer in locate_layers(graph)}
-    inputs = dict(zip(prefill.input_names, placeholders(graph), strict=True))
+    edit = GraphEdit.open(segments, "prefill")
+    graph, inputs = edit.graph, edit.inputs
+    anatomy = {layer.index: layer for layer in edit.layers}
     # after a pruning pass (fastv, vte) layers hold different visual-row counts: one text index
     # per count; a layer with no visual rows left (after a vte exit) has nothing to freeze and is
     # skipped (recorded in the stats)
-    span = segments.num_visual_tokens
+    span = segments.visual_tokens
     held = {i: segments.layer_plan[i].visual_tokens for i in cfg.layers}
     skipped = [i for i in cfg.layers if held[i] == 0]
     text_idx: dict[int, fx.Node] = {}
@@ -302,15 +300,11 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
         if reason:
             raise RuntimeError(f"shortv cannot rewrite layer {i}: {reason}")
         freeze_layer(graph, anatomy[i], text_idx[held[i]], shared)
-    graph.lint()
-    gm.recompile()
-    segments = segments.replace_segment(reexport(prefill, gm))
-    for i in set(cfg.layers) - set(skipped):
-        segments.layer_plan[i] = dataclasses.replace(segments.layer_plan[i], visual_computed=False)
+    frozen = sorted(set(cfg.layers) - set(skipped))
     return PassResult(
-        segments,
+        replan(edit.finish(), frozen, visual_computed=False),
         {
-            "frozen_layers": sorted(set(cfg.layers) - set(skipped)),
+            "frozen_layers": frozen,
             "order_from": cfg.order_from,
             "visual_tokens": sorted({held[i] for i in cfg.layers}),
             **(
@@ -327,7 +321,9 @@ def shortv(segments: Any, cfg: ShortVConfig) -> PassResult:
 
 
 @contextlib.contextmanager
-def keep_rows(model: Any, layers: Sequence[int], rows: str = "visual") -> Iterator[None]:
+def keep_rows(
+    model: LlavaForConditionalGeneration, layers: Sequence[int], rows: str = "visual"
+) -> Iterator[None]:
     """Make HF decoder layers `layers` pass their `rows` ("visual" or "text") through unchanged
     during prefill: layer output = layer input on those rows. With rows="visual" this is ShortV's
     frozen layer (text rows, keys and values are computed exactly as in a full layer); it is also
@@ -365,17 +361,10 @@ def keep_rows(model: Any, layers: Sequence[int], rows: str = "visual") -> Iterat
             h.remove()
 
 
-def reference(model: Any, info: Any, cfg: ShortVConfig) -> contextlib.AbstractContextManager:
+def reference(
+    model: LlavaForConditionalGeneration, info: ModelInfo, cfg: ShortVConfig
+) -> contextlib.AbstractContextManager[None]:
     return keep_rows(model, cfg.layers or (), rows="visual")
 
 
-PASS = PassInfo(
-    name="shortv",
-    fn=shortv,
-    config_cls=ShortVConfig,
-    summary="freeze visual tokens in the lowest-Layer-Contribution layers (ShortV)",
-    stage="in_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-)
+PASS = pass_entry(shortv, ShortVConfig, "in_llm", SUMMARY)

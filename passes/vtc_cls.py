@@ -1,10 +1,11 @@
 """vtc_cls — prune visual tokens before the LLM by [CLS] attention summed over vision layers
 (VTC-CLS, THU-MIG/VTC-CLS).
 
-Contract: as fastervlm (METHODS.md "fastervlm / vtc_cls"), except that each patch's score is its
-[CLS] attention (head-mean) summed over a range of vision encoder layers `layers=[a, b]`
-(inclusive, 0-based), instead of taken at the feature layer alone. Keep the top `keep=N` (or
-round(N_v·(1-R)) for `ratio=R`, default 0.75) in spatial order; only those enter the LLM.
+Contract: as fastervlm (docs/passes.md, "Pruning and early exit"), except that each patch's
+score is its [CLS] attention (head-mean) summed over a range of vision encoder layers
+`layers=[a, b]` (inclusive, 0-based), instead of taken at the feature layer alone. Keep the
+top `keep=N` (or round(N_v·(1-R)) for `ratio=R`, default 0.75) in spatial order; only those
+enter the LLM.
 
 Graph change: the vision segment outputs (1, keep, d) (one [CLS] score row per scored layer, a
 sum, TopK, sort, gather: passes/cls_attention.py, shared with fastervlm); the prefill is
@@ -21,14 +22,21 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassInfo, PassResult
+from mllmc.compiler.core.pass_types import PassResult
 from mllmc.runtime.errors import UserError
 
-from .cls_attention import check_tower, cls_pruned_forward, keep_top_patches
-from .cls_attention import vision_layer_of_feature as feature_layer_index
-from .fastervlm import check_keep_options, resolve_keep
+from . import cls_attention, pass_entry
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.compiler.core.capture import Segments
+    from mllmc.compiler.core.model_dir import ModelShape
+    from mllmc.runtime.manifest import ModelInfo
+
+SUMMARY = "keep the top-k patches by [CLS] attention summed over vision layers (VTC-CLS)"
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class VTCClsConfig:
     ratio: float | None = None
 
     def __post_init__(self) -> None:
-        check_keep_options(self.keep, self.ratio)
+        cls_attention.check_keep_options(self.keep, self.ratio)
         if self.layers is not None:
             layers = self.layers
             if (
@@ -54,8 +62,7 @@ class VTCClsConfig:
             object.__setattr__(self, "layers", tuple(layers))
 
     def kept(self, num_visual: int) -> int:
-        ratio = 0.75 if self.keep is None and self.ratio is None else self.ratio
-        return resolve_keep("vtc_cls", self.keep, ratio, num_visual)
+        return cls_attention.resolve_keep("vtc_cls", self.keep, self.ratio, num_visual)
 
 
 def check_layers(layers: Sequence[int], vision_layers: int) -> None:
@@ -66,57 +73,47 @@ def check_layers(layers: Sequence[int], vision_layers: int) -> None:
         )
 
 
-def check(cfg: VTCClsConfig, shape: Any) -> None:
-    if shape.num_visual_tokens is not None:
-        cfg.kept(shape.num_visual_tokens)
+def check(cfg: VTCClsConfig, shape: ModelShape) -> None:
+    if shape.visual_tokens is not None:
+        cfg.kept(shape.visual_tokens)
     if cfg.layers is not None and shape.vision_layers is not None:
         check_layers(cfg.layers, shape.vision_layers)
 
 
-def prepare(cfg: VTCClsConfig, model: Any, info: Any) -> VTCClsConfig:
-    check_tower(model, "vtc_cls")
-    kept = cfg.kept(info.num_visual_tokens)
+def prepare(
+    cfg: VTCClsConfig, model: LlavaForConditionalGeneration, info: ModelInfo
+) -> VTCClsConfig:
+    cls_attention.check_tower(model, "vtc_cls")
+    kept = cfg.kept(info.visual_tokens)
     layers = cfg.layers
     if layers is None:
-        layers = (0, feature_layer_index(model.config.vision_feature_layer, info.vision_layers))
+        layers = (
+            0,
+            cls_attention.vision_layer_of_feature(
+                model.config.vision_feature_layer, info.vision_layers
+            ),
+        )
     check_layers(layers, info.vision_layers)
     return dataclasses.replace(cfg, layers=layers, keep=kept, ratio=None)
 
 
-def vtc_cls(segments: Any, cfg: VTCClsConfig) -> PassResult:
+def vtc_cls(segments: Segments, cfg: VTCClsConfig) -> PassResult:
     """Vision segment outputs the top-`keep` patches by summed [CLS] attention."""
     if cfg.layers is None:
         raise ValueError("vtc_cls: resolve the config with prepare() before the rewrite")
-    num_visual = segments.num_visual_tokens
-    if num_visual != segments.info.num_visual_tokens:
-        raise UserError("vtc_cls: the visual tokens were already pruned by another pass")
-    kept = cfg.kept(num_visual)
     scored = list(range(cfg.layers[0], cfg.layers[1] + 1))
-    segments = keep_top_patches(segments, scored, kept)
-    segments.layer_plan[:] = [
-        dataclasses.replace(p, visual_tokens=kept, kv_visual_tokens=kept)
-        for p in segments.layer_plan
-    ]
-    return PassResult(
-        segments,
-        {"vision_layers": scored, "visual_tokens": num_visual, "kept_visual_tokens": kept},
+    stats = {"vision_layers": scored}
+    return cls_attention.keep_top_patches(segments, "vtc_cls", scored, cfg.keep, cfg.ratio, stats)
+
+
+def reference(
+    model: LlavaForConditionalGeneration, info: ModelInfo, cfg: VTCClsConfig
+) -> contextlib.AbstractContextManager[None]:
+    if cfg.layers is None or cfg.keep is None:
+        raise ValueError("vtc_cls: resolve the config with prepare() before the reference")
+    return cls_attention.cls_pruned_forward(
+        model, range(cfg.layers[0], cfg.layers[1] + 1), cfg.keep
     )
 
 
-def reference(model: Any, info: Any, cfg: VTCClsConfig) -> contextlib.AbstractContextManager:
-    if cfg.layers is None or cfg.keep is None:
-        raise ValueError("vtc_cls: resolve the config with prepare() before the reference")
-    return cls_pruned_forward(model, range(cfg.layers[0], cfg.layers[1] + 1), cfg.keep)
-
-
-PASS = PassInfo(
-    name="vtc_cls",
-    fn=vtc_cls,
-    config_cls=VTCClsConfig,
-    summary="keep the top-k patches by [CLS] attention summed over vision layers (VTC-CLS)",
-    stage="pre_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-    prunes=True,
-)
+PASS = pass_entry(vtc_cls, VTCClsConfig, "pre_llm", SUMMARY, prunes=True)

@@ -1,6 +1,6 @@
 """vte — static visual-token exit at layer K (DyVTE, arXiv 2411.19628, static form).
 
-Contract (METHODS.md): layers >= K hold no visual tokens: at layer K's input the visual rows of
+Contract (docs/passes.md): layers >= K hold no visual tokens: at layer K's input the visual rows of
 the hidden state are dropped, so those layers, and their KV caches, hold the text rows only. K
 follows FastV's convention (layers < K see every row). K = L is the identity (no layer after the
 exit; the rewrite still runs and gathers the final hidden state, whose last row is unchanged);
@@ -25,12 +25,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassInfo, PassResult
+from mllmc.compiler.core.pass_types import PassResult
 from mllmc.runtime.errors import UserError
 
-from .row_pruning import drop_rows, pruned_forward, refuse_sliding_window, text_keep_index
+from . import pass_entry
+from .rewrite import GraphEdit, replan, uniform_visual_tokens
+from .row_pruning import drop_rows, pruned_forward, refuse_sliding_window, text_rows
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
+
+    from mllmc.compiler.core.capture import Segments
+    from mllmc.compiler.core.model_dir import ModelShape
+    from mllmc.runtime.manifest import ModelInfo
+
+SUMMARY = "visual-token exit: layers >= K hold text rows only (static DyVTE)"
 
 
 @dataclass(frozen=True)
@@ -64,12 +75,12 @@ def check_k(k: int, num_layers: int) -> None:
         )
 
 
-def check(cfg: VTEConfig, shape: Any) -> None:
+def check(cfg: VTEConfig, shape: ModelShape) -> None:
     if cfg.k is not None and shape.num_layers is not None:
         check_k(cfg.k, shape.num_layers)
 
 
-def prepare(cfg: VTEConfig, model: Any, info: Any) -> VTEConfig:
+def prepare(cfg: VTEConfig, model: LlavaForConditionalGeneration, info: ModelInfo) -> VTEConfig:
     """Resolve K from `calib` when it is not given, and check it against the model."""
     if cfg.k is None:
         if cfg.calib is None:
@@ -86,39 +97,24 @@ def prepare(cfg: VTEConfig, model: Any, info: Any) -> VTEConfig:
     return cfg
 
 
-def vte(segments: Any, cfg: VTEConfig) -> PassResult:
+def vte(segments: Segments, cfg: VTEConfig) -> PassResult:
     """Drop the visual rows of prefill layers >= cfg.k."""
-    from mllmc.compiler.core.capture import reexport
-    from mllmc.compiler.core.locator import locate_layers, placeholders
-
     if cfg.k is None:
         raise ValueError("vte: resolve cfg.k with prepare() before the rewrite")
     info = segments.info
     check_k(cfg.k, info.num_layers)
-    plan = segments.layer_plan
-    num_visual = plan[0].visual_tokens
-    if any(p.visual_tokens != num_visual or not p.visual_computed for p in plan):
-        raise UserError("vte: the layer plan is not uniform (another in-LLM pass ran first)")
+    num_visual = uniform_visual_tokens(segments, "vte")
 
-    prefill = segments.prefill
-    gm = prefill.program.module()
-    graph = gm.graph
-    layers = locate_layers(graph)
-    inputs = dict(zip(prefill.input_names, placeholders(graph), strict=True))
-    with graph.inserting_after(inputs["visual_start"]):
-        keep = graph.call_function(
-            text_keep_index, (inputs["input_ids"], inputs["visual_start"], num_visual)
+    edit = GraphEdit.open(segments, "prefill")
+    inputs = edit.inputs
+    with edit.graph.inserting_after(inputs["visual_start"]):
+        keep = edit.graph.call_function(
+            text_rows, (inputs["input_ids"], inputs["visual_start"], num_visual)
         )
-    gathers = drop_rows(graph, layers, cfg.k, keep)
-    graph.lint()
-    gm.recompile()
-    segments = segments.replace_segment(reexport(prefill, gm))
-    for i in range(cfg.k, info.num_layers):
-        segments.layer_plan[i] = dataclasses.replace(
-            segments.layer_plan[i], visual_tokens=0, kv_visual_tokens=0
-        )
+    gathers = drop_rows(edit.graph, edit.layers, cfg.k, keep)
+    exited = range(cfg.k, info.num_layers)
     return PassResult(
-        segments,
+        replan(edit.finish(), exited, visual_tokens=0, kv_visual_tokens=0),
         {
             "exit_layer": cfg.k,
             "layers_without_visual_tokens": info.num_layers - cfg.k,
@@ -128,20 +124,12 @@ def vte(segments: Any, cfg: VTEConfig) -> PassResult:
     )
 
 
-def reference(model: Any, info: Any, cfg: VTEConfig) -> contextlib.AbstractContextManager:
+def reference(
+    model: LlavaForConditionalGeneration, info: ModelInfo, cfg: VTEConfig
+) -> contextlib.AbstractContextManager[None]:
     if cfg.k is None:
         raise ValueError("vte: resolve cfg.k with prepare() before building the reference")
     return pruned_forward(model, cfg.k)
 
 
-PASS = PassInfo(
-    name="vte",
-    fn=vte,
-    config_cls=VTEConfig,
-    summary="visual-token exit: layers >= K hold text rows only (static DyVTE)",
-    stage="in_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-    prunes=True,
-)
+PASS = pass_entry(vte, VTEConfig, "in_llm", SUMMARY, prunes=True)

@@ -6,7 +6,7 @@ manifest's IO names and cast them to the manifest's dtypes, so nothing here know
 No torch (the torch-based runners import it themselves), and no knowledge of passes: the prefill
 graph already holds every rewrite, and each layer's KV cache is whatever the prefill returned for
 it (passes may leave layers with different cache lengths; decode appends one row to each).
-Decode positions continue from the prompt length n + the manifest's `decode_position_offset`.
+Decode positions continue from the prompt length n.
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ class SegmentLoop:
     The decode cache is matched to the prefill's outputs by name: decode input `past.<l>.<kv>`
     is fed the prefill's (or the last decode step's) output `present.<l>.<kv>`."""
 
-    def __init__(self, runners: Mapping[str, SegmentRunner], decode_position_offset: int = 0):
+    def __init__(self, runners: Mapping[str, SegmentRunner]):
         self.runners = dict(runners)
-        self.decode_position_offset = decode_position_offset
         decode_inputs = [t.name for t in self.runners["decode"].entry.inputs]
         for seg, names, wanted in (
             ("prefill", [t.name for t in self.runners["prefill"].entry.inputs], PREFILL_INPUTS),
@@ -181,7 +180,7 @@ class SegmentLoop:
         t1 = time.perf_counter()
         logits, cache = self.prefill(input_ids, features, visual_start)
         t2 = time.perf_counter()
-        position = int(input_ids.shape[1]) + self.decode_position_offset
+        position = int(input_ids.shape[1])
         tokens: list[int] = []
         chosen: list[np.ndarray] = []
         while True:
@@ -266,8 +265,8 @@ class Engine(SegmentLoop):
             )
             for name in SEGMENTS
         }
-        super().__init__(runners, self.manifest.decode_position_offset)
-        self.num_visual_tokens: int = self.manifest.visual_tokens
+        super().__init__(runners)
+        self.visual_tokens: int = self.manifest.visual_tokens
         self.num_layers: int = len(self.manifest.layers)
         self.eos_token_ids: set[int] = set(self.manifest.model.eos_token_ids)
         processor = read_image_processor_config(self.root)
@@ -283,8 +282,8 @@ class Engine(SegmentLoop):
         """prompt -> (input_ids (1, n) int64, visual_start: where the image span begins)."""
         if not isinstance(prompt, str):
             raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
-        input_ids, visual_start = self.prompt_encoder.encode(prompt, self.num_visual_tokens)
-        if visual_start + self.num_visual_tokens == input_ids.shape[1]:
+        input_ids, visual_start = self.prompt_encoder.encode(prompt, self.visual_tokens)
+        if visual_start + self.visual_tokens == input_ids.shape[1]:
             # the prompt ends with the image: refused where a pass reads the last row as text
             passes = [p.name for p in self.manifest.passes if p.name in LAST_TEXT_ROW_PASSES]
             if passes:
@@ -311,7 +310,8 @@ class Engine(SegmentLoop):
         logits when top_k > 0) generation for one image + prompt.
 
         A prompt plus `max_new_tokens` longer than the model's max_position_embeddings logs one
-        warning (positions past it were never trained), or raises UserError when `strict`."""
+        warning (positions past it were never trained), or raises UserError when `strict`; one
+        longer than the engines accept (their `max_seq_len`) always raises UserError."""
         vocab = self.manifest.model.vocab_size
         _check_generate_args(max_new_tokens, temperature, top_k, seed, vocab)
         input_ids, visual_start = self.encode_prompt(prompt)
@@ -337,7 +337,16 @@ class Engine(SegmentLoop):
     def _check_length(self, prompt_tokens: int, max_new_tokens: int, strict: bool) -> None:
         limit = self.manifest.model.max_position_embeddings
         # the last token generated is never fed back, so the model sees n + new - 1 positions
-        positions = prompt_tokens + self.decode_position_offset + max_new_tokens - 1
+        positions = prompt_tokens + max_new_tokens - 1
+        engine_limit = self.manifest.target_settings.max_seq_len
+        # the prompt, and the KV cache (at most the positions before the last) must fit
+        if engine_limit is not None and max(prompt_tokens, positions - 1) > engine_limit:
+            raise UserError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) needs "
+                f"sequences of {max(prompt_tokens, positions - 1)}, past the {engine_limit} the "
+                f"engines of {self.root} accept: shorten the prompt, lower max_new_tokens or "
+                "recompile with a larger --max-seq-len"
+            )
         if positions <= limit:
             return
         msg = (

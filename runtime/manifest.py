@@ -2,19 +2,22 @@
 `bench` and `verify` read. Shared by both sides, so it lives in the runtime (the bottom layer).
 
     Manifest
+      target_settings             what the engines were built for: target (the runner), device,
+                                  dtype, decode cache, longest sequence (`TargetSettings`)
       model: ModelInfo            the source model's shapes, tokens and provenance
       passes: (AppliedPass, ...)  each pass as applied: name, config, stats, seconds
       segments: {name: SegmentEntry}   engine file + IO names / shapes / dtypes
       visual_tokens               image-span length per image entering the LLM (after pre-LLM passes)
       layers: (LayerPlan, ...)    per decoder layer: visual rows in its input and KV cache, and
                                   whether it computes its visual rows
-      decode_position_offset      first decode position = prompt tokens fed to prefill + offset
-      dtype, tol                  the engines' precision, and the logit tolerance (x the logits'
-                                  scale) they are held to against the eager model run in it
+      tol                         the logit tolerance (x the logits' scale) the engines are held
+                                  to against the eager model run in their dtype
 
 `read_manifest` checks the file against this schema (types included), and that every file it
 names lies inside the artifact, so a corrupt or hand-edited manifest is one clear `UserError`,
-never a KeyError deep in the runtime.
+never a KeyError deep in the runtime. A manifest of format version 2 (target and dtype at the
+top level, the other target settings in an untyped `extra` object) is read into the same typed
+`Manifest`.
 """
 
 from __future__ import annotations
@@ -25,21 +28,65 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, TypedDict, TypeVar
 
 from .errors import UserError
 from .jsonfile import JSONError, read_json
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, FORMAT_VERSION)  # version 2 is converted on reading (`_from_version_2`)
 MANIFEST_NAME = "manifest.json"
 SEGMENTS = ("vision", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")  # the precisions an artifact's engines run in
+DEVICES = ("cpu", "cuda")  # where they run ("cuda:<index>" names one GPU)
+# growing: the decode program takes each layer's cache and returns it one row longer (a copy);
+# static: it reads fixed-capacity buffers the runner owns and returns the new rows, so each step
+# has the same shapes and runs as one CUDA graph replay (runtime/static_cache.py)
+DECODE_CACHES = ("growing", "static")
+STATIC_DECODE = "decode_static"  # the segment of a static-cache decode, beside "decode"
 # the logit tolerance of a float32 engine against float32 eager; also what a manifest that
 # records no dtype / tolerance (written before they were recorded) is held to
 FLOAT32_TOL = 1e-4
 T = TypeVar("T")
+# dataclass field metadata: the field's key in the manifest JSON, where it differs from its name
+JSON_KEY = "json_key"
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """What an artifact's engines were built for, each field read by the runtime:
+
+    target        the runner module that opens the engine files (runtime/runners/<target>.py)
+    device        where they run: "cpu", "cuda" or "cuda:<index>" (aoti and trt runners)
+    dtype         their floating precision, one of DTYPES (verify's eager oracle, KV-cache size)
+    decode_cache  the decode the runtime runs by default: "static" (the artifact holds a
+                  `decode_static` segment beside `decode`) or "growing"
+    max_seq_len   the longest sequence (prompt, KV cache) the engines accept (trt: its shape
+                  profiles), which `generate` refuses to pass; None: no bound but the model's
+
+    Invalid values raise ValueError (a corrupt manifest: UserError from `read_manifest`)."""
+
+    target: str
+    device: str
+    dtype: str
+    decode_cache: str = "growing"
+    max_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise ValueError("target must name a target")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; valid devices: {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+        if self.decode_cache not in DECODE_CACHES:
+            raise ValueError(
+                f"unknown decode cache {self.decode_cache!r}; valid: {', '.join(DECODE_CACHES)}"
+            )
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be None or >= 2, got {self.max_seq_len}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +104,9 @@ class ModelInfo:
     intermediate_size: int
     vocab_size: int
     image_token_id: int
-    num_visual_tokens: int  # N_v per image from the vision tower, after the feature-select strategy
+    # N_v per image from the vision tower, after the feature-select strategy (before any pass);
+    # written to JSON as `num_visual_tokens`
+    visual_tokens: int = field(metadata={JSON_KEY: "num_visual_tokens"})
     image_size: int
     vision_hidden_size: int
     vision_layers: int
@@ -71,8 +120,9 @@ class ModelInfo:
 class LayerPlan:
     """What one decoder layer holds after the passes.
 
-    visual_tokens: visual rows in the layer's input hidden state; kv_visual_tokens: visual rows in
-    its KV cache; visual_computed: whether the layer updates its visual rows (False: ShortV
+    visual_tokens: visual rows in this layer's input hidden state (per layer: a pruning pass or
+    early exit leaves fewer rows in later layers than `Manifest.visual_tokens`);
+    kv_visual_tokens: visual rows in its KV cache; visual_computed: whether the layer updates its visual rows (False: ShortV
     freezes them, they pass through unchanged)."""
 
     index: int
@@ -143,18 +193,25 @@ class Manifest:
     format_version: int
     mllmc_version: str
     created: str
-    target: str
+    target_settings: TargetSettings
     model: ModelInfo
     passes: tuple[AppliedPass, ...]
     segments: dict[str, SegmentEntry]
     visual_tokens: int
     layers: tuple[LayerPlan, ...]
     flops: Flops
-    decode_position_offset: int = 0
-    dtype: str = "float32"
     tol: float = FLOAT32_TOL
     validation: Validation | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # target-specific settings (device, ...)
+
+    @property
+    def target(self) -> str:
+        """The runner module that opens the engine files (`target_settings.target`)."""
+        return self.target_settings.target
+
+    @property
+    def dtype(self) -> str:
+        """The engines' floating precision (`target_settings.dtype`)."""
+        return self.target_settings.dtype
 
     @property
     def source(self) -> str:
@@ -166,11 +223,14 @@ class Manifest:
         return [layer.visual_tokens for layer in self.layers]
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(asdict(self))
+        return _plain(self)
 
     @classmethod
     def from_json(cls, data: Any, where: str = MANIFEST_NAME) -> Manifest:
-        """Build a Manifest from parsed JSON; UserError naming the first thing that is wrong."""
+        """Build a Manifest from parsed JSON (a version-2 manifest's converted first); UserError
+        naming the first thing that is wrong."""
+        if isinstance(data, dict) and data.get("format_version") == 2:
+            data = _from_version_2(data)
         manifest = _build(cls, data, where)
         manifest.check(where)
         return manifest
@@ -193,8 +253,15 @@ class Manifest:
             raise bad(f"{len(self.layers)} layer plans for a {self.model.num_layers}-layer model")
         if [layer.index for layer in self.layers] != list(range(len(self.layers))):
             raise bad("layer plans are not numbered 0..L-1")
-        if self.dtype not in DTYPES:
-            raise bad(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+        static = STATIC_DECODE in self.segments
+        if static != (self.target_settings.decode_cache == "static"):
+            raise bad(
+                f"decode_cache {self.target_settings.decode_cache!r} with"
+                f"{'' if static else 'out'} a {STATIC_DECODE!r} segment"
+            )
+        text = {self.flops[k]["reference_text_tokens"] for k in ("before", "after")}
+        if len(text) != 1:
+            raise bad("flops before and after are counted at different prompts")
         if self.tol <= 0:
             raise bad(f"tol must be a positive number, got {self.tol}")
         if self.visual_tokens < 1:
@@ -220,12 +287,35 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
     if not isinstance(data, dict) or "format_version" not in data:
         raise UserError(f"corrupt artifact manifest {path}: no format_version")
     version = data["format_version"]
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise UserError(
-            f"artifact {root} has manifest format version {version!r}; this mllmc reads version "
-            f"{FORMAT_VERSION}: recompile it with this mllmc"
+            f"artifact {root} has manifest format version {version!r}; this mllmc reads versions "
+            f"{readable}: recompile it with this mllmc"
         )
     return Manifest.from_json(data, str(path))
+
+
+def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 manifest's JSON in this version's shape: its top-level `target` and `dtype`
+    and its `extra` object (device, dtype, decode_cache, max_seq_len, each where the target
+    wrote it) become `target_settings`, with the defaults that version ran with where a key is
+    absent (trt on cuda, the others on cpu; a static decode where a decode_static segment is)."""
+    extra = data.get("extra")
+    extra = extra if isinstance(extra, dict) else {}
+    target = data.get("target")
+    segments = data.get("segments")
+    static = isinstance(segments, dict) and STATIC_DECODE in segments
+    settings = {
+        "target": target,
+        "device": extra.get("device", "cuda" if target == "trt" else "cpu"),
+        "dtype": data.get("dtype", extra.get("dtype", "float32")),
+        "decode_cache": extra.get("decode_cache", "static" if static else "growing"),
+        "max_seq_len": extra.get("max_seq_len"),
+    }
+    dropped = ("target", "dtype", "extra", "decode_position_offset")
+    rest = {k: v for k, v in data.items() if k not in dropped}
+    return {**rest, "format_version": FORMAT_VERSION, "target_settings": settings}
 
 
 def write_manifest(out: Path, manifest: Manifest) -> None:
@@ -253,6 +343,10 @@ def from_json(tp: type[T], data: Any, where: str = MANIFEST_NAME) -> T:
 
 
 def _plain(obj: Any) -> Any:
+    """`obj` as plain JSON values; a dataclass field is written under its JSON_KEY metadata,
+    where it has one, else under its name."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.metadata.get(JSON_KEY, f.name): _plain(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -313,13 +407,19 @@ def _build(tp: Any, value: Any, where: str, path: str = "") -> Any:
         hints = typing.get_type_hints(tp)
         kwargs = {}
         for f in fields(tp):
-            sub = f"{path}.{f.name}" if path else f.name
-            if f.name not in value:
+            key = f.metadata.get(JSON_KEY, f.name)
+            sub = f"{path}.{key}" if path else key
+            if key not in value:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     raise UserError(f"corrupt artifact manifest {where}: missing {sub!r}")
                 continue
-            kwargs[f.name] = _build(hints[f.name], value[f.name], where, sub)
-        return tp(**kwargs)
+            kwargs[f.name] = _build(hints[f.name], value[key], where, sub)
+        try:
+            return tp(**kwargs)
+        except ValueError as e:  # the record's own rules (TargetSettings' values)
+            raise UserError(
+                f"corrupt artifact manifest {where}: {path or 'top level'}: {e}"
+            ) from None
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, list):

@@ -1,24 +1,31 @@
 """Backends: exported segment -> engine file. `get_backend(target, options)` returns a
 `Backend`: called on each segment, it writes the engine file and returns the segment's manifest
-entry; `extra` goes into the manifest (device, dtype), `tol` is the logit tolerance the compile
-validation holds it to."""
+entry (`SegmentEntry`); `settings` (`TargetSettings`: target, device, dtype, decode cache,
+longest sequence) go into the manifest, `tol` is the logit tolerance the compile validation
+holds it to."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mllmc.compiler.core.model_dir import MAX_SEQ
 from mllmc.runtime.errors import UserError
-from mllmc.runtime.manifest import DTYPES, FLOAT32_TOL
-from mllmc.runtime.runners import DECODE_CACHES
+from mllmc.runtime.manifest import (
+    DECODE_CACHES,
+    DTYPES,
+    FLOAT32_TOL,
+    SegmentEntry,
+    TargetSettings,
+    TensorSpec,
+)
 
 TARGETS = ("onnx", "aoti", "trt")
 DEFAULT_DTYPE = {"onnx": "float32", "aoti": "float32", "trt": "float16"}
-# compile validation against eager in the same dtype: fp32 holds 1e-4 (ARCHITECTURE.md); a
+# compile validation against eager in the same dtype: fp32 holds 1e-4 (docs/promises.md); a
 # 16-bit engine's kernels round differently from eager's, by up to a few units of the last bit
 DTYPE_TOL = {"float32": FLOAT32_TOL, "bfloat16": 0.25, "float16": 0.05}
 
@@ -43,21 +50,33 @@ class TargetOptions:
     decode_cache: str | None = None
 
 
+def segment_entry(
+    file: str, io: dict[str, list[dict[str, Any]]], external_data: str | None = None
+) -> SegmentEntry:
+    """A segment's manifest entry: its engine file and its IO records (`segment_io`)."""
+
+    def specs(records: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in records)
+
+    return SegmentEntry(file, specs(io["inputs"]), specs(io["outputs"]), external_data)
+
+
+Entries = dict[str, SegmentEntry]
+
+
 @dataclass(frozen=True)
 class Backend:
-    export: Callable[[Any, Path], dict[str, Any]]
-    options: TargetOptions = TargetOptions()
-    extra: dict[str, Any] = field(default_factory=dict)
+    export: Callable[[Any, Path], SegmentEntry]
+    options: TargetOptions
+    settings: TargetSettings  # what the manifest records the engines were built for
 
     # after every segment is written: (out_dir, entries) -> entries (e.g. one weights file)
-    finish: Callable[[Path, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]] | None = None
+    finish: Callable[[Path, Entries], Entries] | None = None
 
-    def __call__(self, seg: Any, out_dir: Path) -> dict[str, Any]:
+    def __call__(self, seg: Any, out_dir: Path) -> SegmentEntry:
         return self.export(seg, out_dir)
 
-    def finish_artifact(
-        self, out_dir: Path, entries: dict[str, dict[str, Any]]
-    ) -> dict[str, dict[str, Any]]:
+    def finish_artifact(self, out_dir: Path, entries: Entries) -> Entries:
         return self.finish(out_dir, entries) if self.finish else entries
 
     def prepare(self, model: Any) -> Any:
@@ -136,25 +155,33 @@ def get_backend(target: str, options: TargetOptions | None = None) -> Backend:
 
 def build_backend(target: str, options: TargetOptions) -> Backend:
     """The backend for options `resolve_options` returned (it checks; this only builds)."""
+    settings = TargetSettings(
+        target=target,
+        device=options.device,
+        dtype=str(options.dtype),
+        decode_cache=str(options.decode_cache),
+        # trt's shape profiles bound the sequence; the other targets accept the capture's range
+        max_seq_len=(options.max_seq_len or MAX_SEQ) if target == "trt" else None,
+    )
     if target == "trt":
         from . import trt
 
-        max_seq = options.max_seq_len or MAX_SEQ
+        max_seq = int(settings.max_seq_len or MAX_SEQ)
         return Backend(
-            lambda seg, out: trt.compile_segment(seg, out, str(options.dtype), max_seq),
+            lambda seg, out: trt.compile_segment(seg, out, settings.dtype, max_seq),
             options,
-            {"device": options.device, "dtype": options.dtype, "max_seq_len": max_seq},
+            settings,
         )
     if target == "onnx":
         from .onnx import export_segment, share_weights
 
-        return Backend(export_segment, options, finish=share_weights)
+        return Backend(export_segment, options, settings, finish=share_weights)
     from .aoti import WeightStore, compile_segment
 
     store = WeightStore()  # the weights of all three segments, each tensor once
     return Backend(
         lambda seg, out: compile_segment(seg, out, options.device, store),
         options,
-        {"device": options.device, "dtype": options.dtype, "decode_cache": options.decode_cache},
+        settings,
         finish=store.save,
     )

@@ -14,6 +14,7 @@ then hands every package the same tensors (`load_constants(..., user_managed=Tru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -23,6 +24,9 @@ from typing import Any
 import torch
 
 from mllmc.compiler.core.segment_io import segment_io
+from mllmc.runtime.manifest import SegmentEntry
+
+from . import segment_entry
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +61,15 @@ class WeightStore:
             mapping[name] = self._keys[ident]
         return mapping
 
-    def save(self, out_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def save(self, out_dir: Path, entries: dict[str, SegmentEntry]) -> dict[str, SegmentEntry]:
         """Write WEIGHTS; the entries with `external_data` pointing at it."""
         torch.save({k: t.contiguous().cpu() for k, t in self.tensors.items()}, out_dir / WEIGHTS)
-        return {name: {**e, "external_data": WEIGHTS} for name, e in entries.items()}
+        return {name: dataclasses.replace(e, external_data=WEIGHTS) for name, e in entries.items()}
 
 
 def compile_segment(
     seg: Any, out_dir: Path, device: str = "cpu", store: WeightStore | None = None
-) -> dict[str, Any]:
+) -> SegmentEntry:
     """Write `out_dir/<seg.name>.pt2` compiled for `device`; return its manifest entry. With a
     `store`, the package holds no weights: they go to the store (saved by `store.save`)."""
     program = seg.program
@@ -89,4 +93,4 @@ def compile_segment(
             package_path=str(path),
             inductor_configs={"aot_inductor.metadata": metadata, **configs},
         )
-    return {"file": path.name, "external_data": None, **io}
+    return segment_entry(path.name, io)

@@ -11,6 +11,7 @@ at the same offsets, so an artifact holds one copy of the weights, not two.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import warnings
@@ -20,7 +21,8 @@ from typing import Any
 import onnx
 import torch
 
-from mllmc.compiler.core.segment_io import rename_symbols
+from mllmc.compiler.core.segment_io import dim_names, rename_symbols
+from mllmc.runtime.manifest import SegmentEntry, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,11 @@ def _name_dims(model: onnx.ModelProto, seg: Any) -> None:
     """Give the dynamic dims stable names (the exporter calls them s2, s26, ...): the prompt
     length `n`, layer l's cache length `past_<l>`. Outputs carry expressions of the same symbols
     (`past_3 + 1`), renamed symbol by symbol: s2 never matches inside s26."""
-    renames: dict[str, str] = {}
-    for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name == "input_ids" and seg.name == "prefill":
-            renames[dims[1].dim_param] = "n"
-        elif vi.name.startswith("past.") and len(dims) > 2 and dims[2].dim_param:
-            renames[dims[2].dim_param] = f"past_{vi.name.split('.')[1]}"
-    renames.pop("", None)
+    inputs = [
+        (vi.name, [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim])
+        for vi in model.graph.input
+    ]
+    renames = dim_names(seg.name, inputs)
     if not renames:
         return
     for vi in [*model.graph.input, *model.graph.output]:
@@ -55,7 +54,7 @@ def _name_dims(model: onnx.ModelProto, seg: Any) -> None:
                 d.dim_param = rename_symbols(d.dim_param, renames)
 
 
-def export_segment(seg: Any, out_dir: Path) -> dict[str, Any]:
+def export_segment(seg: Any, out_dir: Path) -> SegmentEntry:
     """Write `out_dir/<seg.name>.onnx`; return its manifest entry (file, IO names/shapes/dtypes)."""
     path = out_dir / f"{seg.name}.onnx"
     external = _segment_bytes(seg) > EXTERNAL_DATA_BYTES
@@ -78,25 +77,21 @@ def export_segment(seg: Any, out_dir: Path) -> dict[str, Any]:
     onnx.save_model(model, str(path))  # external-data references are kept as they are
     onnx.checker.check_model(str(path))
     data = path.with_name(path.name + ".data")
-    return {
-        "file": path.name,
-        "external_data": data.name if data.exists() else None,
-        "inputs": [_io(vi) for vi in model.graph.input],
-        "outputs": [_io(vi) for vi in model.graph.output],
-    }
+    return SegmentEntry(
+        file=path.name,
+        inputs=tuple(_io(vi) for vi in model.graph.input),
+        outputs=tuple(_io(vi) for vi in model.graph.output),
+        external_data=data.name if data.exists() else None,
+    )
 
 
-def _io(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+def _io(vi: onnx.ValueInfoProto) -> TensorSpec:
     t = vi.type.tensor_type
-    shape = [d.dim_param or d.dim_value for d in t.shape.dim]
-    return {
-        "name": vi.name,
-        "shape": shape,
-        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-    }
+    shape = tuple(d.dim_param or d.dim_value for d in t.shape.dim)
+    return TensorSpec(vi.name, shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name)
 
 
-def share_weights(out_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def share_weights(out_dir: Path, entries: dict[str, SegmentEntry]) -> dict[str, SegmentEntry]:
     """Move every segment's initializers of INLINE_BYTES or more into one `SHARED_DATA` file,
     each distinct tensor (same dtype, shape and bytes) written once; return the entries with
     `external_data` pointing at it. The per-segment data files the exporter wrote are removed."""
@@ -104,7 +99,7 @@ def share_weights(out_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str
     out = {}
     with open(out_dir / SHARED_DATA, "wb") as data:
         for name, entry in entries.items():
-            path = out_dir / entry["file"]
+            path = out_dir / entry.file
             model = onnx.load(str(path), load_external_data=True)
             for init in model.graph.initializer:
                 raw = onnx.numpy_helper.to_array(init).tobytes()
@@ -119,10 +114,10 @@ def share_weights(out_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str
                 offset, length = offsets[key]
                 _point_at(init, offset, length)
             onnx.save_model(model, str(path))  # tensors already external: only the graph is written
-            if entry.get("external_data"):
-                (out_dir / entry["external_data"]).unlink(missing_ok=True)
+            if entry.external_data:
+                (out_dir / entry.external_data).unlink(missing_ok=True)
             onnx.checker.check_model(str(path))
-            out[name] = {**entry, "external_data": SHARED_DATA}
+            out[name] = dataclasses.replace(entry, external_data=SHARED_DATA)
     log.info("shared weights: %d distinct tensors in %s", len(offsets), SHARED_DATA)
     return out
 

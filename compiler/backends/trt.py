@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.manifest import SegmentEntry
+
+from . import segment_entry
 
 OPT_TEXT_TOKENS = 64
 INSTALL = "pip install 'mllmc[trt]'"
@@ -116,7 +119,7 @@ def save_kwargs(examples: list[Any]) -> dict[str, Any]:
     return {"output_format": "exported_program", "inputs": examples}
 
 
-def compile_segment(seg: Any, out_dir: Path, dtype: str, max_seq_len: int) -> dict[str, Any]:
+def compile_segment(seg: Any, out_dir: Path, dtype: str, max_seq_len: int) -> SegmentEntry:
     """Write `out_dir/<seg.name>.ep` (TensorRT engines inside an ExportedProgram); return its
     manifest entry. `dtype` is the one the segment was captured in, which the engine follows.
     Unrun here (see the module docstring)."""
@@ -134,4 +137,4 @@ def compile_segment(seg: Any, out_dir: Path, dtype: str, max_seq_len: int) -> di
     path = out_dir / f"{seg.name}.ep"
     examples = [t.to("cuda") for t in seg.example_inputs]
     torch_tensorrt.save(module, str(path), **save_kwargs(examples))
-    return {"file": path.name, "external_data": None, **io}
+    return segment_entry(path.name, io)

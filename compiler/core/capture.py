@@ -27,7 +27,7 @@ What we take from transformers and what we write ourselves:
   (5.13+) exports a language model with its DynamicCache patched for export, but its graphs
   carry HF's mask machinery and cache classes, which a pass would have to see through, and it has
   no vision component; the explicit forward here is ~60 lines and gives the passes a graph whose
-  anatomy is plain (see METHODS.md, "Where the rewrites sit").
+  anatomy is plain (docs/architecture.md, "Data flow").
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from .model_dir import (  # noqa: F401  (also importable from capture)
     config_hash,
     read_config,
     supported_text,
+    visual_token_count,
 )
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,10 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
         )
     if isinstance(cfg.vision_feature_layer, (list, tuple)):
         raise UserError("multi-layer vision_feature_layer is not supported yet; use one layer")
-    n_patches = (vc.image_size // vc.patch_size) ** 2
     strategy = cfg.vision_feature_select_strategy
-    if strategy not in ("default", "full"):
+    num_visual = visual_token_count(vc.image_size, vc.patch_size, strategy)
+    if num_visual is None:
         raise UserError(f"vision_feature_select_strategy {strategy!r} is not supported")
-    num_visual = n_patches if strategy == "default" else n_patches + 1
     layer_windows(tc)  # a window HF itself cannot apply is refused here, before capture
     eos = model.generation_config.eos_token_id if model.generation_config else tc.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
@@ -141,7 +141,7 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
         intermediate_size=tc.intermediate_size,
         vocab_size=tc.vocab_size,
         image_token_id=cfg.image_token_id,
-        num_visual_tokens=num_visual,
+        visual_tokens=num_visual,
         image_size=vc.image_size,
         vision_hidden_size=vc.hidden_size,
         vision_layers=vc.num_hidden_layers,
@@ -168,7 +168,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     # (B, kv_heads, S, hd) -> (B, kv_heads * n_rep, S, hd), head h reading kv head h // n_rep as
-    # HF's repeat_kv does. A gather rather than HF's expand + reshape: torch 2.11's export cannot
+    # HF's repeat_kv does. A gather rather than HF's expand + reshape: torch.export cannot
     # prove the stride guard that reshape of the expanded view adds (Min(hd*S, n_rep*hd*S)) for a
     # dynamic S, and the copy costs the same
     if n_rep == 1:
@@ -238,7 +238,7 @@ class DecoderLayer(nn.Module):
                 # decode (one query row; its mask, if any, is (1, 1, 1, S) and broadcasts): the
                 # n_rep query heads of a kv head become rows of one group, so the cache is read
                 # once per kv head instead of being copied n_rep times (the copy and its
-                # transposes were ~15% of a CPU decode step on small-llava)
+                # transposes are a large share of a CPU decode step)
                 t = q.shape[2]
                 grouped = q.reshape(b, self.num_kv_heads, n_rep * t, self.head_dim)
                 o = F.scaled_dot_product_attention(
@@ -298,8 +298,8 @@ def window_allows(distance: torch.Tensor, window: int | None) -> torch.Tensor:
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where a query may attend, the most negative float elsewhere (a boolean mask makes the
-    ONNX attention re-select -inf per layer and check for NaN rows, ~15% of the prefill on
-    CPU)."""
+    ONNX attention re-select -inf per layer and check for NaN rows, a
+    large share of the prefill on the CPU)."""
     return torch.zeros_like(allowed, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
@@ -334,14 +334,14 @@ class PrefillSegment(_Decoder):
 
     def __init__(self, model: nn.Module, info: ModelInfo, num_visual: int | None = None):
         super().__init__(model, info)
-        self.num_visual_tokens = info.num_visual_tokens if num_visual is None else num_visual
+        self.visual_tokens = info.visual_tokens if num_visual is None else num_visual
 
     def forward(self, input_ids, image_features, visual_start):
         n = input_ids.shape[1]
         ids = torch.where(input_ids == self.image_token_id, torch.zeros_like(input_ids), input_ids)
         h = self.embed_tokens(ids)  # (1, n, d)
         dev = input_ids.device
-        visual_rows = visual_start + torch.arange(self.num_visual_tokens, device=dev)  # (N_v,)
+        visual_rows = visual_start + torch.arange(self.visual_tokens, device=dev)  # (N_v,)
         h = h.index_copy(1, visual_rows, image_features.to(h.dtype))
         positions = torch.arange(n, device=dev)[None, :]  # (1, n)
         cos, sin = self.rope(positions, h.dtype)
@@ -461,7 +461,7 @@ class Segments:
         return iter((self.vision, self.prefill, self.decode))
 
     @property
-    def num_visual_tokens(self) -> int:
+    def visual_tokens(self) -> int:
         """Visual tokens per image entering the LLM: the rows the vision segment outputs."""
         out = next(n for n in self.vision.program.graph.nodes if n.op == "output").args[0][0]
         return int(out.meta["val"].shape[1])
@@ -497,7 +497,7 @@ def example_prefill_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """A prompt of n_text text tokens around an image span of `num_visual` rows (default: the
     tower's N_v) starting at position 3."""
-    num_visual = info.num_visual_tokens if num_visual is None else num_visual
+    num_visual = info.visual_tokens if num_visual is None else num_visual
     n = n_text + num_visual
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, max(4, info.image_token_id), (1, n), generator=gen)
@@ -516,7 +516,7 @@ def on_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Te
 
 def export_prefill(model: nn.Module, info: ModelInfo, num_visual: int | None = None) -> Segment:
     """The prefill for an image span of `num_visual` rows (default: the tower's N_v)."""
-    num_visual = info.num_visual_tokens if num_visual is None else num_visual
+    num_visual = info.visual_tokens if num_visual is None else num_visual
     seg = PrefillSegment(model, info, num_visual).eval()
     args = on_model(model, example_prefill_inputs(info, num_visual=num_visual))
     n = torch.export.Dim("n", min=num_visual + 2, max=MAX_SEQ)
@@ -610,7 +610,7 @@ def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> S
     `static_decode`, the static-cache decode step beside them).
 
     Capture and rewrites run on the CPU, where the traced graph does not depend on which GPU
-    attention kernel the fake tensors would pick (on CUDA, torch 2.11's export adds a guard on
+    attention kernel the fake tensors would pick (on CUDA, torch.export adds a guard on
     the memory-efficient kernel's mask padding that it then cannot prove for a dynamic length).
     The programs share the model's parameters: move the model, then the programs
     (`TorchEngine(segments, device=...)`), once every rewrite is done."""
@@ -625,8 +625,7 @@ def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> S
         prefill=export_prefill(model, info),
         decode=export_decode(model, info),
         layer_plan=[
-            LayerPlan(i, info.num_visual_tokens, info.num_visual_tokens)
-            for i in range(info.num_layers)
+            LayerPlan(i, info.visual_tokens, info.visual_tokens) for i in range(info.num_layers)
         ],
         model=model,
         static_decode=export_static_cache_decode(model, info) if static_decode else None,

@@ -3,7 +3,7 @@
 `segment_flops` runs a segment's graph under torch's FlopCounterMode at a reference prompt
 (REFERENCE_TEXT_TOKENS text tokens + the N_v visual tokens the vision segment outputs), so
 whatever a pass removed from the graph is absent from the count. `analytic_prefill_flops` is
-METHODS.md's per-layer formula written out with GQA, generic over the layer plan (rows in each
+the per-layer formula written out with GQA, generic over the layer plan (rows in each
 layer's input and KV cache, whether its visual rows are computed); tests check one against the
 other for every pass.
 """
@@ -56,7 +56,7 @@ def segment_flops(segments: Any, n_text: int = REFERENCE_TEXT_TOKENS) -> dict[st
     from .capture import example_decode_inputs
 
     info = segments.info
-    num_visual = segments.num_visual_tokens
+    num_visual = segments.visual_tokens
     n = n_text + num_visual
     prefill = count_flops(
         segments.prefill.program, reference_prefill_inputs(info, n_text, num_visual)
@@ -91,7 +91,7 @@ def analytic_prefill_flops(
     token) against its n_l keys (FastV's selection: QK^T of one row)."""
     if plan is None:
         plan = [
-            LayerPlan(i, info.num_visual_tokens, info.num_visual_tokens, i not in frozen_layers)
+            LayerPlan(i, info.visual_tokens, info.visual_tokens, i not in frozen_layers)
             for i in range(info.num_layers)
         ]
     d, m = info.hidden_size, info.intermediate_size

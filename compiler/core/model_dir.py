@@ -103,6 +103,18 @@ def config_hash(model_dir: str | Path) -> str:
     return hashlib.sha256(Path(model_dir, "config.json").read_bytes()).hexdigest()[:16]
 
 
+VISUAL_FEATURE_STRATEGIES = ("default", "full")
+
+
+def visual_token_count(image_size: int, patch_size: int, strategy: str) -> int | None:
+    """N_v, the visual tokens per image LLaVA puts in the prompt: the tower's patches, plus the
+    [CLS] token under vision_feature_select_strategy "full"; None for a strategy capture does
+    not support."""
+    if strategy not in VISUAL_FEATURE_STRATEGIES:
+        return None
+    return (image_size // patch_size) ** 2 + (strategy == "full")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What pass options are checked against, read from config.json alone, before the model
@@ -110,7 +122,7 @@ class ModelShape:
     ModelInfo has the final word (each pass's `prepare` checks again)."""
 
     num_layers: int | None = None
-    num_visual_tokens: int | None = None
+    visual_tokens: int | None = None
     vision_layers: int | None = None
 
 
@@ -127,9 +139,7 @@ def model_shape(cfg: dict[str, Any]) -> ModelShape:
     text, vision = cfg.get("text_config"), cfg.get("vision_config")
     image, patch = count(vision, "image_size"), count(vision, "patch_size")
     strategy = cfg.get("vision_feature_select_strategy", "default")
-    num_visual = None
-    if image and patch and strategy in ("default", "full"):
-        num_visual = (image // patch) ** 2 + (strategy == "full")  # "full" keeps [CLS]
+    num_visual = visual_token_count(image, patch, strategy) if image and patch else None
     return ModelShape(
         count(text, "num_hidden_layers"), num_visual, count(vision, "num_hidden_layers")
     )

@@ -256,16 +256,7 @@ def write_model(
 def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration in eval mode, LlavaProcessor) of shapes `spec`: what
     `write_model` saves, and what the training script trains."""
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import PreTrainedTokenizerFast
 
     if spec.tokenizer_file is not None:
         from tokenizers import Tokenizer
@@ -273,8 +264,6 @@ def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[A
         tok = Tokenizer.from_file(str(ASSETS / spec.tokenizer_file))
     else:
         tok = _build_tokenizer(spec.tokenizer_vocab, spec.extra_corpus)
-    image_token_id = tok.token_to_id("<image>")
-    vocab_size = max(spec.vocab_size, tok.get_vocab_size())
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -283,8 +272,17 @@ def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[A
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
+    model = _build_llava(spec, _llava_config(spec, tok), seed, device)
+    return model, _build_processor(spec, tokenizer)
+
+
+def _llava_config(spec: PresetSpec, tok: Any) -> Any:
+    """The LlavaConfig of `spec` (CLIP vision tower + Llama decoder) for tokenizer `tok`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vocab_size = max(spec.vocab_size, tok.get_vocab_size())
     num_patches = (spec.image_size // spec.patch_size) ** 2
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=spec.vision_hidden,
             intermediate_size=spec.vision_mlp,
@@ -311,13 +309,21 @@ def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[A
             initializer_range=spec.init_std,
             tie_word_embeddings=False,
         ),
-        image_token_index=image_token_id,
+        image_token_index=tok.token_to_id("<image>"),
         image_seq_length=num_patches,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
+
+
+def _build_llava(spec: PresetSpec, config: Any, seed: int, device: str) -> Any:
+    """The model of `config` in eval mode, built in `spec.dtype` on `device`: random weights
+    drawn from `seed`, or the trained weights `spec.weights` names."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, spec.dtype))  # build in the saved dtype: half the RAM
@@ -332,6 +338,13 @@ def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[A
         state = load_file(str(ASSETS / spec.weights))
         model_state = model.state_dict()
         model.load_state_dict({k: v.to(model_state[k].dtype) for k, v in state.items()})
+    return model
+
+
+def _build_processor(spec: PresetSpec, tokenizer: Any) -> Any:
+    """LLaVA-1.5's processor: CLIP preprocessing at `spec.image_size`, the chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -344,7 +357,7 @@ def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[A
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
@@ -353,4 +366,3 @@ def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[A
         chat_template=LLAVA_CHAT_TEMPLATE,
         image_token="<image>",
     )
-    return model, processor

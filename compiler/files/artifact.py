@@ -1,7 +1,8 @@
 """The artifact directory and its manifest.
 
     OUT/
-      manifest.json          format_version, mllmc version, source model + config hash, passes
+      manifest.json          format_version, mllmc version, target settings (target, device,
+                             dtype, decode cache, max_seq_len), source model + config hash, passes
                              with configs and stats, segments (file, IO names/shapes/dtypes),
                              visual tokens per layer, FLOPs before/after, validation result
       vision.onnx  prefill.onnx  decode.onnx   (+ <file>.data when weights are external)
@@ -19,7 +20,7 @@ import shutil
 import time
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mllmc.runtime import __version__
 from mllmc.runtime.jsonfile import JSONError, read_json
@@ -30,7 +31,7 @@ from mllmc.runtime.manifest import (
     Manifest,
     ModelInfo,
     SegmentEntry,
-    from_json,
+    TargetSettings,
     write_manifest,
 )
 
@@ -117,27 +118,25 @@ def build_manifest(
     info: ModelInfo,
     segments: Segments,
     records: Sequence[PassRecord],
-    entries: dict[str, dict[str, Any]],
+    entries: dict[str, SegmentEntry],
     flops: dict[str, dict[str, int]],
-    target: str,
-    extra: dict[str, Any] | None = None,
-    dtype: str = "float32",
+    settings: TargetSettings,
     tol: float = FLOAT32_TOL,
 ) -> Manifest:
-    """The manifest of an artifact: `entries` are the backend's per-segment file + IO records;
-    `dtype` is the engines' precision and `tol` the logit tolerance they are held to."""
-    return Manifest(
+    """The manifest of an artifact: `entries` are the backend's per-segment entries (file + IO),
+    `settings` what its engines were built for and `tol` the logit tolerance they are held to."""
+    manifest = Manifest(
         format_version=FORMAT_VERSION,
         mllmc_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        target=target,
+        target_settings=settings,
         model=info,
         passes=tuple(r.applied for r in records if r.applied is not None),
-        segments={name: from_json(SegmentEntry, e, f"{name} entry") for name, e in entries.items()},
-        visual_tokens=segments.num_visual_tokens,
+        segments=dict(entries),
+        visual_tokens=segments.visual_tokens,
         layers=tuple(segments.layer_plan),
         flops=flops,
-        dtype=dtype,
         tol=tol,
-        extra=dict(extra or {}),
     )
+    manifest.check()
+    return manifest

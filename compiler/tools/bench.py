@@ -270,7 +270,7 @@ def check_lengths(model_dir: str | Path, n_text: int, decode_tokens: int) -> Non
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         limit = MAX_SEQ
     limit = min(limit, MAX_SEQ)
-    visual = model_shape(cfg).num_visual_tokens or 0
+    visual = model_shape(cfg).visual_tokens or 0
     total = n_text + visual + decode_tokens
     if total > limit:
         raise UserError(
@@ -304,12 +304,12 @@ def interleaved_rounds(
     timers: dict[str, dict[str, Timer]], repeats: int, pause: float = 0.1
 ) -> Rounds:
     """Every timer over `repeats` rounds after one warm-up round. Each round runs every engine
-    once, in turn, so the slow drifts of a shared machine (neighbours, clocks; ±20% here between
-    runs) fall on all rows alike instead of on whichever engine ran last. Each timer starts after
-    `pause` seconds idle: onnxruntime's pool threads spin-wait for a while after a run, and would
-    otherwise take the cores from the engine timed next (HF eager measured 50× slower on
-    tiny-llava right after an onnxruntime call on 2 cores). Around each timed run the process's
-    and the machine's CPU time are read (`cpu_clock`), for `trust_verdict`."""
+    once, in turn, so the slow drifts of a shared machine (neighbours, clocks) fall on all rows
+    alike instead of on whichever engine ran last. Each timer starts after `pause` seconds idle:
+    onnxruntime's pool threads spin-wait for a while after a run, and would otherwise take the
+    cores from the engine timed next (on a small model and few cores, HF eager run right after an
+    onnxruntime call is many times slower). Around each timed run the process's and the
+    machine's CPU time are read (`cpu_clock`), for `trust_verdict`."""
 
     def run(timer: Timer) -> float:
         time.sleep(pause)
@@ -366,8 +366,8 @@ def timed(fn: Callable[[], Any], sync: Callable[[], Any] | None = None) -> Timer
 def eager_timers(
     model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int
 ) -> tuple[dict[str, Timer], int]:
-    """Timers of HF eager: "prefill" (vision + LLM, one forward), "vision", "decode" (per token),
-    on the model's device and in its dtype."""
+    """Timers of HF eager: "vision", "llm_prefill" (the decoder over the merged embeddings, last
+    position's logits), "decode" (per token), on the model's device and in its dtype."""
     from transformers import AutoProcessor
 
     from mllmc.compiler.core.capture import processor_inputs
@@ -387,6 +387,26 @@ def eager_timers(
         return model.model.get_image_features(pixel_values=inputs["pixel_values"])
 
     @torch.no_grad()
+    def merged_embeds() -> torch.Tensor:
+        """The decoder's input: token embeddings with the image features at the image tokens
+        (what HF's forward builds before its language model runs)."""
+        ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(ids)  # (1, n, d)
+        feats = vision().pooler_output  # the projected features, one tensor per image
+        feats = torch.cat(list(feats), 0).reshape(-1, embeds.shape[-1])  # (N_v, d)
+        mask = ids[0] == model.config.image_token_id
+        embeds[0, mask] = feats.to(embeds.dtype)
+        return embeds
+
+    embeds = merged_embeds()
+
+    @torch.no_grad()
+    def llm_prefill():
+        # timed on its own, not as prefill minus vision: a difference of two noisy timings can
+        # come out negative on a busy machine
+        return model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+
+    @torch.no_grad()
     def decode() -> float:
         out = prefill()
         token = out.logits[:, -1:].argmax(-1)
@@ -400,7 +420,11 @@ def eager_timers(
             int(token)  # the host reads each token, as a generate loop and the engines do
         return (time.perf_counter() - t0) / decode_tokens
 
-    timers = {"prefill": timed(prefill, sync), "vision": timed(vision, sync), "decode": decode}
+    timers = {
+        "vision": timed(vision, sync),
+        "llm_prefill": timed(llm_prefill, sync),
+        "decode": decode,
+    }
     return timers, int(inputs["input_ids"].shape[1])
 
 
@@ -447,7 +471,7 @@ class Entry:
 
 def eager_entry(model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int) -> Entry:
     timers, n = eager_timers(model, model_dir, image, prompt, decode_tokens)
-    timers["prefill"]()
+    timers["llm_prefill"]()  # warm-up
     return Entry(timers, n, rss_mb())
 
 
@@ -628,11 +652,7 @@ def bench(
     import tempfile
 
     from mllmc.compiler import backends
-    from mllmc.compiler.core.capture import load_model
     from mllmc.compiler.files import artifact, outputs
-    from mllmc.compiler.pipeline import compile_model
-    from mllmc.compiler.verify import probe_image
-    from mllmc.runtime import load
 
     options = backends.resolve_options(target, backends.TargetOptions(device, dtype))
     check_lengths(model_dir, n_text, decode_tokens)
@@ -653,9 +673,62 @@ def bench(
         outputs.check_output_dir(
             path, force, artifact.replaceable, what="artifact", protected=[model_dir]
         )
-    model, info = load_model(model_dir)
-    model = model.to(device=options.device, dtype=torch_dtype)
-    image = probe_image(size=info.image_size)
+    rows, manifests, model_info = _time_variants(
+        model_dir, paths, variants, target, options, n_text, decode_tokens, repeats, threads, force
+    )
+    if scratch is not None:
+        scratch.cleanup()
+    n = rows["hf_eager"]["prompt_tokens"]
+    peak = roofline(model_info, n, repeats, options.device, torch_dtype, threads)
+    flops = _add_kv_cache(rows, manifests, variants[0][0], n - model_info.visual_tokens)
+    add_ratios(rows, model_info, peak, flops, torch_dtype.itemsize)
+    report: dict[str, Any] = {
+        "model": str(model_dir),
+        "device": torch.cuda.get_device_name() if options.device == "cuda" else "cpu",
+        "dtype": options.dtype,
+        "torch": torch.__version__,
+        "visual_tokens": model_info.visual_tokens,
+        "prompt_tokens": n,
+        "decode_tokens": decode_tokens,
+        "threads": threads,
+        "thread_settings": {
+            "torch.set_num_threads": torch.get_num_threads(),
+            "onnxruntime intra_op_num_threads": threads,
+        },
+        "cpus": os.cpu_count(),
+        "trust": run_trust(rows),
+        "roofline": peak,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_note": RSS_NOTE,
+        "rows": rows,
+    }
+    if passes:
+        report["pass_speedup"] = _pass_speedup(rows[variants[0][0]], rows[variants[1][0]])
+    return report
+
+
+def _time_variants(
+    model_dir: str,
+    paths: dict[str, Path],
+    variants: list[tuple[str, list]],
+    target: str,
+    options: Any,
+    n_text: int,
+    decode_tokens: int,
+    repeats: int,
+    threads: int,
+    force: bool,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Any]:
+    """Load HF eager, compile each variant (name, passes) into `paths[name]`, and time them all
+    side by side; returns (rows by engine name, manifests by variant name, the ModelInfo)."""
+    from mllmc.compiler.core.capture import load_model
+    from mllmc.compiler.pipeline import compile_model
+    from mllmc.compiler.verify import probe_image
+    from mllmc.runtime import load
+
+    model, model_info = load_model(model_dir)
+    model = model.to(device=options.device, dtype=getattr(torch, str(options.dtype)))
+    image = probe_image(size=model_info.image_size)
     prompt = prompt_for(n_text)
     entries = {"hf_eager": eager_entry(model, model_dir, image, prompt, decode_tokens)}
     manifests = {}
@@ -676,55 +749,38 @@ def bench(
             lambda out=out: load(out, threads=threads),
             lambda engine: engine_timers(engine, image, prompt, decode_tokens, options.device),
         )
-    rows = side_by_side(entries, repeats, threads)
-    del entries
-    if scratch is not None:
-        scratch.cleanup()
-    n = rows["hf_eager"]["prompt_tokens"]
-    peak = roofline(info, n, repeats, options.device, torch_dtype, threads)
-    base_manifest = manifests[variants[0][0]]
+    return side_by_side(entries, repeats, threads), manifests, model_info
+
+
+def _add_kv_cache(
+    rows: dict[str, dict[str, Any]], manifests: dict[str, Any], base: str, n_text: int
+) -> dict[str, int]:
+    """Add each row's KV-cache bytes (prompt, per token) for `n_text` text tokens; returns each
+    row's analytic LLM-prefill FLOPs. HF eager is counted with the unrewritten `base` plan."""
     from .inspect_artifact import kv_cache_bytes
 
     flops = {}
     for name in rows:
-        m = manifests.get(name, base_manifest)
-        flops[name] = plan_prefill_flops(m, n - info.num_visual_tokens)
-        kv = kv_cache_bytes(m, n - info.num_visual_tokens)
+        m = manifests.get(name, manifests[base])
+        flops[name] = plan_prefill_flops(m, n_text)
+        kv = kv_cache_bytes(m, n_text)
         rows[name]["kv_cache_bytes_prompt"] = kv["prompt"]
         rows[name]["kv_cache_bytes_per_token"] = kv["per_token"]
-    add_ratios(rows, info, peak, flops, torch_dtype.itemsize)
-    report: dict[str, Any] = {
-        "model": str(model_dir),
-        "device": torch.cuda.get_device_name() if options.device == "cuda" else "cpu",
-        "dtype": options.dtype,
-        "torch": torch.__version__,
-        "visual_tokens": info.num_visual_tokens,
-        "prompt_tokens": n,
-        "decode_tokens": decode_tokens,
-        "threads": threads,
-        "thread_settings": {
-            "torch.set_num_threads": torch.get_num_threads(),
-            "onnxruntime intra_op_num_threads": threads,
-        },
-        "cpus": os.cpu_count(),
-        "trust": run_trust(rows),
-        "roofline": peak,
-        "peak_rss_mb": peak_rss_mb(),
-        "rss_note": RSS_NOTE,
-        "rows": rows,
+    return flops
+
+
+def _pass_speedup(base: Mapping[str, Any], rewritten: Mapping[str, Any]) -> dict[str, Any]:
+    """The passes' LLM-prefill speedup: FLOPs-ideal, measured (median and spread over rounds),
+    and the fraction of the ideal the measurement reaches."""
+    ideal = base["llm_prefill_flops"] / rewritten["llm_prefill_flops"]
+    measured_spread = ratio_spread(base, rewritten, "llm_prefill_s")
+    measured = measured_spread["median"]
+    return {
+        "flops_ideal": ideal,
+        "measured": measured,
+        "measured_spread": measured_spread,
+        "fraction_of_ideal": (measured - 1) / (ideal - 1) if ideal > 1 else None,
     }
-    if passes:
-        base, rewritten = variants[0][0], variants[1][0]
-        ideal = rows[base]["llm_prefill_flops"] / rows[rewritten]["llm_prefill_flops"]
-        measured_spread = ratio_spread(rows[base], rows[rewritten], "llm_prefill_s")
-        measured = measured_spread["median"]
-        report["pass_speedup"] = {
-            "flops_ideal": ideal,
-            "measured": measured,
-            "measured_spread": measured_spread,
-            "fraction_of_ideal": (measured - 1) / (ideal - 1) if ideal > 1 else None,
-        }
-    return report
 
 
 def roofline_lines(peak: Mapping[str, Any]) -> list[str]:

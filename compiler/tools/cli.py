@@ -129,14 +129,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
     )
+    from .inspect_artifact import percent_cut
+
     m = result.manifest
-    flops = m.flops
-    cut = 1 - flops["after"]["prefill"] / flops["before"]["prefill"]
+    before, after = m.flops["before"], m.flops["after"]
     val = m.validation
     print(f"wrote {result.out_dir}  ({', '.join(p.name for p in m.passes) or 'no passes'})")
     print(
-        f"prefill FLOPs at {flops['after']['reference_prompt_tokens']} tokens: "
-        f"{flops['before']['prefill'] / 1e9:.3f} -> {flops['after']['prefill'] / 1e9:.3f} GFLOP ({cut:.1%} cut)"
+        f"prefill FLOPs for one image + {after['reference_text_tokens']} text tokens: "
+        f"{before['prefill'] / 1e9:.3f} -> {after['prefill'] / 1e9:.3f} GFLOP "
+        f"({percent_cut(before['prefill'], after['prefill'])})"
     )
     if val:
         print(
@@ -326,43 +328,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from mllmc.runtime import __version__
-
-    from .evaluate import MAX_ITEMS
-
-    p = _Parser(
-        prog="mllmc",
-        description="Compile multimodal LLMs (LLaVA) into fast engines with "
-        "visual-token freezing, pruning and early exit as graph rewrites.",
-        epilog=EXAMPLES,
+def _subparser(
+    sub: Any, name: str, help: str, fn: Callable[[argparse.Namespace], int], examples: str
+) -> argparse.ArgumentParser:
+    """One subcommand whose `--help` ends with its own examples."""
+    sp = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"mllmc {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    sp.set_defaults(fn=fn)
+    return sp
 
-    def add(name: str, help: str, fn) -> argparse.ArgumentParser:
-        sp = sub.add_parser(
-            name,
-            help=help,
-            description=help,
-            epilog=EXAMPLES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        sp.set_defaults(fn=fn)
-        return sp
 
+def _add_preset_parser(sub: Any) -> None:
     from mllmc.compiler.data.presets import PRESETS
 
-    sp = add(
-        "preset", "write a random-init LLaVA model directory (for tests and benchmarks)", cmd_preset
+    def kind(spec: Any) -> str:
+        return "trained" if spec.weights is not None else "random init"
+
+    sp = _subparser(
+        sub,
+        "preset",
+        "write a preset LLaVA model directory (for tests, benchmarks and the demo): "
+        "random-init presets, and trained-tiny-llava, trained on shapes-qa",
+        cmd_preset,
+        "  mllmc preset tiny-llava -o models/tiny-llava\n"
+        "  mllmc preset trained-tiny-llava -o models/trained-tiny-llava\n"
+        "  mllmc preset small-llava -o models/small-llava --seed 1\n"
+        "  mllmc preset llava-7b-shape -o models/llava-7b-shape --device cuda\n",
     )
     sp.add_argument(
-        "name", help="; ".join(f"{name}: {spec.description}" for name, spec in PRESETS.items())
+        "name",
+        help="; ".join(
+            f"{name} ({kind(spec)}): {spec.description}" for name, spec in PRESETS.items()
+        ),
     )
     sp.add_argument("-o", "--output", required=True, help="model directory to write")
-    sp.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
+    sp.add_argument(
+        "--seed",
+        type=_int_in(0, 2**63 - 1),
+        default=0,
+        help="seed of the random weights (a trained preset's weights do not depend on it)",
+    )
     sp.add_argument(
         "--device",
         default="cpu",
@@ -375,8 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a preset directory mllmc wrote before (never another directory)",
     )
 
-    sp = add(
-        "compile", "compile a Hugging Face LLaVA directory into an engine artifact", cmd_compile
+
+def _add_compile_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
+        "compile",
+        "compile a Hugging Face LLaVA directory into an engine artifact",
+        cmd_compile,
+        "  mllmc compile models/tiny-llava -o out/tiny\n"
+        "  mllmc compile models/tiny-llava --pass shortv:layers=[1,3,4] -o out/tiny-shortv\n"
+        "  mllmc compile MODEL --pass shortv:ratio=0.6,lc=lc.json -o out/shortv\n"
+        "  mllmc compile MODEL --pass fastervlm:keep=144 --pass shortv:ratio=0.6 -o out/both\n"
+        "  mllmc compile MODEL --recipe recipe.toml -o out/recipe\n"
+        "  mllmc compile MODEL --pass fastv:k=2,ratio=0.5 --target aoti -o out/fastv-aoti\n"
+        "  mllmc compile MODEL --pass shortv --target aoti --device cuda --dtype bfloat16 "
+        "-o out/gpu\n"
+        "  mllmc compile MODEL --pass shortv:ratio=0.6 --target trt --max-seq-len 4096 "
+        "-o out/trt\n",
     )
     sp.add_argument("model", help="Hugging Face model directory (config.json, *.safetensors, ...)")
     sp.add_argument("-o", "--output", required=True, help="artifact directory to write")
@@ -422,7 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    sp = add("calibrate", "measure ShortV Layer Contribution on calibration data", cmd_calibrate)
+
+def _add_calibrate_parser(sub: Any, max_items: int) -> None:
+    sp = _subparser(
+        sub,
+        "calibrate",
+        "measure ShortV Layer Contribution (or VTE's exit layer) on calibration data",
+        cmd_calibrate,
+        "  mllmc calibrate models/tiny-llava -o lc.json\n"
+        "  mllmc calibrate models/trained-tiny-llava --task shapes-qa -n 32 -o lc.json\n"
+        "  mllmc calibrate MODEL --images photos/ --prompts prompts.txt -o lc.json --no-plot\n"
+        "  mllmc calibrate MODEL --pass vte --threshold 0.05 -o exit.json\n"
+        "  mllmc compile MODEL --pass shortv:ratio=0.6,lc=lc.json -o out/shortv  # then\n",
+    )
     sp.add_argument("model")
     sp.add_argument("--pass", dest="pass_name", default="shortv", help="shortv or vte")
     sp.add_argument(
@@ -436,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--data", metavar="FILE.jsonl", help="the images and prompts of a JSONL file (as eval)"
     )
-    sp.add_argument("-n", "--num-samples", type=_int_in(1, MAX_ITEMS), default=40)
+    sp.add_argument("-n", "--num-samples", type=_int_in(1, max_items), default=40)
     sp.add_argument(
         "-o", "--output", required=True, help="LC file (.json); a .png chart is written beside it"
     )
@@ -444,10 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace an existing LC file and chart")
     sp.add_argument("-q", "--quiet", action="store_true")
 
-    sp = add(
+
+def _add_eval_parser(sub: Any, max_items: int) -> None:
+    sp = _subparser(
+        sub,
         "eval",
         "accuracy of an artifact (runtime engine) or a HF model dir (HF eager) on QA items",
         cmd_eval,
+        "  mllmc eval out/tiny-shortv --task shapes-qa -n 200\n"
+        "  mllmc eval models/trained-tiny-llava --task shapes-qa -n 200  # HF eager\n"
+        "  mllmc eval out/tiny-shortv --data items.jsonl --json\n",
     )
     sp.add_argument("path", help="an mllmc artifact or a Hugging Face model directory")
     sp.add_argument("--task", help="a built-in task: shapes-qa")
@@ -459,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "-n",
         "--num-items",
-        type=_int_in(1, MAX_ITEMS),
+        type=_int_in(1, max_items),
         default=None,
         help="default: 500 / all lines",
     )
@@ -476,7 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    sp = add("run", "generate text for an image and a prompt with a compiled artifact", cmd_run)
+
+def _add_run_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
+        "run",
+        "generate text for an image and a prompt with a compiled artifact",
+        cmd_run,
+        '  mllmc run out/tiny-shortv --image cat.png --prompt "Describe the image." '
+        "--max-new-tokens 16\n"
+        '  mllmc run out/tiny --image cat.png --prompt "USER: <image>\\nHi ASSISTANT:" --json\n'
+        '  mllmc run out/tiny --image cat.png --prompt "What is it?" --save-logits l.npy\n',
+    )
     sp.add_argument("artifact")
     sp.add_argument("--image", required=True)
     sp.add_argument(
@@ -511,8 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
         "graphs (the default there)",
     )
 
-    sp = add(
-        "verify", "compare a compiled artifact with the eager model (+ pass references)", cmd_verify
+
+def _add_verify_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
+        "verify",
+        "compare a compiled artifact with the eager model (+ pass references)",
+        cmd_verify,
+        "  mllmc verify out/tiny-shortv --against models/tiny-llava\n"
+        '  mllmc verify out/tiny --against models/tiny-llava --image cat.png --prompt "Hi"\n'
+        "  mllmc verify out/gpu --against MODEL --max-new-tokens 32 --tol 1e-2\n",
     )
     sp.add_argument("artifact")
     sp.add_argument("--against", required=True, help="the source model directory")
@@ -527,15 +589,29 @@ def build_parser() -> argparse.ArgumentParser:
         "its dtype (1e-4 for float32)",
     )
 
-    sp = add(
+
+def _add_inspect_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
         "inspect",
         "show an artifact's segments, passes, visual tokens per layer and FLOPs",
         cmd_inspect,
+        "  mllmc inspect out/tiny-shortv\n  mllmc inspect out/tiny-shortv --json\n",
     )
     sp.add_argument("artifact")
     sp.add_argument("--json", action="store_true")
 
-    sp = add("golden", "record or check golden outputs of an artifact", cmd_golden)
+
+def _add_golden_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
+        "golden",
+        "record or check golden outputs of an artifact",
+        cmd_golden,
+        '  mllmc golden record out/tiny --image cat.png --prompt "Describe the image." '
+        "-o golden.json\n"
+        "  mllmc golden check out/tiny golden.json\n",
+    )
     gsub = sp.add_subparsers(dest="golden_cmd", required=True, parser_class=_Parser)
     g = gsub.add_parser("record", help="record a golden file")
     g.add_argument("artifact")
@@ -551,7 +627,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("golden")
     g.add_argument("--tol", type=_number(positive=True), default=1e-3)
 
-    sp = add("bench", "benchmark an artifact side by side with Hugging Face eager", cmd_bench)
+
+def _add_bench_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
+        "bench",
+        "benchmark an artifact side by side with Hugging Face eager (compiles it first)",
+        cmd_bench,
+        "  mllmc bench models/small-llava --pass shortv --target onnx\n"
+        "  mllmc bench MODEL --pass shortv:ratio=0.5 --threads 2 --repeats 5 -o bench.json\n"
+        "  mllmc bench MODEL --pass fastv --artifacts-dir out/bench-artifacts\n"
+        "  mllmc bench MODEL --pass shortv --target aoti --device cuda --dtype bfloat16\n",
+    )
     sp.add_argument("model")
     sp.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]")
     sp.add_argument("--recipe")
@@ -573,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="FILE.json",
-        help="also write the report here, and its chart beside it (.png); default: print only",
+        help="optional: also write the report here, and its chart beside it (.png); "
+        "default: print only",
     )
     sp.add_argument(
         "--artifacts-dir",
@@ -586,6 +674,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing report and chart, and artifacts mllmc wrote in --artifacts-dir",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `mllmc` parser: `mllmc --help` lists every subcommand and examples of all of them;
+    each subcommand's `--help` ends with its own examples."""
+    from mllmc.runtime import __version__
+
+    from .evaluate import MAX_ITEMS
+
+    p = _Parser(
+        prog="mllmc",
+        description="Compile multimodal LLMs (LLaVA) into fast engines with "
+        "visual-token freezing, pruning and early exit as graph rewrites.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"mllmc {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    _add_preset_parser(sub)
+    _add_compile_parser(sub)
+    _add_calibrate_parser(sub, MAX_ITEMS)
+    _add_eval_parser(sub, MAX_ITEMS)
+    _add_run_parser(sub)
+    _add_verify_parser(sub)
+    _add_inspect_parser(sub)
+    _add_golden_parser(sub)
+    _add_bench_parser(sub)
     return p
 
 

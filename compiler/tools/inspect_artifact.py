@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import Manifest, check_files, read_manifest
 
 
@@ -25,12 +24,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def kv_cache_bytes(m: Manifest, n_text: int) -> dict[str, int]:
     """KV-cache bytes at the end of a prompt of `n_text` text tokens (+ the image span), and per
     generated token, from the plan (layer l caches n_text + kv_visual_tokens rows) and the
-    engines' dtype (float32 unless the manifest names another)."""
+    engines' dtype (`target_settings.dtype`)."""
     info = m.model
-    dtype = str(m.extra.get("dtype", m.dtype))
-    if dtype not in DTYPE_BYTES:
-        raise UserError(f"corrupt artifact manifest: unknown engine dtype {dtype!r}")
-    bytes_per_value = DTYPE_BYTES[dtype]
+    bytes_per_value = DTYPE_BYTES[m.target_settings.dtype]
     row = 2 * info.num_kv_heads * info.head_dim * bytes_per_value  # key + value, one row, one layer
     prompt = sum((n_text + layer.kv_visual_tokens) * row for layer in m.layers)
     return {"prompt": prompt, "per_token": row * len(m.layers)}
@@ -45,14 +41,16 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
         data = m.to_json()
         data["kv_cache_bytes"] = {"reference_text_tokens": n_text, **kv}
         return json.dumps(data, indent=2)
-    model, flops = m.model, m.flops
+    model, flops, ts = m.model, m.flops, m.target_settings
+    max_seq = f", max_seq_len {ts.max_seq_len}" if ts.max_seq_len is not None else ""
     lines = [
         f"artifact   {artifact}  (format {m.format_version}, mllmc {m.mllmc_version}, "
-        f"target {m.target}" + "".join(f", {k} {v}" for k, v in m.extra.items()) + ")",
+        f"target {ts.target}, device {ts.device}, dtype {ts.dtype}, decode cache "
+        f"{ts.decode_cache}{max_seq})",
         f"model      {model.model_type}/{model.text_model_type}  {model.model_dir}  "
         f"(config {model.config_hash})",
         f"decoder    {model.num_layers} layers, hidden {model.hidden_size}, heads "
-        f"{model.num_heads}/{model.num_kv_heads} kv, visual tokens {model.num_visual_tokens} "
+        f"{model.num_heads}/{model.num_kv_heads} kv, visual tokens {model.visual_tokens} "
         f"from the vision tower, {m.visual_tokens} enter the LLM",
         "passes     " + (", ".join(f"{p.name}({_cfg(p.config)})" for p in m.passes) or "none"),
     ]
@@ -81,17 +79,18 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
     lines.append(
         f"KV cache   {kv['prompt'] / 2**20:.2f} MiB at the end of a {n_text}-text-token prompt, "
         f"{kv['per_token'] / 2**10:.1f} KiB per generated token "
-        f"({m.extra.get('dtype', m.dtype)})"
+        f"({ts.dtype})"
     )
     b, a = flops["before"], flops["after"]
     lines.append(
-        f"FLOPs      at {a['reference_prompt_tokens']} prompt tokens "
-        f"({a['reference_text_tokens']} text + {m.visual_tokens} visual), GFLOP:"
+        f"FLOPs      for one image + {n_text} text tokens (prompt into the LLM: "
+        f"{b['reference_prompt_tokens']} tokens before the passes, "
+        f"{a['reference_prompt_tokens']} after), GFLOP:"
     )
     for seg in ("vision", "prefill", "decode_step"):
-        cut = 1 - a[seg] / b[seg] if b[seg] else 0.0
         lines.append(
-            f"  {seg:11s} before {_gflop(b[seg]):>10s}  after {_gflop(a[seg]):>10s}  ({cut:.1%} cut)"
+            f"  {seg:11s} before {_gflop(b[seg]):>10s}  after {_gflop(a[seg]):>10s}  "
+            f"({percent_cut(b[seg], a[seg])})"
         )
     val = m.validation
     if val:
@@ -100,6 +99,15 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
             f"tokens {'identical' if val['tokens_match'] else 'differ'}"
         )
     return "\n".join(lines)
+
+
+def percent_cut(before: float, after: float) -> str:
+    """`after` against `before` to 0.1%: "38.2% cut", "0.0% cut" (never "-0.0%"), or "1.5%
+    more" where the passes added work."""
+    pct = round(100 * (1 - after / before), 1) if before else 0.0
+    if pct < 0:
+        return f"{-pct:.1f}% more"
+    return f"{pct + 0.0:.1f}% cut"  # + 0.0: a rounded -0.0 prints as 0.0
 
 
 def _cfg(cfg: dict) -> str:

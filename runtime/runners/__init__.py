@@ -23,15 +23,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import UserError
+from ..manifest import DECODE_CACHES
 
 if TYPE_CHECKING:
     from ..manifest import Manifest, SegmentEntry, TensorSpec
 
-
-# growing: the decode program takes each layer's cache and returns it one row longer (a copy);
-# static: it reads fixed-capacity buffers the runner owns and returns the new rows, so each step
-# has the same shapes and runs as one CUDA graph replay (runtime/static_cache.py)
-DECODE_CACHES = ("growing", "static")
+__all__ = [
+    "DECODE_CACHES",
+    "RunnerOptions",
+    "SegmentRunner",
+    "check_feeds",
+    "check_io",
+    "known_targets",
+    "open_segment",
+]
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,8 @@ class RunnerOptions:
     threads: int | None = None
     share_weights: bool = False
     cuda_graphs: bool | None = None  # aoti on CUDA: graph replays (None: on where it can be)
-    decode_cache: str | None = None  # aoti: "growing" or "static" (None: the artifact's own)
+    # aoti: "growing" or "static" (None: the artifact's own, its target_settings.decode_cache)
+    decode_cache: str | None = None
 
 
 class SegmentRunner(Protocol):

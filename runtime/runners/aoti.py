@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from ..manifest import STATIC_DECODE
 from . import RunnerOptions, check_io
 
 if TYPE_CHECKING:
@@ -47,18 +48,21 @@ def open_segment(
     `decode_static` package beside `decode`: its decode runs that package over fixed-capacity
     buffers (runtime/static_cache.py). With CUDA graphs (the default on CUDA; off with
     `load(..., cuda_graphs=False)`), vision and prefill replay one graph per input shape and each
-    static-cache decode step one graph per capacity bucket."""
-    device = str(manifest.extra.get("device", "cpu"))
+    static-cache decode step one graph per capacity bucket. Which decode runs: the caller's
+    `options.decode_cache`, else the artifact's own (`target_settings.decode_cache`)."""
+    device = manifest.target_settings.device
     on_cuda = device.startswith("cuda")
     graphs = on_cuda if options.cuda_graphs is None else options.cuda_graphs
     if graphs and not on_cuda:
         raise UserError(f"CUDA graphs need an artifact compiled for CUDA; {root} runs on {device}")
-    static = manifest.segments.get("decode_static") if name == "decode" else None
-    if name == "decode" and options.decode_cache == "static" and static is None:
-        raise UserError(
-            f"artifact {root} has no static-cache decode: recompile it with --decode-cache static"
-        )
-    if static is not None and options.decode_cache != "growing":
+    decode_cache = options.decode_cache or manifest.target_settings.decode_cache
+    if name == "decode" and decode_cache == "static":
+        static = manifest.segments.get(STATIC_DECODE)
+        if static is None:
+            raise UserError(
+                f"artifact {root} has no static-cache decode: recompile it with "
+                "--decode-cache static"
+            )
         want = ["input_ids", "position_ids", "cache_len"]
         want += [t.name for t in entry.inputs if t.name.startswith("past.")]
         if [t.name for t in static.inputs] != want:
@@ -67,7 +71,7 @@ def open_segment(
             )
         from ..static_cache import StaticCacheDecoder
 
-        package = _open_package(root, "decode_static", static, device, options)
+        package = _open_package(root, STATIC_DECODE, static, device, options)
         runner = StaticCacheDecoder(name, entry, package.fn, device, cuda_graphs=graphs)
         runner.weights = package.weights
         return runner

@@ -61,7 +61,7 @@ def open_segment(
         if len(found) != len(expected):
             io.append((f"({len(found)} {kind})", 0, ""))
         check_io(path, name, kind, io, expected)
-    return TorchCallRunner(name, entry, program.module(), str(manifest.extra.get("device", "cuda")))
+    return TorchCallRunner(name, entry, program.module(), manifest.target_settings.device)
 
 
 def _cuda_available() -> bool:

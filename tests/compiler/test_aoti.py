@@ -54,7 +54,7 @@ def check_parity(artifact: Path, model_dir: Path, image: Path, device: str = "cp
     from mllmc.compiler.verify import LOGIT_TOL, records_from_manifest, verify
 
     engine = load(artifact)
-    assert engine.manifest.target == "aoti" and engine.manifest.extra["device"] == device
+    assert engine.manifest.target == "aoti" and engine.manifest.target_settings.device == device
     model, info = load_model(model_dir)
     records = records_from_manifest(engine.manifest)
     report = verify(artifact, model, info, records, image=image, max_new_tokens=16)
@@ -101,7 +101,7 @@ def test_aoti_package_for_another_device(tiny_aoti_shortv, tmp_path, sample_imag
     copy = tmp_path / "copy"
     shutil.copytree(tiny_aoti_shortv, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["extra"]["device"] = "cuda"
+    manifest["target_settings"]["device"] = "cuda"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     proc = run_cli("run", copy, "--image", sample_image, "--prompt", "Hi")
     one_line_error(proc, "vision.pt2 was compiled for cpu, the manifest says cuda")
@@ -167,6 +167,7 @@ def test_aoti_runtime_options_that_cannot_apply(tiny_aoti_shortv, tiny_base_arti
     shutil.copytree(tiny_aoti_shortv, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["segments"]["decode_static"]
+    manifest["target_settings"]["decode_cache"] = "growing"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="recompile it with --decode-cache static"):
         load(copy, decode_cache="static")
@@ -220,7 +221,7 @@ def test_aoti_cuda_graphs_match_eager(tiny_model_dir, tmp_path, sample_image):
             tiny_model_dir, tmp_path / "cuda", [spec], target="aoti", device="cuda", progress=False
         ).out_dir
         engine = load(out)
-        assert engine.manifest.extra["decode_cache"] == "static"
+        assert engine.manifest.target_settings.decode_cache == "static"
         assert engine.runners["decode"].cuda_graphs
         check_parity(out, tiny_model_dir, sample_image, device="cuda")
         eager = load(out, cuda_graphs=False)

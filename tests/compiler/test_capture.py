@@ -73,9 +73,9 @@ def test_model_shape_from_config_agrees_with_the_loaded_model(request, model_fix
     model_dir = request.getfixturevalue(model_fixture)
     _, info = load_model(model_dir)
     shape = model_shape(read_config(model_dir))
-    assert (shape.num_layers, shape.num_visual_tokens, shape.vision_layers) == (
+    assert (shape.num_layers, shape.visual_tokens, shape.vision_layers) == (
         info.num_layers,
-        info.num_visual_tokens,
+        info.visual_tokens,
         info.vision_layers,
     )
 

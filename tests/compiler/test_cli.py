@@ -50,6 +50,21 @@ def test_help_shows_examples():
     assert "examples:" in mllmc("compile", "--help").stdout
 
 
+def test_each_subcommand_help_shows_its_own_examples():
+    commands = ("preset", "compile", "calibrate", "eval", "run", "verify", "inspect", "golden")
+    for cmd in (*commands, "bench"):
+        epilog = mllmc(cmd, "--help").stdout.split("examples:", 1)[1]
+        assert f"mllmc {cmd} " in epilog, cmd
+        others = [c for c in commands if c != cmd and f"mllmc {c} " in epilog]
+        # calibrate shows the compile that uses its LC file; no other command mixes in
+        assert others == (["compile"] if cmd == "calibrate" else []), (cmd, others)
+    preset = " ".join(mllmc("preset", "--help").stdout.split())
+    assert "trained-tiny-llava (trained)" in preset and "tiny-llava (random init)" in preset
+    bench = " ".join(mllmc("bench", "--help").stdout.split())
+    assert "--threads" in bench and "--artifacts-dir" in bench
+    assert "[-o FILE.json]" in bench and "optional" in bench
+
+
 def test_preset_writes_a_loadable_model(tmp_path):
     out = tmp_path / "m"
     mllmc("preset", "tiny-llava", "-o", out, "--seed", "3")

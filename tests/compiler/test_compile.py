@@ -88,10 +88,10 @@ def test_manifest_records_passes_layers_and_flops(compiled):
     assert [not layer["visual_computed"] for layer in m["layers"]] == [
         i in layers for i in range(info.num_layers)
     ]
-    assert [layer["visual_tokens"] for layer in m["layers"]] == [info.num_visual_tokens] * len(
+    assert [layer["visual_tokens"] for layer in m["layers"]] == [info.visual_tokens] * len(
         m["layers"]
     )
-    assert m["visual_tokens"] == info.num_visual_tokens
+    assert m["visual_tokens"] == info.visual_tokens
     assert m["flops"]["after"]["prefill"] < m["flops"]["before"]["prefill"]
     assert m["flops"]["after"]["decode_step"] == m["flops"]["before"]["decode_step"]
     assert m["validation"]["ok"] and m["validation"]["max_abs_logit_diff"] <= 1e-4
@@ -174,5 +174,19 @@ def test_kv_cache_bytes_follow_the_engines_dtype(tiny_base_artifact):
     fp32 = kv_cache_bytes(m, 64)
     info = m.model
     assert fp32["per_token"] == 2 * info.num_kv_heads * info.head_dim * 4 * info.num_layers
-    bf16 = kv_cache_bytes(dataclasses.replace(m, extra={"dtype": "bfloat16"}), 64)
+    bf16_settings = dataclasses.replace(m.target_settings, dtype="bfloat16")
+    bf16 = kv_cache_bytes(dataclasses.replace(m, target_settings=bf16_settings), 64)
     assert bf16 == {k: v // 2 for k, v in fp32.items()}
+
+
+def test_manifest_json_keeps_the_model_visual_token_key(tiny_base_artifact):
+    """The model's visual-token count is `ModelInfo.visual_tokens` in Python and
+    `model.num_visual_tokens` in manifest.json (the file format does not change with the name);
+    a manifest written and read back is the same manifest."""
+    m = read_manifest(tiny_base_artifact)
+    raw = json.loads((tiny_base_artifact / "manifest.json").read_text())
+    assert raw["model"]["num_visual_tokens"] == m.model.visual_tokens == 16
+    assert "visual_tokens" not in raw["model"] and raw["visual_tokens"] == m.visual_tokens
+    written = m.to_json()
+    assert set(written["model"]) == set(raw["model"])
+    assert type(m).from_json(written) == m

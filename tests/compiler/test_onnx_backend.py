@@ -45,8 +45,8 @@ def test_deep_decoder_dims_named_per_layer(tmp_path: Path):
     model_dir = write_model(PresetSpec(**DEEP_SPEC), tmp_path / "deep", seed=0)
     model, info = load_model(model_dir)
     entry = export_segment(export_decode(model, info), tmp_path)
-    inputs = {io["name"]: io["shape"] for io in entry["inputs"]}
-    outputs = {io["name"]: io["shape"] for io in entry["outputs"]}
+    inputs = {io.name: io.shape for io in entry.inputs}
+    outputs = {io.name: io.shape for io in entry.outputs}
     for layer in range(24):
         for kv in ("key", "value"):
             assert inputs[f"past.{layer}.{kv}"][2] == f"past_{layer}", (layer, kv, inputs)

@@ -129,11 +129,12 @@ def test_backend_settings_for_the_manifest(monkeypatch):
     monkeypatch.setattr(trt, "check_available", lambda what="": None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     backend = backends.get_backend("trt", backends.TargetOptions())
-    assert backend.extra == {"device": "cuda", "dtype": "float16", "max_seq_len": 8192}
+    settings = backend.settings
+    assert (settings.device, settings.dtype, settings.max_seq_len) == ("cuda", "float16", 8192)
     backend = backends.get_backend(
         "trt", backends.TargetOptions(dtype="bfloat16", max_seq_len=2048)
     )
-    assert backend.extra["dtype"] == "bfloat16" and backend.extra["max_seq_len"] == 2048
+    assert backend.settings.dtype == "bfloat16" and backend.settings.max_seq_len == 2048
     with pytest.raises(UserError, match="unknown dtype"):
         backends.get_backend("trt", backends.TargetOptions(dtype="int8"))
     with pytest.raises(UserError, match="between 2 and 8192"):
@@ -174,7 +175,7 @@ def test_run_trt_artifact_says_what_is_missing(tiny_base_artifact, tmp_path, sam
     copy = tmp_path / "copy"
     shutil.copytree(tiny_base_artifact, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["target"] = "trt"
+    manifest["target_settings"]["target"] = "trt"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     line = one_line_error(
         ["run", copy, "--image", sample_image, "--prompt", "Hi"], "TensorRT engine"

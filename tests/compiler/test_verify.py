@@ -118,10 +118,19 @@ def test_verify_teacher_forces_eager_with_the_engines_tokens(tiny_model_dir, mon
     assert report.ok and [d.step for d in report.divergences] == [1], report.line()
 
 
+def _with(data: dict, dtype: str | None = None, **changes: object) -> dict:
+    """The manifest JSON `data` with `changes`, and the engines' dtype (kept in the manifest's
+    target settings) set to `dtype` when given."""
+    out = {**data, **changes}
+    if dtype is not None:
+        out["target_settings"] = {**data["target_settings"], "dtype": dtype}
+    return out
+
+
 def _copy_with_manifest(artifact: Path, dest: Path, **changes: object) -> Path:
     shutil.copytree(artifact, dest)
     data = json.loads((dest / MANIFEST_NAME).read_text())
-    (dest / MANIFEST_NAME).write_text(json.dumps({**data, **changes}))
+    (dest / MANIFEST_NAME).write_text(json.dumps(_with(data, **changes)))
     return dest
 
 
@@ -132,7 +141,8 @@ def test_manifest_records_dtype_and_tolerance(tiny_base_artifact):
     assert m.validation["ok"] and isinstance(m.validation["divergences"], list)
     # a manifest that records neither (older artifacts) reads as float32 at float32's tolerance
     data = json.loads((tiny_base_artifact / MANIFEST_NAME).read_text())
-    old = Manifest.from_json({k: v for k, v in data.items() if k not in ("dtype", "tol")})
+    old = {k: v for k, v in data.items() if k not in ("target_settings", "tol")}
+    old = Manifest.from_json({**old, "format_version": 2, "target": "onnx"})
     assert (old.dtype, old.tol) == ("float32", 1e-4)
     for changes, match in [
         ({"dtype": "float8"}, "unknown dtype 'float8'"),
@@ -140,7 +150,7 @@ def test_manifest_records_dtype_and_tolerance(tiny_base_artifact):
         ({"tol": "big"}, "tol should be a finite number"),
     ]:
         with pytest.raises(UserError, match=match):
-            Manifest.from_json({**data, **changes})
+            Manifest.from_json(_with(data, **changes))
 
 
 def test_verify_runs_eager_in_the_artifacts_dtype_at_its_tolerance(

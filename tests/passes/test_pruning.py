@@ -12,20 +12,13 @@ import json
 import pytest
 import torch
 
-from mllmc.compiler.core.capture import capture, load_model
+from mllmc.compiler.core.capture import load_model
 from mllmc.compiler.core.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
 from mllmc.compiler.pipeline import check_order, prepare_passes, resolve_passes, run_passes
 from mllmc.runtime.errors import UserError
 from tests.compiler.test_cli import mllmc, user_error
 
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
-
-
-@pytest.fixture(scope="module", params=["tiny_model_dir", "other_model_dir"])
-def captured(request):
-    model_dir = request.getfixturevalue(request.param)
-    model, info = load_model(model_dir)
-    return model_dir, model, info, capture(model, info)
 
 
 def _run(captured, specs, sample_image):
@@ -43,7 +36,7 @@ def _run(captured, specs, sample_image):
     is_image = ids[0] == info.image_token_id
     start = int(is_image.nonzero()[0])
     # the runtime's prompt: the image span holds as many placeholders as the vision segment gives
-    span = ~is_image | (torch.cumsum(is_image.long(), 0) <= segs.num_visual_tokens)
+    span = ~is_image | (torch.cumsum(is_image.long(), 0) <= segs.visual_tokens)
     with torch.no_grad(), contextlib.ExitStack() as stack:
         feats = segs.vision.program.module()(inputs["pixel_values"])
         got = segs.prefill.program.module()(ids[:, span], feats, torch.tensor([start]))
@@ -111,7 +104,7 @@ def test_identity_config_is_the_unmodified_graph(captured, sample_image, spec):
     unrewritten graph's outputs to 1e-6."""
     _, _, info, base = captured
     spec = spec.replace("k=L", f"k={info.num_layers}").replace(
-        "keep=N", f"keep={info.num_visual_tokens}"
+        "keep=N", f"keep={info.visual_tokens}"
     )
     segs, _, got, _, _ = _run(captured, [spec], sample_image)
     _, _, want, _, _ = _run(captured, [], sample_image)
@@ -133,13 +126,13 @@ def test_static_graph_and_plan(captured):
     targets = {n.target for n in segs.prefill.program.graph.nodes}
     assert torch.ops.aten.topk.default in targets and torch.ops.aten.sort.default in targets
     assert not any("nonzero" in str(t) for t in targets)
-    kept = int(round(info.num_visual_tokens * 0.5))
-    assert [p.visual_tokens for p in segs.layer_plan] == [info.num_visual_tokens] * 2 + [kept] * (
+    kept = int(round(info.visual_tokens * 0.5))
+    assert [p.visual_tokens for p in segs.layer_plan] == [info.visual_tokens] * 2 + [kept] * (
         info.num_layers - 2
     )
     assert segs.decode is base.decode  # decode takes per-layer cache lengths already
     segs, _ = run_passes(base, prepare_passes(resolve_passes(["fastervlm:keep=4"]), model, info))
-    assert segs.num_visual_tokens == 4 and segs.prefill is not base.prefill
+    assert segs.visual_tokens == 4 and segs.prefill is not base.prefill
     vision_targets = {n.target for n in segs.vision.program.graph.nodes}
     assert torch.ops.aten.topk.default in vision_targets
     assert not any("nonzero" in str(t) for t in vision_targets)
@@ -154,7 +147,7 @@ def test_flops_from_graph_match_analytic_formula(captured, specs):
     _, model, info, base = captured
     segs, records = run_passes(base, prepare_passes(resolve_passes(specs), model, info))
     n_text = 64
-    inputs = reference_prefill_inputs(info, n_text, segs.num_visual_tokens)
+    inputs = reference_prefill_inputs(info, n_text, segs.visual_tokens)
     scored = [r.applied.stats["score_layer"] for r in records if r.name == "fastv"]
     want = analytic_prefill_flops(info, n_text, plan=segs.layer_plan, scored_layers=scored)
     assert count_flops(segs.prefill.program, inputs) == want
@@ -267,7 +260,7 @@ def test_engine_matches_composed_references_for_16_tokens(
     kv = kv_cache_bytes(manifest, 64)
     row = 2 * info.num_kv_heads * info.head_dim * 4
     assert kv["prompt"] == sum((64 + p.kv_visual_tokens) * row for p in manifest.layers)
-    assert kv["prompt"] < (64 + info.num_visual_tokens) * row * info.num_layers
+    assert kv["prompt"] < (64 + info.visual_tokens) * row * info.num_layers
 
 
 def test_prompt_ending_with_the_image_runs_without_row_pruning(tiny_base_artifact, sample_image):
@@ -276,6 +269,6 @@ def test_prompt_ending_with_the_image_runs_without_row_pruning(tiny_base_artifac
 
     engine = load(tiny_base_artifact)
     ids, start = engine.encode_prompt("USER: Describe this: <image>")
-    assert start + engine.num_visual_tokens == ids.shape[1]
+    assert start + engine.visual_tokens == ids.shape[1]
     out = engine.generate(sample_image, "USER: Describe this: <image>", 2, stop_at_eos=False)
     assert len(out.token_ids) == 2

@@ -7,19 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mllmc.compiler.core.capture import capture, load_model
+from mllmc.compiler.core.capture import capture
 from mllmc.compiler.core.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
 from mllmc.compiler.core.locator import locate_layers
 from mllmc.passes import get_pass, parse_pass_spec
 from mllmc.passes.shortv import ShortVConfig, keep_rows, prepare, shortv
 from mllmc.runtime.errors import UserError
-
-
-@pytest.fixture(scope="module", params=["tiny_model_dir", "other_model_dir"])
-def captured(request):
-    model_dir = request.getfixturevalue(request.param)
-    model, info = load_model(model_dir)
-    return model_dir, model, info, capture(model, info)
 
 
 def _prefill_inputs(model_dir, info, image_path):
@@ -129,7 +122,7 @@ def test_rewritten_graph_structure(captured):
             # q_proj and the MLP see the n_text text rows only; k/v see all n rows
             hint = lambda s: int(s.node.hint) if hasattr(s, "node") else int(s)  # noqa: E731
             assert hint(q_rows) == n_text and hint(mlp_rows) == n_text
-            assert hint(k_rows) == n_text + info.num_visual_tokens
+            assert hint(k_rows) == n_text + info.visual_tokens
         else:
             assert q_rows == k_rows == mlp_rows
 
@@ -224,7 +217,7 @@ def test_published_lists_are_used_for_matching_models():
     assert cfg.layers == tuple(sorted(PUBLISHED_ORDERS["llava-1.5-13b"][:20]))
     with pytest.raises(UserError, match="published llava-1.5-7b list has 19"):
         prepare(ShortVConfig(ratio=0.9), model, llava7b)
-    no_image = SimpleNamespace(hidden_size=64, num_layers=4, image_size=32, num_visual_tokens=0)
+    no_image = SimpleNamespace(hidden_size=64, num_layers=4, image_size=32, visual_tokens=0)
     with pytest.raises(UserError, match="no visual tokens"):
         prepare(ShortVConfig(layers=(1,)), model, no_image)
 

@@ -37,7 +37,7 @@ def test_prompt_and_image_arguments(engine: Engine, sample_image: Path):
 def test_prefill_and_decode_step_arguments(engine: Engine, sample_image: Path):
     ids, start = engine.encode_prompt("Describe the image.")
     features = engine.encode_image(sample_image)
-    n, span, vocab = ids.shape[1], engine.num_visual_tokens, engine.manifest.model.vocab_size
+    n, span, vocab = ids.shape[1], engine.visual_tokens, engine.manifest.model.vocab_size
     logits, cache = engine.prefill(ids, features, start)
     good: dict[str, Any] = {"token_id": 1, "position": n, "cache": cache}
     prefill_cases = [

@@ -52,7 +52,7 @@ def test_dtype_mismatch_names_the_input(copied: Path):
 
 def test_unknown_target_names_the_known_ones(copied: Path, sample_image: Path):
     manifest = json.loads((copied / "manifest.json").read_text())
-    manifest["target"] = "tpu"
+    manifest["target_settings"]["target"] = "tpu"
     (copied / "manifest.json").write_text(json.dumps(manifest))
     proc = run_cli("run", copied, "--image", sample_image, "--prompt", "Hi")
     one_line_error(proc, "target 'tpu'")
