@@ -26,6 +26,7 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +49,50 @@ OTHER_SWEEPS: dict[str, list[str]] = {
 }
 
 
+Variant = tuple[str, str, float | None, list[str]]  # (label, family, ShortV ratio, pass specs)
+
+
 def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    work = args.work
+    model_dir = write_preset("trained-tiny-llava", work / "model", force=True)
+    items = list(shapes_qa.items("heldout", args.n))
+
+    hf = evaluate(model_dir, task="shapes-qa", n=args.n, threads=args.threads, progress=True)
+    print(hf.line(), flush=True)
+    lc, lc_path, num_layers = calibrate_lc(model_dir, work, args.calibration_items)
+    variants, skipped = build_variants(args, lc_path, num_layers)
+    rows, engines = compile_and_evaluate(variants, model_dir, work, args, skipped)
+    hf_ms = time_engines(engines, rows, model_dir, items[0], args.repeats)
+
+    report = {
+        "model": "trained-tiny-llava",
+        "items": f"shapes-qa heldout, first {args.n}",
+        "majority_baseline": shapes_qa.majority_baseline(items),
+        "threads": args.threads or torch.get_num_threads(),
+        "hf_eager": {
+            "accuracy": hf.accuracy,
+            "per_kind": hf.per_kind,
+            "forward_ms": hf_ms,
+        },
+        "lc": {"order": lc["order"], "lc_visual": lc["lc_visual"], "samples": lc["samples"]},
+        "rows": rows,
+        "shortv_lc_vs_random": lc_vs_random(rows, args.ratios),
+        "skipped": skipped,
+        "repeats": args.repeats,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    plot(report, args.output.with_suffix(".png"))
+    print(table(report))
+    print(f"wrote {args.output} and {args.output.with_suffix('.png')} ({report['seconds']} s)")
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=300, help="held-out items")
     ap.add_argument("--calibration-items", type=int, default=64)
@@ -62,41 +106,38 @@ def main() -> None:
     )
     ap.add_argument("--work", type=Path, default=Path("out/accuracy"))
     ap.add_argument("-o", "--output", type=Path, default=RESULTS / "accuracy.json")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    work = args.work
-    model_dir = write_preset("trained-tiny-llava", work / "model", force=True)
-    items = list(shapes_qa.items("heldout", args.n))
-    rows: list[dict] = []
+    return ap.parse_args()
 
-    # -- HF eager ------------------------------------------------------------------------------
-    hf = evaluate(model_dir, task="shapes-qa", n=args.n, threads=args.threads, progress=True)
-    print(hf.line(), flush=True)
 
-    # -- LC calibration on the train split ----------------------------------------------------
+def calibrate_lc(model_dir: Path, work: Path, n_items: int) -> tuple[dict, Path, int]:
+    """ShortV's layer contribution on `n_items` shapes-qa *train* items, written to
+    WORK/lc-shapes-qa.json: (the LC result, its file, the decoder's layer count)."""
     from mllmc.compiler.core.capture import load_model
     from mllmc.passes.calibration import layer_contribution
 
     model, info = load_model(model_dir)
-    samples = calibration_samples("shapes-qa", None, args.calibration_items)
+    samples = calibration_samples("shapes-qa", None, n_items)
     lc = layer_contribution(model, info, samples, progress=True)
     lc_path = work / "lc-shapes-qa.json"
     lc_path.write_text(json.dumps(lc, indent=2))
     print(f"LC order (freeze first): {lc['order']}  ({lc['samples']} train items)", flush=True)
-    L = info.num_layers
+    return lc, lc_path, info.num_layers
 
-    # -- variants ------------------------------------------------------------------------------
-    variants: list[tuple[str, str, float | None, list[str]]] = [("artifact", "none", None, [])]
+
+def build_variants(
+    args: argparse.Namespace, lc_path: Path, num_layers: int
+) -> tuple[list[Variant], dict[str, str]]:
+    """Every artifact to compile (the unrewritten one first, then ShortV with the LC order and
+    random orders, then the other passes' sweeps), and the passes skipped with the reason."""
+    variants: list[Variant] = [("artifact", "none", None, [])]
     rng = random.Random(0)
     for r in args.ratios:
-        k = round(r * L)
+        k = round(r * num_layers)
         variants.append(
             (f"shortv-lc r={r}", "shortv (LC order)", r, [f"shortv:ratio={r},lc={lc_path}"])
         )
         for d in range(args.random_draws if r in args.random_ratios else 0):
-            layers = sorted(rng.sample(range(L), k))
+            layers = sorted(rng.sample(range(num_layers), k))
             variants.append(
                 (
                     f"shortv-random r={r} #{d}",
@@ -116,7 +157,20 @@ def main() -> None:
             continue
         for spec in OTHER_SWEEPS[name]:
             variants.append((spec, name, None, [spec]))
+    return variants, skipped
 
+
+def compile_and_evaluate(
+    variants: list[Variant],
+    model_dir: Path,
+    work: Path,
+    args: argparse.Namespace,
+    skipped: dict[str, str],
+) -> tuple[list[dict], dict[str, Any]]:
+    """Compile each variant under WORK and answer the held-out items with it: (one row per
+    variant compiled, its loaded engine by label). A variant that fails to compile is added to
+    `skipped`."""
+    rows: list[dict] = []
     engines = {}
     for label, family, ratio, passes in variants:
         out = work / label.replace(" ", "_").replace("=", "").replace("#", "")
@@ -148,9 +202,15 @@ def main() -> None:
         print(
             f"{label:28s} acc {rep.accuracy:.3f}  {rep.per_kind}  FLOPs cut {cut:.1%}", flush=True
         )
+    return rows, engines
 
-    # -- timing: interleaved rounds ------------------------------------------------------------
-    probe = items[0]
+
+def time_engines(
+    engines: dict[str, Any], rows: list[dict], model_dir: Path, probe: Any, repeats: int
+) -> float:
+    """Interleaved rounds on `probe` (round 0 warms up): each row gets its median LLM prefill
+    and first-logits times and its prefill speedup over the unrewritten artifact. Returns HF
+    eager's median whole-forward time (ms)."""
     feeds = {}
     for label, e in engines.items():
         ids, vs = e.encode_prompt(probe.question)
@@ -159,7 +219,7 @@ def main() -> None:
     times: dict[str, list[float]] = {label: [] for label in engines}
     ttft: dict[str, list[float]] = {label: [] for label in engines}
     hf_times: list[float] = []
-    for rnd in range(args.repeats + 1):
+    for rnd in range(repeats + 1):
         for label, e in engines.items():
             ids, feats, vs = feeds[label]
             t0 = time.perf_counter()
@@ -179,11 +239,13 @@ def main() -> None:
         row["llm_prefill_ms"] = t * 1e3
         row["first_logits_ms"] = statistics.median(ttft[row["name"]]) * 1e3
         row["llm_prefill_speedup"] = base / t
-    hf_ms = statistics.median(hf_times) * 1e3
+    return statistics.median(hf_times) * 1e3
 
-    # -- random-order mean per ratio --------------------------------------------------------------
+
+def lc_vs_random(rows: list[dict], ratios: list[float]) -> list[dict]:
+    """Per ShortV ratio: the LC-order row beside the mean of the random-order draws."""
     summary = []
-    for r in args.ratios:
+    for r in ratios:
         lc_row = next(x for x in rows if x["family"] == "shortv (LC order)" and x["ratio"] == r)
         rand = [x for x in rows if x["family"] == "shortv (random order)" and x["ratio"] == r]
         summary.append(
@@ -201,28 +263,7 @@ def main() -> None:
                 "llm_prefill_speedup": lc_row["llm_prefill_speedup"],
             }
         )
-    report = {
-        "model": "trained-tiny-llava",
-        "items": f"shapes-qa heldout, first {args.n}",
-        "majority_baseline": shapes_qa.majority_baseline(items),
-        "threads": args.threads or torch.get_num_threads(),
-        "hf_eager": {
-            "accuracy": hf.accuracy,
-            "per_kind": hf.per_kind,
-            "forward_ms": hf_ms,
-        },
-        "lc": {"order": lc["order"], "lc_visual": lc["lc_visual"], "samples": lc["samples"]},
-        "rows": rows,
-        "shortv_lc_vs_random": summary,
-        "skipped": skipped,
-        "repeats": args.repeats,
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    plot(report, args.output.with_suffix(".png"))
-    print(table(report))
-    print(f"wrote {args.output} and {args.output.with_suffix('.png')} ({report['seconds']} s)")
+    return summary
 
 
 def table(report: dict) -> str:

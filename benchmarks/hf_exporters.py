@@ -395,45 +395,109 @@ def check(
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     inputs = sample_inputs(model.config, n_text=n_text, seed=1)
     ids, pixels = inputs["input_ids"], inputs["pixel_values"]  # (1, n), (1, 3, H, W)
-    n = ids.shape[1]
+    features, reference, tokens = _eager_reference(model, ids, pixels, decode_steps)
+    feats = features.numpy()
+    parity = _parity(runner, ids.numpy(), pixels.numpy(), feats, reference, tokens, atol)
+    timings = _timings(
+        runner,
+        model,
+        ids.numpy(),
+        pixels.numpy(),
+        feats,
+        tokens,
+        threads,
+        repeats,
+        timed_decode_tokens,
+    )
+    result = {
+        "export": summary["times"],
+        "components": list(summary["components"]),
+        "not_exported_by_export_for_generation": summary["not_exported_by_export_for_generation"],
+        "parity": parity,
+        "timings": timings,
+    }
+    print(json.dumps(result, indent=2))
+    if tmp is not None:
+        del runner
+        tmp.cleanup()
+    return result
 
+
+def _eager_reference(
+    model: Any, ids: Any, pixels: Any, decode_steps: int
+) -> tuple[Any, list[np.ndarray], list[int]]:
+    """HF eager on the prompt `ids` (1, n) and image `pixels`: (the image features (1, n_img, d)
+    that LlavaModel.forward scatters over the <image> positions, the last-position logits
+    (1, vocab) of the prefill and of `decode_steps` greedy steps by full recompute, the greedy
+    tokens)."""
+    import torch
+
+    n = ids.shape[1]
     with torch.no_grad():
-        # (1, n_img, d): what LlavaModel.forward scatters over the <image> positions
         features = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
         reference, seq = [], ids
         for _ in range(decode_steps + 1):
             logits = model(input_ids=seq, pixel_values=pixels).logits[:, -1]  # (1, vocab)
             reference.append(logits.numpy())
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    tokens = seq[0, n:].tolist()  # greedy tokens from eager, fed to both
+    return features, reference, seq[0, n:].tolist()
 
-    def diff(a: np.ndarray, b: np.ndarray, logits: bool = True) -> dict[str, float | bool]:
-        d: dict[str, float | bool] = {
-            "max_abs": float(np.abs(a - b).max()),
-            "ref_max_abs": float(np.abs(b).max()),
-        }
-        if logits:
-            d["argmax_equal"] = bool(a.argmax() == b.argmax())
-        return d
 
-    feats = features.numpy()
-    logits, cache = runner.prefill_tokens(ids.numpy(), feats)
-    steps = [diff(logits, reference[0])]
-    for k in range(decode_steps):
+def _diff(a: np.ndarray, b: np.ndarray, logits: bool = True) -> dict[str, float | bool]:
+    d: dict[str, float | bool] = {
+        "max_abs": float(np.abs(a - b).max()),
+        "ref_max_abs": float(np.abs(b).max()),
+    }
+    if logits:
+        d["argmax_equal"] = bool(a.argmax() == b.argmax())
+    return d
+
+
+def _parity(
+    runner: HFExportersRunner,
+    ids: np.ndarray,
+    pixels: np.ndarray,
+    feats: np.ndarray,
+    reference: list[np.ndarray],
+    tokens: list[int],
+    atol: float,
+) -> dict[str, Any]:
+    """The ORT graphs against the eager `reference` logits: the prefill on eager's image
+    `feats`, then one decode step per reference step fed eager's greedy `tokens` (and, with
+    the vision graphs, their features and the prefill on them)."""
+    logits, cache = runner.prefill_tokens(ids, feats)
+    steps = [_diff(logits, reference[0])]
+    for k in range(len(reference) - 1):
         logits, cache = runner.decode_step(tokens[k], cache)
-        steps.append(diff(logits, reference[k + 1]))
+        steps.append(_diff(logits, reference[k + 1]))
     parity: dict[str, Any] = {"prefill": steps[0], "decode": steps[1:]}
     if runner.has_vision:
-        ort_feats = runner.encode_image(pixels.numpy())
-        vision_logits, _ = runner.prefill_tokens(ids.numpy(), ort_feats)
-        parity["vision_features"] = diff(ort_feats, feats, logits=False)
-        parity["prefill_with_ort_vision"] = diff(vision_logits, reference[0])
+        ort_feats = runner.encode_image(pixels)
+        vision_logits, _ = runner.prefill_tokens(ids, ort_feats)
+        parity["vision_features"] = _diff(ort_feats, feats, logits=False)
+        parity["prefill_with_ort_vision"] = _diff(vision_logits, reference[0])
     worst = max(s["max_abs"] for s in [*steps, parity.get("prefill_with_ort_vision", steps[0])])
     parity["worst_logits_max_abs"] = worst
     parity["ok"] = worst <= atol and all(s["argmax_equal"] for s in steps)
+    return parity
 
-    # Timings: ORT LLM prefill on precomputed embeds, ORT decode; HF eager for context.
-    embeds = runner.embed(ids.numpy(), feats)  # (1, n, d)
+
+def _timings(
+    runner: HFExportersRunner,
+    model: Any,
+    ids: np.ndarray,
+    pixels: np.ndarray,
+    feats: np.ndarray,
+    tokens: list[int],
+    threads: int,
+    repeats: int,
+    timed_decode_tokens: int,
+) -> dict[str, Any]:
+    """ORT LLM prefill on precomputed embeds and ORT decode, with HF eager for context (median
+    of `repeats`, after one warm-up of each decode)."""
+    import torch
+
+    embeds = runner.embed(ids, feats)  # (1, n, d)
     _, cache = runner.prefill(embeds)
 
     def ort_decode() -> float:
@@ -461,13 +525,14 @@ def check(
 
     ort_decode()
     eager_decode()
+    n = ids.shape[1]
     timings = {
         "threads": threads,
         "prompt_tokens": n,
         "visual_tokens": int(model.config.image_seq_length),
         "ort_prefill_ms": 1e3 * median_time(lambda: runner.prefill(embeds), repeats),
         "ort_prefill_tokens_ms": 1e3
-        * median_time(lambda: runner.prefill_tokens(ids.numpy(), feats), repeats),
+        * median_time(lambda: runner.prefill_tokens(ids, feats), repeats),
         "ort_decode_ms_per_token": 1e3 * statistics.median(ort_decode() for _ in range(repeats)),
         "eager_llm_prefill_ms": 1e3 * median_time(eager_prefill, repeats),
         "eager_decode_ms_per_token": 1e3
@@ -475,21 +540,8 @@ def check(
         "decode_past_tokens": n,
     }
     if runner.has_vision:
-        timings["ort_vision_ms"] = 1e3 * median_time(
-            lambda: runner.encode_image(pixels.numpy()), repeats
-        )
-    result = {
-        "export": summary["times"],
-        "components": list(summary["components"]),
-        "not_exported_by_export_for_generation": summary["not_exported_by_export_for_generation"],
-        "parity": parity,
-        "timings": timings,
-    }
-    print(json.dumps(result, indent=2))
-    if tmp is not None:
-        del runner
-        tmp.cleanup()
-    return result
+        timings["ort_vision_ms"] = 1e3 * median_time(lambda: runner.encode_image(pixels), repeats)
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -323,6 +323,17 @@ def fmt(acc: dict[str, float]) -> str:
 
 
 def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = Training(args)
+    run.scene_stage()
+    run.distill_stage()
+    run.end_to_end_stage()
+    run.ship()
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--scene-steps", type=int, default=2000, help="stage 1: decoder on scene features"
@@ -348,49 +359,67 @@ def main() -> None:
     ap.add_argument("--eval-items", type=int, default=400, help="held-out items for the accuracies")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("-o", "--output", type=Path, default=ASSETS, help="folder for the weights")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t_start = time.perf_counter()
-    spec = replace(PRESETS[PRESET], weights=None, tokenizer_file=None)
-    model, processor = build_model(spec, seed=args.seed)
-    model.train()
-    batcher = Batcher(processor, turns=args.turns, seed=args.seed)
-    eval_batcher = Batcher(processor)
-    sincos_positions(model, batcher.grid)
-    scene = SceneFeatures(model.config.text_config.hidden_size)
-    projector = Projector(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"{PRESET}: {n_params / 1e6:.2f}M params; steps: scene {args.scene_steps}, distill "
-        f"{args.distill_steps}, end to end {args.steps}; batch {args.batch_size}, "
-        f"{args.turns} turns",
-        flush=True,
-    )
-    heldout = list(shapes_qa.items("heldout", args.eval_items))
-    baseline = shapes_qa.majority_baseline(heldout)
-    print(f"majority-answer baseline (held-out): {fmt(baseline)}", flush=True)
-    rng = random.Random(args.seed)
-    lo, hi = shapes_qa.SPLIT_SEEDS["train"]
-    history: list[dict] = []
 
-    def draw(n: int) -> dict[str, torch.Tensor]:
-        return batcher([shapes_qa.item(rng.randrange(lo, hi)) for _ in range(n)])
+Params = list[tuple[str, torch.nn.Parameter]]
+
+
+class Training:
+    """The model being trained with what its three stages share: batchers, scene features, the
+    projector hook, the held-out items, the training-item draw and the accuracy history."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.t_start = time.perf_counter()
+        spec = replace(PRESETS[PRESET], weights=None, tokenizer_file=None)
+        self.model, self.processor = build_model(spec, seed=args.seed)
+        self.model.train()
+        self.batcher = Batcher(self.processor, turns=args.turns, seed=args.seed)
+        self.eval_batcher = Batcher(self.processor)
+        sincos_positions(self.model, self.batcher.grid)
+        self.scene = SceneFeatures(self.model.config.text_config.hidden_size)
+        self.projector = Projector(self.model)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        print(
+            f"{PRESET}: {self.n_params / 1e6:.2f}M params; steps: scene {args.scene_steps}, "
+            f"distill {args.distill_steps}, end to end {args.steps}; batch {args.batch_size}, "
+            f"{args.turns} turns",
+            flush=True,
+        )
+        self.heldout = list(shapes_qa.items("heldout", args.eval_items))
+        self.baseline = shapes_qa.majority_baseline(self.heldout)
+        print(f"majority-answer baseline (held-out): {fmt(self.baseline)}", flush=True)
+        self.rng = random.Random(args.seed)
+        self.history: list[dict] = []
+
+    def draw(self, n: int) -> dict[str, torch.Tensor]:
+        """A batch of `n` items drawn fresh from the train split."""
+        lo, hi = shapes_qa.SPLIT_SEEDS["train"]
+        return self.batcher([shapes_qa.item(self.rng.randrange(lo, hi)) for _ in range(n)])
+
+    def param_groups(self) -> tuple[Params, Params]:
+        """(decoder parameters, vision tower + projector parameters)."""
+        vision_parts = ("model.vision_tower", "model.multi_modal_projector")
+        named = list(self.model.named_parameters())
+        decoder = [(n, p) for n, p in named if not n.startswith(vision_parts)]
+        vision = [(n, p) for n, p in named if n.startswith(vision_parts)]
+        return decoder, vision
 
     def stage(
+        self,
         name: str,
         steps: int,
-        params: list[tuple[str, torch.nn.Parameter]],
+        params: Params,
         lr: float,
         step_losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
         after_step: Callable[[int], None] | None = None,
-        clip: list[tuple[str, torch.nn.Parameter]] | None = None,
+        clip: Params | None = None,
     ) -> None:
         """`steps` AdamW steps on `params`; `step_losses()` draws a batch and returns (loss to
         minimise, losses to log); the gradient norm of `clip` (default: `params`) is capped at 1."""
-        opt = adamw(params, lr, args.weight_decay)
-        sched = schedule(opt, steps, args.warmup)
+        opt = adamw(params, lr, self.args.weight_decay)
+        sched = schedule(opt, steps, self.args.warmup)
         running = None
         for step in range(steps):
             loss, logged = step_losses()
@@ -402,92 +431,110 @@ def main() -> None:
             running = logged if running is None else 0.95 * running + 0.05 * logged
             if (step + 1) % 50 == 0:
                 vals = "  ".join(f"{v:.4f}" for v in running.tolist())
-                el = time.perf_counter() - t_start
+                el = time.perf_counter() - self.t_start
                 print(f"{name} {step + 1:5d}  loss {vals}  {el:.0f} s", flush=True)
             if after_step is not None:
                 after_step(step)
 
-    vision_parts = ("model.vision_tower", "model.multi_modal_projector")
-    decoder = [(n, p) for n, p in model.named_parameters() if not n.startswith(vision_parts)]
-    vision = [(n, p) for n, p in model.named_parameters() if n.startswith(vision_parts)]
+    def scene_stage(self) -> None:
+        """Stage 1: the decoder (and the scene embeddings) on scene features."""
+        args, projector, scene = self.args, self.projector, self.scene
 
-    # stage 1: the decoder (and the scene embeddings) on scene features
-    def scene_step() -> tuple[torch.Tensor, torch.Tensor]:
-        batch = draw(args.batch_size)
-        projector.labels = batch["patch_labels"]
-        loss = answer_loss(model, batch)
-        return loss, loss.detach()[None]
+        def scene_step() -> tuple[torch.Tensor, torch.Tensor]:
+            batch = self.draw(args.batch_size)
+            projector.labels = batch["patch_labels"]
+            loss = answer_loss(self.model, batch)
+            return loss, loss.detach()[None]
 
-    projector.scene = scene
-    tables = list(scene.named_parameters(prefix="tables"))
-    stage("scene", args.scene_steps, decoder + tables, args.lr, scene_step, clip=decoder)
-    projector.scene = None
-    scene.requires_grad_(False)
-    if args.scene_steps:
-        acc = accuracy(model, eval_batcher, heldout[:200], projector, scene)
-        history.append({"stage": "scene", **acc})
-        print(f"  held-out (200) with scene features: {fmt(acc)}", flush=True)
+        decoder, _ = self.param_groups()
+        projector.scene = scene
+        tables = list(scene.named_parameters(prefix="tables"))
+        self.stage("scene", args.scene_steps, decoder + tables, args.lr, scene_step, clip=decoder)
+        projector.scene = None
+        scene.requires_grad_(False)
+        if args.scene_steps:
+            acc = accuracy(self.model, self.eval_batcher, self.heldout[:200], projector, scene)
+            self.history.append({"stage": "scene", **acc})
+            print(f"  held-out (200) with scene features: {fmt(acc)}", flush=True)
 
-    # stage 2: vision tower + projector -> scene features (the decoder is not run)
-    cfg = model.config
+    def distill_stage(self) -> None:
+        """Stage 2: vision tower + projector -> scene features (the decoder is not run)."""
+        cfg = self.model.config
 
-    def distill_step() -> tuple[torch.Tensor, torch.Tensor]:
-        batch = draw(64)
-        model.model.get_image_features(
-            pixel_values=batch["pixel_values"],
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        def distill_step() -> tuple[torch.Tensor, torch.Tensor]:
+            batch = self.draw(64)
+            self.model.model.get_image_features(
+                pixel_values=batch["pixel_values"],
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            )
+            loss = distill_loss(self.projector.features, self.scene, batch["patch_labels"])
+            return loss, loss.detach()[None]
+
+        _, vision = self.param_groups()
+        self.stage("distill", self.args.distill_steps, vision, self.args.lr, distill_step)
+        if self.args.distill_steps:
+            acc = accuracy(self.model, self.eval_batcher, self.heldout[:200])
+            self.history.append({"stage": "distill", **acc})
+            print(f"  held-out (200) from pixels: {fmt(acc)}", flush=True)
+
+    def end_to_end_stage(self) -> None:
+        """Stage 3: the whole model on pixels, the answer loss plus the weighted distill loss,
+        with a held-out accuracy every `--eval-every` steps."""
+        args = self.args
+
+        def end_to_end_step() -> tuple[torch.Tensor, torch.Tensor]:
+            batch = self.draw(args.batch_size)
+            answer = answer_loss(self.model, batch)
+            distill = distill_loss(self.projector.features, self.scene, batch["patch_labels"])
+            return answer + args.distill_weight * distill, torch.stack([answer, distill]).detach()
+
+        def evaluate_every(step: int) -> None:
+            if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                acc = accuracy(self.model, self.eval_batcher, self.heldout[:200])
+                self.history.append({"stage": "end-to-end", "step": step + 1, **acc})
+                print(f"  held-out (200): {fmt(acc)}", flush=True)
+
+        everything = list(self.model.named_parameters())
+        self.stage(
+            "end-to-end",
+            args.steps,
+            everything,
+            args.lr_end_to_end,
+            end_to_end_step,
+            evaluate_every,
         )
-        loss = distill_loss(projector.features, scene, batch["patch_labels"])
-        return loss, loss.detach()[None]
 
-    stage("distill", args.distill_steps, vision, args.lr, distill_step)
-    if args.distill_steps:
-        acc = accuracy(model, eval_batcher, heldout[:200])
-        history.append({"stage": "distill", **acc})
-        print(f"  held-out (200) from pixels: {fmt(acc)}", flush=True)
-
-    # stage 3: end to end on pixels
-    def end_to_end_step() -> tuple[torch.Tensor, torch.Tensor]:
-        batch = draw(args.batch_size)
-        answer = answer_loss(model, batch)
-        distill = distill_loss(projector.features, scene, batch["patch_labels"])
-        return answer + args.distill_weight * distill, torch.stack([answer, distill]).detach()
-
-    def evaluate_every(step: int) -> None:
-        if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            acc = accuracy(model, eval_batcher, heldout[:200])
-            history.append({"stage": "end-to-end", "step": step + 1, **acc})
-            print(f"  held-out (200): {fmt(acc)}", flush=True)
-
-    everything = list(model.named_parameters())
-    stage("end-to-end", args.steps, everything, args.lr_end_to_end, end_to_end_step, evaluate_every)
-
-    train_s = time.perf_counter() - t_start
-    # Ship float16: round, reload into the float32 model, and measure what the preset will hold.
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    acc = accuracy(model, eval_batcher, heldout)
-    args.output.mkdir(parents=True, exist_ok=True)
-    shipped = PRESETS[PRESET]
-    save_file(state, str(args.output / shipped.weights))
-    processor.tokenizer.backend_tokenizer.save(str(args.output / shipped.tokenizer_file))
-    total_s = time.perf_counter() - t_start
-    report = {
-        "preset": PRESET,
-        "params": n_params,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "train_seconds": round(train_s, 1),
-        "total_seconds": round(total_s, 1),
-        "heldout_items": len(heldout),
-        "heldout_accuracy_fp16": acc,
-        "majority_baseline": baseline,
-        "history": history,
-    }
-    (args.output / f"{PRESET}-training.json").write_text(json.dumps(report, indent=2))
-    print(f"held-out accuracy ({len(heldout)} items, fp16 weights): {fmt(acc)}")
-    print(f"majority-answer baseline:                   {fmt(baseline)}")
-    print(f"trained in {train_s / 60:.1f} min ({args.threads} threads); wrote {args.output}")
+    def ship(self) -> None:
+        """Round the weights to float16, reload them into the float32 model, measure what the
+        preset will hold, and write the weights, the tokenizer and the training report."""
+        args, heldout = self.args, self.heldout
+        train_s = time.perf_counter() - self.t_start
+        state = {
+            k: v.detach().to(torch.float16).contiguous() for k, v in self.model.state_dict().items()
+        }
+        self.model.load_state_dict({k: v.float() for k, v in state.items()})
+        acc = accuracy(self.model, self.eval_batcher, heldout)
+        args.output.mkdir(parents=True, exist_ok=True)
+        shipped = PRESETS[PRESET]
+        save_file(state, str(args.output / shipped.weights))
+        self.processor.tokenizer.backend_tokenizer.save(str(args.output / shipped.tokenizer_file))
+        total_s = time.perf_counter() - self.t_start
+        report = {
+            "preset": PRESET,
+            "params": self.n_params,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "train_seconds": round(train_s, 1),
+            "total_seconds": round(total_s, 1),
+            "heldout_items": len(heldout),
+            "heldout_accuracy_fp16": acc,
+            "majority_baseline": self.baseline,
+            "history": self.history,
+        }
+        (args.output / f"{PRESET}-training.json").write_text(json.dumps(report, indent=2))
+        print(f"held-out accuracy ({len(heldout)} items, fp16 weights): {fmt(acc)}")
+        print(f"majority-answer baseline:                   {fmt(self.baseline)}")
+        print(f"trained in {train_s / 60:.1f} min ({args.threads} threads); wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ builds the shorter input embeddings), decode positions following the shorter pro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from .rewrite import GraphEdit, replan
 
 if TYPE_CHECKING:
     import torch
-    from torch import fx
+    from torch import fx, nn
     from transformers import LlavaForConditionalGeneration
 
     from mllmc.compiler.core.capture import Segments
@@ -189,21 +190,21 @@ def keep_top_patches(
 # Eager reference.
 
 
-@contextlib.contextmanager
-def cls_pruned_forward(
-    model: LlavaForConditionalGeneration, layers: Sequence[int], kept: int
-) -> Iterator[None]:
-    """Make HF LLaVA `model` feed only the top-`kept` patches by [CLS] attention (summed over
-    vision `layers`) to its LLM, with the prompt's image span shortened to match."""
-    import torch
+@dataclasses.dataclass
+class _ClsPruning:
+    """What `cls_pruned_forward`'s hooks share: the [CLS] scores summed so far over the scored
+    vision layers, and how many image placeholders the prompt being run lost."""
 
-    image_token_id = model.config.image_token_id
-    tower = model.model.vision_tower
-    encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
-    state: dict[str, Any] = {"scores": None, "dropped": 0}
+    image_token_id: int
+    kept: int
+    scores: torch.Tensor | None = None
+    dropped: int = 0
 
-    def score(layer_module, args, kwargs):
-        # the layer's full attention matrix from HF's own modules and attributes, [CLS] row
+    def score(self, layer_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Pre-hook of a scored encoder layer: add its [CLS] row's head-mean attention over the
+        patches, from HF's own modules and attributes."""
+        import torch
+
         h = args[0] if args else kwargs["hidden_states"]  # (1, 1 + P, dv)
         attn = layer_module.self_attn
         x = layer_module.layer_norm1(h)
@@ -212,44 +213,67 @@ def cls_pruned_forward(
         k = attn.k_proj(x).view(1, t, heads, hd).transpose(1, 2)
         probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1)
         s = probs[:, :, 0, 1:].mean(dim=1)[0]  # (P,)
-        state["scores"] = s if state["scores"] is None else state["scores"] + s
+        self.scores = s if self.scores is None else self.scores + s
 
-    def gather(_module, _args, output):
-        top = state["scores"].topk(kept).indices.sort().values  # (kept,)
-        state["scores"] = None
+    def gather(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Projector hook: its output at the top-`kept` patches, in spatial order."""
+        top = self.scores.topk(self.kept).indices.sort().values  # (kept,)
+        self.scores = None
         return output.index_select(1, top)  # (1, kept, d)
 
-    def shorten(_module, args, kwargs):
+    def shorten(
+        self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]] | None:
+        """Model pre-hook: the prompt keeps its first `kept` image placeholders; a decode step's
+        positions follow the shorter prompt."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return None
-        n = ids.shape[1]
-        if n > 1:  # the prompt: keep the first `kept` image placeholders
-            is_image = ids[0] == image_token_id
-            rank = torch.cumsum(is_image.long(), 0)
-            keep = ~is_image | (rank <= kept)
-            state["dropped"] = int((~keep).sum())
-            kwargs["input_ids"] = ids[:, keep]
-            for name in ("attention_mask",):
-                if isinstance(kwargs.get(name), torch.Tensor):
-                    kwargs[name] = kwargs[name][:, keep]
-            for name in ("cache_position", "position_ids"):
-                if isinstance(kwargs.get(name), torch.Tensor):
-                    kwargs[name] = kwargs[name][..., : n - state["dropped"]]
-        else:  # a decode step: positions follow the shorter prompt
-            dropped = state["dropped"]
-            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
-                kwargs["attention_mask"] = kwargs["attention_mask"][:, dropped:]
-            for name in ("cache_position", "position_ids"):
-                if isinstance(kwargs.get(name), torch.Tensor):
-                    kwargs[name] = kwargs[name] - dropped
+        if ids.shape[1] > 1:
+            self._shorten_prompt(ids, kwargs)
+        else:
+            self._shift_decode(kwargs)
         return args, kwargs
 
-    handles = [model.register_forward_pre_hook(shorten, with_kwargs=True)]
+    def _shorten_prompt(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        import torch
+
+        n = ids.shape[1]
+        is_image = ids[0] == self.image_token_id
+        rank = torch.cumsum(is_image.long(), 0)
+        keep = ~is_image | (rank <= self.kept)
+        self.dropped = int((~keep).sum())
+        kwargs["input_ids"] = ids[:, keep]
+        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+            kwargs["attention_mask"] = kwargs["attention_mask"][:, keep]
+        for name in ("cache_position", "position_ids"):
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = kwargs[name][..., : n - self.dropped]
+
+    def _shift_decode(self, kwargs: dict[str, Any]) -> None:
+        import torch
+
+        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+            kwargs["attention_mask"] = kwargs["attention_mask"][:, self.dropped :]
+        for name in ("cache_position", "position_ids"):
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = kwargs[name] - self.dropped
+
+
+@contextlib.contextmanager
+def cls_pruned_forward(
+    model: LlavaForConditionalGeneration, layers: Sequence[int], kept: int
+) -> Iterator[None]:
+    """Make HF LLaVA `model` feed only the top-`kept` patches by [CLS] attention (summed over
+    vision `layers`) to its LLM, with the prompt's image span shortened to match."""
+    tower = model.model.vision_tower
+    encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
+    state = _ClsPruning(model.config.image_token_id, kept)
+    handles = [model.register_forward_pre_hook(state.shorten, with_kwargs=True)]
     handles += [
-        encoder_layers[i].register_forward_pre_hook(score, with_kwargs=True) for i in layers
+        encoder_layers[i].register_forward_pre_hook(state.score, with_kwargs=True) for i in layers
     ]
-    handles.append(model.model.multi_modal_projector.register_forward_hook(gather))
+    handles.append(model.model.multi_modal_projector.register_forward_hook(state.gather))
     try:
         yield
     finally:

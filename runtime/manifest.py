@@ -360,84 +360,102 @@ def _type_name(tp: Any) -> str:
 
 def _build(tp: Any, value: Any, where: str, path: str = "") -> Any:
     """`value` (parsed JSON) as an instance of type `tp`, or UserError naming `path`."""
-
-    def bad(expected: str) -> UserError:
-        got = type(value).__name__
-        return UserError(
-            f"corrupt artifact manifest {where}: {path or 'top level'} should be {expected}, "
-            f"got {got} {json.dumps(value)[:60] if _jsonable(value) else ''}".rstrip()
-        )
-
-    origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if typing.is_typeddict(tp):  # a JSON object with these keys at least; others kept as they are
-        if not isinstance(value, dict):
-            raise bad("an object")
-        hints = typing.get_type_hints(tp, include_extras=True)
-        for key in sorted(tp.__required_keys__):
-            if key not in value:
-                missing = f"{path}.{key}" if path else key
-                raise UserError(f"corrupt artifact manifest {where}: missing {missing!r}")
-        return {
-            k: _build(hints[k], v, where, f"{path}.{k}") if k in hints else v
-            for k, v in value.items()
-        }
+    origin = typing.get_origin(tp)
+    if typing.is_typeddict(tp):
+        return _build_typeddict(tp, value, where, path)
     if origin is Annotated:
         base, *marks = typing.get_args(tp)
         if NON_FINITE in marks and isinstance(value, float) and not math.isfinite(value):
             return value
         return _build(base, value, where, path)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        types_ = [o for o in options if o is not type(None)]
-        if len(types_) == 1:  # X | None: X's own error says what is wrong
-            return _build(types_[0], value, where, path)
-        for option in options:
-            if option is type(None):
-                continue
-            with contextlib.suppress(UserError):
-                return _build(option, value, where, path)
-        raise bad(" or ".join(_type_name(o) for o in options))
+        return _build_union(tp, value, where, path)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad("an object")
-        hints = typing.get_type_hints(tp)
-        kwargs = {}
-        for f in fields(tp):
-            key = f.metadata.get(JSON_KEY, f.name)
-            sub = f"{path}.{key}" if path else key
-            if key not in value:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise UserError(f"corrupt artifact manifest {where}: missing {sub!r}")
-                continue
-            kwargs[f.name] = _build(hints[f.name], value[key], where, sub)
-        try:
-            return tp(**kwargs)
-        except ValueError as e:  # the record's own rules (TargetSettings' values)
-            raise UserError(
-                f"corrupt artifact manifest {where}: {path or 'top level'}: {e}"
-            ) from None
+        return _build_dataclass(tp, value, where, path)
     if origin is tuple:
-        args = typing.get_args(tp)
         if not isinstance(value, list):
-            raise bad("a list")
-        item = args[0]
+            raise _bad("a list", value, where, path)
+        item = typing.get_args(tp)[0]
         return tuple(_build(item, v, where, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
+        _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise bad("an object")
+            raise _bad("an object", value, where, path)
         return {k: _build(val_tp, v, where, f"{path}.{k}") for k, v in value.items()}
+    if tp in (bool, int, float, str):
+        return _build_scalar(tp, value, where, path)
+    raise TypeError(f"manifest schema has an unsupported type {tp!r} at {path}")  # a bug
+
+
+def _bad(expected: str, value: Any, where: str, path: str) -> UserError:
+    """The error for `value` at `path` not being `expected`."""
+    got = type(value).__name__
+    return UserError(
+        f"corrupt artifact manifest {where}: {path or 'top level'} should be {expected}, "
+        f"got {got} {json.dumps(value)[:60] if _jsonable(value) else ''}".rstrip()
+    )
+
+
+def _build_typeddict(tp: Any, value: Any, where: str, path: str) -> dict[str, Any]:
+    """A JSON object with the TypedDict's required keys at least; other keys kept as they are."""
+    if not isinstance(value, dict):
+        raise _bad("an object", value, where, path)
+    hints = typing.get_type_hints(tp, include_extras=True)
+    for key in sorted(tp.__required_keys__):
+        if key not in value:
+            missing = f"{path}.{key}" if path else key
+            raise UserError(f"corrupt artifact manifest {where}: missing {missing!r}")
+    return {
+        k: _build(hints[k], v, where, f"{path}.{k}") if k in hints else v for k, v in value.items()
+    }
+
+
+def _build_union(tp: Any, value: Any, where: str, path: str) -> Any:
+    """The first option of the union `tp` that `value` builds as; for `X | None`, X's own error."""
+    options = typing.get_args(tp)
+    if value is None and type(None) in options:
+        return None
+    types_ = [o for o in options if o is not type(None)]
+    if len(types_) == 1:
+        return _build(types_[0], value, where, path)
+    for option in types_:
+        with contextlib.suppress(UserError):
+            return _build(option, value, where, path)
+    raise _bad(" or ".join(_type_name(o) for o in options), value, where, path)
+
+
+def _build_dataclass(tp: Any, value: Any, where: str, path: str) -> Any:
+    """Manifest dataclass `tp` from a JSON object: every field without a default must be there,
+    and the record's own rules (raised as ValueError) become a UserError."""
+    if not isinstance(value, dict):
+        raise _bad("an object", value, where, path)
+    hints = typing.get_type_hints(tp)
+    kwargs = {}
+    for f in fields(tp):
+        key = f.metadata.get(JSON_KEY, f.name)
+        sub = f"{path}.{key}" if path else key
+        if key not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"corrupt artifact manifest {where}: missing {sub!r}")
+            continue
+        kwargs[f.name] = _build(hints[f.name], value[key], where, sub)
+    try:
+        return tp(**kwargs)
+    except ValueError as e:
+        raise UserError(f"corrupt artifact manifest {where}: {path or 'top level'}: {e}") from None
+
+
+def _build_scalar(tp: type, value: Any, where: str, path: str) -> Any:
+    """A JSON bool, int (not a bool), finite number (as float) or string."""
     if tp is bool:
         if not isinstance(value, bool):
-            raise bad("true or false")
+            raise _bad("true or false", value, where, path)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
+            raise _bad("an integer", value, where, path)
         return value
     if tp is float:
         if (
@@ -445,13 +463,11 @@ def _build(tp: Any, value: Any, where: str, path: str = "") -> Any:
             or not isinstance(value, (int, float))
             or not math.isfinite(value)
         ):
-            raise bad("a finite number")
+            raise _bad("a finite number", value, where, path)
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    raise TypeError(f"manifest schema has an unsupported type {tp!r} at {path}")  # a bug
+    if not isinstance(value, str):
+        raise _bad("a string", value, where, path)
+    return value
 
 
 def _jsonable(value: Any) -> bool:
