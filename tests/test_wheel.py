@@ -82,7 +82,6 @@ def pip_install_offline(python: Path, *requirements: str) -> subprocess.Complete
     return subprocess.run([*cmd, *requirements], capture_output=True, text=True)
 
 
-@pytest.mark.slow
 def test_installed_wheel_runs_an_artifact_without_torch(
     wheel: Path, tiny_base_artifact: Path, sample_image: Path, tmp_path: Path
 ):
