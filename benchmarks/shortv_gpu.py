@@ -223,7 +223,8 @@ def load_and_rewrite(args: argparse.Namespace, model_dir: Path, dtype: torch.dty
     model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype).eval()
     info = model_info(model, model_dir)
     layers = tuple(json.loads(args.layers)) if args.layers else None
-    cfg = prepare(ShortVConfig(layers=layers, ratio=args.ratio), model, info)
+    ratio = None if layers is not None else args.ratio
+    cfg = prepare(ShortVConfig(layers=layers, ratio=ratio), model, info)
     segments = capture(model, info, static_decode=args.decode)
     rewritten = shortv(segments, cfg).segments
     model = model.to(device)

@@ -163,6 +163,7 @@ def compile_model(
     from . import backends
 
     # every check that needs no model runs before torch is imported: bad input costs no wait
+    _check_arg_types(validate=validate, force=force, progress=progress, max_seq_len=max_seq_len)
     pass_list = resolve_passes(passes)
     options = backends.resolve_options(
         target, backends.TargetOptions(device, dtype, max_seq_len, decode_cache)
@@ -183,22 +184,48 @@ def compile_model(
     return CompileResult(out, manifest)
 
 
-def _check_inputs(
-    model_dir: str | Path, out_dir: str | Path, passes: PassList, force: bool
-) -> tuple[dict[str, Any], Path]:
-    """The checks that need no model: pass order, the model directory's config and processor,
-    each pass's options against the model's shape, and the output directory. Returns the
-    model's config and the output path."""
-    from mllmc.compiler.core.model_dir import check_processor, model_shape, read_config
-    from mllmc.compiler.files import artifact, outputs
+def check_model(model_dir: str | Path, passes: PassList = ()) -> dict[str, Any]:
+    """The checks that need no model loaded (torch is not imported): pass order, the model
+    directory's config, processor and tokenizer, and each pass's options against the model's
+    shape. Returns the model's config."""
+    from mllmc.compiler.core.model_dir import (
+        check_processor,
+        check_tokenizer,
+        model_shape,
+        read_config,
+    )
 
     check_order(passes)
     config = read_config(model_dir)
     check_processor(model_dir, config)
+    check_tokenizer(model_dir, config)
     shape = model_shape(config)
     for pass_info, cfg in passes:
         if pass_info.check is not None:
             pass_info.check(cfg, shape)
+    return config
+
+
+def _check_arg_types(*, max_seq_len: Any, **flags: Any) -> None:
+    """TypeError unless each of `flags` is a real bool (a string such as 'no' is truthy) and
+    `max_seq_len` is None or an integer."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if max_seq_len is not None and (
+        isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+    ):
+        raise TypeError(f"max_seq_len must be None or an integer, got {max_seq_len!r}")
+
+
+def _check_inputs(
+    model_dir: str | Path, out_dir: str | Path, passes: PassList, force: bool
+) -> tuple[dict[str, Any], Path]:
+    """`check_model`, then the output directory. Returns the model's config and the output
+    path."""
+    from mllmc.compiler.files import artifact, outputs
+
+    config = check_model(model_dir, passes)
     out = outputs.check_output_dir(
         out_dir, force, artifact.replaceable, what="artifact", protected=[model_dir]
     )

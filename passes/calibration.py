@@ -148,10 +148,10 @@ def default_order(model: LlavaForConditionalGeneration, info: ModelInfo) -> tupl
     return lc["order"], f"calibration on {lc['samples']} built-in samples ({lc['seconds']:.1f} s)"
 
 
-def _read_calibration_file(p: Path, what: str, info: ModelInfo) -> dict[str, Any]:
-    """A calibration file's JSON object, refused when it is corrupt or was made for another
-    model than `info`'s (its recorded config hash differs; a file without one is taken on its
-    layer count alone)."""
+def _read_calibration_file(p: Path, what: str, info: ModelInfo, make: str) -> dict[str, Any]:
+    """A calibration file's JSON object, refused when it is corrupt, has no recorded config
+    hash, or was made for another model than `info`'s (another config hash or layer count).
+    `make`: the command that writes a good one, named in the refusals."""
     try:
         data = read_json(p)
         if not isinstance(data, dict):
@@ -159,10 +159,23 @@ def _read_calibration_file(p: Path, what: str, info: ModelInfo) -> dict[str, Any
     except JSONError as e:
         raise UserError(f"{what} {p} is corrupt: {e}") from None
     recorded = data.get("model_config_hash")
-    if recorded is not None and recorded != info.config_hash:
+    if not isinstance(recorded, str):
+        raise UserError(
+            f"{what} {p} records no model_config_hash, so it cannot be checked against the "
+            f"model: recalibrate with: {make}"
+        )
+    if recorded != info.config_hash:
         raise UserError(
             f"{what} {p} was made for another model (config hash {recorded}); "
             f"{info.model_dir} has config hash {info.config_hash}: recalibrate on this model"
+        )
+    layers = data.get("num_layers")
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        raise UserError(f"{what} {p} is corrupt: num_layers {layers!r} is not an integer")
+    if layers != info.num_layers:
+        raise UserError(
+            f"{what} {p} is for a {layers}-layer model; this model has {info.num_layers} "
+            f"layers: recalibrate with: {make}"
         )
     return data
 
@@ -174,22 +187,37 @@ def _layer_index(value: object) -> int:
 
 
 def read_lc_file(path: str | Path, info: ModelInfo) -> list[int]:
-    """The layer order (ascending LC) of an LC file, checked against the model."""
+    """The layer order (ascending LC) of an LC file, checked against the model: the file's
+    config hash and layer count must be the model's, and its order a permutation of the
+    model's layer indices."""
     p = Path(path)
+    make = f"mllmc calibrate MODEL -o {p}"
     if not p.is_file():
+        raise UserError(f"shortv: LC file {p} not found (make one with: {make})")
+    data = _read_calibration_file(p, "shortv: LC file", info, make)
+    raw = data.get("order")
+    L = info.num_layers
+    if not isinstance(raw, list):
         raise UserError(
-            f"shortv: LC file {p} not found (make one with: mllmc calibrate MODEL -o {p})"
+            f"shortv: LC file {p} is corrupt: 'order' must be a list of the {L} layer indices, "
+            f"got {raw!r:.60}"
         )
-    data = _read_calibration_file(p, "shortv: LC file", info)
     try:
-        if not isinstance(data.get("order"), list):
-            raise KeyError("order")
-        order = [_layer_index(i) for i in data["order"]]
-    except (KeyError, TypeError) as e:
-        raise UserError(f"shortv: corrupt LC file {p}: {type(e).__name__}: {e}") from None
-    if sorted(order) != list(range(info.num_layers)):
+        order = [_layer_index(i) for i in raw]
+    except TypeError as e:
+        raise UserError(f"shortv: LC file {p} is corrupt: 'order': {e}") from None
+    if sorted(order) != list(range(L)):
+        bad = [i for i in order if not 0 <= i < L]
+        why = (
+            f"layer {bad[0]} is out of range 0..{L - 1}"
+            if bad
+            else f"it has {len(order)} entries"
+            if len(order) != L
+            else "a layer appears twice"
+        )
         raise UserError(
-            f"shortv: LC file {p} is for a {len(order)}-layer model; this model has {info.num_layers} layers"
+            f"shortv: LC file {p} is corrupt: 'order' must list each of layers 0..{L - 1} once "
+            f"({why}): recalibrate with: {make}"
         )
     return order
 
@@ -234,22 +262,26 @@ def choose_exit(kl: list[float], threshold: float) -> int:
 def read_exit_file(path: str | Path, info: ModelInfo) -> tuple[int, float]:
     """(exit layer, threshold) of a `mllmc calibrate --pass vte` file, checked against the model."""
     p = Path(path)
+    make = f"mllmc calibrate MODEL --pass vte --threshold T -o {p}"
     if not p.is_file():
+        raise UserError(f"vte: exit file {p} not found (make one with: {make})")
+    data = _read_calibration_file(p, "vte: exit file", info, make)
+    layers = info.num_layers
+    missing = [key for key in ("k", "threshold") if key not in data]
+    if missing:
         raise UserError(
-            f"vte: exit file {p} not found (make one with: mllmc calibrate MODEL --pass vte "
-            f"--threshold T -o {p})"
+            f"vte: exit file {p} is corrupt: no {missing[0]!r}: recalibrate with: {make}"
         )
-    data = _read_calibration_file(p, "vte: exit file", info)
     try:
-        k, layers = _layer_index(data["k"]), _layer_index(data["num_layers"])
+        k = _layer_index(data["k"])
         threshold = data["threshold"]
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
             raise TypeError(f"threshold {threshold!r} is not a number > 0")
-    except (KeyError, TypeError) as e:
-        raise UserError(f"vte: corrupt exit file {p}: {type(e).__name__}: {e}") from None
-    if layers != info.num_layers or not 0 <= k <= layers:
+    except TypeError as e:
+        raise UserError(f"vte: corrupt exit file {p}: {e}") from None
+    if not 0 <= k <= layers:
         raise UserError(
-            f"vte: exit file {p} is for a {layers}-layer model; this model has "
-            f"{info.num_layers} layers"
+            f"vte: exit file {p} is corrupt: exit layer {k} is not in 0..{layers}: "
+            f"recalibrate with: {make}"
         )
     return k, float(threshold)

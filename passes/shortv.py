@@ -61,12 +61,13 @@ SUMMARY = "freeze visual tokens in the lowest-Layer-Contribution layers (ShortV)
 
 @dataclass(frozen=True)
 class ShortVConfig:
-    """layers: frozen layers (0-based); if None, the `ratio` of layers with the lowest LC.
-    lc: an LC file from `mllmc calibrate` giving the layer order. order_from: filled in by
-    compile with where the frozen list came from."""
+    """layers: frozen layers (0-based); if None, the `ratio` of layers with the lowest LC
+    (DEFAULT_RATIO when not given). lc: an LC file from `mllmc calibrate` giving the layer
+    order. `layers` is refused together with `ratio` or `lc` (they choose the layers it names).
+    order_from: filled in by compile with where the frozen list came from."""
 
     layers: tuple[int, ...] | None = None
-    ratio: float = 0.6
+    ratio: float | None = None
     lc: str | None = None
     order_from: str = ""
 
@@ -85,8 +86,22 @@ class ShortVConfig:
             if any(i < 0 for i in layers):
                 raise ValueError(f"layer indices must be >= 0, got {list(layers)}")
             object.__setattr__(self, "layers", tuple(sorted(layers)))
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
+        if self.ratio is not None and (
+            isinstance(self.ratio, bool)
+            or not isinstance(self.ratio, (int, float))
+            or not 0.0 <= float(self.ratio) < 1.0
+        ):
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
+        if self.layers is not None and not self.order_from:
+            given = [name for name in ("ratio", "lc") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"give layers or {given[0]}, not both ({given[0]} chooses the frozen layers "
+                    "that layers lists)"
+                )
+
+
+DEFAULT_RATIO = 0.6  # the fraction of layers frozen when neither layers nor ratio is given
 
 
 # Published frozen lists (0-based, most-ineffective first), ShortV's official release.
@@ -173,9 +188,20 @@ def check_layers(layers: Sequence[int], num_layers: int) -> None:
         )
 
 
+def check_not_every_layer(layers: Sequence[int], num_layers: int) -> None:
+    """Refuse a frozen list naming every layer, as `ratio` < 1 does: the language model would
+    never update the visual tokens."""
+    if num_layers > 0 and set(layers) >= set(range(num_layers)):
+        raise UserError(
+            f"shortv: layers freezes all {num_layers} layers; leave at least one layer "
+            "unfrozen (ratio < 1 does the same)"
+        )
+
+
 def check(cfg: ShortVConfig, shape: ModelShape) -> None:
     if cfg.layers is not None and shape.num_layers is not None:
         check_layers(cfg.layers, shape.num_layers)
+        check_not_every_layer(cfg.layers, shape.num_layers)
 
 
 def prepare(
@@ -187,8 +213,10 @@ def prepare(
         raise UserError("shortv: the model puts no visual tokens in the prompt; nothing to freeze")
     if cfg.layers is not None:
         check_layers(cfg.layers, L)
+        check_not_every_layer(cfg.layers, L)
         return dataclasses.replace(cfg, order_from="explicit")
-    k = frozen_count(cfg.ratio, L)
+    ratio = DEFAULT_RATIO if cfg.ratio is None else cfg.ratio
+    k = frozen_count(ratio, L)
     if cfg.lc is not None:
         from mllmc.passes.calibration import read_lc_file
 
@@ -198,7 +226,7 @@ def prepare(
         name, order = match
         if k > len(order):
             raise UserError(
-                f"shortv: ratio {cfg.ratio} freezes {k} layers; the published {name} list has "
+                f"shortv: ratio {ratio} freezes {k} layers; the published {name} list has "
                 f"{len(order)}: use ratio <= {len(order) / L:.2f} or calibrate"
             )
         source = f"published list for {name}"
@@ -209,7 +237,7 @@ def prepare(
         order, source = default_order(model, info)
         log.warning("shortv: %s", source)
     layers = tuple(sorted(order[:k]))
-    return dataclasses.replace(cfg, layers=layers, order_from=source)
+    return dataclasses.replace(cfg, layers=layers, ratio=ratio, order_from=source)
 
 
 # ----------------------------------------------------------------------------------------------

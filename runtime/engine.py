@@ -23,8 +23,15 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .manifest import SEGMENTS, check_files, read_manifest
-from .runners import DECODE_CACHES, RunnerOptions, SegmentRunner, open_segment
+from .manifest import MANIFEST_NAME, SEGMENTS, check_files, read_manifest
+from .runners import (
+    DECODE_CACHES,
+    RunnerOptions,
+    SegmentRunner,
+    check_cache_rows,
+    check_feeds,
+    open_segment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,11 @@ PREFILL_INPUTS = ("input_ids", "image_features", "visual_start")
 # passes whose prefill takes the prompt's last row for its last text token: fastv scores the
 # visual tokens by its attention, vte's exit keeps the text rows only
 LAST_TEXT_ROW_PASSES = ("fastv", "vte")
+# the most tokens one generate() call may ask for, whatever the model's positions
+MAX_NEW_TOKENS = 100_000
+# temperatures below this sample as greedy: softmax(logits / t) is argmax in the limit, and
+# dividing by a smaller t overflows
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -89,6 +101,8 @@ class SegmentLoop:
         # manifest fixes them: what token ids and visual_start are checked against
         self._vocab = _static_dim(prefill.outputs, "logits", -1)
         self._span = _static_dim(prefill.inputs, "image_features", 1) or 0
+        # per layer, the visual rows in its cache, where the layer plan is known (`Engine`)
+        self._kv_visual: list[int] | None = None
 
     # -- the three segments -------------------------------------------------------------
 
@@ -146,6 +160,9 @@ class SegmentLoop:
             "position_ids": np.array([[position]]),
         }
         feeds.update(zip(self._past_names, cache, strict=True))
+        if self._kv_visual is not None:
+            check_feeds(runner.entry, feeds, "decode")
+            check_cache_rows(feeds, self._kv_visual)
         out = runner(feeds)
         return runner.to_numpy(out["logits"])[0], [
             out[self._present_of[p]] for p in self._past_names
@@ -225,6 +242,7 @@ class Engine(SegmentLoop):
             read_image_processor_config,
         )
 
+        _check_engine_args(providers, share_weights, cuda_graphs)
         cores = os.cpu_count() or 1
         if threads is not None and (
             isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores
@@ -265,7 +283,10 @@ class Engine(SegmentLoop):
             )
             for name in SEGMENTS
         }
+        # after the runners: an engine file of another model is named as such first
+        self.manifest.check_dims(str(self.root / MANIFEST_NAME))
         super().__init__(runners)
+        self._kv_visual = [layer.kv_visual_tokens for layer in self.manifest.layers]
         self.visual_tokens: int = self.manifest.visual_tokens
         self.num_layers: int = len(self.manifest.layers)
         self.eos_token_ids: set[int] = set(self.manifest.model.eos_token_ids)
@@ -311,8 +332,12 @@ class Engine(SegmentLoop):
 
         A prompt plus `max_new_tokens` longer than the model's max_position_embeddings logs one
         warning (positions past it were never trained), or raises UserError when `strict`; one
-        longer than the engines accept (their `max_seq_len`) always raises UserError."""
+        longer than the engines accept (their `max_seq_len`), or a `max_new_tokens` that alone
+        is past max_position_embeddings or MAX_NEW_TOKENS, always raises UserError. Temperatures
+        below MIN_TEMPERATURE are greedy."""
         vocab = self.manifest.model.vocab_size
+        _check_bool(stop_at_eos, "stop_at_eos")
+        _check_bool(strict, "strict")
         _check_generate_args(max_new_tokens, temperature, top_k, seed, vocab)
         input_ids, visual_start = self.encode_prompt(prompt)
         self._check_length(int(input_ids.shape[1]), max_new_tokens, strict)
@@ -339,6 +364,11 @@ class Engine(SegmentLoop):
         # the last token generated is never fed back, so the model sees n + new - 1 positions
         positions = prompt_tokens + max_new_tokens - 1
         engine_limit = self.manifest.target_settings.max_seq_len
+        if max_new_tokens > limit:
+            raise UserError(
+                f"max_new_tokens ({max_new_tokens}) alone is past the model's "
+                f"max_position_embeddings ({limit}): lower max_new_tokens"
+            )
         # the prompt, and the KV cache (at most the positions before the last) must fit
         if engine_limit is not None and max(prompt_tokens, positions - 1) > engine_limit:
             raise UserError(
@@ -368,11 +398,32 @@ def _static_dim(specs: Any, name: str, axis: int) -> int | None:
     return dim if _is_int(dim) and dim > 0 else None
 
 
+def _check_bool(value: Any, name: str) -> None:
+    """TypeError unless `value` is a real bool (a string such as 'no' is truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_engine_args(providers: Any, share_weights: Any, cuda_graphs: Any) -> None:
+    if providers is not None and (
+        not isinstance(providers, (list, tuple)) or not all(isinstance(p, str) for p in providers)
+    ):
+        raise TypeError(
+            "providers must be None or a list of onnxruntime provider names, e.g. "
+            f"['CPUExecutionProvider'], got {providers!r}"
+        )
+    _check_bool(share_weights, "share_weights")
+    if cuda_graphs is not None:
+        _check_bool(cuda_graphs, "cuda_graphs")
+
+
 def _check_generate_args(
     max_new_tokens: Any, temperature: Any, top_k: Any, seed: Any, vocab: int
 ) -> None:
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(
+            f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}"
+        )
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float, np.floating, np.integer))
@@ -389,13 +440,18 @@ def _check_generate_args(
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    if temperature <= 0:
+    """Greedy below MIN_TEMPERATURE; else a sample of softmax(logits / temperature), computed in
+    float64 after subtracting the largest logit (so nothing overflows)."""
+    if temperature < MIN_TEMPERATURE:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    z = logits.astype(np.float64)
+    if not np.isfinite(z).all():  # an inf or NaN logit has no softmax: take the largest
+        return int(np.nanargmax(z)) if not np.isnan(z).all() else 0
+    z = (z - z.max()) / temperature
     if top_k > 0:
         cut = np.partition(z, -top_k)[-top_k]
         z = np.where(z < cut, -np.inf, z)
-    p = np.exp(z - z.max())
+    p = np.exp(z)
     p /= p.sum()
     return int(rng.choice(len(p), p=p))
 

@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from .engine import MAX_NEW_TOKENS
 from .errors import UserError
 from .jsonfile import JSONError, read_json
+from .manifest import read_manifest
 
 GOLDEN_VERSION = 2  # 2: the image path is relative to the golden file
 TOP_K = 5
@@ -107,10 +109,10 @@ def _schema_problem(golden: Any) -> str | None:
     ):
         if not isinstance(inputs.get(key), tp) or isinstance(inputs.get(key), bool):
             return f"inputs.{key} should be {tp.__name__}"
-    if inputs["max_new_tokens"] < 1:
-        return "inputs.max_new_tokens should be >= 1"
+    if not 1 <= inputs["max_new_tokens"] <= MAX_NEW_TOKENS:
+        return f"inputs.max_new_tokens should be from 1 to {MAX_NEW_TOKENS}"
     tokens = golden.get("token_ids")
-    if not isinstance(tokens, list) or not tokens or not all(_is_int(t) for t in tokens):
+    if not isinstance(tokens, list) or not tokens or not all(_is_id(t) for t in tokens):
         return "token_ids should be a non-empty list of token ids"
     steps = golden.get("logits")
     if not isinstance(steps, list) or len(steps) != len(tokens):
@@ -120,17 +122,36 @@ def _schema_problem(golden: Any) -> str | None:
         if not isinstance(step, dict):
             return f"logits[{i}] should be an object"
         ids, values = step.get("top_ids"), step.get("top_values")
-        if not isinstance(ids, list) or not ids or not all(_is_int(t) for t in ids):
+        if not isinstance(ids, list) or not ids or not all(_is_id(t) for t in ids):
             return f"logits[{i}].top_ids should be a non-empty list of token ids"
         if not isinstance(values, list) or len(values) != len(ids) or not all(map(_is_num, values)):
             return f"logits[{i}].top_values should be {len(ids)} numbers"
         if not _is_num(step.get("mean")) or not _is_num(step.get("std")):
             return f"logits[{i}] should have numeric mean and std"
+    if not isinstance(golden.get("provenance"), dict):
+        return "provenance should be an object (what recorded it)"
+    return None
+
+
+def _vocab_problem(golden: dict[str, Any], vocab: int) -> str | None:
+    """The first token id of a well-formed `golden` that a `vocab`-token model has not."""
+    steps = golden["logits"]
+    for where, ids in [("token_ids", golden["token_ids"])] + [
+        (f"logits[{i}].top_ids", step["top_ids"]) for i, step in enumerate(steps)
+    ]:
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            return f"{where} holds {bad}, not a token id of the artifact's {vocab}-token vocabulary"
     return None
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_id(x: Any) -> bool:
+    """A token id as far as the file alone says: an integer >= 0."""
+    return _is_int(x) and x >= 0
 
 
 def _is_num(x: Any) -> bool:
@@ -174,7 +195,9 @@ def check(artifact: str | Path, golden: dict[str, Any], tol: float = 1e-3) -> li
     `tol`; a NaN on either side is a difference, never a pass."""
     if not (math.isfinite(tol) and tol > 0):
         raise UserError(f"tol must be a positive number, got {tol}")
-    problem = _schema_problem(golden)
+    problem = _schema_problem(golden) or _vocab_problem(
+        golden, read_manifest(artifact).model.vocab_size
+    )
     if problem:
         raise UserError(f"corrupt golden record: {problem}")
     inputs = golden["inputs"]
@@ -201,8 +224,11 @@ def check(artifact: str | Path, golden: dict[str, Any], tol: float = 1e-3) -> li
     for step, (a, b) in enumerate(zip(now["logits"], golden["logits"], strict=False)):
         pairs = [*zip(a["top_values"], b["top_values"], strict=False), (a["mean"], b["mean"])]
         pairs.append((a["std"], b["std"]))
-        if any(not (math.isfinite(x) and math.isfinite(y)) for x, y in pairs):
-            problems.append(f"step {step}: NaN or infinite logits")
+        if not all(math.isfinite(y) for _, y in pairs):
+            problems.append(f"step {step}: the golden file records NaN or infinite logits")
+            break
+        if not all(math.isfinite(x) for x, _ in pairs):
+            problems.append(f"step {step}: the engine gave NaN or infinite logits")
             break
         worst = max(abs(x - y) for x, y in pairs)
         if a["top_ids"][:1] != b["top_ids"][:1] or worst > tol:

@@ -5,7 +5,8 @@
 
 Strict: NaN, Infinity and -Infinity (which Python's json accepts) are refused, and so is every
 number that does not fit a float64 (`1e400`, a 400-digit integer): each would turn into an
-infinite or unconvertible value later. Bounded: a file larger than `MAX_JSON_BYTES`, an integer
+infinite or unconvertible value later; so is an object that names a key twice (JSON would keep
+the last silently). Bounded: a file larger than `MAX_JSON_BYTES`, an integer
 longer than Python's 4300 digits and nesting deeper than Python's recursion limit are refused
 with a one-line reason instead of exhausting memory or the stack.
 """
@@ -48,12 +49,27 @@ def _int(text: str) -> int:
     return value
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise JSONError(f"key {key[:60]!r} appears twice in one object")
+        obj[key] = value
+    return obj
+
+
 def loads(text: str | bytes, allow_nan: bool = False) -> Any:
     """Parse JSON text by the rules above (JSONError otherwise). `allow_nan` reads NaN,
     Infinity and -Infinity as floats, for files in which mllmc itself records them."""
     constant = float if allow_nan else _constant
     try:
-        return json.loads(text, parse_constant=constant, parse_float=_float, parse_int=_int)
+        return json.loads(
+            text,
+            parse_constant=constant,
+            parse_float=_float,
+            parse_int=_int,
+            object_pairs_hook=_object,
+        )
     except JSONError:
         raise
     except RecursionError:

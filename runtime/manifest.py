@@ -13,9 +13,12 @@
       tol                         the logit tolerance (x the logits' scale) the engines are held
                                   to against the eager model run in their dtype
 
-`read_manifest` checks the file against this schema (types included), and that every file it
-names lies inside the artifact, so a corrupt or hand-edited manifest is one clear `UserError`,
-never a KeyError deep in the runtime. A manifest of format version 2 (target and dtype at the
+`read_manifest` checks the file against this schema (types included; no NaN or infinite number,
+no key given twice), that the model's numbers are possible (sizes >= 1, token ids inside the
+vocabulary) and that every file it names lies inside the artifact, so a corrupt or hand-edited
+manifest is one clear `UserError`, never a KeyError deep in the runtime. `check_files` checks
+the named files are there (and no link leads out of the artifact), `Manifest.check_dims` that
+the model's numbers agree with the dims the segments' IO records fix. A manifest of format version 2 (target and dtype at the
 top level, the other target settings in an untyped `extra` object) is read into the same typed
 `Manifest`.
 """
@@ -30,7 +33,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, TypedDict, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from .errors import UserError
 from .jsonfile import JSONError, read_json
@@ -176,14 +179,11 @@ class Flops(TypedDict):
     after: FlopCounts  # the model after the passes
 
 
-NON_FINITE = "NaN or infinity allowed"  # marks a float statistic that may be NaN / infinite
-
-
 class Validation(TypedDict):
     """The compile-time check against the eager model: the keys every reader relies on (the
     check's report may hold more)."""
 
-    max_abs_logit_diff: Annotated[float, NON_FINITE]
+    max_abs_logit_diff: float
     steps: int
     tokens_match: bool
 
@@ -270,6 +270,91 @@ class Manifest:
             counts = (layer.visual_tokens, layer.kv_visual_tokens)
             if not all(0 <= c <= self.visual_tokens for c in counts):
                 raise bad(f"layer {layer.index} has an impossible visual-token count {counts}")
+        problem = self._model_problem()
+        if problem:
+            raise bad(problem)
+
+    def _model_problem(self) -> str | None:
+        """What makes `model`'s numbers impossible on their own (None if nothing does)."""
+        m = self.model
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "image_size",
+            "vision_hidden_size",
+            "vision_layers",
+            "vision_patch_size",
+            "max_position_embeddings",
+        ):
+            if getattr(m, name) < 1:
+                return f"model.{name} must be >= 1, got {getattr(m, name)}"
+        if m.num_heads % m.num_kv_heads:
+            return (
+                f"model.num_heads {m.num_heads} is not a multiple of num_kv_heads {m.num_kv_heads}"
+            )
+        for name, ids in (
+            ("image_token_id", (m.image_token_id,)),
+            ("eos_token_ids", m.eos_token_ids),
+        ):
+            bad_ids = [i for i in ids if not 0 <= i < m.vocab_size]
+            if bad_ids:
+                return (
+                    f"model.{name} {bad_ids[0]} is not a token id of a {m.vocab_size}-token "
+                    "vocabulary"
+                )
+        if not self.passes and m.visual_tokens != self.visual_tokens:
+            return (
+                f"model.num_visual_tokens {m.visual_tokens} but {self.visual_tokens} visual "
+                "tokens enter the LLM, with no pass applied"
+            )
+        if m.visual_tokens < self.visual_tokens:
+            return (
+                f"model.num_visual_tokens {m.visual_tokens} is fewer than the "
+                f"{self.visual_tokens} visual tokens that enter the LLM"
+            )
+        return None
+
+    def check_dims(self, where: str = MANIFEST_NAME) -> None:
+        """UserError (a corrupt manifest) at the first dim the segments' IO records fix that
+        contradicts the model's numbers: logits of vocab_size, image features of visual_tokens
+        x hidden_size, images of image_size, caches of num_kv_heads x head_dim per layer. The
+        engine (after its runners check each engine file against these records) and `inspect`
+        call it, so an engine file of another model is named as such first."""
+        m = self.model
+        # (segment, "inputs"/"outputs", tensor name, axis, expected, what it is)
+        wanted: list[tuple[str, str, str, int, int, str]] = [
+            ("vision", "inputs", "pixel_values", -1, m.image_size, "model.image_size"),
+            ("vision", "inputs", "pixel_values", -2, m.image_size, "model.image_size"),
+            ("vision", "outputs", "image_features", 1, self.visual_tokens, "visual_tokens"),
+            ("vision", "outputs", "image_features", -1, m.hidden_size, "model.hidden_size"),
+            ("prefill", "inputs", "image_features", 1, self.visual_tokens, "visual_tokens"),
+            ("prefill", "inputs", "image_features", -1, m.hidden_size, "model.hidden_size"),
+        ]
+        for seg in ("prefill", "decode", STATIC_DECODE):
+            wanted.append((seg, "outputs", "logits", -1, m.vocab_size, "model.vocab_size"))
+        for seg in ("decode", STATIC_DECODE):
+            for layer in range(m.num_layers):
+                for kind in ("key", "value"):
+                    name = f"past.{layer}.{kind}"
+                    wanted.append((seg, "inputs", name, 1, m.num_kv_heads, "model.num_kv_heads"))
+                    wanted.append((seg, "inputs", name, -1, m.head_dim, "model.head_dim"))
+        for seg, kind, name, axis, expected, what in wanted:
+            entry = self.segments.get(seg)
+            specs = getattr(entry, kind) if entry is not None else ()
+            for spec in specs:
+                if spec.name != name or not -len(spec.shape) <= axis < len(spec.shape):
+                    continue
+                dim = spec.shape[axis]
+                if isinstance(dim, int) and dim != expected:
+                    raise UserError(
+                        f"corrupt artifact manifest {where}: {what} is {expected}, but the "
+                        f"{seg!r} segment's {name} has shape {list(spec.shape)}"
+                    )
 
 
 def read_manifest(artifact_dir: str | Path) -> Manifest:
@@ -281,13 +366,18 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise UserError(f"{root} is not an mllmc artifact: {MANIFEST_NAME} is missing")
     try:
-        data = read_json(path, allow_nan=True)  # a NaN check statistic mllmc recorded
+        data = read_json(path)  # no NaN: a compile whose check has none is refused
     except JSONError as e:
         raise UserError(f"corrupt artifact manifest {path}: {e}") from None
     if not isinstance(data, dict) or "format_version" not in data:
         raise UserError(f"corrupt artifact manifest {path}: no format_version")
     version = data["format_version"]
-    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UserError(
+            f"corrupt artifact manifest {path}: format_version must be an integer, got "
+            f"{json.dumps(version)[:40]}"
+        )
+    if version not in READABLE_VERSIONS:
         readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise UserError(
             f"artifact {root} has manifest format version {version!r}; this mllmc reads versions "
@@ -323,14 +413,22 @@ def write_manifest(out: Path, manifest: Manifest) -> None:
 
 
 def check_files(root: str | Path, manifest: Manifest) -> None:
-    """UserError if an engine file the manifest names is not in the artifact directory."""
+    """UserError if an engine file the manifest names is not a file in the artifact directory,
+    or is a link that leads out of it."""
     root = Path(root)
-    missing = [
-        f for entry in manifest.segments.values() for f in entry.files() if not (root / f).is_file()
-    ]
+    named = list(dict.fromkeys(f for entry in manifest.segments.values() for f in entry.files()))
+    missing = [f for f in named if not (root / f).is_file()]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         raise UserError(f"corrupt artifact {root}: {', '.join(missing)} {verb} missing")
+    inside = root.resolve()
+    for f in named:
+        target = (root / f).resolve()
+        if not target.is_relative_to(inside):
+            raise UserError(
+                f"corrupt artifact {root}: {f} is a link to {target}, outside the artifact; "
+                "copy the file into the artifact or recompile it"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,11 +463,6 @@ def _build(tp: Any, value: Any, where: str, path: str = "") -> Any:
     origin = typing.get_origin(tp)
     if typing.is_typeddict(tp):
         return _build_typeddict(tp, value, where, path)
-    if origin is Annotated:
-        base, *marks = typing.get_args(tp)
-        if NON_FINITE in marks and isinstance(value, float) and not math.isfinite(value):
-            return value
-        return _build(base, value, where, path)
     if origin in (typing.Union, types.UnionType):
         return _build_union(tp, value, where, path)
     if dataclasses.is_dataclass(tp):

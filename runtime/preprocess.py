@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 from .jsonfile import JSONError, read_json
+from .manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,14 @@ _CLIP_DEFAULTS: dict[str, Any] = {
 _CLIP_TYPES = {None, "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"}
 _FLAGS = ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad")
 
-# Where the image settings live, in transformers' order of preference. The last one is what
-# `mllmc compile` writes into an artifact: the dict this module returns, already normalised.
+# Where the image settings live, in transformers' order of preference. An artifact (a
+# directory with a manifest.json) holds the model's files too, but its image_processor.json
+# comes first there: `mllmc compile` writes into it the dict this module returns, normalised.
+_ARTIFACT_IMAGE_CONFIG = ("image_processor.json", None)
 _IMAGE_CONFIG_SOURCES = (
     ("processor_config.json", "image_processor"),  # saved by transformers >= 5
     ("preprocessor_config.json", None),  # llava-hf checkpoints
-    ("image_processor.json", None),  # an mllmc artifact
+    _ARTIFACT_IMAGE_CONFIG,
 )
 
 
@@ -119,8 +122,9 @@ def _channel_list(value: Any, name: str, path: Path) -> list[float]:
 def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """Read a model's (or artifact's) image-processor settings into one dict with every key explicit.
 
-    Looks, as transformers does, for the "image_processor" block of processor_config.json first,
-    then preprocessor_config.json (then an artifact's image_processor.json). Keys the file leaves
+    In an artifact, its own image_processor.json (what `mllmc compile` normalised). Elsewhere,
+    as transformers does, the "image_processor" block of processor_config.json first, then
+    preprocessor_config.json (then an image_processor.json). Keys the file leaves
     out take CLIPImageProcessor's defaults; `size` comes back as {"shortest_edge": N} or
     {"height": H, "width": W} and `crop_size` as {"height": H, "width": W}.
     """
@@ -128,7 +132,10 @@ def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not root.is_dir():
         raise UserError(f"model directory {root} not found")
     raw, path = None, root
-    for name, key in _IMAGE_CONFIG_SOURCES:
+    sources = _IMAGE_CONFIG_SOURCES
+    if (root / MANIFEST_NAME).is_file():
+        sources = (_ARTIFACT_IMAGE_CONFIG, *sources)
+    for name, key in sources:
         path = root / name
         if not path.is_file():
             continue
@@ -365,6 +372,8 @@ class ImagePreprocessor:
                 image = convert_to_rgb(image)
             array = np.array(image)  # (H, W, C) uint8
         elif isinstance(image, np.ndarray):
+            if image.ndim >= 2:  # the limit image files have, before any copy is made
+                check_pixels(image.shape[1], image.shape[0], f"image array {image.shape}")
             array = _array_to_rgb(image) if cfg["do_convert_rgb"] else image
         else:
             raise UserError(
@@ -658,6 +667,13 @@ class PromptEncoder:
         """
         if num_visual_tokens < 1:
             raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(
+                f"the prompt is not valid text: {e.object[e.start : e.end]!r} at character "
+                f"{e.start} cannot be encoded as UTF-8 (is the prompt's file or shell not UTF-8?)"
+            ) from None
         add_special_tokens = True
         count = prompt.count(self.image_token)
         if count == 0:

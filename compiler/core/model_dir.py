@@ -37,7 +37,7 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise UserError(f"{root} is not a Hugging Face model directory: config.json is missing")
     try:
-        cfg = read_json(cfg_path, allow_nan=True)  # as transformers reads it
+        cfg = read_json(cfg_path)  # NaN and Infinity refused: no size or epsilon may be one
     except JSONError as e:
         raise UserError(f"corrupt {cfg_path}: {e}") from None
     if not isinstance(cfg, dict):
@@ -63,9 +63,140 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
             f"unsupported LLaVA vision tower {vision_type!r}; supported: "
             f"{', '.join(SUPPORTED_VISION_MODELS)}"
         )
+    check_sizes(cfg, cfg_path)
     if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
         raise UserError(f"{root} has no weights (*.safetensors)")
     return cfg
+
+
+# The size fields of config.json mllmc reads, each with the largest value it accepts: past
+# these no LLaVA checkpoint goes, and the model would not fit any machine. A missing required
+# field would leave Hugging Face to fill in its default (a 7B Llama), so each must be stated.
+TEXT_SIZES = {
+    "hidden_size": 65536,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "intermediate_size": 2**20,
+    "vocab_size": 2**22,
+}
+VISION_SIZES = {
+    "hidden_size": 65536,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "intermediate_size": 2**20,
+    "image_size": 8192,
+    "patch_size": 8192,
+}
+# optional size fields (Hugging Face derives them from the required ones when absent)
+OPTIONAL_SIZES = {"num_key_value_heads": 1024, "head_dim": 65536, "max_position_embeddings": 2**24}
+# epsilons that, when stated, must be finite and > 0
+EPSILONS = ("rms_norm_eps", "layer_norm_eps")
+
+
+def check_sizes(cfg: dict[str, Any], path: Path) -> None:
+    """UserError when config.json's decoder or vision tower is not fully and sanely sized: a
+    missing section or size, a size that is not a positive integer within its limit, sizes that
+    do not divide as attention needs, or an image token or feature layer out of range."""
+    sections = {}
+    for name, required in (("text_config", TEXT_SIZES), ("vision_config", VISION_SIZES)):
+        section = cfg.get(name)
+        if not isinstance(section, dict):
+            raise UserError(
+                f"{path} has no {name} (a JSON object with model_type and "
+                f"{', '.join(required)}): Hugging Face would fill in its default model "
+                "(a 7B Llama decoder, a CLIP ViT-B tower); state the model's own sizes"
+            )
+        if "model_type" not in section:
+            raise UserError(f"{path}: {name} has no model_type")
+        sizes = {k: _size(section, k, limit, path, name, True) for k, limit in required.items()}
+        for key, limit in OPTIONAL_SIZES.items():
+            sizes[key] = _size(section, key, limit, path, name, False)
+        for key in EPSILONS:
+            eps = section.get(key)
+            if eps is not None and (
+                isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0
+            ):
+                raise UserError(
+                    f"corrupt {path}: {name}.{key} must be a number > 0, got {eps!r:.40}"
+                )
+        sections[name] = sizes
+        heads, kv = sizes["num_attention_heads"], sizes["num_key_value_heads"]
+        if sizes["head_dim"] is None and sizes["hidden_size"] % heads:
+            raise UserError(
+                f"corrupt {path}: {name}.hidden_size {sizes['hidden_size']} is not divisible by "
+                f"num_attention_heads {heads} (and no head_dim is given)"
+            )
+        if kv is not None and heads % kv:
+            raise UserError(
+                f"corrupt {path}: {name}.num_attention_heads {heads} is not divisible by "
+                f"num_key_value_heads {kv}"
+            )
+    text, vision = sections["text_config"], sections["vision_config"]
+    if vision["image_size"] % vision["patch_size"]:
+        raise UserError(
+            f"corrupt {path}: vision_config.image_size {vision['image_size']} is not divisible "
+            f"by patch_size {vision['patch_size']}"
+        )
+    vocab = text["vocab_size"]
+    token = cfg.get("image_token_index", cfg.get("image_token_id"))
+    if token is not None and (
+        isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab
+    ):
+        raise UserError(
+            f"corrupt {path}: image_token_index {token!r:.40} is outside the vocabulary "
+            f"0..{vocab - 1} (text_config.vocab_size {vocab})"
+        )
+    layer = cfg.get("vision_feature_layer", -2)
+    if isinstance(layer, list):
+        raise UserError(
+            f"{path}: vision_feature_layer {layer!r:.40} is a list of layers, which mllmc does "
+            "not support; use one layer"
+        )
+    depth = vision["num_hidden_layers"]  # hidden states: the embeddings, then one per layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -(depth + 1) <= layer <= depth:
+        raise UserError(
+            f"corrupt {path}: vision_feature_layer {layer!r:.40} is outside the vision tower's "
+            f"{depth} layers (an integer in {-(depth + 1)}..{depth}; negative counts from the end)"
+        )
+
+
+def _size(
+    section: dict[str, Any], key: str, limit: int, path: Path, name: str, required: bool
+) -> int | None:
+    """`section[key]` as a positive integer <= limit (None when optional and absent or null)."""
+    value = section.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        raise UserError(f"{path}: {name} has no {key} (a positive integer)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise UserError(
+            f"corrupt {path}: {name}.{key} must be an integer in 1..{limit}, got "
+            f"{json.dumps(value)[:40]}"
+        )
+    return value
+
+
+def check_tokenizer(model_dir: str | Path, cfg: dict[str, Any]) -> None:
+    """UserError when the model directory has no tokenizer mllmc can run, or one with more
+    tokens than the decoder's embedding has rows (text_config.vocab_size)."""
+    from mllmc.runtime.preprocess import PromptEncoder
+
+    root = Path(model_dir)
+    if not (root / "tokenizer.json").is_file():
+        raise UserError(
+            f"{root} has no tokenizer.json: mllmc needs the model's fast tokenizer (copy "
+            "tokenizer.json and tokenizer_config.json from the checkpoint it came from)"
+        )
+    encoder = PromptEncoder.from_dir(root)
+    tokens = encoder.tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab = cfg["text_config"]["vocab_size"]
+    if tokens > vocab or encoder.image_token_id >= vocab:
+        raise UserError(
+            f"{root / 'config.json'}: text_config.vocab_size {vocab} is smaller than the "
+            f"tokenizer's {tokens} tokens (image token id {encoder.image_token_id}): use the "
+            "tokenizer the model was trained with"
+        )
 
 
 _JSON_TYPES = {str: "a string", dict: "a JSON object"}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -56,6 +57,24 @@ _STEM_MAX = 200  # bytes of OUT's name kept in the names of its temporary files 
 
 def _why(e: OSError) -> str:
     return e.strerror or type(e).__name__
+
+
+def _kind_of(path: Path) -> str:
+    """What the existing non-directory `path` is, for a message: "a file", "a device", ..."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "not a directory"
+    for test, name in (
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a directory"
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -167,7 +186,9 @@ def check_output_dir(
         raise UserError(f"{out} is a symbolic link; give the {what} a path of its own")
     if out.exists():
         if not out.is_dir():
-            raise UserError(f"{out} exists and is a file; mllmc writes the {what} as a directory")
+            raise UserError(
+                f"{out} exists and is {_kind_of(out)}; mllmc writes the {what} as a directory"
+            )
         if not force:
             raise UserError(f"{out} already exists; pass --force to overwrite it")
         if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor):
@@ -189,7 +210,7 @@ def check_output_folder(path: str | os.PathLike, what: str = "output") -> Path:
     if p.is_symlink() and not p.is_dir():
         raise UserError(f"{p} is a broken symbolic link; give the {what} another directory")
     if p.exists() and not p.is_dir():
-        raise UserError(f"{p} is a file; give a directory for the {what}")
+        raise UserError(f"{p} is {_kind_of(p)}; give a directory for the {what}")
     _check_parent(p / "x")
     return p
 
@@ -202,7 +223,7 @@ def _check_parent(path: Path) -> None:
             raise UserError(f"cannot create {path}: {parent} is a broken symbolic link")
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"cannot create {path}: {parent} is a file, not a directory")
+        raise UserError(f"cannot create {path}: {parent} is {_kind_of(parent)}, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot create {path}: {parent} is not writable")
 
@@ -259,10 +280,83 @@ def remove_stale_temps(out: Path) -> list[Path]:
     return removed
 
 
+def _lock_dir() -> Path | None:
+    """This user's directory of lock files under the system temporary directory (mode 0700),
+    or None when it cannot be made or is not this user's own directory."""
+    d = Path(tempfile.gettempdir()) / f"mllmc-locks-{os.getuid()}"
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return None
+    return d
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of `out`: in this user's lock directory, named by a hash of `out`'s
+    absolute path (its directory's symbolic links resolved), so the user never sees it; beside
+    `out` (`.OUT.lock`) where that directory is not usable."""
+    target = out.absolute().parent.resolve() / out.name
+    d = _lock_dir()
+    if d is None:
+        return out.absolute().parent / f".{_stem(out.name)}.lock"
+    digest = hashlib.sha256(os.fsencode(target)).hexdigest()[:32]
+    return d / f"{digest}.lock"
+
+
+def scratch_directory(prefix: str) -> tempfile.TemporaryDirectory:
+    """A marked temporary directory of this process in the system temporary directory,
+    `<prefix><pid>-<random>`, removed when it is cleaned up (or the process exits). Those of
+    processes that died (SIGKILL) are removed first: only this user's, holding the marker."""
+    remove_stale_scratch(prefix)
+    try:
+        scratch = tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
+        _mark(Path(scratch.name))
+    except OSError as e:
+        raise UserError(f"cannot make a temporary directory: {_why(e)}") from None
+    return scratch
+
+
+def remove_stale_scratch(prefix: str) -> list[Path]:
+    """Remove `<prefix><pid>-*` directories in the system temporary directory that this user
+    owns, that hold TEMP_MARKER, and whose process is gone; anything else is left alone."""
+    removed: list[Path] = []
+    pattern = re.compile(rf"^{re.escape(prefix)}(?P<pid>\d+)-[^/]+$")
+    root = Path(tempfile.gettempdir())
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None:
+            continue
+        try:
+            st = os.lstat(entry)
+        except OSError:
+            continue
+        pid = int(m["pid"])
+        if (
+            not stat.S_ISDIR(st.st_mode)
+            or st.st_uid != os.getuid()
+            or pid == os.getpid()
+            or _pid_alive(pid)
+            or not _marked(entry)
+        ):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        log.warning("removed %s, left by a process (pid %d) that no longer runs", entry, pid)
+    return removed
+
+
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    """An exclusive lock for the final swap of `out` (a lock file beside it, left in place)."""
-    path = out.absolute().parent / f".{_stem(out.name)}.lock"
+    """An exclusive lock for the final swap of `out` (`lock_path`; the file is left in place,
+    so that every writer locks the same file)."""
+    path = lock_path(out)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:

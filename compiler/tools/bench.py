@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mllmc.compiler.tools.limits import MAX_REPEATS
+
 log = logging.getLogger(__name__)
 
 FILLER = (
@@ -649,11 +651,12 @@ def bench(
     The engines are compiled into `artifacts_dir` (as `<model>-mllmc_<target>[+<passes>]`; an
     existing one is replaced only with `force`, and only if it is an artifact mllmc wrote),
     checked before any work; None: a temporary directory, removed when the timing is done."""
-    import tempfile
-
     from mllmc.compiler import backends
     from mllmc.compiler.files import artifact, outputs
+    from mllmc.runtime.errors import UserError
 
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= MAX_REPEATS:
+        raise UserError(f"--repeats must be an integer from 1 to {MAX_REPEATS}, got {repeats!r}")
     options = backends.resolve_options(target, backends.TargetOptions(device, dtype))
     check_lengths(model_dir, n_text, decode_tokens)
     torch_dtype = getattr(torch, str(options.dtype))
@@ -664,7 +667,7 @@ def bench(
         variants.append(("mllmc_" + target + "+" + "+".join(p.name for p, _ in passes), passes))
     scratch = None
     if artifacts_dir is None:
-        scratch = tempfile.TemporaryDirectory(prefix="mllmc-bench-")  # removed on any exit too
+        scratch = outputs.scratch_directory("mllmc-bench-")  # removed on any exit too
         root = Path(scratch.name)
     else:
         root = outputs.check_output_folder(artifacts_dir, "benchmark artifacts")

@@ -20,6 +20,7 @@ from mllmc.runtime.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 MAX_PROMPTS_BYTES = 64 * 2**20  # the largest prompts file
+IMAGE_TOKEN = "<image>"  # where a prompt places the image
 
 
 def load_samples(
@@ -67,7 +68,8 @@ def load_samples(
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The non-blank lines of a UTF-8 prompts file, stripped."""
+    """The non-blank lines of a UTF-8 prompts file, stripped; a line with more than one
+    image token is refused (each sample has one image)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompts file {p} " + ("is a directory" if p.is_dir() else "not found"))
@@ -81,7 +83,15 @@ def read_prompts(path: str | Path) -> list[str]:
         raise UserError(
             f"prompts file {p} is not UTF-8 text ({e.reason} at byte {e.start})"
         ) from None
-    prompt_list = [line.strip() for line in text.splitlines() if line.strip()]
+    prompt_list = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.count(IMAGE_TOKEN) > 1:
+            raise UserError(
+                f"prompts file {p}, line {number}: {line.count(IMAGE_TOKEN)} {IMAGE_TOKEN} "
+                f"tokens; a calibration sample has one image: give at most one {IMAGE_TOKEN}"
+            )
+        if line.strip():
+            prompt_list.append(line.strip())
     if not prompt_list:
         raise UserError(f"prompts file {p} has no prompts")
     return prompt_list

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mllmc.compiler.files.outputs import check_output_file, check_output_folder
+from mllmc.compiler.tools.limits import MAX_ITEMS, MAX_REPEATS
+from mllmc.runtime.engine import MAX_NEW_TOKENS, MIN_TEMPERATURE
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.runners import DECODE_CACHES
 
@@ -50,8 +52,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    """argparse type: an integer in [lo, hi] (one-line error, exit 2, otherwise)."""
+def _int_in(lo: int, hi: int | None = None, *, cap: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi] (one-line error, exit 2, otherwise); `cap`: an
+    upper bound as well, named on its own ("must be >= lo" below, "at most cap" above)."""
 
     def parse(text: str) -> int:
         try:
@@ -61,9 +64,16 @@ def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
         if value < lo or (hi is not None and value > hi):
             bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        if cap is not None and value > cap:
+            raise argparse.ArgumentTypeError(f"must be at most {cap}, got {value}")
         return value
 
     return parse
+
+
+def _repeats(text: str) -> int:
+    """argparse type of bench's --repeats: an integer from 1 to MAX_REPEATS."""
+    return _int_in(1, cap=MAX_REPEATS)(text)
 
 
 def _number(*, positive: bool) -> Callable[[str], float]:
@@ -149,12 +159,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from mllmc.compiler.core.model_dir import read_config
+    from mllmc.compiler.pipeline import check_model
 
     # checks that need no model first: a bad option is refused before torch loads
     if args.pass_name not in ("shortv", "vte"):
         raise UserError(f"calibrate supports --pass shortv or vte, got {args.pass_name!r}")
-    read_config(args.model)
+    check_model(args.model)
+    if args.pass_name != "vte" and args.threshold is not None:
+        raise UserError(
+            f"--threshold is for --pass vte (the exit layer's KL bound); --pass "
+            f"{args.pass_name} takes none: drop --threshold"
+        )
     if args.pass_name == "vte":
         if args.threshold is None:
             raise UserError(
@@ -299,11 +314,11 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from mllmc.compiler.backends import TargetOptions, resolve_options
-    from mllmc.compiler.core.model_dir import read_config
+    from mllmc.compiler.pipeline import check_model
 
     passes = _passes(args)
     resolve_options(args.target, TargetOptions(args.device, args.dtype))
-    read_config(args.model)
+    check_model(args.model, passes)  # what compile checks before torch loads
     if args.output is not None:
         check_output_file(args.output, args.force, "benchmark report")
         check_output_file(Path(args.output).with_suffix(".png"), args.force, "benchmark plot")
@@ -506,8 +521,8 @@ def _add_eval_parser(sub: Any, max_items: int) -> None:
         default=None,
         help="default: 500 / all lines",
     )
-    sp.add_argument("--split", default="heldout", help="task split: heldout (default) or train")
-    sp.add_argument("--max-new-tokens", type=_int_in(1), default=4)
+    sp.add_argument("--split", default=None, help="--task split: heldout (default) or train")
+    sp.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=4)
     sp.add_argument(
         "--threads",
         type=_int_in(1, os.cpu_count() or 1),
@@ -536,9 +551,12 @@ def _add_run_parser(sub: Any) -> None:
     sp.add_argument(
         "--prompt", required=True, help="with <image>, or plain text for the chat template"
     )
-    sp.add_argument("--max-new-tokens", type=_int_in(1), default=32)
+    sp.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=32)
     sp.add_argument(
-        "--temperature", type=_number(positive=False), default=0.0, help="0 = greedy (default)"
+        "--temperature",
+        type=_number(positive=False),
+        default=0.0,
+        help=f"0 = greedy (default); below {MIN_TEMPERATURE:g} also greedy",
     )
     sp.add_argument("--top-k", type=_int_in(0), default=0, help="0 = no top-k cut (default)")
     sp.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None)
@@ -580,7 +598,7 @@ def _add_verify_parser(sub: Any) -> None:
     sp.add_argument("--against", required=True, help="the source model directory")
     sp.add_argument("--image", default=None, help="default: a built-in synthetic image")
     sp.add_argument("--prompt", default="Describe the image.")
-    sp.add_argument("--max-new-tokens", type=_int_in(1), default=16)
+    sp.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=16)
     sp.add_argument(
         "--tol",
         type=_number(positive=True),
@@ -617,7 +635,7 @@ def _add_golden_parser(sub: Any) -> None:
     g.add_argument("artifact")
     g.add_argument("--image", required=True)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=_int_in(1), default=16)
+    g.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=16)
     g.add_argument("-o", "--output", required=True)
     g.add_argument("--force", action="store_true", help="replace an existing golden file")
     g = gsub.add_parser(
@@ -648,8 +666,8 @@ def _add_bench_parser(sub: Any) -> None:
     )
     sp.add_argument("--dtype", default=None, help="as for compile; HF eager runs in it too")
     sp.add_argument("--text-tokens", type=_int_in(1), default=32)
-    sp.add_argument("--decode-tokens", type=_int_in(1), default=32)
-    sp.add_argument("--repeats", type=_int_in(1), default=3)
+    sp.add_argument("--decode-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=32)
+    sp.add_argument("--repeats", type=_repeats, default=3)
     sp.add_argument(
         "--threads",
         type=_int_in(1),
@@ -680,8 +698,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The `mllmc` parser: `mllmc --help` lists every subcommand and examples of all of them;
     each subcommand's `--help` ends with its own examples."""
     from mllmc.runtime import __version__
-
-    from .evaluate import MAX_ITEMS
 
     p = _Parser(
         prog="mllmc",
@@ -716,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name in ("transformers", "torch", "onnxscript"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        _disable_hf_progress_bars()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
     try:
@@ -729,6 +747,21 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as e:
         sys.stderr.write(f"mllmc: stopped by {signal.Signals(e.signum).name}\n")
         return 128 + e.signum
+
+
+def _disable_hf_progress_bars() -> None:
+    """No Hugging Face progress bars ("Loading weights", downloads) under -q or where stderr is
+    not a terminal: an error then stays the one line on stderr. Set through the environment
+    so that transformers is not imported for it; called directly where it already is."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 class Terminated(BaseException):

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mllmc.compiler.tools.limits import MAX_ITEMS
+from mllmc.runtime.engine import MAX_NEW_TOKENS
 from mllmc.runtime.errors import UserError
 
 TASKS = ("shapes-qa",)
@@ -104,7 +106,6 @@ def normalise(text: str) -> str:
 
 # -- items ------------------------------------------------------------------------------------
 
-MAX_ITEMS = 100_000  # the most items (eval) or samples (calibrate) one run takes
 MAX_LINE_BYTES = 16 * 2**20  # the longest line of a JSON-lines data file
 
 
@@ -326,7 +327,7 @@ def evaluate(
     task: str | None = None,
     data: str | Path | None = None,
     n: int | None = None,
-    split: str = "heldout",
+    split: str | None = None,
     max_new_tokens: int = 4,
     threads: int | None = None,
     progress: bool = False,
@@ -334,13 +335,23 @@ def evaluate(
 ) -> EvalReport:
     """Accuracy of the artifact or HF model at `path` on `task`'s items or a `data` JSONL file.
 
+    `split`: the task's split (default heldout); refused with `data`, which has none.
     `runner` replaces the one `path` selects (e.g. a runner that is already loaded)."""
     from tqdm.auto import tqdm
 
     if (task is None) == (data is None):
         raise UserError("give exactly one of --task or --data")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if data is not None and split is not None:
+        raise UserError("--split chooses a --task split; a --data file has none: drop --split")
+    split = "heldout" if split is None else split
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or not 1 <= max_new_tokens <= MAX_NEW_TOKENS
+    ):
+        raise UserError(
+            f"--max-new-tokens must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}"
+        )
     kind = source_kind(path)
     if task is not None:
         eval_items, label = task_items(task, 500 if n is None else n, split), f"{task} {split}"

@@ -2,8 +2,10 @@
 
 Generic over the layer plan: every pass records what it did in the per-layer `LayerPlan`
 (visual rows in the layer's input and KV cache, whether the layer computes them), so nothing here
-knows one pass from another. A manifest that names engine files the directory lacks is a corrupt
-artifact (UserError, exit 2), not a description.
+knows one pass from another. An artifact `load()` would refuse (a corrupt manifest, engine files
+the directory lacks, a target this mllmc has no runner for, a processor config the vision tower
+cannot take) is refused here too, with the same one-line UserError (exit 2); only the engine
+files themselves are not opened.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mllmc.runtime.manifest import Manifest, check_files, read_manifest
+from mllmc.runtime.manifest import MANIFEST_NAME, Manifest, check_files, read_manifest
+from mllmc.runtime.preprocess import check_image_size, read_image_processor_config
+from mllmc.runtime.runners import check_target
 
 
 def _gflop(x: float) -> str:
@@ -32,9 +36,19 @@ def kv_cache_bytes(m: Manifest, n_text: int) -> dict[str, int]:
     return {"prompt": prompt, "per_token": row * len(m.layers)}
 
 
+def check_artifact(artifact: str | Path) -> Manifest:
+    """The artifact's manifest, after the checks `load()` makes short of opening its engines."""
+    root = Path(artifact)
+    m = read_manifest(root)
+    check_files(root, m)
+    check_target(root, m.target)
+    m.check_dims(str(root / MANIFEST_NAME))
+    check_image_size(read_image_processor_config(root), m.model.image_size, root)
+    return m
+
+
 def describe(artifact: str | Path, as_json: bool = False) -> str:
-    m = read_manifest(artifact)
-    check_files(artifact, m)
+    m = check_artifact(artifact)
     n_text = m.flops["after"]["reference_text_tokens"]
     kv = kv_cache_bytes(m, n_text)
     if as_json:

@@ -32,8 +32,10 @@ __all__ = [
     "DECODE_CACHES",
     "RunnerOptions",
     "SegmentRunner",
+    "check_cache_rows",
     "check_feeds",
     "check_io",
+    "check_target",
     "known_targets",
     "open_segment",
 ]
@@ -79,14 +81,18 @@ def open_segment(
     options: RunnerOptions,
 ) -> SegmentRunner:
     """The runner for segment `name` of an artifact compiled for `target`."""
-    module_name = f"{__name__}.{target}"
+    check_target(root, target)
+    module = importlib.import_module(f"{__name__}.{target}")
+    return module.open_segment(root, name, entry, manifest, options)
+
+
+def check_target(root: Path, target: str) -> None:
+    """UserError unless this mllmc has a runner for `target` (the artifact at `root`'s)."""
     if target not in known_targets():
         raise UserError(
             f"artifact {root} is for target {target!r}, which this mllmc cannot run "
             f"(targets it runs: {', '.join(known_targets())})"
         )
-    module = importlib.import_module(module_name)
-    return module.open_segment(root, name, entry, manifest, options)
 
 
 def known_targets() -> list[str]:
@@ -145,10 +151,12 @@ def _dims(shape: Sequence[Any]) -> str:
 def check_feeds(entry: SegmentEntry, feeds: Mapping[str, Any], segment: str) -> None:
     """ValueError if `feeds` does not name exactly the segment's inputs (a caller's bug);
     UserError if one has another rank, or another size in a dim the manifest fixes, than the
-    engine takes (an image or a cache of another shape)."""
+    engine takes (an image or a cache of another shape), or if inputs that share a named dim
+    (one layer's key and value cache: `past_0`) differ in it."""
     names = [t.name for t in entry.inputs]
     if set(feeds) != set(names):
         raise ValueError(f"{segment} takes inputs {names}, got {sorted(feeds)}")
+    named: dict[str, tuple[str, int]] = {}  # a named dim -> the first input with it, its size
     for spec in entry.inputs:
         value = feeds[spec.name]
         shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
@@ -159,4 +167,41 @@ def check_feeds(entry: SegmentEntry, feeds: Mapping[str, Any], segment: str) -> 
             raise UserError(
                 f"the {segment} segment takes {spec.name} of shape {_dims(spec.shape)}, got "
                 f"{_dims(shape)}"
+            )
+        for got, want in zip(shape, spec.shape, strict=True):
+            if not isinstance(want, str):
+                continue
+            first, size = named.setdefault(want, (spec.name, got))
+            if got != size:
+                expected = [size if w == want else w for w in spec.shape]
+                raise UserError(
+                    f"the {segment} segment takes {spec.name} of shape {_dims(expected)} "
+                    f"(as many rows in {want!r} as {first}, which has {size}), got {_dims(shape)}"
+                )
+
+
+def check_cache_rows(feeds: Mapping[str, Any], kv_visual: Sequence[int]) -> None:
+    """UserError unless the decode caches in `feeds` (`past.<l>.key` / `.value`, each
+    (1, heads, rows, head_dim)) hold the rows the layer plan gives them: layer l caches the
+    prompt's text rows, the tokens generated so far and `kv_visual[l]` visual rows, so
+    rows - kv_visual[l] is the same in every layer."""
+    first: tuple[str, int] | None = None  # the first cache, and its rows less its visual rows
+    for name, value in feeds.items():
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "past" or not parts[1].isdigit():
+            continue
+        layer = int(parts[1])
+        shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+        if layer >= len(kv_visual) or len(shape) != 4:
+            continue
+        text = shape[2] - kv_visual[layer]
+        if first is None:
+            first = (name, text)
+        elif text != first[1]:
+            expected = [*shape[:2], first[1] + kv_visual[layer], shape[3]]
+            raise UserError(
+                f"the cache of layer {layer} does not match the layer plan: {name} should have "
+                f"shape {_dims(expected)} ({kv_visual[layer]} visual rows, as many other rows as "
+                f"{first[0]}), got {_dims(shape)}; pass the cache prefill() or decode_step() "
+                "returned"
             )

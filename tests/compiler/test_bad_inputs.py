@@ -140,8 +140,9 @@ def test_calibration_files_are_strict_and_match_the_model(tmp_path):
     # a file made for another model is refused, naming both hashes
     with pytest.raises(UserError, match="config hash aaaa.*config hash bbbb"):
         read_lc_file(write("lc.json", lc % "[]"), _info(config_hash="bbbb"))
-    # a file without a hash is taken on its layer count
-    assert read_lc_file(write("old.json", '{"order": [3, 2, 1, 0]}'), _info()) == [3, 2, 1, 0]
+    # a minimal file: the model's hash and layer count, and the order
+    minimal = '{"model_config_hash": "aaaa", "num_layers": 4, "order": [3, 2, 1, 0]}'
+    assert read_lc_file(write("old.json", minimal), _info()) == [3, 2, 1, 0]
 
     ex = '{"model_config_hash": "aaaa", "num_layers": 4, "k": %s, "threshold": %s}'
     assert read_exit_file(write("ex.json", ex % ("2", "0.1")), _info()) == (2, 0.1)

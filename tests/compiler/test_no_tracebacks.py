@@ -130,6 +130,93 @@ def test_config_json_and_processor_config_values_are_checked(tiny_model_dir, tmp
     assert not (tmp_path / "o").exists()
 
 
+def text(**values: Any) -> Callable[[dict], Any]:
+    """A change to config.json's text_config."""
+    return lambda c: c["text_config"].update(values)
+
+
+def test_model_dirs_that_cannot_make_a_model_are_refused_before_torch(tiny_model_dir, tmp_path):
+    """A config.json that would make Hugging Face build a default 7B model, sizes out of range
+    or that do not fit together, an image token or feature layer out of range, a model dir
+    without its tokenizer, and pass options the model cannot take: compile, bench and
+    calibrate refuse each in one line before torch loads."""
+    nan_config = (tiny_model_dir / "config.json").read_text()
+    nan_config = nan_config.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": NaN')
+    assert "NaN" in nan_config
+    configs = {
+        "no-text": (lambda c: c.pop("text_config"), "has no text_config (a JSON object"),
+        "null-text": (lambda c: c.update(text_config=None), "has no text_config"),
+        "null-vision": (lambda c: c.update(vision_config=None), "has no vision_config"),
+        "no-text-type": (lambda c: c["text_config"].pop("model_type"), "has no model_type"),
+        "no-hidden": (
+            lambda c: c["text_config"].pop("hidden_size"),
+            "text_config has no hidden_size",
+        ),
+        "layers-huge": (
+            text(num_hidden_layers=10**12),
+            "text_config.num_hidden_layers must be an integer in 1..1024, got 1000000000000",
+        ),
+        "layers-0": (text(num_hidden_layers=0), "num_hidden_layers must be an integer in 1..1024"),
+        "layers-neg": (text(num_hidden_layers=-3), "got -3"),
+        "layers-float": (text(num_hidden_layers=6.5), "got 6.5"),
+        "layers-bool": (text(num_hidden_layers=True), "got true"),
+        "hidden-str": (text(hidden_size="128"), "text_config.hidden_size must be an integer"),
+        "positions-huge": (text(max_position_embeddings=2**40), "max_position_embeddings"),
+        "eps-zero": (text(rms_norm_eps=0), "text_config.rms_norm_eps must be a number > 0"),
+        "heads": (
+            lambda c: c["text_config"].update(hidden_size=130, head_dim=None),
+            "hidden_size 130 is not divisible by num_attention_heads 4",
+        ),
+        "kv-heads": (
+            text(num_key_value_heads=3),
+            "num_attention_heads 4 is not divisible by num_key_value_heads 3",
+        ),
+        "vocab-100": (text(vocab_size=100), "image_token_index 556 is outside the vocabulary"),
+        "token-high": (
+            lambda c: c.update(image_token_index=99999),
+            "image_token_index 99999 is outside the vocabulary 0..639",
+        ),
+        "token-neg": (lambda c: c.update(image_token_index=-1), "image_token_index -1 is outside"),
+        "tokenizer-vocab": (
+            lambda c: c.update(image_token_index=10) or c["text_config"].update(vocab_size=500),
+            "vocab_size 500 is smaller than the tokenizer's 557 tokens",
+        ),
+        "feature-layer": (
+            lambda c: c.update(vision_feature_layer=10),
+            "vision_feature_layer 10 is outside the vision tower's 2 layers",
+        ),
+        "feature-layer-neg": (lambda c: c.update(vision_feature_layer=-4), "in -3..2"),
+        "feature-list": (
+            lambda c: c.update(vision_feature_layer=[-2, -1]),
+            "vision_feature_layer [-2, -1] is a list of layers, which mllmc does not support",
+        ),
+        "patch": (
+            lambda c: c["vision_config"].update(patch_size=15),
+            "image_size 64 is not divisible by patch_size 15",
+        ),
+    }
+    out = tmp_path / "o"
+    cases: list[tuple[list[Any], str]] = []
+    for name, (change, match) in configs.items():
+        model = _copy_with(tiny_model_dir, tmp_path / name, "config.json", change)
+        cases.append((["compile", model, "-o", out], match))
+    shutil.copytree(tiny_model_dir, tmp_path / "nan")
+    (tmp_path / "nan" / "config.json").write_text(nan_config)
+    cases.append((["compile", tmp_path / "nan", "-o", out], "NaN is not a number JSON allows"))
+    no_tokenizer = shutil.copytree(tiny_model_dir, tmp_path / "no-tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
+    match = f"{no_tokenizer} has no tokenizer.json"
+    cases += [
+        (["compile", no_tokenizer, "-o", out, "--no-validate"], match),
+        (["bench", no_tokenizer], match),
+        (["calibrate", no_tokenizer, "-o", tmp_path / "lc.json"], match),
+        (["bench", tmp_path / "kv-heads"], "not divisible by num_key_value_heads 3"),
+        (["bench", tiny_model_dir, "--pass", "fastv:k=6"], "k must be in 1..5 for this 6-layer"),
+    ]
+    refused_before_torch(cases)
+    assert not out.exists() and not (tmp_path / "lc.json").exists()
+
+
 def test_artifacts_that_do_not_hold_together_are_refused_at_load(
     tiny_base_artifact, sample_image, tmp_path
 ):
@@ -176,11 +263,17 @@ def test_artifacts_that_do_not_hold_together_are_refused_at_load(
         if name.startswith(("no-flops", "flops", "validation")):
             cases.append((["inspect", art], "corrupt artifact manifest"))
     processors = {
-        "crop": (image(crop_size={"height": 32, "width": 32}), "crop_size makes 32x32 images"),
-        "std": (image(image_std=[0.2, 0.0, 0.2]), "image_std must not be 0"),
+        "crop": ({"crop_size": {"height": 32, "width": 32}}, "crop_size makes 32x32 images"),
+        "std": ({"image_std": [0.2, 0.0, 0.2]}, "image_std must not be 0"),
     }
-    for name, (change, match) in processors.items():
-        art = _copy_with(tiny_base_artifact, tmp_path / name, "processor_config.json", change)
+    for name, (values, match) in processors.items():
+        # the artifact's own normalised image settings: the ones its runtime reads
+        art = _copy_with(
+            tiny_base_artifact,
+            tmp_path / name,
+            "image_processor.json",
+            lambda c, values=values: c.update(values),
+        )
         cases.append((["run", art, *run], match))
     refused_before_torch(cases)
 

@@ -171,9 +171,9 @@ def test_option_errors(captured):
 
 
 def test_parse_pass_spec_values():
-    info, cfg = parse_pass_spec("shortv:layers=[3,5,6],ratio=0.5")
+    info, cfg = parse_pass_spec("shortv:layers=[3,5,6]")
     assert info is get_pass("shortv")
-    assert cfg.layers == (3, 5, 6) and cfg.ratio == 0.5
+    assert cfg.layers == (3, 5, 6) and parse_pass_spec("shortv:ratio=0.5")[1].ratio == 0.5
     assert parse_pass_spec("none") is None
     _, cfg = parse_pass_spec("shortv:lc=out/lc.json")
     assert cfg.lc == "out/lc.json" and cfg.layers is None
