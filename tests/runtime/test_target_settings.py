@@ -13,6 +13,8 @@ import pytest
 from mllmc.runtime import FORMAT_VERSION, UserError, load
 from mllmc.runtime.manifest import TargetSettings, _from_version_2, read_manifest
 
+KEYS = ("target", "device", "dtype", "decode_cache", "max_seq_len")
+
 
 def _manifest(artifact: Path) -> dict[str, Any]:
     return json.loads((artifact / "manifest.json").read_text())
@@ -62,24 +64,14 @@ def test_version_2_manifest_reads_into_target_settings(tiny_base_artifact: Path,
         {"device": "cuda", "dtype": "bfloat16", "decode_cache": "static"},
     )
     aoti["target"], aoti["dtype"] = "aoti", "bfloat16"
-    assert _from_version_2(aoti)["target_settings"] == {
-        "target": "aoti",
-        "device": "cuda",
-        "dtype": "bfloat16",
-        "decode_cache": "static",
-        "max_seq_len": None,
-    }
+    settings = _from_version_2(aoti)["target_settings"]
+    assert settings == dict(zip(KEYS, ("aoti", "cuda", "bfloat16", "static", None), strict=True))
     del aoti["extra"]["decode_cache"]  # an aoti artifact from before it was recorded
     assert _from_version_2(aoti)["target_settings"]["decode_cache"] == "static"
     trt = _as_version_2(data, {"device": "cuda", "dtype": "float16", "max_seq_len": 2048})
     trt["target"], trt["dtype"] = "trt", "float16"
-    assert _from_version_2(trt)["target_settings"] == {
-        "target": "trt",
-        "device": "cuda",
-        "dtype": "float16",
-        "decode_cache": "growing",
-        "max_seq_len": 2048,
-    }
+    settings = _from_version_2(trt)["target_settings"]
+    assert settings == dict(zip(KEYS, ("trt", "cuda", "float16", "growing", 2048), strict=True))
     del trt["extra"]["device"]
     assert _from_version_2(trt)["target_settings"]["device"] == "cuda"
 
