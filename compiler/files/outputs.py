@@ -477,9 +477,16 @@ def write_file(path: str | os.PathLike, data: str | bytes, force: bool = False) 
 
 
 def write_figure(fig: Any, path: str | os.PathLike, force: bool = False) -> Path:
-    """Save a matplotlib figure as a PNG file at `path`, written as `write_file` writes."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    """Lay out a matplotlib figure and save it as a PNG file at `path`, written as `write_file`
+    writes; the figure is closed afterwards, whatever happens."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return write_file(path, buf.getvalue(), force=force)
 
 

@@ -887,11 +887,7 @@ def plot(report: dict[str, Any], path: Path, force: bool = True) -> None:
         f"{Path(report['model']).name}: {report['prompt_tokens']} prompt tokens, "
         f"{report['visual_tokens']} visual"
     )
-    fig.tight_layout()
-    try:
-        write_figure(fig, path, force=force)
-    finally:
-        plt.close(fig)
+    write_figure(fig, path, force=force)
 
 
 def bench_cli(

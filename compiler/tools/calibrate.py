@@ -125,11 +125,7 @@ def plot_lc(lc: dict[str, Any], path: Path, force: bool = True) -> None:
     ax.set_ylabel("Layer Contribution (KL)")
     ax.set_title(f"ShortV Layer Contribution, {lc['samples']} samples")
     ax.legend()
-    fig.tight_layout()
-    try:
-        write_figure(fig, path, force=force)
-    finally:
-        plt.close(fig)
+    write_figure(fig, path, force=force)
 
 
 def calibrate_cli(
