@@ -266,12 +266,8 @@ def check_lengths(model_dir: str | Path, n_text: int, decode_tokens: int) -> Non
     from mllmc.compiler.core.model_dir import MAX_SEQ, model_shape, read_config
     from mllmc.runtime.errors import UserError
 
-    cfg = read_config(model_dir)
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    limit = text.get("max_position_embeddings")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        limit = MAX_SEQ
-    limit = min(limit, MAX_SEQ)
+    cfg = read_config(model_dir)  # checked: text_config is an object, its sizes positive ints
+    limit = min(cfg["text_config"].get("max_position_embeddings", MAX_SEQ), MAX_SEQ)
     visual = model_shape(cfg).visual_tokens or 0
     total = n_text + visual + decode_tokens
     if total > limit:
