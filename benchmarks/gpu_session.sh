@@ -42,8 +42,8 @@ EOF
 case "$stage" in
 tests)
     python3 -m pytest -q -rs -p no:cacheprovider -m gpu \
-        tests/compiler/test_torch_engine.py tests/compiler/test_static_cache.py \
-        tests/compiler/test_aoti.py 2>&1 | tee "$out/gpu-tests.txt"
+        tests/compiler/tools/test_torch_engine.py tests/compiler/backends/test_static_cache.py \
+        tests/compiler/backends/test_aoti.py 2>&1 | tee "$out/gpu-tests.txt"
     ;;
 bench)
     # small first: it is quick, and its numbers come back even if the 7B run is cut short

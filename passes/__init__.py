@@ -20,10 +20,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
-import sys
 import types
 import typing
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 # re-exported: the pass types live in the compiler core (see pass_types.py)
@@ -251,30 +249,6 @@ def _toml_kind(value: object) -> str:
 
 def config_to_json(cfg: PassConfig) -> dict[str, object]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def pass_entry(
-    fn: Callable[..., PassResult],
-    config_cls: type,
-    stage: str,
-    summary: str,
-    *,
-    prunes: bool = False,
-) -> PassInfo:
-    """The registry entry of the pass whose rewrite is `fn`: named after it, with its file's
-    `check`, `prepare` and `reference` functions (each pass file defines all three)."""
-    module = sys.modules[fn.__module__]
-    return PassInfo(
-        name=fn.__name__,
-        fn=fn,
-        config_cls=config_cls,
-        summary=summary,
-        stage=stage,
-        check=module.check,
-        prepare=module.prepare,
-        reference=module.reference,
-        prunes=prunes,
-    )
 
 
 def _register_builtin() -> None:

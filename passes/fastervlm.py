@@ -27,9 +27,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassResult
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 
-from . import cls_attention, pass_entry
+from . import cls_attention
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -91,4 +91,14 @@ def reference(
     return cls_attention.cls_pruned_forward(model, [cfg.layer], cfg.keep)
 
 
-PASS = pass_entry(fastervlm, FasterVLMConfig, "pre_llm", SUMMARY, prunes=True)
+PASS = PassInfo(
+    name="fastervlm",
+    fn=fastervlm,
+    config_cls=FasterVLMConfig,
+    summary=SUMMARY,
+    stage="pre_llm",
+    check=check,
+    prepare=prepare,
+    reference=reference,
+    prunes=True,
+)

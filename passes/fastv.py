@@ -32,10 +32,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassResult
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import pass_entry
 from .rewrite import GraphEdit, replan, uniform_visual_tokens
 from .row_pruning import drop_rows, fastv_keep_index, pruned_forward, refuse_sliding_window
 
@@ -136,4 +135,14 @@ def reference(
     return pruned_forward(model, cfg.k, lambda n: kept_count(n, cfg.ratio))
 
 
-PASS = pass_entry(fastv, FastVConfig, "in_llm", SUMMARY, prunes=True)
+PASS = PassInfo(
+    name="fastv",
+    fn=fastv,
+    config_cls=FastVConfig,
+    summary=SUMMARY,
+    stage="in_llm",
+    check=check,
+    prepare=prepare,
+    reference=reference,
+    prunes=True,
+)

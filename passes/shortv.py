@@ -38,10 +38,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassResult
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import pass_entry
 from .rewrite import GraphEdit, replan
 from .row_pruning import kept_rows, text_rows
 
@@ -395,4 +394,13 @@ def reference(
     return keep_rows(model, cfg.layers or (), rows="visual")
 
 
-PASS = pass_entry(shortv, ShortVConfig, "in_llm", SUMMARY)
+PASS = PassInfo(
+    name="shortv",
+    fn=shortv,
+    config_cls=ShortVConfig,
+    summary=SUMMARY,
+    stage="in_llm",
+    check=check,
+    prepare=prepare,
+    reference=reference,
+)

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassResult
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import cls_attention, pass_entry
+from . import cls_attention
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -116,4 +116,14 @@ def reference(
     )
 
 
-PASS = pass_entry(vtc_cls, VTCClsConfig, "pre_llm", SUMMARY, prunes=True)
+PASS = PassInfo(
+    name="vtc_cls",
+    fn=vtc_cls,
+    config_cls=VTCClsConfig,
+    summary=SUMMARY,
+    stage="pre_llm",
+    check=check,
+    prepare=prepare,
+    reference=reference,
+    prunes=True,
+)

@@ -27,10 +27,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mllmc.compiler.core.pass_types import PassResult
+from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
-from . import pass_entry
 from .rewrite import GraphEdit, replan, uniform_visual_tokens
 from .row_pruning import drop_rows, pruned_forward, refuse_sliding_window, text_rows
 
@@ -132,4 +131,14 @@ def reference(
     return pruned_forward(model, cfg.k)
 
 
-PASS = pass_entry(vte, VTEConfig, "in_llm", SUMMARY, prunes=True)
+PASS = PassInfo(
+    name="vte",
+    fn=vte,
+    config_cls=VTEConfig,
+    summary=SUMMARY,
+    stage="in_llm",
+    check=check,
+    prepare=prepare,
+    reference=reference,
+    prunes=True,
+)

@@ -8,7 +8,7 @@ built for this project's torch 2.13, accepts with the same meaning:
 `torch_tensorrt.Input(min_shape=, opt_shape=, max_shape=, dtype=, name=)`,
 `torch_tensorrt.dynamo.compile(exported_program, inputs=, truncate_double=)` and
 `torch_tensorrt.save(module, file_path, output_format="exported_program", inputs=)`
-(`compile_kwargs` / `save_kwargs` / `input_kwargs` build them; tests/compiler/test_trt.py checks
+(`compile_kwargs` / `save_kwargs` / `input_kwargs` build them; tests/compiler/backends/test_trt.py checks
 them against the installed signatures when torch_tensorrt is importable). The parts that need
 neither TensorRT nor a GPU (input shape ranges, capability detection, manifest entries) are what
 those tests check everywhere.

@@ -4,7 +4,7 @@ The runtime engines (`mllmc.runtime`) are what ships; this runs the *same* expor
 the backends lower, before lowering, on whatever device is given, through the runtime's one
 generate loop (`mllmc.runtime.engine.SegmentLoop`) with a torch runner per segment. It is how the
 passes are checked and timed on a GPU where neither onnxruntime-gpu nor TensorRT is installed
-(tests/compiler/test_torch_engine.py). Batch 1, as the segments are.
+(tests/compiler/tools/test_torch_engine.py). Batch 1, as the segments are.
 """
 
 from __future__ import annotations

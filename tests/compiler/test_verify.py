@@ -16,7 +16,7 @@ from mllmc.compiler.verify import compare
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest
 
-from .test_cli import mllmc
+from tests.compiler.tools.test_cli import mllmc
 
 
 def _logits(scale: float, steps: int = 4, vocab: int = 50) -> np.ndarray:

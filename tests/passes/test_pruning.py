@@ -16,7 +16,7 @@ from mllmc.compiler.core.capture import load_model
 from mllmc.compiler.core.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
 from mllmc.compiler.pipeline import check_order, prepare_passes, resolve_passes, run_passes
 from mllmc.runtime.errors import UserError
-from tests.compiler.test_cli import mllmc, user_error
+from tests.compiler.tools.test_cli import mllmc, user_error
 
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
 

@@ -15,8 +15,8 @@ import pytest
 
 from mllmc.runtime import UserError, load
 
-from ..compiler.test_cli import mllmc, user_error
-from ..compiler.test_no_tracebacks import refused_before_torch
+from tests.compiler.tools.test_cli import mllmc, user_error
+from tests.compiler.tools.test_no_tracebacks import refused_before_torch
 
 
 def _artifact(src: Path, dst: Path, change: Callable[[dict], Any] | None = None) -> Path:

@@ -17,7 +17,7 @@ import pytest
 from mllmc.runtime import preprocess
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.jsonfile import JSONError, loads, read_json
-from tests.compiler.test_cli import MLLMC, user_error
+from tests.compiler.tools.test_cli import MLLMC, user_error
 
 HUGE_INT = "1" + "0" * 400  # 10**400: a JSON integer, beyond float64
 DIGITS_5000 = "7" * 5000  # beyond Python's 4300-digit int() limit

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mllmc.runtime.errors import UserError
-from tests.compiler.test_cli import MLLMC, mllmc, user_error
+from tests.compiler.tools.test_cli import MLLMC, mllmc, user_error
 
 
 def temps_beside(out: Path) -> list[str]:

@@ -8,7 +8,7 @@ import json
 
 from mllmc.compiler.tools import bench
 
-from .test_cli import mllmc, user_error
+from tests.compiler.tools.test_cli import mllmc, user_error
 
 
 def test_spread_and_its_format():

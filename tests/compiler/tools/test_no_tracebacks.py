@@ -18,7 +18,7 @@ import pytest
 
 from mllmc.runtime.errors import UserError
 
-from .test_cli import MLLMC
+from tests.compiler.tools.test_cli import MLLMC
 
 
 def refused_before_torch(cases: list[tuple[list[Any], str]]) -> None:

@@ -20,10 +20,10 @@ import torch
 
 from mllmc.runtime import load
 
-from ..conftest import TINY_SHORTV_LAYERS
+from tests.conftest import TINY_SHORTV_LAYERS
 
 MLLMC = str(Path(sys.executable).parent / "mllmc")
-GOLDENS = Path(__file__).parents[1] / "goldens"
+GOLDENS = Path(__file__).parents[2] / "goldens"
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess:

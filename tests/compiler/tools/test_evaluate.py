@@ -12,7 +12,7 @@ import torch
 
 from mllmc.compiler.data import shapes_qa
 from mllmc.compiler.tools.evaluate import evaluate, normalise, task_items, write_jsonl
-from tests.compiler.test_cli import mllmc, user_error
+from tests.compiler.tools.test_cli import mllmc, user_error
 
 # What the shipped weights are stated to reach (README "Accuracy"; held-out accuracy of the fp16
 # weights on 400 items: colour 100%, left/right 100%, count 98%, largest 100%, vs majority answers
@@ -216,7 +216,7 @@ def test_training_script_runs_and_writes_a_loadable_preset(tmp_path):
 
     from mllmc.compiler.data.presets import PRESETS, build_model
 
-    script = Path(__file__).parents[2] / "benchmarks" / "train_shapes_llava.py"
+    script = Path(__file__).parents[3] / "benchmarks" / "train_shapes_llava.py"
     args = ["--scene-steps", "3", "--distill-steps", "3", "--steps", "3", "--eval-items", "8"]
     proc = subprocess.run(
         [sys.executable, str(script), *args, "-o", str(tmp_path)],

@@ -11,7 +11,7 @@ import pytest
 
 from mllmc.compiler.core.capture import load_model
 
-from ..passes.test_pruning import PIPELINES
+from tests.passes.test_pruning import PIPELINES
 
 
 @pytest.mark.parametrize("pipeline", list(PIPELINES))

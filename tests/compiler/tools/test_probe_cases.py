@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from mllmc.runtime.errors import UserError
-from tests.compiler.test_cli import mllmc, user_error
+from tests.compiler.tools.test_cli import mllmc, user_error
 
 HASH = "abcd1234"
 
