@@ -83,8 +83,18 @@ def vision_layer_of_feature(feature_layer: int, vision_layers: int) -> int:
 
 
 def check_tower(model: LlavaForConditionalGeneration, name: str) -> None:
-    """UserError unless the tower has a [CLS] token that LLaVA drops (the scorer needs both)."""
+    """UserError unless the tower has a [CLS] token that LLaVA drops (the scorer needs both),
+    and the family packs tiles whose patches can be pruned one by one."""
+    from mllmc.compiler.core.families import family
+
     cfg = model.config
+    fam = family(cfg.model_type)
+    if not fam.pre_llm_pruning:
+        raise UserError(
+            f"{name}: {fam.name} packs each image's tiles into a spatial grid (unpadded, one "
+            "newline per row), which per-tile pruning would break; prune inside the LLM "
+            "instead (fastv, vte, or shortv to freeze)"
+        )
     vision_type = getattr(cfg.vision_config, "model_type", "")
     if vision_type != "clip_vision_model":
         raise UserError(
@@ -100,24 +110,26 @@ def check_tower(model: LlavaForConditionalGeneration, name: str) -> None:
 
 
 def cls_patch_scores(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """[CLS] row of one layer's attention over the patches, head-mean.
-    q, k: (1, 1 + P, dv) projections -> (P,) float32."""
+    """[CLS] row of one layer's attention over the patches, head-mean, per tile.
+    q, k: (B, 1 + P, dv) projections -> (B, P) float32."""
     import torch
 
     b, t, dv = k.shape
     hd = dv // heads
-    q_cls = q[:, :1].reshape(b, 1, heads, hd).transpose(1, 2)  # (1, Hv, 1, hd)
-    keys = k.reshape(b, t, heads, hd).transpose(1, 2)  # (1, Hv, 1 + P, hd)
+    q_cls = q[:, :1].reshape(b, 1, heads, hd).transpose(1, 2)  # (B, Hv, 1, hd)
+    keys = k.reshape(b, t, heads, hd).transpose(1, 2)  # (B, Hv, 1 + P, hd)
     probs = (torch.matmul(q_cls, keys.transpose(-1, -2)) * scale).float().softmax(-1)
-    return probs.mean(dim=1)[0, 0, 1:]  # (P,)
+    return probs.mean(dim=1)[:, 0, 1:]  # (B, P)
 
 
 def gather_top(features: torch.Tensor, scores: torch.Tensor, kept: int) -> torch.Tensor:
-    """features (1, P, d), scores (P,) -> the top-`kept` rows in spatial order (1, kept, d)."""
+    """features (B, P, d), scores (B, P) -> each tile's top-`kept` rows in spatial order
+    (B, kept, d)."""
     import torch
 
-    top = torch.sort(torch.topk(scores, kept).indices).values  # (kept,)
-    return features.index_select(1, top)
+    top = torch.sort(torch.topk(scores, kept, dim=1).indices, dim=1).values  # (B, kept)
+    index = top[:, :, None].expand(-1, -1, features.shape[2])  # (B, kept, d)
+    return torch.gather(features, 1, index)
 
 
 _VISION_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn\.([qk])_proj$")
@@ -145,12 +157,11 @@ def keep_top_patches(
     ratio: float | None,
     stats: dict[str, object],
 ) -> PassResult:
-    """Pass `name`'s rewrite: the vision segment outputs the patches kept (`resolve_keep`) with
-    the highest [CLS] attention summed over vision `layers`, the prefill is re-captured for that
-    image span and every layer holds that many visual rows. `stats` lead the result's stats."""
+    """Pass `name`'s rewrite: the vision segment outputs, for each tile, the patches kept
+    (`resolve_keep`) with the highest [CLS] attention summed over vision `layers`, and every
+    decoder layer holds that many visual rows per tile (the prefill takes any count as it is).
+    `stats` lead the result's stats."""
     import torch
-
-    from mllmc.compiler.core.capture import export_prefill
 
     num_visual = segments.visual_tokens
     if num_visual != segments.info.visual_tokens:
@@ -160,7 +171,7 @@ def keep_top_patches(
     graph = edit.graph
     proj = _projections(graph)
     output = next(n for n in graph.nodes if n.op == "output")
-    features = output.args[0][0]  # (1, P, d)
+    features = output.args[0][0]  # (B, P, d)
     with graph.inserting_before(output):
         total = None
         for layer in layers:
@@ -176,9 +187,6 @@ def keep_top_patches(
         kept_features = graph.call_function(gather_top, (features, total, kept))
     output.replace_input_with(features, kept_features)
     segments = edit.finish()
-    if segments.model is None:
-        raise RuntimeError("the prefill can only be re-captured from the model it came from")
-    segments = segments.replace_segment(export_prefill(segments.model, segments.info, kept))
     every_layer = range(len(segments.layer_plan))
     return PassResult(
         replan(segments, every_layer, visual_tokens=kept, kv_visual_tokens=kept),
@@ -197,6 +205,7 @@ class _ClsPruning:
 
     image_token_id: int
     kept: int
+    per_image: int
     scores: torch.Tensor | None = None
     dropped: int = 0
 
@@ -205,21 +214,21 @@ class _ClsPruning:
         patches, from HF's own modules and attributes."""
         import torch
 
-        h = args[0] if args else kwargs["hidden_states"]  # (1, 1 + P, dv)
+        h = args[0] if args else kwargs["hidden_states"]  # (B, 1 + P, dv)
         attn = layer_module.self_attn
         x = layer_module.layer_norm1(h)
-        t, heads, hd = x.shape[1], attn.num_heads, attn.head_dim
-        q = attn.q_proj(x).view(1, t, heads, hd).transpose(1, 2)  # (1, Hv, 1 + P, hd)
-        k = attn.k_proj(x).view(1, t, heads, hd).transpose(1, 2)
+        b, t, heads, hd = x.shape[0], x.shape[1], attn.num_heads, attn.head_dim
+        q = attn.q_proj(x).view(b, t, heads, hd).transpose(1, 2)  # (B, Hv, 1 + P, hd)
+        k = attn.k_proj(x).view(b, t, heads, hd).transpose(1, 2)
         probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1)
-        s = probs[:, :, 0, 1:].mean(dim=1)[0]  # (P,)
+        s = probs[:, :, 0, 1:].mean(dim=1)  # (B, P)
         self.scores = s if self.scores is None else self.scores + s
 
     def gather(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Projector hook: its output at the top-`kept` patches, in spatial order."""
-        top = self.scores.topk(self.kept).indices.sort().values  # (kept,)
+        """Projector hook: each image's output at its top-`kept` patches, in spatial order."""
+        top = self.scores.topk(self.kept, dim=1).indices.sort(dim=1).values  # (B, kept)
         self.scores = None
-        return output.index_select(1, top)  # (1, kept, d)
+        return output.gather(1, top[:, :, None].expand(-1, -1, output.shape[2]))  # (B, kept, d)
 
     def shorten(
         self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -240,8 +249,9 @@ class _ClsPruning:
 
         n = ids.shape[1]
         is_image = ids[0] == self.image_token_id
-        rank = torch.cumsum(is_image.long(), 0)
-        keep = ~is_image | (rank <= self.kept)
+        # each image's run of `per_image` placeholders keeps its first `kept`
+        rank = (torch.cumsum(is_image.long(), 0) - 1) % self.per_image
+        keep = ~is_image | (rank < self.kept)
         self.dropped = int((~keep).sum())
         kwargs["input_ids"] = ids[:, keep]
         if isinstance(kwargs.get("attention_mask"), torch.Tensor):
@@ -260,15 +270,21 @@ class _ClsPruning:
                 kwargs[name] = kwargs[name] - self.dropped
 
 
+def _tower_patches(config: Any) -> int:
+    vc = config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2
+
+
 @contextlib.contextmanager
 def cls_pruned_forward(
     model: LlavaForConditionalGeneration, layers: Sequence[int], kept: int
 ) -> Iterator[None]:
-    """Make HF LLaVA `model` feed only the top-`kept` patches by [CLS] attention (summed over
-    vision `layers`) to its LLM, with the prompt's image span shortened to match."""
+    """Make HF LLaVA `model` feed only each image's top-`kept` patches by [CLS] attention (summed
+    over vision `layers`) to its LLM, with each image's span in the prompt shortened to match."""
     tower = model.model.vision_tower
     encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
-    state = _ClsPruning(model.config.image_token_id, kept)
+    per_image = getattr(model.config, "image_seq_length", None) or _tower_patches(model.config)
+    state = _ClsPruning(model.config.image_token_id, kept, per_image)
     handles = [model.register_forward_pre_hook(state.shorten, with_kwargs=True)]
     handles += [
         encoder_layers[i].register_forward_pre_hook(state.score, with_kwargs=True) for i in layers

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.manifest import keep_count
 
 from .rewrite import GraphEdit, replan, uniform_visual_tokens
 from .row_pruning import drop_rows, fastv_keep_index, pruned_forward, refuse_sliding_window
@@ -67,9 +69,24 @@ class FastVConfig:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
 
 
+def keep_rule(ratio: float) -> str:
+    """The visual rows kept of V as a keep rule "p/q" = 1 - R (`mllmc.runtime.manifest.keep_count`
+    evaluates round(V·p/q); R is taken as the fraction it is written as, e.g. 0.3 = 3/10). The
+    official code's Python round takes a half to the even neighbour, this one up: they differ
+    only when V·(1-R) is exactly a half (never at LLaVA's 576 with R = 0.5)."""
+    keep = 1 - Fraction(str(ratio))
+    return f"{keep.numerator}/{keep.denominator}"
+
+
 def kept_count(num_visual: int, ratio: float) -> int:
-    """Visual tokens kept: round(N_v·(1-R)), Python's round as the official code."""
-    return int(round(num_visual * (1 - ratio)))
+    """Visual tokens kept of `num_visual`: round(N_v·(1-R))."""
+    return keep_count(num_visual, keep_rule(ratio))
+
+
+def min_visual_rows(rule: str) -> int:
+    """The fewest visual rows the rewritten graph takes: enough to keep 2 (a graph traced for a
+    kept count of 0 or 1 would fix its shape)."""
+    return next(v for v in range(2, 1 << 20) if keep_count(v, rule) >= 2)
 
 
 def check_k(k: int, num_layers: int) -> None:
@@ -96,7 +113,8 @@ def fastv(segments: Segments, cfg: FastVConfig) -> PassResult:
     info = segments.info
     check_k(cfg.k, info.num_layers)
     num_visual = uniform_visual_tokens(segments, "fastv")
-    kept = kept_count(num_visual, cfg.ratio)
+    rule = keep_rule(cfg.ratio)
+    kept = keep_count(num_visual, rule)
 
     edit = GraphEdit.open(segments, "prefill")
     scorer = edit.layers[cfg.k - 1]
@@ -109,21 +127,23 @@ def fastv(segments: Segments, cfg: FastVConfig) -> PassResult:
             (
                 scorer.post_rope_query,
                 scorer.post_rope_key,
-                edit.inputs["visual_start"],
-                num_visual,
-                kept,
+                edit.inputs["visual_rows"],
+                rule,
                 float(scale),
             ),
         )
     gathers = drop_rows(edit.graph, edit.layers, cfg.k, keep)
+    edit.require_visual_rows(min_visual_rows(rule))
     pruned = range(cfg.k, info.num_layers)
+    plan = {"visual_tokens": kept, "kv_visual_tokens": kept, "kv_visual_keep": rule}
     return PassResult(
-        replan(edit.finish(), pruned, visual_tokens=kept, kv_visual_tokens=kept),
+        replan(edit.finish(), pruned, **plan),
         {
             "score_layer": cfg.k - 1,
             "pruned_layers": [cfg.k, info.num_layers - 1],
             "visual_tokens": num_visual,
             "kept_visual_tokens": kept,
+            "keep": rule,
             "gathers": gathers,
         },
     )

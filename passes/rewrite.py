@@ -56,6 +56,21 @@ class GraphEdit:
 
         return dict(zip(self.segment.input_names, placeholders(self.graph), strict=True))
 
+    @property
+    def last_input(self) -> fx.Node:
+        """The graph's last input node: what a node computed from the inputs is inserted after."""
+        return list(self.inputs.values())[-1]
+
+    def require_visual_rows(self, count: int) -> None:
+        """Re-export the prefill for prompts of >= `count` visual rows (what the rewrite needs),
+        and record it in `Segments.min_visual_rows`."""
+        from mllmc.compiler.core.capture import prefill_dynamic_shapes
+
+        count = max(count, self.segments.min_visual_rows)
+        dyn = prefill_dynamic_shapes(min_visual=count)
+        self.segment = dataclasses.replace(self.segment, dynamic_shapes=dyn)
+        self.segments = dataclasses.replace(self.segments, min_visual_rows=count)
+
     def finish(self) -> Segments:
         """Check the rewritten graph and return `segments` with this segment re-exported from it
         (every shape and dtype derived again)."""
@@ -66,9 +81,9 @@ class GraphEdit:
         return self.segments.replace_segment(reexport(self.segment, self.module))
 
 
-def replan(segments: Segments, layers: Iterable[int], **changes: int | bool) -> Segments:
+def replan(segments: Segments, layers: Iterable[int], **changes: int | bool | str) -> Segments:
     """`segments` with the layer-plan entries of `layers` replaced by copies with `changes`
-    (`visual_tokens`, `kv_visual_tokens`, `visual_computed`)."""
+    (`visual_tokens`, `kv_visual_tokens`, `kv_visual_keep`, `visual_computed`)."""
     plan = list(segments.layer_plan)
     for i in layers:
         plan[i] = dataclasses.replace(plan[i], **changes)

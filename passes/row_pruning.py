@@ -40,50 +40,48 @@ if TYPE_CHECKING:
 
 
 # ----------------------------------------------------------------------------------------------
-# Keep indices (traced into the prefill graph; static shapes, no NonZero).
+# Keep indices (traced into the prefill graph; dynamic counts, no NonZero).
+
+
+def visual_mask(n: int | torch.SymInt, visual_rows: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: True at the prompt's visual rows `visual_rows` (V,)."""
+    import torch
+
+    marks = torch.zeros(n, dtype=torch.int64, device=visual_rows.device)
+    return marks.index_copy(0, visual_rows, torch.ones_like(visual_rows)) > 0
+
+
+def rows_where(mask: torch.Tensor, count: int | torch.SymInt) -> torch.Tensor:
+    """The indices of the `count` True entries of `mask` (n,), ascending: (count,) int64. Built
+    from a running count and one scatter-add (the False entries all land in a spare slot), so
+    the graph has no NonZero and its output size is the symbolic `count`."""
+    import torch
+
+    slot = torch.cumsum(mask.to(torch.int64), 0) - 1  # (n,) rank among the True entries
+    slot = torch.where(mask, slot, torch.full_like(slot, count))
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    out = torch.zeros(count + 1, dtype=torch.int64, device=mask.device)
+    return out.scatter_add(0, slot, rows)[:count]
 
 
 def text_rows(
-    input_ids: torch.Tensor, visual_start: torch.Tensor, num_visual: int, held: int | None = None
+    input_ids: torch.Tensor, visual_rows: torch.Tensor, held: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The text rows of an (1, n) prompt whose image span is [visual_start, visual_start + N_v):
-    (n - N_v,) int64, in order. With `held`, their indices in a layer that holds only `held` of
-    those visual rows (a pruning pass ran first: the kept visual rows stay contiguous at
-    visual_start)."""
-    return _text_rows(input_ids.shape[1], visual_start, num_visual, held)
-
-
-def _text_rows(
-    n: int | torch.SymInt, visual_start: torch.Tensor, num_visual: int, held: int | None = None
-) -> torch.Tensor:
-    import torch
-
-    t = torch.arange(n - num_visual, device=visual_start.device)  # (n - N_v,)
-    return torch.where(t < visual_start, t, t + (num_visual if held is None else held))
-
-
-def keep_index(
-    n: int | torch.SymInt, visual_start: torch.Tensor, num_visual: int, kept_visual: torch.Tensor
-) -> torch.Tensor:
-    """Text rows plus the visual rows `kept_visual` (kept,) ascending, in original order:
-    (n - N_v + kept,) int64. Row t of the result is t before the span, kept_visual[t - start]
-    inside it and t - kept + N_v after it."""
-    import torch
-
-    kept = kept_visual.shape[0]
-    if kept == 0:
-        return _text_rows(n, visual_start, num_visual)
-    t = torch.arange(n - num_visual + kept, device=visual_start.device)  # (n',)
-    inside = kept_visual.index_select(0, (t - visual_start).clamp(0, kept - 1))  # (n',)
-    after = torch.where(t < visual_start + kept, inside, t - kept + num_visual)
-    return torch.where(t < visual_start, t, after)
+    """The text rows of an (1, n) prompt with visual rows `visual_rows` (V,): (n - V,) int64, in
+    order. With `held` (n',): the original rows a layer holds after a pruning pass, the text
+    rows' indices within those (every text row is held)."""
+    n, v = input_ids.shape[1], visual_rows.shape[0]
+    is_visual = visual_mask(n, visual_rows)
+    if held is not None:
+        is_visual = is_visual.index_select(0, held)
+    return rows_where(~is_visual, n - v)
 
 
 def last_row_visual_scores(
-    q: torch.Tensor, k: torch.Tensor, visual_start: torch.Tensor, num_visual: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, visual_rows: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """FastV's score: the last query row's attention probabilities over the visual span,
-    averaged over heads. q (1, H, n, hd) and k (1, kvh, n, hd) after RoPE -> (N_v,) float32.
+    """FastV's score: the last query row's attention probabilities over the visual rows,
+    averaged over heads. q (1, H, n, hd) and k (1, kvh, n, hd) after RoPE -> (V,) float32.
     The last row sees every key, so no mask is needed."""
     import torch
 
@@ -92,26 +90,39 @@ def last_row_visual_scores(
     q_last = q[:, :, -1:, :].reshape(b, kv_heads, heads // kv_heads, hd)  # (1, kvh, rep, hd)
     logits = torch.matmul(q_last, k.transpose(-1, -2)) * scale  # (1, kvh, rep, n)
     probs = logits.float().softmax(-1).mean(dim=(1, 2))[0]  # (n,)
-    span = visual_start + torch.arange(num_visual, device=q.device)  # (N_v,)
-    return probs.index_select(0, span)
+    return probs.index_select(0, visual_rows)
 
 
 def fastv_keep_index(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    visual_start: torch.Tensor,
-    num_visual: int,
-    kept: int,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, visual_rows: torch.Tensor, keep: str, scale: float
 ) -> torch.Tensor:
-    """Keep index (n - N_v + kept,) from the top-`kept` visual scores, in original order
-    (TopK, then a sort of the kept positions)."""
+    """Keep index (n - V + kept,): the text rows and the top-`kept` scored visual rows, in
+    original order; kept = keep_count(V, keep), computed in the graph from V."""
     import torch
 
-    scores = last_row_visual_scores(q, k, visual_start, num_visual, scale)  # (N_v,)
-    top = torch.topk(scores, kept).indices  # (kept,) by score
-    kept_visual = torch.sort(top).values + visual_start  # (kept,) in original order
-    return keep_index(k.shape[2], visual_start, num_visual, kept_visual)
+    from mllmc.runtime.manifest import keep_count
+
+    n, v = k.shape[2], visual_rows.shape[0]
+    kept = keep_count(v, keep)  # <= v for every rule p/q <= 1
+    scores = last_row_visual_scores(q, k, visual_rows, scale)  # (V,) probabilities, >= 0
+    # TopK over the scores and `kept` entries of -1 that never win: the same top `kept`, and k
+    # <= V + kept holds on its face (the tracer cannot prove kept <= V from the rule's floor)
+    padded = torch.cat((scores, scores.new_full((kept,), -1.0)))
+    top_rows = visual_rows.index_select(0, torch.topk(padded, kept).indices)  # (kept,)
+    held = (~visual_mask(n, visual_rows)).to(torch.int64)
+    held = held.index_copy(0, top_rows, torch.ones_like(top_rows))
+    return rows_where(held > 0, n - v + kept)
+
+
+def pruning_index(layers: list[LayerAnatomy], k: int) -> fx.Node:
+    """The keep index a pruning pass (`drop_rows`) gathered layer `k`'s input with: the rows
+    (n',) that layers >= k hold. RuntimeError when layer k's input is not such a gather."""
+    import torch
+
+    node = layers[k].layer_input if k < len(layers) else None
+    if node is None or node.target is not torch.ops.aten.index_select.default or node.args[1] != 1:
+        raise RuntimeError(f"layer {k}'s input is not the row gather of a pruning pass")
+    return node.args[2]
 
 
 def refuse_sliding_window(name: str, model: LlavaForConditionalGeneration, k: int) -> None:
@@ -214,50 +225,43 @@ def _hf_last_row_scores(
 
 @dataclasses.dataclass
 class _PromptRows:
-    """What `pruned_forward`'s hooks know of the prompt being run: its length n, its image span
-    [start, start + count), and the rows `index` (n',) that the pruned layers hold (None until
+    """What `pruned_forward`'s hooks know of the prompt being run: its length n, its visual rows
+    (every image's, ascending), and the rows `index` (n',) that the pruned layers hold (None until
     chosen, and when the prompt has no image)."""
 
     image_token_id: int
     kept_of: Callable[[int], int] | None
     n: int | None = None
-    start: int | None = None
-    count: int = 0
+    visual: torch.Tensor | None = None
     index: torch.Tensor | None = None
 
     def on_prompt(self, _model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Model pre-hook: record the prompt's image span (a decode step keeps the prompt's);
+        """Model pre-hook: record the prompt's visual rows (a decode step keeps the prompt's);
         without a scorer (VTE) the kept rows are the text rows."""
-        import torch
-
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or ids.shape[1] == 1:
             return
-        visual = (ids[0] == self.image_token_id).nonzero()[:, 0]  # (N_v,)
-        self.n, self.index, self.start = ids.shape[1], None, None
-        if len(visual) == 0:
-            return
-        self.start, self.count = int(visual[0]), len(visual)
-        if self.kept_of is None:
-            after = torch.arange(self.start + self.count, self.n)
-            self.index = torch.cat((torch.arange(self.start), after)).to(ids.device)
+        is_visual = ids[0] == self.image_token_id  # (n,)
+        self.n, self.index = ids.shape[1], None
+        self.visual = is_visual.nonzero()[:, 0] if bool(is_visual.any()) else None
+        if self.visual is not None and self.kept_of is None:
+            self.index = (~is_visual).nonzero()[:, 0]
 
     def select(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Pre-hook of layer k-1 during prefill: keep the text rows and the kept_of(N_v) visual
+        """Pre-hook of layer k-1 during prefill: keep the text rows and the kept_of(V) visual
         rows with the highest last-row attention, in their original order."""
         import torch
 
         h = args[0] if args else kwargs["hidden_states"]
-        if self.start is None or self.kept_of is None or h.shape[1] != self.n:
+        if self.visual is None or self.kept_of is None or h.shape[1] != self.n:
             return
         cos, sin = kwargs["position_embeddings"]
         scores = _hf_last_row_scores(layer, h, cos, sin)  # (n,)
-        start, count, dev = self.start, self.count, h.device
-        top = scores[start : start + count].topk(self.kept_of(count)).indices + start
-        index = torch.cat(
-            (torch.arange(start, device=dev), top, torch.arange(start + count, self.n, device=dev))
-        )
-        self.index = index.sort().values
+        visual = self.visual.to(h.device)
+        top = visual[scores[visual].topk(self.kept_of(len(visual))).indices]
+        text = torch.ones(self.n, dtype=torch.bool, device=h.device)
+        text[visual] = False
+        self.index = torch.cat((text.nonzero()[:, 0], top)).sort().values
 
     def prune_hook(self, layer_idx: int) -> Callable[..., tuple | None]:
         """Pre-hook of pruned layer `layer_idx`: gather its inputs at `index` during prefill; in a
@@ -309,11 +313,11 @@ def _gather_layer_inputs(kwargs: dict[str, Any], index: torch.Tensor) -> None:
 def pruned_forward(
     model: LlavaForConditionalGeneration, k: int, kept_of: Callable[[int], int] | None = None
 ) -> Iterator[None]:
-    """Make HF LLaVA `model` run decoder layers >= k on the text rows plus kept_of(N_v) visual
-    rows during prefill (N_v: the image tokens in the prompt), chosen by layer k-1's last-row
-    attention (FastV's selection, as pkunlp-icler/FastV builds `keep_indexs`: arange before the
-    span, the top-k visual positions, arange after it, sorted); with kept_of None no visual row
-    is kept (VTE). Decode steps run on each layer's (shorter) cache at the unpruned positions."""
+    """Make HF LLaVA `model` run decoder layers >= k on the text rows plus kept_of(V) visual
+    rows during prefill (V: the image tokens in the prompt, of every image), chosen by layer
+    k-1's last-row attention (FastV's selection, as pkunlp-icler/FastV builds `keep_indexs`:
+    the text rows and the top-k visual positions, sorted); with kept_of None no visual row is
+    kept (VTE). Decode steps run on each layer's (shorter) cache at the unpruned positions."""
     layers = model.model.language_model.layers
     state = _PromptRows(model.config.image_token_id, kept_of)
     handles = [model.register_forward_pre_hook(state.on_prompt, with_kwargs=True)]

@@ -13,9 +13,9 @@ Graph change on the prefill segment, per frozen layer (decode is unchanged: new 
             h + o_proj(...)             (1, n, d)             h[text_idx] + o_proj(...)        (1, n_text, d)
             h1 + mlp(norm(h1))          (1, n, d)             index_copy(h, text_idx, out_t)   (1, n, d)
 
-`text_idx` is built once per graph from the runtime input `visual_start` and the compile-time
-visual-token count N_v: `t = arange(n - N_v); text_idx = where(t < visual_start, t, t + N_v)`
-(Gather + ScatterND in ONNX, no NonZero). The frozen layers' visual-row FLOPs are gone from the
+`text_idx` is built once per graph from the runtime input `visual_rows` (V,): the rows that are
+not visual, found by a running count and a scatter-add (`row_pruning.rows_where`; no NonZero, V
+and n dynamic). The frozen layers' visual-row FLOPs are gone from the
 graph, not masked.
 
 Which layers: `layers=[...]` explicitly; otherwise the `ratio` of layers with the lowest Layer
@@ -24,8 +24,8 @@ published lists when the model matches LLaVA-1.5-7B/13B, or from a calibration r
 (calibration.DEFAULT_SAMPLES generated images, visual LC only; the log says how many and how long).
 
 Composition: after a pruning pass (fastv, vte; the pipeline refuses them after shortv) a frozen
-layer freezes whatever visual rows it still holds (its text index uses the plan's count for that
-layer); a frozen layer after a vte exit holds none, so it is skipped and the stats say so
+layer freezes whatever visual rows it still holds (its text index is taken within the pruning
+pass's keep index); a frozen layer after a vte exit holds none, so it is skipped and the stats say so
 (`skipped_layers`). After fastervlm the image span is simply shorter.
 """
 
@@ -42,7 +42,7 @@ from mllmc.compiler.core.pass_types import PassInfo, PassResult
 from mllmc.runtime.errors import UserError
 
 from .rewrite import GraphEdit, replan
-from .row_pruning import kept_rows, text_rows
+from .row_pruning import kept_rows, pruning_index, text_rows
 
 if TYPE_CHECKING:
     from torch import fx
@@ -309,24 +309,29 @@ def shortv(segments: Segments, cfg: ShortVConfig) -> PassResult:
     edit = GraphEdit.open(segments, "prefill")
     graph, inputs = edit.graph, edit.inputs
     anatomy = {layer.index: layer for layer in edit.layers}
-    # after a pruning pass (fastv, vte) layers hold different visual-row counts: one text index
-    # per count; a layer with no visual rows left (after a vte exit) has nothing to freeze and is
-    # skipped (recorded in the stats)
-    span = segments.visual_tokens
+    # after a pruning pass (fastv, vte) layers >= its k hold the rows of its keep index: one
+    # text index for the full rows and one for those; a layer with no visual rows left (after a
+    # vte exit) has nothing to freeze and is skipped (recorded in the stats)
     held = {i: segments.layer_plan[i].visual_tokens for i in cfg.layers}
     skipped = [i for i in cfg.layers if held[i] == 0]
-    text_idx: dict[int, fx.Node] = {}
-    for count in sorted({held[i] for i in cfg.layers if held[i] > 0}):
-        with graph.inserting_after(inputs["visual_start"]):
-            text_idx[count] = graph.call_function(
-                text_rows, (inputs["input_ids"], inputs["visual_start"], span, count)
+    pruned_from = next(
+        (p.index for p in segments.layer_plan if p.visual_tokens != segments.visual_tokens),
+        None,
+    )
+    text_idx: dict[bool, fx.Node] = {}
+    for pruned in sorted({pruned_from is not None and i >= pruned_from for i in cfg.layers}):
+        keep = pruning_index(edit.layers, pruned_from) if pruned else None
+        with graph.inserting_after(keep if keep is not None else edit.last_input):
+            text_idx[pruned] = graph.call_function(
+                text_rows, (inputs["input_ids"], inputs["visual_rows"], keep)
             )
     shared: dict[tuple[fx.Node, int], fx.Node] = {}
     for i in sorted(set(cfg.layers) - set(skipped)):
         reason = check_frozen_rewrite(anatomy[i])
         if reason:
             raise RuntimeError(f"shortv cannot rewrite layer {i}: {reason}")
-        freeze_layer(graph, anatomy[i], text_idx[held[i]], shared)
+        pruned = pruned_from is not None and i >= pruned_from
+        freeze_layer(graph, anatomy[i], text_idx[pruned], shared)
     frozen = sorted(set(cfg.layers) - set(skipped))
     return PassResult(
         replan(edit.finish(), frozen, visual_computed=False),

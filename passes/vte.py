@@ -8,7 +8,7 @@ K = 0 drops the visual tokens before the first layer.
 
 Graph change on the prefill segment (decode unchanged; positions continue at n):
 
-    keep index = text rows (n - N_v,), from visual_start and N_v (arange + where, no NonZero)
+    keep index = text rows (n - V,), from the visual rows (a running count, no NonZero)
     layers >= K: h, cos/sin, causal mask gathered at it (passes/row_pruning.py, the same gather
                  machinery as fastv): (1, n, d) -> (1, n - N_v, d); present K/V (1, kvh, n - N_v, hd)
 
@@ -106,14 +106,12 @@ def vte(segments: Segments, cfg: VTEConfig) -> PassResult:
 
     edit = GraphEdit.open(segments, "prefill")
     inputs = edit.inputs
-    with edit.graph.inserting_after(inputs["visual_start"]):
-        keep = edit.graph.call_function(
-            text_rows, (inputs["input_ids"], inputs["visual_start"], num_visual)
-        )
+    with edit.graph.inserting_after(edit.last_input):
+        keep = edit.graph.call_function(text_rows, (inputs["input_ids"], inputs["visual_rows"]))
     gathers = drop_rows(edit.graph, edit.layers, cfg.k, keep)
     exited = range(cfg.k, info.num_layers)
     return PassResult(
-        replan(edit.finish(), exited, visual_tokens=0, kv_visual_tokens=0),
+        replan(edit.finish(), exited, visual_tokens=0, kv_visual_tokens=0, kv_visual_keep="0"),
         {
             "exit_layer": cfg.k,
             "layers_without_visual_tokens": info.num_layers - cfg.k,

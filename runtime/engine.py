@@ -1,12 +1,14 @@
 """Engine: runs an mllmc artifact (vision -> prefill -> decode loop) on the runner its target
-names (runtime/runners/: onnx, aoti, trt).
+names (runtime/runners/: onnx, aoti, trt), for a prompt with any number of images.
 
 One generate loop, `SegmentLoop`, over three segment runners; the runners take feeds by the
 manifest's IO names and cast them to the manifest's dtypes, so nothing here knows the target.
 No torch (the torch-based runners import it themselves), and no knowledge of passes: the prefill
 graph already holds every rewrite, and each layer's KV cache is whatever the prefill returned for
 it (passes may leave layers with different cache lengths; decode appends one row to each).
-Decode positions continue from the prompt length n.
+The host lays the prompt out (`runtime/layout.py`: its rows, visual rows and positions) and the
+family's image side (`runtime/images.py`) turns images into tiles and tile features into rows;
+decode positions continue from the layout's next position.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .manifest import MANIFEST_NAME, SEGMENTS, check_files, read_manifest
+from .layout import MIN_TEXT_ROWS, PromptLayout
+from .manifest import MANIFEST_NAME, SEGMENTS, LayerPlan, check_files, read_manifest
 from .runners import (
     DECODE_CACHES,
     RunnerOptions,
@@ -36,7 +39,7 @@ from .runners import (
 log = logging.getLogger(__name__)
 
 DECODE_INPUTS = ("input_ids", "position_ids")  # the decode segment's inputs besides the cache
-PREFILL_INPUTS = ("input_ids", "image_features", "visual_start")
+PREFILL_INPUTS = ("input_ids", "image_features", "visual_rows", "position_ids", "attention_mask")
 # passes whose prefill takes the prompt's last row for its last text token: fastv scores the
 # visual tokens by its attention, vte's exit keeps the text rows only
 LAST_TEXT_ROW_PASSES = ("fastv", "vte")
@@ -97,47 +100,67 @@ class SegmentLoop:
                     f"{', '.join(missing) or 'a cache for every past.* input'}"
                 )
         prefill = self.runners["prefill"].entry
-        # the vocabulary (logits' last dim) and the image span (image_features' N_v), where the
-        # manifest fixes them: what token ids and visual_start are checked against
+        # the vocabulary (logits' last dim), where the manifest fixes it: what token ids are
+        # checked against
         self._vocab = _static_dim(prefill.outputs, "logits", -1)
-        self._span = _static_dim(prefill.inputs, "image_features", 1) or 0
-        # per layer, the visual rows in its cache, where the layer plan is known (`Engine`)
-        self._kv_visual: list[int] | None = None
+        # the layer plan, where it is known (`Engine`): the visual rows each layer's cache holds
+        self._plan: list[LayerPlan] | None = None
+        self._min_visual = 1
+        self._kv_visual: list[int] | None = None  # for the prompt last prefilled
 
     # -- the three segments -------------------------------------------------------------
 
-    def encode_pixels(self, pixel_values: np.ndarray) -> Any:
-        """(1, 3, H, W) pixels -> image features (1, N_v, d), in the vision runner's arrays."""
-        return self.runners["vision"]({"pixel_values": pixel_values})["image_features"]
+    def encode_pixels(self, pixel_values: np.ndarray) -> tuple[Any, Any]:
+        """(T, 3, H, W) tiles -> (their features (T, K, d), the model's image_newline (d,) or
+        None), in the vision runner's arrays."""
+        out = self.runners["vision"]({"pixel_values": pixel_values})
+        return out["image_features"], out.get("image_newline")
 
-    def prefill(
-        self, input_ids: np.ndarray, image_features: Any, visual_start: int
-    ) -> tuple[np.ndarray, list[Any]]:
-        """input_ids (1, n) -> (logits at the last position (V,) float32, KV cache per input
-        `past.*` of the decode segment, in its order)."""
-        ids = np.asarray(input_ids)
-        if ids.dtype.kind not in "iu" or ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+    def prefill(self, layout: PromptLayout, image_features: Any) -> tuple[np.ndarray, list[Any]]:
+        """A laid-out prompt and its visual rows' features (1, V, d) -> (logits at the last row
+        (vocab,) float32, KV cache per input `past.*` of the decode segment, in its order)."""
+        if not isinstance(layout, PromptLayout):
             raise UserError(
-                f"input_ids must be a (1, n) integer array, got shape {ids.shape} dtype {ids.dtype}"
+                f"layout must be the PromptLayout encode_prompt() returned, got "
+                f"{type(layout).__name__}"
             )
-        self._check_token_ids(ids, "input_ids")
-        n, span = ids.shape[1], self._span
-        if not _is_int(visual_start) or not 0 <= visual_start <= n - span:
-            raise UserError(
-                f"visual_start must be an integer from 0 to {n - span} (the {span}-token image "
-                f"span lies inside the {n}-token prompt), got {visual_start!r}"
-            )
+        layout.check(vocab_size=self._vocab)
+        self._check_visual_rows(layout, image_features)
         runner = self.runners["prefill"]
         out = runner(
             {
-                "input_ids": ids,
+                "input_ids": layout.input_ids,
                 "image_features": image_features,
-                "visual_start": np.array([visual_start]),
+                "visual_rows": layout.visual_rows,
+                "position_ids": layout.position_ids,
+                "attention_mask": layout.attention_mask,
             }
         )
+        if self._plan is not None:
+            self._kv_visual = [p.kv_visual_rows(layout.num_visual) for p in self._plan]
         return runner.to_numpy(out["logits"])[0], [
             out[self._present_of[p]] for p in self._past_names
         ]
+
+    def _check_visual_rows(self, layout: PromptLayout, image_features: Any) -> None:
+        """UserError unless the layout's visual rows fit the features and the graphs' ranges."""
+        v, n = layout.num_visual, layout.n
+        shape = tuple(getattr(image_features, "shape", ()))
+        if len(shape) != 3 or shape[0] != 1 or shape[1] != v:
+            raise UserError(
+                f"image_features must be (1, {v}, d) for the layout's {v} visual rows, got "
+                f"shape {shape}"
+            )
+        if v < self._min_visual:
+            raise UserError(
+                f"the prompt has {v} visual rows; this artifact's passes need at least "
+                f"{self._min_visual}"
+            )
+        if n - v < MIN_TEXT_ROWS:
+            raise UserError(
+                f"the prompt has {n - v} text tokens besides its images; mllmc needs at least "
+                f"{MIN_TEXT_ROWS} (add text to the prompt)"
+            )
 
     def decode_step(
         self, token_id: int, position: int, cache: list[Any]
@@ -180,9 +203,8 @@ class SegmentLoop:
 
     def loop(
         self,
-        pixel_values: np.ndarray,
-        input_ids: np.ndarray,
-        visual_start: int,
+        layout: PromptLayout,
+        encode: Callable[[], Any],
         max_new_tokens: int,
         *,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
@@ -190,14 +212,15 @@ class SegmentLoop:
         top_k: int = 0,
         seed: int | None = None,
     ) -> LoopOutput:
-        """Generate up to `max_new_tokens` tokens (stopping after one in `eos_token_ids`)."""
+        """Generate up to `max_new_tokens` tokens (stopping after one in `eos_token_ids`) for
+        `layout`, whose visual rows' features (1, V, d) `encode()` computes (timed as vision)."""
         rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
-        features = self.encode_pixels(pixel_values)
+        features = encode()
         t1 = time.perf_counter()
-        logits, cache = self.prefill(input_ids, features, visual_start)
+        logits, cache = self.prefill(layout, features)
         t2 = time.perf_counter()
-        position = int(input_ids.shape[1])
+        position = layout.next_position
         tokens: list[int] = []
         chosen: list[np.ndarray] = []
         while True:
@@ -235,12 +258,8 @@ class Engine(SegmentLoop):
         cuda_graphs: bool | None = None,
         decode_cache: str | None = None,
     ):
-        from .preprocess import (
-            ImagePreprocessor,
-            PromptEncoder,
-            check_image_size,
-            read_image_processor_config,
-        )
+        from .images import image_inputs
+        from .preprocess import PromptEncoder, check_image_size, read_image_processor_config
 
         _check_engine_args(providers, share_weights, cuda_graphs)
         cores = os.cpu_count() or 1
@@ -286,26 +305,52 @@ class Engine(SegmentLoop):
         # after the runners: an engine file of another model is named as such first
         self.manifest.check_dims(str(self.root / MANIFEST_NAME))
         super().__init__(runners)
-        self._kv_visual = [layer.kv_visual_tokens for layer in self.manifest.layers]
+        self._plan = list(self.manifest.layers)
+        self._min_visual = self.manifest.min_visual_rows
         self.visual_tokens: int = self.manifest.visual_tokens
         self.num_layers: int = len(self.manifest.layers)
         self.eos_token_ids: set[int] = set(self.manifest.model.eos_token_ids)
         processor = read_image_processor_config(self.root)
         check_image_size(processor, self.manifest.model.image_size, self.root)
-        self.image_preprocessor = ImagePreprocessor(processor)
+        self.images = image_inputs(self.manifest, processor)
         self.prompt_encoder = PromptEncoder.from_dir(self.root)
 
-    def encode_image(self, image: Any) -> Any:
-        """image (path, PIL image or HxWx3 uint8 array) -> image features (1, N_v, d)."""
-        return self.encode_pixels(self.image_preprocessor(image))  # (1, 3, H, W) float32
+    def encode_images(self, images: Any) -> tuple[Any, list[int]]:
+        """An image or a list of images (paths, PIL images or HxWx3 uint8 arrays) -> (the
+        features of their visual rows (1, V, d), in order; each image's row count). One vision
+        call runs every image's tiles."""
+        items = _image_list(images)
+        tiles, metas = zip(*(self.images.tiles(image) for image in items), strict=True)
+        features, newline = self.encode_pixels(np.concatenate(tiles))  # (T, K, d)
+        features = self.runners["vision"].to_numpy(features)
+        newline = None if newline is None else self.runners["vision"].to_numpy(newline)
+        rows, start = [], 0
+        for image_tiles, meta in zip(tiles, metas, strict=True):
+            end = start + image_tiles.shape[0]
+            rows.append(self.images.pack(features[start:end], meta, newline))
+            start = end
+        counts = [r.shape[0] for r in rows]
+        return np.concatenate(rows)[None], counts
 
-    def encode_prompt(self, prompt: str) -> tuple[np.ndarray, int]:
-        """prompt -> (input_ids (1, n) int64, visual_start: where the image span begins)."""
+    def encode_image(self, image: Any) -> Any:
+        """One image -> the features of its visual rows (1, rows, d)."""
+        return self.encode_images([image])[0]
+
+    def image_rows(self, images: Any) -> list[int]:
+        """How many prompt rows each image takes (without running the vision segment)."""
+        return [self.images.count(self.images.tiles(i)[1]) for i in _image_list(images)]
+
+    def encode_prompt(self, prompt: str, counts: list[int] | None = None) -> PromptLayout:
+        """prompt and each image's row count (default: one image of the model's base size) ->
+        its layout: input ids, visual rows, positions, attention mask, next position."""
         if not isinstance(prompt, str):
             raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
-        input_ids, visual_start = self.prompt_encoder.encode(prompt, self.visual_tokens)
-        if visual_start + self.visual_tokens == input_ids.shape[1]:
-            # the prompt ends with the image: refused where a pass reads the last row as text
+        layout = self.prompt_encoder.layout(
+            prompt, [self.visual_tokens] if counts is None else counts
+        )
+        last = layout.n - 1
+        if layout.num_visual and int(layout.visual_rows[-1]) == last:
+            # the prompt ends with an image: refused where a pass reads the last row as text
             passes = [p.name for p in self.manifest.passes if p.name in LAST_TEXT_ROW_PASSES]
             if passes:
                 image = self.prompt_encoder.image_token
@@ -313,7 +358,7 @@ class Engine(SegmentLoop):
                     f"the prompt ends with the image, but {passes[0]} needs a text token last; "
                     f"put text after {image} (e.g. '{image} Describe the image.')"
                 )
-        return input_ids, visual_start
+        return layout
 
     def generate(
         self,
@@ -328,7 +373,8 @@ class Engine(SegmentLoop):
         strict: bool = False,
     ) -> GenerationResult:
         """Greedy (temperature 0) or sampled (softmax of logits / temperature, over the top_k
-        logits when top_k > 0) generation for one image + prompt.
+        logits when top_k > 0) generation for an image, or a list of images, and a prompt (with
+        one image placeholder per image, or none: then the chat template puts the images first).
 
         A prompt plus `max_new_tokens` longer than the model's max_position_embeddings logs one
         warning (positions past it were never trained), or raises UserError when `strict`; one
@@ -339,24 +385,29 @@ class Engine(SegmentLoop):
         _check_bool(stop_at_eos, "stop_at_eos")
         _check_bool(strict, "strict")
         _check_generate_args(max_new_tokens, temperature, top_k, seed, vocab)
-        input_ids, visual_start = self.encode_prompt(prompt)
-        self._check_length(int(input_ids.shape[1]), max_new_tokens, strict)
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
+        t0 = time.perf_counter()
+        features, counts = self.encode_images(image)  # the row counts come with the features
+        vision_s = time.perf_counter() - t0
+        layout = self.encode_prompt(prompt, counts)
+        self._check_length(layout.n, max_new_tokens, strict)
         out = self.loop(
-            self.image_preprocessor(image),
-            input_ids,
-            visual_start,
+            layout,
+            lambda: features,
             max_new_tokens,
             eos_token_ids=self.eos_token_ids if stop_at_eos else frozenset(),
             temperature=temperature,
             top_k=top_k,
             seed=seed,
         )
+        timings = {**out.timings, "vision_s": vision_s, "total_s": out.timings["total_s"] + vision_s}
         return GenerationResult(
             token_ids=out.tokens,
             text=self.prompt_encoder.decode(out.tokens),
             logits=out.logits,
-            timings=out.timings,
-            prompt_tokens=int(input_ids.shape[1]),
+            timings=timings,
+            prompt_tokens=layout.n,
         )
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int, strict: bool) -> None:
@@ -386,6 +437,14 @@ class Engine(SegmentLoop):
         if strict:
             raise UserError(f"{msg}; shorten the prompt or lower max_new_tokens")
         log.warning("%s: output past position %d is unreliable", msg, limit)
+
+
+def _image_list(images: Any) -> list[Any]:
+    """An image or a list / tuple of images -> a non-empty list."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise UserError("no image given: pass an image or a list of images")
+    return items
 
 
 def _is_int(v: Any) -> bool:

@@ -117,6 +117,26 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     text_model_type: str
     max_position_embeddings: int
+    # which tower rows reach the projector ("default": the patches, "full": [CLS] too)
+    vision_feature_select_strategy: str = "default"
+
+
+def parse_keep(rule: str) -> tuple[int, int]:
+    """A keep rule ("1", "0" or "p/q" with 0 <= p <= q) -> (p, q); ValueError otherwise."""
+    num, _, den = rule.partition("/")
+    p, q = int(num), int(den or 1)
+    if not (0 <= p <= q and q >= 1) or str(rule) != (f"{p}/{q}" if den else str(p)):
+        raise ValueError(f"not a keep rule: {rule!r} (want 1, 0 or p/q with 0 <= p <= q)")
+    return p, q
+
+
+def keep_count(v: Any, rule: str) -> Any:
+    """floor(v·p/q + 1/2) for the keep rule "p/q": v·p/q rounded, halves up. Integer arithmetic
+    only, so v may be an int or a traced symbolic size (a pass computes its kept count inside the
+    prefill graph from the visual rows it is given, with this same function; one floor division
+    keeps the count's range provable there)."""
+    p, q = parse_keep(rule)
+    return (2 * v * p + q) // (2 * q)
 
 
 @dataclass(frozen=True)
@@ -125,13 +145,22 @@ class LayerPlan:
 
     visual_tokens: visual rows in this layer's input hidden state (per layer: a pruning pass or
     early exit leaves fewer rows in later layers than `Manifest.visual_tokens`);
-    kv_visual_tokens: visual rows in its KV cache; visual_computed: whether the layer updates its visual rows (False: ShortV
-    freezes them, they pass through unchanged)."""
+    kv_visual_tokens: visual rows in its KV cache; visual_computed: whether the layer updates its
+    visual rows (False: ShortV freezes them, they pass through unchanged). The two counts are
+    for one reference image (`Manifest.visual_tokens` entering the LLM); `kv_visual_keep` is the
+    rule that gives the cache's visual rows for any number V entering: "1" all, "0" none, "p/q"
+    round(V·p/q), halves up (`keep_count`)."""
 
     index: int
     visual_tokens: int
     kv_visual_tokens: int
     visual_computed: bool = True
+    kv_visual_keep: str = "1"
+
+    def kv_visual_rows(self, entering: int) -> int:
+        """Visual rows in this layer's KV cache for a prompt whose `entering` visual rows enter
+        the LLM (the counts above are for one reference image; this holds for any layout)."""
+        return keep_count(entering, self.kv_visual_keep)
 
 
 @dataclass(frozen=True)
@@ -202,6 +231,8 @@ class Manifest:
     flops: Flops
     tol: float = FLOAT32_TOL
     validation: Validation | None = None
+    # the fewest visual rows a prompt may hold (a pass's graph may need more than one)
+    min_visual_rows: int = 1
 
     @property
     def target(self) -> str:
@@ -270,6 +301,12 @@ class Manifest:
             counts = (layer.visual_tokens, layer.kv_visual_tokens)
             if not all(0 <= c <= self.visual_tokens for c in counts):
                 raise bad(f"layer {layer.index} has an impossible visual-token count {counts}")
+            try:
+                parse_keep(layer.kv_visual_keep)
+            except ValueError as e:
+                raise bad(f"layer {layer.index}: {e}") from None
+        if self.min_visual_rows < 1:
+            raise bad(f"min_visual_rows must be >= 1, got {self.min_visual_rows}")
         problem = self._model_problem()
         if problem:
             raise bad(problem)

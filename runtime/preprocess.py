@@ -9,6 +9,7 @@ and dtype by dtype, so pixel values agree to float32 rounding and input ids exac
     pixel_values = ImagePreprocessor(cfg)("cat.png")                  # (1, 3, H, W) float32
     encoder = PromptEncoder.from_dir(model_dir)
     input_ids, visual_start = encoder.encode("What is this?", 576)   # (1, n) int64, int
+    layout = encoder.layout("Compare the two.", [576, 576])          # PromptLayout, 2 images
     text = encoder.decode(generated_ids)
 
 Imports numpy, PIL, tokenizers and jinja2 only: never torch or transformers.
@@ -20,6 +21,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 from .jsonfile import JSONError, read_json
+from .layout import PromptLayout, check_counts, locate_images, placeholder_mismatch
 from .manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,13 @@ _CLIP_DEFAULTS: dict[str, Any] = {
     "default_to_square": False,
 }
 _CLIP_TYPES = {None, "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"}
+_LLAVA_NEXT_TYPES = {
+    "LlavaNextImageProcessor",
+    "LlavaNextImageProcessorFast",
+    "LlavaNextImageProcessorPil",
+}
+# LlavaNextImageProcessor's class default for image_grid_pinpoints, as [height, width] pairs.
+LLAVA_NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 _FLAGS = ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad")
 
 # Where the image settings live, in transformers' order of preference. An artifact (a
@@ -126,7 +136,8 @@ def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     as transformers does, the "image_processor" block of processor_config.json first, then
     preprocessor_config.json (then an image_processor.json). Keys the file leaves
     out take CLIPImageProcessor's defaults; `size` comes back as {"shortest_edge": N} or
-    {"height": H, "width": W} and `crop_size` as {"height": H, "width": W}.
+    {"height": H, "width": W} and `crop_size` as {"height": H, "width": W}. A LLaVA-NeXT
+    config also gives "image_grid_pinpoints" ([[height, width], ...]), and do_pad False.
     """
     root = Path(model_dir)
     if not root.is_dir():
@@ -153,11 +164,9 @@ def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
             f"{root} has no image processor config: expected preprocessor_config.json or an "
             "'image_processor' block in processor_config.json"
         )
-    kind = raw.get("image_processor_type")
-    if kind not in _CLIP_TYPES:
-        raise UserError(
-            f"{path}: image processor {kind!r} is not supported; mllmc reads CLIPImageProcessor configs"
-        )
+    anyres = _is_anyres(raw, path)
+    if anyres:  # LLaVA-NeXT's do_pad pads tile counts across a batch of images: nothing for one
+        raw = {k: v for k, v in raw.items() if k not in ("do_pad", "pad_size")}
 
     # A missing key takes the class default; an explicit null stays None in transformers, which
     # means False for a flag, and an error for a value that a step needs.
@@ -195,7 +204,47 @@ def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
             cfg[k] = _channel_list(cfg[k], k, path)
     if cfg["pad_size"] is not None:
         cfg["pad_size"] = _size_dict(cfg["pad_size"], True, "pad_size", path)
+    if anyres:
+        cfg["image_grid_pinpoints"] = _grid_pinpoints(raw, cfg, path)
     return cfg
+
+
+def _is_anyres(raw: dict[str, Any], path: Path) -> bool:
+    """Whether `raw` is a LLaVA-NeXT (anyres) image-processor config: its type says so, or, in an
+    artifact's image_processor.json, it has image_grid_pinpoints. UserError for another type."""
+    kind = raw.get("image_processor_type")
+    if kind in _LLAVA_NEXT_TYPES or (kind is None and "image_grid_pinpoints" in raw):
+        return True
+    if kind not in _CLIP_TYPES:
+        raise UserError(
+            f"{path}: image processor {kind!r} is not supported; mllmc reads CLIPImageProcessor "
+            "and LlavaNextImageProcessor configs"
+        )
+    return False
+
+
+def _grid_pinpoints(raw: dict[str, Any], cfg: dict[str, Any], path: Path) -> list[list[int]]:
+    """A LLaVA-NeXT config's image_grid_pinpoints as [[height, width], ...] (the class default when
+    the key is missing), each within the image pixel limit; UserError for anything else, or
+    when `size`, which the whole-image tile is resized to, is null."""
+    value = raw.get("image_grid_pinpoints", LLAVA_NEXT_GRID_PINPOINTS)
+    if cfg["size"] is None:
+        raise UserError(f"{path}: size is null, but LLaVA-NeXT resizes every image to it")
+    ok = isinstance(value, (list, tuple)) and len(value) > 0
+    for pair in value if ok else ():
+        ok = ok and (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
+        )
+    if not ok:
+        raise UserError(
+            f"{path}: image_grid_pinpoints must be a non-empty list of [height, width] pairs of "
+            f"positive integers, got {str(value)[:80]}"
+        )
+    for h, w in value:
+        check_pixels(w, h, f"{path}: image_grid_pinpoints {[h, w]}")
+    return [[int(h), int(w)] for h, w in value]
 
 
 def output_size(cfg: dict[str, Any]) -> tuple[str, int, int] | None:
@@ -354,6 +403,34 @@ def _center_crop(image: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     ]
 
 
+def to_rgb_array(
+    image: str | os.PathLike | Image.Image | np.ndarray, do_convert_rgb: bool
+) -> np.ndarray:
+    """An image (path, PIL image or HxWxC uint8 array) as transformers' PIL backend takes it in:
+    loaded, converted to RGB when `do_convert_rgb`, -> (H, W, 3) uint8; UserError otherwise."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        if do_convert_rgb:
+            image = convert_to_rgb(image)
+        array = np.array(image)  # (H, W, C) uint8
+    elif isinstance(image, np.ndarray):
+        if image.ndim >= 2:  # the limit image files have, before any copy is made
+            check_pixels(image.shape[1], image.shape[0], f"image array {image.shape}")
+        array = _array_to_rgb(image) if do_convert_rgb else image
+    else:
+        raise UserError(
+            f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}"
+        )
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise UserError(
+            f"image must be RGB uint8 after conversion, got shape {array.shape} dtype {array.dtype}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise UserError(f"image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
+    return array
+
+
 class ImagePreprocessor:
     """CLIPImageProcessor (PIL backend) in numpy: convert to RGB, resize, center crop, rescale, normalize."""
 
@@ -365,27 +442,7 @@ class ImagePreprocessor:
     def __call__(self, image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
         """image (path, PIL image or HxWx3 uint8 array) -> pixel_values (1, 3, H, W) float32."""
         cfg = self.config
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(image)
-        if isinstance(image, Image.Image):
-            if cfg["do_convert_rgb"]:
-                image = convert_to_rgb(image)
-            array = np.array(image)  # (H, W, C) uint8
-        elif isinstance(image, np.ndarray):
-            if image.ndim >= 2:  # the limit image files have, before any copy is made
-                check_pixels(image.shape[1], image.shape[0], f"image array {image.shape}")
-            array = _array_to_rgb(image) if cfg["do_convert_rgb"] else image
-        else:
-            raise UserError(
-                f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}"
-            )
-        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
-            raise UserError(
-                f"image must be RGB uint8 after conversion, got shape {array.shape} dtype {array.dtype}"
-            )
-        if array.shape[0] == 0 or array.shape[1] == 0:
-            raise UserError(f"image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
-
+        array = to_rgb_array(image, cfg["do_convert_rgb"])  # (H, W, 3) uint8
         if cfg["do_resize"]:
             # a PIL resize of the uint8 image, as transformers' PIL backend does it
             h, w = _resize_shape(array.shape[0], array.shape[1], cfg["size"])
@@ -581,6 +638,17 @@ def _compile_template(source: str):
         raise UserError(f"bad chat template: {_one_line(e)}") from None
 
 
+def _check_utf8(prompt: str) -> None:
+    """UserError unless `prompt` can be encoded as UTF-8 (a lone surrogate from a bad shell)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"the prompt is not valid text: {e.object[e.start : e.end]!r} at character "
+            f"{e.start} cannot be encoded as UTF-8 (is the prompt's file or shell not UTF-8?)"
+        ) from None
+
+
 class PromptEncoder:
     """LlavaProcessor's text side: chat template, tokenizer, image-token expansion; and decoding."""
 
@@ -634,16 +702,16 @@ class PromptEncoder:
         tokenizer = _load_tokenizer(root / "tokenizer.json")
         return cls(tokenizer, image_token, _read_chat_template(root, proc_cfg, tok_cfg), special)
 
-    def apply_chat_template(self, prompt: str) -> str:
-        """One user turn holding the image and `prompt`, plus the generation prompt, as text."""
+    def apply_chat_template(self, prompt: str, num_images: int = 1) -> str:
+        """One user turn holding `num_images` images, then `prompt`, plus the generation prompt,
+        as text (the messages HF's processors template: images first, then the text)."""
         if self._template is None:
             raise UserError(
                 f"the prompt has no {self.image_token} placeholder and the model has no chat template: "
-                f"put {self.image_token} where the image goes"
+                f"put {self.image_token} where each image goes"
             )
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
+        images = [{"type": "image"} for _ in range(num_images)]
+        messages = [{"role": "user", "content": [*images, {"type": "text", "text": prompt}]}]
         variables = {
             **self.special_tokens,
             "messages": messages,
@@ -658,47 +726,53 @@ class PromptEncoder:
         except Exception as e:  # the template is the model's code: any error it raises
             raise UserError(f"chat template failed: {type(e).__name__}: {_one_line(e)}") from None
 
-    def encode(self, prompt: str, num_visual_tokens: int) -> tuple[np.ndarray, int]:
-        """prompt -> (input_ids (1, n) int64 with `num_visual_tokens` image tokens, index of the first).
+    def layout(self, prompt: str, counts: Sequence[int]) -> PromptLayout:
+        """prompt + per-image visual-token counts -> the prompt's layout, as LlavaProcessor makes it.
 
-        A prompt with the image token is tokenized as it is (as `processor(text=prompt)` does); one
-        without goes through the chat template first, and then, as in the processor's
+        A prompt with image placeholders holds one per image, in image order, and is tokenized as
+        it is (as `processor(images=..., text=prompt)` does); one without goes through the chat
+        template as one user turn with the images first, and then, as in the processor's
         `apply_chat_template(tokenize=True)`, no BOS is added if the template already wrote one.
+        The k-th placeholder becomes counts[k] image tokens before tokenizing.
         """
-        if num_visual_tokens < 1:
-            raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(
-                f"the prompt is not valid text: {e.object[e.start : e.end]!r} at character "
-                f"{e.start} cannot be encoded as UTF-8 (is the prompt's file or shell not UTF-8?)"
-            ) from None
+        counts = check_counts(counts)
+        _check_utf8(prompt)
         add_special_tokens = True
-        count = prompt.count(self.image_token)
-        if count == 0:
-            prompt = self.apply_chat_template(prompt)
+        found = prompt.count(self.image_token)
+        if found == 0:
+            prompt = self.apply_chat_template(prompt, num_images=len(counts))
             add_special_tokens = not (self.bos_token and prompt.startswith(self.bos_token))
-            count = prompt.count(self.image_token)
-            if count != 1:
+            found = prompt.count(self.image_token)
+            if found != len(counts):
                 raise UserError(
-                    f"the chat template wrote {count} {self.image_token} tokens, expected 1"
+                    f"the chat template wrote {found} {self.image_token} tokens, expected "
+                    f"{len(counts)} (one per image): check the model's chat template"
                 )
-        if count > 1:
-            raise UserError(
-                f"the prompt has {count} {self.image_token} tokens; mllmc supports one image per prompt"
+        elif found != len(counts):
+            raise placeholder_mismatch(
+                found, len(counts), self.image_token, "put one where each image goes, or none"
             )
-        # As LlavaProcessor does: repeat the placeholder in the text, then tokenize.
-        text = prompt.replace(self.image_token, self.image_token * num_visual_tokens)
+        # As LlavaProcessor does: repeat each placeholder in the text, then tokenize.
+        head, *tails = prompt.split(self.image_token)
+        text = head + "".join(
+            self.image_token * c + tail for c, tail in zip(counts, tails, strict=True)
+        )
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        start = positions[0] if positions else -1
-        if len(positions) != num_visual_tokens or positions[-1] - start + 1 != num_visual_tokens:
-            raise UserError(
-                f"{self.image_token} did not tokenize into {num_visual_tokens} consecutive image tokens "
-                f"(got {len(positions)}): check the tokenizer"
+        return locate_images(ids, self.image_token_id, counts, self.image_token)
+
+    def encode(self, prompt: str, num_visual_tokens: int) -> tuple[np.ndarray, int]:
+        """prompt -> (input_ids (1, n) int64 with `num_visual_tokens` image tokens, index of the
+        first): `layout` for one image."""
+        found = prompt.count(self.image_token)
+        if found > 1:
+            raise placeholder_mismatch(
+                found,
+                1,
+                self.image_token,
+                "encode takes one image per prompt (layout takes several)",
             )
-        return np.array([ids], dtype=np.int64), start  # (1, n), int
+        layout = self.layout(prompt, [num_visual_tokens])
+        return layout.input_ids, layout.image_spans[0][0]
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text, special tokens skipped (transformers skips its space clean-up for BPE)."""

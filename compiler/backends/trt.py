@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.layout import MIN_TEXT_ROWS
 from mllmc.runtime.manifest import SegmentEntry
 
 from . import segment_entry
 
 OPT_TEXT_TOKENS = 64
+OPT_VISUAL_TOKENS = 576  # one LLaVA-1.5 image
+MAX_TILES = 256  # as the captured vision segment (compiler/core/capture.py)
 INSTALL = "pip install 'mllmc[trt]'"
 
 
@@ -70,24 +73,29 @@ def check_available(what: str = "target 'trt'") -> None:
 
 def input_specs(inputs: list[dict[str, Any]], max_seq_len: int) -> list[InputSpec]:
     """Shape ranges for a segment's inputs (manifest records: name, shape, dtype), its dynamic
-    dims named as the manifest names them (`n`, `past_<l>`). The image span N_v is the
-    prefill's static `image_features` length; a decode segment has cache lengths only."""
-    span = next((t["shape"][1] for t in inputs if t["name"] == "image_features"), 0)
-    low = {"n": span + 2}
-    if max_seq_len < max(low["n"], 2):
-        raise UserError(
-            f"--max-seq-len {max_seq_len} is shorter than the image span + 2 ({low['n']} tokens)"
-        )
-    opt = min(max_seq_len, span + OPT_TEXT_TOKENS)
+    dims named as the manifest names them (`n`, `visual`, `tiles`, `past_<l>`); the profile is
+    optimised for one image of OPT_VISUAL_TOKENS rows and OPT_TEXT_TOKENS of text."""
+    low = {"n": MIN_TEXT_ROWS + 1, "visual": 1, "tiles": 1}
+    if max_seq_len < low["n"]:
+        raise UserError(f"--max-seq-len {max_seq_len} is shorter than {low['n']} tokens")
+    prefill = any("visual" in t["shape"] for t in inputs)
+    visual = min(max_seq_len - MIN_TEXT_ROWS, OPT_VISUAL_TOKENS)
+    opt = {
+        "n": min(max_seq_len, (visual if prefill else 0) + OPT_TEXT_TOKENS),
+        "visual": visual,
+        "tiles": 1,
+    }
+    high = {"n": max_seq_len, "visual": max_seq_len - MIN_TEXT_ROWS, "tiles": MAX_TILES}
     specs = []
     for t in inputs:
         ranges = []
         for d in t["shape"]:
             if isinstance(d, int):
                 ranges.append((d, d, d))
-            elif d == "n" or d.startswith("past_"):
-                lo = low.get(d, 1)
-                ranges.append((lo, max(lo, opt), max_seq_len))
+            elif d in low:
+                ranges.append((low[d], max(low[d], opt[d]), high[d]))
+            elif d.startswith("past_"):
+                ranges.append((1, max(1, opt["n"]), max_seq_len))
             else:
                 raise ValueError(f"input {t['name']} has a dim {d!r} with no known range")
         mins, opts, maxs = (tuple(r[i] for r in ranges) for i in range(3))

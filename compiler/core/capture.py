@@ -42,8 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.layout import MIN_TEXT_ROWS
 from mllmc.runtime.manifest import LayerPlan, ModelInfo
 
+from .families import family
 from .model_dir import (  # noqa: F401  (also importable from capture)
     MAX_SEQ,
     SUPPORTED_ARCHITECTURES,
@@ -96,14 +98,12 @@ def layer_windows(text_config: Any) -> list[int | None]:
 
 
 def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelInfo]:
-    """Load a LLaVA directory in fp32 eval mode, as a user would; returns (model, info)."""
-    read_config(model_dir)
-    from transformers import LlavaForConditionalGeneration
-
+    """Load a model directory of a supported family in fp32 eval mode, with the transformers
+    class a user would load it with; returns (model, info)."""
+    cfg = read_config(model_dir)
+    model_class = family(cfg["model_type"]).model_class()
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            str(model_dir), dtype=torch.float32
-        ).eval()
+        model = model_class.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     except Exception as e:  # corrupt weights raise safetensors', torch's or HF's own errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model from {model_dir}: {first}") from None
@@ -149,6 +149,7 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
         eos_token_ids=tuple(int(e) for e in eos_ids),
         text_model_type=tc.model_type,
         max_position_embeddings=int(getattr(tc, "max_position_embeddings", 0) or 0),
+        vision_feature_select_strategy=strategy,
     )
 
 
@@ -326,32 +327,34 @@ class _Decoder(nn.Module):
 
 
 class PrefillSegment(_Decoder):
-    """input_ids (1, n) with N_v image placeholders starting at visual_start, image_features
-    (1, N_v, d), visual_start (1,) int64 -> logits (1, V), then k_0, v_0, k_1, v_1, ...
+    """The prompt, laid out on the host (runtime/layout.py):
 
-    N_v is the number of rows the vision segment outputs: the tower's patch count, or fewer when a
-    pre-LLM pass (fastervlm) prunes them."""
+        input_ids      (1, n) int64, the prompt with one image token per visual row
+        image_features (1, V, d)     every image's visual rows, in prompt order
+        visual_rows    (V,) int64    the rows they occupy, ascending
+        position_ids   (1, n) int64  each row's position (arange(n) for LLaVA)
+        attention_mask (1, n) int64  1 for the rows the prompt holds
+    -> logits (1, vocab) at the last row, then k_0, v_0, k_1, v_1, ... (1, kvh, n, hd).
 
-    def __init__(self, model: nn.Module, info: ModelInfo, num_visual: int | None = None):
-        super().__init__(model, info)
-        self.visual_tokens = info.visual_tokens if num_visual is None else num_visual
+    V is a dynamic dim like n: one program serves every image count and size. The causal mask
+    is built from row indices (query row >= key row, within a layer's sliding window), so it
+    does not depend on the position values; positions only feed RoPE."""
 
-    def forward(self, input_ids, image_features, visual_start):
+    def forward(self, input_ids, image_features, visual_rows, position_ids, attention_mask):
         n = input_ids.shape[1]
         ids = torch.where(input_ids == self.image_token_id, torch.zeros_like(input_ids), input_ids)
         h = self.embed_tokens(ids)  # (1, n, d)
-        dev = input_ids.device
-        visual_rows = visual_start + torch.arange(self.visual_tokens, device=dev)  # (N_v,)
         h = h.index_copy(1, visual_rows, image_features.to(h.dtype))
-        positions = torch.arange(n, device=dev)[None, :]  # (1, n)
-        cos, sin = self.rope(positions, h.dtype)
-        # causal mask from positions, built once per distinct window (a pass that drops rows
-        # gathers its rows and columns, so it stays a mask over the original positions)
-        distance = positions[0][:, None] - positions[0][None, :]  # (n, n) query - key
+        cos, sin = self.rope(position_ids, h.dtype)
+        # one mask per distinct window (a pass that drops rows gathers its rows and columns, so
+        # it stays a mask over the original rows)
+        rows = torch.arange(n, device=input_ids.device)
+        distance = rows[:, None] - rows[None, :]  # (n, n) query row - key row
+        present_keys = attention_mask[0][None, :] != 0  # (1, n)
         masks = {
-            w: additive_mask(window_allows(distance, w), h.dtype)[None, None]  # (1, 1, n, n)
+            w: additive_mask(window_allows(distance, w) & present_keys, h.dtype)[None, None]
             for w in set(self.windows)
-        }
+        }  # (1, 1, n, n) each
         present: list[torch.Tensor] = []
         for layer, window in zip(self.layers, self.windows, strict=True):
             h, k, v = layer(h, cos, sin, masks[window])
@@ -399,7 +402,11 @@ class StaticCacheDecodeSegment(_Decoder):
 
 
 class VisionSegment(nn.Module):
-    """pixel_values (1, 3, H, W) -> projected image features (1, N_v, d) (LLaVA-1.5 path)."""
+    """pixel_values (B, 3, S, S): B tiles (LLaVA: one per image; LLaVA-NeXT: the base image and
+    its grid tiles) -> projected features (B, N, d), N the visual tokens per tile; B is dynamic.
+    LLaVA-NeXT's packing of tiles into an image's rows (unpadding, one image_newline per grid
+    row) is index work on the host (runtime/llava_next.py), so its segment also outputs the
+    model's `image_newline` (d,) for it."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -407,13 +414,17 @@ class VisionSegment(nn.Module):
         self.multi_modal_projector = model.model.multi_modal_projector
         self.feature_layer = model.config.vision_feature_layer
         self.drop_cls = model.config.vision_feature_select_strategy == "default"
+        self.image_newline = getattr(model.model, "image_newline", None)
 
     def forward(self, pixel_values):
         out = self.vision_tower(pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[self.feature_layer]  # (1, 1 + patches, dv)
+        feats = out.hidden_states[self.feature_layer]  # (B, 1 + patches, dv)
         if self.drop_cls:
             feats = feats[:, 1:]
-        return self.multi_modal_projector(feats)  # (1, N_v, d)
+        feats = self.multi_modal_projector(feats)  # (B, N, d)
+        if self.image_newline is None:
+            return (feats,)
+        return feats, self.image_newline.to(feats.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,6 +467,7 @@ class Segments:
     layer_plan: list[LayerPlan]
     model: nn.Module | None = None
     static_decode: Segment | None = None  # `export_static_cache_decode`, when asked for
+    min_visual_rows: int = 1  # the fewest visual rows a prompt may have (a pass may need more)
 
     def __iter__(self):
         return iter((self.vision, self.prefill, self.decode))
@@ -493,18 +505,19 @@ def reexport(seg: Segment, gm: torch.fx.GraphModule) -> Segment:
 
 
 def example_prefill_inputs(
-    info: ModelInfo, n_text: int = 8, num_visual: int | None = None
+    info: ModelInfo, n_text: int = 8, num_visual: int = 7
 ) -> tuple[torch.Tensor, ...]:
-    """A prompt of n_text text tokens around an image span of `num_visual` rows (default: the
-    tower's N_v) starting at position 3."""
-    num_visual = info.visual_tokens if num_visual is None else num_visual
+    """A prompt of n_text text tokens and two images of `num_visual` rows (at rows 2.. and after
+    one text row), laid out as the runtime lays out prompts."""
     n = n_text + num_visual
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, max(4, info.image_token_id), (1, n), generator=gen)
-    start = 3
-    ids[0, start : start + num_visual] = info.image_token_id
+    first = num_visual // 2
+    rows = torch.cat((torch.arange(2, 2 + first), torch.arange(3 + first, 3 + num_visual)))
+    ids[0, rows] = info.image_token_id
     feats = torch.randn(1, num_visual, info.hidden_size, generator=gen)
-    return ids, feats, torch.tensor([start], dtype=torch.int64)
+    positions = torch.arange(n)[None, :]
+    return ids, feats, rows, positions, torch.ones(1, n, dtype=torch.int64)
 
 
 def on_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -514,19 +527,31 @@ def on_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Te
     return tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
 
 
-def export_prefill(model: nn.Module, info: ModelInfo, num_visual: int | None = None) -> Segment:
-    """The prefill for an image span of `num_visual` rows (default: the tower's N_v)."""
-    num_visual = info.visual_tokens if num_visual is None else num_visual
-    seg = PrefillSegment(model, info, num_visual).eval()
-    args = on_model(model, example_prefill_inputs(info, num_visual=num_visual))
-    n = torch.export.Dim("n", min=num_visual + 2, max=MAX_SEQ)
-    dyn = ({1: n}, None, None)
+PREFILL_INPUTS = ["input_ids", "image_features", "visual_rows", "position_ids", "attention_mask"]
+
+
+def prefill_dynamic_shapes(min_visual: int = 1) -> tuple[dict[int, Any], ...]:
+    """The prefill's dynamic dims: n rows, V visual rows, for prompts of >= MIN_TEXT_ROWS text
+    rows (what the graphs' index arithmetic is traced for; the runtime refuses fewer). A pass
+    whose graph holds only for
+    V >= some count (FastV needs >= 2 kept rows) re-exports with that `min_visual`, and the
+    manifest records it (`Manifest.min_visual_rows`) for the runtime to check."""
+    n = torch.export.Dim("n", min=min_visual + MIN_TEXT_ROWS, max=MAX_SEQ)
+    v = torch.export.Dim("visual", min=min_visual, max=MAX_SEQ - MIN_TEXT_ROWS)
+    return ({1: n}, {1: v}, {0: v}, {1: n}, {1: n})
+
+
+def export_prefill(model: nn.Module, info: ModelInfo) -> Segment:
+    """The prefill over any prompt of n rows of which V are visual (both dynamic)."""
+    seg = PrefillSegment(model, info).eval()
+    args = on_model(model, example_prefill_inputs(info))
+    dyn = prefill_dynamic_shapes()
     with torch.no_grad():
         ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
     return Segment(
         "prefill",
         ep,
-        ["input_ids", "image_features", "visual_start"],
+        list(PREFILL_INPUTS),
         ["logits", *kv_names(info.num_layers, "present")],
         args,
         dyn,
@@ -596,13 +621,20 @@ def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
     )
 
 
+MAX_TILES = 256  # the most tiles one vision call takes (LLaVA-NeXT: 5 per image at 672 px)
+
+
 def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
+    """The vision segment over a dynamic batch of tiles (`VisionSegment`)."""
     seg = VisionSegment(model).eval()
     gen = torch.Generator().manual_seed(2)
-    args = on_model(model, (torch.randn(1, 3, info.image_size, info.image_size, generator=gen),))
+    size = info.image_size
+    args = on_model(model, (torch.randn(2, 3, size, size, generator=gen),))
+    dyn = ({0: torch.export.Dim("tiles", min=1, max=MAX_TILES)},)
     with torch.no_grad():
-        ep = torch.export.export(seg, args, strict=False)
-    return Segment("vision", ep, ["pixel_values"], ["image_features"], args, None)
+        ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
+    outputs = ["image_features"] + (["image_newline"] if seg.image_newline is not None else [])
+    return Segment("vision", ep, ["pixel_values"], outputs, args, dyn)
 
 
 def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> Segments:

@@ -24,8 +24,10 @@ REFERENCE_TEXT_TOKENS = 64
 def reference_prefill_inputs(
     info: Any, n_text: int = REFERENCE_TEXT_TOKENS, num_visual: int | None = None
 ) -> tuple[torch.Tensor, ...]:
+    """A prompt of n_text text rows and `num_visual` visual rows (default: one image's)."""
     from .capture import example_prefill_inputs
 
+    num_visual = info.visual_tokens if num_visual is None else num_visual
     return example_prefill_inputs(info, n_text=n_text, num_visual=num_visual)
 
 

@@ -16,8 +16,10 @@ from typing import Any
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.jsonfile import JSONError, read_json
 
+from .families import FAMILIES, family
+
 # model_type of config.json -> what it is; the only architectures capture accepts.
-SUPPORTED_ARCHITECTURES = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)"}
+SUPPORTED_ARCHITECTURES = {k: f.description for k, f in FAMILIES.items()}
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 SUPPORTED_VISION_MODELS = ("clip_vision_model",)
 # the longest sequence (prompt, or prompt + cache) a captured graph accepts
@@ -64,6 +66,7 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
             f"{', '.join(SUPPORTED_VISION_MODELS)}"
         )
     check_sizes(cfg, cfg_path)
+    family(model_type).check_config(cfg, cfg_path)
     if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
         raise UserError(f"{root} has no weights (*.safetensors)")
     return cfg

@@ -1,6 +1,7 @@
 """A captured segment's IO as manifest records: names, shapes (dynamic dims named `n` for the
-prompt length, `past_<l>` for layer l's cache length and `capacity` for the static-cache
-buffers' rows, outputs as expressions of them such as
+prompt length, `visual` for its visual rows, `tiles` for the vision segment's batch of tiles,
+`past_<l>` for layer l's cache length and `capacity` for the static-cache buffers' rows,
+outputs as expressions of them such as
 `past_3 + 1`) and dtypes, read from the ExportedProgram's own metadata. Backends that do not
 write a self-describing file (AOTInductor, TensorRT) and the torch engine use it."""
 
@@ -26,6 +27,10 @@ def dim_names(segment: str, inputs: list[tuple[str, list[int | str]]]) -> dict[s
     for name, shape in inputs:
         if name == "input_ids" and segment == "prefill" and isinstance(shape[1], str):
             renames[shape[1]] = "n"
+        elif name == "visual_rows" and isinstance(shape[0], str):
+            renames[shape[0]] = "visual"
+        elif name == "pixel_values" and isinstance(shape[0], str):
+            renames[shape[0]] = "tiles"
         elif name.startswith("past.") and len(shape) > 2 and isinstance(shape[2], str):
             # the static-cache decode's buffers share one capacity; otherwise one length a layer
             static = segment == "decode_static"

@@ -1,12 +1,14 @@
-"""Tiny and small LLaVA-1.5 model directories for tests and benchmarks: random-init ones, and
-`trained-tiny-llava`, whose weights and tokenizer were trained on the shapes-qa task
-(compiler/data/shapes_qa.py) by benchmarks/train_shapes_llava.py and ship in compiler/data/assets/.
+"""Tiny and small LLaVA-1.5 and LLaVA-NeXT model directories for tests and benchmarks:
+random-init ones, and `trained-tiny-llava`, whose weights and tokenizer were trained on the
+shapes-qa task (compiler/data/shapes_qa.py) by benchmarks/train_shapes_llava.py and ship in
+compiler/data/assets/.
 
 `write_preset(name, out_dir, seed)` writes a complete Hugging Face model directory (config.json,
 model.safetensors, tokenizer.json + tokenizer_config.json with the `<image>` token, the
 processor and image-processor configs, a chat template) that `LlavaForConditionalGeneration`
-and `AutoProcessor.from_pretrained` load exactly as they load a real LLaVA-1.5 checkpoint. The
-compiler never looks at which preset wrote a directory: it reads the same files a real one has.
+(or `LlavaNextForConditionalGeneration`) and `AutoProcessor.from_pretrained` load exactly as
+they load a real LLaVA-1.5 (LLaVA-NeXT) checkpoint. The compiler never looks at which preset
+wrote a directory: it reads the same files a real one has.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mllmc.compiler.files.outputs import check_names, check_output_dir, staged_directory
 from mllmc.runtime.errors import UserError
@@ -26,7 +28,8 @@ from .shapes_qa import tokenizer_corpus
 
 log = logging.getLogger(__name__)
 
-# LLaVA-1.5's conversation format, as a chat template (the llava-hf checkpoints ship the same).
+# LLaVA-1.5's conversation format, as a chat template (the llava-hf checkpoints ship the same;
+# so does llava-v1.6-vicuna, the LLaVA-NeXT with a Llama-style decoder).
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }} "
@@ -53,9 +56,34 @@ one two three four five six seven eight nine ten many few some none yes no maybe
 """
 
 
+class _FamilyClasses(NamedTuple):
+    """The transformers class names a model family is built from."""
+
+    config: str
+    model: str
+    processor: str
+    image_processor: str
+
+
+_FAMILIES: dict[str, _FamilyClasses] = {
+    "llava": _FamilyClasses(
+        "LlavaConfig", "LlavaForConditionalGeneration", "LlavaProcessor", "CLIPImageProcessor"
+    ),
+    "llava_next": _FamilyClasses(
+        "LlavaNextConfig",
+        "LlavaNextForConditionalGeneration",
+        "LlavaNextProcessor",
+        "LlavaNextImageProcessorPil",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class PresetSpec:
-    """Shapes of a preset LLaVA-1.5 model (CLIP vision tower + Llama decoder)."""
+    """Shapes of a preset LLaVA-1.5 (`family` "llava") or LLaVA-NeXT (`family` "llava_next")
+    model: CLIP vision tower + Llama decoder. A LLaVA-NeXT image is cut into tiles of
+    `image_size` at the best fitting (height, width) of `grid_pinpoints`, plus one tile of the
+    whole image resized."""
 
     description: str
     # vision tower (CLIP ViT)
@@ -81,6 +109,17 @@ class PresetSpec:
     # None: random init and a tokenizer trained on the corpus
     weights: str | None = None
     tokenizer_file: str | None = None
+    family: str = "llava"
+    # LLaVA-NeXT's anyres resolutions, (height, width) multiples of image_size; () for LLaVA-1.5
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in _FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; one of {', '.join(_FAMILIES)}")
+        if (self.family == "llava_next") != bool(self.grid_pinpoints):
+            raise ValueError("grid_pinpoints are given exactly when family is 'llava_next'")
+        if any(side % self.image_size for hw in self.grid_pinpoints for side in hw):
+            raise ValueError(f"grid_pinpoints must be multiples of image_size {self.image_size}")
 
 
 PRESETS: dict[str, PresetSpec] = {
@@ -164,6 +203,24 @@ PRESETS: dict[str, PresetSpec] = {
     ),
 }
 
+# LLaVA-NeXT presets: the decoders of tiny-llava and small-llava behind an anyres CLIP tower.
+PRESETS["tiny-llava-next"] = replace(
+    PRESETS["tiny-llava"],
+    description="LLaVA-NeXT, random init: CLIP 2 layers, 56 px tiles / patch 14 (16 tokens a "
+    "tile), anyres up to 112x112 or 56x168 -> up to 88 visual tokens; tiny-llava's decoder",
+    image_size=56,
+    patch_size=14,
+    family="llava_next",
+    grid_pinpoints=((56, 56), (56, 112), (112, 56), (112, 112), (56, 168), (168, 56)),
+)
+PRESETS["small-llava-next"] = replace(
+    PRESETS["small-llava"],
+    description="LLaVA-NeXT, random init, ~280M params: CLIP 6 layers, 336 px tiles / patch 14, "
+    "anyres up to 672x672 or 336x1008 -> up to 2,928 visual tokens; small-llava's decoder",
+    family="llava_next",
+    grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+)
+
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -234,7 +291,7 @@ def write_model(
     force: bool = False,
     device: str = "cpu",
 ) -> Path:
-    """Write a LLaVA-1.5 model of shapes `spec` at `out_dir` (atomically): random init, or the
+    """Write a LLaVA model of shapes `spec` at `out_dir` (atomically): random init, or the
     trained weights `spec.weights` names. Random weights are drawn on `device` (a GPU draws a 7B
     model in seconds; the same seed gives other weights on another device)."""
     out = Path(out_dir)
@@ -254,8 +311,18 @@ def write_model(
 
 
 def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[Any, Any]:
-    """(LlavaForConditionalGeneration in eval mode, LlavaProcessor) of shapes `spec`: what
-    `write_model` saves, and what the training script trains."""
+    """(model in eval mode, processor) of shapes `spec`: LlavaForConditionalGeneration and
+    LlavaProcessor, or LlavaNextForConditionalGeneration and LlavaNextProcessor for family
+    "llava_next". What `write_model` saves, and what the training script trains."""
+    processor = build_processor(spec)
+    tok = processor.tokenizer.backend_tokenizer
+    model = _build_llava(spec, _llava_config(spec, tok), seed, device)
+    return model, processor
+
+
+def build_processor(spec: PresetSpec) -> Any:
+    """The processor of `spec` alone (tokenizer, image processor, chat template): what
+    `build_model` returns beside the model, without building any weights."""
     from transformers import PreTrainedTokenizerFast
 
     if spec.tokenizer_file is not None:
@@ -272,17 +339,32 @@ def build_model(spec: PresetSpec, seed: int = 0, device: str = "cpu") -> tuple[A
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    model = _build_llava(spec, _llava_config(spec, tok), seed, device)
-    return model, _build_processor(spec, tokenizer)
+    return _build_processor(spec, tokenizer)
+
+
+def _family_class(spec: PresetSpec, role: str) -> Any:
+    """The transformers class of `spec.family` in `role` (a `_FamilyClasses` field)."""
+    import transformers
+
+    return getattr(transformers, getattr(_FAMILIES[spec.family], role))
+
+
+def _pinpoint_kwargs(spec: PresetSpec) -> dict[str, Any]:
+    """`image_grid_pinpoints` as the LLaVA-NeXT config and image processor take it ({} for
+    LLaVA-1.5): a list of [height, width]."""
+    if spec.family != "llava_next":
+        return {}
+    return {"image_grid_pinpoints": [list(hw) for hw in spec.grid_pinpoints]}
 
 
 def _llava_config(spec: PresetSpec, tok: Any) -> Any:
-    """The LlavaConfig of `spec` (CLIP vision tower + Llama decoder) for tokenizer `tok`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """The LlavaConfig (LlavaNextConfig) of `spec` (CLIP vision tower + Llama decoder) for
+    tokenizer `tok`. `image_seq_length` is the patch count of one `image_size` tile."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     vocab_size = max(spec.vocab_size, tok.get_vocab_size())
     num_patches = (spec.image_size // spec.patch_size) ** 2
-    return LlavaConfig(
+    return _family_class(spec, "config")(
         vision_config=CLIPVisionConfig(
             hidden_size=spec.vision_hidden,
             intermediate_size=spec.vision_mlp,
@@ -315,6 +397,7 @@ def _llava_config(spec: PresetSpec, tok: Any) -> Any:
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
+        **_pinpoint_kwargs(spec),
     )
 
 
@@ -322,14 +405,13 @@ def _build_llava(spec: PresetSpec, config: Any, seed: int, device: str) -> Any:
     """The model of `config` in eval mode, built in `spec.dtype` on `device`: random weights
     drawn from `seed`, or the trained weights `spec.weights` names."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, spec.dtype))  # build in the saved dtype: half the RAM
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
+            model = _family_class(spec, "model")(config).eval()
     finally:
         torch.set_default_dtype(default_dtype)
     if spec.weights is not None:
@@ -342,10 +424,9 @@ def _build_llava(spec: PresetSpec, config: Any, seed: int, device: str) -> Any:
 
 
 def _build_processor(spec: PresetSpec, tokenizer: Any) -> Any:
-    """LLaVA-1.5's processor: CLIP preprocessing at `spec.image_size`, the chat template."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    image_processor = CLIPImageProcessor(
+    """LLaVA-1.5's (LLaVA-NeXT's) processor: CLIP preprocessing at `spec.image_size` (for
+    LLaVA-NeXT, of each anyres tile, with `grid_pinpoints`), the chat template."""
+    image_processor = _family_class(spec, "image_processor")(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
         do_center_crop=True,
@@ -356,8 +437,9 @@ def _build_processor(spec: PresetSpec, tokenizer: Any) -> Any:
         resample=3,  # bicubic, as in openai/clip-vit-large-patch14-336
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
+        **_pinpoint_kwargs(spec),
     )
-    return LlavaProcessor(
+    return _family_class(spec, "processor")(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,

@@ -134,6 +134,7 @@ def build_manifest(
         passes=tuple(r.applied for r in records if r.applied is not None),
         segments=dict(entries),
         visual_tokens=segments.visual_tokens,
+        min_visual_rows=segments.min_visual_rows,
         layers=tuple(segments.layer_plan),
         flops=flops,
         tol=tol,

@@ -33,8 +33,10 @@ def one_line_error(args: list[object], match: str) -> str:
 
 PREFILL_INPUTS = [
     {"name": "input_ids", "shape": [1, "n"], "dtype": "int64"},
-    {"name": "image_features", "shape": [1, 16, 128], "dtype": "float16"},
-    {"name": "visual_start", "shape": [1], "dtype": "int64"},
+    {"name": "image_features", "shape": [1, "visual", 128], "dtype": "float16"},
+    {"name": "visual_rows", "shape": ["visual"], "dtype": "int64"},
+    {"name": "position_ids", "shape": [1, "n"], "dtype": "int64"},
+    {"name": "attention_mask", "shape": [1, "n"], "dtype": "int64"},
 ]
 DECODE_INPUTS = [
     {"name": "input_ids", "shape": [1, 1], "dtype": "int64"},
@@ -45,10 +47,15 @@ DECODE_INPUTS = [
 
 
 def test_prefill_profile():
-    ids, feats, start = trt.input_specs(PREFILL_INPUTS, max_seq_len=512)
-    assert (ids.min_shape, ids.opt_shape, ids.max_shape) == ((1, 18), (1, 16 + 64), (1, 512))
-    assert feats.min_shape == feats.opt_shape == feats.max_shape == (1, 16, 128)
-    assert feats.dtype == "float16" and start.max_shape == (1,)
+    ids, feats, rows, positions, mask = trt.input_specs(PREFILL_INPUTS, max_seq_len=1024)
+    assert (ids.min_shape, ids.opt_shape, ids.max_shape) == ((1, 4), (1, 576 + 64), (1, 1024))
+    assert (feats.min_shape, feats.opt_shape, feats.max_shape) == (
+        (1, 1, 128),
+        (1, 576, 128),
+        (1, 1021, 128),
+    )
+    assert feats.dtype == "float16" and rows.max_shape == (1021,)
+    assert positions.max_shape == mask.max_shape == (1, 1024)
 
 
 def test_decode_profile_per_layer_cache():
@@ -64,8 +71,8 @@ def test_decode_profile_per_layer_cache():
 
 
 def test_profile_refuses_short_max_seq_len():
-    with pytest.raises(UserError, match="shorter than the image span"):
-        trt.input_specs(PREFILL_INPUTS, max_seq_len=10)
+    with pytest.raises(UserError, match="shorter than 4 tokens"):
+        trt.input_specs(PREFILL_INPUTS, max_seq_len=3)
 
 
 def _trt_kwargs() -> dict[str, dict[str, object]]:
@@ -85,7 +92,7 @@ def test_trt_call_kwargs_without_precisions():
     assert set(kwargs["dynamo.compile"]) == {"inputs", "truncate_double"}
     assert set(kwargs["save"]) == {"output_format", "inputs"}
     assert set(kwargs["Input"]) == {"min_shape", "opt_shape", "max_shape", "dtype", "name"}
-    assert kwargs["Input"]["min_shape"] == (1, 18) and kwargs["Input"]["name"] == "input_ids"
+    assert kwargs["Input"]["min_shape"] == (1, 4) and kwargs["Input"]["name"] == "input_ids"
 
 
 def test_trt_call_kwargs_match_installed_signatures():

@@ -1,0 +1,101 @@
+"""Model families: what differs between the multimodal architectures mllmc compiles, in one
+place. Capture, passes and the CLI ask `family(model_type)`; the runtime's counterpart (image
+tiles, row counts, feature packing) is `mllmc.runtime.images`.
+
+    llava       LLaVA-1.5: one CLIP tile per image, its patches are the image's rows
+    llava_next  LLaVA-NeXT: the image whole plus an anyres grid of tiles; the rows are the whole
+                image's patches, then the unpadded grid with one image_newline per grid row
+                (packed on the host, so the vision segment is the same tower + projector over
+                a batch of tiles, and the prefill the same graph)
+
+Both share the decoder (Llama, Mistral or Qwen2) and its 1-D rotary positions, so the prefill
+and decode graphs, and every in-LLM pass, do not depend on the family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mllmc.runtime.errors import UserError
+
+
+def _no_checks(cfg: dict[str, Any], path: Path) -> None:
+    return None
+
+
+def _check_llava_next(cfg: dict[str, Any], path: Path) -> None:
+    """image_grid_pinpoints: [height, width] pairs of whole tiles; the "default" strategy."""
+    vision = cfg.get("vision_config") or {}
+    tile = vision.get("image_size")
+    pinpoints = cfg.get("image_grid_pinpoints")
+    if not isinstance(pinpoints, list) or not pinpoints or len(pinpoints) > 256:
+        raise UserError(
+            f"{path}: image_grid_pinpoints must be a list of 1 to 256 [height, width] pairs"
+        )
+    for pair in pinpoints:
+        ok = isinstance(pair, list) and len(pair) == 2
+        ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+        if not ok or not all(0 < x <= 8192 for x in pair):
+            raise UserError(f"{path}: image_grid_pinpoints holds {pair!r}, not [height, width]")
+        if isinstance(tile, int) and tile > 0 and (pair[0] % tile or pair[1] % tile):
+            raise UserError(
+                f"{path}: image_grid_pinpoints {pair} is not a multiple of the {tile}-pixel tile"
+            )
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise UserError(
+            f"{path}: LLaVA-NeXT with vision_feature_select_strategy {strategy!r} is not "
+            "supported (Hugging Face's own model packs only the 'default' strategy's patches)"
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture: its config.json `model_type`, its name, the transformers class that
+    loads it, and the config checks beyond the shared ones."""
+
+    model_type: str
+    name: str
+    hf_class: str
+    check_config: Callable[[dict[str, Any], Path], None] = _no_checks
+    pre_llm_pruning: bool = True  # whether [CLS]-scored pruning of each tile fits its packing
+
+    @property
+    def description(self) -> str:
+        return f"{self.name} ({self.hf_class})"
+
+    def model_class(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.hf_class)
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llava", "LLaVA-1.5", "LlavaForConditionalGeneration"),
+        Family(
+            "llava_next",
+            "LLaVA-NeXT",
+            "LlavaNextForConditionalGeneration",
+            _check_llava_next,
+            pre_llm_pruning=False,
+        ),
+    )
+}
+
+
+def supported_families() -> str:
+    return ", ".join(f"{k} = {f.description}" for k, f in FAMILIES.items())
+
+
+def family(model_type: str) -> Family:
+    """The family of a config.json `model_type` (UserError naming the supported ones)."""
+    if model_type not in FAMILIES:
+        raise UserError(
+            f"unsupported architecture {model_type!r}; supported: {supported_families()}"
+        )
+    return FAMILIES[model_type]
