@@ -292,6 +292,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import describe, plan, plan_json
+
+    result = plan(args.config, args.passes)
+    print(plan_json(result) if args.json else describe(result))
+    return 0
+
+
 def cmd_golden(args: argparse.Namespace) -> int:
     from mllmc.compiler.files.outputs import write_file
     from mllmc.runtime import golden
@@ -544,12 +552,20 @@ def _add_run_parser(sub: Any) -> None:
         '  mllmc run out/tiny-shortv --image cat.png --prompt "Describe the image." '
         "--max-new-tokens 16\n"
         '  mllmc run out/tiny --image cat.png --prompt "USER: <image>\\nHi ASSISTANT:" --json\n'
-        '  mllmc run out/tiny --image cat.png --prompt "What is it?" --save-logits l.npy\n',
+        '  mllmc run out/tiny --image cat.png --prompt "What is it?" --save-logits l.npy\n'
+        '  mllmc run out/tiny --image a.png --image b.png --prompt "What differs?"\n',
     )
     sp.add_argument("artifact")
-    sp.add_argument("--image", required=True)
     sp.add_argument(
-        "--prompt", required=True, help="with <image>, or plain text for the chat template"
+        "--image",
+        required=True,
+        action="append",
+        help="an image file; give --image once per image, in prompt order",
+    )
+    sp.add_argument(
+        "--prompt",
+        required=True,
+        help="with one <image> per image, or plain text for the chat template (images first)",
     )
     sp.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=32)
     sp.add_argument(
@@ -596,7 +612,12 @@ def _add_verify_parser(sub: Any) -> None:
     )
     sp.add_argument("artifact")
     sp.add_argument("--against", required=True, help="the source model directory")
-    sp.add_argument("--image", default=None, help="default: a built-in synthetic image")
+    sp.add_argument(
+        "--image",
+        default=None,
+        action="append",
+        help="an image file, once per image (default: a built-in synthetic image)",
+    )
     sp.add_argument("--prompt", default="Describe the image.")
     sp.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=16)
     sp.add_argument(
@@ -617,6 +638,22 @@ def _add_inspect_parser(sub: Any) -> None:
         "  mllmc inspect out/tiny-shortv\n  mllmc inspect out/tiny-shortv --json\n",
     )
     sp.add_argument("artifact")
+    sp.add_argument("--json", action="store_true")
+
+
+def _add_plan_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
+        "plan",
+        "a pass pipeline's layer plan and prefill FLOPs from a config.json alone (no weights)",
+        cmd_plan,
+        "  mllmc plan llava-next-13b/config.json --pass shortv\n"
+        "  mllmc plan models/tiny-llava --pass fastv --pass shortv:layers=[0,3] --json\n",
+    )
+    sp.add_argument("config", help="a config.json, or a model directory holding one")
+    sp.add_argument(
+        "--pass", dest="passes", action="append", default=[], help="as for compile; repeatable"
+    )
     sp.add_argument("--json", action="store_true")
 
 
@@ -716,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_verify_parser(sub)
     _add_inspect_parser(sub)
+    _add_plan_parser(sub)
     _add_golden_parser(sub)
     _add_bench_parser(sub)
     return p
