@@ -311,8 +311,10 @@ def verify_artifact(
     from .backends import cast_model
 
     manifest = read_manifest(artifact_dir)
-    if image is not None and not Path(image).is_file():
-        raise UserError(f"cannot read image {image}: no such file")
+    images = image if isinstance(image, (list, tuple)) else [] if image is None else [image]
+    for one in images:
+        if not Path(one).is_file():
+            raise UserError(f"cannot read image {one}: no such file")
     model, info = load_model(model_dir)
     if info.config_hash != manifest.model.config_hash:
         raise UserError(f"{artifact_dir} was compiled from a different model than {model_dir}")

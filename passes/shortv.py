@@ -315,7 +315,7 @@ def shortv(segments: Segments, cfg: ShortVConfig) -> PassResult:
     held = {i: segments.layer_plan[i].visual_tokens for i in cfg.layers}
     skipped = [i for i in cfg.layers if held[i] == 0]
     pruned_from = next(
-        (p.index for p in segments.layer_plan if p.visual_tokens != segments.visual_tokens),
+        (p.index for p in segments.layer_plan if p.visual_tokens != segments.reference_rows),
         None,
     )
     text_idx: dict[bool, fx.Node] = {}

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .images import MAX_TILES
 from .layout import MIN_TEXT_ROWS, PromptLayout
 from .manifest import MANIFEST_NAME, SEGMENTS, LayerPlan, check_files, read_manifest
 from .runners import (
@@ -87,6 +88,11 @@ class SegmentLoop:
             ("prefill", [t.name for t in self.runners["prefill"].entry.inputs], PREFILL_INPUTS),
             ("decode", decode_inputs[: len(DECODE_INPUTS)], DECODE_INPUTS),
         ):
+            if seg == "prefill" and "visual_start" in names:
+                raise UserError(
+                    "the artifact was compiled by an mllmc whose prefill took one image span "
+                    "(manifest format 3 or older): recompile it with this mllmc"
+                )
             if sorted(names) != sorted(wanted):
                 raise UserError(f"corrupt artifact: the {seg} segment's inputs are {names}")
         self._past_names = [n for n in decode_inputs if n not in DECODE_INPUTS]
@@ -321,6 +327,12 @@ class Engine(SegmentLoop):
         call runs every image's tiles."""
         items = _image_list(images)
         tiles, metas = zip(*(self.images.tiles(image) for image in items), strict=True)
+        total = sum(t.shape[0] for t in tiles)
+        if total > MAX_TILES:
+            raise UserError(
+                f"{len(items)} images make {total} vision tiles; one prompt takes at most "
+                f"{MAX_TILES}: give fewer or smaller images"
+            )
         features, newline = self.encode_pixels(np.concatenate(tiles))  # (T, K, d)
         features = self.runners["vision"].to_numpy(features)
         newline = None if newline is None else self.runners["vision"].to_numpy(newline)
@@ -401,7 +413,11 @@ class Engine(SegmentLoop):
             top_k=top_k,
             seed=seed,
         )
-        timings = {**out.timings, "vision_s": vision_s, "total_s": out.timings["total_s"] + vision_s}
+        timings = {
+            **out.timings,
+            "vision_s": vision_s,
+            "total_s": out.timings["total_s"] + vision_s,
+        }
         return GenerationResult(
             token_ids=out.tokens,
             text=self.prompt_encoder.decode(out.tokens),

@@ -34,6 +34,8 @@ from .preprocess import ImagePreprocessor
 
 Image_ = str | os.PathLike | Image.Image | np.ndarray
 FAMILIES = ("llava", "llava_next")
+# the most tiles one vision call takes (a LLaVA-NeXT image at 672 px is 5; a prompt holds many)
+MAX_TILES = 256
 
 
 class ImageInputs(Protocol):

@@ -38,8 +38,11 @@ from typing import Any, TypedDict, TypeVar
 from .errors import UserError
 from .jsonfile import JSONError, read_json
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, FORMAT_VERSION)  # version 2 is converted on reading (`_from_version_2`)
+# 4: the prefill takes a prompt layout (visual rows, position ids, attention mask) for any
+# number of images; 3 and 2 took one image span at visual_start (their manifests still read, for
+# `inspect`; the engine asks for a recompile)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, FORMAT_VERSION)  # version 2 is converted on reading (`_from_version_2`)
 MANIFEST_NAME = "manifest.json"
 SEGMENTS = ("vision", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")  # the precisions an artifact's engines run in
@@ -119,6 +122,10 @@ class ModelInfo:
     max_position_embeddings: int
     # which tower rows reach the projector ("default": the patches, "full": [CLS] too)
     vision_feature_select_strategy: str = "default"
+    # the visual rows of the reference image the layer plan and FLOPs are stated for (0: one
+    # tile, `visual_tokens`; LLaVA-NeXT: an image at its largest square pinpoint)
+    reference_visual_rows: int = 0
+    reference_tiles: int = 1  # the vision tiles of that image
 
 
 def parse_keep(rule: str) -> tuple[int, int]:
@@ -297,9 +304,10 @@ class Manifest:
             raise bad(f"tol must be a positive number, got {self.tol}")
         if self.visual_tokens < 1:
             raise bad(f"visual_tokens must be >= 1, got {self.visual_tokens}")
+        m_ref = self.model.reference_visual_rows
         for layer in self.layers:
             counts = (layer.visual_tokens, layer.kv_visual_tokens)
-            if not all(0 <= c <= self.visual_tokens for c in counts):
+            if not all(0 <= c <= max(self.visual_tokens, m_ref) for c in counts):
                 raise bad(f"layer {layer.index} has an impossible visual-token count {counts}")
             try:
                 parse_keep(layer.kv_visual_keep)

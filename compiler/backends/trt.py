@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.images import MAX_TILES
 from mllmc.runtime.layout import MIN_TEXT_ROWS
 from mllmc.runtime.manifest import SegmentEntry
 
@@ -37,7 +38,6 @@ from . import segment_entry
 
 OPT_TEXT_TOKENS = 64
 OPT_VISUAL_TOKENS = 576  # one LLaVA-1.5 image
-MAX_TILES = 256  # as the captured vision segment (compiler/core/capture.py)
 INSTALL = "pip install 'mllmc[trt]'"
 
 

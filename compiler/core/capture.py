@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmc.runtime.errors import UserError
+from mllmc.runtime.images import MAX_TILES
 from mllmc.runtime.layout import MIN_TEXT_ROWS
 from mllmc.runtime.manifest import LayerPlan, ModelInfo
 
@@ -126,6 +127,7 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
     if num_visual is None:
         raise UserError(f"vision_feature_select_strategy {strategy!r} is not supported")
     layer_windows(tc)  # a window HF itself cannot apply is refused here, before capture
+    reference_rows, reference_tiles = family(cfg.model_type).reference(cfg)
     eos = model.generation_config.eos_token_id if model.generation_config else tc.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -150,6 +152,8 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
         text_model_type=tc.model_type,
         max_position_embeddings=int(getattr(tc, "max_position_embeddings", 0) or 0),
         vision_feature_select_strategy=strategy,
+        reference_visual_rows=reference_rows,
+        reference_tiles=reference_tiles,
     )
 
 
@@ -423,7 +427,7 @@ class VisionSegment(nn.Module):
             feats = feats[:, 1:]
         feats = self.multi_modal_projector(feats)  # (B, N, d)
         if self.image_newline is None:
-            return (feats,)
+            return feats
         return feats, self.image_newline.to(feats.dtype)
 
 
@@ -479,6 +483,12 @@ class Segments:
         return int(out.meta["val"].shape[1])
 
     @property
+    def reference_rows(self) -> int:
+        """The visual rows of the reference image entering the LLM (what the layer plan's counts
+        and the FLOPs are stated for): one tile's rows, or the family's reference image's."""
+        return self.info.reference_visual_rows or self.visual_tokens
+
+    @property
     def visual_tokens_per_layer(self) -> list[int]:
         return [p.visual_tokens for p in self.layer_plan]
 
@@ -525,6 +535,22 @@ def on_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Te
     captured in bf16)."""
     dtype = next(model.parameters()).dtype
     return tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+
+
+def prefill_feeds(
+    input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
+) -> tuple[torch.Tensor, ...]:
+    """The prefill's inputs for a prompt whose image tokens are already expanded (as an HF
+    processor writes it, or as the runtime lays it out): input_ids (1, n), the features of its
+    image-token rows (B, K, d) per tile or (1, V, d) -> (input_ids, image_features (1, V, d),
+    visual_rows (V,), position_ids (1, n) = arange, attention_mask (1, n) of ones)."""
+    n = input_ids.shape[1]
+    rows = (input_ids[0] == image_token_id).nonzero()[:, 0]
+    feats = image_features.reshape(1, -1, image_features.shape[-1])
+    if feats.shape[1] != rows.shape[0]:
+        raise ValueError(f"{rows.shape[0]} image tokens in the prompt, {feats.shape[1]} features")
+    positions = torch.arange(n, device=input_ids.device)[None]
+    return input_ids, feats, rows, positions, torch.ones_like(input_ids)
 
 
 PREFILL_INPUTS = ["input_ids", "image_features", "visual_rows", "position_ids", "attention_mask"]
@@ -621,9 +647,6 @@ def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
     )
 
 
-MAX_TILES = 256  # the most tiles one vision call takes (LLaVA-NeXT: 5 per image at 672 px)
-
-
 def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
     """The vision segment over a dynamic batch of tiles (`VisionSegment`)."""
     seg = VisionSegment(model).eval()
@@ -651,32 +674,31 @@ def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> S
         raise ValueError(
             f"capture runs on the CPU (model is on {device}); move it to the device afterwards"
         )
+    reference = info.reference_visual_rows or info.visual_tokens
     return Segments(
         info=info,
         vision=export_vision(model, info),
         prefill=export_prefill(model, info),
         decode=export_decode(model, info),
-        layer_plan=[
-            LayerPlan(i, info.visual_tokens, info.visual_tokens) for i in range(info.num_layers)
-        ],
+        layer_plan=[LayerPlan(i, reference, reference) for i in range(info.num_layers)],
         model=model,
         static_decode=export_static_cache_decode(model, info) if static_decode else None,
     )
 
 
 def processor_inputs(processor: Any, image: Any, prompt: str) -> Any:
-    """The HF processor's tensors for one image (a PIL image or a path) and a prompt; a prompt
-    without the image token gets the model's chat template, as the runtime does."""
-    if isinstance(image, (str, Path)):
-        from PIL import Image
+    """The HF processor's tensors for an image or a list of images (PIL images or paths) and a
+    prompt; a prompt without the image token gets the model's chat template with the images
+    first, as the runtime does."""
+    from PIL import Image
 
-        image = Image.open(image)
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    images = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images]
     if getattr(processor, "image_token", "<image>") not in prompt:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(images=image, text=prompt, return_tensors="pt")
+    return processor(images=images, text=prompt, return_tensors="pt")
 
 
 def on_device(program: torch.export.ExportedProgram, device: str) -> torch.fx.GraphModule:

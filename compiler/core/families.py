@@ -52,6 +52,20 @@ def _check_llava_next(cfg: dict[str, Any], path: Path) -> None:
         )
 
 
+def _llava_next_reference(config: Any) -> tuple[int, int]:
+    """(rows, tiles) of an image at LLaVA-NeXT's largest square pinpoint (672 x 672 on the
+    released checkpoints: 2,928 rows from 5 tiles), counted as its processor counts them."""
+    from mllmc.runtime.llava_next import image_token_count
+
+    vc = config.vision_config
+    pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
+    side = max((h for h, w in pinpoints if h == w), default=vc.image_size)
+    rows = image_token_count(
+        side, side, image_size=vc.image_size, patch_size=vc.patch_size, grid_pinpoints=pinpoints
+    )
+    return rows, 1 + (side // vc.image_size) ** 2
+
+
 @dataclass(frozen=True)
 class Family:
     """One architecture: its config.json `model_type`, its name, the transformers class that
@@ -62,6 +76,9 @@ class Family:
     hf_class: str
     check_config: Callable[[dict[str, Any], Path], None] = _no_checks
     pre_llm_pruning: bool = True  # whether [CLS]-scored pruning of each tile fits its packing
+    # (visual rows, vision tiles) of the image the layer plan and FLOPs are stated for, from the
+    # HF config ((0, 1): one tile, its rows whatever a pre-LLM pass leaves of them)
+    reference: Callable[[Any], tuple[int, int]] = lambda config: (0, 1)
 
     @property
     def description(self) -> str:
@@ -83,6 +100,7 @@ FAMILIES: dict[str, Family] = {
             "LlavaNextForConditionalGeneration",
             _check_llava_next,
             pre_llm_pruning=False,
+            reference=_llava_next_reference,
         ),
     )
 }

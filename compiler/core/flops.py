@@ -27,7 +27,9 @@ def reference_prefill_inputs(
     """A prompt of n_text text rows and `num_visual` visual rows (default: one image's)."""
     from .capture import example_prefill_inputs
 
-    num_visual = info.visual_tokens if num_visual is None else num_visual
+    num_visual = (
+        (info.reference_visual_rows or info.visual_tokens) if num_visual is None else num_visual
+    )
     return example_prefill_inputs(info, n_text=n_text, num_visual=num_visual)
 
 
@@ -58,12 +60,13 @@ def segment_flops(segments: Any, n_text: int = REFERENCE_TEXT_TOKENS) -> dict[st
     from .capture import example_decode_inputs
 
     info = segments.info
-    num_visual = segments.visual_tokens
+    num_visual = segments.reference_rows
     n = n_text + num_visual
     prefill = count_flops(
         segments.prefill.program, reference_prefill_inputs(info, n_text, num_visual)
     )
-    vision = count_flops(segments.vision.program, segments.vision.example_inputs)
+    one_tile = tuple(x[:1] for x in segments.vision.example_inputs)
+    vision = info.reference_tiles * count_flops(segments.vision.program, one_tile)
     past = [n_text + p.kv_visual_tokens for p in segments.layer_plan]
     decode = count_flops(segments.decode.program, example_decode_inputs(info, past_lens=past))
     return {
@@ -92,8 +95,9 @@ def analytic_prefill_flops(
     same thing without a plan). A layer in `scored_layers` also scores one query row (the last
     token) against its n_l keys (FastV's selection: QK^T of one row)."""
     if plan is None:
+        reference = info.reference_visual_rows or info.visual_tokens
         plan = [
-            LayerPlan(i, info.visual_tokens, info.visual_tokens, i not in frozen_layers)
+            LayerPlan(i, reference, reference, i not in frozen_layers)
             for i in range(info.num_layers)
         ]
     d, m = info.hidden_size, info.intermediate_size

@@ -432,23 +432,23 @@ def engine_timers(
     """Timers of an mllmc engine: "vision", "llm_prefill", "decode" (per token); the engine
     runs on `device` (its outputs may stay there: the timers wait for it)."""
     sync = device_sync(device)
-    ids, start = engine.encode_prompt(prompt)
-    feats = engine.encode_image(image)
+    feats, counts = engine.encode_images(image)
+    layout = engine.encode_prompt(prompt, counts)
 
     def decode() -> float:
-        logits, cache = engine.prefill(ids, feats, start)
-        pos = ids.shape[1]
+        logits, cache = engine.prefill(layout, feats)
+        pos = layout.next_position
         t0 = time.perf_counter()
         for i in range(decode_tokens):
             logits, cache = engine.decode_step(int(np.argmax(logits)), pos + i, cache)
         return (time.perf_counter() - t0) / decode_tokens
 
     timers = {
-        "vision": timed(lambda: engine.encode_image(image), sync),
-        "llm_prefill": timed(lambda: engine.prefill(ids, feats, start), sync),
+        "vision": timed(lambda: engine.encode_images(image), sync),
+        "llm_prefill": timed(lambda: engine.prefill(layout, feats), sync),
         "decode": decode,
     }
-    return timers, int(ids.shape[1])
+    return timers, layout.n
 
 
 RSS_NOTE = (

@@ -6,7 +6,8 @@
 
 Items come from a built-in task (`shapes-qa`, compiler/data/shapes_qa.py) or a JSON-lines file with
 one {"image": ..., "prompt": ..., "answer": ...} object a line ("image" is a path relative to the
-file, or absolute; an optional "kind" groups the accuracy). An mllmc artifact runs through the
+file, or absolute, or a list of them for a prompt about several images; an optional "kind"
+groups the accuracy). An mllmc artifact runs through the
 runtime Engine (greedy, `max_new_tokens` tokens, stops at EOS); a Hugging Face directory runs HF
 eager (`model.generate`, greedy) with the same chat-template prompt, so one command scores the
 source model and any artifact compiled from it on the same items.
@@ -40,7 +41,7 @@ SPLITS = ("heldout", "train")
 class EvalItem:
     """One question about one image and its expected answer."""
 
-    image: Any  # PIL.Image.Image
+    image: Any  # a PIL.Image.Image, or a list of them for a prompt with several
     prompt: str
     answer: str
     kind: str = ""
@@ -154,8 +155,11 @@ def task_items(task: str, n: int, split: str = "heldout") -> Items:
     return Items(n, make)
 
 
-def _jsonl_rows(p: Path) -> Iterator[tuple[int, Path, str, str, str]]:
-    """(line number, image path, prompt, answer, kind) of each non-blank line of `p`."""
+MAX_IMAGES_PER_ITEM = 64
+
+
+def _jsonl_rows(p: Path) -> Iterator[tuple[int, list[Path], str, str, str]]:
+    """(line number, image paths, prompt, answer, kind) of each non-blank line of `p`."""
     from mllmc.runtime.jsonfile import JSONError, loads
 
     try:
@@ -186,15 +190,18 @@ def _jsonl_rows(p: Path) -> Iterator[tuple[int, Path, str, str, str]]:
                     raise TypeError("not a JSON object")
                 image, prompt, answer = row["image"], row["prompt"], row["answer"]
                 kind = row.get("kind", "")
-                if not all(isinstance(v, str) for v in (image, prompt, answer, kind)):
-                    raise TypeError("image, prompt, answer (and kind) must be strings")
+                images = image if isinstance(image, list) else [image]
+                if not 1 <= len(images) <= MAX_IMAGES_PER_ITEM:
+                    raise TypeError(f"image must be a path or a list of 1 to {MAX_IMAGES_PER_ITEM}")
+                if not all(isinstance(v, str) for v in (*images, prompt, answer, kind)):
+                    raise TypeError("image (each), prompt, answer (and kind) must be strings")
             except (JSONError, KeyError, TypeError) as e:
                 raise UserError(
                     f"{p}:{lineno}: bad line ({type(e).__name__}: {e}); each line must be "
-                    '{"image": PATH, "prompt": TEXT, "answer": TEXT}'
+                    '{"image": PATH or [PATH, ...], "prompt": TEXT, "answer": TEXT}'
                 ) from None
-            image_path = Path(image) if Path(image).is_absolute() else p.parent / image
-            yield lineno, image_path, prompt, answer, kind
+            paths = [Path(i) if Path(i).is_absolute() else p.parent / i for i in images]
+            yield lineno, paths, prompt, answer, kind
 
 
 def jsonl_items(path: str | Path, n: int | None = None) -> Items:
@@ -210,7 +217,7 @@ def jsonl_items(path: str | Path, n: int | None = None) -> Items:
         raise UserError(f"data file {p} " + ("is a directory" if p.is_dir() else "not found"))
     limit = MAX_ITEMS if n is None else n
     count = 0
-    for lineno, image_path, *_ in _jsonl_rows(p):
+    for lineno, image_paths, *_ in _jsonl_rows(p):
         if count == limit:
             if n is None:
                 raise UserError(
@@ -219,7 +226,8 @@ def jsonl_items(path: str | Path, n: int | None = None) -> Items:
                 )
             break
         try:
-            open_image(image_path).close()
+            for image_path in image_paths:
+                open_image(image_path).close()
         except UserError as e:
             raise UserError(f"{p}:{lineno}: {e}") from None
         count += 1
@@ -229,12 +237,12 @@ def jsonl_items(path: str | Path, n: int | None = None) -> Items:
     def make() -> Iterator[EvalItem]:
         rows = _jsonl_rows(p)
         for _ in range(count):
-            lineno, image_path, prompt, answer, kind = next(rows)
+            lineno, image_paths, prompt, answer, kind = next(rows)
             try:
-                image = load_image(image_path, exif_transpose=False)
+                images = [load_image(i, exif_transpose=False) for i in image_paths]
             except UserError as e:
                 raise UserError(f"{p}:{lineno}: {e}") from None
-            yield EvalItem(image, prompt, answer, kind)
+            yield EvalItem(images[0] if len(images) == 1 else images, prompt, answer, kind)
 
     return Items(count, make)
 

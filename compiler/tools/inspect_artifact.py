@@ -57,6 +57,13 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
         return json.dumps(data, indent=2)
     model, flops, ts = m.model, m.flops, m.target_settings
     max_seq = f", max_seq_len {ts.max_seq_len}" if ts.max_seq_len is not None else ""
+    per, reference = "", ""
+    if model.reference_visual_rows:
+        per = "per tile "
+        reference = (
+            f"; the reference image ({model.reference_tiles} tiles) takes "
+            f"{model.reference_visual_rows} rows"
+        )
     lines = [
         f"artifact   {artifact}  (format {m.format_version}, mllmc {m.mllmc_version}, "
         f"target {ts.target}, device {ts.device}, dtype {ts.dtype}, decode cache "
@@ -65,7 +72,7 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
         f"(config {model.config_hash})",
         f"decoder    {model.num_layers} layers, hidden {model.hidden_size}, heads "
         f"{model.num_heads}/{model.num_kv_heads} kv, visual tokens {model.visual_tokens} "
-        f"from the vision tower, {m.visual_tokens} enter the LLM",
+        f"{per}from the vision tower, {m.visual_tokens} enter the LLM{reference}",
         "passes     " + (", ".join(f"{p.name}({_cfg(p.config)})" for p in m.passes) or "none"),
     ]
     for p in m.passes:

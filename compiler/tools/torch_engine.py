@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from mllmc.compiler.core.capture import on_device
@@ -76,10 +75,17 @@ class TorchEngine(SegmentLoop):
     def generate(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int
     ) -> tuple[list[int], torch.Tensor]:
-        """Greedy tokens and the (steps, V) float32 logits that chose them; EOS does not stop
-        it. input_ids (1, n) holds one image span, as the processor writes it."""
-        ids = input_ids.cpu().numpy()
-        is_image = ids[0] == self.info.image_token_id
-        start = int(np.argmax(is_image))  # host-side, once per prompt, as the runtime does
-        out = self.loop(pixel_values, ids, start, max_new_tokens)
+        """Greedy tokens and the (steps, vocab) float32 logits that chose them; EOS does not
+        stop it. input_ids (1, n) and pixel_values (B, 3, S, S) of a LLaVA-1.5 prompt with B
+        images, as its processor writes them (each image one tile)."""
+        from mllmc.runtime.layout import locate_images
+
+        def encode() -> torch.Tensor:
+            features, _ = self.encode_pixels(pixel_values)  # (B, K, d)
+            return features.reshape(1, -1, features.shape[-1])
+
+        per_image = (input_ids[0] == self.info.image_token_id).sum().item() // len(pixel_values)
+        counts = [per_image] * len(pixel_values)
+        layout = locate_images(input_ids[0].cpu().numpy(), self.info.image_token_id, counts)
+        out = self.loop(layout, encode, max_new_tokens)
         return out.tokens, torch.from_numpy(out.logits)
