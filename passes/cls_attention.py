@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mllmc.compiler.core.families import family
 from mllmc.compiler.core.pass_types import PassResult
 from mllmc.runtime.errors import UserError
 
@@ -83,18 +84,8 @@ def vision_layer_of_feature(feature_layer: int, vision_layers: int) -> int:
 
 
 def check_tower(model: LlavaForConditionalGeneration, name: str) -> None:
-    """UserError unless the tower has a [CLS] token that LLaVA drops (the scorer needs both),
-    and the family packs tiles whose patches can be pruned one by one."""
-    from mllmc.compiler.core.families import family
-
+    """UserError unless the tower has a [CLS] token that LLaVA drops (the scorer needs both)."""
     cfg = model.config
-    fam = family(cfg.model_type)
-    if not fam.pre_llm_pruning:
-        raise UserError(
-            f"{name}: {fam.name} packs each image's tiles into a spatial grid (unpadded, one "
-            "newline per row), which per-tile pruning would break; prune inside the LLM "
-            "instead (fastv, vte, or shortv to freeze)"
-        )
     vision_type = getattr(cfg.vision_config, "model_type", "")
     if vision_type != "clip_vision_model":
         raise UserError(
@@ -122,14 +113,18 @@ def cls_patch_scores(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float)
     return probs.mean(dim=1)[:, 0, 1:]  # (B, P)
 
 
-def gather_top(features: torch.Tensor, scores: torch.Tensor, kept: int) -> torch.Tensor:
-    """features (B, P, d), scores (B, P) -> each tile's top-`kept` rows in spatial order
-    (B, kept, d)."""
+def top_patches(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """scores (B, P) -> each tile's top-`kept` patch indices in spatial order (B, kept) int64."""
     import torch
 
-    top = torch.sort(torch.topk(scores, kept, dim=1).indices, dim=1).values  # (B, kept)
-    index = top[:, :, None].expand(-1, -1, features.shape[2])  # (B, kept, d)
-    return torch.gather(features, 1, index)
+    return torch.sort(torch.topk(scores, kept, dim=1).indices, dim=1).values
+
+
+def gather_top(features: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """features (B, P, d) at each tile's patches `top` (B, kept) -> (B, kept, d)."""
+    import torch
+
+    return torch.gather(features, 1, top[:, :, None].expand(-1, -1, features.shape[2]))
 
 
 _VISION_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn\.([qk])_proj$")
@@ -184,12 +179,17 @@ def keep_top_patches(
                 cls_patch_scores, (q, proj[layer, "k"], heads, (dv // heads) ** -0.5)
             )
             total = score if total is None else graph.call_function(torch.add, (total, score))
-        kept_features = graph.call_function(gather_top, (features, total, kept))
+        top = graph.call_function(top_patches, (total, kept))
+        kept_features = graph.call_function(gather_top, (features, top))
     output.replace_input_with(features, kept_features)
+    if family(segments.info.model_type).packs_tiles:
+        # the host packs each image's tiles on their patch grid: it needs where the kept are
+        edit.add_output(top, "patch_index")
     segments = edit.finish()
     every_layer = range(len(segments.layer_plan))
+    rows = segments.reference_rows  # of the reference image, as packed after the pruning
     return PassResult(
-        replan(segments, every_layer, visual_tokens=kept, kv_visual_tokens=kept),
+        replan(segments, every_layer, visual_tokens=rows, kv_visual_tokens=rows),
         {**stats, "visual_tokens": num_visual, "kept_visual_tokens": kept},
     )
 
@@ -279,19 +279,95 @@ def _tower_patches(config: Any) -> int:
 def cls_pruned_forward(
     model: LlavaForConditionalGeneration, layers: Sequence[int], kept: int
 ) -> Iterator[None]:
-    """Make HF LLaVA `model` feed only each image's top-`kept` patches by [CLS] attention (summed
-    over vision `layers`) to its LLM, with each image's span in the prompt shortened to match."""
+    """Make HF LLaVA `model` feed only each tile's top-`kept` patches by [CLS] attention (summed
+    over vision `layers`) to its LLM, with each image's span in the prompt shortened to match.
+    On a family that packs tiles (LLaVA-NeXT) the kept patches are packed at their places in the
+    grid with every newline kept, as FasterVLM's LLaVA-NeXT code packs its index masks."""
     tower = model.model.vision_tower
     encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
     per_image = getattr(model.config, "image_seq_length", None) or _tower_patches(model.config)
-    state = _ClsPruning(model.config.image_token_id, kept, per_image)
+    packs = family(model.config.model_type).packs_tiles
+    state = (_PackedClsPruning if packs else _ClsPruning)(
+        model.config.image_token_id, kept, per_image
+    )
     handles = [model.register_forward_pre_hook(state.shorten, with_kwargs=True)]
     handles += [
         encoder_layers[i].register_forward_pre_hook(state.score, with_kwargs=True) for i in layers
     ]
     handles.append(model.model.multi_modal_projector.register_forward_hook(state.gather))
+    if packs:
+        state.wrap_packing(model)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        if packs:
+            del model.model.pack_image_features  # back to the class's method
+
+
+@dataclasses.dataclass
+class _PackedClsPruning(_ClsPruning):
+    """`_ClsPruning` for a family whose tiles are packed on their grid: the projector's output
+    stays whole (the kept patches are recorded), and the packing keeps the kept patches and the
+    newlines; the prompt's image spans shrink to the packed counts, found by running the image
+    side first (they depend on which patches each tile keeps)."""
+
+    top: torch.Tensor | None = None
+    full_lens: list[int] = dataclasses.field(default_factory=list)
+    kept_lens: list[int] = dataclasses.field(default_factory=list)
+    model: Any = None
+
+    def gather(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Projector hook: record each tile's top-`kept` patches; the output stays whole."""
+        self.top = self.scores.topk(self.kept, dim=1).indices.sort(dim=1).values  # (B, kept)
+        self.scores = None
+        return output
+
+    def wrap_packing(self, model: nn.Module) -> None:
+        import torch
+
+        self.model = model
+        pack = type(model.model).pack_image_features.__get__(model.model)
+
+        def packed(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+            feats, lens = pack(
+                image_features, image_sizes, vision_feature_select_strategy, image_newline
+            )
+            masks, start = [], 0
+            for tiles in image_features:  # (T_i, P, d) each
+                top = self.top[start : start + tiles.shape[0]]
+                mask = torch.zeros(*tiles.shape[:2], 1, dtype=tiles.dtype, device=tiles.device)
+                masks.append(mask.scatter(1, top[:, :, None], 1.0))
+                start += tiles.shape[0]
+            ones = torch.ones(1, dtype=feats[0].dtype, device=feats[0].device)
+            packed_masks, _ = pack(masks, image_sizes, vision_feature_select_strategy, ones)
+            new = [f[m[:, 0] > 0.5] for f, m in zip(feats, packed_masks, strict=True)]
+            self.full_lens = [int(n) for n in lens]
+            self.kept_lens = [int(f.shape[0]) for f in new]
+            return new, torch.tensor(self.kept_lens, device=lens.device)
+
+        model.model.pack_image_features = packed
+
+    def _shorten_prompt(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        import torch
+
+        pixels, sizes = kwargs.get("pixel_values"), kwargs.get("image_sizes")
+        if pixels is not None:  # the image side runs first, for its packed counts
+            self.model.model.get_image_features(pixels, sizes, return_dict=True)
+        elif not self.kept_lens:  # (generate ran it already: its encoder outputs are given)
+            return
+        n = ids.shape[1]
+        is_image = ids[0] == self.image_token_id
+        rank = torch.cumsum(is_image.long(), 0) - 1  # of each image token among all
+        ends = torch.tensor(self.full_lens).cumsum(0)
+        image = torch.bucketize(rank, ends, right=True).clamp(max=len(self.full_lens) - 1)
+        starts = ends - torch.tensor(self.full_lens)
+        keep = ~is_image | (rank - starts[image] < torch.tensor(self.kept_lens)[image])
+        self.dropped = int((~keep).sum())
+        kwargs["input_ids"] = ids[:, keep]
+        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+            kwargs["attention_mask"] = kwargs["attention_mask"][:, keep]
+        for name in ("cache_position", "position_ids"):
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = kwargs[name][..., : n - self.dropped]

@@ -61,6 +61,20 @@ class GraphEdit:
         """The graph's last input node: what a node computed from the inputs is inserted after."""
         return list(self.inputs.values())[-1]
 
+    def add_output(self, node: fx.Node, name: str) -> None:
+        """Make `node` one more output of the segment, named `name`."""
+        from torch.fx.graph import CodeGen
+
+        output = next(n for n in self.graph.nodes if n.op == "output")
+        output.args = ((*output.args[0], node),)
+        # a plain tuple out (the unlifted module's pytree spec names the old outputs only)
+        spec = self.graph._codegen.pytree_info
+        codegen = CodeGen()
+        codegen.pytree_info = spec._replace(out_spec=None) if spec is not None else None
+        self.graph._codegen = codegen
+        names = [*self.segment.output_names, name]
+        self.segment = dataclasses.replace(self.segment, output_names=names)
+
     def require_visual_rows(self, count: int) -> None:
         """Re-export the prefill for prompts of >= `count` visual rows (what the rewrite needs),
         and record it in `Segments.min_visual_rows`."""

@@ -333,13 +333,14 @@ class Engine(SegmentLoop):
                 f"{len(items)} images make {total} vision tiles; one prompt takes at most "
                 f"{MAX_TILES}: give fewer or smaller images"
             )
-        features, newline = self.encode_pixels(np.concatenate(tiles))  # (T, K, d)
-        features = self.runners["vision"].to_numpy(features)
-        newline = None if newline is None else self.runners["vision"].to_numpy(newline)
+        vision = self.runners["vision"]
+        outputs = vision({"pixel_values": np.concatenate(tiles)})  # image_features (T, K, d), ...
+        outputs = {name: vision.to_numpy(value) for name, value in outputs.items()}
         rows, start = [], 0
         for image_tiles, meta in zip(tiles, metas, strict=True):
             end = start + image_tiles.shape[0]
-            rows.append(self.images.pack(features[start:end], meta, newline))
+            mine = {k: v[start:end] if k != "image_newline" else v for k, v in outputs.items()}
+            rows.append(self.images.pack(mine, meta))
             start = end
         counts = [r.shape[0] for r in rows]
         return np.concatenate(rows)[None], counts
@@ -349,14 +350,21 @@ class Engine(SegmentLoop):
         return self.encode_images([image])[0]
 
     def image_rows(self, images: Any) -> list[int]:
-        """How many prompt rows each image takes (without running the vision segment)."""
-        return [self.images.count(self.images.tiles(i)[1]) for i in _image_list(images)]
+        """How many prompt rows each image takes. Runs the vision segment: after a pre-LLM pass
+        on LLaVA-NeXT the count depends on which patches each tile keeps."""
+        return self.encode_images(images)[1]
 
     def encode_prompt(self, prompt: str, counts: list[int] | None = None) -> PromptLayout:
         """prompt and each image's row count (default: one image of the model's base size) ->
         its layout: input ids, visual rows, positions, attention mask, next position."""
         if not isinstance(prompt, str):
             raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
+        if counts is not None and (
+            not isinstance(counts, (list, tuple)) or not all(_is_int(c) and c >= 1 for c in counts)
+        ):
+            raise UserError(
+                f"counts must be a list of integers >= 1 (each image's rows), got {counts!r:.60}"
+            )
         layout = self.prompt_encoder.layout(
             prompt, [self.visual_tokens] if counts is None else counts
         )

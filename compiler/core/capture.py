@@ -486,7 +486,14 @@ class Segments:
     def reference_rows(self) -> int:
         """The visual rows of the reference image entering the LLM (what the layer plan's counts
         and the FLOPs are stated for): one tile's rows, or the family's reference image's."""
-        return self.info.reference_visual_rows or self.visual_tokens
+        info = self.info
+        full = info.reference_visual_rows or info.visual_tokens
+        # rows that are not a tile's patches (LLaVA-NeXT's newlines) stay; patches as kept
+        return (
+            self.visual_tokens * info.reference_tiles
+            + full
+            - info.visual_tokens * info.reference_tiles
+        )
 
     @property
     def visual_tokens_per_layer(self) -> list[int]:

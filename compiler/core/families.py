@@ -75,7 +75,9 @@ class Family:
     name: str
     hf_class: str
     check_config: Callable[[dict[str, Any], Path], None] = _no_checks
-    pre_llm_pruning: bool = True  # whether [CLS]-scored pruning of each tile fits its packing
+    # whether the host packs an image's tiles on their patch grid (then a pre-LLM pass also
+    # outputs which patches each tile kept, and the host packs those, as FasterVLM does)
+    packs_tiles: bool = False
     # (visual rows, vision tiles) of the image the layer plan and FLOPs are stated for, from the
     # HF config ((0, 1): one tile, its rows whatever a pre-LLM pass leaves of them)
     reference: Callable[[Any], tuple[int, int]] = lambda config: (0, 1)
@@ -99,7 +101,7 @@ FAMILIES: dict[str, Family] = {
             "LLaVA-NeXT",
             "LlavaNextForConditionalGeneration",
             _check_llava_next,
-            pre_llm_pruning=False,
+            packs_tiles=True,
             reference=_llava_next_reference,
         ),
     )

@@ -375,6 +375,8 @@ def eager_timers(
     inputs = inputs.to(param.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
     sync = device_sync(str(param.device))
+    # LLaVA-NeXT's processor also gives each image's (height, width), which its packing needs
+    sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
 
     @torch.no_grad()
     def prefill():
@@ -382,7 +384,7 @@ def eager_timers(
 
     @torch.no_grad()
     def vision():
-        return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"], **sizes)
 
     @torch.no_grad()
     def merged_embeds() -> torch.Tensor:
