@@ -382,10 +382,11 @@ class Engine(SegmentLoop):
 
     def generate(
         self,
-        image: Any,
-        prompt: str,
+        image: Any = None,
+        prompt: str | None = None,
         max_new_tokens: int = 32,
         *,
+        images: list[Any] | None = None,
         stop_at_eos: bool = True,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -393,8 +394,9 @@ class Engine(SegmentLoop):
         strict: bool = False,
     ) -> GenerationResult:
         """Greedy (temperature 0) or sampled (softmax of logits / temperature, over the top_k
-        logits when top_k > 0) generation for an image, or a list of images, and a prompt (with
-        one image placeholder per image, or none: then the chat template puts the images first).
+        logits when top_k > 0) generation for an image, or a list of images (`image`, or
+        `images=[...]`), and a prompt (with one image placeholder per image, or none: then the
+        chat template puts the images first).
 
         A prompt plus `max_new_tokens` longer than the model's max_position_embeddings logs one
         warning (positions past it were never trained), or raises UserError when `strict`; one
@@ -407,8 +409,10 @@ class Engine(SegmentLoop):
         _check_generate_args(max_new_tokens, temperature, top_k, seed, vocab)
         if not isinstance(prompt, str):
             raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
+        if (image is None) == (images is None):
+            raise UserError("give the image (or a list of images) or images=[...], one of them")
         t0 = time.perf_counter()
-        features, counts = self.encode_images(image)  # the row counts come with the features
+        features, counts = self.encode_images(image if images is None else images)  # the row counts come with the features
         vision_s = time.perf_counter() - t0
         layout = self.encode_prompt(prompt, counts)
         self._check_length(layout.n, max_new_tokens, strict)

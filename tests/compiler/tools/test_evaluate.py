@@ -233,3 +233,28 @@ def test_training_script_runs_and_writes_a_loadable_preset(tmp_path):
     report = json.loads((tmp_path / "trained-tiny-llava-training.json").read_text())
     assert [h["stage"] for h in report["history"]] == ["scene", "distill"]
     assert set(report["heldout_accuracy_fp16"]) == {*shapes_qa.KINDS, "all"}
+
+
+def test_eval_data_lines_with_several_images(trained_artifact, trained_model_dir, tmp_path):
+    """A line's "image" may be a list: the prompt then holds every image (the chat template
+    puts them first); the artifact and HF eager predict the same on such items."""
+    items = list(task_items("shapes-qa", 4))
+    rows = []
+    for i, it in enumerate(items):
+        first, second = f"a{i}.png", f"b{i}.png"
+        it.image.save(tmp_path / first)
+        items[(i + 1) % len(items)].image.save(tmp_path / second)
+        rows.append({"image": [first, second], "prompt": it.prompt, "answer": it.answer})
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    art = json.loads(mllmc("eval", trained_artifact, "--data", data, "--json", "-q").stdout)
+    hf = json.loads(mllmc("eval", trained_model_dir, "--data", data, "--json", "-q").stdout)
+    assert art["n"] == hf["n"] == 4
+    assert [p["prediction"] for p in art["predictions"]] == [
+        p["prediction"] for p in hf["predictions"]
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": [], "prompt": "q", "answer": "red"}\n')
+    user_error("eval", trained_artifact, "--data", bad, match="bad.jsonl:1: bad line")
+    bad.write_text('{"image": ["a0.png", "missing.png"], "prompt": "q", "answer": "red"}\n')
+    user_error("eval", trained_artifact, "--data", bad, match="bad.jsonl:1: cannot read image")
