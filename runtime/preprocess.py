@@ -411,6 +411,7 @@ def to_rgb_array(
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if isinstance(image, Image.Image):
+        check_pixels(image.width, image.height, f"image {image.width}x{image.height}")
         if do_convert_rgb:
             image = convert_to_rgb(image)
         array = np.array(image)  # (H, W, C) uint8

@@ -15,7 +15,6 @@ import pytest
 from mllmc.compiler.verify import compare
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest
-
 from tests.compiler.tools.test_cli import mllmc
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from mllmc.runtime import UserError, load
-
 from tests.compiler.tools.test_cli import mllmc, user_error
 from tests.compiler.tools.test_no_tracebacks import refused_before_torch
 
@@ -98,9 +97,9 @@ def test_output_that_is_a_device_is_named_as_such(tiny_model_dir):
 
 def test_decode_cache_of_one_layer_that_does_not_agree(tiny_base_artifact, sample_image):
     engine = load(tiny_base_artifact)
-    ids, start = engine.encode_prompt("Describe the image.")
-    _, cache = engine.prefill(ids, engine.encode_image(sample_image), start)
-    n = ids.shape[1]
+    layout = engine.encode_prompt("Describe the image.")
+    _, cache = engine.prefill(layout, engine.encode_image(sample_image))
+    n = layout.next_position
     short = [cache[0][:, :, :3], *cache[1:]]
     with pytest.raises(UserError, match=r"past\.0\.value of shape \[1, 2, 3, 32\] .*past\.0\.key"):
         engine.decode_step(5, n, short)

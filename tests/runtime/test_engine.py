@@ -120,7 +120,7 @@ def short_context(copied: Path) -> Path:
 
 def test_past_max_positions_warns_or_refuses(short_context: Path, sample_image: Path, caplog):
     engine = load(short_context)
-    n = engine.encode_prompt("Hi")[0].shape[1]
+    n = engine.encode_prompt("Hi", engine.image_rows(sample_image)).n
     fits = 40 - n + 1  # the last new token is never fed back: positions 0 .. 39
     assert fits > 1
     with pytest.raises(UserError, match="max_position_embeddings"):

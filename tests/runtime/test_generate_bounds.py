@@ -143,8 +143,9 @@ def test_api_argument_types(tiny_base_artifact: Path, tiny_model_dir: Path, tmp_
 def test_image_array_over_the_pixel_limit(engine, monkeypatch):
     monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "10000")
     with pytest.raises(UserError, match="more than the limit"):
-        engine.image_preprocessor(np.zeros((200, 100, 3), dtype=np.uint8))
-    engine.image_preprocessor(np.zeros((100, 100, 3), dtype=np.uint8))
+        engine.images.tiles(np.zeros((200, 100, 3), dtype=np.uint8))
+    tiles, _ = engine.images.tiles(np.zeros((100, 100, 3), dtype=np.uint8))
+    assert tiles.shape[0] == 1 and tiles.dtype == np.float32
 
 
 def test_artifact_reads_its_own_image_processor(tiny_base_artifact: Path, tmp_path: Path):

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from mllmc.runtime import load
-
 from tests.conftest import TINY_SHORTV_LAYERS
 
 MLLMC = str(Path(sys.executable).parent / "mllmc")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from mllmc.compiler.core.capture import load_model
-
 from tests.passes.test_pruning import PIPELINES
 
 

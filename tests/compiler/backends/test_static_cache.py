@@ -13,6 +13,7 @@ from mllmc.compiler.core.capture import capture, load_model, processor_inputs
 from mllmc.compiler.pipeline import prepare_passes, resolve_passes, run_passes
 from mllmc.compiler.tools.torch_engine import TorchEngine, segment_entry
 from mllmc.compiler.verify import DEFAULT_PROMPT, LOGIT_TOL, compare, eager_generate
+from mllmc.runtime.layout import locate_images
 
 needs_cuda = [
     pytest.mark.gpu,
@@ -128,11 +129,12 @@ def test_static_cache_continues_from_an_older_cache(captured, sample_image):
     model_dir, _, _, segs = captured
     inputs = _inputs(model_dir, sample_image)
     ids, pixels = inputs["input_ids"].numpy(), inputs["pixel_values"].numpy()
-    start = int(np.argmax(ids[0] == segs.info.image_token_id))
-    n = ids.shape[1]
+    layout = locate_images(ids[0], segs.info.image_token_id, [segs.visual_tokens])
+    n = layout.next_position
 
     def branches(engine):
-        logits, cache = engine.prefill(ids, engine.encode_pixels(pixels), start)
+        features, _ = engine.encode_pixels(pixels)  # (1, K, d): one image, one tile
+        logits, cache = engine.prefill(layout, features)
         for i in range(3):
             logits, cache = engine.decode_step(int(np.argmax(logits)), n + i, cache)
         branch_point, at = cache, logits

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 from mllmc.compiler.tools import bench
-
 from tests.compiler.tools.test_cli import mllmc, user_error
 
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from mllmc.runtime.errors import UserError
-
 from tests.compiler.tools.test_cli import MLLMC
 
 
@@ -229,11 +228,14 @@ def test_artifacts_that_do_not_hold_together_are_refused_at_load(
 
     manifests = {
         "pixels": (
-            segment("vision", "inputs", 0, [1, 3, 84, 84]),
+            segment("vision", "inputs", 0, ["tiles", 3, 84, 84]),
             "vision.onnx does not match the manifest's 'vision' segment: input 'pixel_values' "
-            "has shape [1, 3, 64, 64], the manifest says [1, 3, 84, 84]",
+            "has shape ['tiles', 3, 64, 64], the manifest says ['tiles', 3, 84, 84]",
         ),
-        "hidden": (segment("prefill", "inputs", 1, [1, 16, 192]), "'image_features' has shape"),
+        "hidden": (
+            segment("prefill", "inputs", 1, [1, "visual", 192]),
+            "'image_features' has shape",
+        ),
         "head-dim": (segment("decode", "inputs", 2, [1, 2, "past_0", 24]), "'past.0.key'"),
         "vocab": (segment("decode", "outputs", 0, [1, 700]), "output 'logits' has shape"),
         "dynamic": (segment("decode", "inputs", 0, [1, "n"]), "'input_ids' has shape [1, 1]"),
