@@ -34,10 +34,12 @@ PROMPT = "Describe the image."
 # width) pinpoints (112, 112), (56, 112) and (168, 56)
 SIZES = {"square": (100, 100), "wide": (200, 100), "tall": (60, 180)}
 PINPOINTS = {"square": (112, 112), "wide": (56, 112), "tall": (168, 56)}
-# every in-LLM pass on LLaVA-NeXT; each artifact is a compile (~10 s on 2 cores): the composed
+# each tile keeps its top patches by its own [CLS], packed on the grid (FasterVLM's way)
+PRE_LLM_PIPELINE = "vtc_cls:layers=[0,1],ratio=0.25+fastv:k=2+shortv:layers=[0,3]"
+# every pass on LLaVA-NeXT; each artifact is a compile (~10 s on 2 cores): the composed
 # pipeline (which runs fastv's and shortv's rewrites) and vte run by default, the rest are slow
-PASS_SPECS = ["fastv+shortv:layers=[0,3]", "vte:k=2"]
-SLOW_PASS_SPECS = ["fastv", "shortv:layers=[0,3]"]
+PASS_SPECS = ["fastv+shortv:layers=[0,3]", "vte:k=2", PRE_LLM_PIPELINE]
+SLOW_PASS_SPECS = ["fastv", "shortv:layers=[0,3]", "fastervlm:keep=8"]
 
 
 class Hf(NamedTuple):
@@ -218,6 +220,17 @@ def test_pass_artifact_matches_eager_reference(hf: Hf, artifacts, wide_plain, na
     if len(specs) > 1:
         shorter = hf_generate(hf, [image], specs[:-1])[2]
         assert np.abs(logits - shorter).max() > 1e-3, name
+
+
+def test_pre_llm_pipeline_on_two_images(hf: Hf, artifacts):
+    """The per-tile [CLS] pruning packed per image, then the in-LLM passes, on a prompt with two
+    images of different aspect ratios, against HF generate under the composed references."""
+    images = [shapes_image(*SIZES["wide"]), shapes_image(*SIZES["tall"], seed=1)]
+    ids, tokens, logits = hf_generate(hf, images, PRE_LLM_PIPELINE.split("+"))
+    result = run_engine(artifacts(PRE_LLM_PIPELINE), images)
+    assert_same_generation(result, tokens, logits)
+    # every image lost rows, and the prompt is shorter than HF's unpruned one
+    assert result.prompt_tokens < hf_inputs(hf, images)["input_ids"].shape[1]
 
 
 def _gathers(art: Path) -> int:
