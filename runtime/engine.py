@@ -412,7 +412,9 @@ class Engine(SegmentLoop):
         if (image is None) == (images is None):
             raise UserError("give the image (or a list of images) or images=[...], one of them")
         t0 = time.perf_counter()
-        features, counts = self.encode_images(image if images is None else images)  # the row counts come with the features
+        features, counts = self.encode_images(
+            image if images is None else images
+        )  # the row counts come with the features
         vision_s = time.perf_counter() - t0
         layout = self.encode_prompt(prompt, counts)
         self._check_length(layout.n, max_new_tokens, strict)
@@ -447,6 +449,11 @@ class Engine(SegmentLoop):
             raise UserError(
                 f"max_new_tokens ({max_new_tokens}) alone is past the model's "
                 f"max_position_embeddings ({limit}): lower max_new_tokens"
+            )
+        if prompt_tokens > limit:
+            raise UserError(
+                f"the prompt takes {prompt_tokens} tokens with its images, more than the model's "
+                f"context of {limit} positions: give fewer or smaller images, or less text"
             )
         # the prompt, and the KV cache (at most the positions before the last) must fit
         if engine_limit is not None and max(prompt_tokens, positions - 1) > engine_limit:

@@ -138,3 +138,19 @@ def test_run_with_two_images(
     one = "USER: <image>\nWhat differs? ASSISTANT:"
     proc = run_cli("run", tiny_base_artifact, *images, "--prompt", one)
     one_line_error(proc, "the prompt has 1 <image> placeholder but 2 images were given")
+
+
+def test_more_images_than_the_context_or_a_vision_call_holds(tiny_base_artifact: Path):
+    """Too many images is one line: past the tiles one vision call takes, or past the model's
+    positions (here a context of 40 positions: three 16-row images and the template's text)."""
+    import dataclasses
+
+    engine = load(tiny_base_artifact)
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(UserError, match="257 images make 257 vision tiles; one prompt takes at"):
+        engine.generate([image] * 257, "Hi", max_new_tokens=1)
+    model = dataclasses.replace(engine.manifest.model, max_position_embeddings=40)
+    engine.manifest = dataclasses.replace(engine.manifest, model=model)
+    with pytest.raises(UserError, match=r"the prompt takes \d+ tokens with its images, more than"):
+        engine.generate([image] * 3, "Hi", max_new_tokens=1)
+    assert len(engine.generate([image], "Hi", max_new_tokens=1).token_ids) == 1
