@@ -1,5 +1,6 @@
 """Pruning and early exit (fastv, vte, fastervlm, vtc_cls) and their composition with shortv:
-graph rewrite vs eager reference on two LLaVA configs (prefill), identity configs through the
+graph rewrite vs eager reference on two LLaVA configs (prefill; one image, and two images of
+different sizes in one prompt), identity configs through the
 rewrite machinery, graph structure (TopK / Gather, no NonZero), FLOPs from the rewritten graph vs
 the analytic formula over the plan, order rules, bad options through the console script, the vte
 exit calibration, and 16-token parity (prefill + decode) through the ONNX engine."""
@@ -12,8 +13,9 @@ import json
 import pytest
 import torch
 
-from mllmc.compiler.core.capture import load_model
+from mllmc.compiler.core.capture import load_model, prefill_feeds
 from mllmc.compiler.core.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
+from mllmc.compiler.core.segment_io import segment_io
 from mllmc.compiler.pipeline import check_order, prepare_passes, resolve_passes, run_passes
 from mllmc.runtime.errors import UserError
 from tests.compiler.tools.test_cli import mllmc, user_error
@@ -21,30 +23,35 @@ from tests.compiler.tools.test_cli import mllmc, user_error
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
 
 
-def _run(captured, specs, sample_image):
+def _run(captured, specs, images, prompt=PROMPT):
     """Rewrite with `specs`, then run the rewritten prefill and the composed eager references on
-    one image + prompt -> (segments, records, graph outputs, reference logits, plain logits)."""
+    `images` (one path, or a list of paths / PIL images) + `prompt` (one <image> per image) ->
+    (segments, records, graph outputs, reference logits, plain logits, the prefill's feeds)."""
     from PIL import Image
     from transformers import AutoProcessor
 
     model_dir, model, info, segs = captured
     segs, records = run_passes(segs, prepare_passes(resolve_passes(specs), model, info))
+    images = images if isinstance(images, list) else [images]
+    images = [Image.open(i) if not isinstance(i, Image.Image) else i for i in images]
     inputs = AutoProcessor.from_pretrained(model_dir)(
-        images=Image.open(sample_image), text=PROMPT, return_tensors="pt"
+        images=images, text=prompt, return_tensors="pt"
     )
     ids = inputs["input_ids"]
     is_image = ids[0] == info.image_token_id
-    start = int(is_image.nonzero()[0])
-    # the runtime's prompt: the image span holds as many placeholders as the vision segment gives
-    span = ~is_image | (torch.cumsum(is_image.long(), 0) <= segs.visual_tokens)
+    # the runtime's prompt: each image's run of placeholders holds as many as the vision
+    # segment gives per image (its first ones)
+    rank = (torch.cumsum(is_image.long(), 0) - 1) % info.visual_tokens
+    span = ~is_image | (rank < segs.visual_tokens)
     with torch.no_grad(), contextlib.ExitStack() as stack:
-        feats = segs.vision.program.module()(inputs["pixel_values"])
-        got = segs.prefill.program.module()(ids[:, span], feats, torch.tensor([start]))
+        feats = segs.vision.program.module()(inputs["pixel_values"])  # (images, K, d)
+        feeds = prefill_feeds(ids[:, span], feats, info.image_token_id)
+        got = segs.prefill.program.module()(*feeds)
         plain = model(**inputs).logits[0, -1]
         for record in records:
             stack.enter_context(record.reference(model, None))
         ref = model(**inputs).logits[0, -1]
-    return segs, records, got, ref, plain
+    return segs, records, got, ref, plain, feeds
 
 
 CASES = [
@@ -73,14 +80,23 @@ SLOW_CASES = [
 def test_rewrite_matches_eager_reference(captured, sample_image, specs):
     info = captured[2]
     specs = [s.replace("k=-1", f"k={info.num_layers - 1}") for s in specs]
-    segs, records, got, ref, plain = _run(captured, specs, sample_image)
+    _check_against_reference(captured, specs, sample_image)
+
+
+def _check_against_reference(captured, specs, images, prompt=PROMPT):
+    """The rewritten prefill against the composed eager references on `images` + `prompt`;
+    returns the rewritten segments and the prefill's feeds."""
+    segs, records, got, ref, plain, feeds = _run(captured, specs, images, prompt)
     assert (got[0][0] - ref).abs().max().item() <= 1e-4, specs
     # the check can fail: every case here changes what the model computes
     assert (ref - plain).abs().max().item() > 1e-3, specs
     # each layer's present K/V holds the text rows plus the visual rows the plan says
-    n_text = got[1].shape[2] - segs.layer_plan[0].kv_visual_tokens
+    v = feeds[2].shape[0]
+    n_text = feeds[0].shape[1] - v
     for layer, key in zip(segs.layer_plan, got[1::2], strict=True):
-        assert key.shape[2] == n_text + layer.kv_visual_tokens
+        assert key.shape[2] == n_text + layer.kv_visual_rows(v)
+        if v == segs.visual_tokens:  # one image: the plan's counts are its counts
+            assert layer.kv_visual_rows(v) == layer.kv_visual_tokens
     if any(s.startswith("shortv") for s in specs):
         shortv = records[-1].applied.stats
         if specs[0].startswith("vte"):  # layer 3 is after the exit: nothing to freeze
@@ -91,8 +107,40 @@ def test_rewrite_matches_eager_reference(captured, sample_image, specs):
             assert frozen == shortv["frozen_layers"]
             # frozen layers after a pruning pass freeze the rows they still hold: compare with
             # the pipeline without shortv, which must differ
-            _, _, got_no_shortv, _, _ = _run(captured, specs[:-1], sample_image)
+            got_no_shortv = _run(captured, specs[:-1], images, prompt)[2]
             assert (got[0][0] - got_no_shortv[0][0]).abs().max().item() > 1e-3
+    return segs, feeds
+
+
+TWO_IMAGE_PROMPT = "USER: <image>\nDescribe this. <image>\nAnd this one? ASSISTANT:"
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        ["fastv"],
+        ["vte:k=2"],
+        ["shortv:layers=[0,2]"],
+        ["fastervlm:keep=5"],
+        ["vtc_cls:keep=9"],
+        ["vtc_cls:keep=9", "fastv:k=1,ratio=0.5", "shortv:layers=[0,2]"],
+    ],
+    ids="+".join,
+)
+def test_rewrite_matches_eager_reference_on_two_images(captured, sample_image, specs):
+    """Two images of different sizes in one prompt (two <image> placeholders, as the HF
+    processor expands them): every pass keeps matching its eager reference, pre-LLM pruning
+    per image and in-LLM pruning over both images' visual rows together."""
+    from PIL import Image, ImageDraw
+
+    second = Image.new("RGB", (64, 112), (20, 20, 20))
+    draw = ImageDraw.Draw(second)
+    draw.polygon([(8, 100), (32, 10), (56, 100)], fill=(240, 200, 20))
+    draw.ellipse((20, 60, 44, 84), fill=(30, 200, 90))
+    segs, feeds = _check_against_reference(
+        captured, specs, [sample_image, second], TWO_IMAGE_PROMPT
+    )
+    assert feeds[2].shape[0] == 2 * segs.visual_tokens  # both images' rows reach the prefill
 
 
 IDENTITY = ["fastv:ratio=0.0", "vte:k=L", "fastervlm:keep=N", "vtc_cls:keep=N"]
@@ -106,14 +154,15 @@ def test_identity_config_is_the_unmodified_graph(captured, sample_image, spec):
     spec = spec.replace("k=L", f"k={info.num_layers}").replace(
         "keep=N", f"keep={info.visual_tokens}"
     )
-    segs, _, got, _, _ = _run(captured, [spec], sample_image)
-    _, _, want, _, _ = _run(captured, [], sample_image)
-    select = torch.ops.aten.index_select.default
+    segs, _, got, _, _, _ = _run(captured, [spec], sample_image)
+    want = _run(captured, [], sample_image)[2]
+    # the row gathers: index_select in the prefill, a per-tile gather in the vision segment
+    gathers = (torch.ops.aten.index_select.default, torch.ops.aten.gather.default)
     rewritten = segs.vision if spec.startswith(("fastervlm", "vtc_cls")) else segs.prefill
     unrewritten = base.vision if rewritten.name == "vision" else base.prefill
 
     def count(seg):
-        return sum(n.target is select for n in seg.program.graph.nodes)
+        return sum(n.target in gathers for n in seg.program.graph.nodes)
 
     assert count(rewritten) > count(unrewritten), spec
     assert len(got) == len(want) == 1 + 2 * info.num_layers
@@ -121,21 +170,43 @@ def test_identity_config_is_the_unmodified_graph(captured, sample_image, spec):
 
 
 def test_static_graph_and_plan(captured):
+    """No NonZero in any graph; the visual rows are the dynamic dim `visual` and the pruned
+    layers' caches hold n - visual + kept(visual) rows, the plan's rule."""
     _, model, info, base = captured
     segs, _ = run_passes(base, prepare_passes(resolve_passes(["fastv:k=2"]), model, info))
     targets = {n.target for n in segs.prefill.program.graph.nodes}
-    assert torch.ops.aten.topk.default in targets and torch.ops.aten.sort.default in targets
-    assert not any("nonzero" in str(t) for t in targets)
+    # TopK picks the kept visual rows; the keep index comes in order from a running count and a
+    # scatter-add (row_pruning.rows_where)
+    assert torch.ops.aten.topk.default in targets
+    assert torch.ops.aten.scatter_add.default in targets
+    for seg in segs:
+        assert not any("nonzero" in str(n.target) for n in seg.program.graph.nodes), seg.name
     kept = int(round(info.visual_tokens * 0.5))
     assert [p.visual_tokens for p in segs.layer_plan] == [info.visual_tokens] * 2 + [kept] * (
         info.num_layers - 2
     )
+    assert [p.kv_visual_keep for p in segs.layer_plan] == ["1"] * 2 + ["1/2"] * (
+        info.num_layers - 2
+    )
+    io = segment_io(segs.prefill)
+    shapes = {t["name"]: t["shape"] for t in io["inputs"] + io["outputs"]}
+    assert shapes["image_features"][1] == shapes["visual_rows"][0] == "visual"
+    for p in segs.layer_plan:
+        rows = shapes[f"present.{p.index}.key"][2]
+        assert (rows == "n") == (p.index < 2), rows
+        for n, v in [(40, 16), (40, 7), (100, 1)]:  # the graph's row count is the plan's
+            assert eval(
+                str(rows), {"__builtins__": {}, "n": n, "visual": v}
+            ) == n - v + p.kv_visual_rows(v)
     assert segs.decode is base.decode  # decode takes per-layer cache lengths already
     segs, _ = run_passes(base, prepare_passes(resolve_passes(["fastervlm:keep=4"]), model, info))
-    assert segs.visual_tokens == 4 and segs.prefill is not base.prefill
+    # per tile 4 rows leave the vision segment; the prefill takes any visual count as it is
+    assert segs.visual_tokens == 4 and segs.prefill is base.prefill
+    assert segment_io(segs.vision)["outputs"][0]["shape"][:2] == ["tiles", 4]
     vision_targets = {n.target for n in segs.vision.program.graph.nodes}
     assert torch.ops.aten.topk.default in vision_targets
-    assert not any("nonzero" in str(t) for t in vision_targets)
+    for seg in segs:
+        assert not any("nonzero" in str(n.target) for n in seg.program.graph.nodes), seg.name
 
 
 @pytest.mark.parametrize(
@@ -268,7 +339,8 @@ def test_prompt_ending_with_the_image_runs_without_row_pruning(tiny_base_artifac
     from mllmc.runtime import load
 
     engine = load(tiny_base_artifact)
-    ids, start = engine.encode_prompt("USER: Describe this: <image>")
-    assert start + engine.visual_tokens == ids.shape[1]
+    layout = engine.encode_prompt("USER: Describe this: <image>")
+    [(start, count)] = layout.image_spans
+    assert count == engine.visual_tokens and start + count == layout.n
     out = engine.generate(sample_image, "USER: Describe this: <image>", 2, stop_at_eos=False)
     assert len(out.token_ids) == 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mllmc.compiler.core.capture import capture
+from mllmc.compiler.core.capture import capture, prefill_feeds
 from mllmc.compiler.core.flops import analytic_prefill_flops, count_flops, reference_prefill_inputs
 from mllmc.compiler.core.locator import locate_layers
 from mllmc.passes import get_pass, parse_pass_spec
@@ -16,6 +16,8 @@ from mllmc.runtime.errors import UserError
 
 
 def _prefill_inputs(model_dir, info, image_path):
+    """The HF processor's inputs for one image + prompt, and the prefill's feeds for the same
+    prompt once `pixel_values` become features: feeds(features) -> the 5 prefill inputs."""
     from PIL import Image
     from transformers import AutoProcessor
 
@@ -25,8 +27,11 @@ def _prefill_inputs(model_dir, info, image_path):
         text="USER: <image>\nDescribe the image. ASSISTANT:",
         return_tensors="pt",
     )
-    start = int((inputs["input_ids"][0] == info.image_token_id).nonzero()[0])
-    return inputs, start
+
+    def feeds(features):
+        return prefill_feeds(inputs["input_ids"], features, info.image_token_id)
+
+    return inputs, feeds
 
 
 def _frozen_sets(num_layers: int) -> list[tuple[int, ...]]:
@@ -36,13 +41,13 @@ def _frozen_sets(num_layers: int) -> list[tuple[int, ...]]:
 
 def test_rewrite_matches_eager_reference(captured, sample_image):
     model_dir, model, info, segs = captured
-    inputs, start = _prefill_inputs(model_dir, info, sample_image)
+    inputs, feeds = _prefill_inputs(model_dir, info, sample_image)
     with torch.no_grad():
         feats = segs.vision.program.module()(inputs["pixel_values"])
         base = model(**inputs).logits[0, -1]
         for layers in _frozen_sets(info.num_layers):
             out = shortv(segs, ShortVConfig(layers=layers)).segments
-            got = out.prefill.program.module()(inputs["input_ids"], feats, torch.tensor([start]))
+            got = out.prefill.program.module()(*feeds(feats))
             with keep_rows(model, layers):
                 ref = model(**inputs).logits[0, -1]
             assert (got[0][0] - ref).abs().max().item() <= 1e-4, layers
@@ -70,13 +75,13 @@ def test_rewrite_in_half_precision(tiny_model_dir, sample_image, dtype):
     info = model_info(model, tiny_model_dir)
     segs = capture(model, info)
     assert segs.prefill.example_inputs[1].dtype == dtype
-    inputs, start = _prefill_inputs(tiny_model_dir, info, sample_image)
+    inputs, feeds = _prefill_inputs(tiny_model_dir, info, sample_image)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     with torch.no_grad():
         feats = segs.vision.program.module()(inputs["pixel_values"])
         for layers in ((1, 2), (0, 1, 2, 3, 4, 5)):
             out = shortv(segs, ShortVConfig(layers=layers)).segments
-            got = out.prefill.program.module()(inputs["input_ids"], feats, torch.tensor([start]))
+            got = out.prefill.program.module()(*feeds(feats))
             assert got[0].dtype == dtype
             with keep_rows(model, layers):
                 ref = model(**inputs).logits[0, -1]
@@ -86,6 +91,14 @@ def test_rewrite_in_half_precision(tiny_model_dir, sample_image, dtype):
             assert (got[0][0] - ref).abs().max().item() <= tol, (dtype, layers)
 
 
+def _row_writes(seg) -> int:
+    """index_copy nodes that write rows of a hidden state (dim 1): the image features' splice
+    and ShortV's write-back of each frozen layer's text rows (the text index's own visual-row
+    marks are an index_copy along dim 0)."""
+    copy = torch.ops.aten.index_copy.default
+    return sum(n.target is copy and n.args[1] == 1 for n in seg.program.graph.nodes)
+
+
 def test_identity_config_is_the_unmodified_graph(captured, sample_image):
     """Freezing only the last layer's visual rows changes nothing the model outputs (those rows
     feed no later layer and no logit; keys/values are still computed from every row): the real
@@ -93,15 +106,11 @@ def test_identity_config_is_the_unmodified_graph(captured, sample_image):
     model_dir, model, info, segs = captured
     last = info.num_layers - 1
     result = shortv(segs, ShortVConfig(layers=(last,)))
-    copy = torch.ops.aten.index_copy.default
-    assert (
-        sum(n.target is copy for n in result.segments.prefill.program.graph.nodes)
-        == sum(n.target is copy for n in segs.prefill.program.graph.nodes) + 1
-    )  # the rewrite did fire
-    inputs, start = _prefill_inputs(model_dir, info, sample_image)
+    assert _row_writes(result.segments.prefill) == _row_writes(segs.prefill) + 1  # it did fire
+    inputs, feeds = _prefill_inputs(model_dir, info, sample_image)
     with torch.no_grad():
         feats = segs.vision.program.module()(inputs["pixel_values"])
-        args = (inputs["input_ids"], feats, torch.tensor([start]))
+        args = feeds(feats)
         a = segs.prefill.program.module()(*args)
         b = result.segments.prefill.program.module()(*args)
     assert len(a) == len(b) == 1 + 2 * info.num_layers
@@ -113,7 +122,8 @@ def test_rewritten_graph_structure(captured):
     frozen = (0, info.num_layers - 1)
     new = shortv(segs, ShortVConfig(layers=frozen)).segments
     layers = locate_layers(new.prefill.program.graph_module.graph)
-    n_text = 8  # the example prefill input: 8 text tokens + N_v visual tokens
+    ids, _, visual_rows = new.prefill.example_inputs[:3]  # the example the graph is traced at
+    n, n_text = ids.shape[1], ids.shape[1] - visual_rows.shape[0]
     for layer in layers:
         q_rows = layer.q_proj.meta["val"].shape[1]
         mlp_rows = layer.mlp_residual.meta["val"].shape[1]
@@ -122,7 +132,7 @@ def test_rewritten_graph_structure(captured):
             # q_proj and the MLP see the n_text text rows only; k/v see all n rows
             hint = lambda s: int(s.node.hint) if hasattr(s, "node") else int(s)  # noqa: E731
             assert hint(q_rows) == n_text and hint(mlp_rows) == n_text
-            assert hint(k_rows) == n_text + info.visual_tokens
+            assert hint(k_rows) == n
         else:
             assert q_rows == k_rows == mlp_rows
 
@@ -131,9 +141,9 @@ def test_rewritten_graph_structure(captured):
     def count(seg, op):
         return sum(n.target is op for n in seg.program.graph.nodes)
 
-    select, copy = torch.ops.aten.index_select.default, torch.ops.aten.index_copy.default
+    select = torch.ops.aten.index_select.default
     assert count(new.prefill, select) - count(segs.prefill, select) == 2 * len(frozen) + 3
-    assert count(new.prefill, copy) - count(segs.prefill, copy) == len(frozen)
+    assert _row_writes(new.prefill) - _row_writes(segs.prefill) == len(frozen)
     # the decode segment is not touched
     assert new.decode is segs.decode
     assert [not p.visual_computed for p in new.layer_plan] == [

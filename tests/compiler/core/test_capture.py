@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from mllmc.compiler.core.capture import capture, load_model, read_config
+from mllmc.compiler.core.capture import capture, load_model, prefill_feeds, read_config
 from mllmc.compiler.core.locator import locate_layers
 from mllmc.compiler.pipeline import prepare_passes, resolve_passes
 from mllmc.runtime.errors import UserError
@@ -34,11 +34,10 @@ def test_prefill_and_decode_match_hf(captured, tiny_model_dir, sample_image):
     model, info, segs = captured
     inputs = _hf_inputs(tiny_model_dir, Image.open(sample_image))
     ids = inputs["input_ids"]
-    start = int((ids[0] == info.image_token_id).nonzero()[0])
     with torch.no_grad():
         ref = model(**inputs).logits[:, -1]
         feats = segs.vision.program.module()(inputs["pixel_values"])
-        out = segs.prefill.program.module()(ids, feats, torch.tensor([start]))
+        out = segs.prefill.program.module()(*prefill_feeds(ids, feats, info.image_token_id))
         assert (out[0] - ref).abs().max().item() <= 1e-4
         assert len(out) == 1 + 2 * info.num_layers
         nxt = ref.argmax(-1)[:, None]
@@ -187,18 +186,18 @@ def test_sliding_window_matches_hf_past_the_window(
     prepare_passes(resolve_passes([f"vte:k={info.num_layers}"]), model, info)
     inputs = _hf_inputs(tiny_model_dir, Image.open(sample_image))
     ids = inputs["input_ids"]
-    start = int((ids[0] == info.image_token_id).nonzero()[0])
     n = ids.shape[1]
     assert n > 2 * 8
     with torch.no_grad():
         feats = segs.vision.program.module()(inputs["pixel_values"])
-        out = segs.prefill.program.module()(ids, feats, torch.tensor([start]))
+        feeds = prefill_feeds(ids, feats, info.image_token_id)
+        out = segs.prefill.program.module()(*feeds)
         ref = model(**inputs).logits[:, -1]
         assert (out[0] - ref).abs().max().item() <= 1e-4
         # the window matters here: the same layers with full causal attention differ
         full = PrefillSegment(model, info).eval()
         full.windows = [None] * info.num_layers
-        assert (full(ids, feats, torch.tensor([start]))[0] - ref).abs().max().item() > 1e-3
+        assert (full(*feeds)[0] - ref).abs().max().item() > 1e-3
         cache, tokens = list(out[1:]), ids
         capacity = n + 4
         static_cache = [torch.nn.functional.pad(t, (0, 0, 0, capacity - n)) for t in cache]
