@@ -4,21 +4,25 @@ Graph side (`keep_top_patches`): in the vision segment, the [CLS] query row of e
 is scored against that layer's keys, from the layer's own q/k projections (the attention call
 stays fused):
 
-    q_proj(x_l)[:, :1], k_proj(x_l)   (1, 1, dv), (1, 1 + P, dv)
-    -> softmax(q_cls k^T · hd^-0.5) head-mean, patch columns        (P,)   summed over the layers
-    -> TopK(kept) -> sort -> gather the projected features           (1, P, d) -> (1, kept, d)
+    q_proj(x_l)[:, :1], k_proj(x_l)   (B, 1, dv), (B, 1 + P, dv)   B tiles
+    -> softmax(q_cls k^T · hd^-0.5) head-mean, patch columns        (B, P)   summed over the layers
+    -> TopK(kept) per tile -> sort -> gather the projected features  (B, P, d) -> (B, kept, d)
 
-so only the kept tokens, in spatial (row-major patch) order, leave the vision segment. The image
-span the prefill expects shrinks to `kept`: the pass re-captures the prefill for it and the
-manifest's `visual_tokens` tells the runtime how many placeholders `<image>` expands to.
+so only each tile's kept tokens, in spatial (row-major patch) order, leave the vision segment.
+The prefill takes any number of visual rows as it is; the manifest's `visual_tokens` tells the
+runtime how many rows a tile now gives. For a family that packs tiles on their grid on the host
+(LLaVA-NeXT) the segment also outputs the kept patch indices (B, kept) (`patch_index`), and the
+host packs the kept patches at their places, every newline kept, as FasterVLM does.
 
 Options (`check_keep_options`, `resolve_keep`): both passes keep `keep=N` tokens, or drop the
 fraction `ratio=R` (keep round(N_v·(1-R)); R = 0.75 when neither is given).
 
 Eager side (`cls_pruned_forward`): hooks on the HF model: the same scores from HF's CLIP encoder
-layer (layer_norm1, q_proj, k_proj), the projector output gathered at the top-k patches, and the
-prompt's image span shortened to `kept` placeholders (positions compacted, as the official code
-builds the shorter input embeddings), decode positions following the shorter prompt.
+layer (layer_norm1, q_proj, k_proj), the projector output gathered at each tile's top-k patches
+(LLaVA-NeXT: HF's packing applied to the features and to a kept-patch mask, the kept rows
+taken), and each image's span in the prompt shortened to its kept rows (positions compacted,
+as the official code builds the shorter input embeddings), decode positions following the
+shorter prompt.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ or `ratio=R`: keep = round(N_v·(1-R))) in spatial order; only the kept tokens e
 the prefill shrinks everywhere (every layer, every KV cache) and decode positions follow the
 shorter prompt.
 
-Graph change (passes/cls_attention.py): the vision segment gains one [CLS] score row and outputs
-(1, keep, d) instead of (1, N_v, d); the prefill is re-captured for an image span of `keep` rows
-(the graph is otherwise the unmodified one); the manifest's `visual_tokens` = keep, so the
-runtime expands `<image>` to `keep` placeholders. Pre-LLM: it must precede in-LLM passes.
+Graph change (passes/cls_attention.py): the vision segment gains one [CLS] score row per tile
+and outputs (B, keep, d) instead of (B, N_v, d) for B tiles; the prefill is unchanged (it takes
+any number of visual rows); the manifest's `visual_tokens` = keep, so the runtime expands each
+`<image>` to the rows its image keeps (LLaVA-NeXT: its kept patches packed on the grid, as
+FasterVLM's LLaVA-NeXT code packs them). Pre-LLM: it must precede in-LLM passes.
 
 Which detail follows which source: head mean of the [CLS] row over the patches, TopK, kept
 patches in spatial order through a boolean index mask, pruning after the projector, and the
@@ -74,7 +75,7 @@ def prepare(
 
 
 def fastervlm(segments: Segments, cfg: FasterVLMConfig) -> PassResult:
-    """Vision segment outputs the top-`keep` patches; prefill re-captured for them."""
+    """The vision segment outputs each tile's top-`keep` patches; the prefill takes them."""
     if cfg.layer is None:
         raise ValueError("fastervlm: resolve the config with prepare() before the rewrite")
     stats = {"vision_layer": cfg.layer}

@@ -9,12 +9,14 @@ original order, gathers everything those layers read that has a row axis:
 
 so kept tokens keep their original positions (the cos/sin rows are theirs; gaps are allowed), the
 mask stays causal in the original positions, and the present K/V of layers >= K come out with n'
-rows. n' = n - N_v + kept is static given n: the keep index is built with arange / where / gather
-(and TopK for FastV's selection), never NonZero. With K = L (no layer after the exit) the final
+rows. n' = n - V + kept, computed in the graph from the prompt's n and V (both dynamic): the
+keep index is built with a running count and a scatter-add (`rows_where`; TopK for FastV's
+selection), never NonZero. With K = L (no layer after the exit) the final
 hidden state is gathered instead, which leaves the last row, and so the logits, unchanged.
 
 Decode needs nothing: the decode graph takes one dynamic cache length per layer, and the next
-position is n (the unpruned prompt length), as FastV's official code continues it.
+position is the prompt layout's next position (n, the unpruned prompt length), as FastV's
+official code continues it.
 
 Eager side (`pruned_forward`): hooks on the Hugging Face model that compute the same thing with HF's
 own modules: the selection from layer K-1's q/k projections and HF's RoPE / repeat_kv, then

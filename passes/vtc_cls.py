@@ -7,9 +7,9 @@ score is its [CLS] attention (head-mean) summed over a range of vision encoder l
 top `keep=N` (or round(N_v·(1-R)) for `ratio=R`, default 0.75) in spatial order; only those
 enter the LLM.
 
-Graph change: the vision segment outputs (1, keep, d) (one [CLS] score row per scored layer, a
-sum, TopK, sort, gather: passes/cls_attention.py, shared with fastervlm); the prefill is
-re-captured for `keep` visual tokens; manifest `visual_tokens` = keep.
+Graph change: the vision segment outputs (B, keep, d) for B tiles (one [CLS] score row per
+scored layer, a sum, TopK, sort, gather: passes/cls_attention.py, shared with fastervlm); the
+prefill takes them as it is; manifest `visual_tokens` = keep.
 
 Which detail follows which source: the [CLS]-attention ensemble over layers, head mean, top-k in
 spatial order: the VTC-CLS paper (THU-MIG/VTC-CLS); the default range, every encoder layer up to

@@ -8,7 +8,6 @@ and dtype by dtype, so pixel values agree to float32 rounding and input ids exac
     cfg = read_image_processor_config(model_dir)
     pixel_values = ImagePreprocessor(cfg)("cat.png")                  # (1, 3, H, W) float32
     encoder = PromptEncoder.from_dir(model_dir)
-    input_ids, visual_start = encoder.encode("What is this?", 576)   # (1, n) int64, int
     layout = encoder.layout("Compare the two.", [576, 576])          # PromptLayout, 2 images
     text = encoder.decode(generated_ids)
 

@@ -1,17 +1,18 @@
-"""Capture: a Hugging Face LLaVA directory -> three `torch.export` segments.
+"""Capture: a Hugging Face LLaVA / LLaVA-NeXT directory -> three `torch.export` segments.
 
-    vision  : pixel_values (1, 3, H, W)                  -> image_features (1, N_v, d)
-    prefill : input_ids (1, n), image_features, visual_start (1,)
-                                                       -> logits (1, V), present K/V per layer
+    vision  : pixel_values (T, 3, S, S) tiles            -> image_features (T, K, d)
+                                                          (+ image_newline (d,): LLaVA-NeXT)
+    prefill : input_ids (1, n), image_features (1, V, d), visual_rows (V,), position_ids (1, n),
+              attention_mask (1, n)                    -> logits (1, vocab), present K/V per layer
     decode  : input_ids (1, 1), position_ids (1, 1), past K/V per layer
-                                                       -> logits (1, V), present K/V per layer
+                                                       -> logits (1, vocab), present K/V per layer
 
 and, on demand, the same decode step over fixed-capacity cache buffers
 (`export_static_cache_decode`: the shapes a CUDA graph needs, run by
 runtime/static_cache.py behind the decode contract above).
 
-The model is loaded with the same code a user's real LLaVA goes through
-(`LlavaForConditionalGeneration.from_pretrained`), and every weight stays an HF module: the
+The model is loaded with the same code a user's real model goes through
+(`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration.from_pretrained`), and every weight stays an HF module: the
 segments below only re-write the *forward* of the decoder, op by op, so that the exported graph is
 static (no data-dependent image-token search, no DynamicCache object, no NonZero), and so that each
 node keeps an `nn_module_stack` entry that says which layer and which projection it belongs to
@@ -23,7 +24,7 @@ What we take from transformers and what we write ourselves:
   `attention_scaling`, so every static rope scaling type HF knows is honoured).
 - written here: the decoder layer loop, attention with an explicit KV cache in tensors, the causal
   mask from positions (with the sliding window HF's Mistral and Qwen2 apply, per layer, see
-  `layer_windows`), the splice of image features at `visual_start`. `transformers.exporters`
+  `layer_windows`), the splice of image features at the prompt's `visual_rows`. `transformers.exporters`
   (5.13+) exports a language model with its DynamicCache patched for export, but its graphs
   carry HF's mask machinery and cache classes, which a pass would have to see through, and it has
   no vision component; the explicit forward here is ~60 lines and gives the passes a graph whose

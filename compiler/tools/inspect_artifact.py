@@ -25,14 +25,19 @@ def _gflop(x: float) -> str:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def kv_cache_bytes(m: Manifest, n_text: int) -> dict[str, int]:
+def kv_cache_bytes(m: Manifest, n_text: int, visual: int | None = None) -> dict[str, int]:
     """KV-cache bytes at the end of a prompt of `n_text` text tokens (+ the image span), and per
-    generated token, from the plan (layer l caches n_text + kv_visual_tokens rows) and the
-    engines' dtype (`target_settings.dtype`)."""
+    generated token, from the plan (layer l caches n_text + kv_visual_tokens rows; with `visual`,
+    the visual rows entering the LLM, n_text + its `kv_visual_rows(visual)`) and the engines'
+    dtype (`target_settings.dtype`)."""
     info = m.model
     bytes_per_value = DTYPE_BYTES[m.target_settings.dtype]
     row = 2 * info.num_kv_heads * info.head_dim * bytes_per_value  # key + value, one row, one layer
-    prompt = sum((n_text + layer.kv_visual_tokens) * row for layer in m.layers)
+    cached = [
+        layer.kv_visual_tokens if visual is None else layer.kv_visual_rows(visual)
+        for layer in m.layers
+    ]
+    prompt = sum((n_text + rows) * row for rows in cached)
     return {"prompt": prompt, "per_token": row * len(m.layers)}
 
 
