@@ -213,19 +213,19 @@ def time_engines(
     eager's median whole-forward time (ms)."""
     feeds = {}
     for label, e in engines.items():
-        ids, vs = e.encode_prompt(probe.question)
-        feeds[label] = (ids, e.encode_image(probe.image), vs)
+        features, counts = e.encode_images(probe.image)
+        feeds[label] = (e.encode_prompt(probe.question, counts), features)
     hf_run = hf_runner(model_dir, 1)
     times: dict[str, list[float]] = {label: [] for label in engines}
     ttft: dict[str, list[float]] = {label: [] for label in engines}
     hf_times: list[float] = []
     for rnd in range(repeats + 1):
         for label, e in engines.items():
-            ids, feats, vs = feeds[label]
+            layout, _ = feeds[label]
             t0 = time.perf_counter()
-            f = e.encode_image(probe.image)
+            f, _ = e.encode_images(probe.image)
             t1 = time.perf_counter()
-            e.prefill(ids, f, vs)
+            e.prefill(layout, f)
             t2 = time.perf_counter()
             if rnd:  # round 0 warms up
                 times[label].append(t2 - t1)

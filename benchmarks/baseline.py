@@ -85,8 +85,8 @@ def main() -> None:
         lambda engine: bench.engine_timers(engine, image, prompt, args.decode_tokens),
     )
     engine = entries["mllmc_onnx"].engine
-    ids, _ = engine.encode_prompt(prompt)
-    feats = engine.encode_image(image)
+    feats, counts = engine.encode_images(image)
+    ids = engine.encode_prompt(prompt, counts).input_ids
 
     hfx_dir = out / "artifacts" / f"{model_dir.name}-hf-exporters"
     t0 = time.perf_counter()

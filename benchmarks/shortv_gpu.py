@@ -144,7 +144,7 @@ def main() -> None:
         sys.exit(2)
     from transformers import AutoProcessor
 
-    from mllmc.compiler.core.capture import processor_inputs
+    from mllmc.compiler.core.capture import prefill_feeds, processor_inputs
     from mllmc.compiler.tools.bench import prompt_for
     from mllmc.compiler.verify import probe_image
     from mllmc.passes.shortv import keep_rows
@@ -159,15 +159,13 @@ def main() -> None:
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     ids = inputs["input_ids"]
     n = ids.shape[1]
-    image_start = int((ids[0] == model_info.image_token_id).int().argmax())
-    start = torch.tensor([image_start], device=device)
 
     with torch.no_grad():
-        feats = vision_fn(inputs["pixel_values"])
+        feeds = prefill_feeds(ids, vision_fn(inputs["pixel_values"]), model_info.image_token_id)
         rows: dict[str, Any] = {"hf_eager": time_hf_eager(model, inputs, args.repeats)}
         profiles: dict[str, str] = {}
         for name, fn, frozen in prefill_variants(args, base_fn, short_fn, cfg.layers):
-            rows[name], profile = time_variant(args, name, fn, frozen, (ids, feats, start))
+            rows[name], profile = time_variant(args, name, fn, frozen, feeds)
             if profile is not None:
                 profiles[name] = profile
 
@@ -175,9 +173,9 @@ def main() -> None:
         hf_logits = model(**inputs).logits[0, -1].float()
         with keep_rows(model, cfg.layers):
             ref_logits = model(**inputs).logits[0, -1].float()
-        base_out = base_fn(ids, feats, start)
+        base_out = base_fn(*feeds)
         base_logits = base_out[0][0].float()
-        short_logits = short_fn(ids, feats, start)[0][0].float()
+        short_logits = short_fn(*feeds)[0][0].float()
         decode = measure_decode(args, segments, base_out, n) if args.decode else None
 
     peak = gemm_peak(model_info, n, dtype, args.device, args.repeats)
