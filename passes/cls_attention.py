@@ -251,11 +251,16 @@ class _ClsPruning:
     def _shorten_prompt(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
         import torch
 
-        n = ids.shape[1]
         is_image = ids[0] == self.image_token_id
         # each image's run of `per_image` placeholders keeps its first `kept`
         rank = (torch.cumsum(is_image.long(), 0) - 1) % self.per_image
-        keep = ~is_image | (rank < self.kept)
+        self._keep_rows(ids, ~is_image | (rank < self.kept), kwargs)
+
+    def _keep_rows(self, ids: torch.Tensor, keep: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """The prompt's rows `keep` (n,) bool in `kwargs`' ids and mask; positions compacted."""
+        import torch
+
+        n = ids.shape[1]
         self.dropped = int((~keep).sum())
         kwargs["input_ids"] = ids[:, keep]
         if isinstance(kwargs.get("attention_mask"), torch.Tensor):
@@ -361,17 +366,10 @@ class _PackedClsPruning(_ClsPruning):
             self.model.model.get_image_features(pixels, sizes, return_dict=True)
         elif not self.kept_lens:  # (generate ran it already: its encoder outputs are given)
             return
-        n = ids.shape[1]
         is_image = ids[0] == self.image_token_id
         rank = torch.cumsum(is_image.long(), 0) - 1  # of each image token among all
         ends = torch.tensor(self.full_lens).cumsum(0)
         image = torch.bucketize(rank, ends, right=True).clamp(max=len(self.full_lens) - 1)
         starts = ends - torch.tensor(self.full_lens)
         keep = ~is_image | (rank - starts[image] < torch.tensor(self.kept_lens)[image])
-        self.dropped = int((~keep).sum())
-        kwargs["input_ids"] = ids[:, keep]
-        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
-            kwargs["attention_mask"] = kwargs["attention_mask"][:, keep]
-        for name in ("cache_position", "position_ids"):
-            if isinstance(kwargs.get(name), torch.Tensor):
-                kwargs[name] = kwargs[name][..., : n - self.dropped]
+        self._keep_rows(ids, keep, kwargs)

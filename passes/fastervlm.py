@@ -92,14 +92,15 @@ def reference(
     return cls_attention.cls_pruned_forward(model, [cfg.layer], cfg.keep)
 
 
+# the registry entry: the rewrite, its config, preparation, option check and eager reference
 PASS = PassInfo(
-    name="fastervlm",
-    fn=fastervlm,
-    config_cls=FasterVLMConfig,
-    summary=SUMMARY,
-    stage="pre_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
+    "fastervlm",
+    fastervlm,
+    FasterVLMConfig,
+    SUMMARY,
+    "pre_llm",
+    prepare,
+    check,
+    reference,
     prunes=True,
 )

@@ -155,14 +155,7 @@ def reference(
     return pruned_forward(model, cfg.k, lambda n: kept_count(n, cfg.ratio))
 
 
+# the registry entry: the rewrite, its config, preparation, option check and eager reference
 PASS = PassInfo(
-    name="fastv",
-    fn=fastv,
-    config_cls=FastVConfig,
-    summary=SUMMARY,
-    stage="in_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-    prunes=True,
+    "fastv", fastv, FastVConfig, SUMMARY, "in_llm", prepare, check, reference, prunes=True
 )

@@ -399,13 +399,5 @@ def reference(
     return keep_rows(model, cfg.layers or (), rows="visual")
 
 
-PASS = PassInfo(
-    name="shortv",
-    fn=shortv,
-    config_cls=ShortVConfig,
-    summary=SUMMARY,
-    stage="in_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-)
+# the registry entry: the rewrite, its config, preparation, option check and eager reference
+PASS = PassInfo("shortv", shortv, ShortVConfig, SUMMARY, "in_llm", prepare, check, reference)

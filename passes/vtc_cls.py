@@ -116,14 +116,7 @@ def reference(
     )
 
 
+# the registry entry: the rewrite, its config, preparation, option check and eager reference
 PASS = PassInfo(
-    name="vtc_cls",
-    fn=vtc_cls,
-    config_cls=VTCClsConfig,
-    summary=SUMMARY,
-    stage="pre_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-    prunes=True,
+    "vtc_cls", vtc_cls, VTCClsConfig, SUMMARY, "pre_llm", prepare, check, reference, prunes=True
 )

@@ -129,14 +129,5 @@ def reference(
     return pruned_forward(model, cfg.k)
 
 
-PASS = PassInfo(
-    name="vte",
-    fn=vte,
-    config_cls=VTEConfig,
-    summary=SUMMARY,
-    stage="in_llm",
-    check=check,
-    prepare=prepare,
-    reference=reference,
-    prunes=True,
-)
+# the registry entry: the rewrite, its config, preparation, option check and eager reference
+PASS = PassInfo("vte", vte, VTEConfig, SUMMARY, "in_llm", prepare, check, reference, prunes=True)

@@ -24,18 +24,43 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_preset("tiny-llava", tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
 
 
+def shapes_png(
+    folder: Path, name: str, size: tuple[int, int], background: tuple[int, int, int], shapes: dict
+) -> Path:
+    """An RGB PNG of `size` (width, height) with `shapes` ({"ellipse" | "rectangle": (box,
+    fill)}) drawn on `background`, written to folder/name."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(img)
+    for kind, (box, fill) in shapes.items():
+        getattr(draw, kind)(box, fill=fill)
+    img.save(folder / name)
+    return folder / name
+
+
 @pytest.fixture(scope="session")
 def sample_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A non-square RGB PNG with shapes on it (exercises resize + center crop)."""
-    from PIL import Image, ImageDraw
+    shapes = {
+        "ellipse": ((10, 10, 60, 60), (220, 30, 30)),
+        "rectangle": ((65, 20, 110, 80), (30, 60, 200)),
+    }
+    return shapes_png(
+        tmp_path_factory.mktemp("images"), "shapes.png", (120, 90), (250, 250, 250), shapes
+    )
 
-    img = Image.new("RGB", (120, 90), (250, 250, 250))
-    draw = ImageDraw.Draw(img)
-    draw.ellipse((10, 10, 60, 60), fill=(220, 30, 30))
-    draw.rectangle((65, 20, 110, 80), fill=(30, 60, 200))
-    path = tmp_path_factory.mktemp("images") / "shapes.png"
-    img.save(path)
-    return path
+
+@pytest.fixture(scope="session")
+def tall_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A portrait RGB PNG (70x150), unlike the landscape `sample_image` (120x90)."""
+    shapes = {
+        "rectangle": ((5, 90, 60, 140), (240, 200, 30)),
+        "ellipse": ((10, 10, 60, 60), (40, 200, 90)),
+    }
+    return shapes_png(
+        tmp_path_factory.mktemp("images"), "tall.png", (70, 150), (20, 20, 40), shapes
+    )
 
 
 # A second LLaVA config with different widths, head counts, GQA ratio (8:2), head_dim, image size

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mllmc.runtime import Engine, UserError, load
 from tests.runtime.test_engine import one_line_error, run_cli
@@ -25,18 +25,6 @@ PLACED = "USER: <image>\n<image>\nWhat differs between the pictures? ASSISTANT:"
 @pytest.fixture(scope="module")
 def engine(tiny_base_artifact: Path) -> Engine:
     return load(tiny_base_artifact)
-
-
-@pytest.fixture(scope="module")
-def tall_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A portrait RGB PNG (70x150), unlike the landscape `sample_image` (120x90)."""
-    img = Image.new("RGB", (70, 150), (20, 20, 40))
-    draw = ImageDraw.Draw(img)
-    draw.rectangle((5, 90, 60, 140), fill=(240, 200, 30))
-    draw.ellipse((10, 10, 60, 60), fill=(40, 200, 90))
-    path = tmp_path_factory.mktemp("images") / "tall.png"
-    img.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
