@@ -43,3 +43,45 @@ def test_shortv_gpu_runs_every_row_on_the_cpu(tiny_model_dir, tmp_path):
     assert decode["weight_bytes"] > 0 and decode["kv_bytes"] > 0
     assert all(0 < r["fraction_of_bandwidth"] for r in decode["rows"].values())
     assert "mllmc_compile_graphs+shortv" in proc.stdout and "ms/token" in proc.stdout
+
+
+@pytest.mark.slow
+def test_llava_next_benchmark_reports_every_engine(tmp_path):
+    """benchmarks/llava_next.py on tiny-llava-next (112 px image: 88 visual rows), every
+    variant, one round: every engine has its timings, KV bytes and ratios; the plan's KV bytes
+    shrink where a pass drops cached rows; each pass has its FLOPs-ideal speedup; the engines
+    on every visual row are timed two to a group; the goals and the run are recorded."""
+    from mllmc.compiler.data.presets import write_preset
+
+    model = write_preset("tiny-llava-next", tmp_path / "tiny-llava-next", seed=0)
+    cmd = [
+        sys.executable, str(BENCHMARKS / "llava_next.py"), "--model", str(model),
+        "--image-size", "112", "--rounds", "1", "--decode-tokens", "2", "--variants", "all",
+        "--group-size", "2", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "llava_next.json").read_text())
+    assert (tmp_path / "llava_next.png").stat().st_size > 0
+    passes = {"fastv", "vte:k=3", "shortv:ratio=0.6", "fastervlm", "vtc_cls", "fastv+shortv",
+              "fastervlm+shortv"}  # fmt: skip
+    engines = {"mllmc_onnx"} | {f"mllmc_onnx+{p}" for p in passes}
+    rows = report["rows"]
+    assert set(rows) | set(report["skipped"]) == {"hf_eager"} | engines
+    assert report["image"] == [112, 112] and report["visual_tokens"] == 88
+    for name, row in rows.items():
+        assert row["vision_s"] > 0 and row["llm_prefill_s"] > 0, name
+        assert row["decode_s_per_token"] > 0 and row["kv_cache_bytes_prompt"] > 0, name
+        for ref in ("vs_hf_eager", "vs_mllmc_onnx"):
+            assert set(row[ref]) == {"vision", "LLM prefill", "decode"}, name
+    kv = {name: row["kv_cache_bytes_prompt"] for name, row in rows.items()}
+    assert kv["hf_eager"] == kv["mllmc_onnx"] == kv["mllmc_onnx+shortv:ratio=0.6"]
+    assert kv["mllmc_onnx+fastv"] < kv["mllmc_onnx"] and kv["mllmc_onnx+vte:k=3"] < kv["mllmc_onnx"]
+    assert set(report["pass_speedups"]) == set(rows) - {"hf_eager", "mllmc_onnx"}
+    for name, s in report["pass_speedups"].items():
+        assert s["flops_ideal"] > 1 and s["measured"] > 0 and "share_of_ideal" in s, name
+    assert [isinstance(g["met"], bool) for g in report["goals"]] == [True] * 3
+    groups = [set(g["engines"]) - {"hf_eager", "mllmc_onnx"} for g in report["groups"]]
+    assert len(groups) == 2 and set().union(*groups) == set(rows) - {"hf_eager", "mllmc_onnx"}
+    assert report["versions"]["torch"] and "llava_next.py" in report["command"]
+    assert "mllmc_onnx+fastv+shortv" in proc.stdout and "FLOPs-ideal" in proc.stdout

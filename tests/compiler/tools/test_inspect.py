@@ -28,3 +28,20 @@ def test_inspect_states_one_prompt_and_the_target(tiny_shortv_artifact: Path):
     ) in text
     assert "target onnx, device cpu, dtype float32, decode cache growing)" in text
     assert f"{after['reference_text_tokens']}-text-token prompt" in text  # the KV cache line
+
+
+def test_kv_cache_bytes_for_a_prompt_of_two_images(tiny_base_artifact: Path, sample_image: Path):
+    """kv_cache_bytes(m, n_text, visual) sizes the cache of a prompt whose visual rows differ
+    from the reference image's: equal to the bytes of the cache the engine's prefill returns."""
+    from mllmc.compiler.tools.inspect_artifact import kv_cache_bytes
+    from mllmc.runtime import load
+
+    engine = load(tiny_base_artifact)
+    feats, counts = engine.encode_images([sample_image, sample_image])
+    layout = engine.encode_prompt("<image><image> Compare the two pictures.", counts)
+    _, cache = engine.prefill(layout, feats)
+    n_text = layout.n - layout.num_visual
+    kv = kv_cache_bytes(engine.manifest, n_text, layout.num_visual)
+    assert layout.num_visual == 2 * engine.manifest.visual_tokens
+    assert kv["prompt"] == sum(a.nbytes for a in cache)
+    assert kv["prompt"] > kv_cache_bytes(engine.manifest, n_text)["prompt"]  # one image's
