@@ -164,7 +164,8 @@ class SegmentLoop:
             )
         if n - v < MIN_TEXT_ROWS:
             raise UserError(
-                f"the prompt has {n - v} text tokens besides its images; mllmc needs at least "
+                f"the prompt has {n - v} text token{'s' if n - v != 1 else ''} besides its "
+                "images; mllmc needs at least "
                 f"{MIN_TEXT_ROWS} (add text to the prompt)"
             )
 
@@ -355,8 +356,8 @@ class Engine(SegmentLoop):
         return self.encode_images(images)[1]
 
     def encode_prompt(self, prompt: str, counts: list[int] | None = None) -> PromptLayout:
-        """prompt and each image's row count (default: one image of the model's base size) ->
-        its layout: input ids, visual rows, positions, attention mask, next position."""
+        """prompt and each image's row count (`encode_images`' counts; LLaVA-1.5's default: one
+        image) -> its layout: input ids, visual rows, positions, attention mask, next position."""
         if not isinstance(prompt, str):
             raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
         if counts is not None and (
@@ -364,6 +365,11 @@ class Engine(SegmentLoop):
         ):
             raise UserError(
                 f"counts must be a list of integers >= 1 (each image's rows), got {counts!r:.60}"
+            )
+        if counts is None and self.manifest.model.reference_visual_rows:
+            raise UserError(
+                "counts is needed for this model: an image's rows depend on its size; pass the "
+                "counts encode_images() returned"
             )
         layout = self.prompt_encoder.layout(
             prompt, [self.visual_tokens] if counts is None else counts

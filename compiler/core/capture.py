@@ -44,7 +44,7 @@ from torch import nn
 
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.images import MAX_TILES
-from mllmc.runtime.layout import MIN_TEXT_ROWS
+from mllmc.runtime.layout import MIN_TEXT_ROWS, placeholder_mismatch
 from mllmc.runtime.manifest import LayerPlan, ModelInfo
 
 from .families import family
@@ -702,7 +702,11 @@ def processor_inputs(processor: Any, image: Any, prompt: str) -> Any:
 
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     images = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images]
-    if getattr(processor, "image_token", "<image>") not in prompt:
+    token = getattr(processor, "image_token", "<image>")
+    found = prompt.count(token)
+    if found and found != len(images):
+        raise placeholder_mismatch(found, len(images), token, "put one where each image goes")
+    if not found:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         messages = [{"role": "user", "content": content}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

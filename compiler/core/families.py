@@ -31,6 +31,8 @@ def _check_llava_next(cfg: dict[str, Any], path: Path) -> None:
     vision = cfg.get("vision_config") or {}
     tile = vision.get("image_size")
     pinpoints = cfg.get("image_grid_pinpoints")
+    if pinpoints is None:
+        raise UserError(f"{path}: a llava_next config needs image_grid_pinpoints")
     if not isinstance(pinpoints, list) or not pinpoints or len(pinpoints) > 256:
         raise UserError(
             f"{path}: image_grid_pinpoints must be a list of 1 to 256 [height, width] pairs"

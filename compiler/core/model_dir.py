@@ -231,6 +231,14 @@ def check_processor(
     processor = read_image_processor_config(model_dir)
     if image_size is not None and image_size > 0:
         check_image_size(processor, image_size, model_dir)
+    grid = cfg.get("image_grid_pinpoints")
+    tiles = processor.get("image_grid_pinpoints")
+    if grid is not None and tiles is not None and [list(p) for p in tiles] != grid:
+        raise UserError(
+            f"{model_dir}: the image processor's image_grid_pinpoints {[list(p) for p in tiles]} "
+            f"differ from config.json's {grid}: the model packs its tiles by config.json's, so "
+            "make them the same"
+        )
 
 
 def config_hash(model_dir: str | Path) -> str:

@@ -305,6 +305,12 @@ def cmd_golden(args: argparse.Namespace) -> int:
     from mllmc.runtime import golden
 
     if args.golden_cmd == "record":
+        if len(args.image) != 1:
+            raise UserError(
+                f"golden record takes one --image, got {len(args.image)}: a golden file records "
+                "one image and prompt"
+            )
+        args.image = args.image[0]
         check_output_file(args.output, args.force, "golden file")
         g = golden.record(
             args.artifact, args.image, args.prompt, args.max_new_tokens, golden_path=args.output
@@ -520,7 +526,7 @@ def _add_eval_parser(sub: Any, max_items: int) -> None:
     sp.add_argument(
         "--data",
         metavar="FILE.jsonl",
-        help='lines of {"image": PATH, "prompt": ..., "answer": ...}',
+        help='lines of {"image": PATH or [PATH, ...], "prompt": ..., "answer": ...}',
     )
     sp.add_argument(
         "-n",
@@ -670,7 +676,7 @@ def _add_golden_parser(sub: Any) -> None:
     gsub = sp.add_subparsers(dest="golden_cmd", required=True, parser_class=_Parser)
     g = gsub.add_parser("record", help="record a golden file")
     g.add_argument("artifact")
-    g.add_argument("--image", required=True)
+    g.add_argument("--image", required=True, action="append", help="the image (one)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=16)
     g.add_argument("-o", "--output", required=True)

@@ -40,10 +40,12 @@ class Shape:
     image_size: int
     visual_tokens: int  # per tile
     reference_visual_rows: int  # of the reference image entering the LLM
+    reference_tiles: int  # the vision tiles of that image
 
 
-def read_shape(path: str | Path) -> Shape:
-    """The shape of the model whose config.json is `path` (or lies in directory `path`)."""
+def read_shape(path: str | Path) -> tuple[Shape, dict[str, Any]]:
+    """The shape of the model whose config.json is `path` (or lies in directory `path`), and
+    the config itself."""
     from mllmc.compiler.core.families import family
     from mllmc.compiler.core.model_dir import check_sizes, visual_token_count
     from mllmc.runtime.jsonfile import JSONError, read_json
@@ -70,8 +72,8 @@ def read_shape(path: str | Path) -> Shape:
     per_tile = visual_token_count(
         vc.image_size, vc.patch_size, config.vision_feature_select_strategy
     )
-    reference, _ = fam.reference(config)
-    return Shape(
+    reference, tiles = fam.reference(config)
+    shape = Shape(
         model_type=fam.model_type,
         num_layers=tc.num_hidden_layers,
         hidden_size=tc.hidden_size,
@@ -83,7 +85,9 @@ def read_shape(path: str | Path) -> Shape:
         image_size=vc.image_size,
         visual_tokens=per_tile or 0,
         reference_visual_rows=reference or per_tile or 0,
+        reference_tiles=tiles,
     )
+    return shape, cfg
 
 
 def _apply(plan: list[LayerPlan], shape: Shape, name: str, cfg: Any) -> tuple[list, list, str]:
@@ -98,6 +102,8 @@ def _apply(plan: list[LayerPlan], shape: Shape, name: str, cfg: Any) -> tuple[li
         return new, [], f"{note}: layers {sorted(frozen)} frozen"
     if name in ("fastv", "vte"):
         k = cfg.k
+        if k is None:
+            raise UserError("plan: vte needs k= (an exit file's layer is chosen on the weights)")
         rule = "0" if name == "vte" else _fastv_rule(cfg.ratio)
         kept = keep_count(entering, rule)
         new = [
@@ -111,8 +117,12 @@ def _apply(plan: list[LayerPlan], shape: Shape, name: str, cfg: Any) -> tuple[li
     from mllmc.passes.cls_attention import resolve_keep
 
     kept = resolve_keep(name, cfg.keep, cfg.ratio, shape.visual_tokens)
-    new = [dataclasses.replace(p, visual_tokens=kept, kv_visual_tokens=kept) for p in plan]
-    return new, [], f"each tile keeps {kept} of {shape.visual_tokens} rows"
+    # the reference image's rows: each tile's kept patches, and the rows that are not a tile's
+    # patches (LLaVA-NeXT's newlines) as they were
+    tiles = shape.reference_tiles
+    rows = kept * tiles + shape.reference_visual_rows - shape.visual_tokens * tiles
+    new = [dataclasses.replace(p, visual_tokens=rows, kv_visual_tokens=rows) for p in plan]
+    return new, [], f"each tile keeps {kept} of {shape.visual_tokens} rows ({rows} in all)"
 
 
 def _fastv_rule(ratio: float) -> str:
@@ -145,19 +155,21 @@ def _shortv_layers(shape: Shape, cfg: Any) -> tuple[tuple[int, ...], str]:
 def plan(path: str | Path, specs: list[str]) -> dict[str, Any]:
     """The layer plan and prefill FLOPs (before / after) of `specs` on the model at `path`."""
     from mllmc.compiler.core.flops import analytic_prefill_flops
-    from mllmc.passes import parse_pass_spec
+    from mllmc.compiler.core.model_dir import model_shape
+    from mllmc.compiler.pipeline import check_order, resolve_passes
 
-    shape = read_shape(path)
+    passes = resolve_passes(specs)
+    check_order(passes)
+    shape, config = read_shape(path)
+    for info, cfg in passes:  # the option checks compile runs against config.json
+        if info.check is not None:
+            info.check(cfg, model_shape(config))
     ref = shape.reference_visual_rows
     layers = [LayerPlan(i, ref, ref) for i in range(shape.num_layers)]
     base = list(layers)
     scored: list[int] = []
     notes: list[str] = []
-    for spec in specs:
-        parsed = parse_pass_spec(spec)
-        if parsed is None:
-            continue
-        info, cfg = parsed
+    for info, cfg in passes:
         layers, score, note = _apply(layers, shape, info.name, cfg)
         scored += score
         notes.append(f"{info.name}: {note}")
@@ -187,7 +199,7 @@ def describe(result: dict[str, Any]) -> str:
         computed = "yes" if p["visual_computed"] else "no (frozen)"
         lines.append(f"           {p['index']:5d}  {p['visual_tokens']:11d}  {computed}")
     lines.append(
-        f"prefill    {flops['before'] / 1e12:.3f} -> {flops['after'] / 1e12:.3f} TFLOP "
+        f"prefill    {flops['before'] / 1e9:.3f} -> {flops['after'] / 1e9:.3f} GFLOP "
         f"({100 * flops['cut']:.1f}% cut)"
     )
     return "\n".join(lines)

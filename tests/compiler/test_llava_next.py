@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,9 +38,9 @@ PINPOINTS = {"square": (112, 112), "wide": (56, 112), "tall": (168, 56)}
 # each tile keeps its top patches by its own [CLS], packed on the grid (FasterVLM's way)
 PRE_LLM_PIPELINE = "vtc_cls:layers=[0,1],ratio=0.25+fastv:k=2+shortv:layers=[0,3]"
 # every pass on LLaVA-NeXT; each artifact is a compile (~10 s on 2 cores): the composed
-# pipeline (which runs fastv's and shortv's rewrites) and vte run by default, the rest are slow
-PASS_SPECS = ["fastv+shortv:layers=[0,3]", "vte:k=2", PRE_LLM_PIPELINE]
-SLOW_PASS_SPECS = ["fastv", "shortv:layers=[0,3]", "fastervlm:keep=8"]
+# pre-LLM pipeline and vte run by default, the rest are slow
+PASS_SPECS = ["vte:k=2", PRE_LLM_PIPELINE]  # the pipeline runs vtc_cls', fastv's, shortv's rewrites
+SLOW_PASS_SPECS = ["fastv", "shortv:layers=[0,3]", "fastv+shortv:layers=[0,3]", "fastervlm:keep=8"]
 
 
 class Hf(NamedTuple):
@@ -299,8 +300,30 @@ def test_bad_input_through_the_api(artifacts, monkeypatch, tmp_path: Path):
     _refused(engine, [wide, tall], "<image> What is it?", more)
     fewer = "the prompt has 2 <image> placeholders but 1 image was given"
     _refused(engine, [wide], "<image><image> Hi", fewer)
+    with pytest.raises(UserError, match="counts is needed for this model"):
+        engine.encode_prompt(PROMPT)  # an image's rows depend on its size here
     big = tmp_path / "big.png"
     shapes_image(100, 100).save(big)
     monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "5000")  # 100 x 100 = 10,000 pixels
     for images in (big, np.zeros((100, 100, 3), np.uint8), [wide, big]):
         _refused(engine, images, PROMPT, "more than the limit of 5000")
+
+
+def test_processor_and_config_must_agree_on_the_grid(model_dir: Path, tmp_path: Path):
+    """The model packs tiles by config.json's pinpoints; a processor with other pinpoints would
+    make prompts of other lengths than the model's features: one line before torch loads."""
+    import json
+    import shutil
+    import subprocess
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    proc_cfg = json.loads((bad / "processor_config.json").read_text())
+    proc_cfg["image_processor"]["image_grid_pinpoints"] = [[56, 56], [112, 112]]
+    (bad / "processor_config.json").write_text(json.dumps(proc_cfg))
+    mllmc = Path(sys.executable).parent / "mllmc"
+    out = subprocess.run(
+        [str(mllmc), "compile", str(bad), "-o", str(tmp_path / "a")], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "differ from config.json's" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()

@@ -142,3 +142,19 @@ def test_more_images_than_the_context_or_a_vision_call_holds(tiny_base_artifact:
     with pytest.raises(UserError, match=r"the prompt takes \d+ tokens with its images, more than"):
         engine.generate([image] * 3, "Hi", max_new_tokens=1)
     assert len(engine.generate([image], "Hi", max_new_tokens=1).token_ids) == 1
+
+
+def test_golden_and_hf_eval_refuse_images_that_do_not_fit(
+    tiny_base_artifact: Path, tiny_model_dir: Path, sample_image: Path, tall_image: Path, tmp_path
+):
+    """A golden file records one image: two are one line, not the last one kept; HF eager's eval
+    refuses placeholders that do not pair with the images as the runtime does."""
+    golden = ["golden", "record", tiny_base_artifact, "--image", sample_image]
+    proc = run_cli(*golden, "--image", tall_image, "--prompt", "Hi", "-o", tmp_path / "g.json")
+    one_line_error(proc, "golden record takes one --image, got 2")
+    assert not (tmp_path / "g.json").exists()
+    data = tmp_path / "d.jsonl"
+    row = '{"image": "%s", "prompt": "USER: <image><image> Hi ASSISTANT:", "answer": "x"}\n'
+    data.write_text(row % sample_image)
+    proc = run_cli("eval", tiny_model_dir, "--data", data, "-q")
+    one_line_error(proc, "the prompt has 2 <image> placeholders but 1 image was given")

@@ -82,3 +82,14 @@ def test_plan_bad_input(tmp_path: Path):
     }
     cfg.write_text(json.dumps(small))
     user_error("plan", str(cfg), "--pass", "shortv", match="needs a published layer list")
+
+
+def test_plan_refuses_what_compile_refuses(tiny_model_dir):
+    """The option checks compile runs against config.json run here too; vte needs its k."""
+    user_error("plan", str(tiny_model_dir), "--pass", "fastv:k=99", match="k=99 out of range")
+    user_error("plan", str(tiny_model_dir), "--pass", "shortv:layers=[0,9]", match="out of range")
+    user_error("plan", str(tiny_model_dir), "--pass", "vte", match="vte needs k=")
+    user_error(
+        "plan", str(tiny_model_dir), "--pass", "shortv:layers=[0]", "--pass", "fastv",
+        match="pass order refused",
+    )  # fmt: skip
