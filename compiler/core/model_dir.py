@@ -45,6 +45,8 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise UserError(f"corrupt {cfg_path}: not a JSON object")
     model_type = _field(cfg, "model_type", str, cfg_path)
+    if model_type is None:
+        raise UserError(f"{cfg_path} has no model_type; supported: {supported_text()}")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UserError(
             f"unsupported architecture {model_type!r} in {cfg_path}; supported: {supported_text()}"

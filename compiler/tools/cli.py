@@ -774,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for name in ("transformers", "torch", "onnxscript"):
+        for name in ("transformers", "torch", "onnxscript", "onnx_ir"):
             logging.getLogger(name).setLevel(logging.ERROR)
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         _disable_hf_progress_bars()
