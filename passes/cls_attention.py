@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mllmc.compiler.core.families import family
+from mllmc.compiler.core.model_dir import visual_token_count
 from mllmc.compiler.core.pass_types import PassResult
 from mllmc.runtime.errors import UserError
 
@@ -279,11 +280,6 @@ class _ClsPruning:
                 kwargs[name] = kwargs[name] - self.dropped
 
 
-def _tower_patches(config: Any) -> int:
-    vc = config.vision_config
-    return (vc.image_size // vc.patch_size) ** 2
-
-
 @contextlib.contextmanager
 def cls_pruned_forward(
     model: LlavaForConditionalGeneration, layers: Sequence[int], kept: int
@@ -294,7 +290,10 @@ def cls_pruned_forward(
     grid with every newline kept, as FasterVLM's LLaVA-NeXT code packs its index masks."""
     tower = model.model.vision_tower
     encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
-    per_image = getattr(model.config, "image_seq_length", None) or _tower_patches(model.config)
+    vc = model.config.vision_config
+    per_image = getattr(model.config, "image_seq_length", None) or visual_token_count(
+        vc.image_size, vc.patch_size, "default"
+    )
     packs = family(model.config.model_type).packs_tiles
     state = (_PackedClsPruning if packs else _ClsPruning)(
         model.config.image_token_id, kept, per_image

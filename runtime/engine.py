@@ -116,11 +116,11 @@ class SegmentLoop:
 
     # -- the three segments -------------------------------------------------------------
 
-    def encode_pixels(self, pixel_values: np.ndarray) -> tuple[Any, Any]:
-        """(T, 3, H, W) tiles -> (their features (T, K, d), the model's image_newline (d,) or
-        None), in the vision runner's arrays."""
-        out = self.runners["vision"]({"pixel_values": pixel_values})
-        return out["image_features"], out.get("image_newline")
+    def encode_pixels(self, pixel_values: np.ndarray) -> dict[str, Any]:
+        """(T, 3, H, W) tiles -> the vision segment's outputs, in its runner's arrays:
+        `image_features` (T, K, d), and where the model has them `image_newline` (d,) and
+        `patch_index` (T, K)."""
+        return self.runners["vision"]({"pixel_values": pixel_values})
 
     def prefill(self, layout: PromptLayout, image_features: Any) -> tuple[np.ndarray, list[Any]]:
         """A laid-out prompt and its visual rows' features (1, V, d) -> (logits at the last row
@@ -334,9 +334,9 @@ class Engine(SegmentLoop):
                 f"{len(items)} images make {total} vision tiles; one prompt takes at most "
                 f"{MAX_TILES}: give fewer or smaller images"
             )
-        vision = self.runners["vision"]
-        outputs = vision({"pixel_values": np.concatenate(tiles)})  # image_features (T, K, d), ...
-        outputs = {name: vision.to_numpy(value) for name, value in outputs.items()}
+        to_numpy = self.runners["vision"].to_numpy
+        outputs = self.encode_pixels(np.concatenate(tiles))
+        outputs = {name: to_numpy(value) for name, value in outputs.items()}
         rows, start = [], 0
         for image_tiles, meta in zip(tiles, metas, strict=True):
             end = start + image_tiles.shape[0]
@@ -418,9 +418,8 @@ class Engine(SegmentLoop):
         if (image is None) == (images is None):
             raise UserError("give the image (or a list of images) or images=[...], one of them")
         t0 = time.perf_counter()
-        features, counts = self.encode_images(
-            image if images is None else images
-        )  # the row counts come with the features
+        # the row counts come with the features (they may depend on the patches a tile keeps)
+        features, counts = self.encode_images(image if images is None else images)
         vision_s = time.perf_counter() - t0
         layout = self.encode_prompt(prompt, counts)
         self._check_length(layout.n, max_new_tokens, strict)

@@ -81,7 +81,7 @@ class TorchEngine(SegmentLoop):
         from mllmc.runtime.layout import locate_images
 
         def encode() -> torch.Tensor:
-            features, _ = self.encode_pixels(pixel_values)  # (B, K, d)
+            features = self.encode_pixels(pixel_values)["image_features"]  # (B, K, d)
             return features.reshape(1, -1, features.shape[-1])
 
         per_image = (input_ids[0] == self.info.image_token_id).sum().item() // len(pixel_values)

@@ -133,7 +133,7 @@ def test_static_cache_continues_from_an_older_cache(captured, sample_image):
     n = layout.next_position
 
     def branches(engine):
-        features, _ = engine.encode_pixels(pixels)  # (1, K, d): one image, one tile
+        features = engine.encode_pixels(pixels)["image_features"]  # (1, K, d): one image, one tile
         logits, cache = engine.prefill(layout, features)
         for i in range(3):
             logits, cache = engine.decode_step(int(np.argmax(logits)), n + i, cache)
