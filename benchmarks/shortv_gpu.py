@@ -406,6 +406,7 @@ def measure_decode(args: Any, segments: Any, prefill_out: Any, n: int) -> dict[s
         cache, token, tokens = dict(prompt_cache), 1, []
         for step in range(steps):
             feeds = {"input_ids": np.array([[token]]), "position_ids": np.array([[n + step]])}
+            feeds["cache_pad"] = np.zeros((len(past_names) // 2, 1), dtype=np.int64)
             out = runner({**feeds, **cache})
             token = int(out["logits"][0].argmax())  # the host waits for each token
             tokens.append(token)

@@ -154,6 +154,7 @@ def compile_model(
     dtype: str | None = None,
     max_seq_len: int | None = None,
     decode_cache: str | None = None,
+    quantize: Any = None,
 ) -> CompileResult:
     """Compile the LLaVA model at `model_dir` into an artifact directory `out_dir`.
 
@@ -162,7 +163,10 @@ def compile_model(
     float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles).
     `decode_cache` (aoti): "static" adds the decode step over fixed-capacity buffers, which the
     runtime replays as CUDA graphs on CUDA (the default there); "growing" (the default on the
-    CPU) does not."""
+    CPU) does not. `quantize` (onnx): "int4" or "int8" (the defaults of
+    `backends.quantize.quantize_config`) or a `QuantizeConfig` from it: weight-only block
+    quantization of the decoder's MatMuls after the passes, validated against eager with the
+    same quantize -> dequantize round trip of its weights."""
     from mllmc.compiler.files import artifact
 
     from . import backends
@@ -171,7 +175,10 @@ def compile_model(
     _check_arg_types(validate=validate, force=force, progress=progress, max_seq_len=max_seq_len)
     pass_list = resolve_passes(passes)
     options = backends.resolve_options(
-        target, backends.TargetOptions(device, dtype, max_seq_len, decode_cache)
+        target,
+        backends.TargetOptions(
+            device, dtype, max_seq_len, decode_cache, _quantize_config(quantize)
+        ),
     )
     config, out = _check_inputs(model_dir, out_dir, pass_list, force)
     backend = backends.build_backend(target, options)
@@ -209,6 +216,17 @@ def check_model(model_dir: str | Path, passes: PassList = ()) -> dict[str, Any]:
         if pass_info.check is not None:
             pass_info.check(cfg, shape)
     return config
+
+
+def _quantize_config(quantize: Any) -> Any:
+    """`compile_model`'s `quantize` as a QuantizeConfig (None: float weights)."""
+    from .backends.quantize import QuantizeConfig, quantize_config
+
+    if quantize is None or isinstance(quantize, QuantizeConfig):
+        return quantize
+    if not isinstance(quantize, str):
+        raise TypeError(f"quantize must be 'int4', 'int8' or a QuantizeConfig, got {quantize!r}")
+    return quantize_config(quantize)
 
 
 def _check_arg_types(*, max_seq_len: Any, **flags: Any) -> None:

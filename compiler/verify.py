@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mllmc.compiler.core.capture import processor_inputs
+from mllmc.compiler.core.capture import load_processor, processor_inputs
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import FLOAT32_TOL
 
@@ -180,11 +180,9 @@ def eager_generate(
     forcing): the logits are eager's on that prefix, whatever eager itself would have picked."""
     import copy
 
-    from transformers import AutoProcessor
-
     if tokens is not None and len(tokens) != max_new_tokens:
         raise ValueError(f"tokens: {len(tokens)} given for {max_new_tokens} steps; give one a step")
-    processor = AutoProcessor.from_pretrained(str(model_dir))
+    processor = load_processor(model_dir)
     inputs = processor_inputs(processor, image, prompt).to(model.device)
     n = inputs["input_ids"].shape[1]
     config = copy.deepcopy(model.generation_config)
@@ -269,23 +267,28 @@ def verify(
     tol: float = LOGIT_TOL,
 ) -> VerifyReport:
     """Run the artifact on an image + prompt, then the eager oracle (`model`, in the precision it
-    is in) on the engine's own tokens (teacher forcing), and compare every step."""
+    is in; a quantized artifact's with its weights through the same quantize -> dequantize round
+    trip, `backends.quantize.quantized_weights`) on the engine's own tokens (teacher forcing),
+    and compare every step."""
     from mllmc.runtime import load
+
+    from .backends.quantize import quantized_weights
 
     image = probe_image() if image is None else image
     engine = load(artifact_dir)
     result = engine.generate(image, prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
     engine_tokens = list(result.token_ids)
     if engine_tokens:
-        _, logits = eager_generate(
-            model,
-            info.model_dir,
-            image,
-            prompt,
-            len(engine_tokens),
-            records,
-            tokens=engine_tokens,
-        )
+        with quantized_weights(model, engine.manifest.precision) as oracle:
+            _, logits = eager_generate(
+                oracle,
+                info.model_dir,
+                image,
+                prompt,
+                len(engine_tokens),
+                records,
+                tokens=engine_tokens,
+            )
     else:
         logits = np.zeros((0, 0), np.float32)
     report = compare(engine_tokens, result.logits, engine_tokens, logits, tol, max_new_tokens)

@@ -96,11 +96,10 @@ def layer_contribution(
     per layer and row kind, the decoder from that layer on (`DecoderTail`). `progress`: a
     progress bar (None: where stderr is a terminal)."""
     from tqdm.auto import tqdm
-    from transformers import AutoProcessor
 
-    from mllmc.compiler.core.capture import processor_inputs
+    from mllmc.compiler.core.capture import load_processor, processor_inputs
 
-    processor = AutoProcessor.from_pretrained(info.model_dir)
+    processor = load_processor(info.model_dir)
     L = info.num_layers
     lc_visual = np.zeros(L)
     lc_text = np.zeros(L)
@@ -236,12 +235,11 @@ def exit_divergence(
     K = 0..L (K = L is the unmodified model: 0), with the vte eager reference (layers >= K see
     the text rows only)."""
     from tqdm.auto import tqdm
-    from transformers import AutoProcessor
 
-    from mllmc.compiler.core.capture import processor_inputs
+    from mllmc.compiler.core.capture import load_processor, processor_inputs
     from mllmc.passes.row_pruning import pruned_forward
 
-    processor = AutoProcessor.from_pretrained(info.model_dir)
+    processor = load_processor(info.model_dir)
     L = info.num_layers
     kl = np.zeros(L + 1)
     for image, prompt in tqdm(samples, desc="calibrate", disable=not progress, unit="sample"):

@@ -88,10 +88,24 @@ def vision_layer_of_feature(feature_layer: int, vision_layers: int) -> int:
     return index
 
 
+# the pre-LLM pass that scores visual tokens without a [CLS] token (Qwen2-VL's towers have none)
+NO_CLS_PASS = "vispruner"
+
+
+def refuse_without_cls(name: str, has_cls: bool) -> None:
+    """UserError (one line naming the scorer that needs no [CLS]) for a tower without one."""
+    if not has_cls:
+        raise UserError(
+            f"{name}: this model's vision tower has no [CLS] token to score patches with; "
+            f"use {NO_CLS_PASS} (it scores the merged tokens without one)"
+        )
+
+
 def check_tower(model: LlavaForConditionalGeneration, name: str) -> None:
     """UserError unless the tower has a [CLS] token that LLaVA drops (the scorer needs both)."""
     cfg = model.config
     vision_type = getattr(cfg.vision_config, "model_type", "")
+    refuse_without_cls(name, not vision_type.startswith(("qwen2_vl", "qwen2_5_vl")))
     if vision_type != "clip_vision_model":
         raise UserError(
             f"{name}: the vision tower {vision_type!r} has no [CLS] token to score patches with; "

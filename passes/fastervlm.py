@@ -17,8 +17,8 @@ patches in spatial order through a boolean index mask, pruning after the project
 shorter input embeddings with compact positions: Theia-4869/FasterVLM
 (`llava/model/llava_arch.py`, `encode_images` and `prepare_inputs_labels_for_multimodal`); the
 attention taken at the same layer as the features (select_layer = -2): FasterVLM's CLIP tower.
-Towers without [CLS] (SigLIP) or `vision_feature_select_strategy: full` are refused with a
-UserError rather than given another scorer.
+Towers without [CLS] (SigLIP, Qwen2-VL's) or `vision_feature_select_strategy: full` are
+refused with a UserError rather than given another scorer (Qwen2-VL's: `vispruner`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class FasterVLMConfig:
 
 
 def check(cfg: FasterVLMConfig, shape: ModelShape) -> None:
+    cls_attention.refuse_without_cls("fastervlm", shape.cls_token)
     if shape.visual_tokens is not None:
         cfg.kept(shape.visual_tokens)
 

@@ -79,9 +79,10 @@ class GraphEdit:
         """Re-export the prefill for prompts of >= `count` visual rows (what the rewrite needs),
         and record it in `Segments.min_visual_rows`."""
         from mllmc.compiler.core.capture import prefill_dynamic_shapes
+        from mllmc.compiler.core.qwen_vl import is_mrope
 
         count = max(count, self.segments.min_visual_rows)
-        dyn = prefill_dynamic_shapes(min_visual=count)
+        dyn = prefill_dynamic_shapes(min_visual=count, mrope=is_mrope(self.segments.info))
         self.segment = dataclasses.replace(self.segment, dynamic_shapes=dyn)
         self.segments = dataclasses.replace(self.segments, min_visual_rows=count)
 

@@ -74,6 +74,7 @@ def check_layers(layers: Sequence[int], vision_layers: int) -> None:
 
 
 def check(cfg: VTCClsConfig, shape: ModelShape) -> None:
+    cls_attention.refuse_without_cls("vtc_cls", shape.cls_token)
     if shape.visual_tokens is not None:
         cfg.kept(shape.visual_tokens)
     if cfg.layers is not None and shape.vision_layers is not None:

@@ -9,6 +9,11 @@ it (passes may leave layers with different cache lengths; decode appends one row
 The host lays the prompt out (`runtime/layout.py`: its rows, visual rows and positions) and the
 family's image side (`runtime/images.py`) turns images into tiles and tile features into rows;
 decode positions continue from the layout's next position.
+
+Decode runs a batch of samples a step (`decode_batch_step` over a `DecodeBatch`: each sample's
+cache left-padded to the batch's length, `runtime/decode_batch.py`); `decode_step` is that step
+for one sample, and `Engine.generate_batch` (and runtime/batching.py's `Scheduler`, which lets
+requests join a running batch) prefill each prompt alone and decode them together.
 """
 
 from __future__ import annotations
@@ -17,15 +22,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .decode_batch import DecodeBatch
 from .errors import UserError
-from .images import MAX_TILES
+from .images import MAX_TILES, encode_each
 from .layout import MIN_TEXT_ROWS, PromptLayout
 from .manifest import MANIFEST_NAME, SEGMENTS, LayerPlan, check_files, read_manifest
 from .runners import (
@@ -39,7 +45,8 @@ from .runners import (
 
 log = logging.getLogger(__name__)
 
-DECODE_INPUTS = ("input_ids", "position_ids")  # the decode segment's inputs besides the cache
+# the decode segment's inputs besides the cache
+DECODE_INPUTS = ("input_ids", "position_ids", "cache_pad")
 PREFILL_INPUTS = ("input_ids", "image_features", "visual_rows", "position_ids", "attention_mask")
 # passes whose prefill takes the prompt's last row for its last text token: fastv scores the
 # visual tokens by its attention, vte's exit keeps the text rows only
@@ -93,10 +100,20 @@ class SegmentLoop:
                     "the artifact was compiled by an mllmc whose prefill took one image span "
                     "(manifest format 3 or older): recompile it with this mllmc"
                 )
+            if seg == "decode" and "cache_pad" not in decode_inputs:
+                raise UserError(
+                    "the artifact was compiled by an mllmc whose decode took one sample "
+                    "(manifest format 4): recompile it with this mllmc"
+                )
             if sorted(names) != sorted(wanted):
                 raise UserError(f"corrupt artifact: the {seg} segment's inputs are {names}")
         self._past_names = [n for n in decode_inputs if n not in DECODE_INPUTS]
         self._present_of = {p: "present" + p[len("past") :] for p in self._past_names}
+        # the most samples one decode step takes (None: any number), where the runner is bounded
+        self.max_decode_batch: int | None = getattr(self.runners["decode"], "max_batch", None)
+        self._position_rank = len(
+            next(t.shape for t in self.runners["decode"].entry.inputs if t.name == "position_ids")
+        )
         for seg in ("prefill", "decode"):
             outputs = {t.name for t in self.runners[seg].entry.outputs}
             missing = [n for n in ["logits", *self._present_of.values()] if n not in outputs]
@@ -105,6 +122,8 @@ class SegmentLoop:
                     f"corrupt artifact: the {seg} segment does not output "
                     f"{', '.join(missing) or 'a cache for every past.* input'}"
                 )
+        self._cache_layers = _cache_layers(self._past_names)  # the layer of each cache input
+        self._num_layers_cached = max(self._cache_layers) + 1  # cache_pad's rows
         prefill = self.runners["prefill"].entry
         # the vocabulary (logits' last dim), where the manifest fixes it: what token ids are
         # checked against
@@ -185,10 +204,7 @@ class SegmentLoop:
                 f"decode_step() returned, got {got}"
             )
         runner = self.runners["decode"]
-        feeds: dict[str, Any] = {
-            "input_ids": np.array([[token_id]]),
-            "position_ids": np.array([[position]]),
-        }
+        feeds = self._decode_feeds([token_id], [position], np.zeros((self._num_layers_cached, 1)))
         feeds.update(zip(self._past_names, cache, strict=True))
         if self._kv_visual is not None:
             check_feeds(runner.entry, feeds, "decode")
@@ -197,6 +213,53 @@ class SegmentLoop:
         return runner.to_numpy(out["logits"])[0], [
             out[self._present_of[p]] for p in self._past_names
         ]
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty `DecodeBatch` for this artifact's decode cache (samples join it with the
+        cache prefill() returned)."""
+        return DecodeBatch(self._cache_layers)
+
+    def decode_batch_step(
+        self, token_ids: Sequence[int], positions: Sequence[int], batch: DecodeBatch
+    ) -> np.ndarray:
+        """One step for every sample of `batch`: token_ids[b] at positions[b] for its b-th sample
+        -> logits (B, V) float32; each sample's cache in `batch` gets one more row per layer."""
+        b = len(batch)
+        if b == 0:
+            raise UserError("the batch is empty: join() a prefilled sample first")
+        ids = np.asarray(token_ids)
+        pos = np.asarray(positions)
+        for name, value in (("token_ids", ids), ("positions", pos)):
+            if value.shape != (b,) or value.dtype.kind not in "iu":
+                raise UserError(
+                    f"{name} must be {b} integers, one per sample of the batch, got "
+                    f"{np.asarray(value).tolist()!r:.80}"
+                )
+        self._check_token_ids(ids, "token_ids")
+        if pos.min() < 0:
+            raise UserError(f"positions must be integers >= 0, got {pos.tolist()!r:.80}")
+        if self.max_decode_batch is not None and b > self.max_decode_batch:
+            raise UserError(
+                f"this engine's decode takes at most {self.max_decode_batch} samples a step, the "
+                f"batch has {b}"
+            )
+        runner = self.runners["decode"]
+        feeds = self._decode_feeds(ids, pos, batch.pads)
+        feeds.update(zip(self._past_names, batch.cache, strict=True))
+        out = runner(feeds)
+        batch.cache = [out[self._present_of[p]] for p in self._past_names]
+        return runner.to_numpy(out["logits"])
+
+    def _decode_feeds(self, ids: Any, positions: Any, pads: np.ndarray) -> dict[str, Any]:
+        """The decode step's inputs besides the cache for B samples: input_ids (B, 1),
+        position_ids (B, 1) (for a family with 3-axis positions (3, B, 1), every axis the
+        same: generated tokens are text), cache_pad (L, B)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1, 1)
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1, 1)
+        if self._position_rank == 3:
+            pos = np.ascontiguousarray(np.broadcast_to(pos[None], (3, *pos.shape)))
+        pads = np.asarray(pads, dtype=np.int64)
+        return {"input_ids": ids, "position_ids": pos, "cache_pad": pads}
 
     def _check_token_ids(self, ids: np.ndarray, what: str) -> None:
         """UserError unless the integers `ids` are token ids of the vocabulary."""
@@ -265,8 +328,8 @@ class Engine(SegmentLoop):
         cuda_graphs: bool | None = None,
         decode_cache: str | None = None,
     ):
-        from .images import image_inputs
-        from .preprocess import PromptEncoder, check_image_size, read_image_processor_config
+        from .images import image_inputs, prompt_encoder
+        from .preprocess import check_image_size, read_image_processor_config
 
         _check_engine_args(providers, share_weights, cuda_graphs)
         cores = os.cpu_count() or 1
@@ -276,6 +339,11 @@ class Engine(SegmentLoop):
             raise UserError(f"threads must be an integer from 1 to {cores} here, got {threads!r}")
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+        if self.manifest.format_version == 4:
+            raise UserError(
+                f"{self.root} was compiled by an mllmc whose decode took one sample (manifest "
+                "format 4): recompile it with this mllmc"
+            )
         check_files(self.root, self.manifest)
         if cuda_graphs and self.manifest.target != "aoti":
             raise UserError(
@@ -320,20 +388,33 @@ class Engine(SegmentLoop):
         processor = read_image_processor_config(self.root)
         check_image_size(processor, self.manifest.model.image_size, self.root)
         self.images = image_inputs(self.manifest, processor)
-        self.prompt_encoder = PromptEncoder.from_dir(self.root)
+        self.prompt_encoder = prompt_encoder(self.images, self.root)
 
     def encode_images(self, images: Any) -> tuple[Any, list[int]]:
         """An image or a list of images (paths, PIL images or HxWx3 uint8 arrays) -> (the
         features of their visual rows (1, V, d), in order; each image's row count). One vision
         call runs every image's tiles."""
+        return self.encode_tiles(*self.image_tiles(images))
+
+    def image_tiles(self, images: Any) -> tuple[list[np.ndarray], list[Any]]:
+        """An image or a list of images -> each image's tiles (T_i, 3, S, S) float32 and what
+        packing its features needs; the host side of `encode_images` (no engine runs)."""
         items = _image_list(images)
         tiles, metas = zip(*(self.images.tiles(image) for image in items), strict=True)
-        total = sum(t.shape[0] for t in tiles)
+        total = sum(1 if isinstance(t, dict) else t.shape[0] for t in tiles)  # dict: feeds
         if total > MAX_TILES:
             raise UserError(
                 f"{len(items)} images make {total} vision tiles; one prompt takes at most "
                 f"{MAX_TILES}: give fewer or smaller images"
             )
+        return list(tiles), list(metas)
+
+    def encode_tiles(self, tiles: list[np.ndarray], metas: list[Any]) -> tuple[Any, list[int]]:
+        """`image_tiles`' output -> (the features of the images' visual rows (1, V, d); each
+        image's row count), from one vision call over every tile (for a `per_image` family,
+        one call per image: runtime/images.py)."""
+        if getattr(self.images, "per_image", False):
+            return encode_each(self.images, tiles, metas, self.runners["vision"])
         to_numpy = self.runners["vision"].to_numpy
         outputs = self.encode_pixels(np.concatenate(tiles))
         outputs = {name: to_numpy(value) for name, value in outputs.items()}
@@ -445,6 +526,32 @@ class Engine(SegmentLoop):
             prompt_tokens=layout.n,
         )
 
+    def generate_batch(
+        self,
+        images_list: Sequence[Any],
+        prompts: Sequence[str],
+        max_new_tokens: int | Sequence[int] = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | Sequence[int | None] | None = None,
+        *,
+        stop_at_eos: bool = True,
+    ) -> list[GenerationResult]:
+        """`generate` for several samples at once: sample i has its own images
+        (`images_list[i]`: an image or a list of them, any count and sizes) and prompt, and
+        `max_new_tokens` (one for all, or one per sample). Each prompt is prefilled alone; the
+        samples then decode together, one batched step a token, and a finished sample (EOS or
+        its max_new_tokens) leaves the batch while the others go on. `seed`: None, an int
+        (sample i is seeded seed + i) or one seed per sample; sample i gets what
+        `generate(images_list[i], prompts[i], ..., seed=its seed)` gets alone. A UserError about
+        one sample names it ("sample 2: ..."). Results in sample order."""
+        from .batching import generate_batch
+
+        _check_bool(stop_at_eos, "stop_at_eos")
+        return generate_batch(
+            self, images_list, prompts, max_new_tokens, temperature, top_k, seed, stop_at_eos
+        )
+
     def _check_length(self, prompt_tokens: int, max_new_tokens: int, strict: bool) -> None:
         limit = self.manifest.model.max_position_embeddings
         # the last token generated is never fed back, so the model sees n + new - 1 positions
@@ -477,6 +584,19 @@ class Engine(SegmentLoop):
         if strict:
             raise UserError(f"{msg}; shorten the prompt or lower max_new_tokens")
         log.warning("%s: output past position %d is unreliable", msg, limit)
+
+
+def _cache_layers(past_names: list[str]) -> list[int]:
+    """The layer l of each decode cache input `past.<l>.key` / `.value`."""
+    layers = []
+    for name in past_names:
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise UserError(f"corrupt artifact: the decode segment has an input named {name!r}")
+        layers.append(int(parts[1]))
+    if not layers:
+        raise UserError("corrupt artifact: the decode segment takes no cache")
+    return layers
 
 
 def _image_list(images: Any) -> list[Any]:

@@ -3,7 +3,8 @@
 
     Manifest
       target_settings             what the engines were built for: target (the runner), device,
-                                  dtype, decode cache, longest sequence (`TargetSettings`)
+                                  dtype, decode cache, longest sequence, weight precision
+                                  (`TargetSettings`, `Precision`)
       model: ModelInfo            the source model's shapes, tokens and provenance
       passes: (AppliedPass, ...)  each pass as applied: name, config, stats, seconds
       segments: {name: SegmentEntry}   engine file + IO names / shapes / dtypes
@@ -38,11 +39,12 @@ from typing import Any, TypedDict, TypeVar
 from .errors import UserError
 from .jsonfile import JSONError, read_json
 
-# 4: the prefill takes a prompt layout (visual rows, position ids, attention mask) for any
-# number of images; 3 and 2 took one image span at visual_start (their manifests still read, for
-# `inspect`; the engine asks for a recompile)
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, FORMAT_VERSION)  # version 2 is converted on reading (`_from_version_2`)
+# 5: the decode step takes a batch of samples, each one's cache left-padded by `cache_pad`
+# rows; 4 decoded one sample at a time; 3 and 2 also took one image span at visual_start in the
+# prefill instead of a prompt layout. Their manifests still read (for `inspect`); the engine
+# asks for a recompile
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, FORMAT_VERSION)  # 2 is converted on reading (`_from_version_2`)
 MANIFEST_NAME = "manifest.json"
 SEGMENTS = ("vision", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")  # the precisions an artifact's engines run in
@@ -60,6 +62,58 @@ T = TypeVar("T")
 JSON_KEY = "json_key"
 
 
+# weight-only block quantization of an ONNX artifact's MatMuls (MatMulNBits, symmetric)
+QUANTIZED_WEIGHTS = ("int4", "int8")
+# the model parts a quantized artifact may hold in low precision
+QUANTIZED_PARTS = ("decoder", "lm_head", "embedding", "projector", "vision")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The engines' weight precision, beside their compute dtype:
+
+    weights         None: the dtype's own (nothing quantized); "int4" / "int8": symmetric
+                    block-wise weight-only quantization (onnxruntime's MatMulNBits, and
+                    GatherBlockQuantized for an int4 embedding)
+    block_size      weights per scale along a MatMul's K (an embedding row's hidden dim)
+    accuracy_level  MatMulNBits' compute: 0/1 float32, 2 float16, 3 bfloat16, 4 int8 activations
+    parts           the model parts held in that precision (QUANTIZED_PARTS)
+
+    A manifest without the record describes float engines. Invalid values raise ValueError."""
+
+    weights: str | None = None
+    block_size: int | None = None
+    accuracy_level: int | None = None
+    parts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            if self.block_size is not None or self.accuracy_level is not None or self.parts:
+                raise ValueError("precision: block_size, accuracy_level or parts without weights")
+            return
+        if self.weights not in QUANTIZED_WEIGHTS:
+            raise ValueError(
+                f"unknown weight precision {self.weights!r}; valid: {', '.join(QUANTIZED_WEIGHTS)}"
+            )
+        size = self.block_size
+        if size is None or size < 16 or size & (size - 1):
+            raise ValueError(f"precision: block_size must be a power of two >= 16, got {size}")
+        if self.accuracy_level is None or not 0 <= self.accuracy_level <= 4:
+            raise ValueError(f"precision: accuracy_level must be 0..4, got {self.accuracy_level}")
+        unknown = [p for p in self.parts if p not in QUANTIZED_PARTS]
+        if unknown or not self.parts:
+            raise ValueError(f"precision: parts must be some of {', '.join(QUANTIZED_PARTS)}")
+
+    def describe(self) -> str:
+        """One phrase: 'float weights' or 'int4 weights (block 32, accuracy level 4: ...)'."""
+        if self.weights is None:
+            return "float weights"
+        return (
+            f"{self.weights} weights (block {self.block_size}, accuracy level "
+            f"{self.accuracy_level}): {', '.join(self.parts)}"
+        )
+
+
 @dataclass(frozen=True)
 class TargetSettings:
     """What an artifact's engines were built for, each field read by the runtime:
@@ -71,6 +125,7 @@ class TargetSettings:
                   `decode_static` segment beside `decode`) or "growing"
     max_seq_len   the longest sequence (prompt, KV cache) the engines accept (trt: its shape
                   profiles), which `generate` refuses to pass; None: no bound but the model's
+    precision     the weights' precision (`Precision`; default: the dtype's own)
 
     Invalid values raise ValueError (a corrupt manifest: UserError from `read_manifest`)."""
 
@@ -79,6 +134,7 @@ class TargetSettings:
     dtype: str
     decode_cache: str = "growing"
     max_seq_len: int | None = None
+    precision: Precision = Precision()
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -93,6 +149,8 @@ class TargetSettings:
             )
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be None or >= 2, got {self.max_seq_len}")
+        if self.precision.weights is not None and self.target != "onnx":
+            raise ValueError(f"{self.precision.weights} weights on target {self.target!r}")
 
 
 @dataclass(frozen=True)
@@ -126,6 +184,16 @@ class ModelInfo:
     # tile, `visual_tokens`; LLaVA-NeXT: an image at its largest square pinpoint)
     reference_visual_rows: int = 0
     reference_tiles: int = 1  # the vision tiles of that image
+    # Qwen2-VL / Qwen2.5-VL (defaults elsewhere): the <|vision_start|> token, the patches merged
+    # into one row per side, the frames per temporal patch, the temporal positions a second of
+    # video spans, the M-RoPE split of a head's rotary pairs into (temporal, height, width)
+    # (empty: 1-D positions), and the attention window in pixels (0: none; Qwen2.5-VL)
+    vision_start_token_id: int | None = None
+    spatial_merge_size: int = 1
+    temporal_patch_size: int = 1
+    tokens_per_second: int = 0
+    mrope_section: tuple[int, ...] = ()
+    vision_window_size: int = 0
 
 
 def parse_keep(rule: str) -> tuple[int, int]:
@@ -252,6 +320,11 @@ class Manifest:
         return self.target_settings.dtype
 
     @property
+    def precision(self) -> Precision:
+        """The weights' precision (`target_settings.precision`)."""
+        return self.target_settings.precision
+
+    @property
     def source(self) -> str:
         """The model directory the artifact was compiled from."""
         return self.model.model_dir
@@ -313,8 +386,8 @@ class Manifest:
                 parse_keep(layer.kv_visual_keep)
             except ValueError as e:
                 raise bad(f"layer {layer.index}: {e}") from None
-        if self.min_visual_rows < 1:
-            raise bad(f"min_visual_rows must be >= 1, got {self.min_visual_rows}")
+        if self.min_visual_rows < 0:  # 0: a prompt may hold no image (Qwen2-VL's prefill)
+            raise bad(f"min_visual_rows must be >= 0, got {self.min_visual_rows}")
         problem = self._model_problem()
         if problem:
             raise bad(problem)
@@ -377,6 +450,14 @@ class Manifest:
             ("vision", "inputs", "pixel_values", -2, m.image_size, "model.image_size"),
             ("vision", "outputs", "image_features", 1, self.visual_tokens, "visual_tokens"),
             ("vision", "outputs", "image_features", -1, m.hidden_size, "model.hidden_size"),
+        ]
+        if m.mrope_section:  # Qwen2-VL: patches (N, 3·tp·p·p) in, merged rows (N / 4, d) out
+            patch = 3 * m.temporal_patch_size * m.vision_patch_size**2
+            wanted = [
+                ("vision", "inputs", "pixel_values", -1, patch, "the patch size"),
+                ("vision", "outputs", "image_features", -1, m.hidden_size, "model.hidden_size"),
+            ]
+        wanted += [
             ("prefill", "inputs", "image_features", 1, self.visual_tokens, "visual_tokens"),
             ("prefill", "inputs", "image_features", -1, m.hidden_size, "model.hidden_size"),
         ]

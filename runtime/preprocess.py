@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,10 @@ from .layout import PromptLayout, check_counts, locate_images, placeholder_misma
 from .manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
+
+# A family's rotary positions: (a prompt's layout with 1-D positions, the image row counts the
+# caller gave) -> the layout with the family's position_ids and next_position
+PositionHook = Callable[[PromptLayout, Sequence[int]], PromptLayout]
 
 # transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -136,7 +140,8 @@ def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     preprocessor_config.json (then an image_processor.json). Keys the file leaves
     out take CLIPImageProcessor's defaults; `size` comes back as {"shortest_edge": N} or
     {"height": H, "width": W} and `crop_size` as {"height": H, "width": W}. A LLaVA-NeXT
-    config also gives "image_grid_pinpoints" ([[height, width], ...]), and do_pad False.
+    config also gives "image_grid_pinpoints" ([[height, width], ...]), and do_pad False. A
+    Qwen2-VL config (Qwen2VLImageProcessor) is read by `qwen2_vl.read_qwen_processor_config`.
     """
     root = Path(model_dir)
     if not root.is_dir():
@@ -163,6 +168,10 @@ def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
             f"{root} has no image processor config: expected preprocessor_config.json or an "
             "'image_processor' block in processor_config.json"
         )
+    from .qwen2_vl import QWEN_IMAGE_PROCESSOR_TYPES, read_qwen_processor_config  # imports us
+
+    if raw.get("image_processor_type") in QWEN_IMAGE_PROCESSOR_TYPES:
+        return read_qwen_processor_config(raw, path)
     anyres = _is_anyres(raw, path)
     if anyres:  # LLaVA-NeXT's do_pad pads tile counts across a batch of images: nothing for one
         raw = {k: v for k, v in raw.items() if k not in ("do_pad", "pad_size")}
@@ -658,8 +667,11 @@ class PromptEncoder:
         image_token: str = "<image>",
         chat_template: str | None = None,
         special_tokens: dict[str, str] | None = None,
+        positions: PositionHook | None = None,
     ):
         self.tokenizer = tokenizer
+        # the family's rotary positions for a laid-out prompt (None: 1-D, arange(n))
+        self.positions = positions
         self.image_token = image_token
         self.chat_template = chat_template
         # bos_token, eos_token, ...: variables the chat template can use
@@ -670,15 +682,23 @@ class PromptEncoder:
             ids = tokenizer.encode(image_token, add_special_tokens=False).ids
             if len(ids) != 1:
                 raise UserError(
-                    f"the tokenizer has no {image_token!r} token: not a LLaVA tokenizer"
+                    f"the tokenizer has no {image_token!r} token: not this model family's tokenizer"
                 )
             image_token_id = ids[0]
         self.image_token_id: int = image_token_id
         self._template = _compile_template(chat_template) if chat_template else None
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike) -> PromptEncoder:
-        """Load tokenizer.json, the chat template and the image token of a model (or artifact) dir."""
+    def from_dir(
+        cls,
+        model_dir: str | os.PathLike,
+        default_image_token: str = "<image>",
+        positions: PositionHook | None = None,
+    ) -> PromptEncoder:
+        """Load tokenizer.json, the chat template and the image token of a model (or artifact)
+        dir. `default_image_token`: the family processor's image token when neither the
+        tokenizer nor processor_config.json names one; `positions`: the family's position hook
+        (`runtime/images.py` chooses both)."""
         root = Path(model_dir)
         if not (root / "tokenizer.json").is_file():
             raise UserError(f"{root} has no tokenizer.json (mllmc needs the fast-tokenizer file)")
@@ -695,12 +715,15 @@ class PromptEncoder:
         named = {**special_map, **tok_cfg, **(extra if isinstance(extra, dict) else {})}
         keys = [*_SPECIAL_TOKEN_KEYS, "image_token", *(extra if isinstance(extra, dict) else ())]
         special = {k: _token_str(named.get(k)) for k in keys if _token_str(named.get(k))}
-        # LlavaProcessor takes the tokenizer's image token when it has one, else its own (default "<image>").
+        # the processors take the tokenizer's image token when it has one, else their own
         image_token = (
-            special.get("image_token") or _token_str(proc_cfg.get("image_token")) or "<image>"
+            special.get("image_token")
+            or _token_str(proc_cfg.get("image_token"))
+            or default_image_token
         )
         tokenizer = _load_tokenizer(root / "tokenizer.json")
-        return cls(tokenizer, image_token, _read_chat_template(root, proc_cfg, tok_cfg), special)
+        template = _read_chat_template(root, proc_cfg, tok_cfg)
+        return cls(tokenizer, image_token, template, special, positions)
 
     def apply_chat_template(self, prompt: str, num_images: int = 1) -> str:
         """One user turn holding `num_images` images, then `prompt`, plus the generation prompt,
@@ -733,9 +756,10 @@ class PromptEncoder:
         it is (as `processor(images=..., text=prompt)` does); one without goes through the chat
         template as one user turn with the images first, and then, as in the processor's
         `apply_chat_template(tokenize=True)`, no BOS is added if the template already wrote one.
-        The k-th placeholder becomes counts[k] image tokens before tokenizing.
+        The k-th placeholder becomes counts[k] image tokens before tokenizing. The family's
+        position hook, if any, then sets the positions (Qwen2-VL's M-RoPE, from its counts).
         """
-        counts = check_counts(counts)
+        given, counts = list(counts), check_counts(counts)
         _check_utf8(prompt)
         add_special_tokens = True
         found = prompt.count(self.image_token)
@@ -758,7 +782,8 @@ class PromptEncoder:
             self.image_token * c + tail for c, tail in zip(counts, tails, strict=True)
         )
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        return locate_images(ids, self.image_token_id, counts, self.image_token)
+        layout = locate_images(ids, self.image_token_id, counts, self.image_token)
+        return layout if self.positions is None else self.positions(layout, given)
 
     def encode(self, prompt: str, num_visual_tokens: int) -> tuple[np.ndarray, int]:
         """prompt -> (input_ids (1, n) int64 with `num_visual_tokens` image tokens, index of the

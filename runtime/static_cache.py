@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -118,6 +119,7 @@ class StaticCacheDecoder(TorchCallRunner):
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.captures = self.replays = 0  # CUDA graphs captured (one per bucket) and replayed
         self.moves = 0  # times a cache moved into a bigger bucket
+        self.max_batch = 1  # one sample a step: its buffers hold one cache
 
     @property
     def capacity(self) -> int:
@@ -201,6 +203,16 @@ class StaticCacheDecoder(TorchCallRunner):
     @torch.no_grad()
     def __call__(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         check_feeds(self.entry, feeds, self.name)
+        samples = int(tuple(feeds["input_ids"].shape)[0])
+        pads = feeds.get("cache_pad")
+        padded = pads is not None and bool(
+            pads.any() if isinstance(pads, torch.Tensor) else np.asarray(pads).any()
+        )
+        if samples != 1 or padded:
+            raise UserError(
+                f"the static-cache decode runs one unpadded sample a step, got {samples}: load "
+                "the artifact with decode_cache='growing' to decode a batch"
+            )
         caches = [feeds[n] for n in self._past_names]
         mine = len(caches) == len(self._returned) and all(
             a is b for a, b in zip(caches, self._returned, strict=True)

@@ -125,3 +125,25 @@ def trained_artifact(trained_model_dir: Path, tmp_path_factory: pytest.TempPathF
 
     out = tmp_path_factory.mktemp("artifacts") / "trained-base"
     return compile_model(trained_model_dir, out, progress=False).out_dir
+
+
+QWEN_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+
+
+@pytest.fixture(scope="session")
+def qwen_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The two tiny Qwen presets (Qwen2-VL, Qwen2.5-VL), written once per session."""
+    from mllmc.compiler.data.presets import write_preset
+
+    root = tmp_path_factory.mktemp("qwen")
+    return {name: write_preset(name, root / name, seed=0) for name in QWEN_PRESETS}
+
+
+@pytest.fixture(scope="module", params=QWEN_PRESETS)
+def qwen(request, qwen_dirs):
+    """(model dir, eager model, ModelInfo, captured Segments) of each tiny Qwen preset."""
+    from mllmc.compiler.core.capture import capture, load_model
+
+    model_dir = qwen_dirs[request.param]
+    model, info = load_model(model_dir)
+    return model_dir, model, info, capture(model, info)

@@ -7,6 +7,7 @@ holds it to."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ class TargetOptions:
     max_seq_len: int | None = None  # trt: the longest prompt / cache its profiles accept
     # None: static for aoti on CUDA (decode as CUDA graphs), growing otherwise
     decode_cache: str | None = None
+    # onnx: weight-only int4 / int8 (a `quantize.QuantizeConfig`); None: float weights
+    quantize: Any = None
 
 
 def segment_entry(
@@ -85,6 +88,10 @@ class Backend:
 
     @property
     def tol(self) -> float:
+        if self.options.quantize is not None:
+            from .quantize import quantized_tol
+
+            return quantized_tol(self.options.quantize.record())
         return DTYPE_TOL[self.options.dtype]
 
 
@@ -113,6 +120,11 @@ def resolve_options(target: str, options: TargetOptions | None = None) -> Target
     options = options or TargetOptions()
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
+    if options.quantize is not None and target != "onnx":
+        raise UserError(
+            f"--quantize builds weight-only int4/int8 engines for --target onnx (onnxruntime's "
+            f"MatMulNBits); target {target!r} has none here: use --target onnx"
+        )
     if options.max_seq_len is not None:
         if target != "trt":
             raise UserError(
@@ -163,6 +175,8 @@ def build_backend(target: str, options: TargetOptions) -> Backend:
         # trt's shape profiles bound the sequence; the other targets accept the capture's range
         max_seq_len=(options.max_seq_len or MAX_SEQ) if target == "trt" else None,
     )
+    if options.quantize is not None:
+        settings = dataclasses.replace(settings, precision=options.quantize.record())
     if target == "trt":
         from . import trt
 
@@ -175,7 +189,12 @@ def build_backend(target: str, options: TargetOptions) -> Backend:
     if target == "onnx":
         from .onnx import export_segment, share_weights
 
-        return Backend(export_segment, options, settings, finish=share_weights)
+        export: Callable[[Any, Path], SegmentEntry] = export_segment
+        if options.quantize is not None:
+            from .quantize import quantized_export
+
+            export = functools.partial(quantized_export, options.quantize)
+        return Backend(export, options, settings, finish=share_weights)
     from .aoti import WeightStore, compile_segment
 
     store = WeightStore()  # the weights of all three segments, each tensor once

@@ -102,7 +102,7 @@ def share_weights(out_dir: Path, entries: dict[str, SegmentEntry]) -> dict[str, 
             path = out_dir / entry.file
             model = onnx.load(str(path), load_external_data=True)
             for init in model.graph.initializer:
-                raw = onnx.numpy_helper.to_array(init).tobytes()
+                raw = _raw_bytes(init)
                 if len(raw) < INLINE_BYTES:
                     continue
                 key = (init.data_type, tuple(init.dims), hashlib.sha256(raw).digest())
@@ -120,6 +120,14 @@ def share_weights(out_dir: Path, entries: dict[str, SegmentEntry]) -> dict[str, 
             out[name] = dataclasses.replace(entry, external_data=SHARED_DATA)
     log.info("shared weights: %d distinct tensors in %s", len(offsets), SHARED_DATA)
     return out
+
+
+def _raw_bytes(init: onnx.TensorProto) -> bytes:
+    """The tensor's bytes as stored: raw_data as it is (int4 stays packed, two values a byte;
+    numpy's view of it holds one a byte), else its numpy array's."""
+    if init.HasField("raw_data"):
+        return init.raw_data
+    return onnx.numpy_helper.to_array(init).tobytes()
 
 
 def _point_at(init: onnx.TensorProto, offset: int, length: int) -> None:

@@ -15,8 +15,9 @@ those tests check everywhere.
 
 Dynamic dims become TensorRT optimisation profiles: the prompt length `n` ranges from the image
 span + 2 to `max_seq_len` (default: the capture's maximum, 8192), each layer's cache length
-`past_<l>` from 1 to `max_seq_len`; the profile is tuned (`opt`) for an image span plus
-OPT_TEXT_TOKENS text tokens. Precision: float16 by default (float32 / bfloat16 on request). It
+`past_<l>` from 1 to `max_seq_len`, the decode step's samples `batch` from 1 to MAX_DECODE_BATCH
+(16); the profile is tuned (`opt`) for an image span plus OPT_TEXT_TOKENS text tokens and
+OPT_DECODE_BATCH samples. Precision: float16 by default (float32 / bfloat16 on request). It
 follows the captured graph's dtype: the model is cast to it before capture, and TensorRT 10+
 builds strongly typed networks from the graph's dtypes (torch-tensorrt 2.14 has no
 `enabled_precisions`).
@@ -33,10 +34,12 @@ from mllmc.runtime.errors import UserError
 from mllmc.runtime.images import MAX_TILES
 from mllmc.runtime.layout import MIN_TEXT_ROWS
 from mllmc.runtime.manifest import SegmentEntry
+from mllmc.runtime.runners.trt import MAX_DECODE_BATCH
 
 from . import segment_entry
 
 OPT_TEXT_TOKENS = 64
+OPT_DECODE_BATCH = 8  # samples per decode step the profile is tuned for (1 to MAX_DECODE_BATCH)
 OPT_VISUAL_TOKENS = 576  # one LLaVA-1.5 image
 INSTALL = "pip install 'mllmc[trt]'"
 
@@ -73,9 +76,10 @@ def check_available(what: str = "target 'trt'") -> None:
 
 def input_specs(inputs: list[dict[str, Any]], max_seq_len: int) -> list[InputSpec]:
     """Shape ranges for a segment's inputs (manifest records: name, shape, dtype), its dynamic
-    dims named as the manifest names them (`n`, `visual`, `tiles`, `past_<l>`); the profile is
-    optimised for one image of OPT_VISUAL_TOKENS rows and OPT_TEXT_TOKENS of text."""
-    low = {"n": MIN_TEXT_ROWS + 1, "visual": 1, "tiles": 1}
+    dims named as the manifest names them (`n`, `visual`, `tiles`, `batch`, `past_<l>`); the
+    profile is optimised for one image of OPT_VISUAL_TOKENS rows and OPT_TEXT_TOKENS of text,
+    and a decode step of OPT_DECODE_BATCH samples."""
+    low = {"n": MIN_TEXT_ROWS + 1, "visual": 1, "tiles": 1, "batch": 1}
     if max_seq_len < low["n"]:
         raise UserError(f"--max-seq-len {max_seq_len} is shorter than {low['n']} tokens")
     prefill = any("visual" in t["shape"] for t in inputs)
@@ -84,8 +88,14 @@ def input_specs(inputs: list[dict[str, Any]], max_seq_len: int) -> list[InputSpe
         "n": min(max_seq_len, (visual if prefill else 0) + OPT_TEXT_TOKENS),
         "visual": visual,
         "tiles": 1,
+        "batch": OPT_DECODE_BATCH,
     }
-    high = {"n": max_seq_len, "visual": max_seq_len - MIN_TEXT_ROWS, "tiles": MAX_TILES}
+    high = {
+        "n": max_seq_len,
+        "visual": max_seq_len - MIN_TEXT_ROWS,
+        "tiles": MAX_TILES,
+        "batch": MAX_DECODE_BATCH,
+    }
     specs = []
     for t in inputs:
         ranges = []

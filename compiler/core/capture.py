@@ -4,8 +4,9 @@
                                                           (+ image_newline (d,): LLaVA-NeXT)
     prefill : input_ids (1, n), image_features (1, V, d), visual_rows (V,), position_ids (1, n),
               attention_mask (1, n)                    -> logits (1, vocab), present K/V per layer
-    decode  : input_ids (1, 1), position_ids (1, 1), past K/V per layer
-                                                       -> logits (1, vocab), present K/V per layer
+    decode  : input_ids (B, 1), position_ids (B, 1), cache_pad (L, B), past K/V per layer
+              (B, kvh, P_l, hd), B samples each left-padded by cache_pad[l, b] zero rows
+                                                       -> logits (B, vocab), present K/V per layer
 
 and, on demand, the same decode step over fixed-capacity cache buffers
 (`export_static_cache_decode`: the shapes a CUDA graph needs, run by
@@ -58,6 +59,7 @@ from .model_dir import (  # noqa: F401  (also importable from capture)
     supported_text,
     visual_token_count,
 )
+from .qwen_vl import MRope, export_qwen_vision, is_mrope, qwen_model_info, rope_positions
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def layer_windows(text_config: Any) -> list[int | None]:
     window = getattr(text_config, "sliding_window", None)
     if model_type == "mistral":
         sliding = [True] * num_layers
-    elif model_type == "qwen2":
+    elif model_type in ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text"):
         types = list(getattr(text_config, "layer_types", None) or ["full_attention"] * num_layers)
         sliding = [t == "sliding_attention" for t in types]
         if any(sliding) and window is None:
@@ -114,6 +116,8 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, ModelInfo]:
 
 def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
     cfg = model.config
+    if family(cfg.model_type).mrope:
+        return qwen_model_info(model, model_dir)
     tc, vc = cfg.text_config, cfg.vision_config
     rope = getattr(tc, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
@@ -319,7 +323,9 @@ class _Decoder(nn.Module):
             for layer in lm.layers
         )
         self.norm = lm.norm
-        self.rope = Rope(lm.rotary_emb)
+        # Qwen2-VL's rotary embedding takes 3-D positions (M-RoPE)
+        rotary = lm.rotary_emb
+        self.rope = MRope(rotary) if hasattr(rotary, "mrope_section") else Rope(rotary)
         self.lm_head = model.lm_head
         self.image_token_id = info.image_token_id
         self.windows = layer_windows(model.config.text_config)
@@ -368,22 +374,31 @@ class PrefillSegment(_Decoder):
 
 
 class DecodeSegment(_Decoder):
-    """input_ids (1, 1), position_ids (1, 1), k_0, v_0, ... (1, kvh, P_l, hd)
-    -> logits (1, V), present k_0, v_0, ... (1, kvh, P_l + 1, hd)."""
+    """One new token for each of B samples (B dynamic: iteration-level batching):
 
-    def forward(self, input_ids, position_ids, *past):
-        h = self.embed_tokens(input_ids)  # (1, 1, d)
+        input_ids    (B, 1) int64
+        position_ids (B, 1) int64   each sample's position
+        cache_pad    (L, B) int64   the zero rows sample b's cache of layer l starts with
+        k_0, v_0, ... (B, kvh, P_l, hd)  every sample's cache of layer l, left-padded to P_l
+    -> logits (B, V), present k_0, v_0, ... (B, kvh, P_l + 1, hd): the new row appended, so
+    cache_pad stays the same from step to step.
+
+    Sample b's query in layer l attends to the cache rows >= cache_pad[l, b] and to itself (with
+    a sliding window W, to the last W - 1 of those and itself: a window counts rows back from
+    the end, where padding never is). The rows it may not see get the most negative float
+    (`additive_mask`): their softmax weights are exactly 0, so each sample's logits are the ones
+    it gets alone, up to rounding. B = 1 with a zero pad is the single-sample step."""
+
+    def forward(self, input_ids, position_ids, cache_pad, *past):
+        h = self.embed_tokens(input_ids)  # (B, 1, d)
         cos, sin = self.rope(position_ids, h.dtype)
         present: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            # one new query attends to every cached key (no mask), or with a sliding window W to
-            # the last W - 1 cache rows and itself
-            mask = None
-            if self.windows[i] is not None:
-                rows = past[2 * i].shape[2]
-                distance = rows - torch.arange(rows + 1, device=h.device)  # (P + 1,)
-                mask = additive_mask(window_allows(distance, self.windows[i]), h.dtype)
-                mask = mask[None, None, None]  # (1, 1, 1, P + 1)
+            rows = past[2 * i].shape[2]
+            keys = torch.arange(rows + 1, device=h.device)  # (P + 1,) the cache rows, then the new
+            allowed = keys[None, :] >= cache_pad[i][:, None]  # (B, P + 1)
+            allowed = allowed & window_allows(rows - keys, self.windows[i])[None, :]
+            mask = additive_mask(allowed, h.dtype)[:, None, None]  # (B, 1, 1, P + 1)
             h, k, v = layer(h, cos, sin, mask, past[2 * i], past[2 * i + 1])
             present += [k, v]
         return (self.logits_last(h), *present)
@@ -479,7 +494,10 @@ class Segments:
 
     @property
     def visual_tokens(self) -> int:
-        """Visual tokens per image entering the LLM: the rows the vision segment outputs."""
+        """Visual tokens per image entering the LLM: the rows the vision segment outputs (for
+        Qwen2-VL, whose rows depend on the image's size, the reference image's)."""
+        if is_mrope(self.info):
+            return self.info.visual_tokens
         out = next(n for n in self.vision.program.graph.nodes if n.op == "output").args[0][0]
         return int(out.meta["val"].shape[1])
 
@@ -534,7 +552,7 @@ def example_prefill_inputs(
     rows = torch.cat((torch.arange(2, 2 + first), torch.arange(3 + first, 3 + num_visual)))
     ids[0, rows] = info.image_token_id
     feats = torch.randn(1, num_visual, info.hidden_size, generator=gen)
-    positions = torch.arange(n)[None, :]
+    positions = rope_positions(info, torch.arange(n)[None, :])
     return ids, feats, rows, positions, torch.ones(1, n, dtype=torch.int64)
 
 
@@ -546,12 +564,19 @@ def on_model(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Te
 
 
 def prefill_feeds(
-    input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
+    input_ids: torch.Tensor,
+    image_features: torch.Tensor,
+    image_token_id: int,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The prefill's inputs for a prompt whose image tokens are already expanded (as an HF
     processor writes it, or as the runtime lays it out): input_ids (1, n), the features of its
     image-token rows (B, K, d) per tile or (1, V, d) -> (input_ids, image_features (1, V, d),
-    visual_rows (V,), position_ids (1, n) = arange, attention_mask (1, n) of ones)."""
+    visual_rows (V,), position_ids, attention_mask (1, n) of ones). `position_ids` default to
+    arange(n) (1, n); an M-RoPE model's (3, 1, n) are the caller's (HF's `get_rope_index`)."""
+    if position_ids is not None:
+        *feeds, _, mask = prefill_feeds(input_ids, image_features, image_token_id)
+        return (*feeds, position_ids, mask)
     n = input_ids.shape[1]
     rows = (input_ids[0] == image_token_id).nonzero()[:, 0]
     feats = image_features.reshape(1, -1, image_features.shape[-1])
@@ -564,22 +589,31 @@ def prefill_feeds(
 PREFILL_INPUTS = ["input_ids", "image_features", "visual_rows", "position_ids", "attention_mask"]
 
 
-def prefill_dynamic_shapes(min_visual: int = 1) -> tuple[dict[int, Any], ...]:
+def min_visual_rows(info: ModelInfo) -> int:
+    """The fewest visual rows the captured prefill takes: 0 (text-only prompts) for the M-RoPE
+    families, whose prompts need not hold an image; 1 for LLaVA's."""
+    return 0 if is_mrope(info) else 1
+
+
+def prefill_dynamic_shapes(min_visual: int = 1, mrope: bool = False) -> tuple[dict[int, Any], ...]:
     """The prefill's dynamic dims: n rows, V visual rows, for prompts of >= MIN_TEXT_ROWS text
     rows (what the graphs' index arithmetic is traced for; the runtime refuses fewer). A pass
     whose graph holds only for
     V >= some count (FastV needs >= 2 kept rows) re-exports with that `min_visual`, and the
-    manifest records it (`Manifest.min_visual_rows`) for the runtime to check."""
-    n = torch.export.Dim("n", min=min_visual + MIN_TEXT_ROWS, max=MAX_SEQ)
+    manifest records it (`Manifest.min_visual_rows`) for the runtime to check. With `mrope` the
+    position ids are (3, 1, n). n >= 4 also where V may be 0 (a text-only prompt): the passes'
+    row gathers are traced for that many rows (every chat-templated prompt has more)."""
+    n = torch.export.Dim("n", min=max(min_visual, 1) + MIN_TEXT_ROWS, max=MAX_SEQ)
     v = torch.export.Dim("visual", min=min_visual, max=MAX_SEQ - MIN_TEXT_ROWS)
-    return ({1: n}, {1: v}, {0: v}, {1: n}, {1: n})
+    return ({1: n}, {1: v}, {0: v}, {2 if mrope else 1: n}, {1: n})
 
 
 def export_prefill(model: nn.Module, info: ModelInfo) -> Segment:
-    """The prefill over any prompt of n rows of which V are visual (both dynamic)."""
+    """The prefill over any prompt of n rows of which V are visual (both dynamic; for M-RoPE
+    models V may be 0: a text-only prompt)."""
     seg = PrefillSegment(model, info).eval()
     args = on_model(model, example_prefill_inputs(info))
-    dyn = prefill_dynamic_shapes()
+    dyn = prefill_dynamic_shapes(min_visual_rows(info), is_mrope(info))
     with torch.no_grad():
         ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
     return Segment(
@@ -593,34 +627,47 @@ def export_prefill(model: nn.Module, info: ModelInfo) -> Segment:
 
 
 def example_decode_inputs(
-    info: ModelInfo, past_len: int = 12, past_lens: list[int] | None = None
+    info: ModelInfo, past_len: int = 12, past_lens: list[int] | None = None, batch: int = 1
 ) -> tuple[torch.Tensor, ...]:
-    """One token at position past_len after a cache of past_len rows per layer, or of
-    past_lens[l] rows in layer l (pruning passes leave layers with different cache lengths)."""
+    """`batch` samples, one token each at position past_len after a cache of past_len rows per
+    layer, or of past_lens[l] rows in layer l (pruning passes leave layers with different cache
+    lengths), no padding: (input_ids, position_ids, cache_pad, k_0, v_0, ...)."""
     lens = past_lens if past_lens is not None else [past_len] * info.num_layers
     gen = torch.Generator().manual_seed(1)
     past = [
-        torch.randn(1, info.num_kv_heads, lens[i // 2], info.head_dim, generator=gen)
+        torch.randn(batch, info.num_kv_heads, lens[i // 2], info.head_dim, generator=gen)
         for i in range(2 * info.num_layers)
     ]
-    ids = torch.tensor([[5]], dtype=torch.int64)
-    pos = torch.tensor([[past_len]], dtype=torch.int64)
-    return (ids, pos, *past)
+    ids = torch.full((batch, 1), 5, dtype=torch.int64)
+    pos = rope_positions(info, torch.full((batch, 1), past_len, dtype=torch.int64))
+    pad = torch.zeros(info.num_layers, batch, dtype=torch.int64)
+    return (ids, pos, pad, *past)
+
+
+DECODE_INPUTS = ["input_ids", "position_ids", "cache_pad"]
 
 
 def export_decode(model: nn.Module, info: ModelInfo) -> Segment:
+    """The decode step over a dynamic batch B of samples (`DecodeSegment`), traced at B = 2 (a
+    size-1 example would be specialised to 1)."""
     seg = DecodeSegment(model, info).eval()
-    args = on_model(model, example_decode_inputs(info))
+    args = on_model(model, example_decode_inputs(info, batch=2))
+    batch = torch.export.Dim("batch", min=1)
     # one dynamic cache length per layer: passes may leave layers with different lengths
     dims = [torch.export.Dim.DYNAMIC for _ in range(info.num_layers)]
-    past_dyn = [{2: dims[i // 2]} for i in range(2 * info.num_layers)]
-    dyn = {"input_ids": None, "position_ids": None, "past": tuple(past_dyn)}
+    past_dyn = [{0: batch, 2: dims[i // 2]} for i in range(2 * info.num_layers)]
+    dyn = {
+        "input_ids": {0: batch},
+        "position_ids": {1 if is_mrope(info) else 0: batch},  # (3, B, 1) for M-RoPE
+        "cache_pad": {1: batch},
+        "past": tuple(past_dyn),
+    }
     with torch.no_grad():
         ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
     return Segment(
         "decode",
         ep,
-        ["input_ids", "position_ids", *kv_names(info.num_layers, "past")],
+        [*DECODE_INPUTS, *kv_names(info.num_layers, "past")],
         ["logits", *kv_names(info.num_layers, "present")],
         args,
         dyn,
@@ -630,10 +677,11 @@ def export_decode(model: nn.Module, info: ModelInfo) -> Segment:
 def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
     """The decode step over cache buffers of a capacity C that is dynamic in the program and
     fixed while a runner uses one set of buffers (`StaticCacheDecodeSegment`). It depends on the
-    model alone: no pass rewrites decode."""
+    model alone: no pass rewrites decode. One sample a step (B = 1): its runner decodes one
+    sample at a time, and batched decode runs the growing-cache `decode` segment."""
     seg = StaticCacheDecodeSegment(model, info).eval()
     capacity, valid = 16, 12
-    ids, pos, *past = example_decode_inputs(info, past_len=capacity)
+    ids, pos, _, *past = example_decode_inputs(info, past_len=capacity)
     cache_len = torch.full((info.num_layers,), valid, dtype=torch.int64)
     args = on_model(model, (ids, pos, cache_len, *past))
     cap = torch.export.Dim("capacity", min=2)  # no upper bound, as the growing decode's
@@ -656,7 +704,10 @@ def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
 
 
 def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
-    """The vision segment over a dynamic batch of tiles (`VisionSegment`)."""
+    """The vision segment over a dynamic batch of tiles (`VisionSegment`; Qwen2-VL's over a
+    sequence of patches: `qwen_vl.export_qwen_vision`)."""
+    if is_mrope(info):
+        return export_qwen_vision(model, info)
     seg = VisionSegment(model).eval()
     gen = torch.Generator().manual_seed(2)
     size = info.image_size
@@ -691,7 +742,23 @@ def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> S
         layer_plan=[LayerPlan(i, reference, reference) for i in range(info.num_layers)],
         model=model,
         static_decode=export_static_cache_decode(model, info) if static_decode else None,
+        min_visual_rows=min_visual_rows(info),
     )
+
+
+def load_processor(model_dir: str | Path) -> Any:
+    """The model's HF processor: `AutoProcessor`'s, or for Qwen2-VL / Qwen2.5-VL the same
+    steps from transformers' image processor and tokenizer (`qwen_vl.QwenProcessor`: the
+    processor class needs torchvision)."""
+    from mllmc.runtime.jsonfile import read_json
+
+    if family(read_json(Path(model_dir, "config.json"))["model_type"]).mrope:
+        from .qwen_vl import QwenProcessor
+
+        return QwenProcessor(model_dir)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(model_dir))
 
 
 def processor_inputs(processor: Any, image: Any, prompt: str) -> Any:

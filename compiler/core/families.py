@@ -7,9 +7,13 @@ tiles, row counts, feature packing) is `mllmc.runtime.images`.
                 image's patches, then the unpadded grid with one image_newline per grid row
                 (packed on the host, so the vision segment is the same tower + projector over
                 a batch of tiles, and the prefill the same graph)
+    qwen2_vl    Qwen2-VL: the image at its own size (a multiple of 28 px) as one sequence of
+                patches; each 2 x 2 patches merge into one row; 3-D rotary positions (M-RoPE)
+    qwen2_5_vl  Qwen2.5-VL: as Qwen2-VL, with window attention in the tower
 
-Both share the decoder (Llama, Mistral or Qwen2) and its 1-D rotary positions, so the prefill
-and decode graphs, and every in-LLM pass, do not depend on the family.
+The LLaVA families share the decoder (Llama, Mistral or Qwen2) and its 1-D rotary positions;
+the Qwen families' decoder is Qwen2 with M-RoPE, whose position ids (3, 1, n) the host lays
+out. The layer loop is the same, so every in-LLM pass does not depend on the family.
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ class Family:
     # (visual rows, vision tiles) of the image the layer plan and FLOPs are stated for, from the
     # HF config ((0, 1): one tile, its rows whatever a pre-LLM pass leaves of them)
     reference: Callable[[Any], tuple[int, int]] = lambda config: (0, 1)
+    # Qwen2-VL style: 3-D rotary positions (3, 1, n) and a vision segment over a sequence of
+    # patches of any image size (compiler/core/qwen_vl.py); its tower has no [CLS] token
+    mrope: bool = False
 
     @property
     def description(self) -> str:
@@ -106,6 +113,8 @@ FAMILIES: dict[str, Family] = {
             packs_tiles=True,
             reference=_llava_next_reference,
         ),
+        Family("qwen2_vl", "Qwen2-VL", "Qwen2VLForConditionalGeneration", mrope=True),
+        Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", mrope=True),
     )
 }
 

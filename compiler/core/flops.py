@@ -65,8 +65,13 @@ def segment_flops(segments: Any, n_text: int = REFERENCE_TEXT_TOKENS) -> dict[st
     prefill = count_flops(
         segments.prefill.program, reference_prefill_inputs(info, n_text, num_visual)
     )
-    one_tile = tuple(x[:1] for x in segments.vision.example_inputs)
-    vision = info.reference_tiles * count_flops(segments.vision.program, one_tile)
+    if info.mrope_section:  # Qwen2-VL: the reference image's patches, not a batch of tiles
+        from .qwen_vl import reference_vision_inputs
+
+        vision = count_flops(segments.vision.program, reference_vision_inputs(info))
+    else:
+        one_tile = tuple(x[:1] for x in segments.vision.example_inputs)
+        vision = info.reference_tiles * count_flops(segments.vision.program, one_tile)
     past = [n_text + p.kv_visual_tokens for p in segments.layer_plan]
     decode = count_flops(segments.decode.program, example_decode_inputs(info, past_lens=past))
     return {

@@ -51,6 +51,9 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         raise UserError(
             f"unsupported architecture {model_type!r} in {cfg_path}; supported: {supported_text()}"
         )
+    if family(model_type).mrope:
+        check_qwen_config(cfg, cfg_path)
+        return _check_weights(root, cfg)
     text = _field(cfg, "text_config", dict, cfg_path) or {}
     vision = _field(cfg, "vision_config", dict, cfg_path) or {}
     text_type = _field(text, "model_type", str, cfg_path, "text_config.") or "llama"
@@ -69,6 +72,11 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         )
     check_sizes(cfg, cfg_path)
     family(model_type).check_config(cfg, cfg_path)
+    return _check_weights(root, cfg)
+
+
+def _check_weights(root: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg`, once `root` holds weight files (UserError otherwise)."""
     if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
         raise UserError(f"{root} has no weights (*.safetensors)")
     return cfg
@@ -268,6 +276,8 @@ class ModelShape:
     num_layers: int | None = None
     visual_tokens: int | None = None
     vision_layers: int | None = None
+    # whether the vision tower has a [CLS] token ([CLS]-attention scorers need one)
+    cls_token: bool = True
 
 
 def model_shape(cfg: dict[str, Any]) -> ModelShape:
@@ -281,9 +291,135 @@ def model_shape(cfg: dict[str, Any]) -> ModelShape:
         )
 
     text, vision = cfg.get("text_config"), cfg.get("vision_config")
+    if family(cfg["model_type"]).mrope:  # the rows per image depend on its size
+        text = qwen_text_section(cfg)
+        return ModelShape(count(text, "num_hidden_layers"), None, count(vision, "depth"), False)
     image, patch = count(vision, "image_size"), count(vision, "patch_size")
     strategy = cfg.get("vision_feature_select_strategy", "default")
     num_visual = visual_token_count(image, patch, strategy) if image and patch else None
     return ModelShape(
         count(text, "num_hidden_layers"), num_visual, count(vision, "num_hidden_layers")
     )
+
+
+# Qwen2-VL / Qwen2.5-VL: the released checkpoints state the decoder at the top level of
+# config.json; transformers 5 saves it as text_config. The vision tower's widths are named per
+# family: Qwen2-VL's embed_dim is its width and hidden_size the merger's output, Qwen2.5-VL's
+# hidden_size its width and out_hidden_size the output.
+QWEN_VISION_SIZES = {
+    "qwen2_vl": {"depth": 1024, "embed_dim": 65536, "num_heads": 1024, "hidden_size": 65536},
+    "qwen2_5_vl": {
+        "depth": 1024,
+        "hidden_size": 65536,
+        "num_heads": 1024,
+        "intermediate_size": 2**20,
+        "out_hidden_size": 65536,
+    },
+}
+# optional vision sizes and the defaults Hugging Face gives them
+QWEN_VISION_DEFAULTS = {
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "mlp_ratio": 4,
+    "window_size": 112,
+}
+
+
+def qwen_text_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's part of a Qwen2-VL / Qwen2.5-VL config.json: text_config, or the top level
+    where the checkpoint states it flat (as the released ones do)."""
+    text = cfg.get("text_config")
+    return text if isinstance(text, dict) else cfg
+
+
+def check_qwen_config(cfg: dict[str, Any], path: Path) -> None:
+    """UserError when a Qwen2-VL / Qwen2.5-VL config.json does not state its decoder and vision
+    tower fully and sanely: sizes, M-RoPE sections that fill half a head, a merger whose output
+    is the decoder's width, window and full-attention blocks inside the tower, token ids inside
+    the vocabulary."""
+    text = qwen_text_section(cfg)
+    text_type = _field(text, "model_type", str, path, "text_config.")
+    if text_type not in (None, f"{cfg['model_type']}_text", cfg["model_type"]):
+        raise UserError(f"{path}: text_config.model_type {text_type!r} is not a Qwen-VL decoder")
+    sizes = {k: _size(text, k, limit, path, "text_config", True) for k, limit in TEXT_SIZES.items()}
+    kv = _size(text, "num_key_value_heads", 1024, path, "text_config", False)
+    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+    if hidden % heads or (kv is not None and heads % kv):
+        raise UserError(
+            f"corrupt {path}: text_config.hidden_size {hidden} must divide into "
+            f"num_attention_heads {heads}, and those into num_key_value_heads {kv}"
+        )
+    _check_mrope(text, hidden // heads, path)
+    vision = _field(cfg, "vision_config", dict, path)
+    if vision is None:
+        raise UserError(f"{path} has no vision_config: state the vision tower's sizes")
+    vision = dict(vision)  # the defaults below fill a copy
+    widths = {
+        k: _size(vision, k, limit, path, "vision_config", True)
+        for k, limit in QWEN_VISION_SIZES[cfg["model_type"]].items()
+    }
+    for key, default in QWEN_VISION_DEFAULTS.items():
+        _size(vision, key, 8192, path, "vision_config", False)
+        vision.setdefault(key, default)
+    width = widths.get("embed_dim") or widths["hidden_size"]
+    out = widths.get("out_hidden_size") or widths["hidden_size"]
+    if width % widths["num_heads"] or (width // widths["num_heads"]) % 4:
+        raise UserError(
+            f"corrupt {path}: the vision width {width} over num_heads {widths['num_heads']} must "
+            "give a head size divisible by 4 (its rotary splits it into height and width halves)"
+        )
+    if out != hidden:
+        raise UserError(
+            f"corrupt {path}: the vision merger outputs {out} features, the decoder's hidden_size "
+            f"is {hidden}: they must be equal"
+        )
+    if cfg["model_type"] == "qwen2_5_vl":
+        _check_windows(vision, widths["depth"], path)
+    for key in ("image_token_id", "vision_start_token_id"):
+        token = cfg.get(key)
+        if token is not None and (
+            isinstance(token, bool)
+            or not isinstance(token, int)
+            or not 0 <= token < sizes["vocab_size"]
+        ):
+            raise UserError(
+                f"corrupt {path}: {key} {token!r:.40} is outside the vocabulary "
+                f"0..{sizes['vocab_size'] - 1}"
+            )
+
+
+def _check_mrope(text: dict[str, Any], head_dim: int, path: Path) -> None:
+    """The M-RoPE sections (temporal, height, width rotary pairs) must fill half a head."""
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"corrupt {path}: rope_parameters must be a JSON object")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "mrope"):
+        raise UserError(f"{path}: rope type {kind!r} is not supported for M-RoPE; use default")
+    section = rope.get("mrope_section", [16, 24, 24])
+    ok = isinstance(section, list) and len(section) == 3
+    ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in section)
+    if not ok or 2 * sum(section) != head_dim:
+        raise UserError(
+            f"corrupt {path}: mrope_section {section!r:.40} must be 3 positive integers summing "
+            f"to half the decoder's head size {head_dim}"
+        )
+
+
+def _check_windows(vision: dict[str, Any], depth: int, path: Path) -> None:
+    """Qwen2.5-VL: windows of at least one merged token, full-attention blocks in the tower."""
+    unit = vision["patch_size"] * vision["spatial_merge_size"]
+    if vision["window_size"] < unit:
+        raise UserError(
+            f"corrupt {path}: vision_config.window_size {vision['window_size']} is smaller than "
+            f"one merged token ({unit} px)"
+        )
+    blocks = vision.get("fullatt_block_indexes", [7, 15, 23, 31])
+    if not isinstance(blocks, list) or not all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b < depth for b in blocks
+    ):
+        raise UserError(
+            f"corrupt {path}: vision_config.fullatt_block_indexes {blocks!r:.60} must list "
+            f"blocks of the {depth}-block tower (0..{depth - 1})"
+        )

@@ -7,8 +7,9 @@ compiler/data/assets/.
 model.safetensors, tokenizer.json + tokenizer_config.json with the `<image>` token, the
 processor and image-processor configs, a chat template) that `LlavaForConditionalGeneration`
 (or `LlavaNextForConditionalGeneration`) and `AutoProcessor.from_pretrained` load exactly as
-they load a real LLaVA-1.5 (LLaVA-NeXT) checkpoint. The compiler never looks at which preset
-wrote a directory: it reads the same files a real one has.
+they load a real LLaVA-1.5 (LLaVA-NeXT) checkpoint; the Qwen2-VL and Qwen2.5-VL presets
+(`tiny-qwen2-vl`, `tiny-qwen2.5-vl`, `small-qwen2.5-vl`) are built by qwen_presets.py. The
+compiler never looks at which preset wrote a directory: it reads the same files a real one has.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 from mllmc.compiler.files.outputs import check_names, check_output_dir, staged_directory
 from mllmc.runtime.errors import UserError
 
+from .qwen_presets import QWEN_PRESETS, QwenVLSpec, build_qwen, save_qwen
 from .shapes_qa import tokenizer_corpus
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ class PresetSpec:
             raise ValueError(f"grid_pinpoints must be multiples of image_size {self.image_size}")
 
 
-PRESETS: dict[str, PresetSpec] = {
+PRESETS: dict[str, PresetSpec | QwenVLSpec] = {
     "tiny-llava": PresetSpec(
         description="CLIP 2 layers, 64 px / patch 16 -> 16 visual tokens; Llama 6 layers, GQA 4:2",
         image_size=64,
@@ -221,6 +223,9 @@ PRESETS["small-llava-next"] = replace(
     grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
 )
 
+# Qwen2-VL and Qwen2.5-VL presets (compiler/data/qwen_presets.py)
+PRESETS.update(QWEN_PRESETS)
+
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -285,7 +290,7 @@ def write_preset(
 
 
 def write_model(
-    spec: PresetSpec,
+    spec: PresetSpec | QwenVLSpec,
     out_dir: str | os.PathLike,
     seed: int = 0,
     force: bool = False,
@@ -299,11 +304,17 @@ def write_model(
     empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
     force = force or empty_dir  # an empty directory is there to be filled
     check_output_dir(out, force, replaceable, what="model directory")
-    model, processor = build_model(spec, seed=seed, device=device)
+    if isinstance(spec, QwenVLSpec):
+        model, image_processor, tokenizer = build_qwen(spec, seed=seed, device=device)
+    else:
+        model, processor = build_model(spec, seed=seed, device=device)
 
     with staged_directory(out, force=force, replaceable=replaceable) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        if isinstance(spec, QwenVLSpec):
+            save_qwen(spec, model, image_processor, tokenizer, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"preset": spec.description, "seed": seed}) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     log.info("wrote %s (%.1fM params, seed %d) to %s", spec.description, n_params / 1e6, seed, out)

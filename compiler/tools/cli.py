@@ -32,6 +32,7 @@ examples:
   mllmc compile MODEL --pass fastv:k=2,ratio=0.5 --target aoti -o out/fastv-aoti
   mllmc compile MODEL --pass shortv --target aoti --device cuda --dtype bfloat16 -o out/gpu
   mllmc compile MODEL --pass shortv:ratio=0.6 --target trt --max-seq-len 4096 -o out/trt
+  mllmc compile MODEL --quantize int4 --eval-task shapes-qa -n 400 -o out/int4
   mllmc calibrate models/tiny-llava --pass shortv -o lc.json
   mllmc run out/tiny-shortv --image cat.png --prompt "Describe the image." --max-new-tokens 16
   mllmc verify out/tiny-shortv --against models/tiny-llava
@@ -41,6 +42,8 @@ examples:
   mllmc golden check out/tiny golden.json
   mllmc bench models/small-llava --pass shortv --target onnx
   mllmc bench MODEL --pass shortv --target aoti --device cuda --dtype bfloat16
+  mllmc serve out/tiny-shortv --port 8000
+  mllmc export-triton out/tiny-shortv -o triton-repo
 """
 
 
@@ -124,12 +127,20 @@ def cmd_preset(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from mllmc.compiler.backends.quantize import quantize_config
     from mllmc.compiler.pipeline import compile_model
 
+    from .precision import check_eval_options
+
+    quantize = quantize_config(
+        args.quantize, args.block_size, args.accuracy_level, args.quantize_keep, args.quantize_parts
+    )
+    check_eval_options(args.eval_task, args.eval_items)
+    passes = _passes(args)
     result = compile_model(
         args.model,
         args.output,
-        _passes(args),
+        passes,
         target=args.target,
         device=args.device,
         dtype=args.dtype,
@@ -138,6 +149,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         force=args.force,
         progress=not args.quiet,
+        quantize=quantize,
     )
     from .inspect_artifact import percent_cut
 
@@ -155,6 +167,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
             f"validated against eager: max |Δlogit| {val['max_abs_logit_diff']:.2e}, "
             f"tokens {'identical' if val['tokens_match'] else 'near-tie'}"
         )
+    if quantize is not None:
+        print(f"weights: {m.precision.describe()}")
+    if args.eval_task:
+        from .precision import evaluate_precision
+
+        n = 400 if args.eval_items is None else args.eval_items
+        report = evaluate_precision(
+            result.out_dir, args.model, passes, args.eval_task, n, quantize is not None,
+            progress=not args.quiet,
+        )  # fmt: skip
+        print(f"eval: {report.line()}")
     return 0
 
 
@@ -357,6 +380,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_settings(args: argparse.Namespace) -> Any:
+    from .serve import ServeSettings
+
+    return ServeSettings(
+        max_batch=args.max_batch,
+        instances=args.instances,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        threads=args.threads,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(
+        args.artifact,
+        port=args.port,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        settings=_serve_settings(args),
+    )
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from .serve import write_model_repository
+
+    out = write_model_repository(
+        args.artifact,
+        args.output,
+        _serve_settings(args),
+        copy_artifact=not args.no_copy,
+        force=args.force,
+    )
+    print(f"wrote the Triton model repository {out} (model 'mllmc'; see docs/serving.md)")
+    return 0
+
+
 def _subparser(
     sub: Any, name: str, help: str, fn: Callable[[argparse.Namespace], int], examples: str
 ) -> argparse.ArgumentParser:
@@ -430,7 +493,8 @@ def _add_compile_parser(sub: Any) -> None:
         "  mllmc compile MODEL --pass shortv --target aoti --device cuda --dtype bfloat16 "
         "-o out/gpu\n"
         "  mllmc compile MODEL --pass shortv:ratio=0.6 --target trt --max-seq-len 4096 "
-        "-o out/trt\n",
+        "-o out/trt\n"
+        "  mllmc compile MODEL --quantize int4 --eval-task shapes-qa -n 400 -o out/int4\n",
     )
     sp.add_argument("model", help="Hugging Face model directory (config.json, *.safetensors, ...)")
     sp.add_argument("-o", "--output", required=True, help="artifact directory to write")
@@ -468,6 +532,7 @@ def _add_compile_parser(sub: Any) -> None:
         "a CUDA graph per step on CUDA (default there); 'growing' (default on the CPU, and the "
         "only one for onnx and trt) copies each layer's cache one row longer per step",
     )
+    _add_quantize_arguments(sp)
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
     sp.add_argument(
         "--force",
@@ -475,6 +540,44 @@ def _add_compile_parser(sub: Any) -> None:
         help="replace an existing mllmc artifact (never another directory, a file, or the model)",
     )
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_quantize_arguments(sp: Any) -> None:
+    """compile's weight-precision options (checked by `quantize.quantize_config`) and its
+    accuracy report (docs/precision.md)."""
+    sp.add_argument(
+        "--quantize",
+        metavar="int4|int8",
+        help="onnx: weight-only block quantization (MatMulNBits) of the decoder, lm_head and "
+        "(int4) the embedding, after the passes",
+    )
+    sp.add_argument(
+        "--block-size",
+        type=_int_in(-(2**63)),
+        metavar="N",
+        help="--quantize: weights per scale, 16, 32 (default), 64, 128 or 256",
+    )
+    sp.add_argument(
+        "--accuracy-level",
+        type=_int_in(-(2**63)),
+        metavar="N",
+        help="--quantize: MatMulNBits compute, 0-4 (default 4: int8 activations)",
+    )
+    sp.add_argument(
+        "--quantize-keep", metavar="PARTS", help="--quantize: keep in float: lm_head,embedding"
+    )
+    sp.add_argument(
+        "--quantize-parts", metavar="PARTS", help="--quantize: quantize too: vision,projector"
+    )
+    sp.add_argument(
+        "--eval-task",
+        metavar="TASK",
+        help="after compiling, score the artifact on a task (shapes-qa), a quantized one beside "
+        "its float32 twin",
+    )
+    sp.add_argument(
+        "-n", dest="eval_items", type=_int_in(1), metavar="N", help="--eval-task items (400)"
+    )
 
 
 def _add_calibrate_parser(sub: Any, max_items: int) -> None:
@@ -737,6 +840,103 @@ def _add_bench_parser(sub: Any) -> None:
     )
 
 
+def _add_model_settings(sp: Any) -> None:
+    """The served model's settings, shared by serve and export-triton."""
+    from mllmc.compiler.tools.serve import MAX_DRAIN_S
+    from mllmc.runtime.batching import MAX_SCHEDULER_BATCH
+
+    sp.add_argument(
+        "--max-batch",
+        type=_int_in(1, MAX_SCHEDULER_BATCH),
+        default=16,
+        metavar="N",
+        help="the most requests one decode step batches, and Triton's max_batch_size (16)",
+    )
+    sp.add_argument(
+        "--instances",
+        type=_int_in(1, 64),
+        default=1,
+        metavar="N",
+        help="model instances, each its own engine, scheduler and process (1: one scheduler "
+        "batches every request)",
+    )
+    sp.add_argument(
+        "--max-new-tokens-limit",
+        type=_int_in(1, cap=MAX_NEW_TOKENS),
+        default=1024,
+        metavar="N",
+        help="the largest max_new_tokens a request may ask for (1024)",
+    )
+    sp.add_argument(
+        "--request-timeout",
+        type=_number(positive=True),
+        default=600.0,
+        metavar="S",
+        help="stop a generation that runs longer than S seconds (600)",
+    )
+    sp.add_argument(
+        "--drain-timeout",
+        type=_int_in(1, MAX_DRAIN_S),
+        default=MAX_DRAIN_S,
+        metavar="S",
+        help=f"on SIGTERM, wait up to S seconds for requests in flight ({MAX_DRAIN_S})",
+    )
+    sp.add_argument(
+        "--threads",
+        type=_int_in(1, os.cpu_count() or 1),
+        default=None,
+        help="onnxruntime threads per instance (default: all cores)",
+    )
+
+
+def _add_serve_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
+        "serve",
+        "serve an artifact as the Triton Inference Server model 'mllmc' (PyTriton's "
+        "tritonserver; pip install 'mllmc[serve]')",
+        cmd_serve,
+        "  mllmc serve out/tiny-shortv --port 8000\n"
+        "  mllmc serve out/tiny --port 8000 --grpc-port 8001 --metrics-port 8002 --max-batch 8\n"
+        "  mllmc serve out/tiny --host 0.0.0.0 --port 8000  # reachable from other machines\n"
+        "  curl -s localhost:8000/v2/health/ready && curl -s localhost:8002/metrics\n",
+    )
+    sp.add_argument("artifact")
+    sp.add_argument("--port", type=_int_in(1, 65535), required=True, help="HTTP port")
+    sp.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    sp.add_argument("--grpc-port", type=_int_in(1, 65535), help="gRPC port (default: a free one)")
+    sp.add_argument(
+        "--metrics-port", type=_int_in(1, 65535), help="Prometheus port (default: a free one)"
+    )
+    _add_model_settings(sp)
+
+
+def _add_export_triton_parser(sub: Any) -> None:
+    sp = _subparser(
+        sub,
+        "export-triton",
+        "write a Triton model repository (config.pbtxt + Python-backend model.py + the "
+        "artifact) for the stock Triton container",
+        cmd_export_triton,
+        "  mllmc export-triton out/tiny-shortv -o triton-repo\n"
+        "  mllmc export-triton out/tiny -o triton-repo --max-batch 32 --instances 2 --force\n"
+        "  tritonserver --model-repository triton-repo  # in the container (docs/serving.md)\n",
+    )
+    sp.add_argument("artifact")
+    sp.add_argument("-o", "--output", required=True, help="model repository directory to write")
+    sp.add_argument(
+        "--no-copy",
+        action="store_true",
+        help="name the artifact by its absolute path instead of copying it into the repository",
+    )
+    sp.add_argument(
+        "--force", action="store_true", help="replace a repository export-triton wrote before"
+    )
+    _add_model_settings(sp)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `mllmc` parser: `mllmc --help` lists every subcommand and examples of all of them;
     each subcommand's `--help` ends with its own examples."""
@@ -762,6 +962,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(sub)
     _add_golden_parser(sub)
     _add_bench_parser(sub)
+    _add_serve_parser(sub)
+    _add_export_triton_parser(sub)
     return p
 
 

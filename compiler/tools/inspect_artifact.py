@@ -41,6 +41,13 @@ def kv_cache_bytes(m: Manifest, n_text: int, visual: int | None = None) -> dict[
     return {"prompt": prompt, "per_token": row * len(m.layers)}
 
 
+def engine_bytes(root: str | Path, m: Manifest) -> int:
+    """Bytes of the engine files the manifest names (each file once: the segments of an ONNX
+    artifact share one weights file)."""
+    files = {f for seg in m.segments.values() for f in seg.files()}
+    return sum((Path(root) / f).stat().st_size for f in files)
+
+
 def check_artifact(artifact: str | Path) -> Manifest:
     """The artifact's manifest, after the checks `load()` makes short of opening its engines."""
     root = Path(artifact)
@@ -59,6 +66,7 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
     if as_json:
         data = m.to_json()
         data["kv_cache_bytes"] = {"reference_text_tokens": n_text, **kv}
+        data["engine_bytes"] = engine_bytes(artifact, m)
         return json.dumps(data, indent=2)
     model, flops, ts = m.model, m.flops, m.target_settings
     max_seq = f", max_seq_len {ts.max_seq_len}" if ts.max_seq_len is not None else ""
@@ -86,6 +94,10 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
             f" (layer order from {p.config['order_from']})" if p.config.get("order_from") else ""
         )
         lines.append(f"           {p.name}: {stats}{origin}")
+    lines.append(
+        f"weights    {m.precision.describe() if m.precision.weights else ts.dtype}; engine files "
+        f"{engine_bytes(artifact, m) / 2**20:.2f} MiB"
+    )
     lines.append("segments")
     width = max(len(name) for name in m.segments)
     file_width = max(len(seg.file) for seg in m.segments.values())

@@ -173,7 +173,11 @@ def check_feeds(entry: SegmentEntry, feeds: Mapping[str, Any], segment: str) -> 
                 continue
             first, size = named.setdefault(want, (spec.name, got))
             if got != size:
-                expected = [size if w == want else w for w in spec.shape]
+                # the other named dims as the inputs before fixed them (a decode's `batch`)
+                expected = [
+                    size if w == want else named[w][1] if isinstance(w, str) and w in named else w
+                    for w in spec.shape
+                ]
                 raise UserError(
                     f"the {segment} segment takes {spec.name} of shape {_dims(expected)} "
                     f"(as many rows in {want!r} as {first}, which has {size}), got {_dims(shape)}"

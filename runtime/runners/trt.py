@@ -19,6 +19,10 @@ from . import RunnerOptions, check_io
 if TYPE_CHECKING:
     from ..manifest import Manifest, SegmentEntry
 
+# the most samples a decode step takes: the upper end of the `batch` range of the decode
+# engine's optimisation profile (compiler/backends/trt.py builds it)
+MAX_DECODE_BATCH = 16
+
 
 def open_segment(
     root: Path, name: str, entry: SegmentEntry, manifest: Manifest, options: RunnerOptions
@@ -61,7 +65,10 @@ def open_segment(
         if len(found) != len(expected):
             io.append((f"({len(found)} {kind})", 0, ""))
         check_io(path, name, kind, io, expected)
-    return TorchCallRunner(name, entry, program.module(), manifest.target_settings.device)
+    runner = TorchCallRunner(name, entry, program.module(), manifest.target_settings.device)
+    if name == "decode":
+        runner.max_batch = MAX_DECODE_BATCH
+    return runner
 
 
 def _cuda_available() -> bool:

@@ -36,7 +36,7 @@ def _as_version_2(data: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
 
 def test_version_2_manifest_reads_into_target_settings(tiny_base_artifact: Path, tmp_path: Path):
     data = _manifest(tiny_base_artifact)
-    assert data["format_version"] == FORMAT_VERSION == 4
+    assert data["format_version"] == FORMAT_VERSION == 5
     assert "extra" not in data and "decode_position_offset" not in data
     assert data["target_settings"] == {
         "target": "onnx",
@@ -44,6 +44,7 @@ def test_version_2_manifest_reads_into_target_settings(tiny_base_artifact: Path,
         "dtype": "float32",
         "decode_cache": "growing",
         "max_seq_len": None,
+        "precision": {"weights": None, "block_size": None, "accuracy_level": None, "parts": []},
     }
     old = tmp_path / "v2"
     shutil.copytree(tiny_base_artifact, old)

@@ -39,10 +39,11 @@ PREFILL_INPUTS = [
     {"name": "attention_mask", "shape": [1, "n"], "dtype": "int64"},
 ]
 DECODE_INPUTS = [
-    {"name": "input_ids", "shape": [1, 1], "dtype": "int64"},
-    {"name": "position_ids", "shape": [1, 1], "dtype": "int64"},
-    {"name": "past.0.key", "shape": [1, 2, "past_0", 32], "dtype": "float16"},
-    {"name": "past.1.key", "shape": [1, 2, "past_1", 32], "dtype": "float16"},
+    {"name": "input_ids", "shape": ["batch", 1], "dtype": "int64"},
+    {"name": "position_ids", "shape": ["batch", 1], "dtype": "int64"},
+    {"name": "cache_pad", "shape": [2, "batch"], "dtype": "int64"},
+    {"name": "past.0.key", "shape": ["batch", 2, "past_0", 32], "dtype": "float16"},
+    {"name": "past.1.key", "shape": ["batch", 2, "past_1", 32], "dtype": "float16"},
 ]
 
 
@@ -60,13 +61,16 @@ def test_prefill_profile():
 
 def test_decode_profile_per_layer_cache():
     specs = {s.name: s for s in trt.input_specs(DECODE_INPUTS, max_seq_len=100)}
-    assert specs["input_ids"].max_shape == (1, 1)
+    ids, pad = specs["input_ids"], specs["cache_pad"]
+    # a decode step takes 1 to MAX_DECODE_BATCH samples
+    assert (ids.min_shape, ids.opt_shape, ids.max_shape) == ((1, 1), (8, 1), (16, 1))
+    assert (pad.min_shape, pad.max_shape) == ((2, 1), (2, 16))
     for name in ("past.0.key", "past.1.key"):
         s = specs[name]
         assert (s.min_shape, s.opt_shape, s.max_shape) == (
             (1, 2, 1, 32),
-            (1, 2, 64, 32),
-            (1, 2, 100, 32),
+            (8, 2, 64, 32),
+            (16, 2, 100, 32),
         )
 
 

@@ -44,7 +44,8 @@ def test_prefill_and_decode_match_hf(captured, tiny_model_dir, sample_image):
         longer = dict(inputs, input_ids=torch.cat([ids, nxt], 1))
         longer["attention_mask"] = torch.ones_like(longer["input_ids"])
         ref2 = model(**longer).logits[:, -1]
-        step = segs.decode.program.module()(nxt, torch.tensor([[ids.shape[1]]]), *out[1:])
+        no_pad = torch.zeros(info.num_layers, 1, dtype=torch.int64)
+        step = segs.decode.program.module()(nxt, torch.tensor([[ids.shape[1]]]), no_pad, *out[1:])
         assert (step[0] - ref2).abs().max().item() <= 1e-4
         assert step[1].shape[2] == ids.shape[1] + 1
 
@@ -209,7 +210,7 @@ def test_sliding_window_matches_hf_past_the_window(
             longer = dict(inputs, input_ids=tokens, attention_mask=torch.ones_like(tokens))
             ref = model(**longer).logits[:, -1]
             pos = torch.tensor([[n + step]])
-            got = decode(nxt, pos, *cache)
+            got = decode(nxt, pos, torch.zeros(info.num_layers, 1, dtype=torch.int64), *cache)
             assert (got[0] - ref).abs().max().item() <= 1e-4, step
             cache = list(got[1:])
             cache_len = torch.full((info.num_layers,), n + step, dtype=torch.int64)

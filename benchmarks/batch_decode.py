@@ -1,0 +1,177 @@
+"""Batched decode: ms per decode step at B = 1, 2, 4, 8, 16 samples on one engine.
+
+    nice python benchmarks/batch_decode.py [--model models/small-llava] [--artifact DIR]
+        [--batches 1,2,4,8,16] [--steps 16] [--rounds 3] [--threads N] [--out benchmarks/results]
+
+Compiles the model (small-llava by default, written from its preset when --model is not given)
+without passes to the ONNX target unless --artifact names one, prefills four prompts of
+different lengths (one image each) once, and then, in every round and for every B in turn,
+joins B of those caches into a fresh `DecodeBatch` (each sample left-padded to the longest, as
+a serving batch is) and times `--steps` greedy `decode_batch_step` calls after one warm-up step.
+Reported per B: the median ms per step over the rounds (with min-max), ms per generated token
+(a step makes B), decode tokens/s, and throughput and step time relative to B = 1. Writes
+OUT/batch_decode.json and OUT/batch_decode.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPTS = [
+    "Describe the image.",
+    "What is in the picture? Answer in one sentence.",
+    "List every object you can see in this image, from left to right, and say what colour each "
+    "one is.",
+    "Is there a circle?",
+]
+
+
+def build_artifact(args: argparse.Namespace, work: Path) -> Path:
+    """The artifact to time: --artifact, or the model compiled without passes."""
+    if args.artifact:
+        return Path(args.artifact)
+    from mllmc.compiler.data.presets import write_preset
+    from mllmc.compiler.pipeline import compile_model
+
+    model = Path(args.model) if args.model else write_preset("small-llava", work / "small-llava")
+    out = work / "artifact"
+    compile_model(model, out, [], validate=False, progress=False)
+    return out
+
+
+def prefilled(engine: Any) -> list[tuple[list[Any], int, int]]:
+    """Each prompt's (KV cache, first token, next position), prefilled once."""
+    rng = np.random.default_rng(0)
+    out = []
+    for prompt in PROMPTS:
+        image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        features, counts = engine.encode_images([image])
+        layout = engine.encode_prompt(prompt, counts)
+        logits, cache = engine.prefill(layout, features)
+        out.append((cache, int(np.argmax(logits)), layout.next_position))
+    return out
+
+
+def time_batch(engine: Any, caches: list[tuple[list[Any], int, int]], b: int, steps: int) -> float:
+    """Seconds per decode step for a batch of b samples (caches cycled), after one warm-up."""
+    batch = engine.new_batch()
+    tokens, positions = [], []
+    for i in range(b):
+        cache, token, position = caches[i % len(caches)]
+        batch.join(i, cache)
+        tokens.append(token)
+        positions.append(position)
+
+    def step() -> None:
+        nonlocal tokens, positions
+        logits = engine.decode_batch_step(tokens, positions, batch)
+        tokens = [int(t) for t in np.argmax(logits, axis=1)]
+        positions = [p + 1 for p in positions]
+
+    step()
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - began) / steps
+
+
+def measure(args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
+    from mllmc.runtime import load
+
+    engine = load(artifact, threads=args.threads)
+    caches = prefilled(engine)
+    times: dict[int, list[float]] = {b: [] for b in args.batches}
+    for r in range(args.rounds):
+        for b in args.batches:  # every B in each round, so drift lands on no single row
+            times[b].append(time_batch(engine, caches, b, args.steps))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    base = statistics.median(times[args.batches[0]])
+    rows = {}
+    for b, ts in times.items():
+        med = statistics.median(ts)
+        rows[str(b)] = {
+            "ms_per_step": 1e3 * med,
+            "ms_per_step_min_max": [1e3 * min(ts), 1e3 * max(ts)],
+            "ms_per_token": 1e3 * med / b,
+            "tokens_per_s": b / med,
+            "step_time_vs_first": med / base,
+            "throughput_vs_first": (b / med) / (args.batches[0] / base),
+        }
+    manifest = engine.manifest
+    return {
+        "artifact": str(artifact),
+        "model": manifest.model.model_dir,
+        "prompt_tokens": [int(c[2]) for c in caches],
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "device": f"cpu ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)",
+        "command": "python " + shlex.join(sys.argv),
+        "rows": rows,
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """ms per step and decode tokens/s against B."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bs = [int(b) for b in report["rows"]]
+    rows = list(report["rows"].values())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(bs, [r["ms_per_step"] for r in rows], "o-")
+    left.set(xscale="log", xlabel="samples per decode step (B)", ylabel="ms per step")
+    right.plot(bs, [r["tokens_per_s"] for r in rows], "o-", color="tab:green")
+    right.set(xscale="log", xlabel="samples per decode step (B)", ylabel="decode tokens / s")
+    for ax in (left, right):
+        ax.set_xticks(bs, [str(b) for b in bs])
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"batched decode, {Path(report['model']).name} (ONNX, CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF model dir (default: the small-llava preset)")
+    parser.add_argument("--artifact", help="an mllmc artifact to time instead of compiling")
+    parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = measure(args, build_artifact(args, Path(tmp)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch_decode.json").write_text(json.dumps(report, indent=2))
+    if not args.no_plot:
+        plot(report, out / "batch_decode.png")
+    print(f"{'B':>3} {'ms/step':>9} {'ms/token':>9} {'tokens/s':>9} {'x throughput':>13}")
+    for b, r in report["rows"].items():
+        print(
+            f"{b:>3} {r['ms_per_step']:9.1f} {r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} "
+            f"{r['throughput_vs_first']:12.2f}x"
+        )
+    print(f"wrote {out / 'batch_decode.json'}")
+
+
+if __name__ == "__main__":
+    main()

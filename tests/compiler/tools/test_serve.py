@@ -1,0 +1,380 @@
+"""`mllmc serve` and `mllmc export-triton`: a tiny artifact served by the tritonserver PyTriton
+ships, asked through tritonclient over HTTP (and gRPC for cancellation). Each answer equals
+engine.generate's for the same request alone, concurrent requests too; every kind of bad
+request gets a one-line error and the server goes on serving; SIGTERM drains what is in flight.
+The request checks and the repository writer run everywhere; the server tests need the `serve`
+extra (PyTriton, which pins numpy < 2) and skip, saying why, where it is missing."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mllmc.compiler.tools.serve import (
+    REPO_HEADER,
+    ServeSettings,
+    check_serve_requirements,
+    model_config,
+    write_model_repository,
+)
+from mllmc.compiler.tools.triton_model import MAX_PROMPT_BYTES, error_line, parse_request
+from mllmc.runtime.errors import UserError
+
+CLI = [sys.executable, "-m", "mllmc.compiler.tools.cli"]
+PROMPT = "Describe the image."
+
+
+def _serve_missing() -> str | None:
+    try:
+        check_serve_requirements()
+        import tritonclient.grpc  # noqa: F401
+        import tritonclient.http  # noqa: F401
+    except (UserError, ImportError) as e:
+        return f"the serve extra is not usable here: {e}"
+    return None
+
+
+needs_server = pytest.mark.skipif(_serve_missing() is not None, reason=str(_serve_missing()))
+
+
+def png_bytes(path: Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def arrays(images: list[bytes], prompt: bytes, max_new: int, **extra: object) -> dict:
+    """A request's input arrays as the Python backend hands them (batch dimension 1)."""
+    out = {
+        "image": np.array([images], dtype=np.object_),
+        "prompt": np.array([[prompt]], dtype=np.object_),
+        "max_new_tokens": np.array([[max_new]], dtype=np.int32),
+    }
+    out.update({k: np.array([[v]]) for k, v in extra.items()})
+    return out
+
+
+# -- request checks and the repository (no server) ---------------------------------------------
+
+
+def test_parse_request_gives_the_scheduler_request(sample_image: Path) -> None:
+    data = png_bytes(sample_image)
+    kwargs = parse_request(arrays([data, data], PROMPT.encode(), 8, temperature=0.5, seed=3), 64)
+    assert kwargs == {
+        "images": [data, data],
+        "prompt": PROMPT,
+        "max_new_tokens": 8,
+        "temperature": 0.5,
+        "top_k": 0,
+        "seed": 3,
+    }
+    assert parse_request(arrays([data], b"hi", 1), 64)["seed"] is None
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"image": np.array([[]], dtype=np.object_)}, "1 to 16 images, got 0"),
+        ({"image": np.array([[b""]], dtype=np.object_)}, "image 0 is empty"),
+        ({"prompt": np.array([[b"  "]], dtype=np.object_)}, "the prompt is empty"),
+        ({"prompt": np.array([[b"\xff\xfe"]], dtype=np.object_)}, "not valid UTF-8"),
+        ({"prompt": np.array([[b"x" * (MAX_PROMPT_BYTES + 1)]], dtype=np.object_)}, "at most"),
+        ({"max_new_tokens": np.array([[0]], dtype=np.int32)}, "from 1 to 64 here, got 0"),
+        ({"max_new_tokens": np.array([[65]], dtype=np.int32)}, "from 1 to 64 here, got 65"),
+        ({"temperature": np.array([[np.nan]], dtype=np.float32)}, "finite number >= 0"),
+        ({"top_k": np.array([[-1]], dtype=np.int32)}, "top_k must be >= 0"),
+        ({"max_new_tokens": np.array([[1, 2]], dtype=np.int32)}, "one value per request"),
+    ],
+)
+def test_parse_request_refuses_bad_requests(change: dict, match: str) -> None:
+    request = {**arrays([b"png"], PROMPT.encode(), 8), **change}
+    with pytest.raises(UserError, match=match) as e:
+        parse_request(request, 64)
+    assert "\n" not in error_line(e.value)
+
+
+def test_error_line_is_one_line_for_any_exception() -> None:
+    assert error_line(UserError("bad image")) == "bad image"
+    assert error_line(RuntimeError("boom\nat line 3")) == "internal error: RuntimeError: boom"
+
+
+def test_export_triton_writes_a_repository_atomically(
+    tiny_base_artifact: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "repo"
+    settings = ServeSettings(max_batch=4, instances=2)
+    write_model_repository(tiny_base_artifact, out, settings)
+    config = (out / "mllmc" / "config.pbtxt").read_text()
+    assert config.startswith(REPO_HEADER)
+    assert config == model_config(settings, "artifact")
+    assert "max_batch_size: 4" in config and "count: 2" in config and "dynamic_batching" in config
+    copied = out / "mllmc" / "1" / "artifact"
+    assert sorted(p.name for p in copied.iterdir()) == sorted(
+        p.name for p in tiny_base_artifact.iterdir()
+    )
+    source = Path(sys.modules["mllmc.compiler.tools.triton_model"].__file__).read_text()
+    assert (out / "mllmc" / "1" / "model.py").read_text() == source
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no temporary left beside it
+    with pytest.raises(UserError, match="already exists"):
+        write_model_repository(tiny_base_artifact, out)
+    write_model_repository(tiny_base_artifact, out, copy_artifact=False, force=True)
+    assert (
+        f'string_value: "{tiny_base_artifact.resolve()}"'
+        in (out / "mllmc" / "config.pbtxt").read_text()
+    )
+
+
+def test_export_triton_never_replaces_a_users_directory(
+    tiny_base_artifact: Path, tmp_path: Path
+) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a model repository mllmc export-triton wrote"):
+        write_model_repository(tiny_base_artifact, mine, force=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_serve_bad_arguments_are_one_line(tiny_base_artifact: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            ([str(tmp_path / "missing"), "--port", "8000"], "not found"),
+            ([str(tiny_base_artifact), "--port", str(port)], f"--port {port} on 127.0.0.1: in use"),
+            ([str(tiny_base_artifact), "--port", "70000"], "between 1 and 65535"),
+            ([str(tiny_base_artifact), "--port", "9000", "--grpc-port", "9000"], "must differ"),
+        ]
+        for args, match in cases:
+            proc = subprocess.run([*CLI, "serve", *args], capture_output=True, text=True)
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and match in lines[0], proc.stderr
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+class Server:
+    """`mllmc serve ARTIFACT` on free ports, its output in a log file."""
+
+    def __init__(self, artifact: Path, log: Path, *extra: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.grpc_port = s.getsockname()[1]
+        self.log = log
+        args = ["serve", str(artifact), "--port", str(self.port)]
+        args += ["--grpc-port", str(self.grpc_port), "--threads", "1", *extra]
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([*CLI, *args], stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while "serving " not in self.output():
+            assert self.proc.poll() is None, self.output()[-3000:]
+            assert time.monotonic() < deadline, self.output()[-3000:]
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def http_inputs(images: list[bytes], prompt: bytes, max_new: int, **extra: object) -> list:
+    import tritonclient.http as http
+
+    types = {"temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32)}
+    types |= {"seed": ("INT64", np.int64)}
+    inputs = []
+    for name, value, dtype in [
+        ("image", np.array([images], dtype=np.object_), "BYTES"),
+        ("prompt", np.array([[prompt]], dtype=np.object_), "BYTES"),
+        ("max_new_tokens", np.array([[max_new]], dtype=np.int32), "INT32"),
+        *[(k, np.array([[v]], dtype=types[k][1]), types[k][0]) for k, v in extra.items()],
+    ]:
+        tensor = http.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    s = Server(tiny_base_artifact, log)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base_artifact: Path):
+    from mllmc.runtime import load
+
+    return load(tiny_base_artifact, threads=1)
+
+
+def ask(port: int, inputs: list) -> tuple[str, list[int]]:
+    """The text and token ids the server on `port` answers."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        result = client.infer("mllmc", inputs)
+        return result.as_numpy("text")[0, 0].decode(), result.as_numpy("token_ids")[0].tolist()
+    finally:
+        client.close()
+
+
+def http_error(port: int, inputs: list) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as e:
+        ask(port, inputs)
+    message = str(e.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+@needs_server
+def test_answer_equals_engine_generate_alone(
+    server: Server, engine, sample_image: Path, tall_image: Path
+) -> None:
+    alone = engine.generate(sample_image, PROMPT, 12)
+    text, ids = ask(server.port, http_inputs([png_bytes(sample_image)], PROMPT.encode(), 12))
+    assert ids == alone.token_ids and text == alone.text
+    two = engine.generate(images=[sample_image, tall_image], prompt=PROMPT, max_new_tokens=6)
+    images = [png_bytes(sample_image), png_bytes(tall_image)]
+    assert ask(server.port, http_inputs(images, PROMPT.encode(), 6))[1] == two.token_ids
+    sampled = engine.generate(sample_image, PROMPT, 10, temperature=0.8, top_k=20, seed=7)
+    inputs = http_inputs(
+        [png_bytes(sample_image)], PROMPT.encode(), 10, temperature=0.8, top_k=20, seed=7
+    )
+    assert ask(server.port, inputs)[1] == sampled.token_ids
+
+
+@needs_server
+def test_concurrent_requests_each_get_their_own_answer(
+    server: Server, engine, sample_image: Path, tall_image: Path
+) -> None:
+    cases = [
+        (image, f"{prompt} {i}", n)
+        for i, (image, prompt, n) in enumerate(
+            [(sample_image, PROMPT, 9), (tall_image, "What is it?", 5)] * 4
+        )
+    ]
+    alone = [engine.generate(image, prompt, n).token_ids for image, prompt, n in cases]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(
+            pool.map(
+                lambda c: ask(server.port, http_inputs([png_bytes(c[0])], c[1].encode(), c[2]))[1],
+                cases,
+            )
+        )
+    assert answers == alone
+
+
+@needs_server
+def test_each_bad_request_gets_one_line_and_the_server_goes_on(
+    server: Server, sample_image: Path
+) -> None:
+    import tritonclient.http as http
+
+    good = png_bytes(sample_image)
+    assert "does not decode" in http_error(server.port, http_inputs([b"not an image"], b"Hi", 4))
+    assert "the prompt is empty" in http_error(server.port, http_inputs([good], b"", 4))
+    big = b"x" * (MAX_PROMPT_BYTES + 1)
+    assert f"at most {MAX_PROMPT_BYTES}" in http_error(server.port, http_inputs([good], big, 4))
+    assert "max_new_tokens must be from 1" in http_error(server.port, http_inputs([good], b"Hi", 0))
+    assert "max_new_tokens must be from 1" in http_error(
+        server.port, http_inputs([good], b"Hi", 10**6)
+    )
+    wrong_name = http.InferInput("question", [1, 1], "BYTES")
+    wrong_name.set_data_from_numpy(np.array([[b"Hi"]], dtype=np.object_))
+    message = http_error(server.port, [*http_inputs([good], b"Hi", 4), wrong_name])
+    assert "unexpected inference input 'question'" in message
+    wrong_type = http.InferInput("max_new_tokens", [1, 1], "FP32")
+    wrong_type.set_data_from_numpy(np.array([[4.0]], dtype=np.float32))
+    message = http_error(server.port, [*http_inputs([good], b"Hi", 4)[:2], wrong_type])
+    assert "expects 'INT32'" in message
+    assert len(ask(server.port, http_inputs([good], b"Hi", 3))[1]) >= 1  # still serving
+
+
+@needs_server
+def test_a_cancelled_grpc_request_stops_its_generation(server: Server, sample_image: Path) -> None:
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    inputs = []
+    for name, value, dtype in [
+        ("image", np.array([[png_bytes(sample_image)]], dtype=np.object_), "BYTES"),
+        ("prompt", np.array([[PROMPT.encode()]], dtype=np.object_), "BYTES"),
+        ("max_new_tokens", np.array([[1000]], dtype=np.int32), "INT32"),
+    ]:
+        tensor = grpc.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    client = grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer("mllmc", inputs, client_timeout=0.2)
+    deadline = time.monotonic() + 30
+    while "stopped a generation: cancelled by the client" not in server.output():
+        assert time.monotonic() < deadline, server.output()[-2000:]
+        time.sleep(0.1)
+
+
+@needs_server
+def test_the_exported_repository_loads_in_pytritons_tritonserver(
+    tiny_base_artifact: Path, engine, sample_image: Path, tmp_path: Path
+) -> None:
+    """What a team ships (the artifact copied into the repository) runs as written."""
+    import tritonclient.http as http
+
+    from mllmc.compiler.tools.serve import free_port, triton_server
+
+    repo = write_model_repository(tiny_base_artifact, tmp_path / "repo", ServeSettings(threads=1))
+    ports = [free_port("127.0.0.1") for _ in range(3)]
+    triton = triton_server(repo, "127.0.0.1", tuple(ports), 5, tmp_path / "ws")
+    triton.run()
+    try:
+        client = http.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+        deadline = time.monotonic() + 120
+        while not client.is_model_ready("mllmc"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        client.close()
+        ids = ask(ports[0], http_inputs([png_bytes(sample_image)], PROMPT.encode(), 6))[1]
+    finally:
+        triton.stop()
+    assert ids == engine.generate(sample_image, PROMPT, 6).token_ids
+
+
+@needs_server
+def test_sigterm_drains_requests_in_flight(
+    tiny_base_artifact: Path, engine, sample_image: Path, tmp_path: Path
+) -> None:
+    import tritonclient.http as http
+
+    s = Server(tiny_base_artifact, tmp_path / "server.log")
+    client = http.InferenceServerClient(f"127.0.0.1:{s.port}")
+    try:
+        pending = client.async_infer("mllmc", http_inputs([png_bytes(sample_image)], b"Hi", 400))
+        time.sleep(0.3)
+        assert s.stop() == 0, s.output()[-2000:]
+        ids = pending.get_result().as_numpy("token_ids")[0].tolist()
+    finally:
+        client.close()
+    assert ids == engine.generate(sample_image, "Hi", 400).token_ids
+    assert "mllmc serve: stopped" in s.output()
