@@ -92,23 +92,43 @@ def summary(latencies: list[float], tokens: int, errors: int, wall: float) -> di
     }
 
 
-def baseline(artifact: Path, n: int, threads: int) -> dict[str, Any]:
-    """engine.generate one request at a time, in this process."""
+def baseline(artifact: Path, first: int, n: int, threads: int) -> dict[str, Any]:
+    """engine.generate on requests first .. first + n - 1, one at a time, in this process; with
+    the median time of each phase (vision, prefill, decode per token)."""
     from PIL import Image
 
     from mllmc.runtime import load
 
     engine = load(artifact, threads=threads)
     engine.generate(Image.open(io.BytesIO(request(0)[0])), "warm up", NEW_TOKENS)
-    latencies, tokens = [], 0
+    latencies, tokens, phases = [], 0, []
     t0 = time.perf_counter()
-    for i in range(n):
+    for i in range(first, first + n):
         data, prompt = request(i)
         t = time.perf_counter()
         result = engine.generate(Image.open(io.BytesIO(data)), prompt, NEW_TOKENS)
         latencies.append(time.perf_counter() - t)
         tokens += len(result.token_ids)
-    return summary(latencies, tokens, 0, time.perf_counter() - t0)
+        phases.append([result.timings[k] for k in ("vision_s", "prefill_s", "decode_s_per_token")])
+    out = summary(latencies, tokens, 0, time.perf_counter() - t0)
+    vision, prefill, decode = np.median(np.array(phases), axis=0).tolist()
+    out |= {"vision_s": vision, "prefill_s": prefill, "decode_s_per_token": decode}
+    out |= {"latencies_s": latencies, "tokens": tokens, "load_1min": os.getloadavg()[0]}
+    return out
+
+
+def pooled(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The one-at-a-time loop measured before and after the server's levels, as one: the
+    machine's load (other processes) drifts over a run."""
+    lat = before["latencies_s"] + after["latencies_s"]
+    out = summary(lat, before["tokens"] + after["tokens"], 0, before["wall_s"] + after["wall_s"])
+    for k in ("vision_s", "prefill_s", "decode_s_per_token"):
+        out[k] = (before[k] + after[k]) / 2
+    # the most any batching of decode steps can give: vision and prefill stay one at a time
+    one = out["vision_s"] + out["prefill_s"]
+    out["decode_free_bound"] = (one + NEW_TOKENS * out["decode_s_per_token"]) / one
+    out["before"], out["after"] = before, after
+    return out
 
 
 def free_port() -> int:
@@ -190,8 +210,8 @@ def closed_loop(port: int, clients: int, n: int, seconds: float) -> dict[str, An
 
 
 def run_variant(artifact: Path, args: argparse.Namespace, log: Path) -> dict[str, Any]:
-    base = baseline(artifact, args.baseline_requests, args.threads)
-    print(f"  one at a time: {base['req_per_s']:.3f} req/s, p50 {base['p50_s']:.2f} s", flush=True)
+    before = baseline(artifact, 0, args.baseline_requests, args.threads)
+    print(f"  one at a time: {before['req_per_s']:.3f} req/s (before)", flush=True)
     proc, port = start_server(artifact, log, args.threads, args.max_batch)
     levels = {}
     try:
@@ -199,6 +219,7 @@ def run_variant(artifact: Path, args: argparse.Namespace, log: Path) -> dict[str
         for c in LEVELS:
             n = max(args.min_requests, args.requests_per_client * c)
             levels[str(c)] = r = closed_loop(port, c, n, args.level_seconds)
+            r["load_1min"] = os.getloadavg()[0]
             print(
                 f"  C={c:2d}: {r['requests']} req, {r['req_per_s']:.3f} req/s, "
                 f"{r['tok_per_s']:.1f} tok/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, "
@@ -208,6 +229,15 @@ def run_variant(artifact: Path, args: argparse.Namespace, log: Path) -> dict[str
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+    after = baseline(artifact, args.baseline_requests, args.baseline_requests, args.threads)
+    base = pooled(before, after)
+    print(
+        f"  one at a time: {after['req_per_s']:.3f} req/s (after), pooled {base['req_per_s']:.3f}"
+        f"; vision {base['vision_s']:.2f} s, prefill {base['prefill_s']:.2f} s, decode "
+        f"{base['decode_s_per_token'] * 1e3:.0f} ms/token: decode-free bound "
+        f"{base['decode_free_bound']:.2f}x",
+        flush=True,
+    )
     c8 = levels.get("8")
     goal = None
     if c8 is not None:
@@ -269,7 +299,9 @@ def main() -> None:
     ap.add_argument("--name", default="serve", help="results file stem")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--baseline-requests", type=int, default=6)
+    ap.add_argument(
+        "--baseline-requests", type=int, default=4, help="one-at-a-time requests before and after"
+    )
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--min-requests", type=int, default=6)
     ap.add_argument("--level-seconds", type=float, default=90.0)
@@ -285,6 +317,7 @@ def main() -> None:
         "threads": args.threads,
         "max_batch": args.max_batch,
         "cpus": os.cpu_count(),
+        "level_seconds": args.level_seconds,
         "variants": {},
     }
     for name, path in artifacts.items():

@@ -10,8 +10,8 @@ config dataclass whose defaults come from the paper. Each registry entry also na
   rewritten graph computes (hooks), used only by tests and `mllmc verify`.
 - `stage`: "pre_llm" passes change the visual tokens before the decoder, "in_llm" passes rewrite
   decoder layers; the pipeline refuses an in-LLM pass before a pre-LLM one.
-- `prunes`: the pass chooses which visual tokens remain (fastervlm / vtc_cls before the LLM,
-  fastv / vte inside it); two pruning passes of one stage conflict, and an in-LLM pruning pass
+- `prunes`: the pass chooses which visual tokens remain (fastervlm / vtc_cls / vispruner
+  before the LLM, fastv / vte inside it); two pruning passes of one stage conflict, and an in-LLM pruning pass
   must precede the in-LLM passes that rewrite layers for the rows they hold (shortv).
 """
 
@@ -252,13 +252,14 @@ def config_to_json(cfg: PassConfig) -> dict[str, object]:
 
 
 def _register_builtin() -> None:
-    from . import fastervlm, fastv, shortv, vtc_cls, vte
+    from . import fastervlm, fastv, shortv, vispruner, vtc_cls, vte
 
     register(shortv.PASS)
     register(fastv.PASS)
     register(vte.PASS)
     register(fastervlm.PASS)
     register(vtc_cls.PASS)
+    register(vispruner.PASS)
 
 
 _register_builtin()

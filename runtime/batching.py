@@ -401,7 +401,8 @@ class Scheduler:
                 for future in self._futures.values():
                     future.cancel()
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:  # not from a future's callback
+            self._thread.join(timeout)
 
     def __enter__(self) -> Scheduler:
         return self

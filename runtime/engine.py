@@ -239,8 +239,9 @@ class SegmentLoop:
         if pos.min() < 0:
             raise UserError(f"positions must be integers >= 0, got {pos.tolist()!r:.80}")
         if self.max_decode_batch is not None and b > self.max_decode_batch:
+            most = self.max_decode_batch
             raise UserError(
-                f"this engine's decode takes at most {self.max_decode_batch} samples a step, the "
+                f"this engine decodes at most {most} sample{'s' if most != 1 else ''} a step, the "
                 f"batch has {b}"
             )
         runner = self.runners["decode"]

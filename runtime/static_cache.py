@@ -18,6 +18,11 @@ cache, the buffers are the runner's: a step only writes past the lengths of the 
 before, so an older one stays valid (continuing from it copies it back in), until the runner takes
 in another prompt's cache, which overwrites the rows they share.
 
+The buffers hold one sample's cache: this runner decodes one sample a step (`max_batch` 1), and a
+batched decode (runtime/decode_batch.py) runs the growing-cache program instead
+(`load(..., decode_cache="growing")`); `generate_batch` and the `Scheduler` decode one sample
+at a time on it.
+
 `GraphPerShape` is the same idea for segments whose shapes are fixed per call (vision, and the
 prefill per prompt length): one CUDA graph per input shape, captured on first use.
 

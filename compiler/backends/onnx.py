@@ -6,7 +6,10 @@ the graph is absent from the ONNX. Dynamic dims get readable names (`n` for the 
 `past_<l>` for layer l's cache length) and onnx.checker runs on every file. Weights go to
 external data (`share_weights`): the prefill and decode graphs carry the same decoder weights,
 and each distinct tensor is written to `weights.data` once, both graphs' initializers pointing
-at the same offsets, so an artifact holds one copy of the weights, not two.
+at the same offsets, so an artifact holds one copy of the weights, not two. With `--quantize`,
+each segment's MatMuls are block-quantized right after its export (`quantize.py`, before
+`share_weights`); prefill's and decode's quantized tensors are byte-identical, so they are
+stored once too.
 """
 
 from __future__ import annotations

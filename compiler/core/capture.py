@@ -488,6 +488,9 @@ class Segments:
     model: nn.Module | None = None
     static_decode: Segment | None = None  # `export_static_cache_decode`, when asked for
     min_visual_rows: int = 1  # the fewest visual rows a prompt may have (a pass may need more)
+    # Qwen2-VL: the reference image's rows a pre-LLM pass keeps (the vision segment's row count
+    # depends on the image, so its graph cannot say); None: every merged token
+    kept_visual_tokens: int | None = None
 
     def __iter__(self):
         return iter((self.vision, self.prefill, self.decode))
@@ -497,7 +500,8 @@ class Segments:
         """Visual tokens per image entering the LLM: the rows the vision segment outputs (for
         Qwen2-VL, whose rows depend on the image's size, the reference image's)."""
         if is_mrope(self.info):
-            return self.info.visual_tokens
+            kept = self.kept_visual_tokens
+            return self.info.visual_tokens if kept is None else kept
         out = next(n for n in self.vision.program.graph.nodes if n.op == "output").args[0][0]
         return int(out.meta["val"].shape[1])
 

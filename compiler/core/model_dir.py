@@ -291,7 +291,8 @@ def model_shape(cfg: dict[str, Any]) -> ModelShape:
         )
 
     text, vision = cfg.get("text_config"), cfg.get("vision_config")
-    if family(cfg["model_type"]).mrope:  # the rows per image depend on its size
+    if cfg.get("model_type") in FAMILIES and family(cfg["model_type"]).mrope:
+        # the rows per image depend on its size
         text = qwen_text_section(cfg)
         return ModelShape(count(text, "num_hidden_layers"), None, count(vision, "depth"), False)
     image, patch = count(vision, "image_size"), count(vision, "patch_size")

@@ -119,12 +119,10 @@ class VisionBlock(nn.Module):
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = (
-            block.norm1,
-            block.attn,
-            block.norm2,
-            block.mlp,
-        )
+        self.norm1 = block.norm1
+        self.attn = block.attn  # its qkv and proj
+        self.norm2 = block.norm2
+        self.mlp = block.mlp
         self.num_heads = int(block.attn.num_heads)
         self.scaling = float(block.attn.scaling)
 

@@ -110,6 +110,8 @@ class QwenVLSpec:
             raise ValueError("mrope_section must sum to half the decoder's head_dim")
         if (self.family == "qwen2_5_vl") != (self.window_size > 0):
             raise ValueError("window_size is given exactly when family is 'qwen2_5_vl'")
+        if any(not 0 <= b < self.vision_layers for b in self.fullatt_blocks):
+            raise ValueError(f"fullatt_blocks must be blocks 0..{self.vision_layers - 1}")
         if self.template_file not in ("jinja", "json"):
             raise ValueError("template_file is 'jinja' or 'json'")
 

@@ -291,14 +291,13 @@ def hf_runner(
     prefill time is one timed forward of the prompt (image encoder included). `threads` sets
     torch's intra-op threads for the whole process."""
     import torch
-    from transformers import AutoProcessor
 
-    from mllmc.compiler.core.capture import load_model, processor_inputs
+    from mllmc.compiler.core.capture import load_model, load_processor, processor_inputs
 
     if threads:
         torch.set_num_threads(threads)
     model, _ = load_model(path)
-    processor = AutoProcessor.from_pretrained(str(path))
+    processor = load_processor(path)
 
     def run(image: Any, prompt: str) -> Prediction:
         inputs = processor_inputs(processor, image, prompt)

@@ -47,7 +47,7 @@ def read_shape(path: str | Path) -> tuple[Shape, dict[str, Any]]:
     """The shape of the model whose config.json is `path` (or lies in directory `path`), and
     the config itself."""
     from mllmc.compiler.core.families import family
-    from mllmc.compiler.core.model_dir import check_sizes, visual_token_count
+    from mllmc.compiler.core.model_dir import check_qwen_config, check_sizes, visual_token_count
     from mllmc.runtime.jsonfile import JSONError, read_json
 
     p = Path(path)
@@ -61,7 +61,10 @@ def read_shape(path: str | Path) -> tuple[Shape, dict[str, Any]]:
     if not isinstance(cfg, dict):
         raise UserError(f"corrupt {p}: not a JSON object")
     fam = family(str(cfg.get("model_type")))
-    check_sizes(cfg, p)
+    if fam.mrope:
+        check_qwen_config(cfg, p)
+    else:
+        check_sizes(cfg, p)
     fam.check_config(cfg, p)
     import transformers
 
@@ -69,6 +72,8 @@ def read_shape(path: str | Path) -> tuple[Shape, dict[str, Any]]:
         **{k: v for k, v in cfg.items() if k != "model_type"}
     )
     tc, vc = config.text_config, config.vision_config
+    if fam.mrope:
+        return _qwen_shape(fam.model_type, config, p.parent), cfg
     per_tile = visual_token_count(
         vc.image_size, vc.patch_size, config.vision_feature_select_strategy
     )
@@ -88,6 +93,30 @@ def read_shape(path: str | Path) -> tuple[Shape, dict[str, Any]]:
         reference_tiles=tiles,
     )
     return shape, cfg
+
+
+def _qwen_shape(model_type: str, config: Any, model_dir: Path) -> Shape:
+    """A Qwen2-VL / Qwen2.5-VL model's shape: one image at the reference size (its rows from
+    its size and the processor's pixel bounds in `model_dir`, when its config is there)."""
+    from mllmc.compiler.core.qwen_vl import reference_grid
+
+    tc, vc = config.text_config, config.vision_config
+    t, h, w = reference_grid(config, model_dir)
+    rows = t * h * w // vc.spatial_merge_size**2
+    return Shape(
+        model_type=model_type,
+        num_layers=tc.num_hidden_layers,
+        hidden_size=tc.hidden_size,
+        num_heads=tc.num_attention_heads,
+        num_kv_heads=tc.num_key_value_heads or tc.num_attention_heads,
+        head_dim=tc.hidden_size // tc.num_attention_heads,
+        intermediate_size=tc.intermediate_size,
+        vocab_size=tc.vocab_size,
+        image_size=h * vc.patch_size,
+        visual_tokens=rows,
+        reference_visual_rows=rows,
+        reference_tiles=1,
+    )
 
 
 def _apply(plan: list[LayerPlan], shape: Shape, name: str, cfg: Any) -> tuple[list, list, str]:

@@ -33,12 +33,13 @@ class PrecisionEval:
 
     def line(self) -> str:
         a = self.artifact
-        head = f"{a.items}, {a.n} items: accuracy {a.accuracy:.1%}"
-        if self.float_twin is None:
+        head = f"{a.items}, {a.n} items: accuracy {a.accuracy:.2%}"
+        if self.float_twin is None or self.points_lost is None:
             return head
+        lost = self.points_lost
         return (
-            f"{head} quantized vs {self.float_twin.accuracy:.1%} float32 "
-            f"({self.points_lost:+.1f} points lost)"
+            f"{head} quantized vs {self.float_twin.accuracy:.2%} float32 "
+            f"({abs(lost):.2f} points {'lost' if lost >= 0 else 'gained'})"
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllmc.runtime import load
+from mllmc.runtime import UserError, load
 from tests.conftest import TINY_SHORTV_LAYERS
 
 MLLMC = str(Path(sys.executable).parent / "mllmc")
@@ -79,6 +79,31 @@ def test_aoti_matches_onnx_same_pipeline(tiny_aoti_shortv, tiny_shortv_artifact,
     # the same manifest, but for the target and its settings
     assert aoti.manifest.layers == onnx.manifest.layers
     assert aoti.manifest.visual_tokens == onnx.manifest.visual_tokens
+
+
+def test_aoti_batched_decode(tiny_aoti_shortv, sample_image, tall_image):
+    """The growing-cache decode program takes any batch (B is dynamic in the compiled program):
+    each sample gets what it gets alone. The static-cache decode runs one sample a step:
+    generate_batch decodes its samples in turn there, and a batched step is one line."""
+    images = [[sample_image], [tall_image, sample_image]]
+    prompts = ["Describe the image.", "What differs between the two pictures, in a few words?"]
+    steps = [6, 4]
+    for decode_cache, max_batch in (("growing", None), ("static", 1)):
+        engine = load(tiny_aoti_shortv, decode_cache=decode_cache)
+        assert engine.max_decode_batch == max_batch
+        results = engine.generate_batch(images, prompts, steps, stop_at_eos=False)
+        for result, imgs, prompt, n in zip(results, images, prompts, steps, strict=True):
+            want = engine.generate(images=imgs, prompt=prompt, max_new_tokens=n, stop_at_eos=False)
+            assert result.token_ids == want.token_ids, decode_cache
+            assert np.abs(result.logits - want.logits).max() <= 1e-4, decode_cache
+    layout = engine.encode_prompt("Describe the image.")
+    _, cache = engine.prefill(layout, engine.encode_image(sample_image))
+    batch = engine.new_batch()
+    batch.join(0, cache)
+    batch.join(1, cache)
+    n = layout.next_position
+    with pytest.raises(UserError, match="this engine decodes at most 1 sample a step, the batch has 2"):
+        engine.decode_batch_step([5, 5], [n, n], batch)
 
 
 def test_aoti_cli_run_inspect_golden(tiny_aoti_shortv, sample_image):

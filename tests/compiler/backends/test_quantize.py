@@ -272,4 +272,4 @@ def test_cli_quantize_with_eval(trained_model_dir: Path, tmp_path: Path):
     assert out.returncode == 0, out.stderr
     assert "weights: int4 weights (block 32, accuracy level 4)" in out.stdout
     line = next(x for x in out.stdout.splitlines() if x.startswith("eval:"))
-    assert "12 items" in line and "quantized vs" in line and "points lost" in line
+    assert "12 items" in line and "quantized vs" in line and "float32 (" in line

@@ -1,0 +1,323 @@
+"""Weight precision benchmark: small-llava's ONNX engines in float32, int8 and int4 (blocks 32 and
+128, accuracy level 4), plain and with the passes composed (fastervlm:keep=144 + fastv + shortv),
+side by side with onnxruntime-genai 0.18's builder on the same language-model weights (`-p int4
+-e cpu`, the same block size and accuracy level; and its fp32), all in one process, interleaved.
+
+    python benchmarks/precision.py [--model models/small-llava] [--trained models/trained-tiny-llava]
+        [--repeats 3] [--decode-tokens 32] [-n 200] [--reuse]
+
+Per row: decode ms/token (32 greedy tokens after the prompt), LLM prefill ms (576 visual + ~32
+text tokens; genai: a prompt of the same length), engine bytes (the files the manifest names;
+genai: its model directory's .onnx and .data), and accuracy on the trained preset (shapes-qa
+held-out items, the same precision compiled from trained-tiny-llava). genai takes a causal LM,
+not LLaVA: the language model is written out as a plain Hugging Face LlamaForCausalLM directory
+first (`extract_language_model`). Writes results/precision.json and results/precision.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mllmc.compiler.tools import bench
+
+COMPOSED = ["fastervlm:keep=144", "fastv", "shortv:ratio=0.6"]
+# name -> (--quantize, block size); accuracy level 4 throughout (genai's CPU default)
+PRECISIONS = {
+    "fp32": None,
+    "int8-b32": ("int8", 32),
+    "int4-b32": ("int4", 32),
+    "int4-b128": ("int4", 128),
+}
+GENAI = {
+    "genai-fp32": ("fp32", 32),
+    "genai-int4-b32": ("int4", 32),
+    "genai-int4-b128": ("int4", 128),
+}
+ACCURACY_LEVEL = 4
+
+
+def extract_language_model(model_dir: Path, out: Path) -> Path:
+    """LLaVA's language model + lm_head as a plain HF causal-LM directory (config, safetensors,
+    tokenizer): what onnxruntime-genai's builder takes."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    text = dict(config["text_config"])
+    text.update(architectures=["LlamaForCausalLM"], torch_dtype="float32")
+    (out / "config.json").write_text(json.dumps(text, indent=2))
+    weights = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        for key, t in load_file(str(f)).items():
+            if key.startswith("model.language_model."):
+                weights["model." + key.removeprefix("model.language_model.")] = t.contiguous()
+            elif key == "lm_head.weight":
+                weights[key] = t.contiguous()
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out / name)
+    return out
+
+
+def build_genai(lm_dir: Path, out: Path, precision: str, block: int) -> Path:
+    """onnxruntime-genai's builder on `lm_dir` (CPU, `precision`, block size, accuracy level)."""
+    if (out / "genai_config.json").is_file():
+        return out
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(lm_dir),
+        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache"),
+        "--extra_options", f"block_size={block}", f"accuracy_level={ACCURACY_LEVEL}",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
+
+
+def genai_entry(path: Path, ids: np.ndarray, decode_tokens: int) -> bench.Entry:
+    """Timers of a genai model: LLM prefill (append_tokens of the prompt: it runs the model) and
+    decode per token, a fresh Generator for each run. generate_next_token samples from the
+    logits it holds and runs the model on the new token at the next call, so decode_tokens + 1
+    calls run decode_tokens forward steps; EOS cannot stop them (min_length)."""
+    import onnxruntime_genai as og
+
+    before = bench.rss_mb()
+    model = og.Model(str(path))
+    prompt = ids.astype(np.int32)
+    length = len(prompt) + decode_tokens + 2
+
+    def generator() -> Any:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        return og.Generator(model, params)
+
+    def prefill() -> float:
+        g = generator()
+        t0 = time.perf_counter()
+        g.append_tokens(prompt)
+        return time.perf_counter() - t0
+
+    def decode() -> float:
+        g = generator()
+        g.append_tokens(prompt)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens + 1):
+            g.generate_next_token()
+        seconds = time.perf_counter() - t0
+        assert len(g.get_sequence(0)) == len(prompt) + decode_tokens + 1
+        return seconds / decode_tokens
+
+    prefill()
+    timers = {"llm_prefill": prefill, "decode": decode}
+    return bench.Entry(timers, len(prompt), bench.rss_mb() - before, model)
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of a genai model directory's graph and weight files."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data"))
+
+
+def compile_variants(model_dir: str, root: Path, reuse: bool) -> dict[str, Path]:
+    """Every precision plain and composed with COMPOSED, compiled from `model_dir` (unvalidated:
+    the tests validate the same options on the tiny presets)."""
+    from mllmc.compiler.backends.quantize import quantize_config
+    from mllmc.compiler.pipeline import compile_model
+
+    out = {}
+    for name, q in PRECISIONS.items():
+        for suffix, passes in (("", []), ("+passes", COMPOSED)):
+            path = root / f"precision-{Path(model_dir).name}-{name}{suffix}"
+            if not (reuse and (path / "manifest.json").is_file()):
+                cfg = quantize_config(*q, accuracy_level=ACCURACY_LEVEL) if q else None
+                t0 = time.perf_counter()
+                compile_model(
+                    model_dir,
+                    path,
+                    passes,
+                    quantize=cfg,
+                    validate=False,
+                    force=True,
+                    progress=False,
+                )
+                print(f"compiled {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+            out[name + suffix] = path
+    return out
+
+
+def accuracy(trained: str, root: Path, n: int, reuse: bool) -> dict[str, float]:
+    """shapes-qa held-out accuracy of each precision compiled from the trained preset."""
+    from mllmc.compiler.backends.quantize import quantize_config
+    from mllmc.compiler.pipeline import compile_model
+    from mllmc.compiler.tools.evaluate import evaluate
+
+    out = {}
+    for name, q in PRECISIONS.items():
+        path = root / f"precision-trained-{name}"
+        if not (reuse and (path / "manifest.json").is_file()):
+            cfg = quantize_config(*q, accuracy_level=ACCURACY_LEVEL) if q else None
+            compile_model(trained, path, quantize=cfg, validate=False, force=True, progress=False)
+        out[name] = evaluate(path, task="shapes-qa", n=n).accuracy
+        print(f"accuracy {name}: {out[name]:.2%}", flush=True)
+    return out
+
+
+def goals(rows: dict[str, dict[str, Any]], acc: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """The issue's goals, each with its measured value (a median over interleaved rounds where it
+    is a speed ratio) and whether it is met."""
+
+    def ratio(num: str, den: str, key: str) -> float:
+        return bench.ratio_spread(rows[num], rows[den], key)["median"]
+
+    d, p = "decode_s_per_token", "llm_prefill_s"
+    out = {
+        "int4 decode vs mllmc fp32 (>= 3x)": (ratio("fp32", "int4-b32", d), 3.0),
+        "int4 decode vs genai int4, block 32 (>= 1.1x)": (
+            ratio("genai-int4-b32", "int4-b32", d),
+            1.1,
+        ),
+        "int4 decode vs genai int4, block 128 (>= 1.1x)": (
+            ratio("genai-int4-b128", "int4-b128", d),
+            1.1,
+        ),
+        "int8 LLM prefill vs fp32 (>= 1.3x)": (ratio("fp32", "int8-b32", p), 1.3),
+    }
+    result = {k: {"value": v, "goal": g, "met": v >= g} for k, (v, g) in out.items()}
+    size = rows["int4-b32"]["engine_bytes"] / rows["fp32"]["engine_bytes"]
+    result["int4 engine bytes vs fp32 (<= 0.3x)"] = {"value": size, "goal": 0.3, "met": size <= 0.3}
+    for name in PRECISIONS:
+        lost = 100 * (acc["fp32"] - acc[name])
+        if name != "fp32":
+            result[f"{name} accuracy points lost (<= 1)"] = {
+                "value": lost,
+                "goal": 1.0,
+                "met": lost <= 1.0,
+            }
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Compile / build every engine (or reuse them), score accuracy, then time all interleaved."""
+    from mllmc.compiler.data.presets import write_preset
+    from mllmc.compiler.tools.inspect_artifact import engine_bytes
+    from mllmc.compiler.verify import probe_image
+    from mllmc.runtime import load
+    from mllmc.runtime.manifest import read_manifest
+
+    root = args.out / "artifacts"
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        write_preset("small-llava", model_dir)
+    paths = compile_variants(str(model_dir), root, args.reuse)
+    lm = extract_language_model(model_dir, root / f"{model_dir.name}-lm")
+    genai = {n: build_genai(lm, root / f"precision-{n}", p, b) for n, (p, b) in GENAI.items()}
+    acc = accuracy(args.trained, root, args.num_items, args.reuse)
+    info = read_manifest(paths["fp32"]).model
+    image, prompt = probe_image(size=info.image_size), bench.prompt_for(args.text_tokens)
+    entries = {}
+    for name, path in paths.items():
+        entries[name] = bench.loaded_entry(
+            lambda path=path: load(path),
+            lambda e: bench.engine_timers(e, image, prompt, args.decode_tokens),
+        )
+    fp32 = entries["fp32"].engine
+    ids = fp32.encode_prompt(prompt, fp32.encode_images(image)[1]).input_ids[0]
+    for name, path in genai.items():
+        entries[name] = genai_entry(path, np.asarray(ids), args.decode_tokens)
+    rows = bench.side_by_side(entries, args.repeats)
+    for name, row in rows.items():
+        row.pop("rounds", None)
+        path = paths.get(name)
+        row["engine_bytes"] = (
+            engine_bytes(path, read_manifest(path)) if path else dir_bytes(genai[name])
+        )
+    rows_acc = {name: acc.get(name.removesuffix("+passes")) for name in rows}
+    for name, row in rows.items():
+        row["accuracy"] = rows_acc[name] if not name.startswith("genai") else None
+    return {
+        "model": str(model_dir),
+        "trained": args.trained,
+        "accuracy_items": args.num_items,
+        "prompt_tokens": rows["fp32"]["prompt_tokens"],
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+        "accuracy_level": ACCURACY_LEVEL,
+        "composed_passes": COMPOSED,
+        "threads": os.cpu_count(),
+        "trust": bench.run_trust(rows),
+        "rows": rows,
+        "goals": goals(rows, acc),
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Three bar charts: decode ms/token, LLM prefill ms, engine MB, one bar per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    names = list(rows)
+    colors = ["#c44" if n.startswith("genai") else "#48c" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for ax, (key, scale, label) in zip(
+        axes,
+        [
+            ("decode_s_per_token", 1e3, "decode ms / token"),
+            ("llm_prefill_s", 1e3, "LLM prefill ms"),
+            ("engine_bytes", 2**-20, "engine files MiB"),
+        ],
+        strict=True,
+    ):
+        ax.bar(range(len(names)), [rows[n][key] * scale for n in names], color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_title(label)
+    fig.suptitle(
+        f"{Path(report['model']).name}: mllmc (blue) vs onnxruntime-genai 0.18 (red), "
+        f"accuracy level {report['accuracy_level']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="models/small-llava")
+    ap.add_argument("--trained", default="models/trained-tiny-llava")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--text-tokens", type=int, default=32)
+    ap.add_argument("-n", "--num-items", type=int, default=200)
+    ap.add_argument("--reuse", action="store_true", help="reuse artifacts an earlier run wrote")
+    args = ap.parse_args()
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "precision.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "precision.png")
+    for name, row in report["rows"].items():
+        acc = f"{row['accuracy']:.1%}" if row["accuracy"] is not None else "-"
+        print(
+            f"{name:18s} decode {row['decode_s_per_token'] * 1e3:7.2f} ms/token  LLM prefill "
+            f"{row['llm_prefill_s'] * 1e3:8.1f} ms  {row['engine_bytes'] / 2**20:8.1f} MiB  {acc}"
+        )
+    for goal, g in report["goals"].items():
+        print(f"{goal}: {g['value']:.3g} -> {'met' if g['met'] else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
