@@ -4,7 +4,8 @@
         [--batches 1,2,4,8,16] [--steps 16] [--rounds 3] [--threads N] [--out benchmarks/results]
 
 Compiles the model (small-llava by default, written from its preset when --model is not given)
-without passes to the ONNX target unless --artifact names one, prefills four prompts of
+without passes to the ONNX target (into --artifact when given and not there yet, kept for the
+next run; else into a temporary directory), prefills four prompts of
 different lengths (one image each) once, and then, in every round and for every B in turn,
 joins B of those caches into a fresh `DecodeBatch` (each sample left-padded to the longest, as
 a serving batch is) and times `--steps` greedy `decode_batch_step` calls after one warm-up step.
@@ -39,14 +40,15 @@ PROMPTS = [
 
 
 def build_artifact(args: argparse.Namespace, work: Path) -> Path:
-    """The artifact to time: --artifact, or the model compiled without passes."""
-    if args.artifact:
+    """The artifact to time: --artifact if it holds one, else the model compiled without passes
+    (into --artifact, or into `work`)."""
+    if args.artifact and (Path(args.artifact) / "manifest.json").is_file():
         return Path(args.artifact)
     from mllmc.compiler.data.presets import write_preset
     from mllmc.compiler.pipeline import compile_model
 
     model = Path(args.model) if args.model else write_preset("small-llava", work / "small-llava")
-    out = work / "artifact"
+    out = Path(args.artifact) if args.artifact else work / "artifact"
     compile_model(model, out, [], validate=False, progress=False)
     return out
 
@@ -148,7 +150,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="HF model dir (default: the small-llava preset)")
-    parser.add_argument("--artifact", help="an mllmc artifact to time instead of compiling")
+    parser.add_argument("--artifact", help="the artifact to time (compiled there if absent)")
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)

@@ -117,6 +117,32 @@ def baseline(artifact: Path, first: int, n: int, threads: int) -> dict[str, Any]
     return out
 
 
+def decode_steps(artifact: Path, threads: int, sizes=(1, 2, 4, 8, 16)) -> dict[str, float]:
+    """Seconds of one batched decode step (engine.decode_batch_step) with B samples of request
+    0's prompt (median of 3 steps), B in `sizes`: what a decode step costs as the batch grows."""
+    from PIL import Image
+
+    from mllmc.runtime import load
+
+    engine = load(artifact, threads=threads)
+    data, prompt = request(0)
+    features, counts = engine.encode_images([Image.open(io.BytesIO(data))])
+    layout = engine.encode_prompt(prompt, counts)
+    _, cache = engine.prefill(layout, features)
+    out = {}
+    for b in sizes:
+        batch = engine.new_batch()
+        for key in range(b):
+            batch.join(key, cache)
+        times = []
+        for s in range(3):
+            t = time.perf_counter()
+            engine.decode_batch_step([1] * b, [layout.next_position + s] * b, batch)
+            times.append(time.perf_counter() - t)
+        out[str(b)] = float(np.median(times))
+    return out
+
+
 def pooled(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """The one-at-a-time loop measured before and after the server's levels, as one: the
     machine's load (other processes) drifts over a run."""
@@ -238,6 +264,8 @@ def run_variant(artifact: Path, args: argparse.Namespace, log: Path) -> dict[str
         f"{base['decode_free_bound']:.2f}x",
         flush=True,
     )
+    steps = decode_steps(artifact, args.threads)
+    print(f"  decode step s by batch size: {steps}", flush=True)
     c8 = levels.get("8")
     goal = None
     if c8 is not None:
@@ -245,7 +273,7 @@ def run_variant(artifact: Path, args: argparse.Namespace, log: Path) -> dict[str
             "speedup_at_8": c8["req_per_s"] / base["req_per_s"],
             "p99_over_p50_at_8": c8["p99_s"] / c8["p50_s"],
         }
-    return {"baseline": base, "levels": levels, "goal": goal}
+    return {"baseline": base, "levels": levels, "goal": goal, "decode_step_s": steps}
 
 
 def compile_variants(model_dir: str, out: Path, reuse: bool) -> dict[str, Path]:
@@ -306,8 +334,22 @@ def main() -> None:
     ap.add_argument("--min-requests", type=int, default=6)
     ap.add_argument("--level-seconds", type=float, default=90.0)
     ap.add_argument("--reuse", action="store_true", help="reuse OUT/artifacts from a run before")
+    ap.add_argument(
+        "--decode-steps-only",
+        action="store_true",
+        help="only time the batched decode step of each artifact (OUT/artifacts), into the "
+        "existing report",
+    )
     args = ap.parse_args()
     out = Path(args.out)
+    if args.decode_steps_only:
+        report = json.loads((out / f"{args.name}.json").read_text())
+        artifacts = compile_variants(args.model, out, reuse=True)
+        for name, path in artifacts.items():
+            report["variants"][name]["decode_step_s"] = steps = decode_steps(path, args.threads)
+            print(f"{name}: decode step s by batch size: {steps}", flush=True)
+        write_file(out / f"{args.name}.json", json.dumps(report, indent=2) + "\n", force=True)
+        return
     if not (Path(args.model) / "config.json").is_file():
         write_preset("small-llava", args.model)
     artifacts = compile_variants(args.model, out, args.reuse)

@@ -249,19 +249,29 @@ def _rows(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 # Eager reference: hooks on HF's Qwen2-VL / Qwen2.5-VL model
 
 
+def _is_prefill(kwargs: dict[str, Any]) -> bool:
+    past = kwargs.get("past_key_values")
+    return past is None or past.get_seq_length() == 0
+
+
 @dataclasses.dataclass
 class _VisPruning:
     """What `vispruned_forward`'s hooks share: the last block's patch scores, each image's kept
-    merged tokens, the prompt's ids, and how many rows the prompt being run lost."""
+    merged tokens, the prompt's ids and the rows it keeps, and how many rows it lost."""
 
     cfg: VisPrunerConfig
     image_token_id: int
-    unit: int
+    visual: nn.Module
     patch_scores: torch.Tensor | None = None
-    kept: list[torch.Tensor] | None = None
-    counts: list[int] = dataclasses.field(default_factory=list)
-    ids: torch.Tensor | None = None
+    selected: list[torch.Tensor] = dataclasses.field(default_factory=list)  # each image's
+    counts: list[int] = dataclasses.field(default_factory=list)  # each image's merged tokens
+    ids: torch.Tensor | None = None  # (1, n) the whole prompt
+    keep: torch.Tensor | None = None  # (n,) bool: the rows that enter the LLM
     dropped: int = 0
+
+    @property
+    def unit(self) -> int:
+        return int(self.visual.spatial_merge_size) ** 2
 
     def score(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any], _out: Any) -> None:
         """Last vision block's attention (forward hook): what each patch receives, from HF's own
@@ -301,18 +311,55 @@ class _VisPruning:
                 )
         scores = merged_scores(self.patch_scores, self.unit, window)
         self.counts = [int(c) for c in (grid.prod(-1) // self.unit).tolist()]
-        self.kept = [
+        self.selected = [
             torch.sort(torch.topk(s, self.cfg.kept(int(s.shape[0]))).indices).values
             for s in scores.split(self.counts)
         ]
 
-    def remember(self, _model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Multimodal model (pre-hook): the prompt's ids, before HF turns them into embeddings;
-        a new prompt forgets the last one's kept tokens."""
+    def on_prompt(self, _model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        """Model pre-hook, first of all: a prompt's images are scored (the tower run once more
+        by these hooks) and the ids the other passes' references see are the rows that enter
+        the LLM, as the artifact's prompt holds them; HF gets the whole prompt back below."""
+        import torch
+
         ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
-        if past is None or past.get_seq_length() == 0:
-            self.ids, self.kept, self.dropped = ids, None, 0
+        if ids is None or not _is_prefill(kwargs):
+            return None
+        self.ids, self.keep, self.dropped = ids, None, 0
+        pixels = kwargs.get("pixel_values")
+        if pixels is None:
+            return None
+        with torch.no_grad():
+            self.visual(pixels.type(self.visual.dtype), grid_thw=kwargs["image_grid_thw"])
+        self.keep = self._kept_rows(ids)
+        if "input_ids" in kwargs:
+            kwargs["input_ids"] = ids[:, self.keep]
+            return args, kwargs
+        return (ids[:, self.keep], *args[1:]), kwargs
+
+    def restore(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        """Multimodal model (pre-hook): HF's forward gets the whole prompt (its placeholders and
+        3-D positions are over whole images); a decode step given no positions gets those of
+        the whole prompt's rows (HF would count the shorter cache)."""
+        import torch
+
+        if _is_prefill(kwargs):
+            if self.keep is None:
+                return None
+            if "input_ids" in kwargs or not args:
+                kwargs["input_ids"] = self.ids
+                return args, kwargs
+            return (self.ids, *args[1:]), kwargs
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
+            return None  # HF counts the positions from them, not from the cache
+        if ids is None or model.rope_deltas is None or not self.dropped:
+            return None
+        start = kwargs["past_key_values"].get_seq_length() + self.dropped
+        rows = torch.arange(start, start + ids.shape[1], device=ids.device)
+        positions = rows[None, :] + model.rope_deltas.to(ids.device)  # (B, n)
+        kwargs["position_ids"] = positions[None].expand(3, -1, -1)
+        return args, kwargs
 
     def prune(self, _lm: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         """Language model (pre-hook): the prefill keeps the text rows and each image's kept
@@ -320,12 +367,11 @@ class _VisPruning:
         shorter cache."""
         import torch
 
-        past = kwargs.get("past_key_values")
-        if past is not None and past.get_seq_length() > 0:
+        if not _is_prefill(kwargs):
             return self._shift_decode(args, kwargs)
-        if self.kept is None or self.ids is None:
+        keep = self.keep
+        if keep is None:
             return None
-        keep = self._kept_rows()
         n = int(keep.sum())
         self.dropped = keep.shape[0] - n
         kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, keep]
@@ -336,17 +382,17 @@ class _VisPruning:
         kwargs["position_ids"] = positions
         if isinstance(kwargs.get("attention_mask"), torch.Tensor):
             kwargs["attention_mask"] = kwargs["attention_mask"][:, keep]
-        self.kept = None
+        self.keep = None
         return args, kwargs
 
-    def _kept_rows(self) -> torch.Tensor:
+    def _kept_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """(n,) bool: the prompt's text rows and each image's kept rows."""
         import torch
 
-        is_image = self.ids[0] == self.image_token_id
+        is_image = ids[0] == self.image_token_id
         table = torch.zeros(sum(self.counts), dtype=torch.bool, device=is_image.device)
         start = 0
-        for count, kept in zip(self.counts, self.kept, strict=True):
+        for count, kept in zip(self.counts, self.selected, strict=True):
             table[start + kept.to(table.device)] = True
             start += count
         if int(is_image.sum()) != len(table):
@@ -368,19 +414,22 @@ class _VisPruning:
 
 
 @contextlib.contextmanager
-def vispruned_forward(model: nn.Module, cfg: VisPrunerConfig) -> Iterator[None]:
+def vispruned_forward(model: nn.Module, cfg: VisPrunerConfig) -> Iterator[_VisPruning]:
     """Make HF Qwen2-VL / Qwen2.5-VL `model` feed its LLM only each image's top-k merged tokens
-    by the attention they receive in the last vision block, each at its own 3-D position."""
+    by the attention they receive in the last vision block, each at its own 3-D position.
+    The references of later passes see the prompt's ids as the LLM holds them (as fastervlm's
+    do). Yields the hooks' state: `selected` holds the kept merged tokens of the last images."""
     visual = model.model.visual
-    state = _VisPruning(cfg, model.config.image_token_id, visual.spatial_merge_size**2)
+    state = _VisPruning(cfg, model.config.image_token_id, visual)
     handles = [
         visual.blocks[-1].attn.register_forward_hook(state.score, with_kwargs=True),
         visual.register_forward_hook(state.select, with_kwargs=True),
-        model.model.register_forward_pre_hook(state.remember, with_kwargs=True),
+        model.register_forward_pre_hook(state.on_prompt, with_kwargs=True, prepend=True),
+        model.model.register_forward_pre_hook(state.restore, with_kwargs=True),
         model.model.language_model.register_forward_pre_hook(state.prune, with_kwargs=True),
     ]
     try:
-        yield
+        yield state
     finally:
         for handle in handles:
             handle.remove()
@@ -388,7 +437,7 @@ def vispruned_forward(model: nn.Module, cfg: VisPrunerConfig) -> Iterator[None]:
 
 def reference(
     model: nn.Module, info: ModelInfo, cfg: VisPrunerConfig
-) -> contextlib.AbstractContextManager[None]:
+) -> contextlib.AbstractContextManager[_VisPruning]:
     refuse_with_cls(model.config.model_type)
     return vispruned_forward(model, cfg)
 

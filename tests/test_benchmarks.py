@@ -85,3 +85,23 @@ def test_llava_next_benchmark_reports_every_engine(tmp_path):
     assert len(groups) == 2 and set().union(*groups) == set(rows) - {"hf_eager", "mllmc_onnx"}
     assert report["versions"]["torch"] and "llava_next.py" in report["command"]
     assert "mllmc_onnx+fastv+shortv" in proc.stdout and "FLOPs-ideal" in proc.stdout
+
+
+def test_precision_benchmark_extracts_the_language_model(tiny_model_dir, tmp_path):
+    """benchmarks/precision.py hands onnxruntime-genai's builder LLaVA's language model as a plain
+    LlamaForCausalLM directory: on text alone it gives LLaVA's own logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from precision import extract_language_model
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    lm_dir = extract_language_model(tiny_model_dir, tmp_path / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    llava = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([[1, 17, 42, 99, 5, 300]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, llava(input_ids=ids).logits)
+    assert type(lm).__name__ == "LlamaForCausalLM"

@@ -197,50 +197,48 @@ def roundtrip_gather_weight(w: Any, block_size: int) -> Any:
     return out.to(w.dtype).to(w.device)
 
 
-def eager_weights(model: Any, parts: Sequence[str]) -> Iterator[tuple[str, str, Any]]:
-    """(module path, part, weight Parameter) of each Linear (and the token Embedding) of the HF
-    `model` in `parts`, each weight once (tied weights are one Parameter)."""
+def eager_modules(model: Any, parts: Sequence[str]) -> Iterator[tuple[str, str, Any]]:
+    """(module path, part, module) of each Linear (and the token Embedding) of the HF `model`
+    whose part is one of `parts`."""
     import torch
 
-    seen: set[int] = set()
     for name, module in model.named_modules():
         part = part_of(name)
         if part not in parts:
             continue
         wanted = torch.nn.Embedding if part == "embedding" else torch.nn.Linear
-        if isinstance(module, wanted) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            yield name, part, module.weight
+        if isinstance(module, wanted):
+            yield name, part, module
 
 
 @contextlib.contextmanager
 def quantized_weights(model: Any, precision: Precision) -> Iterator[Any]:
     """`model` with the weights of `precision.parts` replaced by their round trip while the
-    block runs, restored after; a float `precision` leaves it as it is. A weight tied between
-    the embedding and lm_head takes lm_head's (MatMul) round trip, as the engine's lm_head
-    does; the engine's embedding gather then differs from the reference (it rounds by the
-    other rule), so tied int4 models should keep one of the two in float."""
+    block runs, restored after; a float `precision` leaves it as it is. Each module gets a
+    Parameter of its own for the block, so a weight tied between the embedding and lm_head
+    takes each one's rule, as the engine's GatherBlockQuantized and MatMulNBits do."""
     if precision.weights is None:
         yield model
         return
     import torch
 
     bits = BITS[precision.weights]
+    block = int(precision.block_size or DEFAULT_BLOCK_SIZE)
     saved = []
     try:
         with torch.no_grad():
-            for _, part, weight in eager_weights(model, precision.parts):
-                block = int(precision.block_size or DEFAULT_BLOCK_SIZE)
+            for _, part, module in eager_modules(model, precision.parts):
+                w = module.weight
                 if part == "embedding":
-                    new = roundtrip_gather_weight(weight.data, block)
+                    new = roundtrip_gather_weight(w.data, block)
                 else:
-                    new = roundtrip_matmul_weight(weight.data, bits, block)
-                saved.append((weight, weight.data))
-                weight.data = new
+                    new = roundtrip_matmul_weight(w.data, bits, block)
+                saved.append((module, w))
+                module.weight = torch.nn.Parameter(new, requires_grad=w.requires_grad)
         yield model
     finally:
-        for weight, data in saved:
-            weight.data = data
+        for module, w in reversed(saved):
+            module.weight = w
 
 
 # -- the ONNX side -----------------------------------------------------------------------------
@@ -401,7 +399,12 @@ def quantize_segment(path: Path, seg: Any, cfg: QuantizeConfig) -> dict[str, int
         chosen = select_nodes(model, seg, cfg.parts)
     _gemms_to_matmuls(model, chosen)
     model = _run_quantizer(model, cfg, chosen)
-    done = {n.name.removesuffix(f"_Q{cfg.bits}").removesuffix("_Q4") for n in model.graph.node}
+    quantized = ("MatMulNBits", "GatherBlockQuantized")
+    done = {
+        n.name.removesuffix(f"_Q{cfg.bits}").removesuffix("_Q4")
+        for n in model.graph.node
+        if n.op_type in quantized
+    }
     missed = sorted(set(chosen) - done)
     if missed:
         raise RuntimeError(f"quantize: onnxruntime's quantizer left {missed[:3]} in float")

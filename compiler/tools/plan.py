@@ -142,6 +142,10 @@ def _apply(plan: list[LayerPlan], shape: Shape, name: str, cfg: Any) -> tuple[li
             for p in plan
         ]
         return new, ([k - 1] if name == "fastv" else []), f"layers >= {k} hold {kept} visual rows"
+    if name == "vispruner":  # the reference image keeps `kept` of its merged tokens
+        kept = cfg.kept(shape.visual_tokens)
+        new = [dataclasses.replace(p, visual_tokens=kept, kv_visual_tokens=kept) for p in plan]
+        return new, [], f"the image keeps {kept} of its {shape.visual_tokens} merged tokens"
     # fastervlm, vtc_cls: each tile keeps `kept` of its rows
     from mllmc.passes.cls_attention import resolve_keep
 

@@ -137,6 +137,25 @@ def _cli(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run([MLLMC, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
+def test_tied_embedding_and_lm_head_each_take_their_rule():
+    """A weight tied between the embedding (GatherBlockQuantized: round half to even) and
+    lm_head (MatMulNBits: MLAS's rounding) gets each rule on its own module; the tie is back
+    afterwards."""
+    lm = torch.nn.Module()
+    lm.embed_tokens = torch.nn.Embedding(40, 64)
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.language_model = lm
+    model.lm_head = torch.nn.Linear(64, 40, bias=False)
+    model.lm_head.weight = lm.embed_tokens.weight  # tied
+    w = torch.from_numpy(_weights(40, 64, seed=3))
+    lm.embed_tokens.weight.data = w.clone()
+    with quantized_weights(model, quantize_config("int4").record()):
+        assert torch.equal(lm.embed_tokens.weight, roundtrip_gather_weight(w, 32))
+        assert torch.equal(model.lm_head.weight, roundtrip_matmul_weight(w, 4, 32))
+    assert model.lm_head.weight is lm.embed_tokens.weight and torch.equal(model.lm_head.weight, w)
+
+
 @pytest.fixture(scope="module")
 def int4_artifact(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-llava, int4 defaults (block 32, accuracy level 4), validated at compile time."""
