@@ -190,9 +190,14 @@ def prepare(engine: Engine, request: Request) -> _Prepared:
         raise UserError(f"prompt must be a string, got {type(r.prompt).__name__}")
     tiles, metas = engine.image_tiles(_images(r.images))
     # an image's rows are known before the vision engine runs unless the family's depend on
-    # the image (then each image counts 1 here: enough to check the placeholders)
+    # the image. Then a per-image family's metas are its rows before any pruning (Qwen's
+    # `ImageRows`, whose grids the prompt's M-RoPE positions need); other families count 1 per
+    # image here, enough to check the placeholders. `start` lays the prompt out again.
     exact = not engine.manifest.model.reference_visual_rows
-    counts = [engine.visual_tokens if exact else 1] * len(tiles)
+    if getattr(engine.images, "per_image", False):
+        counts = list(metas)
+    else:
+        counts = [engine.visual_tokens if exact else 1] * len(tiles)
     layout = engine.encode_prompt(r.prompt, counts)
     if exact:
         engine._check_length(layout.n, r.max_new_tokens, False)

@@ -384,3 +384,31 @@ def test_submit_refuses_bad_requests_and_queues_nothing(engine: Engine, sample_i
     for bad_max in (0, 2000, True):
         with pytest.raises(UserError, match="max_batch must be an integer from 1 to"):
             Scheduler(engine, max_batch=bad_max)
+
+
+# -- Qwen2.5-VL: M-RoPE positions per sample ---------------------------------------------------
+
+
+def test_qwen_batch_and_scheduler_equal_each_alone(
+    qwen_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+):
+    """Each sample's own image sizes give it its own grid, rows and 3-D positions (and its own
+    decode offset); batched, every sample gets what it gets alone, through generate_batch and
+    the Scheduler (whose requests lay their prompts out before the vision engine runs)."""
+    from mllmc.compiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "qwen-batch"
+    art = compile_model(qwen_dirs["tiny-qwen2.5-vl"], out, progress=False).out_dir
+    qwen = load(art)
+    qwen.eos_token_ids = set()
+    images, prompts, steps = (list(x) for x in zip(*SAMPLES, strict=True))
+    results = qwen.generate_batch(images, prompts, steps)
+    wanted = [alone(qwen, imgs, prompt, n) for imgs, prompt, n in SAMPLES]
+    for result, want in zip(results, wanted, strict=True):
+        assert_same(result, want)
+    with Scheduler(qwen, max_batch=4) as scheduler:
+        futures = [
+            scheduler.submit(Request(imgs, prompt, n, seed=None)) for imgs, prompt, n in SAMPLES
+        ]
+        for future, want in zip(futures, wanted, strict=True):
+            assert_same(future.result(timeout=120), want)
