@@ -327,10 +327,13 @@ class _VisPruning:
             return None
         self.ids, self.keep, self.dropped = ids, None, 0
         pixels = kwargs.get("pixel_values")
-        if pixels is None:
-            return None
-        with torch.no_grad():
-            self.visual(pixels.type(self.visual.dtype), grid_thw=kwargs["image_grid_thw"])
+        if pixels is not None:
+            with torch.no_grad():
+                self.visual(pixels.type(self.visual.dtype), grid_thw=kwargs["image_grid_thw"])
+        elif (kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
+            return None  # no image
+        # (else `generate` ran the tower on the images first, under these hooks, and passes
+        # its outputs: `selected` is theirs)
         self.keep = self._kept_rows(ids)
         if "input_ids" in kwargs:
             kwargs["input_ids"] = ids[:, self.keep]
