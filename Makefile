@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mllmc-installed
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-serve test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,22 @@ XDIST := -n auto --maxprocesses 4 --dist loadfile
 test: install
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q $(XDIST)
+	$(MAKE) test-serve
+
+# The server tests run in a venv of their own: PyTriton (the `serve` extra) pins numpy < 2, and
+# the main venv keeps numpy 2 (there they skip, saying why)
+SERVE_VENV  ?= .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.mllmc-installed
+
+$(SERVE_STAMP): pyproject.toml
+	$(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q torch==2.13.0
+	$(SERVE_VENV)/bin/pip install -q -e '.[compile,dev,serve]'
+	touch $(SERVE_STAMP)
+
+test-serve: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/pytest -q -p no:xdist tests/compiler/tools/test_serve.py
 
 test-all: install
 	$(BIN)/pytest -q $(XDIST) -m ""

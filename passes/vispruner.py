@@ -5,25 +5,25 @@ Method: VisPruner, Q. Zhang et al., "Beyond Text-Visual Attention: Exploiting Vi
 Effective Token Pruning in VLMs" (ICCV 2025, arXiv 2412.01818; Theia-4869/VisPruner): the
 visual tokens are scored by the vision encoder's attention, not the LLM's text-visual
 attention, and only the top-scored ones enter the LLM. On a tower without [CLS] the score
-follows LightCompress's VisPruner port for Qwen2.5-VL (ModelTC/LightCompress,
-`token_reduction/vispruner.py`): the attention each patch receives in the LAST vision block,
+follows LightCompress's VisPruner port for Qwen2.5-VL (ModelTC/LightCompress, its
+token-reduction VisPruner module): the attention each patch receives in the LAST vision block,
 averaged over heads, averaged over its 2 x 2 merge group, un-windowed back to raster order.
 
 Score, per image (one vision call per image):
 
     q, k of the last block (post-RoPE)        (1, H, N, hd)   N patches, block (window) order
     mask: the block's own additive mask       (N, N)          the image, or its windows
-    P = softmax(q k^T · hd^-0.5 + mask)       (1, H, N, N)    float32
+    P = softmax(q k^T · hd^-0.5 + mask)       (H, N, N)       float32, one head at a time
     s_j = mean_h mean_{i in seg(j)} P[h, i, j]  (N,)          what patch j receives, over the
                                                               query rows of its own segment
     merged = mean of each 2 x 2 group         (N/4,)          block order
     raster = merged at the inverse window order (N/4,)        Qwen2.5-VL; Qwen2-VL as is
     kept = TopK(raster, k) -> sort            (k,) int64      ascending merged-token indices
 
-k is computed in the graph from N/4: `keep=N` keeps min(N, N/4) tokens; `ratio=R` drops the
+k is computed in the graph from N/4: `keep=K` keeps min(K, N/4) tokens; `ratio=R` drops the
 fraction R, keeping max(1, round(N/4·(1-R))), halves up (`runtime.manifest.keep_count`);
-the default R = 0.778 is the paper's LLaVA-1.5 setting (128 of 576 tokens kept) as LightCompress
-writes it. The vision segment then outputs `image_features` (k, d) (the kept rows, ascending) and
+the default R = 0.778 is the paper's README example on LLaVA-1.5 (128 of 576 tokens kept), as
+LightCompress's token-reduction configs write it. The vision segment then outputs `image_features` (k, d) (the kept rows, ascending) and
 `patch_index` (k,) (which merged tokens they are): the host gives each kept row its own 3-D
 M-RoPE position (`runtime.images.QwenImages.rows`), the positions after the image stay those of
 the whole image, and the prefill takes any number of visual rows as it is. No NonZero: the
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from mllmc.runtime.manifest import ModelInfo
 
 SUMMARY = "keep the top-k merged tokens by the last vision block's attention (VisPruner)"
-DEFAULT_DROP_RATIO = 0.778  # VisPruner on LLaVA-1.5: 128 of 576 tokens kept
+DEFAULT_DROP_RATIO = 0.778  # VisPruner's example on LLaVA-1.5: 128 of 576 tokens kept
 
 
 @dataclass(frozen=True)
@@ -140,13 +140,19 @@ def received_attention(
     q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q, k (1, H, N, hd) post-RoPE, mask (N, N) additive (0 within a segment) -> (N,) float32:
-    the attention each patch receives, head mean, mean over the query rows of its segment."""
+    the attention each patch receives, head mean, mean over the query rows of its segment.
+    One head at a time (H is static): the probabilities held at once are (N, N), as the mask."""
     import torch
 
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + mask.float()
-    received = logits.softmax(-1).mean(dim=1)[0].sum(dim=0)  # (N,): masked entries are 0
+    heads = int(q.shape[1])
+    mask = mask.float()
+    received = None
+    for h in range(heads):
+        logits = torch.matmul(q[0, h].float(), k[0, h].float().transpose(0, 1)) * scale + mask
+        column = logits.softmax(-1).sum(dim=0)  # (N,): masked entries are 0
+        received = column if received is None else received + column
     rows = (mask == 0).sum(dim=0)  # (N,) query rows in each patch's segment
-    return received / rows
+    return received / (rows * heads)
 
 
 def merged_scores(

@@ -391,10 +391,19 @@ class Engine(SegmentLoop):
         self.images = image_inputs(self.manifest, processor)
         self.prompt_encoder = prompt_encoder(self.images, self.root)
 
+    @property
+    def text_only(self) -> bool:
+        """Whether a prompt may hold no image: the artifact's prefill takes V = 0
+        (`Manifest.min_visual_rows` 0: Qwen2-VL's, unless a pass needs visual rows)."""
+        return self._min_visual == 0
+
     def encode_images(self, images: Any) -> tuple[Any, list[int]]:
         """An image or a list of images (paths, PIL images or HxWx3 uint8 arrays) -> (the
         features of their visual rows (1, V, d), in order; each image's row count). One vision
-        call runs every image's tiles."""
+        call runs every image's tiles. An empty list, where the artifact takes text-only prompts
+        (`text_only`): no rows, (1, 0, d), and no counts; no vision call runs."""
+        if self.text_only and isinstance(images, (list, tuple)) and not images:
+            return np.zeros((1, 0, self.manifest.model.hidden_size), np.float32), []
         return self.encode_tiles(*self.image_tiles(images))
 
     def image_tiles(self, images: Any) -> tuple[list[np.ndarray], list[Any]]:
@@ -484,7 +493,8 @@ class Engine(SegmentLoop):
         """Greedy (temperature 0) or sampled (softmax of logits / temperature, over the top_k
         logits when top_k > 0) generation for an image, or a list of images (`image`, or
         `images=[...]`), and a prompt (with one image placeholder per image, or none: then the
-        chat template puts the images first).
+        chat template puts the images first). Where the artifact takes text-only prompts
+        (`text_only`), no image (`generate(None, prompt)` or `images=[]`) is one.
 
         A prompt plus `max_new_tokens` longer than the model's max_position_embeddings logs one
         warning (positions past it were never trained), or raises UserError when `strict`; one
@@ -497,6 +507,8 @@ class Engine(SegmentLoop):
         _check_generate_args(max_new_tokens, temperature, top_k, seed, vocab)
         if not isinstance(prompt, str):
             raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
+        if image is None and images is None and self.text_only:
+            images = []  # a text-only prompt
         if (image is None) == (images is None):
             raise UserError("give the image (or a list of images) or images=[...], one of them")
         t0 = time.perf_counter()

@@ -50,7 +50,9 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two >= 16
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations on the CPU (onnxruntime-genai's CPU default)
-DEFAULT_PARTS = ("decoder", "lm_head", "embedding")  # as onnxruntime-genai's builder does
+# genai 0.18's CPU int4 quantizes decoder and lm_head and keeps the embedding float32; the
+# embedding is a vocabulary x hidden table read a row per token: int4 shrinks the files
+DEFAULT_PARTS = ("decoder", "lm_head", "embedding")
 KEEPABLE = ("lm_head", "embedding")  # what --quantize-keep may hold in float
 OPTIONAL_PARTS = ("vision", "projector")  # quantized only when --quantize-parts names them
 assert tuple(BITS) == QUANTIZED_WEIGHTS and set(DEFAULT_PARTS + OPTIONAL_PARTS) == set(

@@ -58,6 +58,24 @@ def _check_llava_next(cfg: dict[str, Any], path: Path) -> None:
         )
 
 
+def _tile_side(config: Any) -> int:
+    """The side (px) of the vision tower's square tile."""
+    return int(config.vision_config.image_size)
+
+
+def _llava_next_side(config: Any) -> int:
+    """LLaVA-NeXT's largest square pinpoint (672 px on the released checkpoints)."""
+    pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
+    return max((h for h, w in pinpoints if h == w), default=config.vision_config.image_size)
+
+
+def _qwen_side(config: Any) -> int:
+    """Qwen2-VL's reference image side (448 px; the processor resizes it within its bounds)."""
+    from .qwen_vl import REFERENCE_IMAGE_SIDE
+
+    return REFERENCE_IMAGE_SIDE
+
+
 def _llava_next_reference(config: Any) -> tuple[int, int]:
     """(rows, tiles) of an image at LLaVA-NeXT's largest square pinpoint (672 x 672 on the
     released checkpoints: 2,928 rows from 5 tiles), counted as its processor counts them."""
@@ -65,7 +83,7 @@ def _llava_next_reference(config: Any) -> tuple[int, int]:
 
     vc = config.vision_config
     pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
-    side = max((h for h, w in pinpoints if h == w), default=vc.image_size)
+    side = _llava_next_side(config)
     rows = image_token_count(
         side, side, image_size=vc.image_size, patch_size=vc.patch_size, grid_pinpoints=pinpoints
     )
@@ -90,6 +108,9 @@ class Family:
     # Qwen2-VL style: 3-D rotary positions (3, 1, n) and a vision segment over a sequence of
     # patches of any image size (compiler/core/qwen_vl.py); its tower has no [CLS] token
     mrope: bool = False
+    # the side (px) of the square image that is the reference above, from the HF config (what
+    # `mllmc bench` times, so that its rows are the ones the plan and FLOPs are stated for)
+    reference_side: Callable[[Any], int] = _tile_side
 
     @property
     def description(self) -> str:
@@ -112,9 +133,22 @@ FAMILIES: dict[str, Family] = {
             _check_llava_next,
             packs_tiles=True,
             reference=_llava_next_reference,
+            reference_side=_llava_next_side,
         ),
-        Family("qwen2_vl", "Qwen2-VL", "Qwen2VLForConditionalGeneration", mrope=True),
-        Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", mrope=True),
+        Family(
+            "qwen2_vl",
+            "Qwen2-VL",
+            "Qwen2VLForConditionalGeneration",
+            mrope=True,
+            reference_side=_qwen_side,
+        ),
+        Family(
+            "qwen2_5_vl",
+            "Qwen2.5-VL",
+            "Qwen2_5_VLForConditionalGeneration",
+            mrope=True,
+            reference_side=_qwen_side,
+        ),
     )
 }
 

@@ -361,22 +361,32 @@ def timed(fn: Callable[[], Any], sync: Callable[[], Any] | None = None) -> Timer
     return run
 
 
-def eager_timers(
-    model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int
-) -> tuple[dict[str, Timer], int]:
-    """Timers of HF eager: "vision", "llm_prefill" (the decoder over the merged embeddings, last
-    position's logits), "decode" (per token), on the model's device and in its dtype."""
-    from transformers import AutoProcessor
+def image_kwargs(model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The processor outputs besides pixel_values that the model's `get_image_features` takes:
+    LLaVA-NeXT's `image_sizes`, Qwen2-VL's `image_grid_thw`; none for LLaVA."""
+    import inspect
 
-    from mllmc.compiler.core.capture import processor_inputs
+    params = inspect.signature(model.model.get_image_features).parameters
+    return {k: v for k, v in inputs.items() if k in params and k != "pixel_values"}
+
+
+def eager_calls(
+    model: Any, model_dir: str, image: Any, prompt: str
+) -> tuple[dict[str, Callable[[], Any]], Any]:
+    """HF eager's parts for an image (or a list of images) and a prompt -> ({"prefill": the
+    whole forward, "vision": `get_image_features`, "llm_prefill": the forward given those
+    features as `mm_encoder_outputs` (embeddings, the features scattered into the image rows,
+    positions: Qwen2-VL's M-RoPE index, the decoder, the last position's logits)}, the
+    processor's inputs), on the model's device and in its dtype. The same calls serve every
+    family transformers gives `mm_encoder_outputs` (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)."""
+    from mllmc.compiler.core.capture import load_processor, processor_inputs
 
     param = next(model.parameters())
-    inputs = processor_inputs(AutoProcessor.from_pretrained(model_dir), image, prompt)
+    inputs = processor_inputs(load_processor(model_dir), image, prompt)
     inputs = inputs.to(param.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
-    sync = device_sync(str(param.device))
-    # LLaVA-NeXT's processor also gives each image's (height, width), which its packing needs
-    sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+    text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    sizes = image_kwargs(model, inputs)
 
     @torch.no_grad()
     def prefill():
@@ -386,25 +396,25 @@ def eager_timers(
     def vision():
         return model.model.get_image_features(pixel_values=inputs["pixel_values"], **sizes)
 
-    @torch.no_grad()
-    def merged_embeds() -> torch.Tensor:
-        """The decoder's input: token embeddings with the image features at the image tokens
-        (what HF's forward builds before its language model runs)."""
-        ids = inputs["input_ids"]
-        embeds = model.get_input_embeddings()(ids)  # (1, n, d)
-        feats = vision().pooler_output  # the projected features, one tensor per image
-        feats = torch.cat(list(feats), 0).reshape(-1, embeds.shape[-1])  # (N_v, d)
-        mask = ids[0] == model.config.image_token_id
-        embeds[0, mask] = feats.to(embeds.dtype)
-        return embeds
-
-    embeds = merged_embeds()
+    features = {"image": vision()}
 
     @torch.no_grad()
     def llm_prefill():
         # timed on its own, not as prefill minus vision: a difference of two noisy timings can
         # come out negative on a busy machine
-        return model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        return model(**text_inputs, mm_encoder_outputs=features, use_cache=True, logits_to_keep=1)
+
+    return {"prefill": prefill, "vision": vision, "llm_prefill": llm_prefill}, inputs
+
+
+def eager_timers(
+    model: Any, model_dir: str, image: Any, prompt: str, decode_tokens: int
+) -> tuple[dict[str, Timer], int]:
+    """Timers of HF eager (`eager_calls`): "vision", "llm_prefill", "decode" (per token, after
+    a prefill: the model's forward on one token and its cache)."""
+    calls, inputs = eager_calls(model, model_dir, image, prompt)
+    prefill, vision, llm_prefill = calls["prefill"], calls["vision"], calls["llm_prefill"]
+    sync = device_sync(str(next(model.parameters()).device))
 
     @torch.no_grad()
     def decode() -> float:
@@ -674,21 +684,21 @@ def bench(
         outputs.check_output_dir(
             path, force, artifact.replaceable, what="artifact", protected=[model_dir]
         )
-    rows, manifests, model_info = _time_variants(
+    rows, manifests, model_info, visual = _time_variants(
         model_dir, paths, variants, target, options, n_text, decode_tokens, repeats, threads, force
     )
     if scratch is not None:
         scratch.cleanup()
     n = rows["hf_eager"]["prompt_tokens"]
     peak = roofline(model_info, n, repeats, options.device, torch_dtype, threads)
-    flops = _add_kv_cache(rows, manifests, variants[0][0], n - model_info.visual_tokens)
+    flops = _add_kv_cache(rows, manifests, variants[0][0], n - visual)
     add_ratios(rows, model_info, peak, flops, torch_dtype.itemsize)
     report: dict[str, Any] = {
         "model": str(model_dir),
         "device": torch.cuda.get_device_name() if options.device == "cuda" else "cpu",
         "dtype": options.dtype,
         "torch": torch.__version__,
-        "visual_tokens": model_info.visual_tokens,
+        "visual_tokens": visual,
         "prompt_tokens": n,
         "decode_tokens": decode_tokens,
         "threads": threads,
@@ -719,17 +729,17 @@ def _time_variants(
     repeats: int,
     threads: int,
     force: bool,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Any]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Any, int]:
     """Load HF eager, compile each variant (name, passes) into `paths[name]`, and time them all
-    side by side; returns (rows by engine name, manifests by variant name, the ModelInfo)."""
+    side by side on the family's reference image (`reference_image`); returns (rows by engine
+    name, manifests by variant name, the ModelInfo, the image's visual rows)."""
     from mllmc.compiler.core.capture import load_model
     from mllmc.compiler.pipeline import compile_model
-    from mllmc.compiler.verify import probe_image
     from mllmc.runtime import load
 
     model, model_info = load_model(model_dir)
     model = model.to(device=options.device, dtype=getattr(torch, str(options.dtype)))
-    image = probe_image(size=model_info.image_size)
+    image = reference_image(model)
     prompt = prompt_for(n_text)
     entries = {"hf_eager": eager_entry(model, model_dir, image, prompt, decode_tokens)}
     manifests = {}
@@ -750,7 +760,25 @@ def _time_variants(
             lambda out=out: load(out, threads=threads),
             lambda engine: engine_timers(engine, image, prompt, decode_tokens, options.device),
         )
-    return side_by_side(entries, repeats, threads), manifests, model_info
+    base = entries[variants[0][0]]
+    visual = sum(base.engine.image_rows(image))
+    if base.prompt_tokens != entries["hf_eager"].prompt_tokens:
+        raise RuntimeError(
+            f"HF's processor makes a {entries['hf_eager'].prompt_tokens}-token prompt, the engine "
+            f"a {base.prompt_tokens}-token one: the rows would not compare"
+        )
+    return side_by_side(entries, repeats, threads), manifests, model_info, visual
+
+
+def reference_image(model: Any) -> Any:
+    """The image `bench` times: a square of the family's reference side (`Family.reference_side`:
+    LLaVA's tile, LLaVA-NeXT's largest square pinpoint, Qwen2-VL's 448 px), so that its visual
+    rows are the ones the layer plan and FLOPs are stated for; `verify.probe_image`'s shapes."""
+    from mllmc.compiler.core.families import family
+    from mllmc.compiler.verify import probe_image
+
+    side = family(model.config.model_type).reference_side(model.config)
+    return probe_image(size=side).crop((0, 0, side, side))
 
 
 def _add_kv_cache(

@@ -267,8 +267,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
         cuda_graphs=False if args.no_cuda_graphs else None,
     )
+    if not args.image and not engine.text_only:
+        raise UserError(
+            f"{args.artifact} is a {engine.manifest.model.model_type} model: it needs an image "
+            "(give --image FILE)"
+        )
     result = engine.generate(
-        args.image,
+        args.image or None,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -667,9 +672,9 @@ def _add_run_parser(sub: Any) -> None:
     sp.add_argument("artifact")
     sp.add_argument(
         "--image",
-        required=True,
         action="append",
-        help="an image file; give --image once per image, in prompt order",
+        help="an image file; give --image once per image, in prompt order (none: a text-only "
+        "prompt, where the model takes one: Qwen2-VL, Qwen2.5-VL)",
     )
     sp.add_argument(
         "--prompt",

@@ -298,3 +298,33 @@ def test_engine_generate_matches_hf_generate(qwen, artifact, case):
     tokens, logits = hf_generate(model, hf_inputs(model_dir, images))
     assert abs(result.logits - logits.numpy()).max() <= 1e-4
     assert result.token_ids == tokens
+
+
+@pytest.mark.slow  # compiles two artifacts (~15 s each; shared with the test above)
+def test_engine_text_only_prompt_matches_hf_generate(qwen, artifact):
+    """No image, through the engine (`generate(None, ...)`, `images=[]`) and `mllmc run`
+    without --image: HF's own generate on the same text-only prompt."""
+    import subprocess
+    import sys
+
+    from mllmc.runtime import load
+
+    model_dir, model, _, _ = qwen
+    tokens, logits = hf_generate(model, hf_inputs(model_dir, []))
+    engine = load(artifact)
+    assert engine.text_only
+    for result in (
+        engine.generate(None, PROMPT, STEPS, stop_at_eos=False),
+        engine.generate(images=[], prompt=PROMPT, max_new_tokens=STEPS, stop_at_eos=False),
+    ):
+        assert abs(result.logits - logits.numpy()).max() <= 1e-4
+        assert result.token_ids == tokens
+        assert result.prompt_tokens == hf_inputs(model_dir, [])["input_ids"].shape[1]
+    mllmc = Path(sys.executable).parent / "mllmc"
+    args = [mllmc, "run", artifact, "--prompt", PROMPT, "--max-new-tokens", STEPS, "--json"]
+    proc = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    # the CLI stops at EOS: its tokens are HF's up to the first EOS
+    got = json.loads(proc.stdout)["token_ids"]
+    assert got == tokens[: len(got)]
+    assert len(got) == STEPS or got[-1] in engine.eos_token_ids

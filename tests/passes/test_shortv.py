@@ -173,7 +173,7 @@ def test_option_errors(captured):
         parse_pass_spec("shortv:k=2")
     with pytest.raises(
         UserError,
-        match="unknown pass 'shortx'.*valid passes: fastervlm, fastv, shortv, vtc_cls, vte",
+        match="unknown pass 'shortx'.*valid passes: fastervlm, fastv, shortv, vispruner, vtc_cls",
     ):
         parse_pass_spec("shortx")
     with pytest.raises(UserError, match="LC file .* not found"):

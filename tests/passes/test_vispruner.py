@@ -29,6 +29,19 @@ def rewrite(qwen, specs):
     return run_passes(segs, prepare_passes(resolve_passes(specs), model, info))
 
 
+@pytest.fixture(scope="module")
+def rewritten(qwen):
+    """rewrite(qwen, specs), each spec list rewritten once per model."""
+    done: dict[tuple[str, ...], tuple] = {}
+
+    def get(specs):
+        if tuple(specs) not in done:
+            done[tuple(specs)] = rewrite(qwen, specs)
+        return done[tuple(specs)]
+
+    return get
+
+
 def per_image(info, inputs) -> list[list[torch.Tensor]]:
     """The vision segment's feeds for each image of HF's inputs alone (one call per image)."""
     grids = inputs["image_grid_thw"]
@@ -74,9 +87,9 @@ def pruned_prefill(qwen, segs, inputs) -> tuple[torch.Tensor, list[torch.Tensor]
 
 @pytest.mark.parametrize("specs", SPECS, ids=["+".join(s) for s in SPECS])
 @pytest.mark.parametrize("case", ["wide", "two-images"])
-def test_kept_tokens_and_prefill_match_eager_reference(qwen, specs, case):
+def test_kept_tokens_and_prefill_match_eager_reference(qwen, rewritten, specs, case):
     model_dir, model, info, _ = qwen
-    segs, records = rewrite(qwen, specs)
+    segs, records = rewritten(specs)
     inputs = hf_inputs(model_dir, [image(*c) for c in CASES[case]])
     got, index, feeds = pruned_prefill(qwen, segs, inputs)
     with torch.no_grad(), contextlib.ExitStack() as stack:
@@ -106,9 +119,9 @@ def test_reference_decode_without_positions_follows_the_whole_prompt(qwen):
 
 
 @pytest.mark.parametrize("spec", ["vispruner:ratio=0", "vispruner:keep=100000"])
-def test_identity_config_matches_the_unrewritten_vision_segment(qwen, spec):
+def test_identity_config_matches_the_unrewritten_vision_segment(qwen, rewritten, spec):
     _, _, info, base = qwen
-    segs, _ = rewrite(qwen, [spec])
+    segs, _ = rewritten([spec])
     m = info.spatial_merge_size
     for grids in ([(1, 2 * m, 4 * m)], [(1, 6 * m, 2 * m)]):
         feeds = hf_vision_feeds(
@@ -127,10 +140,10 @@ def test_identity_config_matches_the_unrewritten_vision_segment(qwen, spec):
 @pytest.mark.parametrize(
     "ratio, merged, kept", [(0.5, 2, 1), (0.778, 4, 1), (0.778, 36, 8), (0.5, 5, 3)]
 )
-def test_a_small_image_keeps_at_least_one_token(qwen, ratio, merged, kept):
+def test_a_small_image_keeps_at_least_one_token(qwen, rewritten, ratio, merged, kept):
     """keep = max(1, round(M·(1-R))), halves up, computed in the graph from the image's M."""
     _, _, info, _ = qwen
-    segs, _ = rewrite(qwen, [f"vispruner:ratio={ratio}"])
+    segs, _ = rewritten([f"vispruner:ratio={ratio}"])
     m = info.spatial_merge_size
     grid = [(1, m, merged * m)]
     feeds = hf_vision_feeds(
@@ -141,9 +154,9 @@ def test_a_small_image_keeps_at_least_one_token(qwen, ratio, merged, kept):
     assert VisPrunerConfig(ratio=ratio).kept(merged) == kept == index.shape[0] == features.shape[0]
 
 
-def test_no_nonzero_plan_and_flops(qwen):
-    _, _, info, base = qwen
-    segs, records = rewrite(qwen, ["vispruner:ratio=0.5", "shortv:layers=[0,1]"])
+def test_no_nonzero_plan_and_flops(qwen, rewritten):
+    _, _, info, _ = qwen
+    segs, records = rewritten(["vispruner:ratio=0.5", "shortv:layers=[0,2]"])
     for seg in segs:
         targets = {str(n.target) for n in seg.program.graph.nodes if n.op == "call_function"}
         assert not any("nonzero" in t for t in targets), seg.name
@@ -182,7 +195,7 @@ def artifacts(qwen, tmp_path_factory):
 @pytest.mark.slow  # compiles four artifacts (~15 s each)
 @pytest.mark.parametrize("name", ["vispruner", "vispruner+shortv"])
 @pytest.mark.parametrize("case", ["tall", "two-images"])
-def test_onnx_engine_matches_hf_generate_with_references(qwen, artifacts, name, case):
+def test_onnx_engine_matches_hf_generate_with_references(qwen, rewritten, artifacts, name, case):
     from mllmc.runtime import load
 
     model_dir, model, _, _ = qwen
@@ -192,7 +205,7 @@ def test_onnx_engine_matches_hf_generate_with_references(qwen, artifacts, name, 
     result = engine.generate(
         images=images, prompt="Describe the image.", max_new_tokens=16, stop_at_eos=False
     )
-    _, records = rewrite(qwen, specs)
+    _, records = rewritten(specs)
     with contextlib.ExitStack() as stack:
         for record in records:
             stack.enter_context(record.reference(model, None))

@@ -59,6 +59,18 @@ def test_unknown_target_names_the_known_ones(copied: Path, sample_image: Path):
     assert "targets it runs: " in proc.stderr and "onnx" in proc.stderr
 
 
+def test_llava_needs_an_image(tiny_base_artifact: Path):
+    """LLaVA's prefill takes no text-only prompt: no image is one line, API and CLI."""
+    engine = load(tiny_base_artifact)
+    assert not engine.text_only
+    with pytest.raises(UserError, match="give the image .* or images=\\[...\\], one of them"):
+        engine.generate(None, "Hi")
+    with pytest.raises(UserError, match="no image given: pass an image or a list of images"):
+        engine.generate(images=[], prompt="Hi")
+    proc = run_cli("run", tiny_base_artifact, "--prompt", "Hi")
+    one_line_error(proc, "is a llava model: it needs an image (give --image FILE)")
+
+
 @pytest.mark.parametrize("threads", [0, -1, 100_000, True, 1.5])
 def test_threads_bounded_by_the_cores(tiny_base_artifact: Path, threads):
     with pytest.raises(UserError, match="threads must be an integer from 1 to"):

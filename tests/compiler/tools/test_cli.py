@@ -192,7 +192,7 @@ def test_pass_and_option_errors(tmp_path, tiny_model_dir):
         "fastx",
         "-o",
         out,
-        match="valid passes: fastervlm, fastv, shortv, vtc_cls, vte",
+        match="valid passes: fastervlm, fastv, shortv, vispruner, vtc_cls, vte",
     )
     user_error(
         "compile", tiny_model_dir, "--pass", "shortv:k=1", "-o", out, match="valid options: layers"

@@ -7,11 +7,14 @@ extra (PyTriton, which pins numpy < 2) and skip, saying why, where it is missing
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -160,6 +163,99 @@ def test_serve_bad_arguments_are_one_line(tiny_base_artifact: Path, tmp_path: Pa
             assert len(lines) == 1 and match in lines[0], proc.stderr
 
 
+class FakeBackend(types.ModuleType):
+    """The parts of Triton's `triton_python_backend_utils` the model uses, recording what it
+    sends."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class TritonError:
+        INVALID_ARG, INTERNAL, CANCELLED = "INVALID_ARG", "INTERNAL", "CANCELLED"
+
+        def __init__(self, message: str, code: str | None = None):
+            self.message, self.code = message, code
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list | None = None, error: object = None):
+            self.outputs = {t.name: t.value for t in output_tensors or []}
+            self.error = error
+
+    class Tensor:
+        def __init__(self, name: str, value: np.ndarray):
+            self.name, self.value = name, value
+
+    class Logger:
+        lines: list[str] = []
+
+        @staticmethod
+        def log_info(line: str) -> None:
+            FakeBackend.Logger.lines.append(line)
+
+    def __init__(self) -> None:
+        super().__init__("triton_python_backend_utils")
+
+    @staticmethod
+    def get_input_tensor_by_name(request: FakeRequest, name: str) -> object:
+        value = request.arrays.get(name)
+        return None if value is None else types.SimpleNamespace(as_numpy=lambda: value)
+
+
+class FakeRequest:
+    """A request with its response sender: `done` is set by the final response."""
+
+    def __init__(self, arrays: dict):
+        self.arrays, self.responses, self.done = arrays, [], threading.Event()
+
+    def get_response_sender(self) -> FakeRequest:
+        return self
+
+    def send(self, response: object, flags: int) -> None:
+        self.responses.append((response, flags))
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+def test_model_answers_each_request_of_a_batch_on_its_own(
+    tiny_base_artifact: Path, sample_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python-backend model itself, with the backend's API faked: in one batch a good
+    request gets engine.generate's answer, a bad one its own INVALID_ARG line, and one that runs
+    past the request timeout is stopped with CANCELLED."""
+    from mllmc.compiler.tools.triton_model import TritonPythonModel
+    from mllmc.runtime import load
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeBackend())
+    params = {"artifact": str(tiny_base_artifact), "request_timeout_s": "0.3", "threads": "1"}
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    model = TritonPythonModel()
+    model.initialize(
+        {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
+    )
+    good = png_bytes(sample_image)
+    batch = [
+        FakeRequest(arrays([good], PROMPT.encode(), 6)),
+        FakeRequest(arrays([b"not an image"], PROMPT.encode(), 6)),
+        FakeRequest(arrays([good], PROMPT.encode(), 1000)),
+    ]
+    try:
+        assert model.execute(batch) is None
+        assert all(r.done.wait(60) for r in batch)
+    finally:
+        model.finalize()
+    (ok, flags), (bad, _), (late, _) = (r.responses[0] for r in batch)
+    assert flags == FakeBackend.TRITONSERVER_RESPONSE_COMPLETE_FINAL and ok.error is None
+    alone = load(tiny_base_artifact, threads=1).generate(sample_image, PROMPT, 6)
+    assert ok.outputs["token_ids"].tolist() == [alone.token_ids]
+    assert ok.outputs["text"][0, 0].decode() == alone.text
+    assert bad.error.code == "INVALID_ARG" and "image 0 does not decode" in bad.error.message
+    assert (
+        late.error.code == "CANCELLED" and "past the server's limit of 0.3 s" in late.error.message
+    )
+    assert [len(r.responses) for r in batch] == [1, 1, 1]
+
+
 # -- the server ------------------------------------------------------------------------------
 
 
@@ -293,7 +389,8 @@ def test_each_bad_request_gets_one_line_and_the_server_goes_on(
     import tritonclient.http as http
 
     good = png_bytes(sample_image)
-    assert "does not decode" in http_error(server.port, http_inputs([b"not an image"], b"Hi", 4))
+    message = http_error(server.port, http_inputs([b"not an image"], b"Hi", 4))
+    assert message.startswith("[400] image 0 does not decode"), message  # INVALID_ARG
     assert "the prompt is empty" in http_error(server.port, http_inputs([good], b"", 4))
     big = b"x" * (MAX_PROMPT_BYTES + 1)
     assert f"at most {MAX_PROMPT_BYTES}" in http_error(server.port, http_inputs([good], big, 4))
@@ -372,9 +469,10 @@ def test_sigterm_drains_requests_in_flight(
     try:
         pending = client.async_infer("mllmc", http_inputs([png_bytes(sample_image)], b"Hi", 400))
         time.sleep(0.3)
-        assert s.stop() == 0, s.output()[-2000:]
+        s.proc.send_signal(signal.SIGTERM)
         ids = pending.get_result().as_numpy("token_ids")[0].tolist()
     finally:
-        client.close()
+        client.close()  # Triton's shutdown waits for open HTTP connections too
+    assert s.stop() == 0, s.output()[-2000:]
     assert ids == engine.generate(sample_image, "Hi", 400).token_ids
     assert "mllmc serve: stopped" in s.output()

@@ -1,0 +1,682 @@
+"""Qwen2.5-VL benchmark: small-qwen2.5-vl with one square image (448x448 by default: 1,024
+patches, 256 visual rows), a short chat prompt, in one process: HF eager
+(Qwen2_5_VLForConditionalGeneration), the unrewritten mllmc ONNX engine and the engines with
+passes, timed in interleaved rounds on the same threads (`mllmc bench`'s machinery:
+compiler/tools/bench.py, and benchmarks/llava_next.py's grouping); then the decoder alone side
+by side with onnxruntime-genai 0.18's builder on the same text weights (fp32, CPU).
+
+    nice python benchmarks/qwen.py [--model models/small-qwen2.5-vl] [--rounds 3]
+        [--variants fastv,vte,shortv,vispruner+shortv | all] [--out benchmarks/results]
+        [--artifacts-dir DIR [--reuse]] [--no-genai]
+
+Variants: each in-LLM pass alone (fastv, vte:k=L/2, shortv at ratio 0.6: the last round(0.6 L)
+layers) and the pre-LLM scorer for towers without [CLS] composed with ShortV (vispruner +
+shortv; and vispruner alone with --variants); a variant naming a pass the registry does not hold
+is skipped, with the reason recorded. Per engine: vision ms, LLM prefill ms, decode ms/token,
+KV-cache bytes, each part's speedup over HF eager and over the unrewritten engine (median of
+the per-round ratios, with min-max). Per pass: the FLOPs-ideal LLM-prefill speedup (the
+manifest's prefill FLOPs before / after its passes, at the reference image: 448 px, 256 rows)
+and the share of its gain measured, (measured - 1) / (ideal - 1).
+
+The genai comparison: the decoder and lm_head are written out as a plain Hugging Face
+Qwen2ForCausalLM directory (`extract_language_model`, checked against the Qwen2.5-VL model's
+own logits on a text prompt), built with `python -m onnxruntime_genai.models.builder -p fp32
+-e cpu` (its defaults: logits at every prompt row; and with `prune_lm_head=true`: the last row's
+only, as mllmc's prefill computes them), and timed against the unrewritten mllmc engine on one
+text-only prompt of the image prompt's token count (the same ids for both): prefill
+(genai: `append_tokens`) and decode ms/token, interleaved, every engine on the same threads.
+On a text-only prompt every M-RoPE axis holds the same position, so Qwen2.5-VL's rotary
+embedding is the 1-D RoPE of Qwen2: both run the same computation, and their first greedy
+tokens and logits are compared. The goals are reported as met or not, never asserted. Writes
+OUT/qwen.json and OUT/qwen.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llava_next as lnx  # noqa: E402  (its compile, grouping and ratio helpers)
+
+from mllmc.compiler.tools import bench  # noqa: E402
+
+BASE = lnx.BASE
+PARTS = lnx.PARTS
+PASS_GOAL = 0.9  # share of its FLOPs-ideal LLM-prefill gain each pass should reach
+DEFAULT_VARIANTS = "fastv,vte,shortv,vispruner+shortv"
+PARITY_STEPS = 8  # greedy steps compared between genai and mllmc on the text prompt
+GENAI_BUILDS = {"genai_fp32": [], "genai_fp32+prune_lm_head": ["prune_lm_head=true"]}
+TEXT_ROW = "mllmc_onnx (text)"
+
+
+def variants(chosen: str, vte_k: int, shortv: str, ratio: float) -> dict[str, list[str]]:
+    """Engine row name -> pass specs, for the unrewritten engine and the `chosen` variants (a
+    comma list of fastv, vte, shortv, vispruner, vispruner+shortv, or "all")."""
+    from mllmc.runtime.errors import UserError
+
+    table = {
+        "fastv": ("fastv", ["fastv"]),
+        "vte": (f"vte:k={vte_k}", [f"vte:k={vte_k}"]),
+        "shortv": (f"shortv:ratio={ratio}", [shortv]),
+        "vispruner": ("vispruner", ["vispruner"]),
+        "vispruner+shortv": ("vispruner+shortv", ["vispruner", shortv]),
+    }
+    keys = list(table) if chosen == "all" else [k.strip() for k in chosen.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in table]
+    if unknown or not keys:
+        raise UserError(
+            f"--variants: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+            f"give 'all' or a comma list of {', '.join(table)}"
+        )
+    return {BASE: [], **{f"{BASE}+{table[k][0]}": table[k][1] for k in dict.fromkeys(keys)}}
+
+
+def registered(configs: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The variants whose passes the registry holds, and why each other one is skipped."""
+    from mllmc.passes import REGISTRY
+
+    kept, skipped = {}, {}
+    for name, specs in configs.items():
+        missing = [s.split(":")[0] for s in specs if s.split(":")[0] not in REGISTRY]
+        if missing:
+            skipped[name] = f"pass {missing[0]!r} is not registered in this mllmc"
+        else:
+            kept[name] = specs
+    return kept, skipped
+
+
+# -- HF eager and the engines on the image prompt -------------------------------------------
+
+
+def eager_decode(model: Any, model_dir: str, image: Any, prompt: str, tokens: int) -> bench.Timer:
+    """HF eager's decode timer, from one prefill made now (`bench.eager_calls`, any family):
+    each run decodes `tokens` greedy steps, then crops the cache back to the prompt (Qwen's
+    decode positions come from the rope deltas the prefill left on the model)."""
+    calls, _ = bench.eager_calls(model, model_dir, image, prompt)
+    out = calls["prefill"]()
+    first, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
+
+    @torch.no_grad()
+    def decode() -> float:
+        token = first
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            int(token)  # the host reads each token, as the engines do
+        seconds = time.perf_counter() - t0
+        cache.crop(-tokens)
+        return seconds / tokens
+
+    return decode
+
+
+def time_groups(
+    model: Any, model_dir: str, paths: dict[str, Path], configs: dict[str, list[str]],
+    image: Any, args: argparse.Namespace, threads: int,
+) -> tuple[list[dict[str, dict[str, Any]]], dict[str, Any], dict[str, Any], int]:  # fmt: skip
+    """HF eager, the unrewritten engine and each group of pass engines, timed side by side
+    (`bench.side_by_side`), one group after another; returns (each group's rows, the manifests
+    by row name, the roofline, the prompt's visual rows)."""
+    prompt = bench.prompt_for(args.text_tokens)
+    tokens = args.decode_tokens
+    fixed = {"hf_eager": bench.eager_entry(model, model_dir, image, prompt, tokens)}
+    fixed["hf_eager"].timers["decode"] = eager_decode(model, model_dir, image, prompt, tokens)
+    n = fixed["hf_eager"].prompt_tokens
+    fixed[BASE] = lnx.engine_entry(paths[BASE], image, prompt, tokens, threads)
+    if fixed[BASE].prompt_tokens != n:
+        raise RuntimeError(
+            f"HF's processor makes a {n}-token prompt, the engine a "
+            f"{fixed[BASE].prompt_tokens}-token one: the rows would not compare"
+        )
+    manifests = {BASE: fixed[BASE].engine.manifest}
+    peak = bench.roofline(manifests[BASE].model, n, max(args.rounds, 1), threads=threads)
+    visual = sum(fixed[BASE].engine.image_rows(image))
+    groups = lnx.groups_of([k for k in paths if k != BASE], configs, args.group_size)
+    out = []
+    for i, names in enumerate(groups, 1):
+        entries = dict(fixed)
+        for name in names:
+            entries[name] = lnx.engine_entry(paths[name], image, prompt, tokens, threads)
+            manifests[name] = entries[name].engine.manifest
+        print(
+            f"timing group {i}/{len(groups)} ({', '.join(entries)}): {args.rounds} round(s) "
+            "after a warm-up",
+            flush=True,
+        )
+        out.append(bench.side_by_side(entries, args.rounds, threads))
+        del entries
+        gc.collect()
+    return out, manifests, peak, visual
+
+
+# -- onnxruntime-genai on the same text weights ---------------------------------------------
+
+
+def extract_language_model(model: Any, model_dir: Path, out: Path) -> tuple[Path, float]:
+    """Qwen2.5-VL's decoder + lm_head as a plain Hugging Face Qwen2ForCausalLM directory
+    (config, safetensors, tokenizer): what onnxruntime-genai's builder takes. Returns (the
+    directory, max |Δlogit| of its logits against the Qwen2.5-VL model's on a text prompt: on
+    text every M-RoPE axis holds the same position, which is Qwen2's 1-D RoPE)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    text = model.config.text_config
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    config = Qwen2Config(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": rope.get("rope_theta", 1e6)},
+        tie_word_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
+        bos_token_id=getattr(text, "bos_token_id", None),
+        eos_token_id=getattr(text, "eos_token_id", None),
+        architectures=["Qwen2ForCausalLM"],
+    )
+    lm = Qwen2ForCausalLM(config).eval()
+    missing, unexpected = lm.model.load_state_dict(
+        model.model.language_model.state_dict(), strict=False
+    )
+    if [k for k in missing + unexpected if "rotary_emb" not in k]:
+        raise RuntimeError(f"Qwen2 decoder keys differ: {missing} / {unexpected}")
+    lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        diff = (lm(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
+    if out.exists():
+        shutil.rmtree(out)
+    lm.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out / name)
+    return out, diff
+
+
+def build_genai(lm_dir: Path, out: Path, extra: list[str], reuse: bool) -> Path:
+    """onnxruntime-genai's builder on `lm_dir`: fp32, CPU, with `extra` options (key=value)."""
+    if reuse and (out / "genai_config.json").is_file():
+        print(f"reusing {out}", flush=True)
+        return out
+    print(f"building {out} with onnxruntime-genai", flush=True)
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(lm_dir),
+        "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "genai-cache"),
+    ]  # fmt: skip
+    cmd += ["--extra_options", *extra] if extra else []
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"onnxruntime-genai's builder failed:\n{proc.stderr[-3000:]}")
+    print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def genai_model(path: Path, threads: int) -> Any:
+    """A genai model on `threads` intra-op threads (as every other engine)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(path))
+    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    return og.Model(config)
+
+
+def genai_entry(path: Path, ids: np.ndarray, tokens: int, threads: int) -> bench.Entry:
+    """Timers of a genai model on the prompt `ids`: "llm_prefill" (append_tokens, which runs
+    the model on the prompt) and "decode" per token, a fresh Generator each run.
+    generate_next_token picks from the logits it holds and runs the model on the new token at
+    the next call, so tokens + 1 calls run `tokens` forward steps; min_length keeps EOS out."""
+    import onnxruntime_genai as og
+
+    before = bench.rss_mb()
+    model = genai_model(path, threads)
+    prompt = ids.astype(np.int32)
+    length = len(prompt) + tokens + 2
+
+    def generator() -> Any:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        return og.Generator(model, params)
+
+    def prefill() -> float:
+        g = generator()
+        t0 = time.perf_counter()
+        g.append_tokens(prompt)
+        return time.perf_counter() - t0
+
+    def decode() -> float:
+        g = generator()
+        g.append_tokens(prompt)
+        t0 = time.perf_counter()
+        for _ in range(tokens + 1):
+            g.generate_next_token()
+        seconds = time.perf_counter() - t0
+        assert len(g.get_sequence(0)) == len(prompt) + tokens + 1
+        return seconds / tokens
+
+    prefill()
+    timers = {"llm_prefill": prefill, "decode": decode}
+    return bench.Entry(timers, len(prompt), bench.rss_mb() - before, model)
+
+
+def text_layout(engine: Any, n: int) -> Any:
+    """A text-only prompt of exactly n rows for `engine`: the filler text through the chat
+    template, cut to n ids, with the family's positions (M-RoPE: arange on every axis)."""
+    from mllmc.runtime.layout import expand_placeholders
+
+    ids = engine.encode_prompt(bench.prompt_for(2 * n), []).input_ids[0]
+    if ids.shape[0] < n:
+        raise RuntimeError(f"the filler text makes {ids.shape[0]} tokens, fewer than {n}")
+    layout = expand_placeholders(ids[:n], engine.manifest.model.image_token_id, [])
+    hook = engine.prompt_encoder.positions
+    return hook(layout, []) if hook else layout
+
+
+def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> bench.Entry:
+    """The unrewritten engine's decoder on a text-only prompt of n rows: "llm_prefill" and
+    "decode" per token (from one prefill made now); the engine is the entry's."""
+    from mllmc.runtime import load
+
+    def timers_of(engine: Any) -> tuple[dict[str, bench.Timer], int]:
+        layout = text_layout(engine, n)
+        none, _ = engine.encode_images([])  # (1, 0, d): no visual rows
+        first, cache = engine.prefill(layout, none)
+
+        def decode() -> float:
+            logits, past = first, cache
+            t0 = time.perf_counter()
+            for i in range(tokens):
+                logits, past = engine.decode_step(
+                    int(np.argmax(logits)), layout.next_position + i, past
+                )
+            return (time.perf_counter() - t0) / tokens
+
+        timers = {
+            "llm_prefill": bench.timed(lambda: engine.prefill(layout, none)),
+            "decode": decode,
+        }
+        return timers, layout.n
+
+    return bench.loaded_entry(lambda: load(path, threads=threads), timers_of)
+
+
+def greedy_parity(engine: Any, genai: Any, n: int, steps: int) -> dict[str, Any]:
+    """mllmc's and genai's greedy tokens over `steps` steps on the text prompt of n rows, and
+    the largest |Δlogit| of the prefill's last-row logits."""
+    import onnxruntime_genai as og
+
+    layout = text_layout(engine, n)
+    none, _ = engine.encode_images([])
+    logits, cache = engine.prefill(layout, none)
+    ours, first = [], logits
+    for i in range(steps):
+        ours.append(int(np.argmax(logits)))
+        if i + 1 < steps:
+            logits, cache = engine.decode_step(ours[-1], layout.next_position + i, cache)
+    params = og.GeneratorParams(genai)
+    length = n + steps
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
+    g = og.Generator(genai, params)
+    g.append_tokens(layout.input_ids[0].astype(np.int32))
+    theirs_first = np.asarray(g.get_logits()).reshape(-1)
+    while len(g.get_sequence(0)) < length:
+        g.generate_next_token()
+    theirs = [int(t) for t in g.get_sequence(0)[n:]]
+    return {
+        "steps": steps,
+        "mllmc_tokens": ours,
+        "genai_tokens": theirs,
+        "same_tokens": ours == theirs,
+        "prefill_max_abs_logit_diff": float(np.abs(theirs_first - first).max()),
+    }
+
+
+def genai_comparison(
+    model: Any, model_dir: Path, root: Path, base: Path, n: int, args: argparse.Namespace,
+    threads: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Extract the decoder, build it with genai (each of GENAI_BUILDS), check greedy parity,
+    and time genai and the unrewritten engine's decoder interleaved on n-row text prompts."""
+    lm, diff = extract_language_model(model, model_dir, root / f"{model_dir.name}-qwen2-lm")
+    builds = {
+        name: build_genai(lm, root / f"{model_dir.name}-{name}", extra, args.reuse)
+        for name, extra in GENAI_BUILDS.items()
+    }
+    entries = {TEXT_ROW: engine_text_entry(base, n, args.decode_tokens, threads)}
+    for name, path in builds.items():
+        ids = text_layout(entries[TEXT_ROW].engine, n).input_ids[0]
+        entries[name] = genai_entry(path, ids, args.decode_tokens, threads)
+    parity = {
+        name: greedy_parity(entries[TEXT_ROW].engine, entries[name].engine, n, PARITY_STEPS)
+        for name in builds
+    }
+    print(f"timing the decoders ({', '.join(entries)}): {args.rounds} round(s)", flush=True)
+    rows = bench.side_by_side(entries, args.rounds, threads)
+    for row in rows.values():
+        row.pop("vision_s", None)
+        row.pop("prefill_s", None)
+    for name in builds:
+        for key, part in (("llm_prefill_s", "prefill"), ("decode_s_per_token", "decode")):
+            rows[name][f"mllmc_speedup_{part}"] = bench.ratio_spread(
+                rows[name], rows[TEXT_ROW], key
+            )
+    return {
+        "prompt_tokens": n,
+        "extraction_max_abs_logit_diff": diff,
+        "builder": "python -m onnxruntime_genai.models.builder -i LM_DIR -o OUT -p fp32 -e cpu",
+        "builds": {name: GENAI_BUILDS[name] for name in builds},
+        "parity": parity,
+        "rows": rows,
+    }
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The benchmark's goals, each with whether this run met it and the numbers behind it."""
+    rows, speed = report["rows"], report["pass_speedups"]
+    base = rows[BASE]["vs_hf_eager"]
+    out = [
+        {
+            "goal": f"every pass reaches >= {PASS_GOAL:.0%} of its FLOPs-ideal LLM-prefill "
+            "gain over the unrewritten engine ((measured - 1) / (ideal - 1))",
+            "met": all((s["share_of_ideal_gain"] or 0) >= PASS_GOAL for s in speed.values()),
+            "detail": ", ".join(
+                f"{name[len(BASE) + 1 :]} {s['share_of_ideal_gain'] or 0:.0%} "
+                f"({s['measured']:.2f}x of {s['flops_ideal']:.2f}x)"
+                for name, s in speed.items()
+            ),
+        },
+        {
+            "goal": "the unrewritten engine is >= 1.0x HF eager on vision, LLM prefill, decode",
+            "met": all(s["median"] >= 1 for s in base.values()),
+            "detail": ", ".join(f"{part} {s['median']:.2f}x" for part, s in base.items()),
+        },
+    ]
+    genai = report.get("genai")
+    if genai:
+        ratios = genai["rows"]["genai_fp32"]
+        out.append(
+            {
+                "goal": "mllmc's decoder prefill and decode no slower than onnxruntime-genai's "
+                "(fp32, CPU, builder defaults)",
+                "met": all(
+                    ratios[f"mllmc_speedup_{p}"]["median"] >= 1 for p in ("prefill", "decode")
+                ),
+                "detail": ", ".join(
+                    f"{p} {ratios[f'mllmc_speedup_{p}']['median']:.2f}x"
+                    for p in ("prefill", "decode")
+                ),
+            }
+        )
+    return out
+
+
+def run(args: argparse.Namespace, artifacts: Path) -> dict[str, Any]:
+    """Compile every variant into `artifacts`, time them in groups with HF eager and the
+    unrewritten engine, then the decoder against genai; build the report."""
+    from transformers.utils import logging as hf_logging
+
+    from mllmc.compiler.core.capture import load_model
+    from mllmc.compiler.core.model_dir import read_config
+    from mllmc.runtime.errors import UserError
+
+    model_dir = str(args.model)
+    cfg = read_config(model_dir)
+    if cfg["model_type"] not in ("qwen2_vl", "qwen2_5_vl"):
+        raise UserError(f"{model_dir} is a {cfg['model_type']!r} model, not qwen2_vl / qwen2_5_vl")
+    threads = bench.check_threads(args.threads)
+    torch.set_num_threads(threads)
+    num_layers = cfg["text_config"]["num_hidden_layers"]
+    vte_k = args.vte_k if args.vte_k is not None else num_layers // 2
+    shortv = lnx.shortv_spec(num_layers, args.shortv_ratio, False)
+    configs, skipped = registered(variants(args.variants, vte_k, shortv, args.shortv_ratio))
+    image = lnx.square_image(args.image_size)
+    paths, refused = lnx.compile_variants(model_dir, artifacts, configs, args.reuse)
+    skipped.update(refused)
+    hf_logging.disable_progress_bar()
+    model, info = load_model(model_dir)
+    groups, manifests, peak, visual = time_groups(
+        model, model_dir, paths, configs, image, args, threads
+    )
+    n = groups[0]["hf_eager"]["prompt_tokens"]
+    for rows in groups:
+        bench.add_ratios(rows, info, peak, lnx.add_kv_and_flops(rows, manifests, n - visual))
+        lnx.add_part_ratios(rows)
+    rows, refs = lnx.merge_groups(groups, list(configs))
+    report = {
+        "model": model_dir,
+        "image": [args.image_size, args.image_size],
+        "visual_tokens": visual,
+        "prompt_tokens": n,
+        "text_tokens": n - visual,
+        "decode_tokens": args.decode_tokens,
+        "rounds": args.rounds,
+        "dtype": "float32",
+        "device": f"cpu ({platform.machine()}, {bench.available_cpus()} cores)",
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "versions": versions(),
+        "command": "python " + shlex.join(sys.argv),
+        "passes": configs,
+        "skipped": skipped,
+        "groups": refs,
+        "trust": lnx.run_trust(groups),
+        "roofline": peak,
+        "peak_rss_mb": bench.peak_rss_mb(),
+        "rss_note": bench.RSS_NOTE,
+        "rows": rows,
+        "pass_speedups": lnx.pass_speedups(rows, manifests),
+    }
+    del groups
+    gc.collect()
+    if not args.no_genai:
+        report["genai"] = genai_comparison(
+            model, Path(model_dir), artifacts, paths[BASE], n, args, threads
+        )
+    report["peak_rss_mb"] = bench.peak_rss_mb()
+    report["goals"] = goals(report)
+    return report
+
+
+def versions() -> dict[str, str]:
+    out = lnx.versions()
+    try:
+        import onnxruntime_genai
+
+        out["onnxruntime-genai"] = onnxruntime_genai.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Bars: each part's speedup over HF eager per engine (left), each pass's LLM-prefill
+    speedup measured against FLOPs-ideal (middle), mllmc's decoder against genai's (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mllmc.compiler.files.outputs import write_figure
+
+    rows, speed, genai = report["rows"], report["pass_speedups"], report.get("genai")
+    fig, axes = plt.subplots(1, 3 if genai else 2, figsize=(18 if genai else 13, 4.8))
+    names = list(rows)
+    y, height = np.arange(len(names)), 0.8 / len(PARTS)
+    for i, (_, part) in enumerate(PARTS):
+        vals = [rows[n]["vs_hf_eager"][part]["median"] for n in names]
+        axes[0].barh(y + i * height, vals, height, label=part)
+    axes[0].set_yticks(y + height, names)
+    axes[0].set_xlabel("speedup over HF eager (median of per-round ratios)")
+    y = np.arange(len(speed))
+    axes[1].barh(y - 0.2, [s["flops_ideal"] for s in speed.values()], 0.4, color="#bbb",
+                 label="FLOPs-ideal")  # fmt: skip
+    axes[1].barh(y + 0.2, [s["measured"] for s in speed.values()], 0.4, color="#2a7",
+                 label="measured")  # fmt: skip
+    axes[1].set_yticks(y, [name[len(BASE) + 1 :] for name in speed])
+    axes[1].set_xlabel("LLM-prefill speedup over the unrewritten engine")
+    if genai:
+        grows = genai["rows"]
+        gnames = list(grows)
+        y = np.arange(len(gnames))
+        for i, (key, label) in enumerate(
+            (("llm_prefill_s", "prefill ms"), ("decode_s_per_token", "decode ms/token x 10"))
+        ):
+            scale = 1e3 if i == 0 else 1e4
+            axes[2].barh(y + 0.4 * i - 0.2, [grows[n][key] * scale for n in gnames], 0.4,
+                         label=label)  # fmt: skip
+        axes[2].set_yticks(y, gnames)
+        axes[2].set_xlabel(f"decoder alone, {genai['prompt_tokens']}-token text prompt")
+    for ax in axes:
+        ax.axvline(1, color="#444", lw=0.8)
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{Path(report['model']).name}: {report['image'][0]}x{report['image'][1]} image, "
+        f"{report['prompt_tokens']} prompt tokens ({report['visual_tokens']} visual), "
+        f"{report['threads']} threads"
+    )
+    write_figure(fig, path, force=True)
+
+
+def genai_lines(genai: dict[str, Any]) -> list[str]:
+    """The decoder-alone table: mllmc's unrewritten engine against each genai build."""
+    lines = [
+        "",
+        f"decoder alone, {genai['prompt_tokens']}-token text prompt (extracted Qwen2 LM matches "
+        f"Qwen2.5-VL to {genai['extraction_max_abs_logit_diff']:.1e}):",
+        f"{'engine':28s} {'prefill ms':>10s} {'mllmc faster':>21s} {'decode ms/tok':>13s} "
+        f"{'mllmc faster':>21s}",
+    ]
+    for name, row in genai["rows"].items():
+        ratios = [row.get(f"mllmc_speedup_{p}") for p in ("prefill", "decode")]
+        cells = [bench.format_spread(r) if r else "" for r in ratios]
+        lines.append(
+            f"{name:28s} {row['llm_prefill_s'] * 1e3:10.1f} {cells[0]:>21s} "
+            f"{row['decode_s_per_token'] * 1e3:13.2f} {cells[1]:>21s}"
+        )
+    for name, p in genai["parity"].items():
+        lines.append(
+            f"parity vs {name}: {p['steps']} greedy tokens "
+            f"{'identical' if p['same_tokens'] else 'DIFFER'}, prefill max |dlogit| "
+            f"{p['prefill_max_abs_logit_diff']:.1e}"
+        )
+    return lines
+
+
+def summary(report: dict[str, Any]) -> str:
+    """`mllmc bench`'s table, the speedups over the unrewritten engine, the passes against
+    their FLOPs-ideal speedup, the genai comparison, the skipped variants and the goals."""
+    lines = [bench.format_table(report), "", f"{'vs mllmc_onnx':28s}" + "".join(
+        f" {part:>21s}" for _, part in PARTS)]  # fmt: skip
+    for name, row in report["rows"].items():
+        lines.append(
+            f"{name:28s}"
+            + "".join(f" {bench.format_spread(row['vs_' + BASE][p]):>21s}" for _, p in PARTS)
+        )
+    lines += ["", f"{'pass':28s} {'FLOPs-ideal':>11s} {'measured':>21s} {'of ideal gain':>13s}"]
+    for name, s in report["pass_speedups"].items():
+        gain = s["share_of_ideal_gain"]
+        lines.append(
+            f"{name[len(BASE) + 1 :]:28s} {s['flops_ideal']:10.2f}x "
+            f"{bench.format_spread(s['measured_spread']):>21s} "
+            f"{'n/a' if gain is None else format(gain, '.0%'):>13s}"
+        )
+    if report.get("genai"):
+        lines += genai_lines(report["genai"])
+    lines += [f"skipped {name}: {why}" for name, why in report["skipped"].items()]
+    lines += [
+        f"goal {'MET' if g['met'] else 'NOT MET'}: {g['goal']} ({g['detail']})"
+        for g in report["goals"]
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        default="models/small-qwen2.5-vl",
+        help="a qwen2_vl / qwen2_5_vl model dir (small-qwen2.5-vl is written there if missing)",
+    )
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--artifacts-dir", help="compile here (default: a temporary directory)")
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep artifacts an earlier run left in --artifacts-dir"
+    )
+    ap.add_argument("--image-size", type=int, default=448, help="side of the square image (px)")
+    ap.add_argument("--text-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
+    ap.add_argument("--threads", type=int, help="threads for every engine (default: every CPU)")
+    ap.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"'all' or a comma list (default {DEFAULT_VARIANTS})",
+    )
+    ap.add_argument(
+        "--group-size", type=int, default=2, help="pass engines loaded at once (memory)"
+    )
+    ap.add_argument("--vte-k", type=int, help="VTE's exit layer (default: L / 2)")
+    ap.add_argument("--shortv-ratio", type=float, default=0.6)
+    ap.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai rows")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mllmc.compiler.data.presets import write_preset
+    from mllmc.compiler.files import outputs
+    from mllmc.runtime.errors import UserError
+
+    args = parse_args(argv)
+    try:
+        if not 1 <= args.rounds <= bench.MAX_REPEATS:
+            raise UserError(f"--rounds must be from 1 to {bench.MAX_REPEATS}, got {args.rounds}")
+        if args.group_size < 1:
+            raise UserError(f"--group-size must be >= 1, got {args.group_size}")
+        out = outputs.check_output_folder(args.out, "benchmark results")
+        if not (Path(args.model) / "config.json").is_file():
+            write_preset("small-qwen2.5-vl", args.model)
+        if args.artifacts_dir is None:
+            scratch = outputs.scratch_directory("mllmc-qwen-")
+            report = run(args, Path(scratch.name))
+            scratch.cleanup()
+        else:
+            report = run(args, outputs.check_output_folder(args.artifacts_dir, "artifacts"))
+    except UserError as e:
+        print(f"qwen.py: error: {e}", file=sys.stderr)
+        return 2
+    outputs.write_file(out / "qwen.json", json.dumps(report, indent=2), force=True)
+    plot(report, out / "qwen.png")
+    print(summary(report))
+    print(f"wrote {out / 'qwen.json'} and {out / 'qwen.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
