@@ -107,24 +107,23 @@ def _largest(a: Any, b: Any) -> Any:
     return torch.sym_max(a, b)
 
 
+def _refuse_cls(tower: str) -> None:
+    raise UserError(
+        f"vispruner: {tower} has a [CLS] token, and VisPruner's score there is its [CLS] "
+        "attention: use fastervlm (vispruner scores towers without [CLS]: Qwen2-VL, Qwen2.5-VL)"
+    )
+
+
 def refuse_with_cls(model_type: str) -> None:
     """UserError (one line naming fastervlm) unless the family's tower has no [CLS] token."""
     fam = FAMILIES.get(model_type)
     if fam is not None and not fam.mrope:
-        raise UserError(
-            f"vispruner: the {fam.name} vision tower has a [CLS] token, and VisPruner's score "
-            "there is its [CLS] attention: use fastervlm (vispruner scores towers without [CLS]: "
-            "Qwen2-VL, Qwen2.5-VL)"
-        )
+        _refuse_cls(f"the {fam.name} vision tower")
 
 
 def check(cfg: VisPrunerConfig, shape: ModelShape) -> None:
     if shape.cls_token:
-        raise UserError(
-            "vispruner: this model's vision tower has a [CLS] token, and VisPruner's score there "
-            "is its [CLS] attention: use fastervlm (vispruner scores towers without [CLS]: "
-            "Qwen2-VL, Qwen2.5-VL)"
-        )
+        _refuse_cls("this model's vision tower")
 
 
 def prepare(cfg: VisPrunerConfig, model: nn.Module, info: ModelInfo) -> VisPrunerConfig:

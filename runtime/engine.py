@@ -356,7 +356,7 @@ class Engine(SegmentLoop):
                 f"decode_cache must be None or one of {', '.join(DECODE_CACHES)}, "
                 f"got {decode_cache!r}"
             )
-        if decode_cache == "static" and self.manifest.target != "aoti":
+        if decode_cache == "static" and self.manifest.target not in ("aoti", "onnx"):
             raise UserError(
                 f"{self.root} is a {self.manifest.target} artifact: its decode cache grows"
             )

@@ -51,9 +51,11 @@ DTYPES = ("float32", "bfloat16", "float16")  # the precisions an artifact's engi
 DEVICES = ("cpu", "cuda")  # where they run ("cuda:<index>" names one GPU)
 # growing: the decode program takes each layer's cache and returns it one row longer (a copy);
 # static: it reads fixed-capacity buffers the runner owns and returns the new rows, so each step
-# has the same shapes and runs as one CUDA graph replay (runtime/static_cache.py)
+# has the same shapes (one CUDA graph replay on aoti, runtime/static_cache.py) and the runner
+# writes the rows in place (onnx, runtime/inplace_cache.py)
 DECODE_CACHES = ("growing", "static")
 STATIC_DECODE = "decode_static"  # the segment of a static-cache decode, beside "decode"
+STATIC_DECODE_INPUTS = ("input_ids", "position_ids", "cache_len", "cache_pad")  # then past.*
 # the logit tolerance of a float32 engine against float32 eager; also what a manifest that
 # records no dtype / tolerance (written before they were recorded) is held to
 FLOAT32_TOL = 1e-4

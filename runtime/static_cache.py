@@ -117,6 +117,7 @@ class StaticCacheDecoder(TorchCallRunner):
         self._lens_dev = torch.zeros(
             len(self._past_names) // 2, dtype=torch.int64, device=self.device
         )
+        self._pad = torch.zeros_like(self._lens_dev)[:, None]  # (L, 1): one unpadded sample
         self._lens: list[int] = []  # host copy of _lens_dev, one per layer
         self._buckets: OrderedDict[int, _Bucket] = OrderedDict()  # least recently used first
         self._current: _Bucket | None = None
@@ -175,7 +176,7 @@ class StaticCacheDecoder(TorchCallRunner):
     def _step(self, bucket: _Bucket) -> torch.Tensor:
         """Run the program over `bucket`, write each new row at its layer's length, advance the
         lengths; the logits. Everything here is device work: it is what a CUDA graph holds."""
-        out = self.fn(self._ids, self._pos, self._lens_dev, *bucket.buffers)
+        out = self.fn(self._ids, self._pos, self._lens_dev, self._pad, *bucket.buffers)
         logits, rows = out[0], out[1:]
         for i, (buf, row) in enumerate(zip(bucket.buffers, rows, strict=True)):
             layer = i // 2

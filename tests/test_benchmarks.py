@@ -3,6 +3,7 @@ CPU at a tiny size, so that a GPU session spends its time measuring, not debuggi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -105,3 +106,66 @@ def test_precision_benchmark_extracts_the_language_model(tiny_model_dir, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=ids).logits, llava(input_ids=ids).logits)
     assert type(lm).__name__ == "LlamaForCausalLM"
+
+
+def test_qwen_extracted_language_model_is_qwen2_with_the_same_logits(qwen_dirs, tmp_path):
+    """benchmarks/qwen.py hands onnxruntime-genai's builder Qwen2.5-VL's decoder as a plain
+    Qwen2ForCausalLM directory: reloaded from disk, on text alone (every M-RoPE axis the same
+    position: 1-D RoPE) it gives Qwen2.5-VL's own logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mllmc.compiler.core.capture import load_model
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from qwen import extract_language_model
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model_dir = qwen_dirs["tiny-qwen2.5-vl"]
+    model, _ = load_model(model_dir)
+    lm_dir, diff = extract_language_model(model, model_dir, tmp_path / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    assert type(lm).__name__ == "Qwen2ForCausalLM" and diff <= 1e-5
+    ids = torch.tensor([[1, 17, 42, 99, 5, 300, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert (lm_dir / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_qwen_benchmark_reports_every_engine_and_genai(tmp_path):
+    """benchmarks/qwen.py on tiny-qwen2.5-vl (112 px image: 16 visual rows), vispruner + shortv,
+    one round: every engine timed with its ratios, the pass against its FLOPs-ideal speedup, and
+    (with onnxruntime-genai installed) genai's build of the extracted decoder giving mllmc's
+    greedy tokens and prefill logits on the text prompt; the goals recorded."""
+    from mllmc.compiler.data.presets import write_preset
+
+    genai = importlib.util.find_spec("onnxruntime_genai") is not None
+    model = write_preset("tiny-qwen2.5-vl", tmp_path / "tiny-qwen2.5-vl", seed=0)
+    cmd = [
+        sys.executable, str(BENCHMARKS / "qwen.py"), "--model", str(model), "--image-size", "112",
+        "--rounds", "1", "--decode-tokens", "2", "--variants", "vispruner+shortv",
+        "--out", str(tmp_path), *([] if genai else ["--no-genai"]),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "qwen.json").read_text())
+    assert (tmp_path / "qwen.png").stat().st_size > 0
+    rows = report["rows"]
+    assert set(rows) == {"hf_eager", "mllmc_onnx", "mllmc_onnx+vispruner+shortv"}
+    assert report["visual_tokens"] == 16
+    for name, row in rows.items():
+        assert row["vision_s"] > 0 and row["llm_prefill_s"] > 0, name
+        assert row["prompt_tokens"] == report["prompt_tokens"], name
+        assert set(row["vs_hf_eager"]) == {"vision", "LLM prefill", "decode"}, name
+    speed = report["pass_speedups"]["mllmc_onnx+vispruner+shortv"]
+    assert speed["flops_ideal"] > 1 and speed["share_of_ideal_gain"] is not None
+    assert [isinstance(g["met"], bool) for g in report["goals"]] == [True] * (2 + genai)
+    if genai:
+        g = report["genai"]
+        assert g["prompt_tokens"] == report["prompt_tokens"]
+        for parity in g["parity"].values():
+            assert parity["same_tokens"] and parity["prefill_max_abs_logit_diff"] <= 1e-4
+        assert {"mllmc_onnx (text)", "genai_fp32"} <= set(g["rows"])
+        assert "genai_fp32" in proc.stdout

@@ -40,6 +40,10 @@ def cast_model(model: Any, dtype: str) -> Any:
     return model.to(getattr(torch, dtype))
 
 
+# the targets whose runtime runs a static-cache decode (aoti: CUDA graphs; onnx: in place)
+STATIC_TARGETS = ("aoti", "onnx")
+
+
 @dataclass(frozen=True)
 class TargetOptions:
     """Where and in what precision a target's engines run."""
@@ -144,10 +148,10 @@ def resolve_options(target: str, options: TargetOptions | None = None) -> Target
         raise UserError(
             f"unknown decode cache {options.decode_cache!r}; valid: {', '.join(DECODE_CACHES)}"
         )
-    if options.decode_cache == "static" and target != "aoti":
+    if options.decode_cache == "static" and target not in STATIC_TARGETS:
         raise UserError(
-            f"--decode-cache static is built for --target aoti; target {target!r} decodes with "
-            "a growing cache"
+            f"--decode-cache static is built for --target {' and '.join(STATIC_TARGETS)}; target "
+            f"{target!r} decodes with a growing cache"
         )
     if target == "trt":
         from . import trt

@@ -9,8 +9,8 @@
                                                        -> logits (B, vocab), present K/V per layer
 
 and, on demand, the same decode step over fixed-capacity cache buffers
-(`export_static_cache_decode`: the shapes a CUDA graph needs, run by
-runtime/static_cache.py behind the decode contract above).
+(`export_static_cache_decode`: the shapes a CUDA graph needs, and rows a runner writes in place,
+run by runtime/static_cache.py and runtime/inplace_cache.py behind the decode contract above).
 
 The model is loaded with the same code a user's real model goes through
 (`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration.from_pretrained`), and every weight stays an HF module: the
@@ -46,7 +46,7 @@ from torch import nn
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.images import MAX_TILES
 from mllmc.runtime.layout import MIN_TEXT_ROWS, placeholder_mismatch
-from mllmc.runtime.manifest import LayerPlan, ModelInfo
+from mllmc.runtime.manifest import STATIC_DECODE_INPUTS, LayerPlan, ModelInfo
 
 from .families import family
 from .model_dir import (  # noqa: F401  (also importable from capture)
@@ -213,8 +213,9 @@ class DecoderLayer(nn.Module):
     Shapes: h (B, T, d); cos/sin (B, 1, T, hd); mask (B, 1, T, S) bool or None;
     past_k/past_v (B, kvh, P, hd) or None; returns h (B, T, d), k/v (B, kvh, P + T, hd).
     With `cache_len` (1,) int64 (static-cache decode, T = 1): past_k/past_v are buffers of C rows
-    of which the first cache_len hold the cache, and k/v returned are this token's row only
-    (B, kvh, 1, hd), for the caller to write at row cache_len (see `attend_static_cache`).
+    of which rows cache_pad[b] <= row < cache_len hold sample b's cache (`cache_pad` (B,), None:
+    from row 0), and k/v returned are this token's row only (B, kvh, 1, hd), for the caller to
+    write at row cache_len (see `attend_static_cache`).
     Views use -1 for the row count, so a pass may hand a projection fewer rows.
     """
 
@@ -228,7 +229,7 @@ class DecoderLayer(nn.Module):
         self.scaling = float(getattr(hf_layer.self_attn, "scaling", head_dim**-0.5))
         self.window: int | None = None  # sliding window, for the static-cache decode step
 
-    def forward(self, h, cos, sin, mask, past_k=None, past_v=None, cache_len=None):
+    def forward(self, h, cos, sin, mask, past_k=None, past_v=None, cache_len=None, cache_pad=None):
         b = h.shape[0]
         attn = self.self_attn
         x = self.input_layernorm(h)  # (B, T, d)
@@ -239,7 +240,9 @@ class DecoderLayer(nn.Module):
         k = apply_rope(k, cos, sin)  # (B, kvh, T, hd)
         n_rep = self.num_heads // self.num_kv_heads
         if cache_len is not None:
-            o = attend_static_cache(q, k, v, past_k, past_v, cache_len, self.scaling, self.window)
+            o = attend_static_cache(
+                q, k, v, past_k, past_v, cache_len, self.scaling, self.window, cache_pad
+            )
         else:
             if past_k is not None:
                 k = torch.cat((past_k, k), dim=2)  # (B, kvh, P + T, hd)
@@ -274,12 +277,15 @@ def attend_static_cache(
     cache_len: torch.Tensor,
     scale: float,
     window: int | None = None,
+    cache_pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query row over a fixed-capacity cache plus its own key: (B, H, 1, hd).
 
     q (B, H, 1, hd); k, v (B, kvh, 1, hd): this token's row; past_k/past_v (B, kvh, C, hd) whose
     rows >= cache_len (1,) are ignored, and with a sliding `window` W, the rows before
-    cache_len - W + 1 too (the query sees itself and the W - 1 rows before it). The shapes do not depend on how many rows are valid, so
+    cache_len - W + 1 too (the query sees itself and the W - 1 rows before it); with `cache_pad`
+    (B,) int64, sample b's rows before cache_pad[b] too (its left padding in a batch whose
+    caches all end at cache_len). The shapes do not depend on how many rows are valid, so
     one program (and one CUDA graph per capacity C) serves every decode step. Each cached row is
     read once and nothing is copied: the scores over the buffer and over the new row share one
     softmax (fp32, as HF's eager attention computes it), instead of writing the new row into a
@@ -292,6 +298,8 @@ def attend_static_cache(
     valid = rows < cache_len
     if window is not None:
         valid = valid & (rows > cache_len - window)
+    if cache_pad is not None:
+        valid = (valid[None, :] & (rows[None, :] >= cache_pad[:, None]))[:, None, None]  # (B,1,1,C)
     scores_past = scores_past.masked_fill(~valid, float("-inf"))
     scores_new = torch.matmul(g, k.transpose(2, 3)).float()  # (B, kvh, n_rep, 1)
     probs = torch.cat((scores_past, scores_new), dim=-1).softmax(dim=-1).to(q.dtype)
@@ -405,18 +413,28 @@ class DecodeSegment(_Decoder):
 
 
 class StaticCacheDecodeSegment(_Decoder):
-    """The decode step over fixed-capacity cache buffers (what CUDA graphs need: the shapes stay
-    the same from step to step). input_ids (1, 1), position_ids (1, 1), cache_len (L,) int64,
-    k_0, v_0, ... (1, kvh, C, hd) of which the first cache_len[l] rows of layer l are its cache
-    -> logits (1, V), then this token's k_0, v_0, ... rows (1, kvh, 1, hd), which the caller
-    writes at row cache_len[l] of its buffers (runtime/static_cache.py)."""
+    """The decode step over fixed-capacity cache buffers (the shapes stay the same from step to
+    step: what CUDA graphs need, and what lets a runner write each new row in place):
 
-    def forward(self, input_ids, position_ids, cache_len, *past):
-        h = self.embed_tokens(input_ids)  # (1, 1, d)
+        input_ids    (B, 1) int64
+        position_ids (B, 1) int64   ((3, B, 1) for M-RoPE)
+        cache_len    (L,) int64     the rows layer l's buffers hold, padding included
+        cache_pad    (L, B) int64   the zero rows sample b's cache of layer l starts with
+        k_0, v_0, ... (B, kvh, C, hd)  buffers: sample b's cache of layer l is its rows
+                                       cache_pad[l, b] <= row < cache_len[l]
+    -> logits (B, V), then this token's k_0, v_0, ... rows (B, kvh, 1, hd), which the caller
+    writes at row cache_len[l] of its buffers (runtime/static_cache.py, runtime/inplace_cache.py).
+    Left padding makes every sample's cache of a layer end at the same row, so one write row a
+    layer serves the batch."""
+
+    def forward(self, input_ids, position_ids, cache_len, cache_pad, *past):
+        h = self.embed_tokens(input_ids)  # (B, 1, d)
         cos, sin = self.rope(position_ids, h.dtype)
         rows: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            h, k, v = layer(h, cos, sin, None, past[2 * i], past[2 * i + 1], cache_len[i : i + 1])
+            h, k, v = layer(
+                h, cos, sin, None, past[2 * i], past[2 * i + 1], cache_len[i : i + 1], cache_pad[i]
+            )
             rows += [k, v]
         return (self.logits_last(h), *rows)
 
@@ -680,27 +698,30 @@ def export_decode(model: nn.Module, info: ModelInfo) -> Segment:
 
 def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
     """The decode step over cache buffers of a capacity C that is dynamic in the program and
-    fixed while a runner uses one set of buffers (`StaticCacheDecodeSegment`). It depends on the
-    model alone: no pass rewrites decode. One sample a step (B = 1): its runner decodes one
-    sample at a time, and batched decode runs the growing-cache `decode` segment."""
+    fixed while a runner uses one set of buffers (`StaticCacheDecodeSegment`), for a dynamic
+    batch B (traced at B = 2: a size-1 example would be specialised to 1). It depends on the
+    model alone: no pass rewrites decode."""
     seg = StaticCacheDecodeSegment(model, info).eval()
     capacity, valid = 16, 12
-    ids, pos, _, *past = example_decode_inputs(info, past_len=capacity)
+    ids, pos, pad, *past = example_decode_inputs(info, past_len=capacity, batch=2)
+    pad[:, 1] = 3  # the second sample left-padded
     cache_len = torch.full((info.num_layers,), valid, dtype=torch.int64)
-    args = on_model(model, (ids, pos, cache_len, *past))
+    args = on_model(model, (ids, pos, cache_len, pad, *past))
     cap = torch.export.Dim("capacity", min=2)  # no upper bound, as the growing decode's
+    batch = torch.export.Dim("batch", min=1)
     dyn = {
-        "input_ids": None,
-        "position_ids": None,
+        "input_ids": {0: batch},
+        "position_ids": {1 if is_mrope(info) else 0: batch},
         "cache_len": None,
-        "past": tuple({2: cap} for _ in range(2 * info.num_layers)),
+        "cache_pad": {1: batch},
+        "past": tuple({0: batch, 2: cap} for _ in range(2 * info.num_layers)),
     }
     with torch.no_grad():
         ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
     return Segment(
         "decode_static",
         ep,
-        ["input_ids", "position_ids", "cache_len", *kv_names(info.num_layers, "past")],
+        [*STATIC_DECODE_INPUTS, *kv_names(info.num_layers, "past")],
         ["logits", *kv_names(info.num_layers, "new")],
         args,
         dyn,

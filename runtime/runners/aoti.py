@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..manifest import STATIC_DECODE
+from ..manifest import STATIC_DECODE, STATIC_DECODE_INPUTS
 from . import RunnerOptions, check_io
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def open_segment(
                 f"artifact {root} has no static-cache decode: recompile it with "
                 "--decode-cache static"
             )
-        want = ["input_ids", "position_ids", "cache_len"]
+        want = list(STATIC_DECODE_INPUTS)
         want += [t.name for t in entry.inputs if t.name.startswith("past.")]
         if [t.name for t in static.inputs] != want:
             raise UserError(

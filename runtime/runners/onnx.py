@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
+from ..manifest import STATIC_DECODE, STATIC_DECODE_INPUTS
 from . import RunnerOptions, check_feeds, check_io
 
 if TYPE_CHECKING:
@@ -93,5 +94,25 @@ def _first_line(e: BaseException) -> str:
 
 def open_segment(
     root: Path, name: str, entry: SegmentEntry, manifest: Manifest, options: RunnerOptions
-) -> OnnxRunner:
-    return OnnxRunner(root / entry.file, name, entry, options)
+) -> Any:
+    """The runner of segment `name`. With the static decode cache (the caller's
+    `options.decode_cache`, else the artifact's own), decode runs the artifact's `decode_static`
+    program over numpy buffers it writes in place (runtime/inplace_cache.py)."""
+    decode_cache = options.decode_cache or manifest.target_settings.decode_cache
+    if name != "decode" or decode_cache != "static":
+        return OnnxRunner(root / entry.file, name, entry, options)
+    static = manifest.segments.get(STATIC_DECODE)
+    if static is None:
+        raise UserError(
+            f"artifact {root} has no static-cache decode: recompile it with --decode-cache static"
+        )
+    want = [*STATIC_DECODE_INPUTS, *(t.name for t in entry.inputs if t.name.startswith("past."))]
+    if [t.name for t in static.inputs] != want:
+        raise UserError(
+            f"the decode_static segment of {root} takes {[t.name for t in static.inputs][:4]}..., "
+            "not this mllmc's: recompile it with this mllmc"
+        )
+    from ..inplace_cache import InPlaceCacheDecoder
+
+    runner = OnnxRunner(root / static.file, STATIC_DECODE, static, options)
+    return InPlaceCacheDecoder(name, entry, runner)

@@ -1,10 +1,10 @@
 """vispruner on Qwen2-VL and Qwen2.5-VL (fixtures `qwen_dirs`, `qwen`: tests/conftest.py): the
 rewritten vision segment (one call per image) keeps the merged tokens the eager reference on
 HF's own model keeps (scores from HF's last vision block through hooks), the prefill on the kept
-rows at their own 3-D positions matches HF's language model under the reference, identity
-configs, no NonZero, the layer plan and FLOPs, the ONNX engine end to end against HF
-`generate` with the references active (alone and then shortv; one and two images), and the
-one-line refusals (bad options; a tower with [CLS])."""
+rows at their own 3-D positions matches HF's language model under the references (alone, then
+shortv, then fastv; one and two images), identity configs, no NonZero, the layer plan and
+FLOPs, the ONNX engine end to end against HF `generate` with the references active (alone and
+then shortv), and the one-line refusals (bad options; a tower with [CLS])."""
 
 from __future__ import annotations
 
@@ -21,7 +21,12 @@ from tests.compiler.test_qwen2_vl import CASES, hf_generate, hf_inputs, image, r
 from tests.compiler.test_qwen2_vl import vision_feeds as hf_vision_feeds
 from tests.compiler.tools.test_cli import user_error
 
-SPECS = [["vispruner:ratio=0.5"], ["vispruner:keep=3", "shortv:layers=[0,2]"], ["vispruner"]]
+SPECS = [
+    ["vispruner:ratio=0.5"],
+    ["vispruner:keep=3", "shortv:layers=[0,2]"],
+    ["vispruner:ratio=0.5", "fastv:k=1,ratio=0.5"],
+    ["vispruner"],
+]
 
 
 def rewrite(qwen, specs):

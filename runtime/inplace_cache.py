@@ -1,0 +1,129 @@
+"""The batched decode contract (`past.*` in, `present.*` out, one more row per layer each step)
+over the static-cache decode program on onnxruntime: numpy cache buffers of a fixed capacity
+that this runner owns, each step's new rows written into them in place, so that a step reads
+every cached row once and copies none of them (the growing-cache program concatenates the new
+row to a copy of the whole cache, every sample's, every step).
+
+The program (compiler/core/capture.py, `StaticCacheDecodeSegment`) takes input_ids (B, 1),
+position_ids, cache_len (L,), cache_pad (L, B) and the buffers (B, kvh, C, hd), and returns the
+logits (B, V) and each layer's new rows (B, kvh, 1, hd). A batch's caches are left-padded
+(runtime/decode_batch.py), so every sample's cache of layer l ends at row cache_len[l]: one write
+row a layer serves the whole batch.
+
+The `present.*` this runner returns are views of its buffers (`buffer[:, :, :len]`); handed back
+as the next step's `past.*` (the generate loop and `DecodeBatch` do), they are recognised and
+not copied. Any other cache (a prefill's, or a batch that a sample joined or left) is copied
+into newly allocated buffers, so the views returned before stay valid: a step writes only past
+the rows of the views it returned, into buffers no other cache shares. Capacity grows in chunks
+of `chunk` rows (a cache that fills its buffers moves into bigger ones: one copy).
+
+onnxruntime reads a C-contiguous numpy input of the expected dtype in place on the CPU, so the
+buffers are fed without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import UserError
+from .runners import check_feeds
+
+if TYPE_CHECKING:
+    from .manifest import SegmentEntry
+
+DEFAULT_CHUNK = 64  # rows a buffer grows by
+
+
+class InPlaceCacheDecoder:
+    """A `SegmentRunner` for the decode segment (its manifest `entry`: past.*/present.*) that
+    runs `static`, an onnxruntime runner of the static-cache decode program (inputs input_ids,
+    position_ids, cache_len, cache_pad, past.*; outputs logits, new.*), over numpy buffers."""
+
+    def __init__(self, name: str, entry: SegmentEntry, static: Any, chunk: int = DEFAULT_CHUNK):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.name = name
+        self.entry = entry
+        self.static = static
+        self.chunk = chunk
+        self._past_names = [t.name for t in entry.inputs if t.name.startswith("past.")]
+        self._present_names = ["present" + n[len("past") :] for n in self._past_names]
+        self._new_names = [t.name for t in static.entry.outputs if t.name != "logits"]
+        dtypes = {t.name: np.dtype(t.dtype) for t in static.entry.inputs}
+        self._cache_dtype = dtypes[self._past_names[0]]
+        self._buffers: list[np.ndarray] = []  # (B, kvh, C, hd) per cache input
+        self._lens = np.zeros(0, dtype=np.int64)  # (L,) rows each layer's buffers hold
+        self._returned: list[np.ndarray] = []  # the views the last step returned
+        self.adopts = 0  # caches copied in (a prefill's, a batch that changed)
+        self.moves = 0  # times the buffers grew
+
+    @property
+    def capacity(self) -> int:
+        """Rows per cache buffer now (0 before the first step)."""
+        return int(self._buffers[0].shape[2]) if self._buffers else 0
+
+    def _rounded(self, rows: int) -> int:
+        return -(-rows // self.chunk) * self.chunk
+
+    def _adopt(self, caches: list[Any]) -> None:
+        """Copy caches this runner did not return into new buffers (B, kvh, C, hd)."""
+        arrays = [np.asarray(c, dtype=self._cache_dtype) for c in caches]
+        lens = [int(a.shape[2]) for a in arrays[::2]]
+        if any(int(a.shape[2]) != n for a, n in zip(arrays[1::2], lens, strict=True)):
+            raise UserError("each layer's key and value caches must have the same length")
+        capacity = self._rounded(max(lens) + 1)
+        self._buffers = [self._copied(a, capacity) for a in arrays]
+        self._lens = np.array(lens, dtype=np.int64)
+        self.adopts += 1
+
+    def _copied(self, rows: np.ndarray, capacity: int) -> np.ndarray:
+        """`rows` (B, kvh, n, hd) at the start of zeroed (B, kvh, capacity, hd) buffer (the rows
+        past n must be finite: the program masks them, and 0 * NaN would not vanish)."""
+        b, heads, n, hd = rows.shape
+        buf = np.zeros((b, heads, capacity, hd), dtype=self._cache_dtype)
+        buf[:, :, :n] = rows
+        return buf
+
+    def _grow(self) -> None:
+        """Move the caches into buffers with room for the next row."""
+        capacity = self._rounded(int(self._lens.max()) + 1)
+        self._buffers = [
+            self._copied(buf[:, :, :n], capacity)
+            for buf, n in zip(self._buffers, np.repeat(self._lens, 2), strict=True)
+        ]
+        self.moves += 1
+
+    def __call__(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """One decode step: the decode segment's feeds -> logits (B, V) and present.* views
+        (B, kvh, P_l + 1, hd) of the buffers."""
+        check_feeds(self.entry, feeds, self.name)
+        caches = [feeds[n] for n in self._past_names]
+        mine = len(caches) == len(self._returned) and all(
+            a is b for a, b in zip(caches, self._returned, strict=True)
+        )
+        if not mine:
+            self._adopt(caches)
+        if int(self._lens.max()) + 1 > self.capacity:
+            self._grow()
+        inputs = {
+            "input_ids": np.asarray(feeds["input_ids"], dtype=np.int64),
+            "position_ids": np.asarray(feeds["position_ids"], dtype=np.int64),
+            "cache_len": self._lens,
+            "cache_pad": np.ascontiguousarray(feeds["cache_pad"], dtype=np.int64),
+            **dict(zip(self._past_names, self._buffers, strict=True)),
+        }
+        out = self.static(inputs)
+        for i, (buf, name) in enumerate(zip(self._buffers, self._new_names, strict=True)):
+            buf[:, :, self._lens[i // 2]] = out[name][:, :, 0]
+        self._lens = self._lens + 1
+        self._returned = [
+            buf[:, :, :n] for buf, n in zip(self._buffers, np.repeat(self._lens, 2), strict=True)
+        ]
+        return {"logits": out["logits"], **dict(zip(self._present_names, self._returned, strict=True))}
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        a = np.asarray(value)
+        return a.astype(np.float32) if a.dtype.kind == "f" else a
