@@ -161,9 +161,9 @@ def compile_model(
     `passes`: e.g. ["shortv:ratio=0.6"] or [(PassInfo, config), ...], applied in order. `target`:
     onnx (float32, CPU), aoti (`device` cpu or cuda, `dtype` float32 (default), bfloat16 or
     float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles).
-    `decode_cache` (aoti): "static" adds the decode step over fixed-capacity buffers, which the
-    runtime replays as CUDA graphs on CUDA (the default there); "growing" (the default on the
-    CPU) does not. `quantize` (onnx): "int4" or "int8" (the defaults of
+    `decode_cache` (aoti, onnx): "static" adds the decode step over fixed-capacity buffers,
+    which the runtime replays as CUDA graphs on CUDA (the default there) or, for onnx (its
+    default), runs over buffers it writes in place; "growing" does not. `quantize` (onnx): "int4" or "int8" (the defaults of
     `backends.quantize.quantize_config`) or a `QuantizeConfig` from it: weight-only block
     quantization of the decoder's MatMuls after the passes, validated against eager with the
     same quantize -> dequantize round trip of its weights."""

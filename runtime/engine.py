@@ -701,9 +701,10 @@ def load(
     of ~1.7x, decode slower on the CPU without onnxruntime's prepacked GEMM weights).
     `cuda_graphs` (aoti artifacts compiled for CUDA; None: on there, off elsewhere): vision and
     prefill replay one CUDA graph per input shape, and decode (`--decode-cache static`) one per
-    step, instead of launching each op from the host. `decode_cache` (aoti): None runs the
-    artifact's own choice; "growing" runs its growing-cache decode even where it also holds a
-    static one; "static" requires one."""
+    step, instead of launching each op from the host. `decode_cache` (aoti, onnx): None runs
+    the artifact's own choice; "growing" runs its growing-cache decode even where it also holds
+    a static one; "static" requires one (onnx: the cache rows are written in place,
+    runtime/inplace_cache.py)."""
     return Engine(
         path,
         providers=providers,

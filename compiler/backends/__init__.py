@@ -51,7 +51,8 @@ class TargetOptions:
     device: str = "cpu"
     dtype: str | None = None  # None: the target's default (DEFAULT_DTYPE)
     max_seq_len: int | None = None  # trt: the longest prompt / cache its profiles accept
-    # None: static for aoti on CUDA (decode as CUDA graphs), growing otherwise
+    # None: static for aoti on CUDA (decode as CUDA graphs) and for onnx (rows written in
+    # place), growing otherwise
     decode_cache: str | None = None
     # onnx: weight-only int4 / int8 (a `quantize.QuantizeConfig`); None: float weights
     quantize: Any = None
@@ -142,7 +143,7 @@ def resolve_options(target: str, options: TargetOptions | None = None) -> Target
     if options.dtype is None:
         options = dataclasses.replace(options, dtype=DEFAULT_DTYPE[target])
     if options.decode_cache is None:
-        static = target == "aoti" and options.device == "cuda"
+        static = (target == "aoti" and options.device == "cuda") or target == "onnx"
         options = dataclasses.replace(options, decode_cache="static" if static else "growing")
     if options.decode_cache not in DECODE_CACHES:
         raise UserError(

@@ -533,9 +533,10 @@ def _add_compile_parser(sub: Any) -> None:
         "--decode-cache",
         choices=DECODE_CACHES,
         default=None,
-        help="aoti: 'static' adds a decode step over fixed-capacity cache buffers, replayed as "
-        "a CUDA graph per step on CUDA (default there); 'growing' (default on the CPU, and the "
-        "only one for onnx and trt) copies each layer's cache one row longer per step",
+        help="'static' adds a decode step over fixed-capacity cache buffers: onnx writes each "
+        "step's rows into them in place (default for onnx), aoti replays it as a CUDA graph per "
+        "step on CUDA (default there); 'growing' (default for aoti on the CPU, the only one for "
+        "trt) copies each layer's cache one row longer per step",
     )
     _add_quantize_arguments(sp)
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
