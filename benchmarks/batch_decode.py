@@ -1,17 +1,21 @@
 """Batched decode: ms per decode step at B = 1, 2, 4, 8, 16 samples on one engine.
 
     nice python benchmarks/batch_decode.py [--model models/small-llava] [--artifact DIR]
-        [--batches 1,2,4,8,16] [--steps 16] [--rounds 3] [--threads N] [--out benchmarks/results]
+        [--batches 1,2,4,8,16] [--caches static,growing] [--steps 16] [--rounds 3] [--threads N]
+        [--out benchmarks/results]
 
 Compiles the model (small-llava by default, written from its preset when --model is not given)
 without passes to the ONNX target (into --artifact when given and not there yet, kept for the
 next run; else into a temporary directory), prefills four prompts of
 different lengths (one image each) once, and then, in every round and for every B in turn,
 joins B of those caches into a fresh `DecodeBatch` (each sample left-padded to the longest, as
-a serving batch is) and times `--steps` greedy `decode_batch_step` calls after one warm-up step.
-Reported per B: the median ms per step over the rounds (with min-max), ms per generated token
-(a step makes B), decode tokens/s, and throughput and step time relative to B = 1. Writes
-OUT/batch_decode.json and OUT/batch_decode.png.
+a serving batch is) and times `--steps` greedy `decode_batch_step` calls after one warm-up step,
+on one engine per decode cache of `--caches` (static: rows written in place into buffers,
+runtime/inplace_cache.py; growing: the graph appends each row to a copy of the cache), the
+caches interleaved within each round. Reported per cache and B: the median ms per step over the
+rounds (with min-max), ms per generated token (a step makes B), decode tokens/s, throughput and
+step time relative to B = 1 of the same cache, and each cache's step time relative to the
+first's. Writes OUT/batch_decode.json and OUT/batch_decode.png.
 """
 
 from __future__ import annotations
@@ -89,17 +93,9 @@ def time_batch(engine: Any, caches: list[tuple[list[Any], int, int]], b: int, st
     return (time.perf_counter() - began) / steps
 
 
-def measure(args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
-    from mllmc.runtime import load
-
-    engine = load(artifact, threads=args.threads)
-    caches = prefilled(engine)
-    times: dict[int, list[float]] = {b: [] for b in args.batches}
-    for r in range(args.rounds):
-        for b in args.batches:  # every B in each round, so drift lands on no single row
-            times[b].append(time_batch(engine, caches, b, args.steps))
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    base = statistics.median(times[args.batches[0]])
+def table(times: dict[int, list[float]], first: int) -> dict[str, dict[str, Any]]:
+    """Per B: the medians of `times` (seconds per step, one a round) and ratios to B = first."""
+    base = statistics.median(times[first])
     rows = {}
     for b, ts in times.items():
         med = statistics.median(ts)
@@ -109,8 +105,30 @@ def measure(args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
             "ms_per_token": 1e3 * med / b,
             "tokens_per_s": b / med,
             "step_time_vs_first": med / base,
-            "throughput_vs_first": (b / med) / (args.batches[0] / base),
+            "throughput_vs_first": (b / med) / (first / base),
         }
+    return rows
+
+
+def measure(args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
+    from mllmc.runtime import load
+
+    engines = {c: load(artifact, threads=args.threads, decode_cache=c) for c in args.caches}
+    engine = engines[args.caches[0]]
+    caches = prefilled(engine)
+    times = {c: {b: [] for b in args.batches} for c in args.caches}
+    load_avg = []
+    for r in range(args.rounds):
+        for b in args.batches:  # every B and cache in each round: drift lands on no single row
+            for c, e in engines.items():
+                times[c][b].append(time_batch(e, caches, b, args.steps))
+        load_avg.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    by_cache = {c: table(t, args.batches[0]) for c, t in times.items()}
+    for rows in by_cache.values():
+        for b, row in rows.items():
+            first = by_cache[args.caches[0]][b]["ms_per_step"]
+            row["step_time_vs_" + args.caches[0]] = row["ms_per_step"] / first
     manifest = engine.manifest
     return {
         "artifact": str(artifact),
@@ -120,8 +138,11 @@ def measure(args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
         "rounds": args.rounds,
         "threads": args.threads,
         "device": f"cpu ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)",
+        "load_average_1min": load_avg,
         "command": "python " + shlex.join(sys.argv),
-        "rows": rows,
+        "caches": list(args.caches),
+        "rows": by_cache[args.caches[0]],
+        "by_cache": by_cache,
     }
 
 
@@ -133,13 +154,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bs = [int(b) for b in report["rows"]]
-    rows = list(report["rows"].values())
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(bs, [r["ms_per_step"] for r in rows], "o-")
+    for cache, table_ in report["by_cache"].items():
+        rows = list(table_.values())
+        left.plot(bs, [r["ms_per_step"] for r in rows], "o-", label=f"{cache} cache")
+        right.plot(bs, [r["tokens_per_s"] for r in rows], "o-", label=f"{cache} cache")
     left.set(xscale="log", xlabel="samples per decode step (B)", ylabel="ms per step")
-    right.plot(bs, [r["tokens_per_s"] for r in rows], "o-", color="tab:green")
     right.set(xscale="log", xlabel="samples per decode step (B)", ylabel="decode tokens / s")
     for ax in (left, right):
+        ax.legend()
         ax.set_xticks(bs, [str(b) for b in bs])
         ax.grid(alpha=0.3)
     fig.suptitle(f"batched decode, {Path(report['model']).name} (ONNX, CPU)")
@@ -152,6 +175,7 @@ def main() -> None:
     parser.add_argument("--model", help="HF model dir (default: the small-llava preset)")
     parser.add_argument("--artifact", help="the artifact to time (compiled there if absent)")
     parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--caches", default="static,growing", help="decode caches to compare")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -159,6 +183,7 @@ def main() -> None:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.caches = args.caches.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         report = measure(args, build_artifact(args, Path(tmp)))
     out = Path(args.out)
@@ -166,12 +191,13 @@ def main() -> None:
     (out / "batch_decode.json").write_text(json.dumps(report, indent=2))
     if not args.no_plot:
         plot(report, out / "batch_decode.png")
-    print(f"{'B':>3} {'ms/step':>9} {'ms/token':>9} {'tokens/s':>9} {'x throughput':>13}")
-    for b, r in report["rows"].items():
-        print(
-            f"{b:>3} {r['ms_per_step']:9.1f} {r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} "
-            f"{r['throughput_vs_first']:12.2f}x"
-        )
+    print(f"{'cache':>8} {'B':>3} {'ms/step':>9} {'ms/token':>9} {'tokens/s':>9} {'x thru':>7}")
+    for cache, rows in report["by_cache"].items():
+        for b, r in rows.items():
+            print(
+                f"{cache:>8} {b:>3} {r['ms_per_step']:9.1f} {r['ms_per_token']:9.2f} "
+                f"{r['tokens_per_s']:9.1f} {r['throughput_vs_first']:6.2f}x"
+            )
     print(f"wrote {out / 'batch_decode.json'}")
 
 

@@ -550,8 +550,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
                          label=label)  # fmt: skip
         axes[2].set_yticks(y, gnames)
         axes[2].set_xlabel(f"decoder alone, {genai['prompt_tokens']}-token text prompt")
-    for ax in axes:
-        ax.axvline(1, color="#444", lw=0.8)
+    for i, ax in enumerate(axes):
+        if i < 2:  # the ratio panels
+            ax.axvline(1, color="#444", lw=0.8)
         ax.invert_yaxis()
         ax.legend(fontsize=8)
     fig.suptitle(

@@ -277,14 +277,19 @@ def run_variant(artifact: Path, args: argparse.Namespace, log: Path) -> dict[str
 
 
 def compile_variants(model_dir: str, out: Path, reuse: bool) -> dict[str, Path]:
+    """Each variant's artifact under OUT/artifacts; with `reuse`, one there is kept where it
+    holds the decode cache an ONNX compile makes by default now."""
+    from mllmc.compiler.backends import TargetOptions, resolve_options
     from mllmc.compiler.pipeline import compile_model
     from mllmc.runtime.manifest import read_manifest
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    cache = resolve_options("onnx", TargetOptions()).decode_cache
     paths = {}
     for name, specs in variants(config).items():
         path = out / "artifacts" / f"{Path(model_dir).name}-serve-{name.replace(':', '-')}"
-        if not (reuse and (path / "manifest.json").is_file() and read_manifest(path)):
+        found = reuse and (path / "manifest.json").is_file() and read_manifest(path)
+        if not (found and found.target_settings.decode_cache == cache):
             compile_model(model_dir, path, specs, validate=False, force=True, progress=False)
         paths[name] = path
     return paths

@@ -122,7 +122,10 @@ class InPlaceCacheDecoder:
         self._returned = [
             buf[:, :, :n] for buf, n in zip(self._buffers, np.repeat(self._lens, 2), strict=True)
         ]
-        return {"logits": out["logits"], **dict(zip(self._present_names, self._returned, strict=True))}
+        return {
+            "logits": out["logits"],
+            **dict(zip(self._present_names, self._returned, strict=True)),
+        }
 
     def to_numpy(self, value: Any) -> np.ndarray:
         a = np.asarray(value)

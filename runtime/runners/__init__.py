@@ -54,7 +54,7 @@ class RunnerOptions:
     threads: int | None = None
     share_weights: bool = False
     cuda_graphs: bool | None = None  # aoti on CUDA: graph replays (None: on where it can be)
-    # aoti: "growing" or "static" (None: the artifact's own, its target_settings.decode_cache)
+    # aoti, onnx: "growing" or "static" (None: the artifact's own, its target_settings.decode_cache)
     decode_cache: str | None = None
 
 

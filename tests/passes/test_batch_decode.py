@@ -2,8 +2,9 @@
 vtc_cls and a composition) on two families (tiny-llava, tiny-llava-next), three samples with
 prompts of different lengths and images of different sizes and counts go through
 `Engine.generate_batch` together, and each gets the tokens and logits (within 1e-4) that
-`Engine.generate` gives it alone. The samples' caches differ in length per layer (a pruning pass
-keeps a share of each sample's own visual rows), so each layer's cache is padded on its own.
+`Engine.generate` gives it alone (with the in-place static decode cache, the onnx default, and
+with the growing one). The samples' caches differ in length per layer (a pruning pass keeps a
+share of each sample's own visual rows), so each layer's cache is padded on its own.
 
 One pass per family runs by default; the rest of the matrix is marked slow (each artifact is a
 compile of ~20-40 s on 2 cores)."""
@@ -87,7 +88,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory):
 def test_each_sample_of_a_batch_gets_what_it_gets_alone(artifacts, preset: str, spec: str):
     from mllmc.runtime import load
 
-    engine = load(artifacts(preset, spec))
+    engine = load(artifacts(preset, spec))  # the static decode cache (the onnx default)
+    growing = load(artifacts(preset, spec), decode_cache="growing")
     images, prompts, steps = (list(x) for x in zip(*SAMPLES, strict=True))
     results = engine.generate_batch(images, prompts, steps, stop_at_eos=False)
     lengths = set()
@@ -96,5 +98,8 @@ def test_each_sample_of_a_batch_gets_what_it_gets_alone(artifacts, preset: str, 
         assert result.token_ids == want.token_ids
         assert result.logits.shape == want.logits.shape == (n, engine.manifest.model.vocab_size)
         assert float(np.abs(result.logits - want.logits).max()) <= TOL
+        other = growing.generate(images=imgs, prompt=prompt, max_new_tokens=n, stop_at_eos=False)
+        assert other.token_ids == want.token_ids
+        assert float(np.abs(other.logits - want.logits).max()) <= TOL
         lengths.add(want.prompt_tokens)
     assert len(lengths) == len(SAMPLES)  # the prompts' lengths all differ

@@ -50,10 +50,11 @@ SAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_base_artifact: Path) -> Engine:
-    """tiny-llava without passes; EOS does not stop it (a random model may emit it early)."""
-    engine = load(tiny_base_artifact)
+@pytest.fixture(scope="module", params=["static", "growing"])
+def engine(tiny_base_artifact: Path, request: pytest.FixtureRequest) -> Engine:
+    """tiny-llava without passes, with each decode cache (static: rows written in place,
+    runtime/inplace_cache.py); EOS does not stop it (a random model may emit it early)."""
+    engine = load(tiny_base_artifact, decode_cache=request.param)
     engine.eos_token_ids = set()
     return engine
 

@@ -17,7 +17,12 @@ KEYS = ("target", "device", "dtype", "decode_cache", "max_seq_len")
 
 
 def _manifest(artifact: Path) -> dict[str, Any]:
-    return json.loads((artifact / "manifest.json").read_text())
+    """The artifact's manifest JSON as an onnx artifact with the growing decode cache only
+    (`--decode-cache growing`) has it."""
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["segments"].pop("decode_static", None)
+    data["target_settings"]["decode_cache"] = "growing"
+    return data
 
 
 def _as_version_2(data: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

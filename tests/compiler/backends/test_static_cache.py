@@ -35,18 +35,22 @@ def _inputs(model_dir, image, prompt=DEFAULT_PROMPT):
 
 
 def test_static_decode_program_io(captured):
-    """One capacity dim shared by every buffer; one new row per layer out; the lengths in."""
+    """One capacity dim shared by every buffer; one new row per layer and sample out; the
+    lengths and each sample's padding in; one dynamic batch dim throughout."""
     _, _, info, segs = captured
     entry = segment_entry(segs.static_decode)
     names = [t.name for t in entry.inputs]
-    assert names[:3] == ["input_ids", "position_ids", "cache_len"]
+    assert names[:4] == ["input_ids", "position_ids", "cache_len", "cache_pad"]
     assert list(entry.inputs[2].shape) == [info.num_layers] and entry.inputs[2].dtype == "int64"
-    capacities = {t.shape[2] for t in entry.inputs[3:]}
+    batch = entry.inputs[0].shape[0]
+    assert isinstance(batch, str) and list(entry.inputs[3].shape) == [info.num_layers, batch]
+    capacities = {t.shape[2] for t in entry.inputs[4:]}
     assert len(capacities) == 1 and isinstance(capacities.pop(), str)
+    assert {t.shape[0] for t in entry.inputs[4:]} == {batch}
     rows = entry.outputs[1:]
     assert [t.name for t in rows][:2] == ["new.0.key", "new.0.value"]
     assert len(rows) == 2 * info.num_layers
-    assert all(list(t.shape) == [1, info.num_kv_heads, 1, info.head_dim] for t in rows)
+    assert all(list(t.shape) == [batch, info.num_kv_heads, 1, info.head_dim] for t in rows)
 
 
 @pytest.mark.parametrize("specs", [[], ["fastv:k=1,ratio=0.5"]], ids=["plain", "fastv"])

@@ -26,7 +26,7 @@ def test_inspect_states_one_prompt_and_the_target(tiny_shortv_artifact: Path):
         f"the LLM: {before['reference_prompt_tokens']} tokens before the passes, "
         f"{after['reference_prompt_tokens']} after), GFLOP:"
     ) in text
-    assert "target onnx, device cpu, dtype float32, decode cache growing)" in text
+    assert "target onnx, device cpu, dtype float32, decode cache static)" in text
     assert f"{after['reference_text_tokens']}-text-token prompt" in text  # the KV cache line
 
 

@@ -1,0 +1,117 @@
+"""The ONNX static-cache decode (runtime/inplace_cache.py): each step's rows written in place into
+numpy buffers, against the growing-cache decode of the same artifact (the same logits within
+1e-4, batched and left-padded, across buffer growth, joins and leaves); the buffers are fed and
+returned without copies; the compile option and load() choices for it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mllmc.runtime import UserError, load
+from mllmc.runtime.inplace_cache import InPlaceCacheDecoder
+
+TOL = 1e-4
+PROMPTS = ["Describe the image.", "What colour is the square? Answer in a long sentence.", "Hi"]
+
+
+def prefilled(engine: Any) -> list[tuple[list[Any], int, int]]:
+    """Each prompt's (cache, first token, next position), with images of different sizes."""
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        image = Image.new("RGB", (60 + 40 * i, 90), (40 * i, 200, 90))
+        features, counts = engine.encode_images([image])
+        layout = engine.encode_prompt(prompt, counts)
+        logits, cache = engine.prefill(layout, features)
+        out.append((cache, int(np.argmax(logits)), layout.next_position))
+    return out
+
+
+def run(engine: Any, starts: list[tuple[list[Any], int, int]], steps: int, leave_at: int) -> Any:
+    """Greedy batched steps over every start (sample 0 leaves after step `leave_at`, then
+    joins again from its prefill): the logits of each step (B, V) and the batch."""
+    batch = engine.new_batch()
+    for i, (cache, _, _) in enumerate(starts):
+        batch.join(i, cache)
+    tokens = {i: s[1] for i, s in enumerate(starts)}
+    positions = {i: s[2] for i, s in enumerate(starts)}
+    logits = []
+    for step in range(steps):
+        keys = list(batch.keys)
+        out = engine.decode_batch_step(
+            [tokens[k] for k in keys], [positions[k] for k in keys], batch
+        )
+        logits.append(dict(zip(keys, out, strict=True)))
+        for k, row in zip(keys, out, strict=True):
+            tokens[k], positions[k] = int(np.argmax(row)), positions[k] + 1
+        if step == leave_at:
+            batch.leave([0])
+        if step == leave_at + 1:
+            batch.join(0, starts[0][0])
+            tokens[0], positions[0] = starts[0][1], starts[0][2]
+    return logits, batch
+
+
+def test_in_place_batches_equal_the_growing_cache(tiny_base_artifact: Path):
+    """Three left-padded samples over buffers of 4-row chunks (they grow every few steps), with
+    a leave and a join: every sample's logits are the growing cache's; the steps between two
+    changes of the batch copy nothing (the buffers are fed as they are, the caches returned are
+    views of them), and the views a step returned stay valid after the batch changes."""
+    static, growing = load(tiny_base_artifact), load(tiny_base_artifact, decode_cache="growing")
+    runner = static.runners["decode"]
+    assert isinstance(runner, InPlaceCacheDecoder)
+    assert type(growing.runners["decode"]).__name__ == "OnnxRunner"
+    runner.chunk = 4
+    starts = prefilled(growing)
+    got, batch = run(static, starts, 9, leave_at=3)
+    want, _ = run(growing, starts, 9, leave_at=3)
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in g:
+            assert float(np.abs(g[key] - w[key]).max()) <= TOL
+    assert runner.moves >= 1  # grew past 4-row chunks
+    assert runner.adopts == 3  # the first step, after the leave, after the join
+    for view, buf in zip(batch.cache, runner._buffers, strict=True):
+        assert view.base is buf and buf.flags.c_contiguous
+    kept = [np.array(c) for c in batch.cache]
+    held = list(batch.cache)
+    batch.leave([1])
+    static.decode_batch_step([5] * len(batch), [40] * len(batch), batch)
+    for view, copy in zip(held, kept, strict=True):
+        np.testing.assert_array_equal(view, copy)
+
+
+def test_in_place_single_sample_generate_equals_growing(tiny_base_artifact: Path, sample_image):
+    """One sample alone (the generate loop's decode_step): the same tokens and logits."""
+    static, growing = load(tiny_base_artifact), load(tiny_base_artifact, decode_cache="growing")
+    kwargs = {"images": [sample_image], "prompt": "Hi", "max_new_tokens": 6, "stop_at_eos": False}
+    got, want = static.generate(**kwargs), growing.generate(**kwargs)
+    assert got.token_ids == want.token_ids
+    assert float(np.abs(got.logits - want.logits).max()) <= TOL
+    assert static.runners["decode"].adopts == 1
+
+
+def test_static_decode_choices(tiny_base_artifact: Path, tmp_path: Path):
+    """onnx compiles the static decode by default; an artifact without it refuses
+    decode_cache='static' with one line and decodes with the growing cache."""
+    from mllmc.compiler.backends import TargetOptions, resolve_options
+
+    assert resolve_options("onnx", TargetOptions()).decode_cache == "static"
+    assert resolve_options("aoti", TargetOptions()).decode_cache == "growing"
+    with pytest.raises(UserError, match="built for --target aoti and onnx"):
+        resolve_options("trt", TargetOptions(decode_cache="static"))
+    copy = tmp_path / "growing"
+    shutil.copytree(tiny_base_artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["segments"]["decode_static"]
+    manifest["target_settings"]["decode_cache"] = "growing"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="recompile it with --decode-cache static"):
+        load(copy, decode_cache="static")
+    assert type(load(copy).runners["decode"]).__name__ == "OnnxRunner"
