@@ -790,10 +790,12 @@ def processor_inputs(processor: Any, image: Any, prompt: str) -> Any:
     """The HF processor's tensors for an image or a list of images (PIL images or paths) and a
     prompt; a prompt without the image token gets the model's chat template with the images
     first, as the runtime does."""
-    from PIL import Image
+    from mllmc.runtime.preprocess import load_image
 
     images = list(image) if isinstance(image, (list, tuple)) else [image]
-    images = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images]
+    # a path is opened as transformers' `load_image` (and the runtime) open a file: EXIF
+    # orientation applied, alpha dropped; a PIL image is the processor's to convert
+    images = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
     token = getattr(processor, "image_token", "<image>")
     found = prompt.count(token)
     if found and found != len(images):

@@ -14,7 +14,7 @@ import pytest
 
 from mllmc.compiler.verify import compare
 from mllmc.runtime.errors import UserError
-from mllmc.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest
+from mllmc.runtime.manifest import MANIFEST_NAME, Manifest, Precision, read_manifest
 from tests.compiler.tools.test_cli import mllmc
 
 
@@ -104,7 +104,8 @@ def test_verify_teacher_forces_eager_with_the_engines_tokens(tiny_model_dir, mon
 
     def fake_engine(engine_logits: np.ndarray) -> SimpleNamespace:
         result = SimpleNamespace(token_ids=tokens, logits=engine_logits)
-        return SimpleNamespace(generate=lambda *a, **k: result)
+        manifest = SimpleNamespace(precision=Precision())  # float weights
+        return SimpleNamespace(generate=lambda *a, **k: result, manifest=manifest)
 
     wrong = logits.copy()
     wrong[2:] += 3 * gap * max(1.0, float(np.abs(logits).max()))  # 3 x the bound
@@ -167,6 +168,25 @@ def test_verify_runs_eager_in_the_artifacts_dtype_at_its_tolerance(
     report = verify_artifact(art, tiny_model_dir, max_new_tokens=2, tol=1e-4)
     assert report.dtype == "bfloat16" and report.max_abs_logit_diff > 1e-3
     assert not report.ok and report.tol == 1e-4
+
+
+def test_verify_opens_image_files_as_the_runtime_does(tiny_base_artifact, tiny_model_dir, tmp_path):
+    """A transparent PNG and a JPEG with an EXIF rotation: the engine and the eager oracle open
+    the file the same way (transformers' `load_image`: orientation applied, alpha dropped), so a
+    correct artifact passes on them."""
+    from PIL import Image
+
+    from mllmc.compiler.verify import verify_artifact
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (40, 56, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "rotated.jpg", exif=exif)
+    for name in ("alpha.png", "rotated.jpg"):
+        report = verify_artifact(tiny_base_artifact, tiny_model_dir, tmp_path / name, "x", 8)
+        assert report.ok and report.max_abs_logit_diff <= 1e-4, (name, report)
 
 
 @pytest.mark.slow
