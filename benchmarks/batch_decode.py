@@ -12,8 +12,8 @@ joins B of those caches into a fresh `DecodeBatch` (each sample left-padded to t
 a serving batch is) and times `--steps` greedy `decode_batch_step` calls after one warm-up step,
 on one engine per decode cache of `--caches` (static: rows written in place into buffers,
 runtime/inplace_cache.py; growing: the graph appends each row to a copy of the cache), the
-caches interleaved within each round. Reported per cache and B: the median ms per step over the
-rounds (with min-max), ms per generated token (a step makes B), decode tokens/s, throughput and
+engines' steps alternating one by one (a round's time is the median of its steps). Reported per
+cache and B: the median ms per step over the rounds (with min-max), ms per generated token (a step makes B), decode tokens/s, throughput and
 step time relative to B = 1 of the same cache, and each cache's step time relative to the
 first's. Writes OUT/batch_decode.json and OUT/batch_decode.png.
 """
@@ -70,27 +70,37 @@ def prefilled(engine: Any) -> list[tuple[list[Any], int, int]]:
     return out
 
 
-def time_batch(engine: Any, caches: list[tuple[list[Any], int, int]], b: int, steps: int) -> float:
-    """Seconds per decode step for a batch of b samples (caches cycled), after one warm-up."""
-    batch = engine.new_batch()
-    tokens, positions = [], []
-    for i in range(b):
-        cache, token, position = caches[i % len(caches)]
-        batch.join(i, cache)
-        tokens.append(token)
-        positions.append(position)
+def time_batch(
+    engines: dict[str, Any], caches: list[tuple[list[Any], int, int]], b: int, steps: int
+) -> dict[str, float]:
+    """Seconds per decode step for a batch of b samples (caches cycled) on each engine: the
+    median over `steps` steps after one warm-up, the engines' steps alternating one by one, so
+    that load from other processes falls on each alike."""
+    runs = {}
+    for name, engine in engines.items():
+        batch = engine.new_batch()
+        for i in range(b):
+            batch.join(i, caches[i % len(caches)][0])
+        tokens = [caches[i % len(caches)][1] for i in range(b)]
+        positions = [caches[i % len(caches)][2] for i in range(b)]
+        runs[name] = (engine, batch, tokens, positions)
 
-    def step() -> None:
-        nonlocal tokens, positions
+    def step(name: str) -> float:
+        engine, batch, tokens, positions = runs[name]
+        began = time.perf_counter()
         logits = engine.decode_batch_step(tokens, positions, batch)
-        tokens = [int(t) for t in np.argmax(logits, axis=1)]
-        positions = [p + 1 for p in positions]
+        took = time.perf_counter() - began
+        tokens[:] = [int(t) for t in np.argmax(logits, axis=1)]
+        positions[:] = [p + 1 for p in positions]
+        return took
 
-    step()
-    began = time.perf_counter()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for name in runs:
+        step(name)  # warm-up
     for _ in range(steps):
-        step()
-    return (time.perf_counter() - began) / steps
+        for name in runs:
+            times[name].append(step(name))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def table(times: dict[int, list[float]], first: int) -> dict[str, dict[str, Any]]:
@@ -119,9 +129,9 @@ def measure(args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
     times = {c: {b: [] for b in args.batches} for c in args.caches}
     load_avg = []
     for r in range(args.rounds):
-        for b in args.batches:  # every B and cache in each round: drift lands on no single row
-            for c, e in engines.items():
-                times[c][b].append(time_batch(e, caches, b, args.steps))
+        for b in args.batches:  # every B in each round, so drift lands on no single row
+            for c, t in time_batch(engines, caches, b, args.steps).items():
+                times[c][b].append(t)
         load_avg.append(os.getloadavg()[0])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     by_cache = {c: table(t, args.batches[0]) for c, t in times.items()}

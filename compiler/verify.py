@@ -256,26 +256,37 @@ def compare(
     )
 
 
+def default_prompt(engine: Any, num_images: int) -> str:
+    """The prompt checks run without one: DEFAULT_PROMPT, templated by the model's chat
+    template, or where the model has none, after one image placeholder per image."""
+    encoder = engine.prompt_encoder
+    if encoder.chat_template:
+        return DEFAULT_PROMPT
+    return f"{encoder.image_token * num_images}\n{DEFAULT_PROMPT}"
+
+
 def verify(
     artifact_dir: str | Path,
     model: Any,
     info: Any,
     records: Sequence[PassRecord],
     image: Any = None,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str | None = None,
     max_new_tokens: int = 8,
     tol: float = LOGIT_TOL,
 ) -> VerifyReport:
     """Run the artifact on an image + prompt, then the eager oracle (`model`, in the precision it
     is in; a quantized artifact's with its weights through the same quantize -> dequantize round
     trip, `backends.quantize.quantized_weights`) on the engine's own tokens (teacher forcing),
-    and compare every step."""
+    and compare every step. Without a `prompt`, `default_prompt`'s."""
     from mllmc.runtime import load
 
     from .backends.quantize import quantized_weights
 
     image = probe_image() if image is None else image
     engine = load(artifact_dir)
+    if prompt is None:
+        prompt = default_prompt(engine, len(image) if isinstance(image, (list, tuple)) else 1)
     result = engine.generate(image, prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
     engine_tokens = list(result.token_ids)
     if engine_tokens:
@@ -301,7 +312,7 @@ def verify_artifact(
     artifact_dir: str | Path,
     model_dir: str | Path,
     image: Any = None,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str | None = None,
     max_new_tokens: int = 16,
     tol: float | None = None,
 ) -> VerifyReport:

@@ -13,7 +13,7 @@ the others never wait for it.
     result = future.result()                             # a GenerationResult
     scheduler.cancel(future)                             # or future.cancel(): stops at next step
     scheduler.stats()                                    # SchedulerStats(queued, running, completed)
-    scheduler.close(drain=True)                          # finish in-flight requests, join
+    scheduler.close(drain=True, timeout=30)              # finish in-flight requests, join
 
 `submit` checks a request on the caller's thread (its fields, that every image decodes, the
 prompt's placeholders and, where the image rows are known before the vision engine runs, its
@@ -23,6 +23,13 @@ future's `UserError`. A request's future stays pending until its result is set, 
 `future.cancel()` works while it generates; a cancelled request is dropped from the batch at the
 next step and costs nothing afterwards. While the scheduler runs, the engine is its own: use
 another engine for calls of your own.
+
+`close(drain=True, timeout=T)` stops taking requests and lets the queued and running ones finish
+for up to T seconds; what is left then is cancelled (its future raises CancelledError), and
+close returns, once the thread has ended (at most one more decode step), the number of requests
+it cancelled. `drain=False` cancels them at once. A second close is a no-op returning 0;
+`submit` after close raises UserError. Where the artifact takes text-only prompts
+(`Engine.text_only`), a request's images may be an empty list.
 """
 
 from __future__ import annotations
@@ -157,11 +164,13 @@ def load_image_bytes(data: bytes, index: int) -> Image.Image:
         raise UserError(f"image {index} does not decode: {first}") from None
 
 
-def _images(images: Any) -> list[Any]:
-    """A request's images as the engine takes them (bytes decoded); UserError if not a list."""
-    if not isinstance(images, (list, tuple)) or not images:
+def _images(images: Any, text_only: bool = False) -> list[Any]:
+    """A request's images as the engine takes them (bytes decoded); UserError if not a list,
+    or if it is empty where the artifact does not take text-only prompts (`text_only`)."""
+    if not isinstance(images, (list, tuple)) or (not images and not text_only):
+        what = "a list" if text_only else "a non-empty list"
         raise UserError(
-            "images must be a non-empty list of PIL images, paths or encoded image bytes, got "
+            f"images must be {what} of PIL images, paths or encoded image bytes, got "
             f"{type(images).__name__ if not isinstance(images, (list, tuple)) else 'an empty list'}"
         )
     out = []
@@ -188,7 +197,8 @@ def prepare(engine: Engine, request: Request) -> _Prepared:
     _check_generate_args(r.max_new_tokens, r.temperature, r.top_k, r.seed, vocab)
     if not isinstance(r.prompt, str):
         raise UserError(f"prompt must be a string, got {type(r.prompt).__name__}")
-    tiles, metas = engine.image_tiles(_images(r.images))
+    images = _images(r.images, engine.text_only)
+    tiles, metas = engine.image_tiles(images) if images else ([], [])  # []: a text-only prompt
     # an image's rows are known before the vision engine runs unless the family's depend on
     # the image. Then a per-image family's metas are its rows before any pruning (Qwen's
     # `ImageRows`, whose grids the prompt's M-RoPE positions need); other families count 1 per
@@ -210,7 +220,10 @@ def start(
     """Run a prepared request's vision and prefill and choose its first token -> (the sample,
     its KV cache as prefill() returned it)."""
     began = time.perf_counter()
-    features, counts = engine.encode_tiles(prepared.tiles, prepared.metas)
+    if prepared.tiles:
+        features, counts = engine.encode_tiles(prepared.tiles, prepared.metas)
+    else:  # a text-only prompt (the artifact's `text_only`): no rows, no vision call
+        features, counts = engine.encode_images([])
     vision = time.perf_counter()
     layout = prepared.layout
     if counts != prepared.counts or not prepared.exact:
@@ -289,11 +302,15 @@ def generate_batch(
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise UserError("prompts must be a non-empty list of strings, one per sample")
     n = len(prompts)
-    if not isinstance(images_list, (list, tuple)) or len(images_list) != n:
+    if not isinstance(images_list, (list, tuple)):
         raise UserError(
-            f"images_list must be a list of {n} entries (each sample's image or list of "
-            f"images), one per prompt, got {type(images_list).__name__} of "
-            f"{len(images_list) if isinstance(images_list, (list, tuple)) else 'no'} entries"
+            f"images_list must be a list of each sample's images ({n} entries: an image or a "
+            f"list of images each), got {type(images_list).__name__}"
+        )
+    if len(images_list) != n:
+        raise UserError(
+            f"images_list must be a list of each sample's images, one per prompt: got "
+            f"{len(images_list)} entries for {n} prompts"
         )
     new_tokens = _per_sample(max_new_tokens, n, "max_new_tokens")
     seeds = _seeds(seed, n)
@@ -383,8 +400,12 @@ class Scheduler:
         return future
 
     def cancel(self, future: Future[GenerationResult]) -> bool:
-        """Cancel a request: it stops at the next decode step (or is never started). False if
-        it had finished already."""
+        """Cancel a request (the Future `submit` returned): it stops at the next decode step
+        (or is never started). False if it had finished already."""
+        if not isinstance(future, Future):
+            raise UserError(
+                f"cancel takes the Future that submit() returned, got {type(future).__name__}"
+            )
         cancelled = future.cancel()
         with self._cond:
             self._cond.notify()
@@ -394,20 +415,33 @@ class Scheduler:
         with self._cond:
             return SchedulerStats(len(self._queue), len(self._samples), self._completed)
 
-    def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop taking requests; with `drain`, finish every queued and running one, else cancel
-        them; then join the thread (up to `timeout` seconds)."""
+    def close(self, drain: bool = True, timeout: float | None = None) -> int:
+        """Stop taking requests and end the thread -> how many requests this call cancelled.
+        With `drain`, the queued and running requests finish, for up to `timeout` seconds
+        (None: however long they take); what is left after that, or everything at once without
+        `drain`, is cancelled (their futures raise CancelledError) and stops at the next decode
+        step, which the call waits for. A second close is a no-op returning 0."""
         with self._cond:
+            if self._closed and not self._thread.is_alive():
+                return 0
             self._closed = True
             self._drain = self._drain and bool(drain)
-            if not drain:
-                for _, future in self._queue:
-                    future.cancel()
-                for future in self._futures.values():
-                    future.cancel()
-            self._cond.notify_all()
-        if threading.current_thread() is not self._thread:  # not from a future's callback
-            self._thread.join(timeout)
+            cut = 0 if drain else self._cancel_all()
+        if threading.current_thread() is self._thread:  # from a future's callback: no join
+            return cut
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # the timeout passed: cancel what is left, then join
+            with self._cond:
+                cut += self._cancel_all()
+            self._thread.join()
+        return cut
+
+    def _cancel_all(self) -> int:
+        """Cancel every queued and running request (the caller holds the lock) -> how many."""
+        futures = [f for _, f in self._queue] + list(self._futures.values())
+        cut = sum(f.cancel() for f in futures if not f.done())
+        self._cond.notify_all()
+        return cut
 
     def __enter__(self) -> Scheduler:
         return self

@@ -733,7 +733,11 @@ def _add_verify_parser(sub: Any) -> None:
         action="append",
         help="an image file, once per image (default: a built-in synthetic image)",
     )
-    sp.add_argument("--prompt", default="Describe the image.")
+    sp.add_argument(
+        "--prompt",
+        help="default: 'Describe the image.' (after the image placeholders where the model has "
+        "no chat template)",
+    )
     sp.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=16)
     sp.add_argument(
         "--tol",

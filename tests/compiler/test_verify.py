@@ -207,3 +207,20 @@ def test_bfloat16_aoti_artifact_verifies(tiny_model_dir, tmp_path):
     assert (m.dtype, m.tol, m.validation) == ("bfloat16", 0.25, None)
     proc = mllmc("verify", out, "--against", tiny_model_dir, "--max-new-tokens", "8")
     assert proc.stdout.startswith("PASS") and "bfloat16" in proc.stdout, proc.stdout
+
+
+def test_a_model_without_chat_template_compiles_and_verifies(tiny_model_dir, tmp_path):
+    """Compile's validation and `mllmc verify` choose their own prompt: without a chat template
+    it holds the image placeholder itself, so such a model compiles and verifies; a prompt the
+    user gives without a placeholder is still the runtime's one line."""
+    src = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, src)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (src / name).unlink(missing_ok=True)
+    art = tmp_path / "art"
+    proc = mllmc("compile", src, "-o", art, "-q")
+    assert proc.returncode == 0 and "validated against eager" in proc.stdout, proc.stderr
+    proc = mllmc("verify", art, "--against", src, "--max-new-tokens", "2")
+    assert proc.returncode == 0 and proc.stdout.startswith("PASS"), proc.stdout + proc.stderr
+    proc = mllmc("verify", art, "--against", src, "--prompt", "Hi", check=2)
+    assert "has no chat template" in proc.stderr, proc.stderr

@@ -359,6 +359,66 @@ def test_scheduler_close_drains_or_cancels(engine: Engine):
     assert scheduler.stats() == (0, 0, 0)
 
 
+def test_close_timeout_cancels_what_is_left(engine: Engine, step_log: Any):
+    """close(drain=True, timeout) lets requests finish for `timeout` s, then cancels the rest
+    and joins the thread; a second close is a no-op, submit after close a UserError."""
+    log = step_log(pause_after=2)
+    scheduler = Scheduler(engine)
+    long = scheduler.submit(request(0, 400))
+    assert log.paused.wait(60)
+    queued = scheduler.submit(request(1))
+
+    def resume_once_cancelled() -> None:  # the paused step ends once close has cancelled
+        while not long.cancelled():
+            threading.Event().wait(0.01)
+        log.resume.set()
+
+    threading.Thread(target=resume_once_cancelled, daemon=True).start()
+    assert scheduler.close(drain=True, timeout=0.05) == 2
+    assert not scheduler._thread.is_alive()
+    assert long.cancelled() and queued.cancelled()
+    with pytest.raises(CancelledError):
+        long.result(timeout=0)
+    assert sum(0 in keys for keys in log.steps) == 2  # nothing ran after the cut
+    assert scheduler.stats() == (0, 0, 0)
+    assert scheduler.close() == 0  # a no-op
+    with pytest.raises(UserError, match="the scheduler is closed"):
+        scheduler.submit(request(0))
+
+
+def test_close_timeout_never_aborts_the_process(tiny_base_artifact: Path, tmp_path: Path):
+    """A generation still running when close's timeout passes is cancelled and the thread
+    joined, so the interpreter exits normally (no abort from a thread inside onnxruntime)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "close.py"
+    script.write_text(
+        f"""
+import time
+from concurrent.futures import CancelledError
+from PIL import Image
+from mllmc.runtime import load
+from mllmc.runtime.batching import Request, Scheduler
+engine = load({str(tiny_base_artifact)!r}, threads=1)
+engine.eos_token_ids = set()
+scheduler = Scheduler(engine)
+future = scheduler.submit(Request([Image.new("RGB", (32, 32))], "Hi", 3000))
+while scheduler.stats().running == 0:
+    time.sleep(0.01)
+print("cut", scheduler.close(drain=True, timeout=0.2))
+try:
+    future.result(timeout=0)
+except CancelledError:
+    print("cancelled")
+"""
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["cut", "1", "cancelled"], proc.stdout
+    assert "terminate called" not in proc.stderr
+
+
 def test_submit_refuses_bad_requests_and_queues_nothing(engine: Engine, sample_image: Path):
     images = [sample_image]
     too_long = engine.manifest.model.max_position_embeddings + 1
@@ -370,18 +430,24 @@ def test_submit_refuses_bad_requests_and_queues_nothing(engine: Engine, sample_i
         (Request(images, "Hi", 4, top_k=-1), "top_k must be an integer from 0"),
         (Request(images, "Hi", 4, seed=-3), "seed must be None or an integer >= 0"),
         (Request(images, b"Hi", 4), "prompt must be a string, got bytes"),  # type: ignore[arg-type]
-        (Request([], "Hi", 4), "images must be a non-empty list"),
         (Request(sample_image, "Hi", 4), "images must be a non-empty list"),  # type: ignore[arg-type]
         (Request([b"not a png"], "Hi", 4), "image 0 does not decode: not an image file"),
         (Request([b""], "Hi", 4), "image 0 is empty"),
         (Request([3], "Hi", 4), "image 0 must be a PIL image, a path or encoded image bytes"),
         (Request(images, "<image> <image> two?", 4), "the prompt has 2 <image> placeholders"),
     ]
+    cases.append((Request([], "Hi", 4), "images must be a non-empty list"))  # not text-only
     with Scheduler(engine) as scheduler:
         for bad, match in cases:
             with pytest.raises(UserError, match=match):
                 scheduler.submit(bad)  # type: ignore[arg-type]
             assert scheduler.stats() == (0, 0, 0)
+        with pytest.raises(UserError, match="cancel takes the Future that submit"):
+            scheduler.cancel(object())  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="images_list must be a list of each sample's images"):
+        engine.generate_batch("img.png", ["a"])  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="got 2 entries for 1 prompts"):
+        engine.generate_batch([[], []], ["a"])
     for bad_max in (0, 2000, True):
         with pytest.raises(UserError, match="max_batch must be an integer from 1 to"):
             Scheduler(engine, max_batch=bad_max)
