@@ -178,8 +178,8 @@ class SegmentLoop:
             )
         if v < self._min_visual:
             raise UserError(
-                f"the prompt has {v} visual rows; this artifact's passes need at least "
-                f"{self._min_visual}"
+                f"the prompt has {v} visual row{'s' if v != 1 else ''}; this artifact's "
+                f"passes need at least {self._min_visual} (give a larger image)"
             )
         if n - v < MIN_TEXT_ROWS:
             raise UserError(

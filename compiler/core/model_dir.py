@@ -342,7 +342,11 @@ def check_qwen_config(cfg: dict[str, Any], path: Path) -> None:
     text = qwen_text_section(cfg)
     text_type = _field(text, "model_type", str, path, "text_config.")
     if text_type not in (None, f"{cfg['model_type']}_text", cfg["model_type"]):
-        raise UserError(f"{path}: text_config.model_type {text_type!r} is not a Qwen-VL decoder")
+        want = f"{cfg['model_type']}_text"
+        raise UserError(
+            f"{path}: text_config.model_type {text_type!r} is not a {cfg['model_type']} "
+            f"decoder (want {want!r})"
+        )
     sizes = {k: _size(text, k, limit, path, "text_config", True) for k, limit in TEXT_SIZES.items()}
     kv = _size(text, "num_key_value_heads", 1024, path, "text_config", False)
     heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]

@@ -268,10 +268,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cuda_graphs=False if args.no_cuda_graphs else None,
     )
     if not args.image and not engine.text_only:
-        raise UserError(
-            f"{args.artifact} is a {engine.manifest.model.model_type} model: it needs an image "
-            "(give --image FILE)"
+        passes = [p.name for p in engine.manifest.passes]
+        why = (
+            f"its passes ({', '.join(passes)}) need visual rows"
+            if engine.manifest.min_visual_rows and passes
+            else f"a {engine.manifest.model.model_type} model's prompt holds at least one image"
         )
+        raise UserError(f"{args.artifact} needs an image (give --image FILE): {why}")
     result = engine.generate(
         args.image or None,
         args.prompt,
@@ -449,7 +452,7 @@ def _add_preset_parser(sub: Any) -> None:
     sp = _subparser(
         sub,
         "preset",
-        "write a preset LLaVA model directory (for tests, benchmarks and the demo): "
+        "write a preset model directory (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; for tests, benchmarks and the demo): "
         "random-init presets, and trained-tiny-llava, trained on shapes-qa",
         cmd_preset,
         "  mllmc preset tiny-llava -o models/tiny-llava\n"
@@ -487,7 +490,7 @@ def _add_compile_parser(sub: Any) -> None:
     sp = _subparser(
         sub,
         "compile",
-        "compile a Hugging Face LLaVA directory into an engine artifact",
+        "compile a Hugging Face model directory (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) into an engine artifact",
         cmd_compile,
         "  mllmc compile models/tiny-llava -o out/tiny\n"
         "  mllmc compile models/tiny-llava --pass shortv:layers=[1,3,4] -o out/tiny-shortv\n"
@@ -680,7 +683,7 @@ def _add_run_parser(sub: Any) -> None:
     sp.add_argument(
         "--prompt",
         required=True,
-        help="with one <image> per image, or plain text for the chat template (images first)",
+        help="with one image placeholder per image (<image>; Qwen: <|image_pad|>), or plain text for the chat template (images first)",
     )
     sp.add_argument("--max-new-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=32)
     sp.add_argument(

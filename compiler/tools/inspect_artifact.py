@@ -71,7 +71,9 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
     model, flops, ts = m.model, m.flops, m.target_settings
     max_seq = f", max_seq_len {ts.max_seq_len}" if ts.max_seq_len is not None else ""
     per, reference = "", ""
-    if model.reference_visual_rows:
+    if model.mrope_section:  # Qwen-VL: no tiles; an image's rows follow its size
+        per = f"for the reference image ({model.image_size} px square) "
+    elif model.reference_visual_rows:
         per = "per tile "
         reference = (
             f"; the reference image ({model.reference_tiles} tiles) takes "

@@ -68,7 +68,9 @@ def test_llava_needs_an_image(tiny_base_artifact: Path):
     with pytest.raises(UserError, match="no image given: pass an image or a list of images"):
         engine.generate(images=[], prompt="Hi")
     proc = run_cli("run", tiny_base_artifact, "--prompt", "Hi")
-    one_line_error(proc, "is a llava model: it needs an image (give --image FILE)")
+    one_line_error(
+        proc, "needs an image (give --image FILE): a llava model's prompt holds at least one image"
+    )
 
 
 @pytest.mark.parametrize("threads", [0, -1, 100_000, True, 1.5])
