@@ -11,12 +11,21 @@ the repository to a temporary directory (naming the artifact where it lies) and 
 tritonserver binary and Python backend that PyTriton (`pip install 'mllmc[serve]'`) ships, on
 loopback unless told otherwise; `export-triton` writes it for the stock Triton container, with
 the artifact copied in.
+
+Shutdown (SIGTERM, SIGINT, SIGHUP): `serve` drops a `stop` file in the run's control directory
+(the model's `control_dir` parameter) and stops tritonserver, which takes no new requests. Each
+model instance lets its generations run for up to `drain_timeout_s`, then cancels what is left:
+each such request is answered with a one-line error, the instance writes how many it cut, and
+`serve` warns naming that count. tritonserver waits a few seconds longer than the drain, so the
+instances finalize and their stub processes exit; any process of the run still alive after
+tritonserver stopped is killed (and named in a warning).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +51,10 @@ ARTIFACT_DIR = "artifact"  # the artifact's place in the model's version directo
 # PyTriton gives tritonserver 30 s to exit after SIGINT, then kills it: draining takes less
 MAX_DRAIN_S = 25
 READY_TIMEOUT_S = 600  # loading a large artifact takes a while
+# tritonserver waits this much longer than the drain, for the instances to answer what they cut
+EXIT_MARGIN_S = 4
+STOP_FILE = "stop"  # in the control directory: its appearance starts the drain
+CUT_FILE_PREFIX = "cut-"  # cut-<pid>: how many generations that instance cancelled
 
 
 @dataclass(frozen=True)
@@ -62,9 +75,10 @@ class ServeSettings:
     queue_delay_us: int = 2000
 
 
-def model_config(settings: ServeSettings, artifact: str) -> str:
+def model_config(settings: ServeSettings, artifact: str, control_dir: str = "") -> str:
     """The `config.pbtxt` of the `mllmc` model; `artifact`: its path, absolute or relative to
-    the model's version directory."""
+    the model's version directory; `control_dir`: where `serve` signals a shutdown (none for
+    an exported repository: the model drains in finalize)."""
     params = {
         "artifact": artifact,
         "max_batch": settings.max_batch,
@@ -73,6 +87,8 @@ def model_config(settings: ServeSettings, artifact: str) -> str:
         "drain_timeout_s": settings.drain_timeout_s,
         "threads": settings.threads or 0,
     }
+    if control_dir:
+        params["control_dir"] = control_dir
     parameters = "\n".join(
         f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items()
     )
@@ -82,7 +98,7 @@ backend: "python"
 max_batch_size: {settings.max_batch}
 dynamic_batching {{ max_queue_delay_microseconds: {settings.queue_delay_us} }}
 input [
-  {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true }},
+  {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true optional: true }},
   {{ name: "prompt" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
   {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
@@ -101,6 +117,11 @@ instance_group [ {{ count: {settings.instances} kind: KIND_CPU }} ]
 def check_artifact(artifact: str | os.PathLike) -> Path:
     """UserError (one line) unless `artifact` is a complete mllmc artifact."""
     root = Path(artifact)
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"{root} is a file, not an artifact directory (make one with: mllmc compile MODEL "
+            "-o DIR)"
+        )
     check_files(root, read_manifest(root))
     return root.resolve()
 
@@ -113,6 +134,8 @@ def repository_replaceable(path: Path) -> str | None:
     """None if `path` is a model repository `export-triton` wrote (--force may replace it)."""
     config = path / MODEL_NAME / "config.pbtxt"
     entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return None  # an empty directory holds nothing to lose
     if entries != [MODEL_NAME] or not config.is_file():
         return "it is not a model repository mllmc export-triton wrote"
     with open(config, encoding="utf-8", errors="replace") as f:
@@ -121,14 +144,17 @@ def repository_replaceable(path: Path) -> str | None:
     return None
 
 
-def _fill_repository(tmp: Path, root: Path, settings: ServeSettings, copy: bool) -> None:
+def _fill_repository(
+    tmp: Path, root: Path, settings: ServeSettings, copy: bool, control_dir: str = ""
+) -> None:
     version = tmp / MODEL_NAME / "1"
     version.mkdir(parents=True)
     (version / "model.py").write_text(_model_source())
     if copy:
         shutil.copytree(root, version / ARTIFACT_DIR)
     artifact = ARTIFACT_DIR if copy else str(root)
-    (tmp / MODEL_NAME / "config.pbtxt").write_text(model_config(settings, artifact))
+    config = model_config(settings, artifact, control_dir)
+    (tmp / MODEL_NAME / "config.pbtxt").write_text(config)
 
 
 def write_model_repository(
@@ -167,6 +193,20 @@ def check_serve_requirements() -> None:
         )
 
 
+def check_host(host: str) -> None:
+    """UserError unless `host` is an address of this machine a server can listen on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            why = (e.strerror or str(e)).lower()
+            raise UserError(
+                f"--host {host}: {why}; give an address of this machine (127.0.0.1: this "
+                "machine only, 0.0.0.0: every interface)"
+            ) from None
+
+
 def check_port(host: str, port: int, flag: str) -> None:
     """UserError unless `port` can be bound on `host`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -190,6 +230,7 @@ def _pick_ports(host: str, port: int, grpc: int | None, metrics: int | None) -> 
     given = [p for p in (port, grpc, metrics) if p is not None]
     if len(set(given)) != len(given):
         raise UserError(f"--port, --grpc-port and --metrics-port must differ, got {given}")
+    check_host(host)
     for flag, p in (("--port", port), ("--grpc-port", grpc), ("--metrics-port", metrics)):
         if p is not None:
             check_port(host, p, flag)
@@ -261,7 +302,8 @@ def triton_server(
 ) -> Any:
     """A PyTriton `Triton` (not started: call .run(), then .stop()) that runs tritonserver on
     the model repository `repository`, HTTP, gRPC and metrics on `ports` of `host`, waiting
-    up to `drain_timeout_s` for requests in flight when stopped; its files in `workspace`."""
+    up to `drain_timeout_s` (and EXIT_MARGIN_S) for requests in flight when stopped; its files
+    in `workspace`."""
     _library_path()
     from pytriton.triton import Triton, TritonConfig
 
@@ -273,7 +315,7 @@ def triton_server(
         grpc_port=ports[1],
         metrics_address=host,
         metrics_port=ports[2],
-        exit_timeout_secs=int(drain_timeout_s),
+        exit_timeout_secs=int(drain_timeout_s) + EXIT_MARGIN_S,
         allow_gpu_metrics=False,
     )
     return Triton(config=config, workspace=workspace)
@@ -291,14 +333,17 @@ def serve(
 ) -> int:
     """Serve `artifact` as the Triton model `mllmc` (HTTP on `port`, gRPC and metrics on the
     given or free ports, all on `host`) until SIGTERM / SIGINT / SIGHUP, which drain the
-    requests in flight (at most settings.drain_timeout_s) and return 0."""
+    requests in flight (at most settings.drain_timeout_s; what is left then is cancelled, each
+    answered with an error, and a warning names how many) and return 0."""
     root = check_artifact(artifact)
     grpc_port, metrics_port = _pick_ports(host, port, grpc_port, metrics_port)
     check_serve_requirements()
     with outputs.scratch_directory("mllmc-serve-") as scratch, _stop_on_signals() as stop:
+        control = Path(scratch) / "control"
+        control.mkdir()
         repo = Path(scratch) / "repository"
         repo.mkdir()
-        _fill_repository(repo, root, settings, copy=False)
+        _fill_repository(repo, root, settings, copy=False, control_dir=str(control))
         ports = (port, grpc_port, metrics_port)
         triton = triton_server(repo, host, ports, settings.drain_timeout_s, Path(scratch) / "ws")
         try:
@@ -313,6 +358,53 @@ def serve(
                 if not triton.is_alive():
                     raise UserError("tritonserver exited; its log above says why")
         finally:
+            (control / STOP_FILE).touch()  # the instances start their drain
             triton.stop()
+            killed = kill_leftovers(str(scratch))
+            cut = generations_cut(control)
+    if cut:
+        say(
+            f"mllmc serve: warning: {cut} generation(s) still running after the drain timeout "
+            f"of {settings.drain_timeout_s:g} s were cut (each answered with an error)"
+        )
+    if killed:
+        say(f"mllmc serve: warning: killed {killed} model process(es) left running")
     say("mllmc serve: stopped")
     return 0
+
+
+def generations_cut(control: Path) -> int:
+    """How many generations the model instances cancelled at the end of the drain (each
+    instance writes `cut-<pid>` in the control directory)."""
+    total = 0
+    for path in control.glob(CUT_FILE_PREFIX + "*"):
+        with contextlib.suppress(OSError, ValueError):
+            total += int(path.read_text().strip() or 0)
+    return total
+
+
+def run_processes(marker: str) -> list[int]:
+    """The ids of this user's processes whose command line names `marker` (the run's scratch
+    directory: tritonserver's Python stubs take their model.py's path), this one excepted."""
+    pids = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not re.fullmatch(r"\d+", entry.name) or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat().st_uid == os.getuid():
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                if marker.encode() in cmdline:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def kill_leftovers(marker: str, grace_s: float = 5.0) -> int:
+    """Wait up to `grace_s` for the run's processes (`run_processes(marker)`) to exit, then
+    kill those left -> how many were killed."""
+    deadline = time.monotonic() + grace_s
+    while (pids := run_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)

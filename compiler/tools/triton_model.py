@@ -13,7 +13,9 @@ that arrives while others decode joins their running decode batch instead of wai
 instance, and a bad request gets its own one-line error while the rest of its batch goes on.
 
 Per request (batch dimension 1, as Triton hands requests to the Python backend):
-    inputs   image (BYTES, 1 x n): n encoded image files, in prompt order, 1 <= n <= MAX_IMAGES
+    inputs   image (BYTES, 1 x n): n encoded image files, in prompt order, 1 <= n <= MAX_IMAGES;
+                   optional (absent or n = 0: a text-only prompt) where the artifact takes
+                   text-only prompts (`Engine.text_only`, e.g. Qwen2-VL's)
              prompt (BYTES, 1 x 1): UTF-8, not empty, at most MAX_PROMPT_BYTES bytes
              max_new_tokens (INT32, 1 x 1): 1 .. the model's `max_new_tokens_limit` parameter
              temperature (FP32, 1 x 1), top_k (INT32, 1 x 1), seed (INT64, 1 x 1): optional
@@ -21,8 +23,11 @@ Per request (batch dimension 1, as Triton hands requests to the Python backend):
 
 A watcher thread stops the generation of a request Triton marks cancelled (a gRPC client that
 cancels or whose deadline passes) or that runs past the `request_timeout_s` parameter, at the
-next decode step. `finalize` (model unload, server shutdown) lets the scheduler finish what is
-in flight.
+next decode step. Shutdown: when the `stop` file appears in the `control_dir` parameter's
+directory (`mllmc serve` writes it on SIGTERM), or at the latest in `finalize` (model unload),
+the generations in flight get up to `drain_timeout_s` to finish; those still running then are
+cancelled, each answered with a one-line error, and their count is written to
+`control_dir/cut-<pid>` and Triton's log.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -73,16 +79,19 @@ def _scalar(arrays: dict[str, Any], name: str, kind: str, default: Any = None) -
     return item
 
 
-def _images(arrays: dict[str, Any]) -> list[bytes]:
+def _images(arrays: dict[str, Any], text_only: bool) -> list[bytes]:
     """The request's encoded image files (the scheduler decodes them: UserError if one does
-    not)."""
+    not); none where the artifact takes text-only prompts (`text_only`) and none came."""
     UserError = _user_error()
     value = arrays.get("image")
     if value is None:
+        if text_only:
+            return []
         raise UserError("input 'image' is missing: send the encoded image file(s) as BYTES")
     items = list(np.asarray(value, dtype=object).reshape(-1))
-    if not 1 <= len(items) <= MAX_IMAGES:
-        raise UserError(f"a request takes 1 to {MAX_IMAGES} images, got {len(items)}")
+    if not (0 if text_only else 1) <= len(items) <= MAX_IMAGES:
+        least = 0 if text_only else 1
+        raise UserError(f"a request takes {least} to {MAX_IMAGES} images, got {len(items)}")
     for i, data in enumerate(items):
         if not isinstance(data, bytes) or not data:
             raise UserError(f"image {i} is empty: send the encoded image file's bytes")
@@ -105,13 +114,16 @@ def _prompt(arrays: dict[str, Any]) -> str:
     return text
 
 
-def parse_request(arrays: dict[str, Any], max_new_tokens_limit: int) -> dict[str, Any]:
+def parse_request(
+    arrays: dict[str, Any], max_new_tokens_limit: int, text_only: bool = False
+) -> dict[str, Any]:
     """One request's input arrays (name -> numpy array, absent optional inputs missing) ->
     the keyword arguments of `mllmc.runtime.batching.Request` (images as encoded bytes);
-    UserError (one line) for a bad request. Values are checked here, where the message can name
-    the input; the scheduler's `submit` checks the rest (images decode, prompt fits)."""
+    UserError (one line) for a bad request. `text_only`: the artifact takes prompts without
+    images. Values are checked here, where the message can name the input; the scheduler's
+    `submit` checks the rest (images decode, prompt fits)."""
     UserError = _user_error()
-    images = _images(arrays)
+    images = _images(arrays, text_only)
     prompt = _prompt(arrays)
     max_new = _scalar(arrays, "max_new_tokens", "int")
     if not 1 <= max_new <= max_new_tokens_limit:
@@ -195,6 +207,9 @@ class TritonPythonModel:
         self.timeout_s = float(params.get("request_timeout_s") or 600)
         self.drain_s = float(params.get("drain_timeout_s") or 30)
         self.scheduler = Scheduler(self.engine, max_batch=int(params.get("max_batch") or 16))
+        self.control_dir = params.get("control_dir") or ""
+        self._cut_at: float | None = None  # when the drain ends (the stop file was seen)
+        self._cut = 0  # generations cancelled at the end of the drain
         self._lock = threading.Lock()
         self._inflight: list[_InFlight] = []
         self._stop = threading.Event()
@@ -233,7 +248,8 @@ class TritonPythonModel:
                 raise _user_error()(
                     f"input '{name}' has batch size {value.shape[0]}: send one prompt per request"
                 )
-        return self.scheduler.submit(Request(**parse_request(arrays, self.max_new_tokens_limit)))
+        kwargs = parse_request(arrays, self.max_new_tokens_limit, self.engine.text_only)
+        return self.scheduler.submit(Request(**kwargs))
 
     def _respond(self, item: _InFlight) -> None:
         import triton_python_backend_utils as pb_utils
@@ -262,12 +278,21 @@ class TritonPythonModel:
     @staticmethod
     def _send_error(sender: Any, message: str, pb_utils: Any, code: Any) -> None:
         response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
-        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        try:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as e:  # the request is gone (the server is stopping)
+            log.warning("mllmc: could not send an error response: %r", e)
 
     def _watch(self) -> None:
-        """Stop the generations whose client cancelled or whose time is up."""
+        """Stop the generations whose client cancelled or whose time is up; at the end of a
+        shutdown's drain, all of them."""
         while not self._stop.wait(WATCH_PERIOD_S):
             now = time.monotonic()
+            if self._cut_at is None and self._stop_requested():
+                self._cut_at = now + self.drain_s
+            if self._cut_at is not None and now > self._cut_at:
+                self._cut_all()
+                continue
             with self._lock:
                 items = list(self._inflight)
             for item in items:
@@ -282,8 +307,47 @@ class TritonPythonModel:
                 self.scheduler.cancel(item.future)
                 _log_info(f"mllmc: stopped a generation: {item.why}")
 
+    def _stop_requested(self) -> bool:
+        return bool(self.control_dir) and os.path.exists(os.path.join(self.control_dir, "stop"))
+
+    def _cut_all(self) -> None:
+        """The drain is over: cancel every generation still in flight (each is answered with
+        its one-line error) and record how many."""
+        with self._lock:
+            items = [item for item in self._inflight if not item.future.done()]
+        why = f"the server is shutting down and its drain timeout of {self.drain_s:g} s passed"
+        cut = 0
+        for item in items:
+            item.why = item.why or why
+            cut += self.scheduler.cancel(item.future)
+        if cut:
+            self._record_cut(cut)
+
+    def _record_cut(self, cut: int) -> None:
+        """Add `cut` cancelled generations to this instance's count (log and control file)."""
+        self._cut += cut
+        _log_info(f"mllmc: shutdown cut {cut} generation(s) still running after the drain")
+        if self.control_dir:
+            path = os.path.join(self.control_dir, f"cut-{os.getpid()}")
+            try:
+                with open(path, "w") as f:
+                    f.write(str(self._cut))
+            except OSError as e:
+                log.warning("mllmc: could not write %s: %r", path, e)
+
     def finalize(self) -> None:
-        """Model unload or server shutdown: finish what is in flight, then stop."""
-        self.scheduler.close(drain=True, timeout=self.drain_s)
+        """Model unload or server shutdown: let what is in flight finish for up to
+        `drain_timeout_s` (less what the shutdown's drain took already), cancel the rest (each
+        answered with an error), then stop the scheduler and the watcher."""
+        left = self.drain_s
+        if self._cut_at is not None:
+            left = max(0.0, self._cut_at - time.monotonic())
         self._stop.set()
         self._watcher.join(timeout=1)
+        with self._lock:
+            for item in self._inflight:
+                why = f"the model was unloaded and its drain timeout of {self.drain_s:g} s passed"
+                item.why = item.why or why
+        cut = self.scheduler.close(drain=True, timeout=left)
+        if cut:
+            self._record_cut(cut)

@@ -479,3 +479,26 @@ def test_qwen_batch_and_scheduler_equal_each_alone(
         ]
         for future, want in zip(futures, wanted, strict=True):
             assert_same(future.result(timeout=120), want)
+
+
+def test_text_only_samples_batch_beside_image_samples(
+    qwen_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+):
+    """On a Qwen2-VL artifact (`text_only`): an empty image list is a text-only prompt in
+    generate_batch and the Scheduler, and gets what generate gets alone, beside image samples."""
+    from mllmc.compiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "qwen2-text-only"
+    qwen = load(compile_model(qwen_dirs["tiny-qwen2-vl"], out, progress=False).out_dir)
+    assert qwen.text_only
+    qwen.eos_token_ids = set()
+    samples = [([], "Hi there", 5), SAMPLES[0], ([], "Tell me a story, please.", 3)]
+    wanted = [alone(qwen, imgs, prompt, n) for imgs, prompt, n in samples]
+    assert wanted[0].token_ids == qwen.generate(None, "Hi there", 5, stop_at_eos=False).token_ids
+    images, prompts, steps = (list(x) for x in zip(*samples, strict=True))
+    for result, want in zip(qwen.generate_batch(images, prompts, steps), wanted, strict=True):
+        assert_same(result, want)
+    with Scheduler(qwen, max_batch=4) as scheduler:
+        futures = [scheduler.submit(Request(imgs, p, n)) for imgs, p, n in samples]
+        for future, want in zip(futures, wanted, strict=True):
+            assert_same(future.result(timeout=120), want)

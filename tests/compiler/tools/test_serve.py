@@ -8,6 +8,7 @@ extra (PyTriton, which pins numpy < 2) and skip, saying why, where it is missing
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from mllmc.compiler.tools.triton_model import MAX_PROMPT_BYTES, error_line, pars
 from mllmc.runtime.errors import UserError
 
 CLI = [sys.executable, "-m", "mllmc.compiler.tools.cli"]
+MLLMC = str(Path(sys.executable).with_name("mllmc"))  # the console script
 PROMPT = "Describe the image."
 
 
@@ -145,6 +147,26 @@ def test_export_triton_never_replaces_a_users_directory(
     assert (mine / "notes.txt").read_text() == "keep"
 
 
+def test_export_triton_may_replace_an_empty_directory(
+    tiny_base_artifact: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["export-triton", str(tiny_base_artifact), "-o", str(empty), "--force"]
+    proc = subprocess.run([MLLMC, *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (empty / "mllmc" / "config.pbtxt").read_text().startswith(REPO_HEADER)
+
+
+def test_text_only_requests_parse_where_the_artifact_takes_them() -> None:
+    request = {k: v for k, v in arrays([b"png"], b"Hi", 4).items() if k != "image"}
+    assert parse_request(request, 64, text_only=True)["images"] == []
+    empty = {**request, "image": np.array([[]], dtype=np.object_)}
+    assert parse_request(empty, 64, text_only=True)["images"] == []
+    with pytest.raises(UserError, match="input 'image' is missing"):
+        parse_request(request, 64)
+
+
 def test_serve_bad_arguments_are_one_line(tiny_base_artifact: Path, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -155,9 +177,11 @@ def test_serve_bad_arguments_are_one_line(tiny_base_artifact: Path, tmp_path: Pa
             ([str(tiny_base_artifact), "--port", str(port)], f"--port {port} on 127.0.0.1: in use"),
             ([str(tiny_base_artifact), "--port", "70000"], "between 1 and 65535"),
             ([str(tiny_base_artifact), "--port", "9000", "--grpc-port", "9000"], "must differ"),
+            ([str(tiny_base_artifact), "--port", "18000", "--host", "999.1.1.1"], "--host 999."),
+            ([str(tiny_base_artifact / "manifest.json"), "--port", "18000"], "is a file, not an"),
         ]
         for args, match in cases:
-            proc = subprocess.run([*CLI, "serve", *args], capture_output=True, text=True)
+            proc = subprocess.run([MLLMC, "serve", *args], capture_output=True, text=True)
             assert proc.returncode == 2, proc.stderr
             lines = proc.stderr.strip().splitlines()
             assert len(lines) == 1 and match in lines[0], proc.stderr
@@ -254,6 +278,64 @@ def test_model_answers_each_request_of_a_batch_on_its_own(
         late.error.code == "CANCELLED" and "past the server's limit of 0.3 s" in late.error.message
     )
     assert [len(r.responses) for r in batch] == [1, 1, 1]
+
+
+def test_model_cuts_generations_left_when_the_drain_ends(
+    tiny_base_artifact: Path, sample_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop file `mllmc serve` writes starts the drain: a short request finishes, one still
+    running when drain_timeout_s passes is answered with a one-line CANCELLED error, the count
+    goes to the control directory, and finalize returns with the scheduler's thread ended."""
+    from mllmc.compiler.tools.triton_model import TritonPythonModel
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeBackend())
+    params = {"artifact": str(tiny_base_artifact), "drain_timeout_s": "0.5", "threads": "1"}
+    params["control_dir"] = str(tmp_path)
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    model = TritonPythonModel()
+    model.initialize(
+        {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
+    )
+    model.engine.eos_token_ids = set()  # the long one runs to its max_new_tokens
+    good = png_bytes(sample_image)
+    short, long = FakeRequest(arrays([good], b"Hi", 2)), FakeRequest(arrays([good], b"Hi", 1000))
+    model.execute([short, long])
+    assert short.done.wait(60)
+    (tmp_path / "stop").touch()
+    assert long.done.wait(60)
+    model.finalize()
+    assert short.responses[0][0].error is None
+    error = long.responses[0][0].error
+    assert error.code == "CANCELLED" and "drain timeout of 0.5 s passed" in error.message
+    assert "\n" not in error.message
+    assert [len(r.responses) for r in (short, long)] == [1, 1]
+    assert (tmp_path / f"cut-{os.getpid()}").read_text() == "1"
+    assert not model.scheduler._thread.is_alive()
+
+
+def test_finalize_cuts_what_outlasts_the_drain(
+    tiny_base_artifact: Path, sample_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without serve's stop file (an exported repository unloaded), finalize waits at most
+    drain_timeout_s, then cancels what is left and answers it."""
+    from mllmc.compiler.tools.triton_model import TritonPythonModel
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeBackend())
+    params = {"artifact": str(tiny_base_artifact), "drain_timeout_s": "0.3", "threads": "1"}
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    model = TritonPythonModel()
+    model.initialize(
+        {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
+    )
+    model.engine.eos_token_ids = set()
+    long = FakeRequest(arrays([png_bytes(sample_image)], b"Hi", 3000))
+    model.execute([long])
+    while model.scheduler.stats().running == 0:
+        time.sleep(0.01)
+    model.finalize()
+    assert long.done.is_set() and not model.scheduler._thread.is_alive()
+    error = long.responses[0][0].error
+    assert error.code == "CANCELLED" and "drain timeout of 0.3 s passed" in error.message
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -476,3 +558,61 @@ def test_sigterm_drains_requests_in_flight(
     assert s.stop() == 0, s.output()[-2000:]
     assert ids == engine.generate(sample_image, "Hi", 400).token_ids
     assert "mllmc serve: stopped" in s.output()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The ids of `pid`'s child processes, theirs, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@needs_server
+def test_sigterm_cuts_what_outlasts_the_drain_and_leaves_no_process(
+    tiny_base_artifact: Path, engine, sample_image: Path, tmp_path: Path
+) -> None:
+    """A generation still running when --drain-timeout passes is answered with a one-line
+    error, serve warns naming how many it cut, and no process of the run is left."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    longest = engine.manifest.model.max_position_embeddings - 64
+    extra = ["--drain-timeout", "1", "--max-new-tokens-limit", str(longest)]
+    s = Server(tiny_base_artifact, tmp_path / "server.log", *extra)
+    client = http.InferenceServerClient(f"127.0.0.1:{s.port}", network_timeout=120)
+    try:
+        inputs = http_inputs([png_bytes(sample_image)], b"Hi", longest)
+        pending = client.async_infer("mllmc", inputs)
+        time.sleep(0.5)
+        run = _descendants(s.proc.pid)
+        assert run, "tritonserver and its stub run under serve"
+        s.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(InferenceServerException) as e:
+            pending.get_result()
+    finally:
+        client.close()
+    message = str(e.value)
+    assert "drain timeout of 1 s passed" in message and "\n" not in message, message
+    assert s.stop() == 0, s.output()[-2000:]
+    assert "1 generation(s) still running after the drain timeout of 1 s" in s.output()
+    assert "mllmc serve: stopped" in s.output()
+    assert not [pid for pid in run if _alive(pid)], s.output()[-2000:]
