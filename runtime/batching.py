@@ -427,6 +427,7 @@ class Scheduler:
             self._closed = True
             self._drain = self._drain and bool(drain)
             cut = 0 if drain else self._cancel_all()
+            self._cond.notify_all()
         if threading.current_thread() is self._thread:  # from a future's callback: no join
             return cut
         self._thread.join(timeout)

@@ -192,7 +192,7 @@ def test_generate_batch_errors_name_the_sample(engine: Engine):
     images = [s[0] for s in SAMPLES]
     prompts = [s[1] for s in SAMPLES]
     cases = [
-        ((images[:2], prompts), {}, "images_list must be a list of 3 entries"),
+        ((images[:2], prompts), {}, "got 2 entries for 3 prompts"),
         ((images, []), {}, "prompts must be a non-empty list"),
         ((images, prompts, [4, 4]), {}, "max_new_tokens has 2 values for 3 samples"),
         ((images, prompts, [4, 0, 4]), {}, "sample 1: max_new_tokens must be an integer from 1"),

@@ -280,6 +280,19 @@ def test_model_answers_each_request_of_a_batch_on_its_own(
     assert [len(r.responses) for r in batch] == [1, 1, 1]
 
 
+def slow_steps(engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make each decode step of `engine` take 20 ms more and never stop at EOS, so that a long
+    generation surely outlasts a sub-second drain."""
+    step = engine.decode_batch_step
+
+    def slow(*args: object) -> object:
+        time.sleep(0.02)
+        return step(*args)
+
+    monkeypatch.setattr(engine, "decode_batch_step", slow)
+    engine.eos_token_ids = set()
+
+
 def test_model_cuts_generations_left_when_the_drain_ends(
     tiny_base_artifact: Path, sample_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -296,7 +309,7 @@ def test_model_cuts_generations_left_when_the_drain_ends(
     model.initialize(
         {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
     )
-    model.engine.eos_token_ids = set()  # the long one runs to its max_new_tokens
+    slow_steps(model.engine, monkeypatch)  # the long one outlasts the drain
     good = png_bytes(sample_image)
     short, long = FakeRequest(arrays([good], b"Hi", 2)), FakeRequest(arrays([good], b"Hi", 1000))
     model.execute([short, long])
@@ -327,10 +340,10 @@ def test_finalize_cuts_what_outlasts_the_drain(
     model.initialize(
         {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
     )
-    model.engine.eos_token_ids = set()
-    long = FakeRequest(arrays([png_bytes(sample_image)], b"Hi", 3000))
+    slow_steps(model.engine, monkeypatch)
+    long = FakeRequest(arrays([png_bytes(sample_image)], b"Hi", 1000))
     model.execute([long])
-    while model.scheduler.stats().running == 0:
+    while model.scheduler.stats().running == 0 and not long.done.is_set():
         time.sleep(0.01)
     model.finalize()
     assert long.done.is_set() and not model.scheduler._thread.is_alive()
@@ -598,21 +611,26 @@ def test_sigterm_cuts_what_outlasts_the_drain_and_leaves_no_process(
     longest = engine.manifest.model.max_position_embeddings - 64
     extra = ["--drain-timeout", "1", "--max-new-tokens-limit", str(longest)]
     s = Server(tiny_base_artifact, tmp_path / "server.log", *extra)
-    client = http.InferenceServerClient(f"127.0.0.1:{s.port}", network_timeout=120)
-    try:
+    client = http.InferenceServerClient(f"127.0.0.1:{s.port}", network_timeout=120, concurrency=16)
+    errors = []
+    try:  # 16 long generations decoding together: they outlast a 1 s drain
         inputs = http_inputs([png_bytes(sample_image)], b"Hi", longest)
-        pending = client.async_infer("mllmc", inputs)
-        time.sleep(0.5)
+        pending = [client.async_infer("mllmc", inputs) for _ in range(16)]
+        time.sleep(1)
         run = _descendants(s.proc.pid)
         assert run, "tritonserver and its stub run under serve"
         s.proc.send_signal(signal.SIGTERM)
-        with pytest.raises(InferenceServerException) as e:
-            pending.get_result()
+        for p in pending:
+            try:
+                p.get_result()
+            except InferenceServerException as e:
+                errors.append(str(e))
     finally:
         client.close()
-    message = str(e.value)
-    assert "drain timeout of 1 s passed" in message and "\n" not in message, message
+    assert errors and all("drain timeout of 1 s passed" in e for e in errors), errors
+    assert not any("\n" in e for e in errors)
     assert s.stop() == 0, s.output()[-2000:]
-    assert "1 generation(s) still running after the drain timeout of 1 s" in s.output()
+    want = f"{len(errors)} generation(s) still running after the drain timeout of 1 s"
+    assert want in s.output(), s.output()[-2000:]
     assert "mllmc serve: stopped" in s.output()
     assert not [pid for pid in run if _alive(pid)], s.output()[-2000:]
