@@ -102,7 +102,9 @@ def test_aoti_batched_decode(tiny_aoti_shortv, sample_image, tall_image):
     batch.join(0, cache)
     batch.join(1, cache)
     n = layout.next_position
-    with pytest.raises(UserError, match="this engine decodes at most 1 sample a step, the batch has 2"):
+    with pytest.raises(
+        UserError, match="this engine decodes at most 1 sample a step, the batch has 2"
+    ):
         engine.decode_batch_step([5, 5], [n, n], batch)
 
 
