@@ -43,7 +43,7 @@ XDIST := -n auto --maxprocesses 4 --dist loadfile
 
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q $(XDIST)
+	$(BIN)/pytest -q $(XDIST) -rf --durations=20
 	$(MAKE) test-serve
 
 # The server tests run in a venv of their own: PyTriton (the `serve` extra) pins numpy < 2, and
