@@ -214,7 +214,8 @@ def test_sliding_window_matches_hf_past_the_window(
             assert (got[0] - ref).abs().max().item() <= 1e-4, step
             cache = list(got[1:])
             cache_len = torch.full((info.num_layers,), n + step, dtype=torch.int64)
-            got_static = static(nxt, pos, cache_len, *static_cache)
+            no_pad = torch.zeros(info.num_layers, 1, dtype=torch.int64)
+            got_static = static(nxt, pos, cache_len, no_pad, *static_cache)
             assert (got_static[0] - ref).abs().max().item() <= 1e-4, step
             for buf, row in zip(static_cache, got_static[1:], strict=True):
                 buf[:, :, n + step] = row[:, :, 0]

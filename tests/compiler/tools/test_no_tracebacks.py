@@ -236,8 +236,14 @@ def test_artifacts_that_do_not_hold_together_are_refused_at_load(
             segment("prefill", "inputs", 1, [1, "visual", 192]),
             "'image_features' has shape",
         ),
-        "head-dim": (segment("decode", "inputs", 3, ["batch", 2, "past_0", 24]), "past.0.key has shape"),
-        "vocab": (segment("decode", "outputs", 0, [1, 700]), "output 'logits' has shape"),
+        "head-dim": (
+            segment("decode", "inputs", 3, ["batch", 2, "past_0", 24]),
+            "model.head_dim is 32, but the 'decode' segment's past.0.key has shape",
+        ),
+        "vocab": (
+            segment("decode", "outputs", 0, [1, 700]),
+            "model.vocab_size is 640, but the 'decode' segment's logits has shape [1, 700]",
+        ),
         "dynamic": (segment("decode", "inputs", 0, [1, "n"]), "'input_ids' has shape ['batch', 1]"),
         "no-flops-key": (
             lambda m: m["flops"]["after"].pop("vision"),
