@@ -92,6 +92,16 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
+def _same_dims(a: Any, b: Any) -> bool:
+    """Whether two recorded shapes agree: the same rank, and equal sizes wherever either side
+    fixes one (dynamic dims may be named differently)."""
+    if a is None or len(a) != len(b):
+        return False
+    return all(
+        x == y for x, y in zip(a, b, strict=True) if isinstance(x, int) or isinstance(y, int)
+    )
+
+
 def open_segment(
     root: Path, name: str, entry: SegmentEntry, manifest: Manifest, options: RunnerOptions
 ) -> Any:
@@ -112,6 +122,13 @@ def open_segment(
             f"the decode_static segment of {root} takes {[t.name for t in static.inputs][:4]}..., "
             "not this mllmc's: recompile it with this mllmc"
         )
+    shapes = {t.name: list(t.shape) for t in static.inputs}
+    for t in entry.inputs:  # the step inputs both programs take must agree
+        if t.name in ("input_ids", "position_ids") and not _same_dims(shapes.get(t.name), t.shape):
+            raise UserError(
+                f"corrupt artifact: {STATIC_DECODE} input {t.name!r} has shape "
+                f"{shapes.get(t.name)}, the manifest's 'decode' segment says {list(t.shape)}"
+            )
     from ..inplace_cache import InPlaceCacheDecoder
 
     runner = OnnxRunner(root / static.file, STATIC_DECODE, static, options)
