@@ -13,7 +13,11 @@ from mllmc.compiler.core.capture import load_model
 from tests.passes.test_pruning import PIPELINES
 
 
-@pytest.mark.parametrize("pipeline", list(PIPELINES))
+# the first pipeline runs by default, the second (~50 s on 2 cores) with the `slow` tests
+@pytest.mark.parametrize(
+    "pipeline",
+    [p if i == 0 else pytest.param(p, marks=pytest.mark.slow) for i, p in enumerate(PIPELINES)],
+)
 def test_aoti_matches_composed_references_for_16_tokens(tiny_model_dir, tmp_path, pipeline):
     from mllmc.compiler.pipeline import compile_model
     from mllmc.compiler.verify import LOGIT_TOL, records_from_manifest, verify
