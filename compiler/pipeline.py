@@ -278,7 +278,9 @@ def _write_artifact(
     passes = prepare_passes(passes, model, model_info)
     bar.update()
     bar.set_postfix_str("capture")
-    segments = capture.capture(model, model_info, backend.options.decode_cache == "static")
+    segments = capture.capture(
+        model, model_info, backend.options.decode_cache == "static", backend.fused_attention
+    )
     base_flops = flops.segment_flops(segments)
     bar.update()
     bar.set_postfix_str("passes")

@@ -18,7 +18,11 @@ the rows of the views it returned, into buffers no other cache shares. Capacity 
 of `chunk` rows (a cache that fills its buffers moves into bigger ones: one copy).
 
 onnxruntime reads a C-contiguous numpy input of the expected dtype in place on the CPU, so the
-buffers are fed without a copy.
+buffers are fed without a copy. A program compiled with the fused attention returns the buffers
+themselves (`inplace.*`, onnxruntime's GroupQueryAttention: compiler/core/fused_attention.py)
+instead of the new rows: each `inplace.*` output is bound to the memory of its `past.*` buffer
+(an I/O binding over the numpy arrays), so the operator writes the new row there and reads only
+the rows the cache holds, and this runner writes nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import UserError
+from .manifest import STATIC_DECODE_INPUTS
 from .runners import check_feeds
+from .runners.onnx import first_line
 
 if TYPE_CHECKING:
     from .manifest import SegmentEntry
@@ -40,7 +46,8 @@ DEFAULT_CHUNK = 64  # rows a buffer grows by
 class InPlaceCacheDecoder:
     """A `SegmentRunner` for the decode segment (its manifest `entry`: past.*/present.*) that
     runs `static`, an onnxruntime runner of the static-cache decode program (inputs input_ids,
-    position_ids, cache_len, cache_pad, past.*; outputs logits, new.*), over numpy buffers."""
+    position_ids, cache_len, cache_pad, past.*; outputs logits, then the new rows new.* or the
+    fused attention's buffers inplace.*), over numpy buffers."""
 
     def __init__(self, name: str, entry: SegmentEntry, static: Any, chunk: int = DEFAULT_CHUNK):
         if chunk < 1:
@@ -51,7 +58,9 @@ class InPlaceCacheDecoder:
         self.chunk = chunk
         self._past_names = [t.name for t in entry.inputs if t.name.startswith("past.")]
         self._present_names = ["present" + n[len("past") :] for n in self._past_names]
-        self._new_names = [t.name for t in static.entry.outputs if t.name != "logits"]
+        outputs = [t.name for t in static.entry.outputs]
+        self._new_names = [n for n in outputs if n.startswith("new.")]
+        self._inplace_names = [n for n in outputs if n.startswith("inplace.")]
         dtypes = {t.name: np.dtype(t.dtype) for t in static.entry.inputs}
         self._cache_dtype = dtypes[self._past_names[0]]
         self._buffers: list[np.ndarray] = []  # (B, kvh, C, hd) per cache input
@@ -115,17 +124,43 @@ class InPlaceCacheDecoder:
             "cache_pad": np.ascontiguousarray(feeds["cache_pad"], dtype=np.int64),
             **dict(zip(self._past_names, self._buffers, strict=True)),
         }
-        out = self.static(inputs)
-        for i, (buf, name) in enumerate(zip(self._buffers, self._new_names, strict=True)):
-            buf[:, :, self._lens[i // 2]] = out[name][:, :, 0]
+        if self._inplace_names:
+            logits = self._run_bound(inputs)
+        else:
+            out = self.static(inputs)
+            logits = out["logits"]
+            for i, (buf, name) in enumerate(zip(self._buffers, self._new_names, strict=True)):
+                buf[:, :, self._lens[i // 2]] = out[name][:, :, 0]
         self._lens = self._lens + 1
         self._returned = [
             buf[:, :, :n] for buf, n in zip(self._buffers, np.repeat(self._lens, 2), strict=True)
         ]
         return {
-            "logits": out["logits"],
+            "logits": logits,
             **dict(zip(self._present_names, self._returned, strict=True)),
         }
+
+    def _run_bound(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One step of a fused-attention program with each `inplace.*` output bound to its
+        `past.*` buffer, so the operator writes the new rows in place; returns the logits."""
+        import onnxruntime as ort
+
+        session = self.static.session
+        binding = session.io_binding()
+        for name in STATIC_DECODE_INPUTS:
+            binding.bind_cpu_input(name, inputs[name])
+        binding.bind_output("logits")
+        for past, inplace, buf in zip(
+            self._past_names, self._inplace_names, self._buffers, strict=True
+        ):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)  # the buffer's memory, not a copy
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(inplace, value)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime's own Fail / InvalidArgument / ... classes
+            raise UserError(f"the {self.static.name} engine failed: {first_line(e)}") from None
+        return binding.get_outputs()[0].numpy()
 
     def to_numpy(self, value: Any) -> np.ndarray:
         a = np.asarray(value)

@@ -80,6 +80,9 @@ class Backend:
 
     # after every segment is written: (out_dir, entries) -> entries (e.g. one weights file)
     finish: Callable[[Path, Entries], Entries] | None = None
+    # the static-cache decode's attention as one fused operator (onnxruntime's
+    # GroupQueryAttention, writing the cache in place): capture.StaticCacheDecodeSegment
+    fused_attention: bool = False
 
     def __call__(self, seg: Any, out_dir: Path) -> SegmentEntry:
         return self.export(seg, out_dir)
@@ -199,7 +202,7 @@ def build_backend(target: str, options: TargetOptions) -> Backend:
             from .quantize import quantized_export
 
             export = functools.partial(quantized_export, options.quantize)
-        return Backend(export, options, settings, finish=share_weights)
+        return Backend(export, options, settings, finish=share_weights, fused_attention=True)
     from .aoti import WeightStore, compile_segment
 
     store = WeightStore()  # the weights of all three segments, each tensor once

@@ -24,6 +24,7 @@ from typing import Any
 import onnx
 import torch
 
+from mllmc.compiler.core import fused_attention
 from mllmc.compiler.core.segment_io import dim_names, rename_symbols
 from mllmc.runtime.manifest import SegmentEntry, TensorSpec
 
@@ -70,6 +71,7 @@ def export_segment(seg: Any, out_dir: Path) -> SegmentEntry:
             input_names=seg.input_names,
             output_names=seg.output_names,
             opset_version=OPSET,
+            custom_translation_table=fused_attention.onnx_translations(),
             dynamo=True,
             optimize=True,
             verbose=False,
@@ -77,6 +79,7 @@ def export_segment(seg: Any, out_dir: Path) -> SegmentEntry:
     program.save(str(path), external_data=external)
     model = onnx.load(str(path), load_external_data=False)
     _name_dims(model, seg)
+    fused_attention.check_inplace_outputs(model)  # the fused decode's buffers alias its inputs
     onnx.save_model(model, str(path))  # external-data references are kept as they are
     onnx.checker.check_model(str(path))
     data = path.with_name(path.name + ".data")

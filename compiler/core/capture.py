@@ -49,6 +49,7 @@ from mllmc.runtime.layout import MIN_TEXT_ROWS, placeholder_mismatch
 from mllmc.runtime.manifest import STATIC_DECODE_INPUTS, LayerPlan, ModelInfo
 
 from .families import family
+from .fused_attention import INPLACE_PREFIX, group_query_attention
 from .model_dir import (  # noqa: F401  (also importable from capture)
     MAX_SEQ,
     SUPPORTED_ARCHITECTURES,
@@ -187,6 +188,33 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.index_select(1, heads)
 
 
+# HF's Llama-style RMSNorm classes: weight * x / sqrt(mean(x^2) + eps), computed in fp32
+RMS_NORMS = frozenset(
+    {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm"}
+)
+
+
+class RMSNorm(nn.Module):
+    """HF's RMSNorm (the same weight, the same function) written with a division: onnxruntime
+    fuses this form into one SimplifiedLayerNormalization node, where HF's rsqrt-and-multiply
+    stays seven nodes per norm (a decode step launches two norms a layer)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight  # the same Parameter, under the same name
+        self.eps = float(norm.variance_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def fusable_norm(norm: nn.Module) -> nn.Module:
+    """`RMSNorm` in place of one of HF's `RMS_NORMS`; any other norm as it is."""
+    return RMSNorm(norm) if type(norm).__name__ in RMS_NORMS else norm
+
+
 class Rope(nn.Module):
     """cos/sin tables for explicit positions from HF's inverse frequencies (static rope types)."""
 
@@ -221,9 +249,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, hf_layer: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
-        self.input_layernorm = hf_layer.input_layernorm
+        self.input_layernorm = fusable_norm(hf_layer.input_layernorm)
         self.self_attn = hf_layer.self_attn
-        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        self.post_attention_layernorm = fusable_norm(hf_layer.post_attention_layernorm)
         self.mlp = hf_layer.mlp
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = float(getattr(hf_layer.self_attn, "scaling", head_dim**-0.5))
@@ -266,6 +294,32 @@ class DecoderLayer(nn.Module):
         h = h + attn.o_proj(o)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k, v
+
+    def forward_fused(self, h, past_k, past_v, seqlens, total, rotary, bias):
+        """The static-cache decode step (T = 1) with the rotary embedding and the attention as
+        one `fused_attention.group_query_attention` operator: h (B, 1, d), past_k/past_v
+        (B, kvh, C, hd) buffers, seqlens (B,) int32 the row this token goes to, total () int32
+        = C, rotary = (cos, sin, position ids) as the operator takes them, bias (B, 1, 1, C)
+        additive. Returns h and the buffers with this token's rows written."""
+        attn = self.self_attn
+        x = self.input_layernorm(h)
+        o, past_k, past_v = group_query_attention(
+            attn.q_proj(x),  # (B, 1, H*hd)
+            attn.k_proj(x),
+            attn.v_proj(x),
+            past_k,
+            past_v,
+            seqlens,
+            total,
+            *rotary,
+            bias,
+            self.num_heads,
+            self.num_kv_heads,
+            self.scaling,
+        )  # (B, 1, H*hd)
+        h = h + attn.o_proj(o)
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, past_k, past_v
 
 
 def attend_static_cache(
@@ -330,7 +384,7 @@ class _Decoder(nn.Module):
             DecoderLayer(layer, info.num_heads, info.num_kv_heads, info.head_dim)
             for layer in lm.layers
         )
-        self.norm = lm.norm
+        self.norm = fusable_norm(lm.norm)
         # Qwen2-VL's rotary embedding takes 3-D positions (M-RoPE)
         rotary = lm.rotary_emb
         self.rope = MRope(rotary) if hasattr(rotary, "mrope_section") else Rope(rotary)
@@ -425,15 +479,56 @@ class StaticCacheDecodeSegment(_Decoder):
     -> logits (B, V), then this token's k_0, v_0, ... rows (B, kvh, 1, hd), which the caller
     writes at row cache_len[l] of its buffers (runtime/static_cache.py, runtime/inplace_cache.py).
     Left padding makes every sample's cache of a layer end at the same row, so one write row a
-    layer serves the batch."""
+    layer serves the batch.
+
+    `fused`: each layer's rotary embedding and attention are one
+    `fused_attention.group_query_attention` operator (onnxruntime's GroupQueryAttention in the
+    ONNX target), and the outputs after the logits are the buffers with this token's rows
+    written, `inplace.<l>.key` / `.value` (B, kvh, C, hd): a runner that binds them to the
+    `past.*` buffers has the operator write the rows in place (runtime/inplace_cache.py)."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo, fused: bool = False):
+        super().__init__(model, info)
+        self.fused = fused
 
     def forward(self, input_ids, position_ids, cache_len, cache_pad, *past):
         h = self.embed_tokens(input_ids)  # (B, 1, d)
         cos, sin = self.rope(position_ids, h.dtype)
+        if self.fused:
+            return self._forward_fused(h, cos, sin, cache_len, cache_pad, past)
         rows: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             h, k, v = layer(
                 h, cos, sin, None, past[2 * i], past[2 * i + 1], cache_len[i : i + 1], cache_pad[i]
+            )
+            rows += [k, v]
+        return (self.logits_last(h), *rows)
+
+    def _forward_fused(self, h, cos, sin, cache_len, cache_pad, past):
+        # cos/sin (B, 1, 1, hd) serve the (B, 1, heads, hd) layout as they are (one row)
+        # every layer's bias and write row at once (a layer then picks its own: one op, where
+        # building them layer by layer is a dozen small ops each)
+        b = h.shape[0]
+        capacity = past[0].shape[2]
+        total = torch.full((), capacity, dtype=torch.int32, device=h.device)
+        # this step's angles as the operator's rotary tables: row b is sample b's (the operator
+        # wants at least C rows), and sample b reads row b
+        half = cos.shape[-1] // 2
+        tables = [F.pad(t[:, 0, 0, :half], (0, 0, 0, capacity)) for t in (cos, sin)]
+        rotary = (*tables, torch.arange(b, device=h.device)[:, None])
+        keys = torch.arange(capacity, device=h.device)  # (C,)
+        allowed = keys[None, None, :] >= cache_pad[:, :, None]  # (L, B, C): not padding
+        if any(w is not None for w in self.windows):
+            # the query (at row cache_len[l]) sees the rows less than W_l before it
+            windows = [w if w is not None else 2**62 for w in self.windows]  # None: every row
+            span = torch.tensor(windows, device=h.device)[:, None]  # (L, 1)
+            allowed = allowed & ((cache_len[:, None] - keys[None, :]) < span)[:, None, :]
+        bias = additive_mask(allowed, h.dtype)[:, :, None, None]  # (L, B, 1, 1, C)
+        seqlens = cache_len[:, None].expand(-1, b).to(torch.int32)  # (L, B)
+        rows: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer.forward_fused(
+                h, past[2 * i], past[2 * i + 1], seqlens[i], total, rotary, bias[i]
             )
             rows += [k, v]
         return (self.logits_last(h), *rows)
@@ -696,12 +791,12 @@ def export_decode(model: nn.Module, info: ModelInfo) -> Segment:
     )
 
 
-def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
+def export_static_cache_decode(model: nn.Module, info: ModelInfo, fused: bool = False) -> Segment:
     """The decode step over cache buffers of a capacity C that is dynamic in the program and
     fixed while a runner uses one set of buffers (`StaticCacheDecodeSegment`), for a dynamic
     batch B (traced at B = 2: a size-1 example would be specialised to 1). It depends on the
     model alone: no pass rewrites decode."""
-    seg = StaticCacheDecodeSegment(model, info).eval()
+    seg = StaticCacheDecodeSegment(model, info, fused).eval()
     capacity, valid = 16, 12
     ids, pos, pad, *past = example_decode_inputs(info, past_len=capacity, batch=2)
     pad[:, 1] = 3  # the second sample left-padded
@@ -722,7 +817,7 @@ def export_static_cache_decode(model: nn.Module, info: ModelInfo) -> Segment:
         "decode_static",
         ep,
         [*STATIC_DECODE_INPUTS, *kv_names(info.num_layers, "past")],
-        ["logits", *kv_names(info.num_layers, "new")],
+        ["logits", *kv_names(info.num_layers, INPLACE_PREFIX if fused else "new")],
         args,
         dyn,
     )
@@ -744,7 +839,9 @@ def export_vision(model: nn.Module, info: ModelInfo) -> Segment:
     return Segment("vision", ep, ["pixel_values"], outputs, args, dyn)
 
 
-def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> Segments:
+def capture(
+    model: nn.Module, info: ModelInfo, static_decode: bool = False, fused_attention: bool = False
+) -> Segments:
     """Export the three segments of a loaded LLaVA model, in its dtype, on the CPU (and, with
     `static_decode`, the static-cache decode step beside them).
 
@@ -752,7 +849,9 @@ def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> S
     attention kernel the fake tensors would pick (on CUDA, torch.export adds a guard on
     the memory-efficient kernel's mask padding that it then cannot prove for a dynamic length).
     The programs share the model's parameters: move the model, then the programs
-    (`TorchEngine(segments, device=...)`), once every rewrite is done."""
+    (`TorchEngine(segments, device=...)`), once every rewrite is done. `fused_attention`: the
+    static-cache decode step's attention is one fused operator (`StaticCacheDecodeSegment`), for
+    the ONNX target."""
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(
@@ -766,7 +865,9 @@ def capture(model: nn.Module, info: ModelInfo, static_decode: bool = False) -> S
         decode=export_decode(model, info),
         layer_plan=[LayerPlan(i, reference, reference) for i in range(info.num_layers)],
         model=model,
-        static_decode=export_static_cache_decode(model, info) if static_decode else None,
+        static_decode=(
+            export_static_cache_decode(model, info, fused_attention) if static_decode else None
+        ),
         min_visual_rows=min_visual_rows(info),
     )
 

@@ -53,7 +53,7 @@ class OnnxRunner:
         try:
             outputs = self.session.run(self._outputs, cast)
         except Exception as e:  # onnxruntime's own Fail / InvalidArgument / ... classes
-            raise UserError(f"the {self.name} engine failed: {_first_line(e)}") from None
+            raise UserError(f"the {self.name} engine failed: {first_line(e)}") from None
         return dict(zip(self._outputs, outputs, strict=True))
 
     def to_numpy(self, value: Any) -> np.ndarray:
@@ -84,10 +84,10 @@ def _session(path: Path, options: RunnerOptions) -> Any:
     try:
         return ort.InferenceSession(str(path), opts, providers=chosen or None)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf classes
-        raise UserError(f"corrupt engine file {path}: {_first_line(e)}") from None
+        raise UserError(f"corrupt engine file {path}: {first_line(e)}") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
 

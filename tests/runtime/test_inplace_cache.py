@@ -115,3 +115,37 @@ def test_static_decode_choices(tiny_base_artifact: Path, tmp_path: Path):
     with pytest.raises(UserError, match="recompile it with --decode-cache static"):
         load(copy, decode_cache="static")
     assert type(load(copy).runners["decode"]).__name__ == "OnnxRunner"
+
+
+def test_fused_and_unfused_static_programs_decode_alike(
+    tiny_model_dir: Path, tiny_base_artifact: Path, tmp_path: Path, monkeypatch
+):
+    """The onnx target's static decode is the fused one (GroupQueryAttention over buffers bound
+    in place: `inplace.*` outputs, no `new.*`); a static program that returns the new rows
+    instead (the unfused form) is run by writing them, and both equal the growing cache."""
+    import dataclasses
+
+    from mllmc.compiler import backends
+    from mllmc.compiler.pipeline import compile_model
+
+    fused = load(tiny_base_artifact)
+    outputs = [t.name for t in fused.runners["decode"].static.entry.outputs]
+    assert outputs[0] == "logits" and all(n.startswith("inplace.") for n in outputs[1:])
+    build = backends.build_backend
+    monkeypatch.setattr(
+        backends,
+        "build_backend",
+        lambda *a, **k: dataclasses.replace(build(*a, **k), fused_attention=False),
+    )
+    unfused_dir = compile_model(tiny_model_dir, tmp_path / "unfused", progress=False).out_dir
+    unfused = load(unfused_dir)
+    outputs = [t.name for t in unfused.runners["decode"].static.entry.outputs]
+    assert all(n.startswith("new.") for n in outputs[1:])
+    growing = load(tiny_base_artifact, decode_cache="growing")
+    starts = prefilled(growing)
+    want, _ = run(growing, starts, 6, leave_at=2)
+    for engine in (fused, unfused):
+        engine.runners["decode"].chunk = 4
+        got, _ = run(engine, starts, 6, leave_at=2)
+        for g, w in zip(got, want, strict=True):
+            assert max(float(np.abs(g[k] - w[k]).max()) for k in w) <= TOL
