@@ -511,38 +511,46 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def family_parser(
+    doc: str, model: str, model_help: str, image_size: int, variants: str, group: tuple[int, str]
+) -> argparse.ArgumentParser:
+    """The options every family benchmark takes (this one, qwen.py): model, out, artifacts,
+    image size, tokens, rounds, threads, variants, group size (default, help), vte-k, shortv
+    ratio."""
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument(
-        "--model",
-        default="models/small-llava-next",
-        help="a llava_next model dir (small-llava-next is written there if missing)",
-    )
+    ap.add_argument("--model", default=model, help=model_help)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--artifacts-dir", help="compile here (default: a temporary directory)")
     ap.add_argument(
         "--reuse", action="store_true", help="keep artifacts an earlier run left in --artifacts-dir"
     )
-    ap.add_argument("--image-size", type=int, default=672, help="side of the square image (px)")
+    ap.add_argument(
+        "--image-size", type=int, default=image_size, help="side of the square image (px)"
+    )
     ap.add_argument("--text-tokens", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
     ap.add_argument("--threads", type=int, help="threads for every engine (default: every CPU)")
     ap.add_argument(
-        "--variants",
-        default=DEFAULT_VARIANTS,
-        help=f"'all' or a comma list (default {DEFAULT_VARIANTS})",
+        "--variants", default=variants, help=f"'all' or a comma list (default {variants})"
     )
-    ap.add_argument(
-        "--group-size",
-        type=int,
-        default=1,
-        help="pass engines on every visual row loaded at once (memory)",
-    )
+    ap.add_argument("--group-size", type=int, default=group[0], help=group[1])
     ap.add_argument("--vte-k", type=int, help="VTE's exit layer (default: L / 2)")
     ap.add_argument("--shortv-ratio", type=float, default=0.6)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = family_parser(
+        __doc__,
+        "models/small-llava-next",
+        "a llava_next model dir (small-llava-next is written there if missing)",
+        672,
+        DEFAULT_VARIANTS,
+        (1, "pass engines on every visual row loaded at once (memory)"),
+    )
     ap.add_argument(
         "--shortv-calibrate",
         action="store_true",
@@ -551,12 +559,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def bench_main(args: Any, name: str, preset: str, run: Any, plot: Any, summary: Any) -> int:
+    """The main of a family benchmark (this one, qwen.py): check the options, write the preset
+    where the model directory has no config, `run(args, artifacts_dir)` in a scratch directory
+    or --artifacts-dir, then OUT/<name>.json, OUT/<name>.png and the summary. Exit 2 with one
+    line on a bad option."""
     from mllmc.compiler.data.presets import write_preset
     from mllmc.compiler.files import outputs
     from mllmc.runtime.errors import UserError
 
-    args = parse_args(argv)
     try:
         if not 1 <= args.rounds <= bench.MAX_REPEATS:
             raise UserError(f"--rounds must be from 1 to {bench.MAX_REPEATS}, got {args.rounds}")
@@ -564,21 +575,25 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--group-size must be >= 1, got {args.group_size}")
         out = outputs.check_output_folder(args.out, "benchmark results")
         if not (Path(args.model) / "config.json").is_file():
-            write_preset("small-llava-next", args.model)
+            write_preset(preset, args.model)
         if args.artifacts_dir is None:
-            scratch = outputs.scratch_directory("mllmc-llava-next-")
+            scratch = outputs.scratch_directory(f"mllmc-{name}-")
             report = run(args, Path(scratch.name))
             scratch.cleanup()
         else:
             report = run(args, outputs.check_output_folder(args.artifacts_dir, "artifacts"))
     except UserError as e:
-        print(f"llava_next.py: error: {e}", file=sys.stderr)
+        print(f"{name}.py: error: {e}", file=sys.stderr)
         return 2
-    outputs.write_file(out / "llava_next.json", json.dumps(report, indent=2), force=True)
-    plot(report, out / "llava_next.png")
+    outputs.write_file(out / f"{name}.json", json.dumps(report, indent=2), force=True)
+    plot(report, out / f"{name}.png")
     print(summary(report))
-    print(f"wrote {out / 'llava_next.json'} and {out / 'llava_next.png'}")
+    print(f"wrote {out / f'{name}.json'} and {out / f'{name}.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(parse_args(argv), "llava_next", "small-llava-next", run, plot, summary)
 
 
 if __name__ == "__main__":

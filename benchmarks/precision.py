@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from mllmc.compiler.tools import bench
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from genai_runner import build_genai, genai_entry  # noqa: E402
+
+from mllmc.compiler.tools import bench  # noqa: E402
 
 COMPOSED = ["fastervlm:keep=144", "fastv", "shortv:ratio=0.6"]
 # name -> (--quantize, block size); accuracy level 4 throughout (genai's CPU default)
@@ -44,6 +47,7 @@ GENAI = {
     "genai-int4-b128": ("int4", 128),
 }
 ACCURACY_LEVEL = 4
+ACCURACY = f"accuracy_level={ACCURACY_LEVEL}"  # genai builder's option
 
 
 def extract_language_model(model_dir: Path, out: Path) -> Path:
@@ -65,57 +69,6 @@ def extract_language_model(model_dir: Path, out: Path) -> Path:
         if (model_dir / name).is_file():
             shutil.copy(model_dir / name, out / name)
     return out
-
-
-def build_genai(lm_dir: Path, out: Path, precision: str, block: int) -> Path:
-    """onnxruntime-genai's builder on `lm_dir` (CPU, `precision`, block size, accuracy level)."""
-    if (out / "genai_config.json").is_file():
-        return out
-    cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(lm_dir),
-        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache"),
-        "--extra_options", f"block_size={block}", f"accuracy_level={ACCURACY_LEVEL}",
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return out
-
-
-def genai_entry(path: Path, ids: np.ndarray, decode_tokens: int) -> bench.Entry:
-    """Timers of a genai model: LLM prefill (append_tokens of the prompt: it runs the model) and
-    decode per token, a fresh Generator for each run. generate_next_token samples from the
-    logits it holds and runs the model on the new token at the next call, so decode_tokens + 1
-    calls run decode_tokens forward steps; EOS cannot stop them (min_length)."""
-    import onnxruntime_genai as og
-
-    before = bench.rss_mb()
-    model = og.Model(str(path))
-    prompt = ids.astype(np.int32)
-    length = len(prompt) + decode_tokens + 2
-
-    def generator() -> Any:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=length, min_length=length, do_sample=False)
-        return og.Generator(model, params)
-
-    def prefill() -> float:
-        g = generator()
-        t0 = time.perf_counter()
-        g.append_tokens(prompt)
-        return time.perf_counter() - t0
-
-    def decode() -> float:
-        g = generator()
-        g.append_tokens(prompt)
-        t0 = time.perf_counter()
-        for _ in range(decode_tokens + 1):
-            g.generate_next_token()
-        seconds = time.perf_counter() - t0
-        assert len(g.get_sequence(0)) == len(prompt) + decode_tokens + 1
-        return seconds / decode_tokens
-
-    prefill()
-    timers = {"llm_prefill": prefill, "decode": decode}
-    return bench.Entry(timers, len(prompt), bench.rss_mb() - before, model)
 
 
 def dir_bytes(path: Path) -> int:
@@ -212,7 +165,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_preset("small-llava", model_dir)
     paths = compile_variants(str(model_dir), root, args.reuse)
     lm = extract_language_model(model_dir, root / f"{model_dir.name}-lm")
-    genai = {n: build_genai(lm, root / f"precision-{n}", p, b) for n, (p, b) in GENAI.items()}
+    genai = {
+        n: build_genai(lm, root / f"precision-{n}", p, [f"block_size={b}", ACCURACY])
+        for n, (p, b) in GENAI.items()
+    }
     acc = accuracy(args.trained, root, args.num_items, args.reuse)
     info = read_manifest(paths["fp32"]).model
     image, prompt = probe_image(size=info.image_size), bench.prompt_for(args.text_tokens)

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llava_next as lnx  # noqa: E402  (its compile, grouping and ratio helpers)
+from genai_runner import build_genai, genai_entry  # noqa: E402
 
 from mllmc.compiler.tools import bench  # noqa: E402
 
@@ -213,73 +212,6 @@ def extract_language_model(model: Any, model_dir: Path, out: Path) -> tuple[Path
     return out, diff
 
 
-def build_genai(lm_dir: Path, out: Path, extra: list[str], reuse: bool) -> Path:
-    """onnxruntime-genai's builder on `lm_dir`: fp32, CPU, with `extra` options (key=value)."""
-    if reuse and (out / "genai_config.json").is_file():
-        print(f"reusing {out}", flush=True)
-        return out
-    print(f"building {out} with onnxruntime-genai", flush=True)
-    cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(lm_dir),
-        "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "genai-cache"),
-    ]  # fmt: skip
-    cmd += ["--extra_options", *extra] if extra else []
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"onnxruntime-genai's builder failed:\n{proc.stderr[-3000:]}")
-    print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
-    return out
-
-
-def genai_model(path: Path, threads: int) -> Any:
-    """A genai model on `threads` intra-op threads (as every other engine)."""
-    import onnxruntime_genai as og
-
-    config = og.Config(str(path))
-    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    return og.Model(config)
-
-
-def genai_entry(path: Path, ids: np.ndarray, tokens: int, threads: int) -> bench.Entry:
-    """Timers of a genai model on the prompt `ids`: "llm_prefill" (append_tokens, which runs
-    the model on the prompt) and "decode" per token, a fresh Generator each run.
-    generate_next_token picks from the logits it holds and runs the model on the new token at
-    the next call, so tokens + 1 calls run `tokens` forward steps; min_length keeps EOS out."""
-    import onnxruntime_genai as og
-
-    before = bench.rss_mb()
-    model = genai_model(path, threads)
-    prompt = ids.astype(np.int32)
-    length = len(prompt) + tokens + 2
-
-    def generator() -> Any:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=length, min_length=length, do_sample=False)
-        return og.Generator(model, params)
-
-    def prefill() -> float:
-        g = generator()
-        t0 = time.perf_counter()
-        g.append_tokens(prompt)
-        return time.perf_counter() - t0
-
-    def decode() -> float:
-        g = generator()
-        g.append_tokens(prompt)
-        t0 = time.perf_counter()
-        for _ in range(tokens + 1):
-            g.generate_next_token()
-        seconds = time.perf_counter() - t0
-        assert len(g.get_sequence(0)) == len(prompt) + tokens + 1
-        return seconds / tokens
-
-    prefill()
-    timers = {"llm_prefill": prefill, "decode": decode}
-    return bench.Entry(timers, len(prompt), bench.rss_mb() - before, model)
-
-
 def text_layout(engine: Any, n: int) -> Any:
     """A text-only prompt of exactly n rows for `engine`: the filler text through the chat
     template, cut to n ids, with the family's positions (M-RoPE: arange on every axis)."""
@@ -360,7 +292,7 @@ def genai_comparison(
     and time genai and the unrewritten engine's decoder interleaved on n-row text prompts."""
     lm, diff = extract_language_model(model, model_dir, root / f"{model_dir.name}-qwen2-lm")
     builds = {
-        name: build_genai(lm, root / f"{model_dir.name}-{name}", extra, args.reuse)
+        name: build_genai(lm, root / f"{model_dir.name}-{name}", "fp32", extra, args.reuse)
         for name, extra in GENAI_BUILDS.items()
     }
     entries = {TEXT_ROW: engine_text_entry(base, n, args.decode_tokens, threads)}
@@ -617,66 +549,20 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = lnx.family_parser(
+        __doc__,
+        "models/small-qwen2.5-vl",
+        "a qwen2_vl / qwen2_5_vl model dir (small-qwen2.5-vl is written there if missing)",
+        448,
+        DEFAULT_VARIANTS,
+        (2, "pass engines loaded at once (memory)"),
     )
-    ap.add_argument(
-        "--model",
-        default="models/small-qwen2.5-vl",
-        help="a qwen2_vl / qwen2_5_vl model dir (small-qwen2.5-vl is written there if missing)",
-    )
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--artifacts-dir", help="compile here (default: a temporary directory)")
-    ap.add_argument(
-        "--reuse", action="store_true", help="keep artifacts an earlier run left in --artifacts-dir"
-    )
-    ap.add_argument("--image-size", type=int, default=448, help="side of the square image (px)")
-    ap.add_argument("--text-tokens", type=int, default=32)
-    ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
-    ap.add_argument("--threads", type=int, help="threads for every engine (default: every CPU)")
-    ap.add_argument(
-        "--variants",
-        default=DEFAULT_VARIANTS,
-        help=f"'all' or a comma list (default {DEFAULT_VARIANTS})",
-    )
-    ap.add_argument(
-        "--group-size", type=int, default=2, help="pass engines loaded at once (memory)"
-    )
-    ap.add_argument("--vte-k", type=int, help="VTE's exit layer (default: L / 2)")
-    ap.add_argument("--shortv-ratio", type=float, default=0.6)
     ap.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai rows")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mllmc.compiler.data.presets import write_preset
-    from mllmc.compiler.files import outputs
-    from mllmc.runtime.errors import UserError
-
-    args = parse_args(argv)
-    try:
-        if not 1 <= args.rounds <= bench.MAX_REPEATS:
-            raise UserError(f"--rounds must be from 1 to {bench.MAX_REPEATS}, got {args.rounds}")
-        if args.group_size < 1:
-            raise UserError(f"--group-size must be >= 1, got {args.group_size}")
-        out = outputs.check_output_folder(args.out, "benchmark results")
-        if not (Path(args.model) / "config.json").is_file():
-            write_preset("small-qwen2.5-vl", args.model)
-        if args.artifacts_dir is None:
-            scratch = outputs.scratch_directory("mllmc-qwen-")
-            report = run(args, Path(scratch.name))
-            scratch.cleanup()
-        else:
-            report = run(args, outputs.check_output_folder(args.artifacts_dir, "artifacts"))
-    except UserError as e:
-        print(f"qwen.py: error: {e}", file=sys.stderr)
-        return 2
-    outputs.write_file(out / "qwen.json", json.dumps(report, indent=2), force=True)
-    plot(report, out / "qwen.png")
-    print(summary(report))
-    print(f"wrote {out / 'qwen.json'} and {out / 'qwen.png'}")
-    return 0
+    return lnx.bench_main(parse_args(argv), "qwen", "small-qwen2.5-vl", run, plot, summary)
 
 
 if __name__ == "__main__":

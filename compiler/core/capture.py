@@ -132,35 +132,44 @@ def model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
     num_visual = visual_token_count(vc.image_size, vc.patch_size, strategy)
     if num_visual is None:
         raise UserError(f"vision_feature_select_strategy {strategy!r} is not supported")
-    layer_windows(tc)  # a window HF itself cannot apply is refused here, before capture
     reference_rows, reference_tiles = family(cfg.model_type).reference(cfg)
-    eos = model.generation_config.eos_token_id if model.generation_config else tc.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     return ModelInfo(
-        model_dir=str(Path(model_dir).resolve()),
-        config_hash=config_hash(model_dir),
-        model_type=cfg.model_type,
-        num_layers=tc.num_hidden_layers,
-        hidden_size=tc.hidden_size,
-        num_heads=tc.num_attention_heads,
-        num_kv_heads=tc.num_key_value_heads or tc.num_attention_heads,
-        head_dim=head_dim,
-        intermediate_size=tc.intermediate_size,
-        vocab_size=tc.vocab_size,
-        image_token_id=cfg.image_token_id,
+        **decoder_fields(model, model_dir),
         visual_tokens=num_visual,
         image_size=vc.image_size,
         vision_hidden_size=vc.hidden_size,
         vision_layers=vc.num_hidden_layers,
         vision_patch_size=vc.patch_size,
-        eos_token_ids=tuple(int(e) for e in eos_ids),
-        text_model_type=tc.model_type,
-        max_position_embeddings=int(getattr(tc, "max_position_embeddings", 0) or 0),
         vision_feature_select_strategy=strategy,
         reference_visual_rows=reference_rows,
         reference_tiles=reference_tiles,
     )
+
+
+def decoder_fields(model: nn.Module, model_dir: str | Path) -> dict[str, Any]:
+    """The ModelInfo fields every family takes alike: its files, its decoder's shape, its
+    image token and end-of-sequence ids. Refuses a sliding window HF itself cannot apply."""
+    cfg = model.config
+    tc = cfg.text_config
+    layer_windows(tc)  # a window HF itself cannot apply is refused here, before capture
+    eos = model.generation_config.eos_token_id if model.generation_config else tc.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    return {
+        "model_dir": str(Path(model_dir).resolve()),
+        "config_hash": config_hash(model_dir),
+        "model_type": cfg.model_type,
+        "num_layers": tc.num_hidden_layers,
+        "hidden_size": tc.hidden_size,
+        "num_heads": tc.num_attention_heads,
+        "num_kv_heads": tc.num_key_value_heads or tc.num_attention_heads,
+        "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+        "intermediate_size": tc.intermediate_size,
+        "vocab_size": tc.vocab_size,
+        "image_token_id": cfg.image_token_id,
+        "eos_token_ids": tuple(int(e) for e in eos_ids),
+        "text_model_type": tc.model_type,
+        "max_position_embeddings": int(getattr(tc, "max_position_embeddings", 0) or 0),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

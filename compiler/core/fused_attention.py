@@ -138,41 +138,14 @@ def _register_schema() -> None:
     )
 
 
-def _onnx_group_query_attention(
-    query,
-    key,
-    value,
-    past_key,
-    past_value,
-    seqlens_k,
-    total,
-    cos_cache,
-    sin_cache,
-    position_ids,
-    bias,
-    num_heads,
-    kv_heads,
-    scale,
-):
+def _onnx_group_query_attention(q, k, v, past_k, past_v, seqlens, total, cos, sin, pos, bias,
+                                 heads, kv_heads, scale):  # fmt: skip
     import onnxscript
 
     msft = onnxscript.values.Opset(DOMAIN, 1)
+    inputs = (q, k, v, past_k, past_v, seqlens, total, cos, sin, pos, bias)
     return msft.GroupQueryAttention(
-        query,
-        key,
-        value,
-        past_key,
-        past_value,
-        seqlens_k,
-        total,
-        cos_cache,
-        sin_cache,
-        position_ids,
-        bias,
-        num_heads=num_heads,
-        kv_num_heads=kv_heads,
-        scale=scale,
-        do_rotary=1,
+        *inputs, num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1
     )
 
 

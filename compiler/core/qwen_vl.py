@@ -352,38 +352,20 @@ def reference_grid(config: Any, model_dir: str | Path) -> tuple[int, int, int]:
 def qwen_model_info(model: nn.Module, model_dir: str | Path) -> ModelInfo:
     """The ModelInfo of a loaded Qwen2-VL / Qwen2.5-VL model; `visual_tokens` and `image_size`
     are the reference image's rows and side (its grid's rows after the 2 x 2 merge)."""
-    from .capture import layer_windows
-    from .model_dir import config_hash
+    from .capture import decoder_fields
 
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vision_config
-    layer_windows(tc)  # a window HF itself cannot apply is refused here, before capture
     t, h, w = reference_grid(cfg, model_dir)
     rows = t * h * w // vc.spatial_merge_size**2
-    eos = model.generation_config.eos_token_id if model.generation_config else tc.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-    head_dim = tc.hidden_size // tc.num_attention_heads
     width = getattr(vc, "embed_dim", None) if cfg.model_type == "qwen2_vl" else vc.hidden_size
     return ModelInfo(
-        model_dir=str(Path(model_dir).resolve()),
-        config_hash=config_hash(model_dir),
-        model_type=cfg.model_type,
-        num_layers=tc.num_hidden_layers,
-        hidden_size=tc.hidden_size,
-        num_heads=tc.num_attention_heads,
-        num_kv_heads=tc.num_key_value_heads or tc.num_attention_heads,
-        head_dim=head_dim,
-        intermediate_size=tc.intermediate_size,
-        vocab_size=tc.vocab_size,
-        image_token_id=cfg.image_token_id,
+        **decoder_fields(model, model_dir),
         visual_tokens=rows,
         image_size=h * vc.patch_size,
         vision_hidden_size=int(width),
         vision_layers=vc.depth,
         vision_patch_size=vc.patch_size,
-        eos_token_ids=tuple(int(e) for e in eos_ids),
-        text_model_type=tc.model_type,
-        max_position_embeddings=int(getattr(tc, "max_position_embeddings", 0) or 0),
         reference_visual_rows=rows,
         reference_tiles=1,
         vision_start_token_id=int(cfg.vision_start_token_id),

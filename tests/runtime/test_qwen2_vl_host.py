@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mllmc.compiler.data.qwen_presets import QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS
 from mllmc.runtime.engine import Engine
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.images import QwenImages, encode_each, image_inputs, prompt_encoder
@@ -40,28 +41,6 @@ IMAGE_ID, VIDEO_ID, START_ID, END_ID = 60, 61, 62, 63
 BOUNDS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 24}
 # (width, height): tiny, exact, odd aspect ratios both ways, large (downscaled), very narrow
 IMAGE_SIZES = [(10, 10), (56, 84), (37, 91), (300, 60), (91, 37), (1000, 700), (5, 900)]
-QWEN_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
 
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -407,7 +386,7 @@ def _qwen_tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -420,7 +399,7 @@ def _qwen_tokenizer():
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
     return tokenizer
 
 

@@ -155,3 +155,32 @@ def test_an_inplace_output_must_alias_its_past_input():
     graph = onnx.helper.make_graph([node], "g", past, [out])
     with pytest.raises(ValueError, match="does not alias the graph input past.0.key"):
         check_inplace_outputs(onnx.helper.make_model(graph))
+
+
+@pytest.mark.parametrize(
+    "module, cls",
+    [
+        ("llama", "LlamaRMSNorm"),
+        ("mistral", "MistralRMSNorm"),
+        ("qwen2", "Qwen2RMSNorm"),
+        ("qwen2_vl", "Qwen2VLRMSNorm"),
+        ("qwen2_5_vl", "Qwen2_5_VLRMSNorm"),
+    ],
+)
+def test_rms_norm_in_onnxruntime_fusable_form_equals_hf(module, cls):
+    """capture.RMSNorm (a division, the form onnxruntime fuses into one node) computes HF's
+    RMSNorm with the same weight, for every class it stands in for."""
+    import importlib
+
+    from mllmc.compiler.core.capture import RMS_NORMS, RMSNorm, fusable_norm
+
+    assert cls in RMS_NORMS
+    hf_cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls)
+    norm = hf_cls(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    ours = fusable_norm(norm)
+    assert isinstance(ours, RMSNorm) and ours.weight is norm.weight
+    x = torch.randn(2, 5, 64) * 3
+    assert float((ours(x) - norm(x)).abs().max()) <= 1e-6
+    assert fusable_norm(torch.nn.LayerNorm(64)).__class__ is torch.nn.LayerNorm
