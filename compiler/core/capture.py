@@ -50,6 +50,7 @@ from mllmc.runtime.manifest import STATIC_DECODE_INPUTS, LayerPlan, ModelInfo
 
 from .families import family
 from .fused_attention import INPLACE_PREFIX, group_query_attention
+from .fused_attention import supported as fused_attention_supported
 from .model_dir import (  # noqa: F401  (also importable from capture)
     MAX_SEQ,
     SUPPORTED_ARCHITECTURES,
@@ -220,8 +221,11 @@ class RMSNorm(nn.Module):
 
 
 def fusable_norm(norm: nn.Module) -> nn.Module:
-    """`RMSNorm` in place of one of HF's `RMS_NORMS`; any other norm as it is."""
-    return RMSNorm(norm) if type(norm).__name__ in RMS_NORMS else norm
+    """`RMSNorm` in place of one of HF's float32 `RMS_NORMS` (the ONNX target's dtype, where
+    onnxruntime fuses it); any other norm, or one in another dtype, as it is (in half precision
+    a division and HF's rsqrt can round the last bit apart)."""
+    fusable = type(norm).__name__ in RMS_NORMS and norm.weight.dtype == torch.float32
+    return RMSNorm(norm) if fusable else norm
 
 
 class Rope(nn.Module):
@@ -860,7 +864,7 @@ def capture(
     The programs share the model's parameters: move the model, then the programs
     (`TorchEngine(segments, device=...)`), once every rewrite is done. `fused_attention`: the
     static-cache decode step's attention is one fused operator (`StaticCacheDecodeSegment`), for
-    the ONNX target."""
+    the ONNX target, where the operator takes the model's head size."""
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(
@@ -875,7 +879,11 @@ def capture(
         layer_plan=[LayerPlan(i, reference, reference) for i in range(info.num_layers)],
         model=model,
         static_decode=(
-            export_static_cache_decode(model, info, fused_attention) if static_decode else None
+            export_static_cache_decode(
+                model, info, fused_attention and fused_attention_supported(info.head_dim)
+            )
+            if static_decode
+            else None
         ),
         min_visual_rows=min_visual_rows(info),
     )

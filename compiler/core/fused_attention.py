@@ -40,6 +40,13 @@ import torch
 DOMAIN = "com.microsoft"
 OP = "GroupQueryAttention"
 INPLACE_PREFIX = "inplace"  # the graph outputs that alias the past.* buffers
+HEAD_DIM_MULTIPLE = 16  # onnxruntime's CPU kernel takes head sizes that are multiples of 16
+
+
+def supported(head_dim: int) -> bool:
+    """Whether onnxruntime's GroupQueryAttention takes heads of `head_dim` (every released
+    decoder's 64 or 128 does; a model whose heads it does not take decodes op by op)."""
+    return head_dim % HEAD_DIM_MULTIPLE == 0
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

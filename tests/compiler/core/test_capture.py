@@ -225,3 +225,25 @@ def test_sliding_window_matches_hf_past_the_window(
             for buf, row in zip(static_cache, got_static[1:], strict=True):
                 buf[:, :, n + step] = row[:, :, 0]
             nxt = ref.argmax(-1)[:, None]
+
+
+def test_sliding_window_onnx_fused_decode_equals_growing(tiny_model_dir, tmp_path, sample_image):
+    """A Qwen2 decoder whose last layers have an 8-token window, compiled to ONNX: the fused
+    in-place decode (the window as the operator's bias) gives the growing decode's logits for
+    steps well past the window."""
+    import numpy as np
+
+    from mllmc.compiler.pipeline import compile_model
+    from mllmc.runtime import load
+
+    window = {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 3}
+    model_dir = _windowed_model_dir(tiny_model_dir, tmp_path / "qwen2", "qwen2", **window)
+    for f in tiny_model_dir.iterdir():  # tiny-llava's processor, tokenizer and chat template
+        if not (model_dir / f.name).exists():
+            shutil.copy(f, model_dir / f.name)
+    out = compile_model(model_dir, tmp_path / "artifact", progress=False).out_dir
+    kwargs = {"images": [sample_image], "prompt": "Hi", "max_new_tokens": 12, "stop_at_eos": False}
+    fused, growing = load(out), load(out, decode_cache="growing")
+    got, want = fused.generate(**kwargs), growing.generate(**kwargs)
+    assert got.token_ids == want.token_ids
+    assert float(np.abs(got.logits - want.logits).max()) <= 1e-4

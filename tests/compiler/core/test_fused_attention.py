@@ -175,7 +175,9 @@ def test_rms_norm_in_onnxruntime_fusable_form_equals_hf(module, cls):
     from mllmc.compiler.core.capture import RMS_NORMS, RMSNorm, fusable_norm
 
     assert cls in RMS_NORMS
-    hf_cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls)
+    hf_cls = getattr(
+        importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls
+    )
     norm = hf_cls(64, eps=1e-5)
     with torch.no_grad():
         norm.weight.normal_()
