@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fp32 = entries["fp32"].engine
     ids = fp32.encode_prompt(prompt, fp32.encode_images(image)[1]).input_ids[0]
     for name, path in genai.items():
-        entries[name] = genai_entry(path, np.asarray(ids), args.decode_tokens)
+        entries[name] = genai_entry(path, np.asarray(ids), args.decode_tokens, os.cpu_count())
     rows = bench.side_by_side(entries, args.repeats)
     for name, row in rows.items():
         path = paths.get(name)

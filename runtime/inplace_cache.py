@@ -61,6 +61,12 @@ class InPlaceCacheDecoder:
         outputs = [t.name for t in static.entry.outputs]
         self._new_names = [n for n in outputs if n.startswith("new.")]
         self._inplace_names = [n for n in outputs if n.startswith("inplace.")]
+        written = self._inplace_names or self._new_names
+        if len(written) != len(self._past_names):
+            raise UserError(
+                f"corrupt artifact: the {static.name} program returns {len(written)} cache "
+                f"tensors for {len(self._past_names)} caches"
+            )
         dtypes = {t.name: np.dtype(t.dtype) for t in static.entry.inputs}
         self._cache_dtype = dtypes[self._past_names[0]]
         self._buffers: list[np.ndarray] = []  # (B, kvh, C, hd) per cache input

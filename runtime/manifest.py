@@ -39,12 +39,14 @@ from typing import Any, TypedDict, TypeVar
 from .errors import UserError
 from .jsonfile import JSONError, read_json
 
-# 5: the decode step takes a batch of samples, each one's cache left-padded by `cache_pad`
-# rows; 4 decoded one sample at a time; 3 and 2 also took one image span at visual_start in the
-# prefill instead of a prompt layout. Their manifests still read (for `inspect`); the engine
-# asks for a recompile
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (2, 3, 4, FORMAT_VERSION)  # 2 is converted on reading (`_from_version_2`)
+# 6: an onnx `decode_static` program may return its cache buffers (`inplace.*`, written in place
+# by the fused attention) instead of the new rows (`new.*`); 5 returned rows only (this runtime
+# runs both); the decode step takes a batch of samples, each one's cache left-padded by
+# `cache_pad` rows, since 5; 4 decoded one sample at a time; 3 and 2 also took one image span at
+# visual_start in the prefill instead of a prompt layout. Their manifests still read (for
+# `inspect`); the engine asks for a recompile of 4 and older
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (2, 3, 4, 5, FORMAT_VERSION)  # 2 is converted on reading (`_from_version_2`)
 MANIFEST_NAME = "manifest.json"
 SEGMENTS = ("vision", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")  # the precisions an artifact's engines run in

@@ -518,14 +518,14 @@ class StaticCacheDecodeSegment(_Decoder):
         return (self.logits_last(h), *rows)
 
     def _forward_fused(self, h, cos, sin, cache_len, cache_pad, past):
-        # cos/sin (B, 1, 1, hd) serve the (B, 1, heads, hd) layout as they are (one row)
         # every layer's bias and write row at once (a layer then picks its own: one op, where
         # building them layer by layer is a dozen small ops each)
         b = h.shape[0]
         capacity = past[0].shape[2]
         total = torch.full((), capacity, dtype=torch.int32, device=h.device)
-        # this step's angles as the operator's rotary tables: row b is sample b's (the operator
-        # wants at least C rows), and sample b reads row b
+        # this step's angles (cos/sin (B, 1, 1, hd), the halves alike) as the operator's rotary
+        # tables (B + C, hd/2): row b is sample b's, then C zero rows (the operator wants at
+        # least C), and sample b reads row b
         half = cos.shape[-1] // 2
         tables = [F.pad(t[:, 0, 0, :half], (0, 0, 0, capacity)) for t in (cos, sin)]
         rotary = (*tables, torch.arange(b, device=h.device)[:, None])

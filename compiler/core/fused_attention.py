@@ -24,7 +24,7 @@ The contract, for this use (one query row per sample): query (B, 1, H*hd), key /
 seqlens_k (B,) int32 the row the new key goes to (the rows before it are the cache),
 total_sequence_length () int32 = C, cos_cache / sin_cache (R, hd/2) rotary tables with R >= C
 and position_ids (B, 1) int64 each sample's row of them (the decode step passes this step's own
-angles, one row a sample, padded to C rows: so positions of any kind, M-RoPE's included, rotate
+angles, one row a sample, then C zero rows: so positions of any kind, M-RoPE's included, rotate
 as the caller computed them), attention_bias (B, 1, 1, C) added to the scores (left padding and
 sliding windows are -inf-like there; entries past seqlens_k are not read). Outputs (B, 1, H*hd)
 and the two buffers (B, kvh, C, hd). Query head h reads kv head h // (H / kvh), as HF's repeat_kv

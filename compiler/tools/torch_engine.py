@@ -51,6 +51,11 @@ class TorchEngine(SegmentLoop):
         static_cache = static_cache or cuda_graphs
         if static_cache and segments.static_decode is None:
             raise ValueError("static_cache needs segments captured with static_decode=True")
+        if static_cache and segments.static_decode.output_names[1].startswith("inplace."):
+            raise ValueError(
+                "static_cache runs the static decode that returns new rows: capture with "
+                "fused_attention=False (the fused one is the ONNX target's)"
+            )
         self.info = segments.info
         entries = [segment_entry(seg) for seg in segments]
         modules = [on_device(seg.program, device) for seg in segments]

@@ -117,6 +117,8 @@ def test_static_decode_choices(tiny_base_artifact: Path, tmp_path: Path):
     assert type(load(copy).runners["decode"]).__name__ == "OnnxRunner"
 
 
+@pytest.mark.slow  # compiles a second artifact; the unfused path runs by default on heads the
+# fused operator does not take (tests/compiler/test_compile.py's other_model_dir)
 def test_fused_and_unfused_static_programs_decode_alike(
     tiny_model_dir: Path, tiny_base_artifact: Path, tmp_path: Path, monkeypatch
 ):
