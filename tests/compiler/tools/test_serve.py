@@ -257,6 +257,12 @@ def test_model_answers_each_request_of_a_batch_on_its_own(
     model.initialize(
         {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
     )
+    # 5 ms more a decode step, so that the 1000-token request surely outlasts the 0.3 s limit
+    # however fast the engine decodes (EOS still stops a generation, as it does alone)
+    step = model.engine.decode_batch_step
+    monkeypatch.setattr(
+        model.engine, "decode_batch_step", lambda *args: (time.sleep(0.005), step(*args))[1]
+    )
     good = png_bytes(sample_image)
     batch = [
         FakeRequest(arrays([good], PROMPT.encode(), 6)),
