@@ -19,6 +19,7 @@ import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -247,22 +248,13 @@ def test_model_answers_each_request_of_a_batch_on_its_own(
     """The Python-backend model itself, with the backend's API faked: in one batch a good
     request gets engine.generate's answer, a bad one its own INVALID_ARG line, and one that runs
     past the request timeout is stopped with CANCELLED."""
-    from mllmc.compiler.tools.triton_model import TritonPythonModel
     from mllmc.runtime import load
 
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeBackend())
     params = {"artifact": str(tiny_base_artifact), "request_timeout_s": "0.3", "threads": "1"}
-    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
-    model = TritonPythonModel()
-    model.initialize(
-        {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
-    )
-    # 5 ms more a decode step, so that the 1000-token request surely outlasts the 0.3 s limit
-    # however fast the engine decodes (EOS still stops a generation, as it does alone)
-    step = model.engine.decode_batch_step
-    monkeypatch.setattr(
-        model.engine, "decode_batch_step", lambda *args: (time.sleep(0.005), step(*args))[1]
-    )
+    model = python_model(params, monkeypatch)
+    # so that the 1000-token request surely outlasts the 0.3 s limit however fast the engine
+    # decodes (EOS still stops a generation, as it does alone)
+    slow_steps(model.engine, monkeypatch, seconds=0.005, stop_at_eos=True)
     good = png_bytes(sample_image)
     batch = [
         FakeRequest(arrays([good], PROMPT.encode(), 6)),
@@ -286,17 +278,34 @@ def test_model_answers_each_request_of_a_batch_on_its_own(
     assert [len(r.responses) for r in batch] == [1, 1, 1]
 
 
-def slow_steps(engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make each decode step of `engine` take 20 ms more and never stop at EOS, so that a long
-    generation surely outlasts a sub-second drain."""
+def python_model(params: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The Python-backend model, initialized with `params` as its config's parameters, with the
+    backend's API faked."""
+    from mllmc.compiler.tools.triton_model import TritonPythonModel
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeBackend())
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    model = TritonPythonModel()
+    model.initialize(
+        {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
+    )
+    return model
+
+
+def slow_steps(
+    engine, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.02, stop_at_eos: bool = False
+) -> None:
+    """Make each decode step of `engine` take `seconds` more (and, unless `stop_at_eos`, never
+    stop at EOS), so that a long generation surely outlasts a sub-second limit."""
     step = engine.decode_batch_step
 
     def slow(*args: object) -> object:
-        time.sleep(0.02)
+        time.sleep(seconds)
         return step(*args)
 
     monkeypatch.setattr(engine, "decode_batch_step", slow)
-    engine.eos_token_ids = set()
+    if not stop_at_eos:
+        engine.eos_token_ids = set()
 
 
 def test_model_cuts_generations_left_when_the_drain_ends(
@@ -305,16 +314,9 @@ def test_model_cuts_generations_left_when_the_drain_ends(
     """The stop file `mllmc serve` writes starts the drain: a short request finishes, one still
     running when drain_timeout_s passes is answered with a one-line CANCELLED error, the count
     goes to the control directory, and finalize returns with the scheduler's thread ended."""
-    from mllmc.compiler.tools.triton_model import TritonPythonModel
-
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeBackend())
     params = {"artifact": str(tiny_base_artifact), "drain_timeout_s": "0.5", "threads": "1"}
     params["control_dir"] = str(tmp_path)
-    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
-    model = TritonPythonModel()
-    model.initialize(
-        {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
-    )
+    model = python_model(params, monkeypatch)
     slow_steps(model.engine, monkeypatch)  # the long one outlasts the drain
     good = png_bytes(sample_image)
     short, long = FakeRequest(arrays([good], b"Hi", 2)), FakeRequest(arrays([good], b"Hi", 1000))
@@ -337,15 +339,8 @@ def test_finalize_cuts_what_outlasts_the_drain(
 ) -> None:
     """Without serve's stop file (an exported repository unloaded), finalize waits at most
     drain_timeout_s, then cancels what is left and answers it."""
-    from mllmc.compiler.tools.triton_model import TritonPythonModel
-
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeBackend())
     params = {"artifact": str(tiny_base_artifact), "drain_timeout_s": "0.3", "threads": "1"}
-    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
-    model = TritonPythonModel()
-    model.initialize(
-        {"model_config": json.dumps(config), "model_repository": "", "model_version": 1}
-    )
+    model = python_model(params, monkeypatch)
     slow_steps(model.engine, monkeypatch)
     long = FakeRequest(arrays([png_bytes(sample_image)], b"Hi", 1000))
     model.execute([long])
