@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU wheel of torch that lies on this machine's disk; a bare `torch` pulls a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[compile,dev]'
+	$(BIN)/pip install -q -e '.[compile,dev,torchao]'
 	touch $(STAMP)
 
 install: $(STAMP)

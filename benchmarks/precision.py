@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path, title: str | None = None) -> None:
     """Three bar charts: decode ms/token, LLM prefill ms, engine MB, one bar per row."""
     import matplotlib
 
@@ -234,7 +234,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
         ax.set_title(label)
     fig.suptitle(
-        f"{Path(report['model']).name}: mllmc (blue) vs onnxruntime-genai 0.18 (red), "
+        title
+        or f"{Path(report['model']).name}: mllmc (blue) vs onnxruntime-genai 0.18 (red), "
         f"accuracy level {report['accuracy_level']}"
     )
     fig.tight_layout()

@@ -163,10 +163,12 @@ def compile_model(
     float16) or trt (cuda; float16 by default; `max_seq_len` bounds its shape profiles).
     `decode_cache` (aoti, onnx): "static" adds the decode step over fixed-capacity buffers,
     which the runtime replays as CUDA graphs on CUDA (the default there) or, for onnx (its
-    default), runs over buffers it writes in place; "growing" does not. `quantize` (onnx): "int4" or "int8" (the defaults of
-    `backends.quantize.quantize_config`) or a `QuantizeConfig` from it: weight-only block
-    quantization of the decoder's MatMuls after the passes, validated against eager with the
-    same quantize -> dequantize round trip of its weights."""
+    default), runs over buffers it writes in place; "growing" does not. `quantize`: "int4" or
+    "int8" (the defaults of `backends.quantize.quantize_config` for the target) or a
+    `QuantizeConfig` from it. onnx: weight-only block quantization of the decoder's MatMuls
+    after the passes, validated against eager with the same quantize -> dequantize round trip of
+    its weights; aoti (CPU, int4): torchao's int4 weights swapped in before capture, validated
+    against the eager model with the same torchao weights."""
     from mllmc.compiler.files import artifact
 
     from . import backends
@@ -177,7 +179,7 @@ def compile_model(
     options = backends.resolve_options(
         target,
         backends.TargetOptions(
-            device, dtype, max_seq_len, decode_cache, _quantize_config(quantize)
+            device, dtype, max_seq_len, decode_cache, _quantize_config(quantize, target)
         ),
     )
     config, out = _check_inputs(model_dir, out_dir, pass_list, force)
@@ -218,7 +220,7 @@ def check_model(model_dir: str | Path, passes: PassList = ()) -> dict[str, Any]:
     return config
 
 
-def _quantize_config(quantize: Any) -> Any:
+def _quantize_config(quantize: Any, target: str) -> Any:
     """`compile_model`'s `quantize` as a QuantizeConfig (None: float weights)."""
     from .backends.quantize import QuantizeConfig, quantize_config
 
@@ -226,7 +228,7 @@ def _quantize_config(quantize: Any) -> Any:
         return quantize
     if not isinstance(quantize, str):
         raise TypeError(f"quantize must be 'int4', 'int8' or a QuantizeConfig, got {quantize!r}")
-    return quantize_config(quantize)
+    return quantize_config(quantize, target=target)
 
 
 def _check_arg_types(*, max_seq_len: Any, **flags: Any) -> None:

@@ -150,13 +150,11 @@ _VISION_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn\.([qk])_p
 
 
 def _projections(graph: fx.Graph) -> dict[tuple[int, str], fx.Node]:
-    import torch
-
-    from mllmc.compiler.core.locator import module_path
+    from mllmc.compiler.core.locator import LINEAR_OPS, module_path
 
     found: dict[tuple[int, str], fx.Node] = {}
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+        if node.op == "call_function" and node.target in LINEAR_OPS:
             m = _VISION_LAYER.search(module_path(node))
             if m:
                 found[int(m.group(1)), m.group(2)] = node

@@ -66,8 +66,12 @@ T = TypeVar("T")
 JSON_KEY = "json_key"
 
 
-# weight-only block quantization of an ONNX artifact's MatMuls (MatMulNBits, symmetric)
+# weight-only block quantization: an ONNX artifact's MatMuls (MatMulNBits, symmetric, int4 or
+# int8), an AOTInductor artifact's Linears (torchao's int4 weight-only, asymmetric)
 QUANTIZED_WEIGHTS = ("int4", "int8")
+# how the weights were quantized, by target: the scheme's name and the weights it builds
+SCHEMES = {"onnx": "matmulnbits", "aoti": "torchao"}
+SCHEME_WEIGHTS = {"matmulnbits": ("int4", "int8"), "torchao": ("int4",)}
 # the model parts a quantized artifact may hold in low precision
 QUANTIZED_PARTS = ("decoder", "lm_head", "embedding", "projector", "vision")
 
@@ -76,12 +80,16 @@ QUANTIZED_PARTS = ("decoder", "lm_head", "embedding", "projector", "vision")
 class Precision:
     """The engines' weight precision, beside their compute dtype:
 
-    weights         None: the dtype's own (nothing quantized); "int4" / "int8": symmetric
-                    block-wise weight-only quantization (onnxruntime's MatMulNBits, and
-                    GatherBlockQuantized for an int4 embedding)
+    weights         None: the dtype's own (nothing quantized); "int4" / "int8": block-wise
+                    weight-only quantization, by `scheme`
     block_size      weights per scale along a MatMul's K (an embedding row's hidden dim)
     accuracy_level  MatMulNBits' compute: 0/1 float32, 2 float16, 3 bfloat16, 4 int8 activations
+                    (None for torchao: its int4 kernel takes float activations)
     parts           the model parts held in that precision (QUANTIZED_PARTS)
+    scheme          "matmulnbits" (onnx; what a record without it means): symmetric, onnxruntime's
+                    MatMulNBits and GatherBlockQuantized for an int4 embedding; "torchao" (aoti):
+                    torchao's int4 weight-only (a scale and a zero point per block, the CPU's
+                    `_weight_int4pack_mm_for_cpu`), Linears only
 
     A manifest without the record describes float engines. Invalid values raise ValueError."""
 
@@ -89,20 +97,31 @@ class Precision:
     block_size: int | None = None
     accuracy_level: int | None = None
     parts: tuple[str, ...] = ()
+    scheme: str | None = None
 
     def __post_init__(self) -> None:
         if self.weights is None:
             if self.block_size is not None or self.accuracy_level is not None or self.parts:
                 raise ValueError("precision: block_size, accuracy_level or parts without weights")
+            if self.scheme is not None:
+                raise ValueError("precision: a scheme without weights")
             return
         if self.weights not in QUANTIZED_WEIGHTS:
             raise ValueError(
                 f"unknown weight precision {self.weights!r}; valid: {', '.join(QUANTIZED_WEIGHTS)}"
             )
+        if self.weights not in SCHEME_WEIGHTS.get(self.method, ()):
+            raise ValueError(
+                f"precision: scheme {self.scheme!r} with {self.weights} weights; valid schemes: "
+                + ", ".join(f"{k} ({'/'.join(v)})" for k, v in SCHEME_WEIGHTS.items())
+            )
         size = self.block_size
         if size is None or size < 16 or size & (size - 1):
             raise ValueError(f"precision: block_size must be a power of two >= 16, got {size}")
-        if self.accuracy_level is None or not 0 <= self.accuracy_level <= 4:
+        if self.method == "torchao":
+            if self.accuracy_level is not None:
+                raise ValueError("precision: torchao's int4 has no accuracy_level")
+        elif self.accuracy_level is None or not 0 <= self.accuracy_level <= 4:
             raise ValueError(f"precision: accuracy_level must be 0..4, got {self.accuracy_level}")
         unknown = [p for p in self.parts if p not in QUANTIZED_PARTS]
         if unknown or not self.parts:
@@ -112,10 +131,22 @@ class Precision:
         """One phrase: 'float weights' or 'int4 weights (block 32, accuracy level 4: ...)'."""
         if self.weights is None:
             return "float weights"
+        if self.method == "torchao":
+            return (
+                f"{self.weights} weights (torchao, block {self.block_size}, float activations): "
+                f"{', '.join(self.parts)}"
+            )
         return (
             f"{self.weights} weights (block {self.block_size}, accuracy level "
             f"{self.accuracy_level}): {', '.join(self.parts)}"
         )
+
+    @property
+    def method(self) -> str | None:
+        """The scheme (`matmulnbits` where a quantized record names none); None: float."""
+        if self.weights is None:
+            return None
+        return self.scheme or SCHEMES["onnx"]
 
 
 @dataclass(frozen=True)
@@ -153,8 +184,11 @@ class TargetSettings:
             )
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be None or >= 2, got {self.max_seq_len}")
-        if self.precision.weights is not None and self.target != "onnx":
-            raise ValueError(f"{self.precision.weights} weights on target {self.target!r}")
+        method = self.precision.method
+        if method is not None and SCHEMES.get(self.target) != method:
+            raise ValueError(
+                f"{self.precision.weights} weights ({method}) on target {self.target!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from mllmc.runtime.manifest import (
     DECODE_CACHES,
     DTYPES,
     FLOAT32_TOL,
+    SCHEMES,
     SegmentEntry,
     TargetSettings,
     TensorSpec,
@@ -54,7 +55,8 @@ class TargetOptions:
     # None: static for aoti on CUDA (decode as CUDA graphs) and for onnx (rows written in
     # place), growing otherwise
     decode_cache: str | None = None
-    # onnx: weight-only int4 / int8 (a `quantize.QuantizeConfig`); None: float weights
+    # weight-only int4 / int8 (a `quantize.QuantizeConfig`: onnx MatMulNBits, aoti torchao int4);
+    # None: float weights
     quantize: Any = None
 
 
@@ -91,8 +93,15 @@ class Backend:
         return self.finish(out_dir, entries) if self.finish else entries
 
     def prepare(self, model: Any) -> Any:
-        """The eager model in the engines' dtype: captured, and validated against, in it."""
-        return cast_model(model, str(self.options.dtype))
+        """The eager model in the engines' dtype (and, for torchao, with its int4 weights):
+        captured, and validated against, in it."""
+        model = cast_model(model, str(self.options.dtype))
+        quantize = self.options.quantize
+        if quantize is not None and quantize.record().method == "torchao":
+            from .torchao_int4 import quantize_model
+
+            quantize_model(model, quantize.record())
+        return model
 
     @property
     def tol(self) -> float:
@@ -128,11 +137,19 @@ def resolve_options(target: str, options: TargetOptions | None = None) -> Target
     options = options or TargetOptions()
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
-    if options.quantize is not None and target != "onnx":
-        raise UserError(
-            f"--quantize builds weight-only int4/int8 engines for --target onnx (onnxruntime's "
-            f"MatMulNBits); target {target!r} has none here: use --target onnx"
-        )
+    if options.quantize is not None:
+        scheme = options.quantize.record().method
+        if SCHEMES.get(target) != scheme:
+            raise UserError(
+                f"--quantize builds weight-only engines for --target onnx (onnxruntime's "
+                f"MatMulNBits, int4 / int8) and aoti (torchao's int4); target {target!r} has none "
+                f"here" + ("" if target not in SCHEMES else f" as {scheme}")
+            )
+        if target == "aoti" and (options.device != "cpu" or options.dtype not in (None, "float32")):
+            raise UserError(
+                "--quantize on --target aoti builds float32 CPU engines (torchao's int4 CPU "
+                "layout): use --device cpu --dtype float32"
+            )
     if options.max_seq_len is not None:
         if target != "trt":
             raise UserError(

@@ -10,19 +10,27 @@ package's metadata maps its constant names to keys there. The metadata also carr
 segment's IO (names, shapes, dtypes) beside AOTInductor's own device key, so the runner
 (runtime/runners/aoti.py) checks both against the manifest before it loads the shared library,
 then hands every package the same tensors (`load_constants(..., user_managed=True)`).
+
+int4 Linears (`--quantize int4`, compiler/core/int4_linear.py) are decomposed into torch's int4
+kernel call first; their codes are buffers like any weight. The small constants AOTInductor
+itself adds while lowering (the int4 kernel's group size, as a tensor) are recorded as it adds
+them and stored with the segment's weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mllmc.compiler.core import int4_linear
 from mllmc.compiler.core.segment_io import segment_io
 from mllmc.runtime.manifest import SegmentEntry
 
@@ -61,10 +69,46 @@ class WeightStore:
             mapping[name] = self._keys[ident]
         return mapping
 
+    def add_lowering_constants(self, segment: str, added: dict[str, torch.Tensor]) -> None:
+        """Store the constants AOTInductor added while lowering `segment`, under
+        `lowering_key(segment, name)` (the package's metadata was written before they existed)."""
+        for name, t in added.items():
+            self.tensors[lowering_key(segment, name)] = t.detach()
+
     def save(self, out_dir: Path, entries: dict[str, SegmentEntry]) -> dict[str, SegmentEntry]:
         """Write WEIGHTS; the entries with `external_data` pointing at it."""
         torch.save({k: t.contiguous().cpu() for k, t in self.tensors.items()}, out_dir / WEIGHTS)
         return {name: dataclasses.replace(e, external_data=WEIGHTS) for name, e in entries.items()}
+
+
+def lowering_key(segment: str, name: str) -> str:
+    """The weights-file key of constant `name` that AOTInductor added to `segment`'s package
+    (the runner looks a constant its package's mapping does not name up there)."""
+    return f"{segment}/lowered/{name}"
+
+
+@contextlib.contextmanager
+def lowering_constants() -> Iterator[dict[str, torch.Tensor]]:
+    """The unnamed tensor constants AOTInductor adds to a graph while lowering it (name ->
+    value), for the packages that hold no weights: e.g. the int4 matmul's group size, which its
+    lowering makes a tensor. They are in no program's state, so they are caught as they are
+    added."""
+    from torch._inductor.graph import GraphLowering
+
+    added: dict[str, torch.Tensor] = {}
+    original = GraphLowering.add_tensor_constant
+
+    def add_tensor_constant(self: Any, data: torch.Tensor, name: str | None = None) -> Any:
+        box = original(self, data, name)
+        if name is None:  # a graph's own constants (get_attr) come named, and are stored already
+            added[box.get_name()] = data
+        return box
+
+    GraphLowering.add_tensor_constant = add_tensor_constant  # type: ignore[method-assign]
+    try:
+        yield added
+    finally:
+        GraphLowering.add_tensor_constant = original  # type: ignore[method-assign]
 
 
 def compile_segment(
@@ -72,7 +116,7 @@ def compile_segment(
 ) -> SegmentEntry:
     """Write `out_dir/<seg.name>.pt2` compiled for `device`; return its manifest entry. With a
     `store`, the package holds no weights: they go to the store (saved by `store.save`)."""
-    program = seg.program
+    program = int4_linear.decompose(seg.program)
     if torch.device(device).type != "cpu":
         from mllmc.compiler.core.capture import on_device
 
@@ -86,11 +130,13 @@ def compile_segment(
         metadata[CONSTANTS_KEY] = json.dumps(store.add(seg.name, tensors))
         configs["aot_inductor.package_constants_in_so"] = False
     path = out_dir / f"{seg.name}.pt2"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), lowering_constants() as added:
         warnings.simplefilter("ignore")
         torch._inductor.aoti_compile_and_package(
             program,
             package_path=str(path),
             inductor_configs={"aot_inductor.metadata": metadata, **configs},
         )
+    if store is not None:
+        store.add_lowering_constants(seg.name, added)
     return segment_entry(path.name, io)

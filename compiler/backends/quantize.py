@@ -41,7 +41,13 @@ from typing import Any
 import numpy as np
 
 from mllmc.runtime.errors import UserError
-from mllmc.runtime.manifest import FLOAT32_TOL, QUANTIZED_PARTS, QUANTIZED_WEIGHTS, Precision
+from mllmc.runtime.manifest import (
+    FLOAT32_TOL,
+    QUANTIZED_PARTS,
+    QUANTIZED_WEIGHTS,
+    SCHEMES,
+    Precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +72,9 @@ class QuantizeConfig:
 
     weights: str  # "int4" or "int8"
     block_size: int = DEFAULT_BLOCK_SIZE
-    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL  # None: torchao (float activations)
     parts: tuple[str, ...] = DEFAULT_PARTS
+    scheme: str = SCHEMES["onnx"]  # "matmulnbits" (onnx) or "torchao" (aoti)
 
     @property
     def bits(self) -> int:
@@ -75,7 +82,9 @@ class QuantizeConfig:
 
     def record(self) -> Precision:
         """The manifest's record of this quantization."""
-        return Precision(self.weights, self.block_size, self.accuracy_level, self.parts)
+        return Precision(
+            self.weights, self.block_size, self.accuracy_level, self.parts, self.scheme
+        )
 
 
 def _names(value: str | Sequence[str] | None, option: str, valid: Sequence[str]) -> list[str]:
@@ -96,12 +105,15 @@ def quantize_config(
     accuracy_level: int | None = None,
     keep: str | Sequence[str] | None = None,
     parts: str | Sequence[str] | None = None,
+    target: str = "onnx",
 ) -> QuantizeConfig | None:
     """The checked quantization options (None: float engines), UserError naming what is valid.
 
     `keep`: parts of the defaults to leave in float (lm_head, embedding); `parts`: the optional
     parts to quantize as well (vision, projector). int8 has no embedding gather (onnxruntime's
-    quantizer writes GatherBlockQuantized for 4 bits only), so its embedding stays float."""
+    quantizer writes GatherBlockQuantized for 4 bits only), so its embedding stays float.
+    `target` "aoti": torchao's int4 weight-only (`torchao_int4`), Linears only, so the embedding
+    stays float, and no accuracy level (its kernel takes float activations)."""
     if weights is None:
         given = [
             opt
@@ -118,6 +130,10 @@ def quantize_config(
         return None
     if weights not in BITS:
         raise UserError(f"--quantize: unknown precision {weights!r}; valid: {', '.join(BITS)}")
+    if target == "aoti":
+        from .torchao_int4 import torchao_config
+
+        return torchao_config(weights, block_size, accuracy_level, keep, parts)
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
         raise UserError(
@@ -129,13 +145,18 @@ def quantize_config(
             f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))} "
             f"(4: int8 activations), got {level!r}"
         )
-    kept = _names(keep, "--quantize-keep", KEEPABLE)
-    extra = _names(parts, "--quantize-parts", OPTIONAL_PARTS)
-    chosen = [p for p in (*DEFAULT_PARTS, *OPTIONAL_PARTS) if p not in kept]
-    chosen = [p for p in chosen if p in DEFAULT_PARTS or p in extra]
+    chosen = chosen_parts(keep, parts)
     if weights == "int8" and "embedding" in chosen:
         chosen.remove("embedding")
     return QuantizeConfig(weights, block_size, level, tuple(chosen))
+
+
+def chosen_parts(keep: str | Sequence[str] | None, parts: str | Sequence[str] | None) -> list[str]:
+    """The parts quantized: the defaults but `keep`, and the optional `parts`."""
+    kept = _names(keep, "--quantize-keep", KEEPABLE)
+    extra = _names(parts, "--quantize-parts", OPTIONAL_PARTS)
+    chosen = [p for p in (*DEFAULT_PARTS, *OPTIONAL_PARTS) if p not in kept]
+    return [p for p in chosen if p in DEFAULT_PARTS or p in extra]
 
 
 def part_of(path: str) -> str | None:
@@ -218,9 +239,17 @@ def quantized_weights(model: Any, precision: Precision) -> Iterator[Any]:
     """`model` with the weights of `precision.parts` replaced by their round trip while the
     block runs, restored after; a float `precision` leaves it as it is. Each module gets a
     Parameter of its own for the block, so a weight tied between the embedding and lm_head
-    takes each one's rule, as the engine's GatherBlockQuantized and MatMulNBits do."""
+    takes each one's rule, as the engine's GatherBlockQuantized and MatMulNBits do. A torchao
+    `precision` (aoti) swaps in torchao's int4 tensors instead (`torchao_int4.torchao_weights`):
+    its kernel is the engine's, so the eager model quantized that way is the reference."""
     if precision.weights is None:
         yield model
+        return
+    if precision.method == "torchao":
+        from .torchao_int4 import torchao_weights
+
+        with torchao_weights(model, precision):
+            yield model
         return
     import torch
 
@@ -482,4 +511,8 @@ def quantized_tol(precision: Precision) -> float:
     moves the logits by 5% to 29% of the scale, so the check still fails an int4 engine whose
     weights differ from the reference's. int8's own round trip moves them 0.4% to 3.5%, inside
     level 4's noise: an int8 engine's weights are checked at level 0 (the tests do)."""
+    if precision.method == "torchao":
+        from .torchao_int4 import TORCHAO_TOL
+
+        return TORCHAO_TOL
     return ACCURACY_LEVEL_TOL[int(precision.accuracy_level or 0)]

@@ -18,6 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mllmc.runtime.manifest import LayerPlan
 
+from . import int4_linear
+
 REFERENCE_TEXT_TOKENS = 64
 
 
@@ -40,7 +42,10 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_val=Non
 
 
 # keyed by op packet, as FlopCounterMode looks them up; it hands the formula shapes, not tensors
-_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+_EXTRA_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.mllmc.int4_linear: int4_linear.flops,  # an int4 Linear counts as a Linear
+}
 
 
 def count_flops(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...]) -> int:

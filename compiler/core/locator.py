@@ -28,9 +28,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from . import int4_linear
+
 _LAYER_PATH = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.(.*))?$")
 _ATTENTION_OPS = (torch.ops.aten.scaled_dot_product_attention.default,)
-_LINEAR_OPS = (torch.ops.aten.linear.default,)
+# a Linear, or one with int4 weights (`int4_linear`): either reads its input as args[0]
+LINEAR_OPS = (torch.ops.aten.linear.default, int4_linear.OP)
 _ADD_OPS = (torch.ops.aten.add.Tensor,)
 _MUL_OPS = (torch.ops.aten.mul.Tensor,)
 
@@ -148,7 +151,7 @@ def locate_layers(graph: fx.Graph) -> list[LayerAnatomy]:
 
         def linear(suffix: str, nodes=nodes, index=index) -> fx.Node:
             return _one(
-                (n for p, n in nodes if p == suffix and n.target in _LINEAR_OPS), suffix, index
+                (n for p, n in nodes if p == suffix and n.target in LINEAR_OPS), suffix, index
             )
 
         q, k, v, o = (linear(f"self_attn.{p}_proj") for p in "qkvo")

@@ -33,6 +33,7 @@ examples:
   mllmc compile MODEL --pass shortv --target aoti --device cuda --dtype bfloat16 -o out/gpu
   mllmc compile MODEL --pass shortv:ratio=0.6 --target trt --max-seq-len 4096 -o out/trt
   mllmc compile MODEL --quantize int4 --eval-task shapes-qa -n 400 -o out/int4
+  mllmc compile MODEL --quantize int4 --target aoti --block-size 128 -o out/int4-aoti
   mllmc calibrate models/tiny-llava --pass shortv -o lc.json
   mllmc run out/tiny-shortv --image cat.png --prompt "Describe the image." --max-new-tokens 16
   mllmc verify out/tiny-shortv --against models/tiny-llava
@@ -133,7 +134,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .precision import check_eval_options
 
     quantize = quantize_config(
-        args.quantize, args.block_size, args.accuracy_level, args.quantize_keep, args.quantize_parts
+        args.quantize,
+        args.block_size,
+        args.accuracy_level,
+        args.quantize_keep,
+        args.quantize_parts,
+        target=args.target,
     )
     check_eval_options(args.eval_task, args.eval_items)
     passes = _passes(args)
@@ -175,7 +181,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         n = 400 if args.eval_items is None else args.eval_items
         report = evaluate_precision(
             result.out_dir, args.model, passes, args.eval_task, n, quantize is not None,
-            progress=not args.quiet,
+            progress=not args.quiet, target=args.target,
         )  # fmt: skip
         print(f"eval: {report.line()}")
     return 0
@@ -502,7 +508,8 @@ def _add_compile_parser(sub: Any) -> None:
         "-o out/gpu\n"
         "  mllmc compile MODEL --pass shortv:ratio=0.6 --target trt --max-seq-len 4096 "
         "-o out/trt\n"
-        "  mllmc compile MODEL --quantize int4 --eval-task shapes-qa -n 400 -o out/int4\n",
+        "  mllmc compile MODEL --quantize int4 --eval-task shapes-qa -n 400 -o out/int4\n"
+        "  mllmc compile MODEL --quantize int4 --target aoti --block-size 128 -o out/int4-aoti\n",
     )
     sp.add_argument("model", help="Hugging Face model directory (config.json, *.safetensors, ...)")
     sp.add_argument("-o", "--output", required=True, help="artifact directory to write")
@@ -557,20 +564,21 @@ def _add_quantize_arguments(sp: Any) -> None:
     sp.add_argument(
         "--quantize",
         metavar="int4|int8",
-        help="onnx: weight-only block quantization (MatMulNBits) of the decoder, lm_head and "
-        "(int4) the embedding, after the passes",
+        help="weight-only block quantization of the decoder, lm_head and (onnx int4) the "
+        "embedding: onnx int4|int8 (MatMulNBits, after the passes), aoti int4 (torchao, CPU; "
+        "pip install 'mllmc[torchao]')",
     )
     sp.add_argument(
         "--block-size",
         type=_int_in(-(2**63)),
         metavar="N",
-        help="--quantize: weights per scale, 16, 32 (default), 64, 128 or 256",
+        help="--quantize: weights per scale, 16 (onnx), 32 (default), 64, 128 or 256",
     )
     sp.add_argument(
         "--accuracy-level",
         type=_int_in(-(2**63)),
         metavar="N",
-        help="--quantize: MatMulNBits compute, 0-4 (default 4: int8 activations)",
+        help="--quantize on onnx: MatMulNBits compute, 0-4 (default 4: int8 activations)",
     )
     sp.add_argument(
         "--quantize-keep", metavar="PARTS", help="--quantize: keep in float: lm_head,embedding"
@@ -989,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for name in ("transformers", "torch", "onnxscript", "onnx_ir"):
+        for name in ("transformers", "torch", "onnxscript", "onnx_ir", "torchao"):
             logging.getLogger(name).setLevel(logging.ERROR)
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         _disable_hf_progress_bars()

@@ -75,9 +75,10 @@ def evaluate_precision(
     n: int,
     quantized: bool,
     progress: bool = False,
+    target: str = "onnx",
 ) -> PrecisionEval:
     """Score `artifact` on `task`'s first `n` held-out items; when `quantized`, also a float32
-    twin compiled from `model_dir` with the same `passes` (unvalidated: its own float
+    twin compiled from `model_dir` with the same `passes` for the same `target` (unvalidated: its own float
     validation is what compile checks every day) into a scratch directory."""
     from mllmc.compiler.files.outputs import scratch_directory
     from mllmc.compiler.pipeline import compile_model
@@ -87,6 +88,6 @@ def evaluate_precision(
         return PrecisionEval(report, None)
     with scratch_directory("mllmc-float-twin-") as scratch:
         twin = Path(scratch) / "float32"
-        compile_model(model_dir, twin, passes, validate=False, progress=False)
+        compile_model(model_dir, twin, passes, target, validate=False, progress=False)
         float_report = evaluate(twin, task=task, n=n, progress=progress)
     return PrecisionEval(report, float_report)

@@ -124,10 +124,12 @@ def _open_package(
         weights = shared_weights(root / entry.external_data, device)
         try:
             mapping = json.loads(meta[CONSTANTS_KEY])
-            constants = {name: weights.tensors[key] for name, key in mapping.items()}
             needed = set(model.get_constant_fqns())
+            # the constants AOTInductor added while lowering (compiler/backends/aoti.py)
+            mapping.update({n: f"{name}/lowered/{n}" for n in needed if n not in mapping})
+            constants = {n: weights.tensors[key] for n, key in mapping.items() if n in needed}
             model.load_constants(
-                {k: v for k, v in constants.items() if k in needed},
+                constants,
                 check_full_update=True,
                 user_managed=True,  # no copy: every package reads the one set of tensors
             )

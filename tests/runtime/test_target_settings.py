@@ -49,7 +49,13 @@ def test_version_2_manifest_reads_into_target_settings(tiny_base_artifact: Path,
         "dtype": "float32",
         "decode_cache": "growing",
         "max_seq_len": None,
-        "precision": {"weights": None, "block_size": None, "accuracy_level": None, "parts": []},
+        "precision": {
+            "weights": None,
+            "block_size": None,
+            "accuracy_level": None,
+            "parts": [],
+            "scheme": None,
+        },
     }
     old = tmp_path / "v2"
     shutil.copytree(tiny_base_artifact, old)

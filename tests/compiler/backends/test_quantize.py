@@ -175,7 +175,7 @@ def _ops(path: Path) -> dict[str, int]:
 
 def test_int4_artifact_validated_and_recorded(int4_artifact: Path):
     m = read_manifest(int4_artifact)
-    assert m.precision == Precision("int4", 32, 4, DEFAULT_PARTS)
+    assert m.precision == Precision("int4", 32, 4, DEFAULT_PARTS, "matmulnbits")
     assert m.tol == quantized_tol(m.precision) and m.validation["ok"]
     assert m.validation["max_abs_logit_diff"] <= m.tol * m.validation["logit_scale"]
     for seg in ("prefill", "decode"):
@@ -250,7 +250,12 @@ def test_int8_after_passes_matches_roundtrip_exactly(tiny_model_dir: Path, tmp_p
         (["--quantize", "int4", "--quantize-keep", "decoder"], "valid: lm_head, embedding"),
         (["--quantize", "int4", "--quantize-parts", "all"], "valid: vision, projector"),
         (["--block-size", "64"], "give --quantize int4|int8"),
-        (["--quantize", "int4", "--target", "aoti"], "use --target onnx"),
+        (["--quantize", "int4", "--target", "trt"], "target 'trt' has none here"),
+        (["--quantize", "int8", "--target", "aoti"], "--target aoti quantizes int4"),
+        (
+            ["--quantize", "int4", "--target", "aoti", "--block-size", "256"],
+            "be one of 32, 64, 128",
+        ),
         (["--quantize", "int4", "--eval-task", "mmlu"], "tasks: shapes-qa"),
         (["-n", "5"], "give --eval-task"),
     ],

@@ -1,0 +1,136 @@
+"""AOTInductor's weight-only int4: torchao's CPU int4 (`Int4OpaqueTensor`) as `Int4Linear`s.
+
+    cfg = quantize_config("int4", block_size=32, target="aoti")  # a QuantizeConfig, torchao
+    quantize_model(model, cfg.record())        # before capture: the Linears become int4
+    with torchao_weights(fresh_model, cfg.record()):   # the eager reference, restored after
+        ...
+
+Before capture, each Linear of the chosen parts (decoder and lm_head by default) is swapped for
+an `Int4Linear` (compiler/core/int4_linear.py) holding torchao's int4 codes of its weight:
+`Int4OpaqueTensor.from_hp(weight, [1, block])`, torchao's tinygemm scheme (per block of `block`
+weights along K a float scale and zero point, the 4-bit codes packed for torch's
+`aten._weight_int4pack_mm_for_cpu`). The module calls one custom op that the locator and the
+passes see as a Linear; the aoti backend decomposes it into that kernel before AOTInductor
+compiles, and stores the codes once in the shared weights file. The engine needs no torchao at
+run time: the kernel is torch's own. The eager model with the same modules runs the same kernel
+on the same codes, so it is the reference, held to `TORCHAO_TOL`.
+
+torchao is the optional extra `mllmc[torchao]`, needed to build (it computes the codes); without
+it `--quantize` on `--target aoti` is a one-line refusal. The embedding stays float (these are
+Linears), and there is no accuracy level: the kernel takes the activations in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from mllmc.runtime.errors import UserError
+from mllmc.runtime.manifest import SCHEMES, Precision
+
+TORCHAO_VERSION = "0.18.0"  # the release built and tested against (the `torchao` extra's pin)
+BLOCK_SIZES = (32, 64, 128)  # the group sizes torchao's CPU int4 takes
+DEFAULT_BLOCK_SIZE = 32
+# the logit tolerance (x max(1, max |eager logit|)) against the torchao-quantized eager model:
+# both call torch's int4 kernel on the same packed weights; what is left is how AOTInductor
+# fuses the float ops around it, as for a float32 engine
+TORCHAO_TOL = 1e-4
+
+
+def _torchao() -> Any:
+    """torchao's CPU int4 tensor (UserError naming the install where torchao is missing)."""
+    try:
+        from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+    except ImportError:
+        raise UserError(
+            "--quantize on --target aoti needs torchao: pip install 'mllmc[torchao]' "
+            f"(torchao=={TORCHAO_VERSION}), or build --target onnx"
+        ) from None
+    return Int4OpaqueTensor
+
+
+def torchao_config(
+    weights: str,
+    block_size: int | None,
+    accuracy_level: int | None,
+    keep: str | Sequence[str] | None,
+    parts: str | Sequence[str] | None,
+) -> Any:
+    """The checked QuantizeConfig of an aoti artifact (UserError naming what is valid)."""
+    from .quantize import QuantizeConfig, chosen_parts
+
+    if weights != "int4":
+        raise UserError(
+            f"--quantize {weights}: --target aoti quantizes int4 (torchao's weight-only int4); "
+            "int8 builds for --target onnx"
+        )
+    if accuracy_level is not None:
+        raise UserError(
+            "--accuracy-level sets onnxruntime's MatMulNBits compute (--target onnx); torchao's "
+            "int4 on --target aoti takes float activations"
+        )
+    block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    if isinstance(block, bool) or block not in BLOCK_SIZES:
+        raise UserError(
+            f"--block-size on --target aoti must be one of {', '.join(map(str, BLOCK_SIZES))} "
+            f"(torchao's int4 group sizes), got {block!r}"
+        )
+    chosen = [p for p in chosen_parts(keep, parts) if p != "embedding"]  # never empty: decoder
+    _torchao()
+    return QuantizeConfig(weights, block, None, tuple(chosen), SCHEMES["aoti"])
+
+
+def _linears(model: Any, precision: Precision) -> list[tuple[str, Any]]:
+    """(path, module) of the Linears `precision` quantizes, each checked against the block."""
+    from .quantize import eager_modules
+
+    block = int(precision.block_size or DEFAULT_BLOCK_SIZE)
+    found = []
+    for path, _, module in eager_modules(model, precision.parts):
+        if module.in_features % block:
+            raise UserError(
+                f"--block-size {block}: {path} has {module.in_features} inputs, not a multiple "
+                f"of it; use a block size that divides it ({', '.join(map(str, BLOCK_SIZES))})"
+            )
+        found.append((path, module))
+    return found
+
+
+def int4_module(linear: Any, block: int) -> Any:
+    """An `Int4Linear` with torchao's int4 codes of `linear`'s weight (its bias kept float)."""
+    import torch
+
+    from mllmc.compiler.core.int4_linear import Int4Linear
+
+    with torch.no_grad():
+        w = _torchao().from_hp(linear.weight.detach().float(), [1, block])
+    return Int4Linear(
+        w.qdata, w.scale_and_zero, block, linear.in_features, linear.out_features, linear.bias
+    )
+
+
+def quantize_model(model: Any, precision: Precision) -> list[tuple[Any, str, Any]]:
+    """Swap each Linear of `precision.parts` in `model` for an `Int4Linear` of its torchao int4
+    codes, in place; returns (parent, attribute, Linear) for each swap (an `Int4Linear` already
+    there is left as it is)."""
+    block = int(precision.block_size or DEFAULT_BLOCK_SIZE)
+    swapped = []
+    for path, module in _linears(model, precision):
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, int4_module(module, block))
+        swapped.append((parent, attr, module))
+    return swapped
+
+
+@contextlib.contextmanager
+def torchao_weights(model: Any, precision: Precision) -> Iterator[Any]:
+    """`model` with int4 Linears while the block runs, its float Linears restored after (a model
+    quantized already, as the compile pipeline's, is used as it is)."""
+    swapped = quantize_model(model, precision)
+    try:
+        yield model
+    finally:
+        for parent, attr, module in reversed(swapped):
+            setattr(parent, attr, module)

@@ -1,0 +1,115 @@
+"""A Linear whose weight is int4 codes packed for torch's CPU int4 kernel, as one graph node.
+
+    y = int4_linear(x, qdata, scale_and_zero, group_size, out_features, bias)
+      = aten._weight_int4pack_mm_for_cpu(x.reshape(-1, K), qdata, group_size, scale_and_zero)
+            [:, :out_features].reshape(*x.shape[:-1], out_features) + bias
+
+`qdata` (N', K/2) uint8 codes and `scale_and_zero` (K/group_size, N', 2) are torchao's
+`Int4OpaqueTensor` fields (compiler/backends/torchao_int4.py fills them): per block of
+`group_size` weights along K a scale and a zero point, N' >= N rows (the kernel's padding).
+
+Why a custom op (`mllmc::int4_linear`), not torchao's tensor subclass on the Linear's weight:
+torch.export takes a subclass weight apart into a reshape, the kernel call, an alias and a cast,
+so a decoder layer's q_proj is no longer one node, and the locator (and every pass that rewires
+what a projection reads) needs it to be one. The op is one node through capture and the passes;
+the aoti backend decomposes it into the kernel call just before AOTInductor compiles
+(`decompose`), which lowers that kernel natively. The eager module (`Int4Linear`) calls the same
+op, so the eager model with these modules is the engine's reference, kernel for kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+@torch.library.custom_op("mllmc::int4_linear", mutates_args=())
+def int4_linear(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return decomposed(x, qdata, scale_and_zero, group_size, out_features, bias)
+
+
+@int4_linear.register_fake
+def _(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def decomposed(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The op in aten ops (torchao's A16W4 linear, written out)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.reshape(-1, x.shape[-1]).contiguous(), qdata, group_size, scale_and_zero
+    )
+    y = y[:, :out_features].reshape(*x.shape[:-1], out_features)
+    return y + bias if bias is not None else y
+
+
+OP = torch.ops.mllmc.int4_linear.default
+
+
+def flops(x_shape: Any, qdata_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FlopCounterMode formula: a Linear's 2 FLOPs per multiply-add, M x K x N."""
+    m = 1
+    for d in x_shape[:-1]:
+        m *= int(d)
+    return 2 * m * int(x_shape[-1]) * int(out_shape[-1])
+
+
+def decompose(program: Any) -> Any:
+    """`program` with each int4_linear node replaced by its aten ops (`decomposed`); as it is
+    when it has none."""
+    if not any(n.target is OP for n in program.graph.nodes):
+        return program
+    return program.run_decompositions({OP: decomposed})
+
+
+class Int4Linear(torch.nn.Module):
+    """A Linear of int4 codes (`qdata`, `scale_and_zero`: buffers) calling `int4_linear`."""
+
+    def __init__(
+        self,
+        qdata: torch.Tensor,
+        scale_and_zero: torch.Tensor,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        bias: torch.nn.Parameter | None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale_and_zero", scale_and_zero)
+        self.group_size = group_size
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(
+            x, self.qdata, self.scale_and_zero, self.group_size, self.out_features, self.bias
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
