@@ -84,7 +84,7 @@ class Precision:
                     weight-only quantization, by `scheme`
     block_size      weights per scale along a MatMul's K (an embedding row's hidden dim)
     accuracy_level  MatMulNBits' compute: 0/1 float32, 2 float16, 3 bfloat16, 4 int8 activations
-                    (None for torchao: its int4 kernel takes float activations)
+                    (None for torchao: its int4 kernel takes bfloat16 activations)
     parts           the model parts held in that precision (QUANTIZED_PARTS)
     scheme          "matmulnbits" (onnx; what a record without it means): symmetric, onnxruntime's
                     MatMulNBits and GatherBlockQuantized for an int4 embedding; "torchao" (aoti):
@@ -133,7 +133,7 @@ class Precision:
             return "float weights"
         if self.method == "torchao":
             return (
-                f"{self.weights} weights (torchao, block {self.block_size}, float activations): "
+                f"{self.weights} weights (torchao, block {self.block_size}, bf16 activations): "
                 f"{', '.join(self.parts)}"
             )
         return (

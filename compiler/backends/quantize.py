@@ -72,7 +72,7 @@ class QuantizeConfig:
 
     weights: str  # "int4" or "int8"
     block_size: int = DEFAULT_BLOCK_SIZE
-    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL  # None: torchao (float activations)
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL  # None: torchao (bfloat16 activations)
     parts: tuple[str, ...] = DEFAULT_PARTS
     scheme: str = SCHEMES["onnx"]  # "matmulnbits" (onnx) or "torchao" (aoti)
 
@@ -113,7 +113,7 @@ def quantize_config(
     parts to quantize as well (vision, projector). int8 has no embedding gather (onnxruntime's
     quantizer writes GatherBlockQuantized for 4 bits only), so its embedding stays float.
     `target` "aoti": torchao's int4 weight-only (`torchao_int4`), Linears only, so the embedding
-    stays float, and no accuracy level (its kernel takes float activations)."""
+    stays float, and no accuracy level (its kernel takes bfloat16 activations)."""
     if weights is None:
         given = [
             opt

@@ -1,6 +1,6 @@
 """`--target aoti --quantize int4` (torchao's int4 weight-only, CPU) on tiny-llava with ShortV:
 one compile per session (~40 s on 2 cores), validated against the eager model with the same
-int4 Linears (<= 1e-4 over 16 steps, the pass's eager reference), its weights stored once as
+int4 Linears (the bfloat16 tolerance, identical tokens over 16 steps, the pass's eager reference), its weights stored once as
 int4 codes (and the constant AOTInductor adds while lowering), away from the float artifact of
 the same pipeline by more than the tolerance; `int4_linear` against torchao's own int4 linear
 and the float one; bad options are one line."""
@@ -43,14 +43,14 @@ def test_int4_aoti_matches_int4_eager(int4_aoti, tiny_model_dir, sample_image):
     engine = load(int4_aoti)
     m = engine.manifest
     assert m.precision == Precision("int4", BLOCK, None, ("decoder", "lm_head"), "torchao")
-    assert m.validation["ok"] and m.validation["tol"] == 1e-4, m.validation
+    assert m.validation["ok"] and m.validation["tol"] == 0.05, m.validation
     # a fresh float model: verify swaps in torchao's int4 weights for the oracle, then restores
     model, info = load_model(tiny_model_dir)
     before = {n: p.clone() for n, p in model.named_parameters()}
     report = verify(int4_aoti, model, info, records_from_manifest(m), image=sample_image,
                     max_new_tokens=16, tol=m.tol)  # fmt: skip
     assert len(report.step_diffs) == 16 and report.ok, report.line()
-    assert report.max_abs_logit_diff <= 1e-4 * max(1.0, report.scale) and report.tokens_match
+    assert report.tokens_match, report.line()
     after = dict(model.named_parameters())  # the float Linears are back
     assert after.keys() == before.keys() and isinstance(model.lm_head, torch.nn.Linear)
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -71,7 +71,7 @@ def test_int4_aoti_is_not_the_float_model(int4_aoti, tiny_model_dir, sample_imag
     report = verify(int4_aoti, model, info, records_from_manifest(m), image=sample_image,
                     max_new_tokens=4, tol=m.tol)  # fmt: skip
     assert not report.ok
-    assert report.max_abs_logit_diff > 100 * 1e-4 * max(1.0, report.scale), report.line()
+    assert report.max_abs_logit_diff > 2 * m.tol * max(1.0, report.scale), report.line()
 
 
 def test_int4_aoti_weights_stored_once_as_codes(int4_aoti, tiny_model_dir):
@@ -112,29 +112,29 @@ def test_int4_aoti_missing_lowered_constant(int4_aoti, tmp_path):
 def test_int4_aoti_inspect(int4_aoti):
     proc = subprocess.run([MLLMC, "inspect", str(int4_aoti)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "int4 weights (torchao, block 32, float activations): decoder, lm_head" in proc.stdout
+    assert "int4 weights (torchao, block 32, bf16 activations): decoder, lm_head" in proc.stdout
     assert "Failed to load" not in proc.stderr and "register_constant" not in proc.stderr
 
 
 @pytest.mark.parametrize("block", [32, 128])
 def test_int4_linear_is_torchaos_linear(block):
     """`Int4Linear` (one graph node) computes what torchao's own int4 linear does with the same
-    codes, exactly, and the float Linear to within int4's rounding."""
+    codes on bfloat16 activations, exactly, and the float Linear to within int4's rounding."""
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
 
     from mllmc.compiler.backends.torchao_int4 import int4_module
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(256, 96)
+    linear = torch.nn.Linear(256, 128)
     x = torch.randn(3, 5, 256)
     ours = int4_module(linear, block)(x)
-    theirs = torch.nn.functional.linear(
-        x, Int4OpaqueTensor.from_hp(linear.weight.detach(), [1, block]), linear.bias
-    )
-    assert torch.equal(ours, theirs)
+    w = Int4OpaqueTensor.from_hp(linear.weight.detach(), [1, block])
+    w.scale_and_zero = w.scale_and_zero.bfloat16()
+    theirs = torch.nn.functional.linear(x.bfloat16(), w).float() + linear.bias
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
     exact = linear(x)
     err = float((ours - exact).abs().max() / exact.abs().max())
-    assert 1e-4 < err < 0.1, err  # quantized, and close
+    assert 1e-3 < err < 0.1, err  # quantized, and close
 
 
 def test_int4_linear_is_one_node_the_passes_see(tiny_model_dir):
