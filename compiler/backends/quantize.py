@@ -112,8 +112,9 @@ def quantize_config(
     `keep`: parts of the defaults to leave in float (lm_head, embedding); `parts`: the optional
     parts to quantize as well (vision, projector). int8 has no embedding gather (onnxruntime's
     quantizer writes GatherBlockQuantized for 4 bits only), so its embedding stays float.
-    `target` "aoti": torchao's int4 weight-only (`torchao_int4`), Linears only, so the embedding
-    stays float, and no accuracy level (its kernel takes bfloat16 activations)."""
+    `target` "aoti": torchao's int4 weight-only for the Linears, the embedding in the int4 scheme
+    of GatherBlockQuantized (`torchao_int4`), and no accuracy level (its kernel takes bfloat16
+    activations)."""
     if weights is None:
         given = [
             opt

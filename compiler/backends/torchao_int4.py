@@ -15,10 +15,14 @@ compiles, and stores the codes once in the shared weights file. The engine needs
 run time: the kernel is torch's own. The eager model with the same modules runs the same kernel
 on the same codes, so it is the reference, held to `TORCHAO_TOL`.
 
+The token embedding (a default part, as on the onnx target) becomes an `Int4Embedding`: the
+symmetric int4 scheme of onnxruntime's GatherBlockQuantized, its codes and scales gathered for
+the prompt's ids and dequantized in the graph.
+
 torchao is the optional extra `mllmc[torchao]`, needed to build (it computes the codes); without
-it `--quantize` on `--target aoti` is a one-line refusal. The embedding stays float (these are
-Linears), and there is no accuracy level: the kernel takes the activations in bfloat16
-(`int4_linear.COMPUTE_DTYPE`), the rest of the engine runs in float32.
+it `--quantize` on `--target aoti` is a one-line refusal. There is no accuracy level: the
+kernel takes the activations in bfloat16 (`int4_linear.COMPUTE_DTYPE`), the rest of the engine
+runs in float32.
 """
 
 from __future__ import annotations
@@ -81,24 +85,26 @@ def torchao_config(
             f"--block-size on --target aoti must be one of {', '.join(map(str, BLOCK_SIZES))} "
             f"(torchao's int4 group sizes), got {block!r}"
         )
-    chosen = [p for p in chosen_parts(keep, parts) if p != "embedding"]  # never empty: decoder
+    chosen = chosen_parts(keep, parts)
     _torchao()
     return QuantizeConfig(weights, block, None, tuple(chosen), SCHEMES["aoti"])
 
 
-def _linears(model: Any, precision: Precision) -> list[tuple[str, Any]]:
-    """(path, module) of the Linears `precision` quantizes, each checked against the block."""
+def _modules(model: Any, precision: Precision) -> list[tuple[str, str, Any]]:
+    """(path, part, module) of the Linears (and the token Embedding) `precision` quantizes, each
+    checked against the block."""
     from .quantize import eager_modules
 
     block = int(precision.block_size or DEFAULT_BLOCK_SIZE)
     found = []
-    for path, _, module in eager_modules(model, precision.parts):
-        if module.in_features % block:
+    for path, part, module in eager_modules(model, precision.parts):
+        width = module.embedding_dim if part == "embedding" else module.in_features
+        if width % block:
             raise UserError(
-                f"--block-size {block}: {path} has {module.in_features} inputs, not a multiple "
-                f"of it; use a block size that divides it ({', '.join(map(str, BLOCK_SIZES))})"
+                f"--block-size {block}: {path} has {width} inputs, not a multiple of it; use a "
+                f"block size that divides it ({', '.join(map(str, BLOCK_SIZES))})"
             )
-        found.append((path, module))
+        found.append((path, part, module))
     return found
 
 
@@ -116,14 +122,20 @@ def int4_module(linear: Any, block: int) -> Any:
 
 def quantize_model(model: Any, precision: Precision) -> list[tuple[Any, str, Any]]:
     """Swap each Linear of `precision.parts` in `model` for an `Int4Linear` of its torchao int4
-    codes, in place; returns (parent, attribute, Linear) for each swap (an `Int4Linear` already
-    there is left as it is)."""
+    codes, and the token embedding (part "embedding") for an `Int4Embedding`, in place; returns
+    (parent, attribute, module) for each swap (a module swapped already is left as it is)."""
+    from mllmc.compiler.core.int4_linear import Int4Embedding
+
     block = int(precision.block_size or DEFAULT_BLOCK_SIZE)
     swapped = []
-    for path, module in _linears(model, precision):
+    for path, part, module in _modules(model, precision):
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, int4_module(module, block))
+        if part == "embedding":
+            new = Int4Embedding.quantize(module.weight, block)
+        else:
+            new = int4_module(module, block)
+        setattr(parent, attr, new)
         swapped.append((parent, attr, module))
     return swapped
 

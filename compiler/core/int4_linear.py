@@ -120,3 +120,46 @@ class Int4Linear(torch.nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
         )
+
+
+class Int4Embedding(torch.nn.Module):
+    """A token embedding of int4 codes: row r of the table is
+    (codes[r] unpacked - 8) * scales[r] repeated over each block of `block_size` columns, the
+    symmetric scheme of onnxruntime's GatherBlockQuantized (compiler/backends/quantize.py's
+    `roundtrip_gather_weight` computes the same rows). The graph gathers the codes and scales of
+    the ids' rows and dequantizes only those: codes (V, d/2) uint8, two columns a byte (the even
+    column in the low nibble), scales (V, d/block_size) float32."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.block_size = block_size
+        self.num_embeddings = int(codes.shape[0])
+        self.embedding_dim = 2 * int(codes.shape[1])
+        shifts = torch.tensor([0, 4], dtype=torch.uint8).repeat(self.embedding_dim // 2)
+        self.register_buffer("shifts", shifts, persistent=False)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, block_size: int) -> Int4Embedding:
+        """The int4 table of `weight` (V, d): per block of `block_size` along d, s = a / -8 (a the
+        block's value of largest magnitude, with its sign), q = clip(round_half_even(w / s),
+        -8, 7), 0 where s is 0."""
+        v, d = weight.shape
+        w = weight.detach().to(torch.float32).reshape(v, d // block_size, block_size)
+        hi, lo = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
+        scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8.0
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.where(scale == 0, torch.zeros_like(w), torch.round(w / safe)).clamp(-8, 7)
+        u = (q.reshape(v, d) + 8).to(torch.uint8)
+        codes = u[:, 0::2] | (u[:, 1::2] << 4)
+        return cls(codes.contiguous(), scale.reshape(v, d // block_size).contiguous(), block_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        c = self.codes[ids].repeat_interleave(2, dim=-1)  # (..., d): each byte twice
+        q = (c >> self.shifts) & 15  # the even column's low nibble, the odd one's high
+        s = self.scales[ids].repeat_interleave(self.block_size, dim=-1)  # (..., d)
+        return (q.to(s.dtype) - 8.0) * s
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, block_size={self.block_size}, int4"

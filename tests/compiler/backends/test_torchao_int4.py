@@ -19,6 +19,8 @@ from mllmc.runtime import UserError, load
 from mllmc.runtime.manifest import Precision, TargetSettings
 from tests.conftest import TINY_SHORTV_LAYERS
 
+DEFAULT_PARTS = ("decoder", "lm_head", "embedding")
+
 pytest.importorskip("torchao", reason="torchao (the `torchao` extra) is not installed")
 
 MLLMC = str(Path(sys.executable).parent / "mllmc")
@@ -42,7 +44,7 @@ def test_int4_aoti_matches_int4_eager(int4_aoti, tiny_model_dir, sample_image):
 
     engine = load(int4_aoti)
     m = engine.manifest
-    assert m.precision == Precision("int4", BLOCK, None, ("decoder", "lm_head"), "torchao")
+    assert m.precision == Precision("int4", BLOCK, None, DEFAULT_PARTS, "torchao")
     assert m.validation["ok"] and m.validation["tol"] == 0.05, m.validation
     # a fresh float model: verify swaps in torchao's int4 weights for the oracle, then restores
     model, info = load_model(tiny_model_dir)
@@ -96,6 +98,11 @@ def test_int4_aoti_weights_stored_once_as_codes(int4_aoti, tiny_model_dir):
     assert not [k for k in weights if "/" in k and k.endswith((".qdata", ".scale_and_zero"))]
     lowered = {k: v for k, v in weights.items() if "/lowered/" in k}
     assert lowered and all(v.dtype == torch.int64 and int(v) == BLOCK for v in lowered.values())
+    table = model.model.language_model.embed_tokens.weight
+    codes = weights["embed_tokens.codes"]
+    assert "embed_tokens.weight" not in weights and codes.dtype == torch.uint8
+    assert codes.numel() == table.numel() // 2
+    assert weights["embed_tokens.scales"].shape == (table.shape[0], table.shape[1] // BLOCK)
 
 
 def test_int4_aoti_missing_lowered_constant(int4_aoti, tmp_path):
@@ -112,7 +119,10 @@ def test_int4_aoti_missing_lowered_constant(int4_aoti, tmp_path):
 def test_int4_aoti_inspect(int4_aoti):
     proc = subprocess.run([MLLMC, "inspect", str(int4_aoti)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "int4 weights (torchao, block 32, bf16 activations): decoder, lm_head" in proc.stdout
+    assert (
+        "int4 weights (torchao, block 32, bf16 activations): decoder, lm_head, embedding"
+        in proc.stdout
+    )
     assert "Failed to load" not in proc.stderr and "register_constant" not in proc.stderr
 
 
@@ -135,6 +145,21 @@ def test_int4_linear_is_torchaos_linear(block):
     exact = linear(x)
     err = float((ours - exact).abs().max() / exact.abs().max())
     assert 1e-3 < err < 0.1, err  # quantized, and close
+
+
+def test_int4_embedding_is_the_gather_round_trip():
+    """`Int4Embedding` gives exactly the rows of onnxruntime's int4 GatherBlockQuantized round
+    trip (the onnx target's embedding), from half the bytes of int8 codes."""
+    from mllmc.compiler.backends.quantize import roundtrip_gather_weight
+    from mllmc.compiler.core.int4_linear import Int4Embedding
+
+    torch.manual_seed(0)
+    table = torch.randn(50, 64)
+    table[3, :32] = 0  # a block of zeros: scale 0, code 8
+    emb = Int4Embedding.quantize(table, 32)
+    ids = torch.tensor([[3, 0, 49, 7, 3]])
+    assert emb.codes.shape == (50, 32) and emb.codes.dtype == torch.uint8
+    assert torch.equal(emb(ids), roundtrip_gather_weight(table, 32)[ids])
 
 
 def test_int4_linear_is_one_node_the_passes_see(tiny_model_dir):
@@ -176,10 +201,12 @@ def test_torchao_targets_refused():
     from mllmc.compiler.backends.quantize import quantize_config
 
     torchao = quantize_config("int4", target="aoti")
-    assert torchao.parts == ("decoder", "lm_head") and torchao.accuracy_level is None
+    assert torchao.parts == DEFAULT_PARTS and torchao.accuracy_level is None
     assert quantize_config("int4", parts="projector", target="aoti").parts == (
-        "decoder", "lm_head", "projector",
+        *DEFAULT_PARTS, "projector",
     )  # fmt: skip
+    kept = quantize_config("int4", keep="lm_head,embedding", target="aoti")
+    assert kept.parts == ("decoder",)
     with pytest.raises(UserError, match="float32 CPU engines"):
         resolve_options("aoti", TargetOptions(dtype="bfloat16", quantize=torchao))
     with pytest.raises(UserError, match="target 'onnx' has none here as torchao"):
