@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": rows["aoti-fp32"]["prompt_tokens"],
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
-        "accuracy_level": "none (float activations)",
+        "accuracy_level": "none (bfloat16 activations)",
         "threads": os.cpu_count(),
         "trust": bench.run_trust(rows),
         "rows": rows,

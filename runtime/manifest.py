@@ -67,11 +67,12 @@ JSON_KEY = "json_key"
 
 
 # weight-only block quantization: an ONNX artifact's MatMuls (MatMulNBits, symmetric, int4 or
-# int8), an AOTInductor artifact's Linears (torchao's int4 weight-only, asymmetric)
+# int8), an AOTInductor artifact's Linears (torchao's int4 weight-only, asymmetric) and embedding
 QUANTIZED_WEIGHTS = ("int4", "int8")
 # how the weights were quantized, by target: the scheme's name and the weights it builds
 SCHEMES = {"onnx": "matmulnbits", "aoti": "torchao"}
 SCHEME_WEIGHTS = {"matmulnbits": ("int4", "int8"), "torchao": ("int4",)}
+TORCHAO_BLOCK_SIZES = (32, 64, 128)  # torchao's CPU int4 group sizes
 # the model parts a quantized artifact may hold in low precision
 QUANTIZED_PARTS = ("decoder", "lm_head", "embedding", "projector", "vision")
 
@@ -88,8 +89,9 @@ class Precision:
     parts           the model parts held in that precision (QUANTIZED_PARTS)
     scheme          "matmulnbits" (onnx; what a record without it means): symmetric, onnxruntime's
                     MatMulNBits and GatherBlockQuantized for an int4 embedding; "torchao" (aoti):
-                    torchao's int4 weight-only (a scale and a zero point per block, the CPU's
-                    `_weight_int4pack_mm_for_cpu`), Linears only
+                    torchao's int4 weight-only for the Linears (a scale and a zero point per
+                    block, torch's `_weight_int4pack_mm_for_cpu` on bfloat16 activations) and
+                    the int4 GatherBlockQuantized scheme for the embedding
 
     A manifest without the record describes float engines. Invalid values raise ValueError."""
 
@@ -121,6 +123,8 @@ class Precision:
         if self.method == "torchao":
             if self.accuracy_level is not None:
                 raise ValueError("precision: torchao's int4 has no accuracy_level")
+            if size not in TORCHAO_BLOCK_SIZES:
+                raise ValueError(f"precision: torchao's block_size is 32, 64 or 128, got {size}")
         elif self.accuracy_level is None or not 0 <= self.accuracy_level <= 4:
             raise ValueError(f"precision: accuracy_level must be 0..4, got {self.accuracy_level}")
         unknown = [p for p in self.parts if p not in QUANTIZED_PARTS]

@@ -139,11 +139,15 @@ def resolve_options(target: str, options: TargetOptions | None = None) -> Target
         raise UserError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
     if options.quantize is not None:
         scheme = options.quantize.record().method
-        if SCHEMES.get(target) != scheme:
+        if target not in SCHEMES:
             raise UserError(
                 f"--quantize builds weight-only engines for --target onnx (onnxruntime's "
-                f"MatMulNBits, int4 / int8) and aoti (torchao's int4); target {target!r} has none "
-                f"here" + ("" if target not in SCHEMES else f" as {scheme}")
+                f"MatMulNBits, int4 / int8) and aoti (torchao's int4); target {target!r} has none"
+            )
+        if SCHEMES[target] != scheme:
+            raise UserError(
+                f"these --quantize settings are {scheme}'s, target {target!r} quantizes with "
+                f"{SCHEMES[target]}: make them with quantize_config(..., target={target!r})"
             )
         if target == "aoti" and (options.device != "cpu" or options.dtype not in (None, "float32")):
             raise UserError(

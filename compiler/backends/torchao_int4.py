@@ -32,10 +32,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mllmc.runtime.errors import UserError
-from mllmc.runtime.manifest import SCHEMES, Precision
+from mllmc.runtime.manifest import SCHEMES, TORCHAO_BLOCK_SIZES, Precision
 
 TORCHAO_VERSION = "0.18.0"  # the release built and tested against (the `torchao` extra's pin)
-BLOCK_SIZES = (32, 64, 128)  # the group sizes torchao's CPU int4 takes
+BLOCK_SIZES = TORCHAO_BLOCK_SIZES  # the group sizes torchao's CPU int4 takes
 DEFAULT_BLOCK_SIZE = 32
 # the logit tolerance (x max(1, max |eager logit|)) against the eager model with the same int4
 # Linears: both run torch's int4 kernel on the same codes, but its bfloat16 activations and
@@ -102,7 +102,8 @@ def _modules(model: Any, precision: Precision) -> list[tuple[str, str, Any]]:
         if width % block:
             raise UserError(
                 f"--block-size {block}: {path} has {width} inputs, not a multiple of it; use a "
-                f"block size that divides it ({', '.join(map(str, BLOCK_SIZES))})"
+                f"block size that divides it ({', '.join(map(str, BLOCK_SIZES))}) or leave its "
+                "part float (--quantize-keep, --quantize-parts)"
             )
         found.append((path, part, module))
     return found
@@ -126,27 +127,37 @@ def quantize_model(model: Any, precision: Precision) -> list[tuple[Any, str, Any
     (parent, attribute, module) for each swap (a module swapped already is left as it is)."""
     from mllmc.compiler.core.int4_linear import Int4Embedding
 
+    _torchao()  # before the first swap: a missing torchao leaves the model as it was
     block = int(precision.block_size or DEFAULT_BLOCK_SIZE)
-    swapped = []
-    for path, part, module in _modules(model, precision):
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if part == "embedding":
-            new = Int4Embedding.quantize(module.weight, block)
-        else:
-            new = int4_module(module, block)
-        setattr(parent, attr, new)
-        swapped.append((parent, attr, module))
+    swapped: list[tuple[Any, str, Any]] = []
+    try:
+        for path, part, module in _modules(model, precision):
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            if part == "embedding":
+                new = Int4Embedding.quantize(module.weight, block)
+            else:
+                new = int4_module(module, block)
+            setattr(parent, attr, new)
+            swapped.append((parent, attr, module))
+    except BaseException:
+        restore(swapped)
+        raise
     return swapped
+
+
+def restore(swapped: list[tuple[Any, str, Any]]) -> None:
+    """Put back the modules `quantize_model` swapped out."""
+    for parent, attr, module in reversed(swapped):
+        setattr(parent, attr, module)
 
 
 @contextlib.contextmanager
 def torchao_weights(model: Any, precision: Precision) -> Iterator[Any]:
-    """`model` with int4 Linears while the block runs, its float Linears restored after (a model
-    quantized already, as the compile pipeline's, is used as it is)."""
+    """`model` with int4 Linears (and embedding) while the block runs, its float modules restored
+    after (a model quantized already, as the compile pipeline's, is used as it is)."""
     swapped = quantize_model(model, precision)
     try:
         yield model
     finally:
-        for parent, attr, module in reversed(swapped):
-            setattr(parent, attr, module)
+        restore(swapped)

@@ -564,15 +564,16 @@ def _add_quantize_arguments(sp: Any) -> None:
     sp.add_argument(
         "--quantize",
         metavar="int4|int8",
-        help="weight-only block quantization of the decoder, lm_head and (onnx int4) the "
-        "embedding: onnx int4|int8 (MatMulNBits, after the passes), aoti int4 (torchao, CPU; "
+        help="weight-only block quantization of the decoder, lm_head and (int4) the embedding: "
+        "onnx int4|int8 (MatMulNBits, after the passes), aoti int4 (torchao, CPU; "
         "pip install 'mllmc[torchao]')",
     )
     sp.add_argument(
         "--block-size",
         type=_int_in(-(2**63)),
         metavar="N",
-        help="--quantize: weights per scale, 16 (onnx), 32 (default), 64, 128 or 256",
+        help="--quantize: weights per scale: 32 (int4's default), 64, 128 (int8's default); "
+        "onnx also 16 and 256",
     )
     sp.add_argument(
         "--accuracy-level",

@@ -95,6 +95,7 @@ def test_config_defaults_keep_and_parts():
     assert cfg.parts == ("decoder", "vision") and cfg.block_size == 128
     # onnxruntime's quantizer writes GatherBlockQuantized for 4 bits only
     assert quantize_config("int8").parts == ("decoder", "lm_head")
+    assert quantize_config("int8").block_size == 128 and quantize_config("int4").block_size == 32
     assert quantize_config(None) is None
     assert quantized_tol(quantize_config("int8", accuracy_level=0).record()) == FLOAT32_TOL
 
@@ -250,7 +251,7 @@ def test_int8_after_passes_matches_roundtrip_exactly(tiny_model_dir: Path, tmp_p
         (["--quantize", "int4", "--quantize-keep", "decoder"], "valid: lm_head, embedding"),
         (["--quantize", "int4", "--quantize-parts", "all"], "valid: vision, projector"),
         (["--block-size", "64"], "give --quantize int4|int8"),
-        (["--quantize", "int4", "--target", "trt"], "target 'trt' has none here"),
+        (["--quantize", "int4", "--target", "trt"], "target 'trt' has none"),
         (["--quantize", "int8", "--target", "aoti"], "--target aoti quantizes int4"),
         (
             ["--quantize", "int4", "--target", "aoti", "--block-size", "256"],

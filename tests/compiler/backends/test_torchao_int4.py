@@ -116,13 +116,19 @@ def test_int4_aoti_missing_lowered_constant(int4_aoti, tmp_path):
         load(bad)
 
 
-def test_int4_aoti_inspect(int4_aoti):
+def test_int4_aoti_cli_inspect_and_verify(int4_aoti, tiny_model_dir):
+    """`mllmc inspect` shows the precision; `mllmc verify --against` (a fresh float model, which
+    loads transformers and so torchao) passes, with torchao's import noise kept off stderr."""
     proc = subprocess.run([MLLMC, "inspect", str(int4_aoti)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert (
-        "int4 weights (torchao, block 32, bf16 activations): decoder, lm_head, embedding"
-        in proc.stdout
+    line = "int4 weights (torchao, block 32, bf16 activations): decoder, lm_head, embedding"
+    assert line in proc.stdout
+    proc = subprocess.run(
+        [MLLMC, "verify", str(int4_aoti), "--against", str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
     )
+    assert proc.returncode == 0 and proc.stdout.startswith("PASS"), (proc.stdout, proc.stderr)
     assert "Failed to load" not in proc.stderr and "register_constant" not in proc.stderr
 
 
@@ -209,10 +215,14 @@ def test_torchao_targets_refused():
     assert kept.parts == ("decoder",)
     with pytest.raises(UserError, match="float32 CPU engines"):
         resolve_options("aoti", TargetOptions(dtype="bfloat16", quantize=torchao))
-    with pytest.raises(UserError, match="target 'onnx' has none here as torchao"):
+    with pytest.raises(UserError, match="float32 CPU engines"):
+        resolve_options("aoti", TargetOptions(device="cuda", quantize=torchao))  # no GPU needed
+    with pytest.raises(UserError, match="target 'onnx' quantizes with matmulnbits"):
         resolve_options("onnx", TargetOptions(quantize=torchao))
-    with pytest.raises(UserError, match="target 'aoti' has none here as matmulnbits"):
+    with pytest.raises(UserError, match=r"target 'aoti' quantizes with torchao: make them with"):
         resolve_options("aoti", TargetOptions(quantize=quantize_config("int4")))
+    with pytest.raises(UserError, match="target 'trt' has none"):
+        resolve_options("trt", TargetOptions(quantize=quantize_config("int4")))
 
 
 def test_torchao_block_must_divide_inputs():
@@ -244,11 +254,24 @@ def test_manifest_scheme_must_match_target(record, target, match):
         TargetSettings(target, "cpu", "float32", "growing", precision=record)
 
 
+def test_manifest_scheme_read_from_json():
+    """A quantized record written before the scheme was recorded is MatMulNBits; an unknown
+    scheme is a corrupt manifest, one line."""
+    from mllmc.runtime.manifest import from_json
+
+    record = {"weights": "int4", "block_size": 32, "accuracy_level": 4, "parts": ["decoder"]}
+    assert from_json(Precision, record).method == "matmulnbits"
+    with pytest.raises(UserError, match="corrupt artifact manifest.*scheme 'bogus'"):
+        from_json(Precision, {**record, "scheme": "bogus"})
+
+
 def test_precision_record_rules():
     with pytest.raises(ValueError, match="torchao's int4 has no accuracy_level"):
         Precision("int4", 32, 4, ("decoder",), "torchao")
     with pytest.raises(ValueError, match="scheme 'torchao' with int8"):
         Precision("int8", 32, None, ("decoder",), "torchao")
+    with pytest.raises(ValueError, match="torchao's block_size is 32, 64 or 128"):
+        Precision("int4", 256, None, ("decoder",), "torchao")
     with pytest.raises(ValueError, match="a scheme without weights"):
         Precision(scheme="torchao")
     assert Precision("int4", 32, 4, ("decoder",)).method == "matmulnbits"
