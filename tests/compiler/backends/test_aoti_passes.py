@@ -3,7 +3,9 @@ all five passes (pre-LLM fastervlm / vtc_cls, in-LLM fastv / vte, shortv), compi
 tiny-llava and run for 16 greedy steps against HF generate with the composed eager references
 (<= 1e-4, identical tokens), as tests/passes/test_pruning.py does for the ONNX engine. Each
 compile reuses the Inductor cache of the packages that passes do not change (decode; vision for
-in-LLM passes)."""
+in-LLM passes). Both run with the `slow` tests: by default, the first pipeline runs through
+`--target aoti` with int4 weights (tests/compiler/backends/test_torchao_int4.py), and
+tests/compiler/backends/test_aoti.py holds a float aoti artifact (ShortV) to 1e-4."""
 
 from __future__ import annotations
 
@@ -13,11 +15,9 @@ from mllmc.compiler.core.capture import load_model
 from tests.passes.test_pruning import PIPELINES
 
 
-# the first pipeline runs by default, the second (~50 s on 2 cores) with the `slow` tests
-@pytest.mark.parametrize(
-    "pipeline",
-    [p if i == 0 else pytest.param(p, marks=pytest.mark.slow) for i, p in enumerate(PIPELINES)],
-)
+# ~50 s each on 2 cores
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
 def test_aoti_matches_composed_references_for_16_tokens(tiny_model_dir, tmp_path, pipeline):
     from mllmc.compiler.pipeline import compile_model
     from mllmc.compiler.verify import LOGIT_TOL, records_from_manifest, verify

@@ -1,9 +1,11 @@
-"""`--target aoti --quantize int4` (torchao's int4 weight-only, CPU) on tiny-llava with ShortV:
-one compile per session (~40 s on 2 cores), validated against the eager model with the same
-int4 Linears (the bfloat16 tolerance, identical tokens over 16 steps, the pass's eager reference), its weights stored once as
-int4 codes (and the constant AOTInductor adds while lowering), away from the float artifact of
-the same pipeline by more than the tolerance; `int4_linear` against torchao's own int4 linear
-and the float one; bad options are one line."""
+"""`--target aoti --quantize int4` (torchao's int4 weight-only, CPU) on tiny-llava with
+fastervlm + fastv + shortv composed (the default suite's aoti run of composed passes; the float
+one is `slow`, tests/compiler/backends/test_aoti_passes.py): one compile per session (~50 s on
+2 cores), validated against the eager model with the same int4 Linears and embedding and the
+passes' eager references (the bfloat16 tolerance, identical tokens over 16 steps), failing
+against the float model, its weights stored once as int4 codes (and the constant AOTInductor
+adds while lowering); `int4_linear` against torchao's own int4 linear, the embedding against
+the onnx target's round trip; `mllmc verify` / `inspect`; bad options are one line."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from mllmc.runtime import UserError, load
 from mllmc.runtime.manifest import Precision, TargetSettings
-from tests.conftest import TINY_SHORTV_LAYERS
+from tests.passes.test_pruning import PIPELINES
 
 DEFAULT_PARTS = ("decoder", "lm_head", "embedding")
 
@@ -31,10 +33,10 @@ BLOCK = 32
 def int4_aoti(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mllmc.compiler.pipeline import compile_model
 
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-aoti-int4-shortv"
-    spec = f"shortv:layers={TINY_SHORTV_LAYERS}"
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-aoti-int4-composed"
+    passes = PIPELINES["fastervlm+fastv+shortv"]  # pre-LLM, in-LLM pruning and freezing
     return compile_model(
-        tiny_model_dir, out, [spec], target="aoti", quantize="int4", progress=False
+        tiny_model_dir, out, passes, target="aoti", quantize="int4", progress=False
     ).out_dir
 
 
