@@ -32,30 +32,6 @@ import torch
 COMPUTE_DTYPE = torch.bfloat16  # what the int4 kernel multiplies in (its scales' dtype too)
 
 
-@torch.library.custom_op("mllmc::int4_linear", mutates_args=())
-def int4_linear(
-    x: torch.Tensor,
-    qdata: torch.Tensor,
-    scale_and_zero: torch.Tensor,
-    group_size: int,
-    out_features: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return decomposed(x, qdata, scale_and_zero, group_size, out_features, bias)
-
-
-@int4_linear.register_fake
-def _(
-    x: torch.Tensor,
-    qdata: torch.Tensor,
-    scale_and_zero: torch.Tensor,
-    group_size: int,
-    out_features: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
 def decomposed(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -64,11 +40,20 @@ def decomposed(
     out_features: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The op in aten ops (torchao's A16W4 linear, written out, in bfloat16)."""
+    """The op in aten ops (torchao's A16W4 linear, written out, in bfloat16): its eager
+    implementation, and what `decompose` puts in its place."""
     a = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE).contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, qdata, group_size, scale_and_zero)
     y = y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
     return y + bias if bias is not None else y
+
+
+def _fake(x, qdata, scale_and_zero, group_size, out_features, bias=None):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+int4_linear = torch.library.custom_op("mllmc::int4_linear", decomposed, mutates_args=())
+int4_linear.register_fake(_fake)
 
 
 OP = torch.ops.mllmc.int4_linear.default
