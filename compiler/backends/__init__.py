@@ -96,11 +96,11 @@ class Backend:
         """The eager model in the engines' dtype (and, for torchao, with its int4 weights):
         captured, and validated against, in it."""
         model = cast_model(model, str(self.options.dtype))
-        quantize = self.options.quantize
-        if quantize is not None and quantize.record().method == "torchao":
+        precision = self.settings.precision
+        if precision.method == "torchao":
             from .torchao_int4 import quantize_model
 
-            quantize_model(model, quantize.record())
+            quantize_model(model, precision)
         return model
 
     @property

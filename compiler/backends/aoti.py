@@ -33,13 +33,12 @@ import torch
 from mllmc.compiler.core import int4_linear
 from mllmc.compiler.core.segment_io import segment_io
 from mllmc.runtime.manifest import SegmentEntry
+from mllmc.runtime.runners.aoti import CONSTANTS_KEY, IO_KEY, lowering_key
 
 from . import segment_entry
 
 log = logging.getLogger(__name__)
 
-IO_KEY = "mllmc_io"  # package metadata: the segment's IO records (JSON)
-CONSTANTS_KEY = "mllmc_constants"  # package metadata: constant name -> key in WEIGHTS (JSON)
 WEIGHTS = "weights.pt"
 
 
@@ -79,12 +78,6 @@ class WeightStore:
         """Write WEIGHTS; the entries with `external_data` pointing at it."""
         torch.save({k: t.contiguous().cpu() for k, t in self.tensors.items()}, out_dir / WEIGHTS)
         return {name: dataclasses.replace(e, external_data=WEIGHTS) for name, e in entries.items()}
-
-
-def lowering_key(segment: str, name: str) -> str:
-    """The weights-file key of constant `name` that AOTInductor added to `segment`'s package
-    (the runner looks a constant its package's mapping does not name up there)."""
-    return f"{segment}/lowered/{name}"
 
 
 @contextlib.contextmanager

@@ -139,21 +139,26 @@ def quantize_config(
         from .torchao_int4 import torchao_config
 
         return torchao_config(weights, block_size, accuracy_level, keep, parts)
-    block_size = DEFAULT_BLOCK_SIZES[weights] if block_size is None else block_size
-    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
-        raise UserError(
-            f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}"
-        )
-    level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    if isinstance(level, bool) or level not in ACCURACY_LEVELS:
-        raise UserError(
-            f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))} "
-            f"(4: int8 activations), got {level!r}"
-        )
+    block_size = one_of(block_size, DEFAULT_BLOCK_SIZES[weights], BLOCK_SIZES, "--block-size")
+    level = one_of(
+        accuracy_level, DEFAULT_ACCURACY_LEVEL, ACCURACY_LEVELS, "--accuracy-level",
+        "(4: int8 activations)",
+    )  # fmt: skip
     chosen = chosen_parts(keep, parts)
     if weights == "int8" and "embedding" in chosen:
         chosen.remove("embedding")
     return QuantizeConfig(weights, block_size, level, tuple(chosen))
+
+
+def one_of(value: Any, default: int, valid: Sequence[int], option: str, note: str = "") -> int:
+    """`value` (`default` where None) if it is one of `valid`, else UserError naming them."""
+    value = default if value is None else value
+    if isinstance(value, bool) or value not in valid:
+        note = f" {note}" if note else ""
+        raise UserError(
+            f"{option} must be one of {', '.join(map(str, valid))}{note}, got {value!r}"
+        )
+    return int(value)
 
 
 def chosen_parts(keep: str | Sequence[str] | None, parts: str | Sequence[str] | None) -> list[str]:

@@ -67,7 +67,7 @@ def torchao_config(
     parts: str | Sequence[str] | None,
 ) -> Any:
     """The checked QuantizeConfig of an aoti artifact (UserError naming what is valid)."""
-    from .quantize import QuantizeConfig, chosen_parts
+    from .quantize import QuantizeConfig, chosen_parts, one_of
 
     if weights != "int4":
         raise UserError(
@@ -79,12 +79,10 @@ def torchao_config(
             "--accuracy-level sets onnxruntime's MatMulNBits compute (--target onnx); torchao's "
             "int4 on --target aoti takes bfloat16 activations"
         )
-    block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    if isinstance(block, bool) or block not in BLOCK_SIZES:
-        raise UserError(
-            f"--block-size on --target aoti must be one of {', '.join(map(str, BLOCK_SIZES))} "
-            f"(torchao's int4 group sizes), got {block!r}"
-        )
+    block = one_of(
+        block_size, DEFAULT_BLOCK_SIZE, BLOCK_SIZES, "--block-size on --target aoti",
+        "(torchao's int4 group sizes)",
+    )  # fmt: skip
     chosen = chosen_parts(keep, parts)
     _torchao()
     return QuantizeConfig(weights, block, None, tuple(chosen), SCHEMES["aoti"])

@@ -22,8 +22,17 @@ from . import RunnerOptions, check_io
 if TYPE_CHECKING:
     from ..manifest import Manifest, SegmentEntry
 
-IO_KEY = "mllmc_io"  # written by compiler/backends/aoti.py
-CONSTANTS_KEY = "mllmc_constants"  # constant name -> key in the artifact's weights file
+# package metadata written by compiler/backends/aoti.py: the segment's IO records (JSON), and
+# constant name -> key in the artifact's weights file (JSON)
+IO_KEY = "mllmc_io"
+CONSTANTS_KEY = "mllmc_constants"
+
+
+def lowering_key(segment: str, name: str) -> str:
+    """The weights-file key of constant `name` that AOTInductor added while lowering
+    `segment`'s package: its metadata was written before such constants existed, so it does not
+    name them, and the runner looks a constant it does not name up here."""
+    return f"{segment}/lowered/{name}"
 
 
 def package_metadata(path: Path) -> dict[str, str]:
@@ -125,8 +134,7 @@ def _open_package(
         try:
             mapping = json.loads(meta[CONSTANTS_KEY])
             needed = set(model.get_constant_fqns())
-            # the constants AOTInductor added while lowering (compiler/backends/aoti.py)
-            mapping.update({n: f"{name}/lowered/{n}" for n in needed if n not in mapping})
+            mapping.update({n: lowering_key(name, n) for n in needed if n not in mapping})
             constants = {n: weights.tensors[key] for n, key in mapping.items() if n in needed}
             model.load_constants(
                 constants,
