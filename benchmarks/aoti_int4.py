@@ -16,13 +16,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from precision import plot  # noqa: E402
+from precision import compile_once, goal, parser, plot, points_lost, print_goals  # noqa: E402
 
 from mllmc.compiler.tools import bench  # noqa: E402
 
@@ -31,44 +30,26 @@ VARIANTS = {"aoti-fp32": None, "aoti-int4-b32": 32, "aoti-int4-b128": 128}
 
 
 def compile_variant(model_dir: str | Path, path: Path, block: int | None, reuse: bool) -> Path:
-    """One aoti artifact of `model_dir` (unvalidated: the tests validate the same options on
-    tiny-llava)."""
+    """One aoti artifact of `model_dir`, float32 weights or int4 in blocks of `block`."""
     from mllmc.compiler.backends.quantize import quantize_config
-    from mllmc.compiler.pipeline import compile_model
 
-    if reuse and (path / "manifest.json").is_file():
-        return path
     cfg = quantize_config("int4", block, target="aoti") if block else None
-    t0 = time.perf_counter()
-    compile_model(
-        model_dir, path, target="aoti", quantize=cfg, validate=False, force=True, progress=False
-    )
-    print(f"compiled {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return path
+    return compile_once(model_dir, path, [], cfg, reuse, target="aoti")
 
 
 def goals(rows: dict[str, dict[str, Any]], acc: dict[str, float]) -> dict[str, dict[str, Any]]:
     """What the int4 engines gain over the float32 one (medians of per-round ratios), and the
     accuracy they cost; the precision goals (>= 3x decode, <= 0.3x bytes, <= 1 point) applied to
     this target too."""
-    d = "decode_s_per_token"
     out = {}
     for block in (32, 128):
         name = f"aoti-int4-b{block}"
-        speed = bench.ratio_spread(rows["aoti-fp32"], rows[name], d)["median"]
-        out[f"{name} decode vs aoti fp32 (>= 3x)"] = {
-            "value": speed,
-            "goal": 3.0,
-            "met": speed >= 3.0,
-        }
+        speed = bench.ratio_spread(rows["aoti-fp32"], rows[name], "decode_s_per_token")["median"]
+        out[f"{name} decode vs aoti fp32 (>= 3x)"] = goal(speed, 3.0)
         size = rows[name]["engine_bytes"] / rows["aoti-fp32"]["engine_bytes"]
-        out[f"{name} engine bytes vs fp32 (<= 0.3x)"] = {
-            "value": size,
-            "goal": 0.3,
-            "met": size <= 0.3,
-        }
-        lost = round(100 * (acc["aoti-fp32"] - acc[name]), 9)
-        out[f"{name} accuracy points lost (<= 1)"] = {"value": lost, "goal": 1.0, "met": lost <= 1}
+        out[f"{name} engine bytes vs fp32 (<= 0.3x)"] = goal(size, 0.3, at_most=True)
+        lost = points_lost(acc, "aoti-fp32", name)
+        out[f"{name} accuracy points lost (<= 1)"] = goal(lost, 1.0, at_most=True)
     return out
 
 
@@ -126,18 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="models/small-llava")
-    ap.add_argument("--trained", default="models/trained-tiny-llava")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--text-tokens", type=int, default=32)
-    ap.add_argument("-n", "--num-items", type=int, default=200)
-    ap.add_argument("--reuse", action="store_true", help="reuse artifacts an earlier run wrote")
-    args = ap.parse_args()
+    args = parser(__doc__).parse_args()
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "aoti_int4.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -154,8 +124,7 @@ def main() -> None:
         )
     if not report["trust"]["ok"]:
         print("NOT TRUSTED: " + "; ".join(report["trust"]["reasons"]))
-    for goal, g in report["goals"].items():
-        print(f"{goal}: {g['value']:.3g} -> {'met' if g['met'] else 'NOT met'}")
+    print_goals(report["goals"])
 
 
 if __name__ == "__main__":

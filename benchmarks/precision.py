@@ -77,45 +77,89 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data"))
 
 
+def compile_once(
+    model_dir: str | Path,
+    path: Path,
+    passes: list[str],
+    cfg: Any,
+    reuse: bool,
+    target: str = "onnx",
+) -> Path:
+    """`model_dir` compiled into `path` with `passes` and the QuantizeConfig `cfg` (None: float
+    weights), unvalidated (the tests validate the same options on the tiny presets); an artifact
+    already there is reused when `reuse`."""
+    from mllmc.compiler.pipeline import compile_model
+
+    if reuse and (path / "manifest.json").is_file():
+        return path
+    t0 = time.perf_counter()
+    compile_model(
+        model_dir, path, passes, target, quantize=cfg, validate=False, force=True, progress=False
+    )
+    print(f"compiled {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
 def compile_variants(model_dir: str, root: Path, reuse: bool) -> dict[str, Path]:
     """Every precision without passes, and int4 (block 32) composed with COMPOSED, compiled
-    from `model_dir` (unvalidated: the tests validate the same options on the tiny presets).
-    One small-llava compile takes ~3 min on the shared 2-core VM, so the other precisions are
-    not compiled with the passes too: the passes do not touch the weights."""
+    from `model_dir`. One small-llava compile takes ~3 min on the shared 2-core VM, so the other
+    precisions are not compiled with the passes too: the passes do not touch the weights."""
     from mllmc.compiler.backends.quantize import quantize_config
-    from mllmc.compiler.pipeline import compile_model
 
     variants = [(name, q, []) for name, q in PRECISIONS.items()]
     variants.append(("int4-b32+passes", PRECISIONS["int4-b32"], COMPOSED))
     out = {}
     for name, q, passes in variants:
         path = root / f"precision-{Path(model_dir).name}-{name}"
-        if not (reuse and (path / "manifest.json").is_file()):
-            cfg = quantize_config(*q, accuracy_level=ACCURACY_LEVEL) if q else None
-            t0 = time.perf_counter()
-            compile_model(
-                model_dir, path, passes, quantize=cfg, validate=False, force=True, progress=False
-            )
-            print(f"compiled {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-        out[name] = path
+        cfg = quantize_config(*q, accuracy_level=ACCURACY_LEVEL) if q else None
+        out[name] = compile_once(model_dir, path, passes, cfg, reuse)
     return out
 
 
 def accuracy(trained: str, root: Path, n: int, reuse: bool) -> dict[str, float]:
     """shapes-qa held-out accuracy of each precision compiled from the trained preset."""
     from mllmc.compiler.backends.quantize import quantize_config
-    from mllmc.compiler.pipeline import compile_model
     from mllmc.compiler.tools.evaluate import evaluate
 
     out = {}
     for name, q in PRECISIONS.items():
-        path = root / f"precision-trained-{name}"
-        if not (reuse and (path / "manifest.json").is_file()):
-            cfg = quantize_config(*q, accuracy_level=ACCURACY_LEVEL) if q else None
-            compile_model(trained, path, quantize=cfg, validate=False, force=True, progress=False)
+        cfg = quantize_config(*q, accuracy_level=ACCURACY_LEVEL) if q else None
+        path = compile_once(trained, root / f"precision-trained-{name}", [], cfg, reuse)
         out[name] = evaluate(path, task="shapes-qa", n=n).accuracy
         print(f"accuracy {name}: {out[name]:.2%}", flush=True)
     return out
+
+
+def goal(value: float, target: float, at_most: bool = False) -> dict[str, Any]:
+    """A goal's record: the measured value, its target, and whether it is met (value >= target,
+    or <= with `at_most`)."""
+    return {"value": value, "goal": target, "met": value <= target if at_most else value >= target}
+
+
+def points_lost(acc: dict[str, float], base: str, name: str) -> float:
+    """Accuracy points `name` loses against `base` (0.98 - 0.97 is not 0.01 in floats)."""
+    return round(100 * (acc[base] - acc[name]), 9)
+
+
+def print_goals(goals: dict[str, dict[str, Any]]) -> None:
+    for name, g in goals.items():
+        print(f"{name}: {g['value']:.3g} -> {'met' if g['met'] else 'NOT met'}")
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options the precision benchmarks share."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="models/small-llava")
+    ap.add_argument("--trained", default="models/trained-tiny-llava")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--text-tokens", type=int, default=32)
+    ap.add_argument("-n", "--num-items", type=int, default=200)
+    ap.add_argument("--reuse", action="store_true", help="reuse artifacts an earlier run wrote")
+    return ap
 
 
 def goals(rows: dict[str, dict[str, Any]], acc: dict[str, float]) -> dict[str, dict[str, Any]]:
@@ -140,17 +184,13 @@ def goals(rows: dict[str, dict[str, Any]], acc: dict[str, float]) -> dict[str, d
             ratio("fp32", f"int8-b{block}", p),
             1.3,
         )
-    result = {k: {"value": v, "goal": g, "met": v >= g} for k, (v, g) in out.items()}
+    result = {k: goal(v, g) for k, (v, g) in out.items()}
     size = rows["int4-b32"]["engine_bytes"] / rows["fp32"]["engine_bytes"]
-    result["int4 engine bytes vs fp32 (<= 0.3x)"] = {"value": size, "goal": 0.3, "met": size <= 0.3}
+    result["int4 engine bytes vs fp32 (<= 0.3x)"] = goal(size, 0.3, at_most=True)
     for name in PRECISIONS:
-        lost = round(100 * (acc["fp32"] - acc[name]), 9)  # 0.98 - 0.97 is not 0.01 in floats
         if name != "fp32":
-            result[f"{name} accuracy points lost (<= 1)"] = {
-                "value": lost,
-                "goal": 1.0,
-                "met": lost <= 1.0,
-            }
+            lost = points_lost(acc, "fp32", name)
+            result[f"{name} accuracy points lost (<= 1)"] = goal(lost, 1.0, at_most=True)
     return result
 
 
@@ -244,18 +284,7 @@ def plot(report: dict[str, Any], path: Path, title: str | None = None) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="models/small-llava")
-    ap.add_argument("--trained", default="models/trained-tiny-llava")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--text-tokens", type=int, default=32)
-    ap.add_argument("-n", "--num-items", type=int, default=200)
-    ap.add_argument("--reuse", action="store_true", help="reuse artifacts an earlier run wrote")
-    args = ap.parse_args()
+    args = parser(__doc__).parse_args()
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "precision.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -266,8 +295,7 @@ def main() -> None:
             f"{name:18s} decode {row['decode_s_per_token'] * 1e3:7.2f} ms/token  LLM prefill "
             f"{row['llm_prefill_s'] * 1e3:8.1f} ms  {row['engine_bytes'] / 2**20:8.1f} MiB  {acc}"
         )
-    for goal, g in report["goals"].items():
-        print(f"{goal}: {g['value']:.3g} -> {'met' if g['met'] else 'NOT met'}")
+    print_goals(report["goals"])
 
 
 if __name__ == "__main__":
