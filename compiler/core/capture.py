@@ -51,6 +51,7 @@ from mllmc.runtime.manifest import STATIC_DECODE_INPUTS, LayerPlan, ModelInfo
 from .families import family
 from .fused_attention import INPLACE_PREFIX, group_query_attention
 from .fused_attention import supported as fused_attention_supported
+from .fused_norm import skip_rms_norm
 from .model_dir import (  # noqa: F401  (also importable from capture)
     MAX_SEQ,
     SUPPORTED_ARCHITECTURES,
@@ -308,14 +309,14 @@ class DecoderLayer(nn.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k, v
 
-    def forward_fused(self, h, past_k, past_v, seqlens, total, rotary, bias):
-        """The static-cache decode step (T = 1) with the rotary embedding and the attention as
-        one `fused_attention.group_query_attention` operator: h (B, 1, d), past_k/past_v
-        (B, kvh, C, hd) buffers, seqlens (B,) int32 the row this token goes to, total () int32
-        = C, rotary = (cos, sin, position ids) as the operator takes them, bias (B, 1, 1, C)
-        additive. Returns h and the buffers with this token's rows written."""
+    def attend_fused(self, x, past_k, past_v, seqlens, total, rotary, bias):
+        """The static-cache decode step's attention block (T = 1) with the rotary embedding
+        and the attention as one `fused_attention.group_query_attention` operator: x (B, 1, d)
+        the normed input, past_k/past_v (B, kvh, C, hd) buffers, seqlens (B,) int32 the row
+        this token goes to, total () int32 = C, rotary = (cos, sin, position ids) as the
+        operator takes them, bias (B, 1, 1, C) additive. Returns the block's output (o_proj's,
+        before the residual add) and the buffers with this token's rows written."""
         attn = self.self_attn
-        x = self.input_layernorm(h)
         o, past_k, past_v = group_query_attention(
             attn.q_proj(x),  # (B, 1, H*hd)
             attn.k_proj(x),
@@ -330,9 +331,21 @@ class DecoderLayer(nn.Module):
             self.num_kv_heads,
             self.scaling,
         )  # (B, 1, H*hd)
-        h = h + attn.o_proj(o)
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, past_k, past_v
+        return attn.o_proj(o), past_k, past_v
+
+
+def add_norm(
+    residual: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + delta), residual + delta); delta None: nothing to add. A fusable
+    `RMSNorm` makes the add and the norm one `fused_norm.skip_rms_norm` operator (onnxruntime's
+    SkipSimplifiedLayerNormalization in the ONNX target)."""
+    if delta is None:
+        return norm(residual), residual
+    if isinstance(norm, RMSNorm):
+        return skip_rms_norm(residual, delta, norm.weight, norm.eps)
+    total = residual + delta
+    return norm(total), total
 
 
 def attend_static_cache(
@@ -538,13 +551,20 @@ class StaticCacheDecodeSegment(_Decoder):
             allowed = allowed & ((cache_len[:, None] - keys[None, :]) < span)[:, None, :]
         bias = additive_mask(allowed, h.dtype)[:, :, None, None]  # (L, B, 1, 1, C)
         seqlens = cache_len[:, None].expand(-1, b).to(torch.int32)  # (L, B)
+        # the residual stream is `h + delta`: each block's output is added by the norm after it
+        # (one SkipSimplifiedLayerNormalization where it is fusable)
         rows: list[torch.Tensor] = []
+        delta = None
         for i, layer in enumerate(self.layers):
-            h, k, v = layer.forward_fused(
-                h, past[2 * i], past[2 * i + 1], seqlens[i], total, rotary, bias[i]
+            x, h = add_norm(h, delta, layer.input_layernorm)
+            out, k, v = layer.attend_fused(
+                x, past[2 * i], past[2 * i + 1], seqlens[i], total, rotary, bias[i]
             )
+            x, h = add_norm(h, out, layer.post_attention_layernorm)
+            delta = layer.mlp(x)
             rows += [k, v]
-        return (self.logits_last(h), *rows)
+        x, _ = add_norm(h, delta, self.norm)
+        return (self.lm_head(x[:, -1, :]), *rows)
 
 
 class VisionSegment(nn.Module):

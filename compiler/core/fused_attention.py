@@ -109,7 +109,13 @@ def _register_schema() -> None:
         return
     param = OpSchema.FormalParameter
     optional = OpSchema.FormalParameterOption.Optional
-    inputs = [param(name, "T") for name in ("query", "key", "value", "past_key", "past_value")] + [
+    inputs = [
+        param("query", "T"),
+        param("key", "T", param_option=optional),  # empty: the query is packed q/k/v
+        param("value", "T", param_option=optional),
+        param("past_key", "T"),
+        param("past_value", "T"),
+    ] + [
         param("seqlens_k", "M"),
         param("total_sequence_length", "M"),
         param("cos_cache", "T", param_option=optional),
@@ -181,3 +187,139 @@ def check_inplace_outputs(model: Any) -> int:
             raise ValueError(f"graph output {out.name} does not alias the graph input {past}")
         nodes.add(node.name)
     return len(nodes)
+
+
+PROJECTIONS = ("MatMul", "MatMulNBits")  # what computes a query / key / value input
+
+
+def pack_projections(model: Any) -> int:
+    """Give each GroupQueryAttention node of `model` one packed query/key/value input, as
+    onnxruntime-genai's decoders do: its three projections of one input (MatMul, or int4/int8
+    MatMulNBits with the same settings), each with an optional bias Add, become one projection
+    whose weight is the Concat of theirs, then one bias Add, feeding the operator's query with
+    key and value left empty (its packed form). Two nodes a layer instead of six.
+
+    The weights stay the three initializers they were (prefill's projections read the same
+    ones, and the artifact stores each once); the Concat is folded once, when onnxruntime
+    loads the graph. A node whose projections do not have this form is left as it is. Returns
+    how many nodes were packed."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    for out in graph.output:
+        consumers[out.name] = consumers.get(out.name, 0) + 1
+    inits = {i.name: i for i in graph.initializer}
+
+    def projection(name: str) -> tuple[Any, Any, str | None] | None:
+        """(the projection node, its bias Add or None, the bias initializer's name or None)."""
+        node = producer.get(name)
+        add = bias = None
+        if node is not None and node.op_type == "Add" and not node.domain:
+            add = node
+            for value, other in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+                if value in inits and other in producer:
+                    bias, node = value, producer[other]
+                    break
+            else:
+                return None
+            if consumers.get(add.input[0 if add.input[1] == bias else 1], 0) != 1:
+                return None
+        if node is None or node.op_type not in PROJECTIONS or consumers.get(name, 0) != 1:
+            return None
+        return node, add, bias
+
+    def settings(node: Any) -> tuple[Any, ...]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "N"}
+        return node.op_type, node.domain, node.input[0], tuple(sorted(attrs.items()))
+
+    packed = 0
+    new_nodes = []
+    removed: set[str] = set()  # the replaced projections and bias Adds, by their output
+    for node in graph.node:
+        if node.op_type != OP or node.domain != DOMAIN or not all(node.input[:3]):
+            new_nodes.append(node)
+            continue
+        parts = [projection(name) for name in node.input[:3]]
+        if any(p is None for p in parts) or len({settings(p[0]) for p in parts}) != 1:
+            new_nodes.append(node)
+            continue
+        mms = [p[0] for p in parts]
+        nbits = mms[0].op_type == "MatMulNBits"
+        if nbits and any(len([i for i in m.input if i]) != 3 for m in mms):  # B, scales only
+            new_nodes.append(node)
+            continue
+        widths = []
+        for m in mms:
+            if nbits:
+                widths.append(int(next(a.i for a in m.attribute if a.name == "N")))
+            elif m.input[1] in inits and len(inits[m.input[1]].dims) == 2:
+                widths.append(int(inits[m.input[1]].dims[1]))
+            else:
+                widths = []
+                break
+        if not widths:
+            new_nodes.append(node)
+            continue
+        tag = f"{node.name}/packed_qkv"
+        added = []
+        axis = 0 if nbits else 1  # MatMulNBits' B is (N, blocks, bytes); MatMul's (K, N)
+        weight_inputs = [f"{tag}/weight"]
+        added.append(helper.make_node(
+            "Concat", [m.input[1] for m in mms], [f"{tag}/weight"], name=f"{tag}/weight_concat",
+            axis=axis,
+        ))  # fmt: skip
+        if nbits:
+            weight_inputs.append(f"{tag}/scales")
+            added.append(helper.make_node(
+                "Concat", [m.input[2] for m in mms], [f"{tag}/scales"],
+                name=f"{tag}/scales_concat", axis=0,
+            ))  # fmt: skip
+        matmul = helper.make_node(
+            mms[0].op_type, [mms[0].input[0], *weight_inputs], [f"{tag}/out"],
+            name=f"{tag}/matmul", domain=mms[0].domain,
+        )  # fmt: skip
+        for a in mms[0].attribute:
+            if a.name != "N":
+                matmul.attribute.append(a)
+        if nbits:
+            matmul.attribute.append(helper.make_attribute("N", sum(widths)))
+        added.append(matmul)
+        query = f"{tag}/out"
+        if any(p[2] is not None for p in parts):
+            dtype = next(inits[p[2]] for p in parts if p[2] is not None).data_type
+            biases = []
+            for (_, _, bias), width, which in zip(parts, widths, "qkv", strict=True):
+                if bias is None:
+                    zeros = np.zeros(width, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+                    bias = f"{tag}/{which}_zero_bias"
+                    graph.initializer.append(numpy_helper.from_array(zeros, bias))
+                biases.append(bias)
+            added.append(helper.make_node(
+                "Concat", biases, [f"{tag}/bias"], name=f"{tag}/bias_concat", axis=0
+            ))  # fmt: skip
+            added.append(helper.make_node(
+                "Add", [query, f"{tag}/bias"], [f"{tag}/biased"], name=f"{tag}/bias_add"
+            ))  # fmt: skip
+            query = f"{tag}/biased"
+        for m, add, _ in parts:
+            removed.update({m.output[0], *([add.output[0]] if add is not None else [])})
+        node.input[0], node.input[1], node.input[2] = query, "", ""
+        new_nodes += [*added, node]
+        packed += 1
+    if packed:
+        kept = []
+        for n in new_nodes:
+            if n.output[0] not in removed:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(n)
+                kept.append(copy)
+        del graph.node[:]
+        graph.node.extend(kept)
+    return packed

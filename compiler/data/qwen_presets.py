@@ -328,6 +328,12 @@ def build_qwen(spec: QwenVLSpec, seed: int = 0, device: str = "cpu") -> tuple[An
     try:
         with torch.device(device):
             model = getattr(transformers, FAMILY_CLASSES[spec.family][1])(config).eval()
+        # HF initializes every Linear bias to zero; a released checkpoint's are not (Qwen2's
+        # q/k/v biases are large), and an engine may not skip them
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_(0.0, spec.init_std)
     finally:
         torch.set_default_dtype(default_dtype)
     ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])

@@ -23,6 +23,7 @@ from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import LayerPlan, keep_count
 
 REFERENCE_TEXT_TOKENS = 64
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")  # whose image rows follow the image's size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +186,16 @@ def _shortv_layers(shape: Shape, cfg: Any) -> tuple[tuple[int, ...], str]:
     return tuple(sorted(order[:k])), f"published list for {name}, ratio {ratio}"
 
 
-def plan(path: str | Path, specs: list[str]) -> dict[str, Any]:
-    """The layer plan and prefill FLOPs (before / after) of `specs` on the model at `path`."""
+def plan(
+    path: str | Path,
+    specs: list[str],
+    visual_rows: int | None = None,
+    text_tokens: int = REFERENCE_TEXT_TOKENS,
+) -> dict[str, Any]:
+    """The layer plan and prefill FLOPs (before / after) of `specs` on the model at `path`, for
+    a prompt of `text_tokens` text rows and one image. `visual_rows`: that image's rows (the
+    merged tokens of a Qwen2-VL image of another size than the reference; a model whose image
+    makes a fixed number of rows takes None), else the reference image's."""
     from mllmc.compiler.core.flops import analytic_prefill_flops
     from mllmc.compiler.core.model_dir import model_shape
     from mllmc.compiler.pipeline import check_order, resolve_passes
@@ -194,6 +203,15 @@ def plan(path: str | Path, specs: list[str]) -> dict[str, Any]:
     passes = resolve_passes(specs)
     check_order(passes)
     shape, config = read_shape(path)
+    if visual_rows is not None and visual_rows != shape.reference_visual_rows:
+        if shape.model_type not in QWEN_TYPES:
+            raise UserError(
+                f"plan: a {shape.model_type} image always makes {shape.reference_visual_rows} "
+                "rows (only a Qwen2-VL image's rows follow its size)"
+            )
+        shape = dataclasses.replace(
+            shape, visual_tokens=visual_rows, reference_visual_rows=visual_rows
+        )
     for info, cfg in passes:  # the option checks compile runs against config.json
         if info.check is not None:
             info.check(cfg, model_shape(config))
@@ -206,7 +224,7 @@ def plan(path: str | Path, specs: list[str]) -> dict[str, Any]:
         layers, score, note = _apply(layers, shape, info.name, cfg)
         scored += score
         notes.append(f"{info.name}: {note}")
-    n_text = REFERENCE_TEXT_TOKENS
+    n_text = text_tokens
     before = analytic_prefill_flops(shape, n_text, plan=base)
     after = analytic_prefill_flops(shape, n_text, plan=layers, scored_layers=scored)
     return {

@@ -15,7 +15,7 @@ in the runtime changes. This package imports no torch; the torch runners import 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -148,16 +148,24 @@ def _dims(shape: Sequence[Any]) -> str:
     return "[" + ", ".join(str(d) if _static(d) else repr(d) for d in shape) + "]"
 
 
-def check_feeds(entry: SegmentEntry, feeds: Mapping[str, Any], segment: str) -> None:
+def check_feeds(
+    entry: SegmentEntry,
+    feeds: Mapping[str, Any],
+    segment: str,
+    only: Collection[str] | None = None,
+) -> None:
     """ValueError if `feeds` does not name exactly the segment's inputs (a caller's bug);
     UserError if one has another rank, or another size in a dim the manifest fixes, than the
     engine takes (an image or a cache of another shape), or if inputs that share a named dim
-    (one layer's key and value cache: `past_0`) differ in it."""
+    (one layer's key and value cache: `past_0`) differ in it. `only`: check the shapes of
+    these inputs alone (the others are known to be right: a cache the runner itself returned)."""
     names = [t.name for t in entry.inputs]
     if set(feeds) != set(names):
         raise ValueError(f"{segment} takes inputs {names}, got {sorted(feeds)}")
     named: dict[str, tuple[str, int]] = {}  # a named dim -> the first input with it, its size
     for spec in entry.inputs:
+        if only is not None and spec.name not in only:
+            continue
         value = feeds[spec.name]
         shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
         if len(shape) != len(spec.shape) or any(

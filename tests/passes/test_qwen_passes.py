@@ -112,6 +112,25 @@ def test_no_nonzero_and_prefill_flops_follow_the_plan(qwen):
     assert measured == analytic
 
 
+def test_plan_at_another_image_size_counts_what_the_graph_computes(qwen):
+    """`mllmc plan` with an image of another size than the reference (its own visual rows, the
+    benchmark's text rows) gives the FLOPs the rewritten prefill graph performs on that
+    prompt: FastV keeps its ratio of those rows, ShortV freezes them."""
+    from mllmc.compiler.tools.plan import plan
+
+    model_dir, _, info, _ = qwen
+    specs = ["fastv:k=2,ratio=0.75", "shortv:layers=[0,1]"]
+    segs, _ = rewrite(qwen, specs)
+    n_text = 16
+    for rows in (info.reference_visual_rows * 2, 7):
+        inputs = reference_prefill_inputs(info, n_text, num_visual=rows)
+        measured = count_flops(segs.prefill.program, inputs)
+        flops = plan(model_dir, specs, visual_rows=rows, text_tokens=n_text)["prefill_flops"]
+        assert flops["after"] == measured, rows
+        unrewritten = count_flops(qwen[3].prefill.program, inputs)
+        assert flops["before"] == unrewritten, rows
+
+
 @pytest.fixture(scope="module")
 def pass_artifact(qwen, tmp_path_factory):
     """fastv + shortv compiled to ONNX (validated at compile time against the references)."""

@@ -93,3 +93,12 @@ def test_plan_refuses_what_compile_refuses(tiny_model_dir):
         "plan", str(tiny_model_dir), "--pass", "shortv:layers=[0]", "--pass", "fastv",
         match="pass order refused",
     )  # fmt: skip
+
+
+def test_plan_at_another_image_size_is_qwen_only(tiny_model_dir):
+    """A LLaVA image always makes the tower's rows: asking for another count is refused."""
+    from mllmc.compiler.tools.plan import plan
+    from mllmc.runtime.errors import UserError
+
+    with pytest.raises(UserError, match="only a Qwen2-VL image's rows follow its size"):
+        plan(tiny_model_dir, ["fastv"], visual_rows=3)
