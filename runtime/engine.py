@@ -206,7 +206,8 @@ class SegmentLoop:
         runner = self.runners["decode"]
         feeds = self._decode_feeds([token_id], [position], np.zeros((self._num_layers_cached, 1)))
         feeds.update(zip(self._past_names, cache, strict=True))
-        if self._kv_visual is not None:
+        owns = getattr(runner, "owns", None)  # the in-place decoder knows its own caches
+        if self._kv_visual is not None and not (owns is not None and owns(cache)):
             check_feeds(runner.entry, feeds, "decode")
             check_cache_rows(feeds, self._kv_visual)
         out = runner(feeds)

@@ -97,6 +97,24 @@ def test_in_place_single_sample_generate_equals_growing(tiny_base_artifact: Path
     assert static.runners["decode"].adopts == 1
 
 
+def test_each_step_returns_its_own_logits(tiny_base_artifact: Path):
+    """The runner binds one logits array for every step: what a step returns is a copy, so
+    the logits a caller holds stay as they were when the next step runs; the caches it
+    returned are recognised as its own (no adopt, no copy) step after step."""
+    engine, growing = load(tiny_base_artifact), load(tiny_base_artifact, decode_cache="growing")
+    (cache, token, position), *_ = prefilled(engine)
+    held, want = [], []
+    other = cache
+    for step in range(4):
+        logits, cache = engine.decode_step(token + step, position + step, cache)
+        mine, other = growing.decode_step(token + step, position + step, other)
+        held.append(logits)
+        want.append(mine.copy())
+    for got, expected in zip(held, want, strict=True):
+        assert float(np.abs(got - expected).max()) <= TOL
+    assert engine.runners["decode"].adopts == 1
+
+
 def test_static_decode_choices(tiny_base_artifact: Path, tmp_path: Path):
     """onnx compiles the static decode by default; an artifact without it refuses
     decode_cache='static' with one line and decodes with the growing cache."""
