@@ -447,7 +447,7 @@ def at_prompt(
     prompt: `visual` rows of its image and `text` text rows, from `mllmc plan`'s formula with
     the passes' own keep rules. A manifest states FLOPs at the reference prompt (a 448 px
     image, 64 text tokens); an image of another size keeps another number of rows, so its
-    ideal differs. The reference's ideal stays as `flops_ideal_reference`."""
+    ideal differs. The reference's counts and ideal stay as `*_reference`."""
     from mllmc.compiler.tools.plan import plan
 
     for name, s in speed.items():
@@ -456,6 +456,11 @@ def at_prompt(
         ideal, measured = before / after, s["measured"]
         s.update(
             flops_ideal_reference=s["flops_ideal"],
+            prefill_flops_before_reference=s["prefill_flops_before"],
+            prefill_flops_after_reference=s["prefill_flops_after"],
+            reference_prompt_tokens_reference=s.pop("reference_prompt_tokens"),
+            prefill_flops_before=before,
+            prefill_flops_after=after,
             flops_ideal=ideal,
             flops_at={"visual_rows": visual, "text_tokens": text},
             share_of_ideal=measured / ideal,

@@ -190,7 +190,8 @@ class InPlaceCacheDecoder:
         import onnxruntime as ort
 
         binding = self.static.session.io_binding()
-        self._small = {n: np.empty_like(inputs[n]) for n in STATIC_DECODE_INPUTS}
+        # C-contiguous (an OrtValue over any other layout would be a copy the steps never fill)
+        self._small = {n: np.empty(inputs[n].shape, inputs[n].dtype) for n in STATIC_DECODE_INPUTS}
         logits = next(t for t in self.static.entry.outputs if t.name == "logits")
         batch = self._buffers[0].shape[0]
         self._logits = np.empty((batch, int(logits.shape[-1])), dtype=np.dtype(logits.dtype))

@@ -103,19 +103,13 @@ def _io(vi: onnx.ValueInfoProto) -> TensorSpec:
 def share_weights(out_dir: Path, entries: dict[str, SegmentEntry]) -> dict[str, SegmentEntry]:
     """Move every segment's initializers of INLINE_BYTES or more into one `SHARED_DATA` file,
     each distinct tensor (same dtype, shape and bytes) written once; return the entries with
-    `external_data` pointing at it. The per-segment data files the exporter wrote are removed.
-    On the way, a graph's GroupQueryAttention nodes get their query/key/value projections
-    packed (`fused_attention.pack_projections`, after any quantization): the fused decode step
-    then runs one projection a layer over the same stored weights."""
+    `external_data` pointing at it. The per-segment data files the exporter wrote are removed."""
     offsets: dict[tuple[int, tuple[int, ...], bytes], tuple[int, int]] = {}
     out = {}
     with open(out_dir / SHARED_DATA, "wb") as data:
         for name, entry in entries.items():
             path = out_dir / entry.file
             model = onnx.load(str(path), load_external_data=True)
-            packed = fused_attention.pack_projections(model)
-            if packed:
-                log.info("%s: packed the q/k/v projections of %d attention nodes", name, packed)
             for init in model.graph.initializer:
                 raw = _raw_bytes(init)
                 if len(raw) < INLINE_BYTES:

@@ -195,13 +195,17 @@ def plan(
     """The layer plan and prefill FLOPs (before / after) of `specs` on the model at `path`, for
     a prompt of `text_tokens` text rows and one image. `visual_rows`: that image's rows (the
     merged tokens of a Qwen2-VL image of another size than the reference; a model whose image
-    makes a fixed number of rows takes None), else the reference image's."""
+    makes a fixed number of rows takes None), else the reference image's. The result's
+    "reference_prompt" is the prompt the counts are for."""
     from mllmc.compiler.core.flops import analytic_prefill_flops
     from mllmc.compiler.core.model_dir import model_shape
     from mllmc.compiler.pipeline import check_order, resolve_passes
 
     passes = resolve_passes(specs)
     check_order(passes)
+    for name, value in (("visual_rows", visual_rows), ("text_tokens", text_tokens)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise UserError(f"plan: {name} must be an integer >= 1, got {value!r}")
     shape, config = read_shape(path)
     if visual_rows is not None and visual_rows != shape.reference_visual_rows:
         if shape.model_type not in QWEN_TYPES:

@@ -208,24 +208,13 @@ def test_int4_weights_stored_once(int4_artifact: Path, tiny_model_dir: Path):
     assert data < 0.3 * float_bytes
 
 
-def test_int4_fused_decode_packs_projections_over_the_stored_weights(int4_artifact: Path):
-    """The fused decode step runs one int4 MatMulNBits per layer for q/k/v (the Concat of the
-    three quantized weights, folded when onnxruntime loads it) into a packed GroupQueryAttention,
-    and one SkipSimplifiedLayerNormalization per residual add; it adds no stored tensor."""
+def test_int4_fused_decode_fuses_norms_over_the_stored_weights(int4_artifact: Path):
+    """The fused decode step runs one SkipSimplifiedLayerNormalization per residual add and no
+    separate norm inside the layers, and reads the prefill's stored int4 tensors (it adds none)."""
     info = read_manifest(int4_artifact).model
-    model = onnx.load(str(int4_artifact / "decode_static.onnx"), load_external_data=False)
-    producer = {out: n for n in model.graph.node for out in n.output}
-    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == info.num_layers
-    for node in attention:
-        assert list(node.input[1:3]) == ["", ""]
-        matmul = producer[node.input[0]]
-        assert matmul.op_type == "MatMulNBits"
-        n = next(a.i for a in matmul.attribute if a.name == "N")
-        assert n == (info.num_heads + 2 * info.num_kv_heads) * info.head_dim
-        assert producer[matmul.input[1]].op_type == "Concat"
     ops = _ops(int4_artifact / "decode_static.onnx")
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * info.num_layers
+    assert ops["GroupQueryAttention"] == info.num_layers
     assert _external(int4_artifact / "decode_static.onnx") <= _external(
         int4_artifact / "prefill.onnx"
     )

@@ -6,6 +6,8 @@ each sample at its own position."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
@@ -18,7 +20,6 @@ from mllmc.compiler.core.fused_attention import (
     check_inplace_outputs,
     group_query_attention,
     onnx_translations,
-    pack_projections,
 )
 
 B, H, KVH, HD, C = 3, 8, 2, 16, 24
@@ -98,6 +99,20 @@ def test_torch_op_is_grouped_softmax_attention(length, pads):
         )
 
 
+def exported(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str]) -> Any:
+    """`module` through torch.export and the ONNX exporter with the operator's translation;
+    outputs out, inplace.0.key, inplace.0.value."""
+    program = torch.onnx.export(
+        torch.export.export(module, args, strict=False),
+        args,
+        input_names=names,
+        output_names=["out", "inplace.0.key", "inplace.0.value"],
+        custom_translation_table=onnx_translations(),
+        dynamo=True,
+    )
+    return program.model_proto
+
+
 def test_onnx_operator_equals_the_torch_op_and_writes_the_cache_in_place(tmp_path):
     """The exported node is onnxruntime's GroupQueryAttention; bound to the numpy buffers, it
     gives the torch op's output and writes the new key/value row at `length`, nothing else."""
@@ -105,16 +120,7 @@ def test_onnx_operator_equals_the_torch_op_and_writes_the_cache_in_place(tmp_pat
 
     args = inputs(10, [0, 3, 9])
     names = ["q", "k", "v", "past.0.key", "past.0.value", "cache_len", "cache_pad"]
-    ep = torch.export.export(Attend(), args, strict=False)
-    program = torch.onnx.export(
-        ep,
-        args,
-        input_names=names,
-        output_names=["out", "inplace.0.key", "inplace.0.value"],
-        custom_translation_table=onnx_translations(),
-        dynamo=True,
-    )
-    model = program.model_proto
+    model = exported(Attend(), args, names)
     assert check_inplace_outputs(model) == 1
     assert [n.op_type for n in model.graph.node if n.domain == DOMAIN] == [OP]
     path = tmp_path / "attend.onnx"
@@ -139,61 +145,6 @@ def test_onnx_operator_equals_the_torch_op_and_writes_the_cache_in_place(tmp_pat
     for buf, old, rows in zip(arrays[3:5], before, (keys, values), strict=True):
         assert float(np.abs(buf[:, :, 10] - rows[:, :, 10].numpy()).max()) <= 1e-6
         assert np.array_equal(np.delete(buf, 10, axis=2), np.delete(old, 10, axis=2))
-
-
-class ProjectAttend(torch.nn.Module):
-    """Three projections of one input (q and v with a bias, k without) into `Attend`."""
-
-    def __init__(self, d: int = 32):
-        super().__init__()
-        self.q = torch.nn.Linear(d, H * HD)
-        self.k = torch.nn.Linear(d, KVH * HD, bias=False)
-        self.v = torch.nn.Linear(d, KVH * HD)
-        self.attend = Attend()
-
-    def forward(self, x, past_k, past_v, cache_len, cache_pad):
-        return self.attend(self.q(x), self.k(x), self.v(x), past_k, past_v, cache_len, cache_pad)
-
-
-def test_packed_projections_give_the_same_attention(tmp_path):
-    """`pack_projections` turns the three projections (and the two biases, a zero one for k)
-    into one MatMul and one Add feeding the operator's packed query, over the same three weight
-    initializers; onnxruntime then computes what it computed unpacked."""
-    import onnxruntime as ort
-
-    _, _, _, past_k, past_v, cache_len, cache_pad = inputs(10, [0, 3, 9])
-    args = (torch.randn(B, 1, 32), past_k, past_v, cache_len, cache_pad)
-    names = ["x", "past.0.key", "past.0.value", "cache_len", "cache_pad"]
-    program = torch.onnx.export(
-        torch.export.export(ProjectAttend(), args, strict=False),
-        args,
-        input_names=names,
-        output_names=["out", "inplace.0.key", "inplace.0.value"],
-        custom_translation_table=onnx_translations(),
-        dynamo=True,
-    )
-    model = program.model_proto
-    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
-    packed = onnx.ModelProto()
-    packed.CopyFrom(model)
-    assert pack_projections(packed) == 1
-    ops = [n.op_type for n in packed.graph.node]
-    assert ops.count("MatMul") == 1 and ops.count("Add") == 1 and "Gemm" not in ops
-    node = next(n for n in packed.graph.node if n.op_type == OP)
-    assert list(node.input[1:3]) == ["", ""]
-    assert weights <= {name for n in packed.graph.node for name in n.input}  # the same tensors
-    feeds = {n: a.numpy() for n, a in zip(names, args, strict=True)}
-    got = []
-    for m, name in ((model, "plain"), (packed, "packed")):
-        path = tmp_path / f"{name}.onnx"
-        onnx.save(m, str(path))
-        onnx.checker.check_model(str(path))
-        got.append(
-            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
-        )
-    for plain, pack in zip(*got, strict=True):
-        assert float(np.abs(plain - pack).max()) <= 1e-5
-    assert pack_projections(packed) == 0  # nothing left to pack
 
 
 def test_an_inplace_output_must_alias_its_past_input():
