@@ -332,7 +332,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import describe, plan, plan_json
 
-    result = plan(args.config, args.passes)
+    text = {} if args.text_tokens is None else {"text_tokens": args.text_tokens}
+    result = plan(args.config, args.passes, args.visual_rows, **text)
     print(plan_json(result) if args.json else describe(result))
     return 0
 
@@ -779,11 +780,23 @@ def _add_plan_parser(sub: Any) -> None:
         "a pass pipeline's layer plan and prefill FLOPs from a config.json alone (no weights)",
         cmd_plan,
         "  mllmc plan llava-next-13b/config.json --pass shortv\n"
-        "  mllmc plan models/tiny-llava --pass fastv --pass shortv:layers=[0,3] --json\n",
+        "  mllmc plan models/tiny-llava --pass fastv --pass shortv:layers=[0,3] --json\n"
+        "  mllmc plan models/small-qwen2.5-vl --pass fastv --visual-rows 576 --text-tokens 67\n",
     )
     sp.add_argument("config", help="a config.json, or a model directory holding one")
     sp.add_argument(
         "--pass", dest="passes", action="append", default=[], help="as for compile; repeatable"
+    )
+    sp.add_argument(
+        "--visual-rows",
+        type=int,
+        help="Qwen2-VL / Qwen2.5-VL: the image's merged rows (its size's), instead of the "
+        "reference image's",
+    )
+    sp.add_argument(
+        "--text-tokens",
+        type=int,
+        help="the prompt's text tokens (default 64, the reference prompt's)",
     )
     sp.add_argument("--json", action="store_true")
 

@@ -205,7 +205,9 @@ def plan(
     check_order(passes)
     for name, value in (("visual_rows", visual_rows), ("text_tokens", text_tokens)):
         if value is not None and (type(value) is not int or value < 1):
-            raise UserError(f"plan: {name} must be an integer >= 1, got {value!r}")
+            raise UserError(
+                f"plan: {name.replace('_', ' ')} must be an integer >= 1, got {value!r}"
+            )
     shape, config = read_shape(path)
     if visual_rows is not None and visual_rows != shape.reference_visual_rows:
         if shape.model_type not in QWEN_TYPES:
@@ -245,7 +247,7 @@ def describe(result: dict[str, Any]) -> str:
     ref = result["reference_prompt"]
     flops = result["prefill_flops"]
     lines = [
-        f"model      {result['model_type']}; reference prompt: one image of "
+        f"model      {result['model_type']}; prompt: one image of "
         f"{ref['visual_rows']} visual rows + {ref['text_tokens']} text tokens",
         *(f"pass       {note}" for note in result["passes"] or ["none"]),
         "layers     index  visual rows  visual rows computed",

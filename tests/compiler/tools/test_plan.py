@@ -96,9 +96,23 @@ def test_plan_refuses_what_compile_refuses(tiny_model_dir):
 
 
 def test_plan_at_another_image_size_is_qwen_only(tiny_model_dir):
-    """A LLaVA image always makes the tower's rows: asking for another count is refused."""
-    from mllmc.compiler.tools.plan import plan
-    from mllmc.runtime.errors import UserError
+    """A LLaVA image always makes the tower's rows: asking for another count is refused, as is
+    a count or a text length below 1 (one line, exit 2)."""
+    match = "only a Qwen2-VL image's rows follow its size"
+    user_error("plan", str(tiny_model_dir), "--visual-rows", "3", match=match)
+    user_error("plan", str(tiny_model_dir), "--visual-rows", "0", match="visual rows must be")
+    user_error("plan", str(tiny_model_dir), "--text-tokens", "0", match="text tokens must be")
 
-    with pytest.raises(UserError, match="only a Qwen2-VL image's rows follow its size"):
-        plan(tiny_model_dir, ["fastv"], visual_rows=3)
+
+def test_plan_cli_at_another_qwen_image_size(qwen_dirs):
+    """`mllmc plan --visual-rows N --text-tokens T` states the counts for that prompt: the
+    API's, with FastV keeping its ratio of the N rows."""
+    from mllmc.compiler.tools.plan import plan
+
+    model = qwen_dirs["tiny-qwen2.5-vl"]
+    args = ["--pass", "fastv:k=1,ratio=0.5", "--visual-rows", "40", "--text-tokens", "9"]
+    out = json.loads(mllmc("plan", str(model), *args, "--json").stdout)
+    assert out["reference_prompt"] == {"visual_rows": 40, "text_tokens": 9}
+    assert [p["visual_tokens"] for p in out["layers"]][1:] == [20] * (len(out["layers"]) - 1)
+    want = plan(model, ["fastv:k=1,ratio=0.5"], visual_rows=40, text_tokens=9)
+    assert out["prefill_flops"] == want["prefill_flops"]
