@@ -6,8 +6,6 @@ each sample at its own position."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx
 import pytest
@@ -99,20 +97,6 @@ def test_torch_op_is_grouped_softmax_attention(length, pads):
         )
 
 
-def exported(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str]) -> Any:
-    """`module` through torch.export and the ONNX exporter with the operator's translation;
-    outputs out, inplace.0.key, inplace.0.value."""
-    program = torch.onnx.export(
-        torch.export.export(module, args, strict=False),
-        args,
-        input_names=names,
-        output_names=["out", "inplace.0.key", "inplace.0.value"],
-        custom_translation_table=onnx_translations(),
-        dynamo=True,
-    )
-    return program.model_proto
-
-
 def test_onnx_operator_equals_the_torch_op_and_writes_the_cache_in_place(tmp_path):
     """The exported node is onnxruntime's GroupQueryAttention; bound to the numpy buffers, it
     gives the torch op's output and writes the new key/value row at `length`, nothing else."""
@@ -120,7 +104,16 @@ def test_onnx_operator_equals_the_torch_op_and_writes_the_cache_in_place(tmp_pat
 
     args = inputs(10, [0, 3, 9])
     names = ["q", "k", "v", "past.0.key", "past.0.value", "cache_len", "cache_pad"]
-    model = exported(Attend(), args, names)
+    ep = torch.export.export(Attend(), args, strict=False)
+    program = torch.onnx.export(
+        ep,
+        args,
+        input_names=names,
+        output_names=["out", "inplace.0.key", "inplace.0.value"],
+        custom_translation_table=onnx_translations(),
+        dynamo=True,
+    )
+    model = program.model_proto
     assert check_inplace_outputs(model) == 1
     assert [n.op_type for n in model.graph.node if n.domain == DOMAIN] == [OP]
     path = tmp_path / "attend.onnx"
