@@ -51,7 +51,7 @@ from mllmc.runtime.manifest import STATIC_DECODE_INPUTS, LayerPlan, ModelInfo
 from .families import family
 from .fused_attention import INPLACE_PREFIX, group_query_attention
 from .fused_attention import supported as fused_attention_supported
-from .fused_norm import skip_rms_norm
+from .fused_norm import rms_norm, skip_rms_norm
 from .model_dir import (  # noqa: F401  (also importable from capture)
     MAX_SEQ,
     SUPPORTED_ARCHITECTURES,
@@ -216,9 +216,7 @@ class RMSNorm(nn.Module):
         self.eps = float(norm.variance_epsilon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def fusable_norm(norm: nn.Module) -> nn.Module:

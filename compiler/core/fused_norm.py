@@ -6,10 +6,10 @@ A CPU decode step pays a fixed cost per operator it launches, and a Llama-style 
 the residual stream twice, each time right before an RMSNorm. onnxruntime fuses the norm itself
 (`capture.RMSNorm`), but not the add in front of it; onnxruntime-genai's decoders emit the two
 as one node. `skip_rms_norm` is a torch custom op (`mllmc::skip_rms_norm`) whose eager
-implementation is `capture.RMSNorm` on the sum, so the captured program runs and is checked in
-torch like any other; `onnx_translations` maps it to the onnxruntime node for
-`torch.onnx.export` (the schema is registered with onnx once: onnx ships none for onnxruntime's
-contrib operators).
+implementation is `rms_norm` (what `capture.RMSNorm` computes) on the sum, so the captured
+program runs and is checked in torch like any other; `onnx_translations` maps it to the
+onnxruntime node for `torch.onnx.export` (the schema is registered with onnx once: onnx ships
+none for onnxruntime's contrib operators).
 
     normed, total = skip_rms_norm(residual, delta, weight, eps)
     # total = residual + delta; normed = weight * total / sqrt(mean(total^2) + eps)
@@ -26,16 +26,21 @@ OP = "SkipSimplifiedLayerNormalization"
 SUM_OUTPUT = 3  # the operator's outputs: output, mean, inv_std_var, input_skip_bias_sum
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm, weight * x / sqrt(mean(x^2) + eps) with the mean in float32, written with a
+    division: the form onnxruntime fuses into one SimplifiedLayerNormalization node."""
+    h = x.float()
+    h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 @torch.library.custom_op("mllmc::skip_rms_norm", mutates_args=())
 def skip_rms_norm(
     residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * s / sqrt(mean(s^2) + eps), s) for s = residual + delta, the mean over the last
-    dim in float32 (HF's RMSNorm, written as `capture.RMSNorm` writes it)."""
+    """(rms_norm(s, weight, eps), s) for s = residual + delta."""
     total = residual + delta
-    h = total.float()
-    h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(total.dtype), total
+    return rms_norm(total, weight, eps), total
 
 
 @skip_rms_norm.register_fake
