@@ -76,7 +76,6 @@ class InPlaceCacheDecoder:
         self._lens = np.zeros(0, dtype=np.int64)  # (L,) rows each layer's buffers hold
         self._returned: list[np.ndarray] = []  # the views the last step returned
         self._binding: Any = None  # the I/O binding of the buffers (fused attention only)
-        self._bound_shapes: tuple[tuple[int, ...], ...] = ()  # of the small inputs bound
         self._bound_values: list[Any] = []  # the OrtValues the binding holds
         self._small: dict[str, np.ndarray] = {}  # the bound small inputs, filled each step
         self._logits = np.zeros((0, 0), dtype=np.float32)  # the bound logits
@@ -171,10 +170,8 @@ class InPlaceCacheDecoder:
         binds nothing (binding every tensor anew cost ~0.2 ms a step, more than a small
         layer's attention)."""
         session = self.static.session
-        shapes = tuple(inputs[n].shape for n in STATIC_DECODE_INPUTS)
-        if self._binding is None or self._bound_shapes != shapes:
+        if self._binding is None or any(a.shape != inputs[n].shape for n, a in self._small.items()):
             self._bind(inputs)
-            self._bound_shapes = shapes
         for name, array in self._small.items():
             np.copyto(array, inputs[name])
         try:

@@ -332,8 +332,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import describe, plan, plan_json
 
-    text = {} if args.text_tokens is None else {"text_tokens": args.text_tokens}
-    result = plan(args.config, args.passes, args.visual_rows, **text)
+    result = plan(args.config, args.passes, args.visual_rows, args.text_tokens)
     print(plan_json(result) if args.json else describe(result))
     return 0
 

@@ -190,10 +190,10 @@ def plan(
     path: str | Path,
     specs: list[str],
     visual_rows: int | None = None,
-    text_tokens: int = REFERENCE_TEXT_TOKENS,
+    text_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The layer plan and prefill FLOPs (before / after) of `specs` on the model at `path`, for
-    a prompt of `text_tokens` text rows and one image. `visual_rows`: that image's rows (the
+    a prompt of `text_tokens` text rows (None: the reference prompt's) and one image. `visual_rows`: that image's rows (the
     merged tokens of a Qwen2-VL image of another size than the reference; a model whose image
     makes a fixed number of rows takes None), else the reference image's. The result's
     "reference_prompt" is the prompt the counts are for."""
@@ -230,7 +230,7 @@ def plan(
         layers, score, note = _apply(layers, shape, info.name, cfg)
         scored += score
         notes.append(f"{info.name}: {note}")
-    n_text = text_tokens
+    n_text = REFERENCE_TEXT_TOKENS if text_tokens is None else text_tokens
     before = analytic_prefill_flops(shape, n_text, plan=base)
     after = analytic_prefill_flops(shape, n_text, plan=layers, scored_layers=scored)
     return {
