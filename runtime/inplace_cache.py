@@ -13,8 +13,12 @@ row a layer serves the whole batch.
 The `present.*` this runner returns are views of its buffers (`buffer[:, :, :len]`); handed back
 as the next step's `past.*` (the generate loop and `DecodeBatch` do), they are recognised and
 not copied. Any other cache (a prefill's, or a batch that a sample joined or left) is copied
-into newly allocated buffers, so the views returned before stay valid: a step writes only past
-the rows of the views it returned, into buffers no other cache shares. Capacity grows in chunks
+into buffers no other cache shares, so the views returned before stay valid: a step writes only
+past the rows of the views it returned. Those buffers are the last ones again when nothing
+outside this runner still holds them or a view of them (their reference counts are what this
+runner's own views and binding give them) and they are big enough: a new request then costs a
+copy of its prompt's rows, not a fresh allocation of every buffer (whose first-touch page faults
+made a request's first step 2-10x a later one's) nor a new I/O binding. Capacity grows in chunks
 of `chunk` rows (a cache that fills its buffers moves into bigger ones: one copy).
 
 onnxruntime reads a C-contiguous numpy input of the expected dtype in place on the CPU, so the
@@ -27,6 +31,7 @@ the rows the cache holds, and this runner writes nothing.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +86,7 @@ class InPlaceCacheDecoder:
         self._logits = np.zeros((0, 0), dtype=np.float32)  # the bound logits
         self.adopts = 0  # caches copied in (a prefill's, a batch that changed)
         self.moves = 0  # times the buffers grew
+        self.reuses = 0  # adopted caches copied into the buffers the runner already held
 
     @property
     def capacity(self) -> int:
@@ -96,11 +102,48 @@ class InPlaceCacheDecoder:
         lens = [int(a.shape[2]) for a in arrays[::2]]
         if any(int(a.shape[2]) != n for a, n in zip(arrays[1::2], lens, strict=True)):
             raise UserError("each layer's key and value caches must have the same length")
-        capacity = self._rounded(max(lens) + 1)
-        self._buffers = [self._copied(a, capacity) for a in arrays]
-        self._binding = None
+        if self._reusable(arrays, max(lens) + 1):
+            for buf, rows, held in zip(
+                self._buffers, arrays, np.repeat(self._lens, 2), strict=True
+            ):
+                n = rows.shape[2]
+                buf[:, :, :n] = rows
+                buf[:, :, n:held] = 0  # rows past a cache's length stay zero (finite)
+            self.reuses += 1
+        else:
+            capacity = self._rounded(max(lens) + 1)
+            self._buffers = [self._copied(a, capacity) for a in arrays]
+            self._binding = None
         self._lens = np.array(lens, dtype=np.int64)
         self.adopts += 1
+
+    def _reusable(self, arrays: list[np.ndarray], rows: int) -> bool:
+        """Whether the buffers this runner holds can take `arrays` (caches of up to `rows` - 1
+        rows, and the next row): the same shapes but for the rows, room enough, and no
+        reference to a buffer, or to a view this runner returned, from outside this runner (a
+        cache a caller kept, or a view of one, must keep its values)."""
+        if len(arrays) != len(self._buffers) or rows > self.capacity:
+            return False
+        fits = all(
+            a.shape[:2] == buf.shape[:2] and a.shape[3] == buf.shape[3]
+            and not np.may_share_memory(a, buf)
+            for a, buf in zip(arrays, self._buffers, strict=True)
+        )  # fmt: skip
+        return fits and not self._held_elsewhere()
+
+    def _held_elsewhere(self) -> bool:
+        """Whether anything outside this runner references a buffer (a view of it, say) or a
+        view the last step returned: their reference counts against those of a probe array
+        held the way this runner holds a buffer (in a list, by one view of it kept in another,
+        and by the bound OrtValue), counted by the same code."""
+        probe = [np.empty(0)]
+        view = [probe[0][:]]
+        bound = [probe[0]] if self._binding is not None else []  # the OrtValue's reference
+        buf_refs, view_refs = _refcounts(probe)[0], _refcounts(view)[0]
+        del bound
+        return any(n != buf_refs for n in _refcounts(self._buffers)) or any(
+            n != view_refs for n in _refcounts(self._returned)
+        )
 
     def _copied(self, rows: np.ndarray, capacity: int) -> np.ndarray:
         """`rows` (B, kvh, n, hd) at the start of zeroed (B, kvh, capacity, hd) buffer (the rows
@@ -209,3 +252,7 @@ class InPlaceCacheDecoder:
     def to_numpy(self, value: Any) -> np.ndarray:
         a = np.asarray(value)  # the logits a step returned are its own array: no copy needed
         return a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a
+
+
+def _refcounts(arrays: Sequence[np.ndarray]) -> list[int]:
+    return [sys.getrefcount(a) for a in arrays]

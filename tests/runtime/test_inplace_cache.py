@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,52 @@ def test_fused_and_unfused_static_programs_decode_alike(
         got, _ = run(engine, starts, 6, leave_at=2)
         for g, w in zip(got, want, strict=True):
             assert max(float(np.abs(g[k] - w[k]).max()) for k in w) <= TOL
+
+
+def test_next_request_reuses_the_buffers_unless_a_cache_is_kept(tiny_base_artifact: Path):
+    """A second request's first step copies its prompt's rows into the buffers the first
+    request left (no new buffers, no new binding) when nothing outside the runner holds them,
+    with the growing cache's logits; a caller that kept the first request's cache (or a view
+    of it) gets new buffers, and the values it kept stay as they were."""
+    engine, growing = load(tiny_base_artifact), load(tiny_base_artifact, decode_cache="growing")
+    runner = engine.runners["decode"]
+    starts = prefilled(growing)
+
+    def greedy(eng: Any, start: tuple[list[Any], int, int], steps: int) -> tuple[Any, Any]:
+        cache, token, position = start
+        out = []
+        for step in range(steps):
+            logits, cache = eng.decode_step(token, position + step, cache)
+            out.append(logits.copy())
+            token = int(np.argmax(logits))
+        return out, cache
+
+    greedy(engine, starts[1], 3)  # the longest prompt first: its buffers fit the others
+    buffers = [weakref.ref(b) for b in runner._buffers]  # a reference would keep them held
+    binding = runner._binding
+    got, _ = greedy(engine, starts[0], 3)
+    want, _ = greedy(growing, starts[0], 3)
+    for g, w in zip(got, want, strict=True):
+        assert float(np.abs(g - w).max()) <= TOL
+    assert (runner.adopts, runner.reuses) == (2, 1)
+    assert all(a is ref() for a, ref in zip(runner._buffers, buffers, strict=True))
+    assert runner._binding is binding
+
+    _, kept = greedy(engine, starts[2], 2)  # a caller keeps this request's cache
+    copies = [np.array(c) for c in kept]
+    got, last = greedy(engine, starts[0], 3)
+    assert (runner.adopts, runner.reuses) == (4, 2)  # new buffers: the kept cache is intact
+    for g, w in zip(got, want, strict=True):
+        assert float(np.abs(g - w).max()) <= TOL
+    for view, copy in zip(kept, copies, strict=True):
+        np.testing.assert_array_equal(view, copy)
+
+    part = last[3][:, :, :2]  # a view of a view: it holds the buffer, not the view returned
+    first = np.array(part)
+    del last
+    greedy(engine, starts[1], 2)
+    assert (runner.adopts, runner.reuses) == (5, 2)
+    np.testing.assert_array_equal(part, first)
+    del part
+    greedy(engine, starts[0], 1)
+    assert (runner.adopts, runner.reuses) == (6, 3)
