@@ -11,7 +11,7 @@ Graph change on the prefill segment, per frozen layer (decode is unchanged: new 
             rope(q, cos, sin)           (1, H, n, hd)         rope(q, cos[text_idx], sin[...]) (1, H, n_text, hd)
             sdpa(q, k, v, mask)         mask (n × n)          sdpa(q_t, k, v, mask[text_idx])  (n_text × n)
             h + o_proj(...)             (1, n, d)             h[text_idx] + o_proj(...)        (1, n_text, d)
-            h1 + mlp(norm(h1))          (1, n, d)             index_copy(h, text_idx, out_t)   (1, n, d)
+            h1 + mlp(norm(h1))          (1, n, d)             index_copy(h (n, d), text_idx, out_t) (1, n, d)
 
 `text_idx` is built once per graph from the runtime input `visual_rows` (V,): the rows that are
 not visual, found by a running count and a scatter-add (`row_pruning.rows_where`; no NonZero, V
@@ -292,9 +292,19 @@ def freeze_layer(
         h_t = _insert(graph, layer.attn_residual, select, (h_in, 1, text_idx))
     layer.attn_residual.replace_input_with(h_in, h_t)
     out_t = layer.mlp_residual  # (1, n_text, d)
+    # the text rows written back into h as rows of its (n, d) view (a prefill holds one prompt):
+    # onnxruntime scatters into h's own memory when this is h's last reader, where the copy on
+    # dim 1 transposes h out and back
+    aten = torch.ops.aten
     with graph.inserting_after(out_t):
-        out = _insert(graph, out_t, torch.ops.aten.index_copy.default, (h_in, 1, text_idx, out_t))
-    out_t.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        rows_t = _insert(graph, out_t, aten.flatten.using_ints, (out_t, 0, 1))
+    with graph.inserting_after(rows_t):
+        rows = _insert(graph, out_t, aten.flatten.using_ints, (h_in, 0, 1))
+    with graph.inserting_after(rows):
+        written = _insert(graph, out_t, aten.index_copy.default, (rows, 0, text_idx, rows_t))
+    with graph.inserting_after(written):
+        out = _insert(graph, out_t, aten.unsqueeze.default, (written, 0))
+    out_t.replace_all_uses_with(out, delete_user_cb=lambda user: user is not rows_t)
 
 
 def shortv(segments: Segments, cfg: ShortVConfig) -> PassResult:

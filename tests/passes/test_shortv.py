@@ -92,11 +92,15 @@ def test_rewrite_in_half_precision(tiny_model_dir, sample_image, dtype):
 
 
 def _row_writes(seg) -> int:
-    """index_copy nodes that write rows of a hidden state (dim 1): the image features' splice
-    and ShortV's write-back of each frozen layer's text rows (the text index's own visual-row
-    marks are an index_copy along dim 0)."""
-    copy = torch.ops.aten.index_copy.default
-    return sum(n.target is copy and n.args[1] == 1 for n in seg.program.graph.nodes)
+    """index_copy nodes that write rows of a hidden state: the image features' splice (dim 1 of
+    (1, n, d)) and ShortV's write-back of each frozen layer's text rows (dim 0 of its (n, d)
+    view); the text index's own visual-row marks, an index_copy along dim 0 of a 1-D tensor,
+    are not counted."""
+    copy, flat = torch.ops.aten.index_copy.default, torch.ops.aten.flatten.using_ints
+    return sum(
+        n.target is copy and (n.args[1] == 1 or getattr(n.args[0], "target", None) is flat)
+        for n in seg.program.graph.nodes
+    )
 
 
 def test_identity_config_is_the_unmodified_graph(captured, sample_image):
