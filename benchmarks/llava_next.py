@@ -54,7 +54,7 @@ from mllmc.compiler.tools import bench
 
 BASE = "mllmc_onnx"
 PARTS = (("vision_s", "vision"), ("llm_prefill_s", "LLM prefill"), ("decode_s_per_token", "decode"))
-PASS_GOAL = 0.9  # share of its FLOPs-ideal LLM-prefill speedup each pass should reach
+PASS_GOAL = 0.9  # share of its FLOPs-ideal LLM-prefill gain each pass should reach
 COMPOSED_GOAL = 6.0  # LLM-prefill speedup over HF eager set for fastervlm 25% + shortv 0.6
 PRE_LLM_PASSES = ("fastervlm", "vtc_cls")
 DEFAULT_VARIANTS = "fastv,vte,shortv,fastv+shortv,fastervlm+shortv"
@@ -328,10 +328,12 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "goal": f"every pass reaches >= {PASS_GOAL:.0%} of its FLOPs-ideal LLM-prefill "
-            "speedup over the unrewritten engine",
-            "met": all(s["share_of_ideal"] >= PASS_GOAL for s in speed.values()),
+            "gain over the unrewritten engine ((measured - 1) / (ideal - 1), as every mllmc "
+            "benchmark judges a pass)",
+            "met": all((s["share_of_ideal_gain"] or 0) >= PASS_GOAL for s in speed.values()),
             "detail": ", ".join(
-                f"{name[len(BASE) + 1 :]} {s['share_of_ideal']:.0%}" for name, s in speed.items()
+                f"{name[len(BASE) + 1 :]} {s['share_of_ideal_gain'] or 0:.0%}"
+                for name, s in speed.items()
             ),
         },
         {
@@ -492,11 +494,11 @@ def summary(report: dict[str, Any]) -> str:
             f"{name:28s}"
             + "".join(f" {bench.format_spread(row['vs_' + BASE][p]):>21s}" for _, p in PARTS)
         )
-    lines += ["", f"{'pass':28s} {'FLOPs-ideal':>11s} {'measured':>21s} {'of ideal':>8s}"]
+    lines += ["", f"{'pass':28s} {'FLOPs-ideal':>11s} {'measured':>21s} {'of ideal gain':>13s}"]
     for name, s in report["pass_speedups"].items():
         lines.append(
             f"{name[len(BASE) + 1 :]:28s} {s['flops_ideal']:10.2f}x "
-            f"{bench.format_spread(s['measured_spread']):>21s} {s['share_of_ideal']:8.0%}"
+            f"{bench.format_spread(s['measured_spread']):>21s} {s['share_of_ideal_gain'] or 0:13.0%}"
         )
     if len(report["groups"]) > 1:
         lines.append(
