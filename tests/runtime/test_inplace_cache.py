@@ -219,3 +219,28 @@ def test_next_request_reuses_the_buffers_unless_a_cache_is_kept(tiny_base_artifa
     del part
     greedy(engine, starts[0], 1)
     assert (runner.adopts, runner.reuses) == (6, 3)
+
+
+def test_full_buffers_grow_by_half_again(tiny_base_artifact: Path):
+    """A cache that fills its buffers moves into ones GROWTH times as big (rounded to `chunk`
+    rows), so 40 steps past a short prompt move them once or twice, not every 4-row chunk; the
+    logits stay the growing cache's."""
+    from mllmc.runtime.inplace_cache import GROWTH
+
+    engine, growing = load(tiny_base_artifact), load(tiny_base_artifact, decode_cache="growing")
+    runner = engine.runners["decode"]
+    runner.chunk = 4
+    (cache, token, position), *_ = prefilled(growing)
+    rows = cache[0].shape[2]
+    capacities, mine, other = [], cache, cache
+    for step in range(40):
+        logits, mine = engine.decode_step(token, position + step, mine)
+        want, other = growing.decode_step(token, position + step, other)
+        assert float(np.abs(logits - want).max()) <= TOL
+        token = int(np.argmax(want))
+        capacities.append(runner.capacity)
+    grown = sorted(set(capacities))
+    assert grown[0] == -(-(rows + 1) // 4) * 4
+    for small, big in zip(grown, grown[1:], strict=False):
+        assert big >= small * GROWTH
+    assert runner.moves == len(grown) - 1 <= 3
