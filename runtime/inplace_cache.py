@@ -16,9 +16,10 @@ not copied. Any other cache (a prefill's, or a batch that a sample joined or lef
 into buffers no other cache shares, so the views returned before stay valid: a step writes only
 past the rows of the views it returned. Those buffers are the last ones again when nothing
 outside this runner still holds them or a view of them (their reference counts are what this
-runner's own views and binding give them) and they are big enough: a new request then costs a
-copy of its prompt's rows, not a fresh allocation of every buffer (whose first-touch page faults
-made a request's first step 2-10x a later one's) nor a new I/O binding. A cache that fills its
+runner's own views and binding give them) and they have room for the cache but not over twice
+its rows: a new request then costs a copy of its prompt's rows, not a fresh allocation of every
+buffer (whose first-touch page faults made a request's first step 2-10x a later one's) nor a
+new I/O binding. A cache that fills its
 buffers moves into ones half as big again (rounded up to `chunk` rows: one copy), so that a long
 generation moves a few times, not every `chunk` rows (each move allocates and copies every
 buffer: ~150 ms at a 700-row Qwen2.5-VL cache on a 2-core VM, ~10 steps' time).
@@ -122,11 +123,13 @@ class InPlaceCacheDecoder:
 
     def _reusable(self, arrays: list[np.ndarray], rows: int) -> bool:
         """Whether the buffers this runner holds can take `arrays` (caches of up to `rows` - 1
-        rows, and the next row): the same shapes but for the rows, room enough, and no
-        reference to a buffer, or to a view this runner returned, from outside this runner (a
-        cache a caller kept, or a view of one, must keep its values)."""
-        if len(arrays) != len(self._buffers) or rows > self.capacity:
-            return False
+        rows, and the next row): the same shapes but for the rows, room enough but not over
+        twice the rows (a long generation's buffers are not kept for short prompts: their
+        memory, and the unfused program's attention over every buffer row), and no reference
+        to a buffer, or to a view this runner returned, from outside this runner (a cache a
+        caller kept, or a view of one, must keep its values)."""
+        if len(arrays) != len(self._buffers) or not rows <= self.capacity <= 2 * rows + self.chunk:
+            return False  # too small, or at over twice the rows (kept from a long generation)
         fits = all(
             a.shape[:2] == buf.shape[:2] and a.shape[3] == buf.shape[3]
             and not np.may_share_memory(a, buf)

@@ -244,3 +244,25 @@ def test_full_buffers_grow_by_half_again(tiny_base_artifact: Path):
     for small, big in zip(grown, grown[1:], strict=False):
         assert big >= small * GROWTH
     assert runner.moves == len(grown) - 1 <= 3
+
+
+def test_buffers_over_twice_a_prompt_are_not_kept_for_it(tiny_base_artifact: Path):
+    """After a long generation, a short prompt gets new buffers sized for it, not the long
+    generation's (over twice its rows): their memory, and an unfused program's attention over
+    every buffer row, would stay with every later request."""
+    engine = load(tiny_base_artifact)
+    runner = engine.runners["decode"]
+    runner.chunk = 4
+    (cache, token, position), *_ = prefilled(engine)
+    rows = cache[0].shape[2]
+    past, step = cache, 0
+    while runner.capacity <= 2 * (rows + 1) + runner.chunk:
+        _, past = engine.decode_step(token, position + step, past)
+        step += 1
+    del past
+    adopts, reuses = runner.adopts, runner.reuses
+    engine.decode_step(token, position, cache)
+    assert (runner.adopts, runner.reuses) == (adopts + 1, reuses)
+    assert runner.capacity == -(-(rows + 1) // 4) * 4
+    engine.decode_step(token, position, cache)  # the next request of its size keeps them
+    assert runner.reuses == reuses + 1

@@ -520,6 +520,9 @@ def test_a_cancelled_grpc_request_stops_its_generation(server: Server, sample_im
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     client = grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    # the channel is connected first: on a loaded machine, connecting could use up the 0.2 s
+    # and cancel the request before the server ever ran it
+    assert client.is_model_ready("mllmc")
     with pytest.raises(InferenceServerException, match="Deadline"):
         client.infer("mllmc", inputs, client_timeout=0.2)
     deadline = time.monotonic() + 30
