@@ -296,13 +296,10 @@ def freeze_layer(
     # onnxruntime scatters into h's own memory when this is h's last reader, where the copy on
     # dim 1 transposes h out and back
     aten = torch.ops.aten
-    with graph.inserting_after(out_t):
+    with graph.inserting_before(out_t.next):  # right after out_t, in this order
         rows_t = _insert(graph, out_t, aten.flatten.using_ints, (out_t, 0, 1))
-    with graph.inserting_after(rows_t):
         rows = _insert(graph, out_t, aten.flatten.using_ints, (h_in, 0, 1))
-    with graph.inserting_after(rows):
         written = _insert(graph, out_t, aten.index_copy.default, (rows, 0, text_idx, rows_t))
-    with graph.inserting_after(written):
         out = _insert(graph, out_t, aten.unsqueeze.default, (written, 0))
     out_t.replace_all_uses_with(out, delete_user_cb=lambda user: user is not rows_t)
 

@@ -19,10 +19,10 @@ outside this runner still holds them or a view of them (their reference counts a
 runner's own views and binding give them) and they have room for the cache but not over twice
 its rows: a new request then costs a copy of its prompt's rows, not a fresh allocation of every
 buffer (whose first-touch page faults made a request's first step 2-10x a later one's) nor a
-new I/O binding. A cache that fills its
-buffers moves into ones half as big again (rounded up to `chunk` rows: one copy), so that a long
-generation moves a few times, not every `chunk` rows (each move allocates and copies every
-buffer: ~150 ms at a 700-row Qwen2.5-VL cache on a 2-core VM, ~10 steps' time).
+new I/O binding. A cache that fills its buffers moves into ones half as big again (rounded up
+to `chunk` rows: one copy), so that a long generation moves a few times, not every `chunk` rows
+(each move allocates and copies every buffer: ~150 ms at a 700-row Qwen2.5-VL cache on a 2-core
+VM, ~10 steps' time).
 
 onnxruntime reads a C-contiguous numpy input of the expected dtype in place on the CPU, so the
 buffers are fed without a copy. A program compiled with the fused attention returns the buffers
@@ -128,7 +128,9 @@ class InPlaceCacheDecoder:
         memory, and the unfused program's attention over every buffer row), and no reference
         to a buffer, or to a view this runner returned, from outside this runner (a cache a
         caller kept, or a view of one, must keep its values)."""
-        if len(arrays) != len(self._buffers) or not rows <= self.capacity <= 2 * rows + self.chunk:
+        if len(arrays) != len(self._buffers):
+            return False
+        if not rows <= self.capacity <= 2 * rows + self.chunk:
             return False  # too small, or at over twice the rows (kept from a long generation)
         fits = all(
             a.shape[:2] == buf.shape[:2] and a.shape[3] == buf.shape[3]

@@ -193,10 +193,10 @@ def plan(
     text_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The layer plan and prefill FLOPs (before / after) of `specs` on the model at `path`, for
-    a prompt of `text_tokens` text rows (None: the reference prompt's) and one image. `visual_rows`: that image's rows (the
-    merged tokens of a Qwen2-VL image of another size than the reference; a model whose image
-    makes a fixed number of rows takes None), else the reference image's. The result's
-    "reference_prompt" is the prompt the counts are for."""
+    a prompt of `text_tokens` text rows (None: the reference prompt's) and one image.
+    `visual_rows`: that image's rows (the merged tokens of a Qwen2-VL image of another size
+    than the reference; a model whose image makes a fixed number of rows takes None), else the
+    reference image's. The result's "reference_prompt" is the prompt the counts are for."""
     from mllmc.compiler.core.flops import analytic_prefill_flops
     from mllmc.compiler.core.model_dir import model_shape
     from mllmc.compiler.pipeline import check_order, resolve_passes

@@ -113,8 +113,8 @@ def test_manifest_records_passes_layers_and_flops(compiled):
 
 def _row_writes(onnx_file: Path) -> int:
     """ScatterND nodes of an ONNX graph that write rows of a hidden state in floats, (1, n, d)
-    or its (n, d) view: the image features' splice and ShortV's write-back per frozen layer (the int64 row marks a
-    text index is built from are a ScatterND too, and are not counted)."""
+    or its (n, d) view: the image features' splice and ShortV's write-back per frozen layer
+    (the int64 row marks a text index is built from are a ScatterND too, and are not counted)."""
     model = onnx.load(str(onnx_file), load_external_data=False)
     values = onnx.shape_inference.infer_shapes(model).graph.value_info
     types = {v.name: v.type.tensor_type for v in values}

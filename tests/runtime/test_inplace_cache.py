@@ -240,7 +240,7 @@ def test_full_buffers_grow_by_half_again(tiny_base_artifact: Path):
         token = int(np.argmax(want))
         capacities.append(runner.capacity)
     grown = sorted(set(capacities))
-    assert grown[0] == -(-(rows + 1) // 4) * 4
+    assert grown[0] == runner._rounded(rows + 1)
     for small, big in zip(grown, grown[1:], strict=False):
         assert big >= small * GROWTH
     assert runner.moves == len(grown) - 1 <= 3
@@ -263,6 +263,6 @@ def test_buffers_over_twice_a_prompt_are_not_kept_for_it(tiny_base_artifact: Pat
     adopts, reuses = runner.adopts, runner.reuses
     engine.decode_step(token, position, cache)
     assert (runner.adopts, runner.reuses) == (adopts + 1, reuses)
-    assert runner.capacity == -(-(rows + 1) // 4) * 4
+    assert runner.capacity == runner._rounded(rows + 1)
     engine.decode_step(token, position, cache)  # the next request of its size keeps them
     assert runner.reuses == reuses + 1
