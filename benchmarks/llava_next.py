@@ -313,6 +313,21 @@ def pass_speedups(rows: dict[str, Any], manifests: dict[str, Any]) -> dict[str, 
     return out
 
 
+def pass_goal(speed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The goal every mllmc benchmark sets a pass, on `pass_speedups`: >= PASS_GOAL of its
+    FLOPs-ideal LLM-prefill gain, (measured - 1) / (ideal - 1)."""
+    return {
+        "goal": f"every pass reaches >= {PASS_GOAL:.0%} of its FLOPs-ideal LLM-prefill "
+        "gain over the unrewritten engine ((measured - 1) / (ideal - 1))",
+        "met": all((s["share_of_ideal_gain"] or 0) >= PASS_GOAL for s in speed.values()),
+        "detail": ", ".join(
+            f"{name[len(BASE) + 1 :]} {s['share_of_ideal_gain'] or 0:.0%} "
+            f"({s['measured']:.2f}x of {s['flops_ideal']:.2f}x)"
+            for name, s in speed.items()
+        ),
+    }
+
+
 def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The benchmark's goals, each with whether this run met it and the numbers behind it. The
     prefill goal is judged on fastervlm + shortv, or on fastv + shortv where fastervlm was
@@ -326,16 +341,7 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     }
     judged = next(iter(composed), None)
     return [
-        {
-            "goal": f"every pass reaches >= {PASS_GOAL:.0%} of its FLOPs-ideal LLM-prefill "
-            "gain over the unrewritten engine ((measured - 1) / (ideal - 1), as every mllmc "
-            "benchmark judges a pass)",
-            "met": all((s["share_of_ideal_gain"] or 0) >= PASS_GOAL for s in speed.values()),
-            "detail": ", ".join(
-                f"{name[len(BASE) + 1 :]} {s['share_of_ideal_gain'] or 0:.0%}"
-                for name, s in speed.items()
-            ),
-        },
+        pass_goal(speed),
         {
             "goal": "the unrewritten engine is no slower than HF eager on any part",
             "met": all(s["median"] >= 1 for s in base.values()),
