@@ -299,15 +299,19 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class SegmentEntry:
-    """One segment's engine file (relative to the artifact) and its IO."""
+    """One segment's engine file (relative to the artifact) and its IO. `packed_file`: the same
+    program with sibling projections run as one GEMM each (ONNX static decode), for sessions
+    that prepack their weights; `file` serves the others (`load(..., share_weights=True)`)."""
 
     file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     external_data: str | None = None
+    packed_file: str | None = None
 
     def files(self) -> list[str]:
-        return [self.file] + ([self.external_data] if self.external_data else [])
+        extra = [f for f in (self.external_data, self.packed_file) if f]
+        return [self.file, *extra]
 
 
 class FlopCounts(TypedDict):

@@ -9,7 +9,8 @@ and each distinct tensor is written to `weights.data` once, both graphs' initial
 at the same offsets, so an artifact holds one copy of the weights, not two. With `--quantize`,
 each segment's MatMuls are block-quantized right after its export (`quantize.py`, before
 `share_weights`); prefill's and decode's quantized tensors are byte-identical, so they are
-stored once too.
+stored once too. The static decode step is also written with its sibling projections packed
+(`packing.py`): `<segment>.packed.onnx` beside the unpacked graph, the same weights.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch
 
 from mllmc.compiler.core import fused_attention, fused_norm
 from mllmc.compiler.core.segment_io import dim_names, rename_symbols
-from mllmc.runtime.manifest import SegmentEntry, TensorSpec
+from mllmc.runtime.manifest import STATIC_DECODE, SegmentEntry, TensorSpec
+
+from . import packing
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,24 @@ def share_weights(out_dir: Path, entries: dict[str, SegmentEntry]) -> dict[str, 
             onnx.checker.check_model(str(path))
             out[name] = dataclasses.replace(entry, external_data=SHARED_DATA)
     log.info("shared weights: %d distinct tensors in %s", len(offsets), SHARED_DATA)
+    if STATIC_DECODE in out:
+        out[STATIC_DECODE] = _write_packed(out_dir, out[STATIC_DECODE])
     return out
+
+
+def _write_packed(out_dir: Path, entry: SegmentEntry) -> SegmentEntry:
+    """`entry`'s graph with its sibling projections packed (`packing.pack_projections`), written
+    beside it and named in the entry's `packed_file`; the entry as it is when nothing packs
+    (a quantized graph's MatMulNBits, a model without such siblings)."""
+    model = onnx.load(str(out_dir / entry.file), load_external_data=False)
+    groups = packing.pack_projections(model)
+    if not groups:
+        return entry
+    file = packing.packed_name(entry.file)
+    onnx.save_model(model, str(out_dir / file))  # the same external tensors, the same offsets
+    onnx.checker.check_model(str(out_dir / file))
+    log.info("%s: %d groups of projections packed", file, groups)
+    return dataclasses.replace(entry, packed_file=file)
 
 
 def _raw_bytes(init: onnx.TensorProto) -> bytes:

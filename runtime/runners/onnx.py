@@ -37,6 +37,7 @@ class OnnxRunner:
     def __init__(self, path: Path, name: str, entry: SegmentEntry, options: RunnerOptions):
         self.entry = entry
         self.name = name
+        self.path = path
         self.session = _session(path, options)
         for kind, found, expected in (
             ("inputs", self.session.get_inputs(), entry.inputs),
@@ -131,5 +132,9 @@ def open_segment(
             )
     from ..inplace_cache import InPlaceCacheDecoder
 
-    runner = OnnxRunner(root / static.file, STATIC_DECODE, static, options)
+    # the packed program folds its projections' weights into new tensors, which a session that
+    # prepacks holds instead of the three it would have packed; one that maps weights.data
+    # (share_weights) would hold them as a second copy, so it runs the unpacked one
+    file = static.packed_file if static.packed_file and not options.share_weights else static.file
+    runner = OnnxRunner(root / file, STATIC_DECODE, static, options)
     return InPlaceCacheDecoder(name, entry, runner)
