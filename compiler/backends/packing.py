@@ -77,7 +77,7 @@ def _bias_adds(
         bias = inits.get(add.input[1]) if len(add.input) == 2 else None
         if add.op_type != "Add" or add.input[0] != mm.output[0] or bias is None:
             return None
-        if len(bias.dims) != 1:
+        if list(bias.dims) != [inits[mm.input[1]].dims[1]]:  # one bias per output column
             return None
         adds.append(users[0])
     return adds

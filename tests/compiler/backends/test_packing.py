@@ -113,3 +113,17 @@ def test_missing_packed_graph_is_a_corrupt_artifact(tiny_base_artifact: Path, tm
     del data["segments"][STATIC_DECODE]["packed_file"]
     (broken / "manifest.json").write_text(json.dumps(data))
     assert load(broken).runners["decode"].static.path.name == "decode_static.onnx"
+
+
+def test_a_bias_that_broadcasts_is_not_packed():
+    model = _graph()
+    rng = np.random.default_rng(2)
+    feeds = {n: rng.standard_normal((1, 2, 8)).astype(np.float32) for n in ("x", "y")}
+    for init in model.graph.initializer:
+        if init.name == "bk":  # one value for every column of k
+            init.CopyFrom(numpy_helper.from_array(np.array([0.5], np.float32), "bk"))
+    before = _run(model, feeds)
+    assert pack_projections(model) == 2
+    assert Counter(n.op_type for n in model.graph.node)["Add"] == 3
+    for a, b in zip(before, _run(model, feeds), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

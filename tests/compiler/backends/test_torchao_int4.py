@@ -1,7 +1,7 @@
 """`--target aoti --quantize int4` (torchao's int4 weight-only, CPU) on tiny-llava with
-fastervlm + fastv + shortv composed (the default suite's aoti run of composed passes; the float
-one is `slow`, tests/compiler/backends/test_aoti_passes.py): one compile per session (~50 s on
-2 cores), validated against the eager model with the same int4 Linears and embedding and the
+fastervlm + fastv + shortv composed (the float one is tests/compiler/backends/test_aoti_passes.py;
+the default suite's aoti artifact is test_aoti.py's shortv): one compile per session (~75 s on
+2 cores, so the tests on it are `slow`), validated against the eager model with the same int4 Linears and embedding and the
 passes' eager references (the bfloat16 tolerance, identical tokens over 16 steps), failing
 against the float model, its weights stored once as int4 codes (and the constant AOTInductor
 adds while lowering); `int4_linear` against torchao's own int4 linear, the embedding against
@@ -40,6 +40,7 @@ def int4_aoti(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     ).out_dir
 
 
+@pytest.mark.slow  # on the int4 AOTI artifact (one ~75 s compile)
 def test_int4_aoti_matches_int4_eager(int4_aoti, tiny_model_dir, sample_image):
     from mllmc.compiler.core.capture import load_model
     from mllmc.compiler.verify import records_from_manifest, verify
@@ -60,6 +61,7 @@ def test_int4_aoti_matches_int4_eager(int4_aoti, tiny_model_dir, sample_image):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+@pytest.mark.slow  # on the int4 AOTI artifact (one ~75 s compile)
 def test_int4_aoti_is_not_the_float_model(int4_aoti, tiny_model_dir, sample_image, monkeypatch):
     """Held to the float model instead of its int4 twin, the same check fails by far more than
     its tolerance: the engine's weights are the int4 codes, and the check above sees it."""
@@ -78,6 +80,7 @@ def test_int4_aoti_is_not_the_float_model(int4_aoti, tiny_model_dir, sample_imag
     assert report.max_abs_logit_diff > 2 * m.tol * max(1.0, report.scale), report.line()
 
 
+@pytest.mark.slow  # on the int4 AOTI artifact (one ~75 s compile)
 def test_int4_aoti_weights_stored_once_as_codes(int4_aoti, tiny_model_dir):
     from mllmc.compiler.core.capture import load_model
 
@@ -107,6 +110,7 @@ def test_int4_aoti_weights_stored_once_as_codes(int4_aoti, tiny_model_dir):
     assert weights["embed_tokens.scales"].shape == (table.shape[0], table.shape[1] // BLOCK)
 
 
+@pytest.mark.slow  # on the int4 AOTI artifact (one ~75 s compile)
 def test_int4_aoti_missing_lowered_constant(int4_aoti, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(int4_aoti, bad)
@@ -118,6 +122,7 @@ def test_int4_aoti_missing_lowered_constant(int4_aoti, tmp_path):
         load(bad)
 
 
+@pytest.mark.slow  # on the int4 AOTI artifact (one ~75 s compile)
 def test_int4_aoti_cli_inspect_and_verify(int4_aoti, tiny_model_dir):
     """`mllmc inspect` shows the precision; `mllmc verify --against` (a fresh float model, which
     loads transformers and so torchao) passes, with torchao's import noise kept off stderr."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.compiler.tools.test_cli import mllmc, user_error
+from tests.conftest import TINY_SHORTV_LAYERS
 
 # LLaVA-NeXT-13B's config.json (llava-hf/llava-v1.6-vicuna-13b-hf), the fields mllmc reads
 LLAVA_NEXT_13B = {
@@ -54,19 +55,33 @@ def test_llava_next_13b_shortv_plan_from_the_config_alone(tmp_path: Path):
     assert "2928 visual rows" in text and "% cut" in text
 
 
-@pytest.mark.parametrize("specs", [["fastv:k=2,ratio=0.5", "shortv:layers=[0,3]"]])
-def test_plan_flops_equal_the_compiled_graphs(tmp_path: Path, tiny_model_dir, specs):
-    """The formula's counts at the reference prompt equal the FLOPs counted on the rewritten
-    graphs of an artifact compiled with the same passes."""
-    passes = [a for s in specs for a in ("--pass", s)]
-    art = tmp_path / "art"
-    mllmc("compile", str(tiny_model_dir), "-o", str(art), "--no-validate", *passes)
+def _plan_matches(model: Path, art: Path, passes: list[str]) -> None:
+    """`mllmc plan` with `passes` states the FLOPs and visual rows of the artifact `art`
+    compiled from `model` with them, at the reference prompt."""
     manifest = json.loads((art / "manifest.json").read_text())
-    out = json.loads(mllmc("plan", str(tiny_model_dir), *passes, "--json").stdout)
+    out = json.loads(mllmc("plan", str(model), *passes, "--json").stdout)
     assert out["prefill_flops"]["before"] == manifest["flops"]["before"]["prefill"]
     assert out["prefill_flops"]["after"] == manifest["flops"]["after"]["prefill"]
     visual = [p["visual_tokens"] for p in out["layers"]]
     assert visual == [p["visual_tokens"] for p in manifest["layers"]]
+
+
+def test_plan_flops_equal_the_shared_shortv_artifact(tiny_model_dir, tiny_shortv_artifact):
+    """The formula's counts equal the FLOPs counted on the rewritten graphs (the session's
+    shortv artifact: no compile of its own)."""
+    _plan_matches(
+        tiny_model_dir, tiny_shortv_artifact, ["--pass", f"shortv:layers={TINY_SHORTV_LAYERS}"]
+    )
+
+
+@pytest.mark.slow  # a compile of its own (~30 s); shortv alone runs in the default suite
+@pytest.mark.parametrize("specs", [["fastv:k=2,ratio=0.5", "shortv:layers=[0,3]"]])
+def test_plan_flops_equal_the_compiled_graphs(tmp_path: Path, tiny_model_dir, specs):
+    """The same with row pruning before the freezing: an artifact compiled with the passes."""
+    passes = [a for s in specs for a in ("--pass", s)]
+    art = tmp_path / "art"
+    mllmc("compile", str(tiny_model_dir), "-o", str(art), "--no-validate", *passes)
+    _plan_matches(tiny_model_dir, art, passes)
 
 
 def test_plan_bad_input(tmp_path: Path):
