@@ -18,7 +18,10 @@ beside the packed one (`SegmentEntry.packed_file`).
 
 A group: the MatMul nodes that read the same tensor, each with a 2-D float initializer as its
 weight, of the same dtype; when every one of them feeds exactly one Add of a 1-D initializer
-(the projections' biases, as Qwen2's q/k/v have), the biases are packed too.
+(the projections' biases, as Qwen2's q/k/v have), the biases are packed too. Where a group's
+three outputs are the query, key and value of one GroupQueryAttention node and nothing else
+reads them, the node takes the packed tensor as its query (key and value empty: the operator's
+packed form, as genai's decoders use it) and no Split is needed.
 """
 
 from __future__ import annotations
@@ -83,10 +86,26 @@ def _bias_adds(
     return adds
 
 
+def _attention_taking(
+    nodes: list[Any], consumers: dict[str, list[int]], outputs: list[str]
+) -> Any | None:
+    """The GroupQueryAttention node whose query, key and value are `outputs` (in that order)
+    and which alone reads them, else None: it may take them packed, q, k and v side by side in
+    its query (key and value empty)."""
+    readers = {i for name in outputs for i in consumers[name]}
+    if len(outputs) != 3 or len(readers) != 1:
+        return None
+    node = nodes[readers.pop()]
+    if node.op_type != "GroupQueryAttention" or list(node.input[:3]) != outputs:
+        return None
+    return node
+
+
 def pack_projections(model: onnx.ModelProto) -> int:
     """Rewrite `model` in place: each group of sibling MatMuls (see the module docstring)
     becomes Concat(weights) -> MatMul [-> Add(Concat(biases))] -> Split, whose outputs are the
-    tensors the group's nodes wrote. Returns the number of groups packed."""
+    tensors the group's nodes wrote (or, for an attention's q/k/v, its packed query). Returns the
+    number of groups packed."""
     graph = model.graph
     nodes = list(graph.node)
     inits = {i.name: i for i in graph.initializer}
@@ -116,6 +135,12 @@ def pack_projections(model: onnx.ModelProto) -> int:
             ]  # fmt: skip
             packed, outputs = f"{prefix}.add", [a.output[0] for a in adds]
             removed.update(bias_adds)
+        attention = _attention_taking(nodes, consumers, outputs)
+        if attention is not None:  # the operator takes q, k and v packed: no split
+            attention.input[0], attention.input[1], attention.input[2] = packed, "", ""
+            replaced[group[0]] = new
+            removed.update(group)
+            continue
         sizes = helper.make_tensor(f"{prefix}.sizes", onnx.TensorProto.INT64, [len(widths)], widths)
         graph.initializer.append(sizes)
         new.append(

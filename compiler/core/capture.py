@@ -246,6 +246,18 @@ class Rope(nn.Module):
         sin = (emb.sin() * self.attention_scaling)[:, None]
         return cos.to(dtype), sin.to(dtype)
 
+    def half_tables(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row per sample of a decode step: position_ids (B, 1) -> cos, sin (B, hd/2), the
+        first half of `forward`'s tables (the second repeats it), as GroupQueryAttention takes
+        them."""
+        freqs = position_ids.float() * self.inv_freq[None, :].float()  # (B, hd/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
 
 class DecoderLayer(nn.Module):
     """One Llama-style decoder layer, op by op, holding the HF layer's own submodules.
@@ -517,9 +529,9 @@ class StaticCacheDecodeSegment(_Decoder):
 
     def forward(self, input_ids, position_ids, cache_len, cache_pad, *past):
         h = self.embed_tokens(input_ids)  # (B, 1, d)
-        cos, sin = self.rope(position_ids, h.dtype)
         if self.fused:
-            return self._forward_fused(h, cos, sin, cache_len, cache_pad, past)
+            return self._forward_fused(h, position_ids, cache_len, cache_pad, past)
+        cos, sin = self.rope(position_ids, h.dtype)
         rows: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             h, k, v = layer(
@@ -528,17 +540,17 @@ class StaticCacheDecodeSegment(_Decoder):
             rows += [k, v]
         return (self.logits_last(h), *rows)
 
-    def _forward_fused(self, h, cos, sin, cache_len, cache_pad, past):
-        # every layer's bias and write row at once (a layer then picks its own: one op, where
+    def _forward_fused(self, h, position_ids, cache_len, cache_pad, past):
+        # every layer's bias and write row at once (a layer then takes its own: one split, where
         # building them layer by layer is a dozen small ops each)
         b = h.shape[0]
         capacity = past[0].shape[2]
         total = torch.full((), capacity, dtype=torch.int32, device=h.device)
-        # this step's angles (cos/sin (B, 1, 1, hd), the halves alike) as the operator's rotary
-        # tables (B + C, hd/2): row b is sample b's, then C zero rows (the operator wants at
-        # least C), and sample b reads row b
-        half = cos.shape[-1] // 2
-        tables = [F.pad(t[:, 0, 0, :half], (0, 0, 0, capacity)) for t in (cos, sin)]
+        # this step's angles as the operator's rotary tables (B + C, hd/2): row b is sample b's
+        # (cos/sin (B, hd/2), the first half of the rotary tables: the second repeats it), then
+        # C zero rows (the operator wants at least C), and sample b reads row b
+        halves = self.rope.half_tables(position_ids, h.dtype)
+        tables = [F.pad(t, (0, 0, 0, capacity)) for t in halves]
         rotary = (*tables, torch.arange(b, device=h.device)[:, None])
         keys = torch.arange(capacity, device=h.device)  # (C,)
         allowed = keys[None, None, :] >= cache_pad[:, :, None]  # (L, B, C): not padding
@@ -549,6 +561,11 @@ class StaticCacheDecodeSegment(_Decoder):
             allowed = allowed & ((cache_len[:, None] - keys[None, :]) < span)[:, None, :]
         bias = additive_mask(allowed, h.dtype)[:, :, None, None]  # (L, B, 1, 1, C)
         seqlens = cache_len[:, None].expand(-1, b).to(torch.int32)  # (L, B)
+        # layer l's (B, ...) slices as the L parts of one split along the flattened (L * B)
+        # rows (indexing [l] is a split and L squeezes in onnxruntime: a node a layer each)
+        parts = [b] * len(self.layers)
+        bias = bias.flatten(0, 1).split(parts)  # L x (B, 1, 1, C)
+        seqlens = seqlens.flatten().split(parts)  # L x (B,)
         # the residual stream is `h + delta`: each block's output is added by the norm after it
         # (one SkipSimplifiedLayerNormalization where it is fusable)
         rows: list[torch.Tensor] = []

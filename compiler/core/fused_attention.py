@@ -109,7 +109,15 @@ def _register_schema() -> None:
         return
     param = OpSchema.FormalParameter
     optional = OpSchema.FormalParameterOption.Optional
-    inputs = [param(name, "T") for name in ("query", "key", "value", "past_key", "past_value")] + [
+    # key and value are empty where query holds q, k and v side by side (the packed decode graph,
+    # compiler/backends/packing.py)
+    inputs = [
+        param("query", "T"),
+        param("key", "T", param_option=optional),
+        param("value", "T", param_option=optional),
+        param("past_key", "T"),
+        param("past_value", "T"),
+    ] + [
         param("seqlens_k", "M"),
         param("total_sequence_length", "M"),
         param("cos_cache", "T", param_option=optional),

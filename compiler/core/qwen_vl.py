@@ -69,6 +69,22 @@ class MRope(nn.Module):
         sin = self._recompose(freqs.sin() * self.attention_scaling)
         return cos.to(dtype), sin.to(dtype)
 
+    def half_tables(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row per sample of a decode step: position_ids (3, B, 1) -> cos, sin (B, hd/2),
+        the first half of `forward`'s tables (the second repeats it), as GroupQueryAttention
+        takes them: frequency j's angle from the axis of its section, picked before the
+        multiply (the same products as `forward`'s, in a few ops)."""
+        axis = [i % 3 for i, size in enumerate(self.section) for _ in range(size)]
+        picks = torch.tensor(axis, device=position_ids.device)  # (hd/2,)
+        pos = position_ids[:, :, 0].index_select(0, picks).transpose(0, 1)  # (B, hd/2)
+        freqs = pos.float() * self.inv_freq[None, :].float()
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
     def _recompose(self, freq: torch.Tensor) -> torch.Tensor:
         # (3, B, T, hd/2) -> (B, 1, T, hd): section i of the frequencies from axis i % 3
         parts = freq.split(self.section, dim=-1)

@@ -97,6 +97,12 @@ def test_static_decode_written_packed_and_chosen_by_the_runner(tiny_base_artifac
     # per layer q/k/v, o, gate/up, down: 4 MatMuls where the unpacked graph has 7 (+ lm_head)
     assert count[entry.file]["MatMul"] == 7 * layers
     assert count[entry.packed_file]["MatMul"] == 4 * layers
+    # q/k/v reach the attention packed (its key and value empty), gate/up through one Split each
+    assert count[entry.packed_file]["Split"] == count[entry.file]["Split"] + layers
+    packed = onnx.load(str(tiny_base_artifact / entry.packed_file), load_external_data=False)
+    for node in packed.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            assert node.input[0].startswith("packed_") and list(node.input[1:3]) == ["", ""]
     assert load(tiny_base_artifact).runners["decode"].static.path.name == entry.packed_file
     shared = load(tiny_base_artifact, share_weights=True).runners["decode"].static
     assert shared.path.name == entry.file  # a mapped session would hold the folded copy too
