@@ -56,6 +56,8 @@ DEVICES = ("cpu", "cuda")  # where they run ("cuda:<index>" names one GPU)
 # has the same shapes (one CUDA graph replay on aoti, runtime/static_cache.py) and the runner
 # writes the rows in place (onnx, runtime/inplace_cache.py)
 DECODE_CACHES = ("growing", "static")
+# the fields of a segment's manifest entry that name files of the artifact
+SEGMENT_FILE_FIELDS = ("file", "external_data", "packed_file")
 STATIC_DECODE = "decode_static"  # the segment of a static-cache decode, beside "decode"
 STATIC_DECODE_INPUTS = ("input_ids", "position_ids", "cache_len", "cache_pad")  # then past.*
 # the logit tolerance of a float32 engine against float32 eager; also what a manifest that
@@ -310,8 +312,8 @@ class SegmentEntry:
     packed_file: str | None = None
 
     def files(self) -> list[str]:
-        extra = [f for f in (self.external_data, self.packed_file) if f]
-        return [self.file, *extra]
+        named = (getattr(self, field) for field in SEGMENT_FILE_FIELDS)
+        return [f for f in named if f]
 
 
 class FlopCounts(TypedDict):

@@ -28,6 +28,7 @@ from mllmc.runtime.manifest import (
     FLOAT32_TOL,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    SEGMENT_FILE_FIELDS,
     Manifest,
     ModelInfo,
     SegmentEntry,
@@ -81,7 +82,7 @@ def replaceable(path: Path) -> str | None:
                 named |= {
                     v
                     for k, v in entry.items()
-                    if k in ("file", "external_data") and isinstance(v, str) and v
+                    if k in SEGMENT_FILE_FIELDS and isinstance(v, str) and v
                 }
     known = {MANIFEST_NAME, "image_processor.json", *PREPROCESSING_FILES, *named}
     foreign = sorted(

@@ -61,6 +61,10 @@ def test_force_replaces_only_an_mllmc_artifact(
     # an artifact with a file mllmc did not write in it is not replaced either
     art = tmp_path / "art"
     shutil.copytree(tiny_base_artifact, art)
+    from mllmc.compiler.files.artifact import replaceable
+
+    # every file an artifact holds is one its manifest names (the packed decode graph included)
+    assert (art / "decode_static.packed.onnx").is_file() and replaceable(art) is None
     (art / "README.txt").write_text("mine")
     user_error("compile", tiny_model_dir, "-o", art, "--force", match="did not write (README.txt)")
     assert (art / "README.txt").is_file()
