@@ -4,9 +4,8 @@ MatMul over the weights side by side, then splits the result.
 
 A decode step on the CPU multiplies one row by every weight of the model: it is bound by weight
 bytes and by the operators it launches (each MatMul is a parallel section on onnxruntime's
-thread pool). Packing removes two of a layer's seven MatMuls and their bias Adds' two; on
-small-qwen2.5-vl that is ~0.6 ms of a ~14 ms step (onnxruntime-genai's decoders pack q/k/v the
-same way).
+thread pool). Packing takes three of a layer's seven MatMuls and two of its bias Adds out of
+the step (onnxruntime-genai's decoders pack q/k/v the same way).
 
 The packed weight is a `Concat` of the initializers the unpacked graph already uses: the weights
 on disk stay the ones the prefill graph shares (`onnx.share_weights`), and onnxruntime folds the
@@ -87,18 +86,31 @@ def _bias_adds(
 
 
 def _attention_taking(
-    nodes: list[Any], consumers: dict[str, list[int]], outputs: list[str]
+    graph: Any, nodes: list[Any], consumers: dict[str, list[int]], outputs: list[str]
 ) -> Any | None:
     """The GroupQueryAttention node whose query, key and value are `outputs` (in that order)
-    and which alone reads them, else None: it may take them packed, q, k and v side by side in
-    its query (key and value empty)."""
+    and which alone reads them (nor are they graph outputs), else None: it may take them
+    packed, q, k and v side by side in its query (key and value empty)."""
     readers = {i for name in outputs for i in consumers[name]}
-    if len(outputs) != 3 or len(readers) != 1:
+    if len(outputs) != 3 or len(readers) != 1 or {o.name for o in graph.output} & set(outputs):
         return None
     node = nodes[readers.pop()]
-    if node.op_type != "GroupQueryAttention" or list(node.input[:3]) != outputs:
+    if (node.op_type, node.domain) != ("GroupQueryAttention", "com.microsoft"):
         return None
-    return node
+    return node if list(node.input[:3]) == outputs else None
+
+
+def _concat_then(
+    prefix: str, part: str, tensors: list[str], axis: int, op: str, x: str
+) -> list[Any]:
+    """Concat(tensors) along `axis` as `<prefix>.<part>`, then `op(x, it)` as `<prefix>.<op>`
+    (lower case): the packed weight and its MatMul, or the packed bias and its Add."""
+    out = f"{prefix}.{op.lower()}"
+    return [
+        helper.make_node("Concat", tensors, [f"{prefix}.{part}"], name=f"{prefix}/concat_{part}",
+                         axis=axis),
+        helper.make_node(op, [x, f"{prefix}.{part}"], [out], name=f"{prefix}/{op.lower()}"),
+    ]  # fmt: skip
 
 
 def pack_projections(model: onnx.ModelProto) -> int:
@@ -117,25 +129,16 @@ def pack_projections(model: onnx.ModelProto) -> int:
         matmuls = [nodes[i] for i in group]
         x = matmuls[0].input[0]
         widths = [int(inits[mm.input[1]].dims[1]) for mm in matmuls]
-        new = [
-            helper.make_node("Concat", [mm.input[1] for mm in matmuls], [f"{prefix}.weight"],
-                             name=f"{prefix}/concat_weight", axis=1),
-            helper.make_node("MatMul", [x, f"{prefix}.weight"], [f"{prefix}.matmul"],
-                             name=f"{prefix}/matmul"),
-        ]  # fmt: skip
+        weights = [mm.input[1] for mm in matmuls]
+        new = _concat_then(prefix, "weight", weights, 1, "MatMul", x)
         packed, outputs = f"{prefix}.matmul", [mm.output[0] for mm in matmuls]
         bias_adds = _bias_adds(graph, nodes, consumers, group)
         if bias_adds is not None:
             adds = [nodes[i] for i in bias_adds]
-            new += [
-                helper.make_node("Concat", [a.input[1] for a in adds], [f"{prefix}.bias"],
-                                 name=f"{prefix}/concat_bias", axis=0),
-                helper.make_node("Add", [packed, f"{prefix}.bias"], [f"{prefix}.add"],
-                                 name=f"{prefix}/add"),
-            ]  # fmt: skip
+            new += _concat_then(prefix, "bias", [a.input[1] for a in adds], 0, "Add", packed)
             packed, outputs = f"{prefix}.add", [a.output[0] for a in adds]
             removed.update(bias_adds)
-        attention = _attention_taking(nodes, consumers, outputs)
+        attention = _attention_taking(graph, nodes, consumers, outputs)
         if attention is not None:  # the operator takes q, k and v packed: no split
             attention.input[0], attention.input[1], attention.input[2] = packed, "", ""
             replaced[group[0]] = new

@@ -107,6 +107,10 @@ def describe(artifact: str | Path, as_json: bool = False) -> str:
         ins = ", ".join(f"{i.name}{list(i.shape)}" for i in seg.inputs[:3])
         more = f" +{len(seg.inputs) - 3} more" if len(seg.inputs) > 3 else ""
         lines.append(f"  {name:{width}s} {seg.file:{file_width}s} in: {ins}{more}")
+        if seg.packed_file:
+            lines.append(
+                f"  {'':{width}s} {seg.packed_file} (the same step, its projections packed: what load() runs)"
+            )
     lines.append("layers     index  visual tokens  KV visual rows  visual rows computed")
     for layer in m.layers:
         computed = "yes" if layer.visual_computed else "no (frozen)"

@@ -133,3 +133,37 @@ def test_a_bias_that_broadcasts_is_not_packed():
     assert Counter(n.op_type for n in model.graph.node)["Add"] == 3
     for a, b in zip(before, _run(model, feeds), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _attention_graph(extra_output: str | None = None) -> onnx.ModelProto:
+    """x -> q/k/v projections -> one GroupQueryAttention (not run: its structure is checked)."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, w)).astype(np.float32), f"w{p}")
+        for p, w in (("q", 8), ("k", 4), ("v", 4))
+    ]
+    nodes = [helper.make_node("MatMul", ["x", f"w{p}"], [p]) for p in "qkv"]
+    nodes.append(
+        helper.make_node(
+            "GroupQueryAttention", ["q", "k", "v", "past_k", "past_v"], ["o", "pk", "pv"],
+            domain="com.microsoft", num_heads=2, kv_num_heads=1,
+        )
+    )  # fmt: skip
+    names = ["o", *([extra_output] if extra_output else [])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    return helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, inits))
+
+
+def test_attention_takes_q_k_v_packed_unless_one_leaves_the_graph():
+    model = _attention_graph()
+    assert pack_projections(model) == 1
+    attention = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    assert list(attention.input[:3]) == ["packed_0.matmul", "", ""]
+    assert "Split" not in {n.op_type for n in model.graph.node}
+    model = _attention_graph(extra_output="k")  # k is also a graph output: it must still exist
+    assert pack_projections(model) == 1
+    attention = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    assert list(attention.input[:3]) == ["q", "k", "v"]
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    assert list(split.output) == ["q", "k", "v"]
