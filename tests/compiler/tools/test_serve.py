@@ -359,6 +359,7 @@ class Server:
     """`mllmc serve ARTIFACT` on free ports, its output in a log file."""
 
     def __init__(self, artifact: Path, log: Path, *extra: str):
+        self.artifact = artifact
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -403,10 +404,18 @@ def http_inputs(images: list[bytes], prompt: bytes, max_new: int, **extra: objec
     return inputs
 
 
+def _longest(artifact: Path) -> int:
+    """The most new tokens a request may ask of `artifact` (its positions, less room for the
+    prompt)."""
+    from mllmc.runtime.manifest import read_manifest
+
+    return read_manifest(artifact).model.max_position_embeddings - 64
+
+
 @pytest.fixture(scope="module")
 def server(tiny_base_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    s = Server(tiny_base_artifact, log)
+    s = Server(tiny_base_artifact, log, "--max-new-tokens-limit", str(_longest(tiny_base_artifact)))
     yield s
     s.stop()
 
@@ -514,17 +523,18 @@ def test_a_cancelled_grpc_request_stops_its_generation(server: Server, sample_im
     for name, value, dtype in [
         ("image", np.array([[png_bytes(sample_image)]], dtype=np.object_), "BYTES"),
         ("prompt", np.array([[PROMPT.encode()]], dtype=np.object_), "BYTES"),
-        ("max_new_tokens", np.array([[1000]], dtype=np.int32), "INT32"),
+        ("max_new_tokens", np.array([[_longest(server.artifact)]], dtype=np.int32), "INT32"),
     ]:
         tensor = grpc.InferInput(name, list(value.shape), dtype)
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     client = grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
-    # the channel is connected first: on a loaded machine, connecting could use up the 0.2 s
-    # and cancel the request before the server ever ran it
+    # the channel is connected first, and the deadline leaves the request time to reach the
+    # model on a loaded machine: tiny-llava's ~4,000 tokens take over a second (1,000 took 0.2 s,
+    # which a generation could finish before its cancellation was seen)
     assert client.is_model_ready("mllmc")
     with pytest.raises(InferenceServerException, match="Deadline"):
-        client.infer("mllmc", inputs, client_timeout=0.2)
+        client.infer("mllmc", inputs, client_timeout=0.5)
     deadline = time.monotonic() + 30
     while "stopped a generation: cancelled by the client" not in server.output():
         assert time.monotonic() < deadline, server.output()[-2000:]
@@ -605,14 +615,14 @@ def _alive(pid: int) -> bool:
 
 @needs_server
 def test_sigterm_cuts_what_outlasts_the_drain_and_leaves_no_process(
-    tiny_base_artifact: Path, engine, sample_image: Path, tmp_path: Path
+    tiny_base_artifact: Path, sample_image: Path, tmp_path: Path
 ) -> None:
     """A generation still running when --drain-timeout passes is answered with a one-line
     error, serve warns naming how many it cut, and no process of the run is left."""
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    longest = engine.manifest.model.max_position_embeddings - 64
+    longest = _longest(tiny_base_artifact)
     extra = ["--drain-timeout", "1", "--max-new-tokens-limit", str(longest)]
     s = Server(tiny_base_artifact, tmp_path / "server.log", *extra)
     client = http.InferenceServerClient(f"127.0.0.1:{s.port}", network_timeout=120, concurrency=16)
