@@ -26,6 +26,7 @@ packed form, as genai's decoders use it) and no Split is needed.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
@@ -39,41 +40,49 @@ def packed_name(file: str) -> str:
     return file.removesuffix(".onnx") + PACKED_SUFFIX
 
 
-def _groups(graph: Any, nodes: list[Any]) -> list[list[int]]:
-    """Indices into `nodes` of MatMuls by (input, weight dtype, K), where the weight is a 2-D
+@dataclass
+class _Graph:
+    """What the rewrite reads of a graph, indexed once: its nodes (in order), initializers by
+    name, the names of its outputs, and each tensor's readers (node indices)."""
+
+    nodes: list[Any]
+    inits: dict[str, Any]
+    outputs: set[str]
+    consumers: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def of(cls, graph: Any) -> _Graph:
+        out = cls(
+            list(graph.node), {i.name: i for i in graph.initializer}, {o.name for o in graph.output}
+        )
+        for index, node in enumerate(out.nodes):
+            for name in node.input:
+                out.consumers[name].append(index)
+        return out
+
+
+def _groups(graph: _Graph) -> list[list[int]]:
+    """Node indices of MatMuls by (input, weight dtype, K), where the weight is a 2-D
     initializer; groups of two or more, in graph order."""
-    inits = {i.name: i for i in graph.initializer}
     by_input: dict[tuple[str, int, int], list[int]] = defaultdict(list)
-    for index, node in enumerate(nodes):
+    for index, node in enumerate(graph.nodes):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
-        w = inits.get(node.input[1])
+        w = graph.inits.get(node.input[1])
         if w is None or len(w.dims) != 2:
             continue
         by_input[(node.input[0], w.data_type, w.dims[0])].append(index)
     return [group for group in by_input.values() if len(group) > 1]
 
 
-def _consumers(nodes: list[Any]) -> dict[str, list[int]]:
-    """Each tensor name -> the indices of the nodes that read it."""
-    out: dict[str, list[int]] = defaultdict(list)
-    for index, node in enumerate(nodes):
-        for name in node.input:
-            out[name].append(index)
-    return out
-
-
-def _bias_adds(
-    graph: Any, nodes: list[Any], consumers: dict[str, list[int]], matmuls: list[int]
-) -> list[int] | None:
+def _bias_adds(graph: _Graph, matmuls: list[int]) -> list[int] | None:
     """Indices of each MatMul's one consumer when that is `Add(matmul, 1-D initializer)` for
     all of them, else None."""
-    inits = {i.name: i for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    nodes, inits = graph.nodes, graph.inits
     adds = []
     for mm in (nodes[i] for i in matmuls):
-        users = consumers[mm.output[0]]
-        if mm.output[0] in outputs or len(users) != 1:
+        users = graph.consumers[mm.output[0]]
+        if mm.output[0] in graph.outputs or len(users) != 1:
             return None
         add = nodes[users[0]]
         bias = inits.get(add.input[1]) if len(add.input) == 2 else None
@@ -85,16 +94,14 @@ def _bias_adds(
     return adds
 
 
-def _attention_taking(
-    graph: Any, nodes: list[Any], consumers: dict[str, list[int]], outputs: list[str]
-) -> Any | None:
+def _attention_taking(graph: _Graph, outputs: list[str]) -> Any | None:
     """The GroupQueryAttention node whose query, key and value are `outputs` (in that order)
     and which alone reads them (nor are they graph outputs), else None: it may take them
     packed, q, k and v side by side in its query (key and value empty)."""
-    readers = {i for name in outputs for i in consumers[name]}
-    if len(outputs) != 3 or len(readers) != 1 or {o.name for o in graph.output} & set(outputs):
+    readers = {i for name in outputs for i in graph.consumers[name]}
+    if len(outputs) != 3 or len(readers) != 1 or graph.outputs & set(outputs):
         return None
-    node = nodes[readers.pop()]
+    node = graph.nodes[readers.pop()]
     if (node.op_type, node.domain) != ("GroupQueryAttention", "com.microsoft"):
         return None
     return node if list(node.input[:3]) == outputs else None
@@ -118,39 +125,35 @@ def pack_projections(model: onnx.ModelProto) -> int:
     becomes Concat(weights) -> MatMul [-> Add(Concat(biases))] -> Split, whose outputs are the
     tensors the group's nodes wrote (or, for an attention's q/k/v, its packed query). Returns the
     number of groups packed."""
-    graph = model.graph
-    nodes = list(graph.node)
-    inits = {i.name: i for i in graph.initializer}
+    graph = _Graph.of(model.graph)
+    nodes, inits = graph.nodes, graph.inits
     replaced: dict[int, list[Any]] = {}  # index of a group's first MatMul -> the nodes in its place
     removed: set[int] = set()
-    consumers = _consumers(nodes)
-    for k, group in enumerate(_groups(graph, nodes)):
+    for k, group in enumerate(_groups(graph)):
         prefix = f"packed_{k}"
         matmuls = [nodes[i] for i in group]
-        x = matmuls[0].input[0]
-        widths = [int(inits[mm.input[1]].dims[1]) for mm in matmuls]
         weights = [mm.input[1] for mm in matmuls]
-        new = _concat_then(prefix, "weight", weights, 1, "MatMul", x)
+        new = _concat_then(prefix, "weight", weights, 1, "MatMul", matmuls[0].input[0])
         packed, outputs = f"{prefix}.matmul", [mm.output[0] for mm in matmuls]
-        bias_adds = _bias_adds(graph, nodes, consumers, group)
+        bias_adds = _bias_adds(graph, group)
         if bias_adds is not None:
             adds = [nodes[i] for i in bias_adds]
             new += _concat_then(prefix, "bias", [a.input[1] for a in adds], 0, "Add", packed)
             packed, outputs = f"{prefix}.add", [a.output[0] for a in adds]
             removed.update(bias_adds)
-        attention = _attention_taking(graph, nodes, consumers, outputs)
+        attention = _attention_taking(graph, outputs)
         if attention is not None:  # the operator takes q, k and v packed: no split
             attention.input[0], attention.input[1], attention.input[2] = packed, "", ""
-            replaced[group[0]] = new
-            removed.update(group)
-            continue
-        sizes = helper.make_tensor(f"{prefix}.sizes", onnx.TensorProto.INT64, [len(widths)], widths)
-        graph.initializer.append(sizes)
-        new.append(
-            helper.make_node(
-                "Split", [packed, sizes.name], outputs, name=f"{prefix}/split", axis=-1
+        else:
+            widths = [int(inits[w].dims[1]) for w in weights]
+            sizes = helper.make_tensor(f"{prefix}.sizes", onnx.TensorProto.INT64, [len(widths)],
+                                       widths)  # fmt: skip
+            model.graph.initializer.append(sizes)
+            new.append(
+                helper.make_node(
+                    "Split", [packed, sizes.name], outputs, name=f"{prefix}/split", axis=-1
+                )
             )
-        )
         replaced[group[0]] = new
         removed.update(group)
     # the packed nodes go where the group's first MatMul was: its input is computed by then, and
@@ -160,6 +163,6 @@ def pack_projections(model: onnx.ModelProto) -> int:
         order += replaced.get(index, [])
         if index not in removed:
             order.append(node)
-    del graph.node[:]
-    graph.node.extend(order)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
     return len(replaced)

@@ -62,7 +62,14 @@ from .model_dir import (  # noqa: F401  (also importable from capture)
     supported_text,
     visual_token_count,
 )
-from .qwen_vl import MRope, export_qwen_vision, is_mrope, qwen_model_info, rope_positions
+from .qwen_vl import (
+    MRope,
+    export_qwen_vision,
+    half_tables,
+    is_mrope,
+    qwen_model_info,
+    rope_positions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +259,7 @@ class Rope(nn.Module):
         """One row per sample of a decode step: position_ids (B, 1) -> cos, sin (B, hd/2), the
         first half of `forward`'s tables (the second repeats it), as GroupQueryAttention takes
         them."""
-        freqs = position_ids.float() * self.inv_freq[None, :].float()  # (B, hd/2)
-        cos, sin = freqs.cos(), freqs.sin()
-        if self.attention_scaling != 1.0:
-            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        return half_tables(position_ids, self.inv_freq, self.attention_scaling, dtype)
 
 
 class DecoderLayer(nn.Module):
