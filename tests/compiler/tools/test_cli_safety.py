@@ -339,6 +339,14 @@ def test_manifest_schema_and_paths_are_checked(tiny_base_artifact, sample_image,
             "outside the artifact",
         ),
         "short-plan": (lambda m: m["layers"].pop(), "layer plans for a"),
+        "packed-int": (
+            lambda m: m["segments"]["decode_static"].update(packed_file=3),
+            "segments.decode_static.packed_file should be a string",
+        ),
+        "packed-escape": (
+            lambda m: m["segments"]["decode_static"].update(packed_file="../x.packed.onnx"),
+            "outside the artifact",
+        ),
     }
     for name, (change, match) in cases.items():
         art = _corrupt_manifest(tiny_base_artifact, tmp_path / name, change)
