@@ -16,11 +16,12 @@ model also accepts precomputed; the runtime computes the same in numpy. Inside t
 attention within each image is a block-diagonal mask built from the boundaries (each patch's
 segment is the count of boundaries at or before it: a comparison and a sum, no NonZero, no
 split). Qwen2.5-VL's windowed blocks attend window by window, as HF does: the patches are
-gathered into windows padded to the largest a window can hold (`window_rows`: 64 patches for
-112 px windows of 14 px patches), one batched attention runs over the windows with the padding
-masked, and a gather puts the rows back (`WindowLayout`). Attending under an N x N
+gathered into windows padded to the most a window can hold (`WindowLayout.rows`: 64 patches
+for 112 px windows of 14 px patches), one batched attention runs over the windows with the
+padding masked, and a gather puts the rows back (`WindowLayout`). Attending under an N x N
 block-diagonal mask instead would compute the whole N x N score matrix: at 672 x 672 px
-(2,304 patches, 36 windows) 36 times the windowed FLOPs, a third of the vision segment's time.
+(2,304 patches, 36 windows) 36 times the windowed FLOPs; small-qwen2.5-vl's vision segment took
+6.4 s that way on a 2-core VM, 5.2 s window by window.
 The windowed blocks and the full-attention ones (`fullatt_block_indexes`) are chosen per
 block, and the inverse of the window order is a scatter of the positions (what HF's argsort of
 `window_index` gives). N, I and W are dynamic: one graph serves any number of images of any
@@ -151,10 +152,12 @@ class WindowLayout(nn.Module):
     first patch, or the last patch), `bias` (W + 1, 1, 1, rows) 0 on a window's patches and the
     most negative float on its padding (the attention's mask), `slot` (N,) the slot of each
     patch (to gather the rows back). Window w holds patches cu[w] <= r < cu[w + 1], at most
-    `rows` of them; a patch's window is the count of window starts at or before it, less one.
-    The layout has one window more than the image, empty (it starts and ends at N): sizes of
-    W + 1 >= 2 rows keep the exported graph valid for a single window (a size-W tensor would
-    make the tracer assume W >= 2)."""
+    `rows` of them (HF's `get_vision_window_index` makes none larger, for any grid: a test
+    holds it so); a patch's window is the count of window starts at or before it, less one.
+    The layout has one window more than `cu_window_seqlens` describes, empty (it starts and
+    ends at N): sizes of W + 1 >= 2 rows keep the exported graph valid for a single window (a
+    size-W tensor would make the tracer assume W >= 2). FLOPs counted on the graph include the
+    padding slots and that window."""
 
     def __init__(self, rows: int):
         super().__init__()
@@ -203,7 +206,7 @@ class VisionBlock(nn.Module):
         else:
             index, bias, slot = windows
             rows = bias.shape[-1]
-            q, k, v = (  # (W, H, rows, hd)
+            q, k, v = (  # (W + 1, H, rows, hd)
                 t.index_select(0, index).reshape(-1, rows, self.num_heads, t.shape[-1])
                 .transpose(1, 2)
                 for t in (q, k, v)
@@ -217,7 +220,8 @@ class VisionBlock(nn.Module):
 class QwenVisionSegment(nn.Module):
     """The Qwen2-VL / Qwen2.5-VL vision tower and merger over every image's patches (module
     docstring). HF's `patch_embed`, block norms, projections, MLPs and `merger` are used as
-    they are; the attention and the rotary tables are written out with the explicit masks."""
+    they are; the attention (under explicit masks, or window by window: `WindowLayout`) and
+    the rotary tables are written out."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -232,8 +236,8 @@ class QwenVisionSegment(nn.Module):
         self.windowed = hasattr(visual, "fullatt_block_indexes")
         self.full_blocks = set(getattr(visual, "fullatt_block_indexes", None) or ())
         if self.windowed:  # HF's get_window_index: windows of this many merged tokens a side
-            side = int(visual.window_size) // int(visual.spatial_merge_size) // int(
-                visual.patch_size
+            side = (
+                int(visual.window_size) // int(visual.spatial_merge_size) // int(visual.patch_size)
             )
             self.window_layout = WindowLayout(side * side * self.unit)
 

@@ -73,3 +73,26 @@ def test_layout_slots_are_each_patchs_own():
     # each patch's slot reads that patch, and every slot the bias leaves open reads a patch
     assert torch.equal(index[slot], torch.arange(30))
     assert torch.equal(torch.sort(slot).values, torch.nonzero(bias.reshape(-1) == 0).flatten())
+
+
+@pytest.mark.parametrize(
+    ("grids", "largest"),
+    [
+        ([(1, 8, 8)], 64),
+        ([(1, 12, 20), (1, 6, 4)], 64),
+        ([(3, 10, 14)], 64),
+        ([(2, 4, 4), (1, 30, 2)], 16),
+    ],
+    ids=["one window", "two images", "frames", "frames and a strip"],
+)
+def test_no_window_of_hf_exceeds_the_layouts_rows(grids, largest):
+    """HF's windows (over images and frames) never hold more patches than the layout pads to:
+    `QwenVisionSegment` pads to side² merged tokens, side = window // merge // patch (64
+    patches for 112 px windows), and a grid of 8 x 8 patches or more fills one."""
+    from transformers.vision_utils import get_vision_window_index
+
+    merge, window, patch = 2, 112, 14
+    side = window // merge // patch
+    _, cu = get_vision_window_index(torch.tensor(grids), merge, window, patch)
+    assert int(cu[-1]) == sum(t * h * w for t, h, w in grids)
+    assert int(torch.diff(cu).max()) == largest <= side * side * merge * merge
