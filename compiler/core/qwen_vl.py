@@ -123,12 +123,18 @@ def rope_positions(info: ModelInfo, positions: torch.Tensor) -> torch.Tensor:
 # The vision segment
 
 
-def segment_mask(cu_seqlens: torch.Tensor, n: Any, dtype: torch.dtype) -> torch.Tensor:
-    """(n, n) additive mask: 0 between rows of one segment, the most negative float elsewhere.
-    Segments are [cu_seqlens[i], cu_seqlens[i + 1]); a row's segment is the number of
-    boundaries at or before it (cu_seqlens[0] = 0 counts for every row)."""
+def segment_of(cu_seqlens: torch.Tensor, n: Any) -> torch.Tensor:
+    """(n,) int64: each row's segment, for segments [cu_seqlens[i], cu_seqlens[i + 1]) with
+    cu_seqlens[0] = 0: the number of boundaries at or before the row, less one (a comparison
+    and a sum: no NonZero, no split)."""
     rows = torch.arange(n, device=cu_seqlens.device)
-    segment = (rows[:, None] >= cu_seqlens[None, :].to(rows.dtype)).sum(-1)  # (n,)
+    return (rows[:, None] >= cu_seqlens[None, :].to(rows.dtype)).sum(-1) - 1
+
+
+def segment_mask(cu_seqlens: torch.Tensor, n: Any, dtype: torch.dtype) -> torch.Tensor:
+    """(n, n) additive mask: 0 between rows of one segment (`segment_of`), the most negative
+    float elsewhere."""
+    segment = segment_of(cu_seqlens, n)
     same = segment[:, None] == segment[None, :]
     return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(
         ~same, torch.finfo(dtype).min
@@ -153,7 +159,7 @@ class WindowLayout(nn.Module):
     most negative float on its padding (the attention's mask), `slot` (N,) the slot of each
     patch (to gather the rows back). Window w holds patches cu[w] <= r < cu[w + 1], at most
     `rows` of them (HF's `get_vision_window_index` makes none larger, for any grid: a test
-    holds it so); a patch's window is the count of window starts at or before it, less one.
+    holds it so); a patch's window is its `segment_of` the boundaries.
     The layout has one window more than `cu_window_seqlens` describes, empty (it starts and
     ends at N): sizes of W + 1 >= 2 rows keep the exported graph valid for a single window (a
     size-W tensor would make the tracer assume W >= 2). FLOPs counted on the graph include the
@@ -174,8 +180,8 @@ class WindowLayout(nn.Module):
         bias = torch.zeros(valid.shape, dtype=dtype, device=starts.device).masked_fill(
             ~valid, torch.finfo(dtype).min
         )
+        window = segment_of(starts, n)  # (N,)
         patches = torch.arange(n, device=starts.device)
-        window = (patches[:, None] >= starts[None, :]).sum(-1) - 1  # (N,)
         slot = window * self.rows + patches - starts.index_select(0, window)
         return index.reshape(-1), bias[:, None, None, :], slot
 
@@ -269,7 +275,7 @@ class QwenVisionSegment(nn.Module):
         n = h.shape[0]
         cos, sin = self.rope_tables(vision_position_ids)
         full = segment_mask(cu_seqlens, n, h.dtype)
-        windows = window_mask = None
+        windows = None
         if self.windowed:
             h = self.in_windows(h, window_index)
             cos, sin = self.in_windows(cos, window_index), self.in_windows(sin, window_index)
@@ -282,9 +288,7 @@ class QwenVisionSegment(nn.Module):
                 # the last block's attention is what the pre-LLM scorer reads (passes/vispruner.py:
                 # the attention each patch receives, under an N x N mask); released Qwen2.5-VL
                 # checkpoints attend fully there, so this form costs them nothing
-                if window_mask is None:
-                    window_mask = segment_mask(cu_window_seqlens, n, h.dtype)
-                h = block(h, cos, sin, window_mask)
+                h = block(h, cos, sin, segment_mask(cu_window_seqlens, n, h.dtype))
             else:
                 h = block(h, cos, sin, windows=windows)
         features = self.merger(h)  # (N / unit, d)
