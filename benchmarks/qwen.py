@@ -7,7 +7,7 @@ by side with onnxruntime-genai 0.18's builder on the same text weights (fp32, CP
 
     nice python benchmarks/qwen.py [--model models/small-qwen2.5-vl] [--rounds 3]
         [--variants fastv,vte,shortv,vispruner+shortv | all] [--out benchmarks/results]
-        [--artifacts-dir DIR [--reuse]] [--no-genai]
+        [--artifacts-dir DIR [--reuse]] [--no-genai] [--genai-rounds 15]
 
 Variants: each in-LLM pass alone (fastv, vte:k=L/2, shortv at ratio 0.6: the last round(0.6 L)
 layers) and the pre-LLM scorer for towers without [CLS] composed with ShortV (vispruner +
@@ -25,7 +25,9 @@ own logits on a text prompt), built with `python -m onnxruntime_genai.models.bui
 -e cpu` (its defaults: logits at every prompt row; and with `prune_lm_head=true`: the last row's
 only, as mllmc's prefill computes them), and timed against the unrewritten mllmc engine on one
 text-only prompt of the image prompt's token count (the same ids for both): prefill
-(genai: `append_tokens`) and decode ms/token, interleaved, every engine on the same threads.
+(genai: `append_tokens`) and decode ms/token, interleaved (--genai-rounds rounds: a round
+is cheap, and one decode's time moves by several percent from round to round on a shared
+machine), every engine on the same threads.
 On a text-only prompt every M-RoPE axis holds the same position, so Qwen2.5-VL's rotary
 embedding is the 1-D RoPE of Qwen2: both run the same computation, and their first greedy
 tokens and logits are compared. The goals are reported as met or not, never asserted. Writes
@@ -303,8 +305,8 @@ def genai_comparison(
         name: greedy_parity(entries[TEXT_ROW].engine, entries[name].engine, n, PARITY_STEPS)
         for name in builds
     }
-    print(f"timing the decoders ({', '.join(entries)}): {args.rounds} round(s)", flush=True)
-    rows = bench.side_by_side(entries, args.rounds, threads)
+    print(f"timing the decoders ({', '.join(entries)}): {args.genai_rounds} round(s)", flush=True)
+    rows = bench.side_by_side(entries, args.genai_rounds, threads)
     for row in rows.values():
         row.pop("vision_s", None)
         row.pop("prefill_s", None)
@@ -319,6 +321,7 @@ def genai_comparison(
         "builder": "python -m onnxruntime_genai.models.builder -i LM_DIR -o OUT -p fp32 -e cpu",
         "builds": {name: GENAI_BUILDS[name] for name in builds},
         "parity": parity,
+        "rounds": args.genai_rounds,
         "rows": rows,
     }
 
@@ -584,6 +587,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (2, "pass engines loaded at once (memory)"),
     )
     ap.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai rows")
+    ap.add_argument(
+        "--genai-rounds",
+        type=int,
+        default=15,
+        help="timed rounds of the decoder-alone comparison with genai (a round is ~10 s on "
+        "small-qwen2.5-vl with 2 threads; decode moves by several percent between rounds)",
+    )
     return ap.parse_args(argv)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import onnx
 import torch
 
-from mllmc.compiler.core import fused_attention, fused_norm
+from mllmc.compiler.core import compact_attention, fused_attention, fused_norm
 from mllmc.compiler.core.segment_io import dim_names, rename_symbols
 from mllmc.runtime.manifest import STATIC_DECODE, SegmentEntry, TensorSpec
 
@@ -75,6 +75,7 @@ def export_segment(seg: Any, out_dir: Path) -> SegmentEntry:
             output_names=seg.output_names,
             opset_version=OPSET,
             custom_translation_table={
+                **compact_attention.onnx_translations(),
                 **fused_attention.onnx_translations(),
                 **fused_norm.onnx_translations(),
             },

@@ -455,8 +455,11 @@ class PrefillSegment(_Decoder):
     def forward(self, input_ids, image_features, visual_rows, position_ids, attention_mask):
         n = input_ids.shape[1]
         ids = torch.where(input_ids == self.image_token_id, torch.zeros_like(input_ids), input_ids)
-        h = self.embed_tokens(ids)  # (1, n, d)
-        h = h.index_copy(1, visual_rows, image_features.to(h.dtype))
+        # the visual rows written as rows of the (n, d) embeddings (a prefill holds one prompt):
+        # a copy on dim 1 of (1, n, d) is exported as a scatter between transposes of the
+        # embeddings and the features, out and back (~2 ms of a 672 px Qwen2.5-VL prefill)
+        h = self.embed_tokens(ids)[0]  # (n, d)
+        h = h.index_copy(0, visual_rows, image_features[0].to(h.dtype))[None]  # (1, n, d)
         cos, sin = self.rope(position_ids, h.dtype)
         # one mask per distinct window (a pass that drops rows gathers its rows and columns, so
         # it stays a mask over the original rows)

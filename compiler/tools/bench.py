@@ -303,7 +303,9 @@ def interleaved_rounds(
 ) -> Rounds:
     """Every timer over `repeats` rounds after one warm-up round. Each round runs every engine
     once, in turn, so the slow drifts of a shared machine (neighbours, clocks) fall on all rows
-    alike instead of on whichever engine ran last. Each timer starts after `pause` seconds idle:
+    alike instead of on whichever engine ran last; every other round runs them in the reverse
+    order, so that a drift within a round (a machine slowing while the round ran) does not
+    always fall on the engines timed last. Each timer starts after `pause` seconds idle:
     onnxruntime's pool threads spin-wait for a while after a run, and would otherwise take the
     cores from the engine timed next (on a small model and few cores, HF eager run right after an
     onnxruntime call is many times slower). Around each timed run the process's and the
@@ -321,8 +323,9 @@ def interleaved_rounds(
     }
     clock = {name: np.zeros(3) for name in timers}  # wall, own CPU, machine busy CPU seconds
     start = np.array(cpu_clock())
-    for _ in range(repeats):
-        for name, engine in timers.items():
+    for i in range(repeats):
+        order = list(timers.items())
+        for name, engine in order if i % 2 == 0 else reversed(order):
             for metric, timer in engine.items():
                 time.sleep(pause)
                 before = np.array(cpu_clock())

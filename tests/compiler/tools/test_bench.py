@@ -40,6 +40,20 @@ def test_trust_verdict():
     assert bench.run_trust({"a": {"trust": ok}})["ok"]
 
 
+def test_interleaved_rounds_alternate_the_order():
+    """One warm-up in order, then each round runs every engine once, every other round in the
+    reverse order (a drift within a round falls on the first and the last engine alike)."""
+    calls: list[str] = []
+
+    def timer(name: str):
+        return lambda: calls.append(name) or 1.0
+
+    timers = {name: {"t": timer(name)} for name in "abc"}
+    rounds = bench.interleaved_rounds(timers, 3, pause=0.0)
+    assert calls == list("abcabccbaabc")
+    assert rounds.times == {name: {"t": [1.0, 1.0, 1.0]} for name in "abc"}
+
+
 def test_roofline_is_raised_to_a_faster_row():
     peak = {"gemm_gflops": 221.0, "mem_read_gbs": 10.0}
     assert bench.raise_roof(peak, "gemm_gflops", {"hf_eager": 50.0, "onnx": 407.0}) == "onnx"
