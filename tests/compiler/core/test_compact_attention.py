@@ -109,7 +109,8 @@ def test_dynamic_rows(tmp_path):
     )
     for n in (3, 11):
         args = (*(torch.randn(1, 4, n, 16) for _ in range(3)), _mask((1, 1, n, n)))
-        got = session.run(None, {k: a.numpy() for k, a in zip("q k v mask".split(), args)})[0]
+        feeds = {k: a.numpy() for k, a in zip(["q", "k", "v", "mask"], args, strict=True)}
+        got = session.run(None, feeds)[0]
         with torch.no_grad():
             assert float(np.abs(got - module(*args).numpy()).max()) <= 1e-5
 
