@@ -46,9 +46,12 @@ def _onnx_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
         scale = 1.0 / math.sqrt(head)
     rank = len(key.shape)
     key_t = op.Transpose(key, perm=[*range(rank - 2), rank - 1, rank - 2])
+    # the scale after the product, as onnxruntime folds it into the MatMul (torch.onnx scales q
+    # and k by √scale each first, which keeps q·kᵀ smaller: for float16 graphs, were the ONNX
+    # target to export them, that product could overflow before the scale)
     scores = op.Mul(op.MatMul(query, key_t), op.CastLike(op.Constant(value_float=scale), query))
     if attn_mask is not None:
-        scores = op.Add(scores, attn_mask)
+        scores = op.Add(scores, op.CastLike(attn_mask, scores))
     return op.MatMul(op.Softmax(scores, axis=-1), value)
 
 

@@ -92,10 +92,11 @@ def test_rewrite_in_half_precision(tiny_model_dir, sample_image, dtype):
 
 
 def _row_writes(seg) -> int:
-    """index_copy nodes that write rows of a hidden state: the image features' splice (dim 1 of
-    (1, n, d)) and ShortV's write-back of each frozen layer's text rows (dim 0 of its (n, d)
-    view); the text index's own visual-row marks, an index_copy along dim 0 of a 1-D tensor,
-    are not counted."""
+    """index_copy nodes that write rows of a hidden state through a flattened (n, d) view:
+    ShortV's write-back of each frozen layer's text rows. The image features' splice (dim 0 of
+    the (n, d) embeddings, which no flatten produces) and the text index's own visual-row marks
+    (an index_copy along dim 0 of a 1-D tensor) are not counted; neither is an index_copy along
+    dim 1, which a graph counted here may still hold."""
     copy, flat = torch.ops.aten.index_copy.default, torch.ops.aten.flatten.using_ints
     return sum(
         n.target is copy and (n.args[1] == 1 or getattr(n.args[0], "target", None) is flat)

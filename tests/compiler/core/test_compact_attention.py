@@ -27,7 +27,8 @@ class Attention(torch.nn.Module):
 
 
 def _run(module, args, names, tmp_path, dynamic=None):
-    """(onnxruntime's outputs, the op types of the graph onnxruntime optimized)."""
+    """(onnxruntime's outputs, the op types of the graph onnxruntime optimized, that graph, the
+    exported one)."""
     import onnxruntime as ort
 
     program = torch.onnx.export(
@@ -47,7 +48,7 @@ def _run(module, args, names, tmp_path, dynamic=None):
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     out = session.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
-    return out, [n.op_type for n in optimized.graph.node], optimized
+    return out, [n.op_type for n in optimized.graph.node], optimized, program.model_proto
 
 
 def _mask(shape):
@@ -75,7 +76,7 @@ def test_equals_torch_and_fuses_to_one_matmul(q_shape, kv_rows, mask_shape, scal
     args = (q, k, v) if mask_shape is None else (q, k, v, _mask(mask_shape))
     names = ["q", "k", "v", "mask"][: len(args)]
     module = Attention(scale)
-    got, ops, optimized = _run(module, args, names, tmp_path)
+    got, ops, optimized, _ = _run(module, args, names, tmp_path)
     with torch.no_grad():
         want = module(*args).numpy()
     assert float(np.abs(got - want).max()) <= 1e-5
@@ -104,9 +105,14 @@ def test_dynamic_rows(tmp_path):
     )
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     session = ort.InferenceSession(
-        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        program.model_proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
     )
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    ops = [n.op_type for n in optimized.graph.node]
+    assert "Transpose" not in ops and ops.count("FusedMatMul") == 1, ops
     for n in (3, 11):
         args = (*(torch.randn(1, 4, n, 16) for _ in range(3)), _mask((1, 1, n, n)))
         feeds = {k: a.numpy() for k, a in zip(["q", "k", "v", "mask"], args, strict=True)}
@@ -116,10 +122,22 @@ def test_dynamic_rows(tmp_path):
 
 
 def test_other_calls_keep_onnxscripts_lowering(tmp_path):
-    """A causal call is not one mllmc's programs make: it is lowered as torch.onnx lowers it,
-    and still equals torch."""
+    """Causal calls and boolean masks are not calls mllmc's programs make: they are lowered as
+    torch.onnx lowers them (its key transpose through 3-D is there), and still equal torch."""
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
-    module = Attention(causal=True)
-    got, _, _ = _run(module, (q, k, v), ["q", "k", "v"], tmp_path)
-    with torch.no_grad():
-        assert float(np.abs(got - module(q, k, v).numpy()).max()) <= 1e-5
+    keep = torch.rand(1, 1, 5, 5) > 0.4
+    keep[..., 0] = True
+    for module, args, names in (
+        (Attention(causal=True), (q, k, v), ["q", "k", "v"]),
+        (Attention(0.3), (q, k, v, keep), ["q", "k", "v", "mask"]),
+    ):
+        got, _, _, exported = _run(module, args, names, tmp_path)
+        with torch.no_grad():
+            assert float(np.abs(got - module(*args).numpy()).max()) <= 1e-5
+        perms = [
+            list(onnx.helper.get_attribute_value(a))
+            for n in exported.graph.node
+            if n.op_type == "Transpose"
+            for a in n.attribute
+        ]
+        assert [0, 2, 1] in perms, perms  # torch.onnx's key transpose, through 3-D
