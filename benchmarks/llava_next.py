@@ -577,8 +577,11 @@ def bench_main(args: Any, name: str, preset: str, run: Any, plot: Any, summary: 
     from mllmc.runtime.errors import UserError
 
     try:
-        if not 1 <= args.rounds <= bench.MAX_REPEATS:
-            raise UserError(f"--rounds must be from 1 to {bench.MAX_REPEATS}, got {args.rounds}")
+        for option in ("rounds", "genai_rounds"):  # genai_rounds: qwen.py's alone
+            value = getattr(args, option, None)
+            if value is not None and not 1 <= value <= bench.MAX_REPEATS:
+                flag = "--" + option.replace("_", "-")
+                raise UserError(f"{flag} must be from 1 to {bench.MAX_REPEATS}, got {value}")
         if args.group_size < 1:
             raise UserError(f"--group-size must be >= 1, got {args.group_size}")
         out = outputs.check_output_folder(args.out, "benchmark results")

@@ -171,3 +171,21 @@ def test_qwen_benchmark_reports_every_engine_and_genai(tmp_path):
             assert parity["same_tokens"] and parity["prefill_max_abs_logit_diff"] <= 1e-4
         assert {"mllmc_onnx (text)", "genai_fp32"} <= set(g["rows"])
         assert "genai_fp32" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--rounds", "0"), ("--genai-rounds", "0"), ("--genai-rounds", "-3")]
+)
+def test_qwen_benchmark_refuses_bad_rounds_before_writing(tmp_path, option, value):
+    """A round count below 1 is one line and exit 2, before the preset or any result is
+    written."""
+    model, out = tmp_path / "model", tmp_path / "out"
+    cmd = [sys.executable, str(BENCHMARKS / "qwen.py"), "--model", str(model), "--out", str(out),
+           option, value]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    from mllmc.compiler.tools.limits import MAX_REPEATS
+
+    want = f"qwen.py: error: {option} must be from 1 to {MAX_REPEATS}, got {value}"
+    assert proc.stderr.strip() == want
+    assert not model.exists() and not out.exists()
