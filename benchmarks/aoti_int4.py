@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     entries = {"hf-eager": bench.eager_entry(model, str(model_dir), image, prompt,
                                              args.decode_tokens)}  # fmt: skip
     for name, path in paths.items():
-        entries[name] = bench.loaded_entry(
+        entries[name] = bench.loader(
             lambda path=path: load(path),
             lambda e: bench.engine_timers(e, image, prompt, args.decode_tokens),
         )

@@ -44,6 +44,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +200,11 @@ def engine_decode(engine: Any, image: Any, prompt: str, tokens: int) -> bench.Ti
     return decode
 
 
-def engine_entry(path: Path, image: Any, prompt: str, tokens: int, threads: int) -> bench.Entry:
-    """`bench.loaded_entry` of the artifact at `path`, its decode timed by `engine_decode`."""
+def engine_entry(
+    path: Path, image: Any, prompt: str, tokens: int, threads: int
+) -> Callable[[], bench.Entry]:
+    """`bench.loader` of the artifact at `path` (`bench.side_by_side` loads it), its decode
+    timed by `engine_decode`."""
     from mllmc.runtime import load
 
     def timers_of(engine: Any) -> tuple[dict[str, bench.Timer], int]:
@@ -208,7 +212,24 @@ def engine_entry(path: Path, image: Any, prompt: str, tokens: int, threads: int)
         timers["decode"] = engine_decode(engine, image, prompt, tokens)
         return timers, n
 
-    return bench.loaded_entry(lambda: load(path, threads=threads), timers_of)
+    return bench.loader(lambda: load(path, threads=threads), timers_of)
+
+
+def probe_engine(path: Path, image: Any, prompt: str, n: int, threads: int) -> tuple[Any, int]:
+    """The unrewritten engine's manifest and the image's visual rows, from a load of its own
+    (`bench.side_by_side` loads the engines it times); RuntimeError unless its prompt has the n
+    rows of HF's."""
+    from mllmc.runtime import load
+
+    engine = load(path, threads=threads)
+    counts = engine.image_rows(image)
+    rows = engine.encode_prompt(prompt, counts).n
+    if rows != n:
+        raise RuntimeError(
+            f"HF's processor makes a {n}-token prompt, the engine a {rows}-token one: the rows "
+            "would not compare"
+        )
+    return engine.manifest, sum(counts)
 
 
 def time_groups(
@@ -221,33 +242,30 @@ def time_groups(
     from transformers.utils import logging as hf_logging
 
     from mllmc.compiler.core.capture import load_model
+    from mllmc.runtime.manifest import read_manifest
 
     hf_logging.disable_progress_bar()
     model, info = load_model(model_dir)
     prompt = bench.prompt_for(args.text_tokens)
     tokens = args.decode_tokens
-    fixed = {"hf_eager": bench.eager_entry(model, model_dir, image, prompt, tokens)}
-    fixed["hf_eager"].timers["decode"] = eager_decode(model, model_dir, image, prompt, tokens)
-    n = fixed["hf_eager"].prompt_tokens
+    eager = bench.eager_entry(model, model_dir, image, prompt, tokens)
+    eager.timers["decode"] = eager_decode(model, model_dir, image, prompt, tokens)
+    fixed: dict[str, Any] = {"hf_eager": eager}  # HF eager stays loaded; engines are loaders
+    n = eager.prompt_tokens
     peak = bench.roofline(info, n, max(args.rounds, 1), threads=threads)
+    manifest, visual = probe_engine(paths[BASE], image, prompt, n, threads)
+    manifests = {BASE: manifest}
     fixed[BASE] = engine_entry(paths[BASE], image, prompt, tokens, threads)
-    if fixed[BASE].prompt_tokens != n:
-        raise RuntimeError(
-            f"HF's processor makes a {n}-token prompt, the engine a "
-            f"{fixed[BASE].prompt_tokens}-token one: the rows would not compare"
-        )
-    manifests = {BASE: fixed[BASE].engine.manifest}
-    visual = sum(fixed[BASE].engine.image_rows(image))
     groups = groups_of([k for k in paths if k != BASE], configs, args.group_size)
     out = []
     for i, names in enumerate(groups, 1):
         entries = dict(fixed)
         for name in names:
             entries[name] = engine_entry(paths[name], image, prompt, tokens, threads)
-            manifests[name] = entries[name].engine.manifest
+            manifests[name] = read_manifest(paths[name])
         print(
             f"timing group {i}/{len(groups)} ({', '.join(entries)}): {args.rounds} round(s) "
-            "after a warm-up",
+            f"over {min(bench.LOADS, args.rounds)} load(s) of the engines, each after a warm-up",
             flush=True,
         )
         out.append(bench.side_by_side(entries, args.rounds, threads))

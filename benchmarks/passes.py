@@ -78,7 +78,7 @@ def run(
             ).manifest
         if compile_only:
             continue
-        entries[name] = bench.loaded_entry(
+        entries[name] = bench.loader(
             lambda path=path: load(path),
             lambda engine: bench.engine_timers(engine, image, prompt, decode_tokens),
         )

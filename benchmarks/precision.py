@@ -217,14 +217,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     image, prompt = probe_image(size=info.image_size), bench.prompt_for(args.text_tokens)
     entries = {}
     for name, path in paths.items():
-        entries[name] = bench.loaded_entry(
+        entries[name] = bench.loader(
             lambda path=path: load(path),
             lambda e: bench.engine_timers(e, image, prompt, args.decode_tokens),
         )
-    fp32 = entries["fp32"].engine
-    ids = fp32.encode_prompt(prompt, fp32.encode_images(image)[1]).input_ids[0]
+    fp32 = load(paths["fp32"])  # the prompt's ids, for genai
+    ids = np.asarray(fp32.encode_prompt(prompt, fp32.encode_images(image)[1]).input_ids[0])
+    del fp32
     for name, path in genai.items():
-        entries[name] = genai_entry(path, np.asarray(ids), args.decode_tokens, os.cpu_count())
+        entries[name] = lambda path=path: genai_entry(path, ids, args.decode_tokens, os.cpu_count())
     rows = bench.side_by_side(entries, args.repeats)
     for name, row in rows.items():
         path = paths.get(name)

@@ -44,6 +44,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llava_next as lnx  # noqa: E402  (its compile, grouping and ratio helpers)
-from genai_runner import build_genai, genai_entry  # noqa: E402
+from genai_runner import build_genai, genai_entry, genai_model  # noqa: E402
 
 from mllmc.compiler.tools import bench  # noqa: E402
 
@@ -134,30 +135,28 @@ def time_groups(
     """HF eager, the unrewritten engine and each group of pass engines, timed side by side
     (`bench.side_by_side`), one group after another; returns (each group's rows, the manifests
     by row name, the roofline, the prompt's visual rows)."""
+    from mllmc.runtime.manifest import read_manifest
+
     prompt = bench.prompt_for(args.text_tokens)
     tokens = args.decode_tokens
-    fixed = {"hf_eager": bench.eager_entry(model, model_dir, image, prompt, tokens)}
-    fixed["hf_eager"].timers["decode"] = eager_decode(model, model_dir, image, prompt, tokens)
-    n = fixed["hf_eager"].prompt_tokens
+    eager = bench.eager_entry(model, model_dir, image, prompt, tokens)
+    eager.timers["decode"] = eager_decode(model, model_dir, image, prompt, tokens)
+    fixed: dict[str, Any] = {"hf_eager": eager}  # HF eager stays loaded; engines are loaders
+    n = eager.prompt_tokens
+    manifest, visual = lnx.probe_engine(paths[BASE], image, prompt, n, threads)
+    manifests = {BASE: manifest}
+    peak = bench.roofline(manifest.model, n, max(args.rounds, 1), threads=threads)
     fixed[BASE] = lnx.engine_entry(paths[BASE], image, prompt, tokens, threads)
-    if fixed[BASE].prompt_tokens != n:
-        raise RuntimeError(
-            f"HF's processor makes a {n}-token prompt, the engine a "
-            f"{fixed[BASE].prompt_tokens}-token one: the rows would not compare"
-        )
-    manifests = {BASE: fixed[BASE].engine.manifest}
-    peak = bench.roofline(manifests[BASE].model, n, max(args.rounds, 1), threads=threads)
-    visual = sum(fixed[BASE].engine.image_rows(image))
     groups = lnx.groups_of([k for k in paths if k != BASE], configs, args.group_size)
     out = []
     for i, names in enumerate(groups, 1):
         entries = dict(fixed)
         for name in names:
             entries[name] = lnx.engine_entry(paths[name], image, prompt, tokens, threads)
-            manifests[name] = entries[name].engine.manifest
+            manifests[name] = read_manifest(paths[name])
         print(
             f"timing group {i}/{len(groups)} ({', '.join(entries)}): {args.rounds} round(s) "
-            "after a warm-up",
+            f"over {min(bench.LOADS, args.rounds)} load(s) of the engines, each after a warm-up",
             flush=True,
         )
         out.append(bench.side_by_side(entries, args.rounds, threads))
@@ -227,9 +226,9 @@ def text_layout(engine: Any, n: int) -> Any:
     return hook(layout, []) if hook else layout
 
 
-def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> bench.Entry:
-    """The unrewritten engine's decoder on a text-only prompt of n rows: "llm_prefill" and
-    "decode" per token (from one prefill made now); the engine is the entry's."""
+def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> Callable[[], bench.Entry]:
+    """`bench.loader` of the unrewritten engine's decoder on a text-only prompt of n rows:
+    "llm_prefill" and "decode" per token (from one prefill made at load)."""
     from mllmc.runtime import load
 
     def timers_of(engine: Any) -> tuple[dict[str, bench.Timer], int]:
@@ -252,7 +251,7 @@ def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> bench.En
         }
         return timers, layout.n
 
-    return bench.loaded_entry(lambda: load(path, threads=threads), timers_of)
+    return bench.loader(lambda: load(path, threads=threads), timers_of)
 
 
 def greedy_parity(engine: Any, genai: Any, n: int, steps: int) -> dict[str, Any]:
@@ -291,21 +290,30 @@ def genai_comparison(
     threads: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Extract the decoder, build it with genai (each of GENAI_BUILDS), check greedy parity,
-    and time genai and the unrewritten engine's decoder interleaved on n-row text prompts."""
+    and time genai and the unrewritten engine's decoder interleaved on n-row text prompts
+    (`bench.side_by_side` loads each `bench.LOADS` times, in alternating order)."""
+    from mllmc.runtime import load
+
     lm, diff = extract_language_model(model, model_dir, root / f"{model_dir.name}-qwen2-lm")
     builds = {
         name: build_genai(lm, root / f"{model_dir.name}-{name}", "fp32", extra, args.reuse)
         for name, extra in GENAI_BUILDS.items()
     }
+    engine = load(base, threads=threads)  # the prompt's ids and the parity (a load of its own)
+    ids = text_layout(engine, n).input_ids[0]
+    parity = {
+        name: greedy_parity(engine, genai_model(path, threads), n, PARITY_STEPS)
+        for name, path in builds.items()
+    }
+    del engine
     entries = {TEXT_ROW: engine_text_entry(base, n, args.decode_tokens, threads)}
     for name, path in builds.items():
-        ids = text_layout(entries[TEXT_ROW].engine, n).input_ids[0]
-        entries[name] = genai_entry(path, ids, args.decode_tokens, threads)
-    parity = {
-        name: greedy_parity(entries[TEXT_ROW].engine, entries[name].engine, n, PARITY_STEPS)
-        for name in builds
-    }
-    print(f"timing the decoders ({', '.join(entries)}): {args.genai_rounds} round(s)", flush=True)
+        entries[name] = lambda path=path: genai_entry(path, ids, args.decode_tokens, threads)
+    print(
+        f"timing the decoders ({', '.join(entries)}): {args.genai_rounds} round(s) over "
+        f"{min(bench.LOADS, args.genai_rounds)} load(s) of the engines",
+        flush=True,
+    )
     rows = bench.side_by_side(entries, args.genai_rounds, threads)
     for row in rows.values():
         row.pop("vision_s", None)
@@ -322,6 +330,7 @@ def genai_comparison(
         "builds": {name: GENAI_BUILDS[name] for name in builds},
         "parity": parity,
         "rounds": args.genai_rounds,
+        "loads": min(bench.LOADS, args.genai_rounds),
         "rows": rows,
     }
 
@@ -529,7 +538,8 @@ def genai_lines(genai: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"decoder alone, {genai['prompt_tokens']}-token text prompt (extracted Qwen2 LM matches "
-        f"Qwen2.5-VL to {genai['extraction_max_abs_logit_diff']:.1e}):",
+        f"Qwen2.5-VL to {genai['extraction_max_abs_logit_diff']:.1e}), {genai['rounds']} "
+        f"rounds over {genai.get('loads', 1)} load(s) of the engines:",
         f"{'engine':28s} {'prefill ms':>10s} {'mllmc faster':>21s} {'decode ms/tok':>13s} "
         f"{'mllmc faster':>21s}",
     ]

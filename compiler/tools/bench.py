@@ -500,24 +500,74 @@ def loaded_entry(
     return Entry(timers, n, rss_mb() - before, engine)
 
 
+def loader(
+    load: Callable[[], Any], timers_of: Callable[[Any], tuple[dict[str, Timer], int]]
+) -> Callable[[], Entry]:
+    """`loaded_entry` deferred: what `side_by_side` takes to load an engine itself, as often and
+    in the order it chooses."""
+    return lambda: loaded_entry(load, timers_of)
+
+
 TIME_KEYS = ("prefill_s", "vision_s", "llm_prefill_s", "decode_s_per_token")
 
 
+Loader = Callable[[], Entry]  # loads an engine and makes its timers (`loaded_entry`)
+
+# How many times `side_by_side` loads the engines it is given as loaders, alternating the order.
+# Identical onnxruntime sessions in one process do not run equally fast: on a 2-core AMD EPYC
+# VM, of three copies of one decode program the one created first decoded 7-9% slower than the
+# last, and of two 2-4% slower (memory-bound work; where in memory each session's weights lie).
+# An engine always loaded first, or always after the others, would carry that into every ratio.
+LOADS = 2
+
+
 def side_by_side(
-    entries: dict[str, Entry], repeats: int, threads: int | None = None
+    entries: Mapping[str, Entry | Loader],
+    repeats: int,
+    threads: int | None = None,
+    loads: int = LOADS,
 ) -> dict[str, dict[str, Any]]:
     """Table rows of `entries` timed `interleaved_rounds`: each row has the medians, "rounds"
     (the per-round values), "spread" (`spread` of each), "cpus_used" (this process's busy CPUs
-    while the row ran) and "trust" (`trust_verdict`, for `threads`: torch's by default)."""
-    measured = interleaved_rounds({name: e.timers for name, e in entries.items()}, repeats)
+    while the row ran) and "trust" (`trust_verdict`, for `threads`: torch's by default).
+
+    An entry given as a `Loader` is loaded `loads` times (at most once per round), in the
+    order given on the first load, the reverse order on the second, and so on, and dropped after
+    its share of the rounds: an engine's place in the load order (see LOADS) falls on every
+    engine alike, as a round's place falls on every engine in `interleaved_rounds`. An `Entry`
+    (HF eager, say) stays loaded throughout; its RSS is its own, a loaded engine's is from its
+    first load."""
+    fixed = {name: e for name, e in entries.items() if isinstance(e, Entry)}
+    loaders = {name: e for name, e in entries.items() if not isinstance(e, Entry)}
+    cycles = max(1, min(loads, repeats)) if loaders else 1
+    times: dict[str, dict[str, list[float]]] = {}
+    busy: dict[str, list[float]] = {name: [] for name in entries}
+    others: list[float] = []
+    # each row's prompt length and RSS (an engine's from its first load; its engine is dropped)
+    info = {name: (e.prompt_tokens, e.rss_mb) for name, e in fixed.items()}
+    for cycle in range(cycles):
+        order = list(loaders) if cycle % 2 == 0 else list(reversed(loaders))
+        loaded = {name: loaders[name]() for name in order}
+        for name in loaded:  # (no loop variable may keep an engine alive past this load)
+            info.setdefault(name, (loaded[name].prompt_tokens, loaded[name].rss_mb))
+        current = {name: fixed[name] if name in fixed else loaded[name] for name in entries}
+        share = repeats // cycles + (cycle < repeats % cycles)
+        measured = interleaved_rounds({name: e.timers for name, e in current.items()}, share)
+        for name, metrics in measured.times.items():
+            for metric, values in metrics.items():
+                times.setdefault(name, {}).setdefault(metric, []).extend(values)
+            busy[name].append(measured.cpus_used[name])
+        others.append(measured.others_cpus)
+        del loaded, current, measured
+        gc.collect()
     threads = threads or torch.get_num_threads()
     rows = {}
-    for name, e in entries.items():
-        times = measured.times[name]
-        medians = {metric: statistics.median(v) for metric, v in times.items()}
+    for name in entries:
+        (prompt_tokens, rss), row_times = info[name], times[name]
+        medians = {metric: statistics.median(v) for metric, v in row_times.items()}
         per_round = [
-            row_from({metric: v[i] for metric, v in times.items()}, e.prompt_tokens)
-            for i in range(min(len(v) for v in times.values()))
+            row_from({metric: v[i] for metric, v in row_times.items()}, prompt_tokens)
+            for i in range(min(len(v) for v in row_times.values()))
         ]
         rounds = {
             key: [r[key] for r in per_round]
@@ -525,12 +575,13 @@ def side_by_side(
             if all(math.isfinite(r[key]) for r in per_round)
         }
         rows[name] = {
-            **row_from(medians, e.prompt_tokens),
-            "rss_mb": e.rss_mb,
+            **row_from(medians, prompt_tokens),
+            "rss_mb": rss,
             "rounds": rounds,
             "spread": {key: spread(v) for key, v in rounds.items()},
-            "cpus_used": measured.cpus_used[name],
-            "trust": trust_verdict(rounds, measured.others_cpus, threads),
+            "cpus_used": statistics.mean(busy[name]),
+            "loads": cycles if name in loaders else 1,
+            "trust": trust_verdict(rounds, max(others), threads),
         }
     return rows
 
@@ -759,16 +810,18 @@ def _time_variants(
             force=force,
         )
         manifests[name] = result.manifest
-        entries[name] = loaded_entry(
+        entries[name] = loader(
             lambda out=out: load(out, threads=threads),
             lambda engine: engine_timers(engine, image, prompt, decode_tokens, options.device),
         )
-    base = entries[variants[0][0]]
-    visual = sum(base.engine.image_rows(image))
-    if base.prompt_tokens != entries["hf_eager"].prompt_tokens:
+    base = load(paths[variants[0][0]], threads=threads)  # (side_by_side loads its own)
+    counts = base.image_rows(image)
+    visual, n = sum(counts), base.encode_prompt(prompt, counts).n
+    del base
+    if n != entries["hf_eager"].prompt_tokens:
         raise RuntimeError(
             f"HF's processor makes a {entries['hf_eager'].prompt_tokens}-token prompt, the engine "
-            f"a {base.prompt_tokens}-token one: the rows would not compare"
+            f"a {n}-token one: the rows would not compare"
         )
     return side_by_side(entries, repeats, threads), manifests, model_info, visual
 

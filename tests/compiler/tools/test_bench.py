@@ -54,6 +54,53 @@ def test_interleaved_rounds_alternate_the_order():
     assert rounds.times == {name: {"t": [1.0, 1.0, 1.0]} for name in "abc"}
 
 
+def test_side_by_side_reloads_engines_in_alternating_order(monkeypatch):
+    """Engines given as loaders are loaded LOADS times, in the given order then the reverse,
+    each load's engines dropped before the next; the rounds are shared out between the loads
+    and pooled per row. An Entry (HF eager) is loaded once and timed in every round."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(bench, "interleaved_rounds", _no_pause(bench.interleaved_rounds))
+    loads: list[str] = []
+    alive: list[weakref.ref] = []
+
+    class Engine:  # what an entry keeps alive until its timers have run
+        pass
+
+    def loader(name: str, seconds: float):
+        def load() -> bench.Entry:
+            gc.collect()
+            earlier = alive[: len(alive) // 2 * 2]  # two engines a load: the earlier loads'
+            assert all(ref() is None for ref in earlier), "an earlier load's engine is held"
+            loads.append(name)
+            engine = Engine()
+            alive.append(weakref.ref(engine))
+            return bench.Entry(
+                {"llm_prefill": lambda: 3.0, "decode": lambda: seconds}, 5, 1.0, engine
+            )
+
+        return load
+
+    eager = bench.Entry({"llm_prefill": lambda: 3.0, "decode": lambda: 4.0}, 5, 2.0)
+    rows = bench.side_by_side(
+        {"hf_eager": eager, "a": loader("a", 1.0), "b": loader("b", 2.0)}, 5, threads=1
+    )
+    assert loads == ["a", "b", "b", "a"]
+    assert [rows[n]["loads"] for n in ("hf_eager", "a", "b")] == [1, 2, 2]
+    assert rows["a"]["rounds"]["decode_s_per_token"] == [1.0] * 5  # 3 rounds, then 2
+    assert rows["hf_eager"]["rounds"]["decode_s_per_token"] == [4.0] * 5
+    assert rows["b"]["decode_s_per_token"] == 2.0
+    assert (rows["hf_eager"]["rss_mb"], rows["a"]["rss_mb"]) == (2.0, 1.0)
+    loads.clear()
+    bench.side_by_side({"a": loader("a", 1.0), "b": loader("b", 2.0)}, 1, threads=1)
+    assert loads == ["a", "b"]  # one round: one load
+
+
+def _no_pause(rounds):
+    return lambda timers, repeats, pause=0.1: rounds(timers, repeats, pause=0.0)
+
+
 def test_roofline_is_raised_to_a_faster_row():
     peak = {"gemm_gflops": 221.0, "mem_read_gbs": 10.0}
     assert bench.raise_roof(peak, "gemm_gflops", {"hf_eager": 50.0, "onnx": 407.0}) == "onnx"
