@@ -189,3 +189,27 @@ def test_qwen_benchmark_refuses_bad_rounds_before_writing(tmp_path, option, valu
     want = f"qwen.py: error: {option} must be from 1 to {MAX_REPEATS}, got {value}"
     assert proc.stderr.strip() == want
     assert not model.exists() and not out.exists()
+
+
+def test_session_order_times_identical_copies(tiny_base_artifact, tmp_path):
+    """Every copy of the artifact is timed in every round (the first a warm-up), the last one
+    loaded is the reference; bad counts and a missing artifact are one line and exit 2."""
+    out = tmp_path / "out"
+    script = [sys.executable, str(BENCHMARKS / "session_order.py")]
+    args = [str(tiny_base_artifact), "--copies", "2", "--rounds", "2", "--tokens", "2"]
+    proc = subprocess.run(script + args + ["--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "session_order.json").read_text())
+    assert [r["load_order"] for r in report["rows"]] == [0, 1]
+    assert all(len(r["rounds_ms"]) == 2 and r["ms_per_token"] > 0 for r in report["rows"])
+    assert report["rows"][1]["vs_last_loaded"]["median"] == 1.0
+    assert (out / "session_order.png").is_file()
+    for bad, want in (
+        (["--copies", "1"], "error: --copies must be 2 to 8, got 1"),
+        (["--threads", "0"], "error: "),
+    ):
+        proc = subprocess.run(script + args + bad, capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith(want), proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run(script + [str(tmp_path / "none")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not an artifact dir" in proc.stderr

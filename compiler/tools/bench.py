@@ -514,10 +514,11 @@ TIME_KEYS = ("prefill_s", "vision_s", "llm_prefill_s", "decode_s_per_token")
 Loader = Callable[[], Entry]  # loads an engine and makes its timers (`loaded_entry`)
 
 # How many times `side_by_side` loads the engines it is given as loaders, alternating the order.
-# Identical onnxruntime sessions in one process do not run equally fast: on a 2-core AMD EPYC
-# VM, of three copies of one decode program the one created first decoded 7-9% slower than the
-# last, and of two 2-4% slower (memory-bound work; where in memory each session's weights lie).
-# An engine always loaded first, or always after the others, would carry that into every ratio.
+# Identical onnxruntime sessions in one process need not run equally fast: on a 2-core AMD EPYC
+# VM, of three copies of one decode program loaded as bare sessions the first created decoded
+# 3-9% slower than the last over six runs (three whole engines, `benchmarks/session_order.py`,
+# were within 2% of each other). Loading twice in alternating order spreads whatever a place in
+# the load order costs over every engine instead of charging it to the one always loaded first.
 LOADS = 2
 
 
