@@ -517,8 +517,9 @@ Loader = Callable[[], Entry]  # loads an engine and makes its timers (`loaded_en
 # Identical onnxruntime sessions in one process need not run equally fast: on a 2-core AMD EPYC
 # VM, of three copies of one decode program loaded as bare sessions the first created decoded
 # 3-9% slower than the last over six runs (three whole engines, `benchmarks/session_order.py`,
-# were within 2% of each other). Loading twice in alternating order spreads whatever a place in
-# the load order costs over every engine instead of charging it to the one always loaded first.
+# were within 3% of each other in two runs). Loading twice in alternating order spreads whatever
+# a place in the load order costs over every engine, instead of charging it to the one always
+# loaded first.
 LOADS = 2
 
 
