@@ -30,26 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def copy_timer(engine: Any, image: Any, prompt: str, tokens: int) -> Any:
-    """A decode timer of `engine`: seconds per token of `tokens` greedy steps after one prefill
-    of the image and prompt made now."""
-    feats, counts = engine.encode_images(image)
-    layout = engine.encode_prompt(prompt, counts)
-    first, cache = engine.prefill(layout, feats)
-
-    def decode() -> float:
-        logits, past = first, cache
-        t0 = time.perf_counter()
-        for i in range(tokens):
-            logits, past = engine.decode_step(
-                int(np.argmax(logits)), layout.next_position + i, past
-            )
-        return (time.perf_counter() - t0) / tokens
-
-    return decode
+import llava_next as lnx  # noqa: E402  (its decode timer: engine_decode)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,7 +45,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     engines, timers = [], []
     for _ in range(args.copies):
         engines.append(load(args.artifact, threads=args.threads))
-        timers.append(copy_timer(engines[-1], image, prompt, args.tokens))
+        timers.append(lnx.engine_decode(engines[-1], image, prompt, args.tokens))
     times: list[list[float]] = [[] for _ in timers]
     for r in range(args.rounds + 1):
         for k in [(r + i) % args.copies for i in range(args.copies)]:
