@@ -204,12 +204,18 @@ def test_session_order_times_identical_copies(tiny_base_artifact, tmp_path):
     assert all(len(r["rounds_ms"]) == 2 and r["ms_per_token"] > 0 for r in report["rows"])
     assert report["rows"][1]["vs_last_loaded"]["median"] == 1.0
     assert (out / "session_order.png").is_file()
+    elsewhere = ["--out", str(tmp_path / "bad")]
     for bad, want in (
         (["--copies", "1"], "error: --copies must be 2 to 8, got 1"),
-        (["--threads", "0"], "error: "),
+        (["--threads", "0"], "error: --threads must be"),
+        (["--image-size", "8"], "error: --image-size must be 16 to 4096, got 8"),
     ):
-        proc = subprocess.run(script + args + bad, capture_output=True, text=True)
+        proc = subprocess.run(script + args + bad + elsewhere, capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith(want), proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run(script + [str(tmp_path / "none")], capture_output=True, text=True)
+    proc = subprocess.run(
+        script + [str(tmp_path / "none")] + elsewhere, capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "is not an artifact dir" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

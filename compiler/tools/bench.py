@@ -205,6 +205,20 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the system (glibc's
+    malloc_trim), so that the RSS an engine's load adds is its own even where an engine loaded
+    and dropped before it left freed heap behind for it to reuse; nothing where there is no
+    glibc."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def device_sync(device: str) -> Callable[[], Any] | None:
     """What waits for `device`'s queued work (None on the CPU)."""
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
@@ -299,7 +313,7 @@ class Rounds:
 
 
 def interleaved_rounds(
-    timers: dict[str, dict[str, Timer]], repeats: int, pause: float = 0.1
+    timers: dict[str, dict[str, Timer]], repeats: int, pause: float = 0.1, first: int = 0
 ) -> Rounds:
     """Every timer over `repeats` rounds after one warm-up round. Each round runs every engine
     once, in turn, so the slow drifts of a shared machine (neighbours, clocks) fall on all rows
@@ -309,7 +323,9 @@ def interleaved_rounds(
     onnxruntime's pool threads spin-wait for a while after a run, and would otherwise take the
     cores from the engine timed next (on a small model and few cores, HF eager run right after an
     onnxruntime call is many times slower). Around each timed run the process's and the
-    machine's CPU time are read (`cpu_clock`), for `trust_verdict`."""
+    machine's CPU time are read (`cpu_clock`), for `trust_verdict`. `first`: the rounds are
+    numbered from it (an odd one begins in the reverse order), so that rounds shared out
+    between several calls keep alternating."""
 
     def run(timer: Timer) -> float:
         time.sleep(pause)
@@ -323,7 +339,7 @@ def interleaved_rounds(
     }
     clock = {name: np.zeros(3) for name in timers}  # wall, own CPU, machine busy CPU seconds
     start = np.array(cpu_clock())
-    for i in range(repeats):
+    for i in range(first, first + repeats):
         order = list(timers.items())
         for name, engine in order if i % 2 == 0 else reversed(order):
             for metric, timer in engine.items():
@@ -492,7 +508,7 @@ def loaded_entry(
     load: Callable[[], Any], timers_of: Callable[[Any], tuple[dict[str, Timer], int]]
 ) -> Entry:
     """Load an engine, make its timers and run its LLM prefill once, measuring the RSS added."""
-    gc.collect()
+    release_free_memory()
     before = rss_mb()
     engine = load()
     timers, n = timers_of(engine)
@@ -544,9 +560,11 @@ def side_by_side(
     cycles = max(1, min(loads, repeats)) if loaders else 1
     times: dict[str, dict[str, list[float]]] = {}
     busy: dict[str, list[float]] = {name: [] for name in entries}
+    shares: list[int] = []  # rounds per load, to weigh each load's CPU use
     others: list[float] = []
     # each row's prompt length and RSS (an engine's from its first load; its engine is dropped)
     info = {name: (e.prompt_tokens, e.rss_mb) for name, e in fixed.items()}
+    done = 0  # rounds timed so far
     for cycle in range(cycles):
         order = list(loaders) if cycle % 2 == 0 else list(reversed(loaders))
         loaded = {name: loaders[name]() for name in order}
@@ -554,14 +572,17 @@ def side_by_side(
             info.setdefault(name, (loaded[name].prompt_tokens, loaded[name].rss_mb))
         current = {name: fixed[name] if name in fixed else loaded[name] for name in entries}
         share = repeats // cycles + (cycle < repeats % cycles)
-        measured = interleaved_rounds({name: e.timers for name, e in current.items()}, share)
+        timers = {name: e.timers for name, e in current.items()}
+        measured = interleaved_rounds(timers, share, first=done)
+        done += share
+        shares.append(share)
         for name, metrics in measured.times.items():
             for metric, values in metrics.items():
                 times.setdefault(name, {}).setdefault(metric, []).extend(values)
             busy[name].append(measured.cpus_used[name])
         others.append(measured.others_cpus)
-        del loaded, current, measured
-        gc.collect()
+        del loaded, current, measured, timers
+        release_free_memory()
     threads = threads or torch.get_num_threads()
     rows = {}
     for name in entries:
@@ -581,7 +602,7 @@ def side_by_side(
             "rss_mb": rss,
             "rounds": rounds,
             "spread": {key: spread(v) for key, v in rounds.items()},
-            "cpus_used": statistics.mean(busy[name]),
+            "cpus_used": statistics.fmean(busy[name], weights=shares),
             "loads": cycles if name in loaders else 1,
             "trust": trust_verdict(rounds, max(others), threads),
         }

@@ -57,13 +57,16 @@ def test_interleaved_rounds_alternate_the_order():
 def test_side_by_side_reloads_engines_in_alternating_order(monkeypatch):
     """Engines given as loaders are loaded LOADS times, in the given order then the reverse,
     each load's engines dropped before the next; the rounds are shared out between the loads
-    and pooled per row. An Entry (HF eager) is loaded once and timed in every round."""
+    (3, then 2), keep alternating their order across loads, and are pooled per row in step, so
+    that round i of every row is the same moment. An Entry (HF eager) is loaded once and timed
+    in every round."""
     import gc
     import weakref
 
     monkeypatch.setattr(bench, "interleaved_rounds", _no_pause(bench.interleaved_rounds))
     loads: list[str] = []
     alive: list[weakref.ref] = []
+    calls: list[str] = []  # decode timers, in the order they ran
 
     class Engine:  # what an entry keeps alive until its timers have run
         pass
@@ -76,29 +79,38 @@ def test_side_by_side_reloads_engines_in_alternating_order(monkeypatch):
             loads.append(name)
             engine = Engine()
             alive.append(weakref.ref(engine))
-            return bench.Entry(
-                {"llm_prefill": lambda: 3.0, "decode": lambda: seconds}, 5, 1.0, engine
-            )
+            value = seconds + 10 * (len(loads) > 2)  # the second load's engines time 10 s more
+            decode = lambda: calls.append(name) or value  # noqa: E731
+            return bench.Entry({"llm_prefill": lambda: 3.0, "decode": decode}, 5, 1.0, engine)
 
         return load
 
-    eager = bench.Entry({"llm_prefill": lambda: 3.0, "decode": lambda: 4.0}, 5, 2.0)
+    eager = bench.Entry(
+        {"llm_prefill": lambda: 3.0, "decode": lambda: calls.append("E") or 4.0}, 5, 2.0
+    )
     rows = bench.side_by_side(
         {"hf_eager": eager, "a": loader("a", 1.0), "b": loader("b", 2.0)}, 5, threads=1
     )
+    gc.collect()
+    assert all(ref() is None for ref in alive)  # the last load's engines are dropped too
     assert loads == ["a", "b", "b", "a"]
+    fwd, rev = ["E", "a", "b"], ["b", "a", "E"]
+    # load 1: warm-up, rounds 0-2; load 2: warm-up, rounds 3-4 (round 3 reversed, as it follows 2)
+    assert calls == fwd + fwd + rev + fwd + fwd + rev + fwd
     assert [rows[n]["loads"] for n in ("hf_eager", "a", "b")] == [1, 2, 2]
-    assert rows["a"]["rounds"]["decode_s_per_token"] == [1.0] * 5  # 3 rounds, then 2
+    assert rows["a"]["rounds"]["decode_s_per_token"] == [1.0, 1.0, 1.0, 11.0, 11.0]
+    assert rows["b"]["rounds"]["decode_s_per_token"] == [2.0, 2.0, 2.0, 12.0, 12.0]
     assert rows["hf_eager"]["rounds"]["decode_s_per_token"] == [4.0] * 5
-    assert rows["b"]["decode_s_per_token"] == 2.0
+    assert bench.ratio_spread(rows["b"], rows["a"], "decode_s_per_token")["max"] == 2.0
     assert (rows["hf_eager"]["rss_mb"], rows["a"]["rss_mb"]) == (2.0, 1.0)
+    assert 0.0 <= rows["a"]["cpus_used"] and rows["a"]["trust"]["rounds"] == 5
     loads.clear()
     bench.side_by_side({"a": loader("a", 1.0), "b": loader("b", 2.0)}, 1, threads=1)
     assert loads == ["a", "b"]  # one round: one load
 
 
 def _no_pause(rounds):
-    return lambda timers, repeats, pause=0.1: rounds(timers, repeats, pause=0.0)
+    return lambda timers, repeats, pause=0.1, first=0: rounds(timers, repeats, 0.0, first)
 
 
 def test_roofline_is_raised_to_a_faster_row():
