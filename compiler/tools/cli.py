@@ -847,7 +847,13 @@ def _add_bench_parser(sub: Any) -> None:
     sp.add_argument("--dtype", default=None, help="as for compile; HF eager runs in it too")
     sp.add_argument("--text-tokens", type=_int_in(1), default=32)
     sp.add_argument("--decode-tokens", type=_int_in(1, cap=MAX_NEW_TOKENS), default=32)
-    sp.add_argument("--repeats", type=_repeats, default=3)
+    sp.add_argument(
+        "--repeats",
+        type=_repeats,
+        default=3,
+        help="timed rounds, each running every engine in turn; shared between two loads of the "
+        "engines in alternating order, each after a warm-up round (default 3)",
+    )
     sp.add_argument(
         "--threads",
         type=_int_in(1),
