@@ -44,7 +44,6 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,9 +199,7 @@ def engine_decode(engine: Any, image: Any, prompt: str, tokens: int) -> bench.Ti
     return decode
 
 
-def engine_entry(
-    path: Path, image: Any, prompt: str, tokens: int, threads: int
-) -> Callable[[], bench.Entry]:
+def engine_entry(path: Path, image: Any, prompt: str, tokens: int, threads: int) -> bench.Loader:
     """`bench.loader` of the artifact at `path` (`bench.side_by_side` loads it), its decode
     timed by `engine_decode`."""
     from mllmc.runtime import load
@@ -213,23 +210,6 @@ def engine_entry(
         return timers, n
 
     return bench.loader(lambda: load(path, threads=threads), timers_of)
-
-
-def probe_engine(path: Path, image: Any, prompt: str, n: int, threads: int) -> tuple[Any, int]:
-    """The unrewritten engine's manifest and the image's visual rows, from a load of its own
-    (`bench.side_by_side` loads the engines it times); RuntimeError unless its prompt has the n
-    rows of HF's."""
-    from mllmc.runtime import load
-
-    engine = load(path, threads=threads)
-    counts = engine.image_rows(image)
-    rows = engine.encode_prompt(prompt, counts).n
-    if rows != n:
-        raise RuntimeError(
-            f"HF's processor makes a {n}-token prompt, the engine a {rows}-token one: the rows "
-            "would not compare"
-        )
-    return engine.manifest, sum(counts)
 
 
 def time_groups(
@@ -253,7 +233,7 @@ def time_groups(
     fixed: dict[str, Any] = {"hf_eager": eager}  # HF eager stays loaded; engines are loaders
     n = eager.prompt_tokens
     peak = bench.roofline(info, n, max(args.rounds, 1), threads=threads)
-    manifest, visual = probe_engine(paths[BASE], image, prompt, n, threads)
+    manifest, visual = bench.probe_engine(paths[BASE], image, prompt, n, threads)
     manifests = {BASE: manifest}
     fixed[BASE] = engine_entry(paths[BASE], image, prompt, tokens, threads)
     groups = groups_of([k for k in paths if k != BASE], configs, args.group_size)

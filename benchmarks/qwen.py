@@ -44,7 +44,6 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +142,7 @@ def time_groups(
     eager.timers["decode"] = eager_decode(model, model_dir, image, prompt, tokens)
     fixed: dict[str, Any] = {"hf_eager": eager}  # HF eager stays loaded; engines are loaders
     n = eager.prompt_tokens
-    manifest, visual = lnx.probe_engine(paths[BASE], image, prompt, n, threads)
+    manifest, visual = bench.probe_engine(paths[BASE], image, prompt, n, threads)
     manifests = {BASE: manifest}
     peak = bench.roofline(manifest.model, n, max(args.rounds, 1), threads=threads)
     fixed[BASE] = lnx.engine_entry(paths[BASE], image, prompt, tokens, threads)
@@ -226,7 +225,7 @@ def text_layout(engine: Any, n: int) -> Any:
     return hook(layout, []) if hook else layout
 
 
-def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> Callable[[], bench.Entry]:
+def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> bench.Loader:
     """`bench.loader` of the unrewritten engine's decoder on a text-only prompt of n rows:
     "llm_prefill" and "decode" per token (from one prefill made at load)."""
     from mllmc.runtime import load

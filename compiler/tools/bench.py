@@ -516,18 +516,18 @@ def loaded_entry(
     return Entry(timers, n, rss_mb() - before, engine)
 
 
+Loader = Callable[[], Entry]  # loads an engine and makes its timers (`loaded_entry`)
+
+
 def loader(
     load: Callable[[], Any], timers_of: Callable[[Any], tuple[dict[str, Timer], int]]
-) -> Callable[[], Entry]:
+) -> Loader:
     """`loaded_entry` deferred: what `side_by_side` takes to load an engine itself, as often and
     in the order it chooses."""
     return lambda: loaded_entry(load, timers_of)
 
 
 TIME_KEYS = ("prefill_s", "vision_s", "llm_prefill_s", "decode_s_per_token")
-
-
-Loader = Callable[[], Entry]  # loads an engine and makes its timers (`loaded_entry`)
 
 # How many times `side_by_side` loads the engines it is given as loaders, alternating the order.
 # Identical onnxruntime sessions in one process need not run equally fast: on a 2-core AMD EPYC
@@ -537,6 +537,23 @@ Loader = Callable[[], Entry]  # loads an engine and makes its timers (`loaded_en
 # a place in the load order costs over every engine, instead of charging it to the one always
 # loaded first.
 LOADS = 2
+
+
+def probe_engine(path: Path, image: Any, prompt: str, n: int, threads: int) -> tuple[Any, int]:
+    """The manifest of the artifact at `path` and the image's visual rows, from a load of its
+    own (`side_by_side` loads the engines it times); RuntimeError unless its prompt has the n
+    rows of HF's processor (the rows would not compare)."""
+    from mllmc.runtime import load
+
+    engine = load(path, threads=threads)
+    counts = engine.image_rows(image)
+    rows = engine.encode_prompt(prompt, counts).n
+    if rows != n:
+        raise RuntimeError(
+            f"HF's processor makes a {n}-token prompt, the engine a {rows}-token one: the rows "
+            "would not compare"
+        )
+    return engine.manifest, sum(counts)
 
 
 def side_by_side(
@@ -837,15 +854,8 @@ def _time_variants(
             lambda out=out: load(out, threads=threads),
             lambda engine: engine_timers(engine, image, prompt, decode_tokens, options.device),
         )
-    base = load(paths[variants[0][0]], threads=threads)  # (side_by_side loads its own)
-    counts = base.image_rows(image)
-    visual, n = sum(counts), base.encode_prompt(prompt, counts).n
-    del base
-    if n != entries["hf_eager"].prompt_tokens:
-        raise RuntimeError(
-            f"HF's processor makes a {entries['hf_eager'].prompt_tokens}-token prompt, the engine "
-            f"a {n}-token one: the rows would not compare"
-        )
+    n = entries["hf_eager"].prompt_tokens
+    _, visual = probe_engine(paths[variants[0][0]], image, prompt, n, threads)
     return side_by_side(entries, repeats, threads), manifests, model_info, visual
 
 
