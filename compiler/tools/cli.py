@@ -4,7 +4,9 @@ check) exits 1."""
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -12,7 +14,8 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1020,10 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         _disable_hf_progress_bars()
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _terminate)
     try:
-        return args.fn(args)
+        with stop_signals():
+            return args.fn(args)
     except UserError as e:
         sys.stderr.write(f"mllmc: error: {e}\n")
         return 2
@@ -1061,6 +1063,42 @@ class Terminated(BaseException):
 
 def _terminate(signum: int, _frame: Any) -> None:
     raise Terminated(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+REDELIVERY_DELAY_S = 0.01
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` for the duration, and no stop is lost.
+
+    Python runs a signal handler between two bytecodes of the main thread, wherever it is. If
+    that is inside a `__del__` or a weakref callback (importlib's module locks have one), the
+    exception it raises is printed as "Exception ignored in ..." and dropped, and the work would
+    go on as if the signal never came. The hook below sees such a dropped `Terminated` or
+    `KeyboardInterrupt` and delivers its signal again, so the handler raises it once more in
+    the code that follows, where it unwinds through every `finally`."""
+    previous_hook = sys.unraisablehook
+    previous = {s: signal.signal(s, _terminate) for s in STOP_SIGNALS}
+
+    def redeliver_a_dropped_stop(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, Terminated | KeyboardInterrupt):
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            # from another thread, a moment later: delivered here, the handler would run
+            # inside this hook, whose exceptions are dropped too
+            threading.Timer(REDELIVERY_DELAY_S, _thread.interrupt_main, (signum,)).start()
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = redeliver_a_dropped_stop
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -143,6 +144,68 @@ def test_a_killed_compile_leaves_nothing_behind(tiny_model_dir, tmp_path, signum
     assert code == 128 + signum, proc.stderr.read()
     assert f"stopped by {signal.Signals(signum).name}" in proc.stderr.read()
     assert not out.exists() and temps_beside(out) == []
+
+
+def signal_self_and_run_on(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+    for _ in range(10_000):  # Python runs the handler between these bytecodes
+        pass
+
+
+class SignalledInDel:
+    """Sends its signal from inside `__del__`, so that Python runs the handler there: where an
+    exception is printed as "Exception ignored in ..." and dropped."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        signal_self_and_run_on(self.signum)
+
+
+def signalled_in_weakref_callback(signum: int) -> None:
+    """The same from a weakref callback, as importlib's module locks have."""
+    import weakref
+
+    class Target:
+        pass
+
+    target = Target()
+    ref = weakref.ref(target, lambda _: signal_self_and_run_on(signum))
+    del target
+    assert ref() is None
+
+
+@pytest.mark.parametrize("where", ["__del__", "weakref callback"])
+@pytest.mark.parametrize(
+    ("signum", "raised"),
+    [
+        (signal.SIGTERM, "Terminated"),
+        (signal.SIGHUP, "Terminated"),
+        (signal.SIGINT, "KeyboardInterrupt"),
+    ],
+)
+def test_a_stop_signal_that_lands_where_exceptions_are_dropped_still_stops(
+    where, signum, raised, capfd
+):
+    from mllmc.compiler.tools import cli
+
+    hook, handlers = sys.unraisablehook, [signal.getsignal(s) for s in cli.STOP_SIGNALS]
+    expected = cli.Terminated if raised == "Terminated" else KeyboardInterrupt
+    with pytest.raises(expected) as stopped, cli.stop_signals():
+        if where == "__del__":
+            SignalledInDel(signum)  # dropped at once: __del__ runs here
+        else:
+            signalled_in_weakref_callback(signum)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the stop is raised again in the code that follows
+            pass
+        pytest.fail("the stop was dropped")
+    if expected is cli.Terminated:
+        assert stopped.value.signum == signum
+    assert "Exception ignored" not in capfd.readouterr().err  # one line stays one line
+    assert sys.unraisablehook is hook  # both put back as they were
+    assert [signal.getsignal(s) for s in cli.STOP_SIGNALS] == handlers
 
 
 def test_stale_temp_dirs_of_dead_writers_are_removed_never_live_ones(tmp_path):
