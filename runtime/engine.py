@@ -124,6 +124,16 @@ class SegmentLoop:
                 )
         self._cache_layers = _cache_layers(self._past_names)  # the layer of each cache input
         self._num_layers_cached = max(self._cache_layers) + 1  # cache_pad's rows
+        # one sample's decode inputs: its position_ids' shape, and no left padding
+        self._one_position = (3, 1, 1) if self._position_rank == 3 else (1, 1)
+        self._no_pads = np.zeros((self._num_layers_cached, 1), dtype=np.int64)  # read only
+        # a decode runner's step on the caches it returned, without feeds (in-place decoder)
+        decoder = self.runners["decode"]
+        self._continue_step = (
+            decoder.continue_step
+            if getattr(decoder, "cache_names", None) == self._past_names
+            else None
+        )
         prefill = self.runners["prefill"].entry
         # the vocabulary (logits' last dim), where the manifest fixes it: what token ids are
         # checked against
@@ -194,7 +204,8 @@ class SegmentLoop:
         """One new token at `position` -> (logits (V,), cache with one more row per layer)."""
         if not _is_int(token_id):
             raise UserError(f"token_id must be an integer token id, got {token_id!r}")
-        self._check_token_ids(np.array([token_id]), "token_id")
+        if not 0 <= token_id < (self._vocab or 2**62):  # the batch's check, without its arrays
+            self._check_token_ids(np.array([token_id]), "token_id")
         if not _is_int(position) or not 0 <= position < 2**62:
             raise UserError(f"position must be an integer >= 0, got {position!r}")
         if not isinstance(cache, (list, tuple)) or len(cache) != len(self._past_names):
@@ -204,8 +215,18 @@ class SegmentLoop:
                 f"decode_step() returned, got {got}"
             )
         runner = self.runners["decode"]
-        feeds = self._decode_feeds([token_id], [position], np.zeros((self._num_layers_cached, 1)))
-        feeds.update(zip(self._past_names, cache, strict=True))
+        ids = np.full((1, 1), token_id, dtype=np.int64)
+        positions = np.full(self._one_position, position, dtype=np.int64)
+        if self._continue_step is not None:  # the in-place decoder, on the caches it returned
+            step = self._continue_step(cache, ids, positions, self._no_pads)
+            if step is not None:
+                return runner.to_numpy(step[0])[0], step[1]
+        feeds = {
+            "input_ids": ids,
+            "position_ids": positions,
+            "cache_pad": self._no_pads,
+            **dict(zip(self._past_names, cache, strict=True)),
+        }
         owns = getattr(runner, "owns", None)  # the in-place decoder knows its own caches
         if self._kv_visual is not None and not (owns is not None and owns(cache)):
             check_feeds(runner.entry, feeds, "decode")

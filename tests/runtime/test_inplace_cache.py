@@ -116,6 +116,38 @@ def test_each_step_returns_its_own_logits(tiny_base_artifact: Path):
     assert engine.runners["decode"].adopts == 1
 
 
+def test_decode_step_on_its_own_caches_skips_the_feeds_and_keeps_every_check(
+    tiny_base_artifact: Path, monkeypatch
+):
+    """decode_step on the caches the last step returned takes the runner's continue_step (no
+    feeds, no __call__); a list the caller changed, or a batch's caches, are not taken for
+    its own: the step adopts the changed list (still the growing cache's logits) and refuses
+    the batch's caches in one line."""
+    engine, growing = load(tiny_base_artifact), load(tiny_base_artifact, decode_cache="growing")
+    runner = engine.runners["decode"]
+    calls = []
+    call = InPlaceCacheDecoder.__call__
+    monkeypatch.setattr(InPlaceCacheDecoder, "__call__", lambda r, f: calls.append(1) or call(r, f))
+    (cache, token, position), (other_cache, *_), _ = prefilled(engine)
+    theirs = cache
+    for step in range(3):
+        logits, cache = engine.decode_step(token + step, position + step, cache)
+        want, theirs = growing.decode_step(token + step, position + step, theirs)
+        assert float(np.abs(logits - want).max()) <= TOL
+    assert len(calls) == 1 and runner.adopts == 1  # the first step adopted the prefill's
+    cache[0] = cache[0].copy()  # the caller's list: the runner's own is unchanged
+    logits, cache = engine.decode_step(token, position + 3, cache)
+    want, theirs = growing.decode_step(token, position + 3, theirs)
+    assert float(np.abs(logits - want).max()) <= TOL
+    assert len(calls) == 2 and runner.adopts == 2
+    batch = engine.new_batch()
+    batch.join("a", cache)
+    batch.join("b", other_cache)
+    engine.decode_batch_step([token, token], [position + 4, position + 4], batch)
+    with pytest.raises(UserError, match="as many rows in .batch. as input_ids"):
+        engine.decode_step(token, position + 5, batch.cache)  # two samples' caches
+
+
 def test_static_decode_choices(tiny_base_artifact: Path, tmp_path: Path):
     """onnx compiles the static decode by default; an artifact without it refuses
     decode_cache='static' with one line and decodes with the growing cache."""
@@ -170,6 +202,12 @@ def test_fused_and_unfused_static_programs_decode_alike(
         got, _ = run(engine, starts, 6, leave_at=2)
         for g, w in zip(got, want, strict=True):
             assert max(float(np.abs(g[k] - w[k]).max()) for k in w) <= TOL
+        # one sample's steps (decode_step: the runner's continue_step after the first)
+        (ours, token, position), theirs = starts[1], starts[1][0]
+        for step in range(6):
+            logits, ours = engine.decode_step(token, position + step, ours)
+            expected, theirs = growing.decode_step(token, position + step, theirs)
+            assert float(np.abs(logits - expected).max()) <= TOL
 
 
 def test_next_request_reuses_the_buffers_unless_a_cache_is_kept(tiny_base_artifact: Path):
