@@ -4,9 +4,7 @@ check) exits 1."""
 
 from __future__ import annotations
 
-import _thread
 import argparse
-import contextlib
 import io
 import json
 import logging
@@ -15,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1024,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         _disable_hf_progress_bars()
     try:
-        with stop_signals():
+        with StopSignals():
             return args.fn(args)
     except UserError as e:
         sys.stderr.write(f"mllmc: error: {e}\n")
@@ -1061,44 +1059,85 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise Terminated(signum)
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 REDELIVERY_DELAY_S = 0.01
 
 
-@contextlib.contextmanager
-def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `Terminated` for the duration, and no stop is lost.
+class StopSignals:
+    """For the duration of a `with` block, SIGTERM and SIGHUP raise `Terminated`, and no stop
+    is lost.
 
     Python runs a signal handler between two bytecodes of the main thread, wherever it is. If
     that is inside a `__del__` or a weakref callback (importlib's module locks have one), the
     exception it raises is printed as "Exception ignored in ..." and dropped, and the work would
-    go on as if the signal never came. The hook below sees such a dropped `Terminated` or
-    `KeyboardInterrupt` and delivers its signal again, so the handler raises it once more in
-    the code that follows, where it unwinds through every `finally`."""
-    previous_hook = sys.unraisablehook
-    previous = {s: signal.signal(s, _terminate) for s in STOP_SIGNALS}
+    go on as if the signal never came. The `sys.unraisablehook` installed here sees such a
+    dropped `Terminated` or `KeyboardInterrupt` and sends its signal to the main thread again a
+    moment later, from a timer thread (sent from the hook, the handler would run inside the
+    hook, whose exceptions are dropped too; a real signal also wakes a blocking call). The
+    handler then raises it in the code that follows, where it unwinds through every `finally`.
+    A dropped stop is not sent again while another stop is already unwinding (its clean-up goes
+    on), and one still waiting when the block ends is raised there."""
 
-    def redeliver_a_dropped_stop(unraisable: Any) -> None:
+    def __init__(self) -> None:
+        self.redelivered = 0  # dropped stops sent again
+        self._lock = threading.Lock()
+        self._active = False
+        self._raised = 0  # Terminated raised by the handler and not dropped
+        self._pending: int | None = None  # a dropped stop's signal, not yet sent again
+        self._timers: list[threading.Timer] = []
+        self._previous_hook = sys.unraisablehook
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        self._previous_hook = sys.unraisablehook
+        self._previous = {s: signal.signal(s, self._terminate) for s in STOP_SIGNALS}
+        sys.unraisablehook = self._hook
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            with self._lock:
+                self._active = False
+                for timer in self._timers:
+                    timer.cancel()
+                pending, self._pending = self._pending, None
+        finally:
+            sys.unraisablehook = self._previous_hook
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        if exc_type is None and pending is not None:
+            raise KeyboardInterrupt if pending == signal.SIGINT else Terminated(pending)
+
+    def _terminate(self, signum: int, _frame: Any) -> None:
+        self._raised += 1
+        raise Terminated(signum)
+
+    def _hook(self, unraisable: Any) -> None:
         exc = unraisable.exc_value
-        if isinstance(exc, Terminated | KeyboardInterrupt):
-            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
-            # from another thread, a moment later: delivered here, the handler would run
-            # inside this hook, whose exceptions are dropped too
-            threading.Timer(REDELIVERY_DELAY_S, _thread.interrupt_main, (signum,)).start()
-        else:
-            previous_hook(unraisable)
+        if not isinstance(exc, Terminated | KeyboardInterrupt):
+            self._previous_hook(unraisable)
+            return
+        if isinstance(exc, Terminated):
+            self._raised -= 1  # this one unwinds nothing
+        if self._raised > 0:
+            return  # another stop is unwinding: let its clean-up finish
+        with self._lock:
+            if not self._active:
+                return
+            self._pending = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            timer = threading.Timer(REDELIVERY_DELAY_S, self._send_pending)
+            timer.daemon = True
+            self._timers.append(timer)
+        timer.start()
 
-    sys.unraisablehook = redeliver_a_dropped_stop
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous_hook
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    def _send_pending(self) -> None:
+        with self._lock:
+            if not self._active or self._pending is None:
+                return
+            signum, self._pending = self._pending, None
+            self.redelivered += 1
+            signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 if __name__ == "__main__":

@@ -204,10 +204,19 @@ def test_fused_and_unfused_static_programs_decode_alike(
             assert max(float(np.abs(g[k] - w[k]).max()) for k in w) <= TOL
         # one sample's steps (decode_step: the runner's continue_step after the first)
         (ours, token, position), theirs = starts[1], starts[1][0]
-        for step in range(6):
-            logits, ours = engine.decode_step(token, position + step, ours)
-            expected, theirs = growing.decode_step(token, position + step, theirs)
-            assert float(np.abs(logits - expected).max()) <= TOL
+        calls = []
+        with monkeypatch.context() as patch:
+            call = InPlaceCacheDecoder.__call__
+            patch.setattr(
+                InPlaceCacheDecoder,
+                "__call__",
+                lambda r, f, calls=calls, call=call: calls.append(1) or call(r, f),
+            )
+            for step in range(6):
+                logits, ours = engine.decode_step(token, position + step, ours)
+                expected, theirs = growing.decode_step(token, position + step, theirs)
+                assert float(np.abs(logits - expected).max()) <= TOL
+        assert len(calls) == 1  # the first step adopted the prefill's caches; 5 continued
 
 
 def test_next_request_reuses_the_buffers_unless_a_cache_is_kept(tiny_base_artifact: Path):

@@ -176,6 +176,12 @@ def signalled_in_weakref_callback(signum: int) -> None:
     assert ref() is None
 
 
+def busy(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # bytecodes, between which a handler may run
+        pass
+
+
 @pytest.mark.parametrize("where", ["__del__", "weakref callback"])
 @pytest.mark.parametrize(
     ("signum", "raised"),
@@ -192,20 +198,41 @@ def test_a_stop_signal_that_lands_where_exceptions_are_dropped_still_stops(
 
     hook, handlers = sys.unraisablehook, [signal.getsignal(s) for s in cli.STOP_SIGNALS]
     expected = cli.Terminated if raised == "Terminated" else KeyboardInterrupt
-    with pytest.raises(expected) as stopped, cli.stop_signals():
+    with pytest.raises(expected) as stopped, cli.StopSignals() as stops:
         if where == "__del__":
             SignalledInDel(signum)  # dropped at once: __del__ runs here
         else:
             signalled_in_weakref_callback(signum)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the stop is raised again in the code that follows
-            pass
+        busy(10)  # the stop is raised again in the code that follows
         pytest.fail("the stop was dropped")
+    assert stops.redelivered == 1  # dropped, then sent again: not raised where it landed
     if expected is cli.Terminated:
         assert stopped.value.signum == signum
     assert "Exception ignored" not in capfd.readouterr().err  # one line stays one line
     assert sys.unraisablehook is hook  # both put back as they were
     assert [signal.getsignal(s) for s in cli.STOP_SIGNALS] == handlers
+
+
+def test_a_dropped_stop_still_waiting_when_the_block_ends_is_raised_there():
+    from mllmc.compiler.tools import cli
+
+    with pytest.raises(cli.Terminated), cli.StopSignals() as stops:
+        SignalledInDel(signal.SIGTERM)  # dropped; the block ends before it is sent again
+    assert stops.redelivered == 0
+    busy(0.2)  # and nothing is sent after the block
+
+
+def test_a_dropped_stop_does_not_interrupt_the_clean_up_of_one_already_unwinding():
+    from mllmc.compiler.tools import cli
+
+    with cli.StopSignals() as stops:
+        try:
+            signal_self_and_run_on(signal.SIGTERM)
+            pytest.fail("SIGTERM did not stop")
+        except cli.Terminated:  # unwinding: the clean-up runs, and a second stop lands in it
+            SignalledInDel(signal.SIGHUP)
+            busy(0.2)
+    assert stops.redelivered == 0
 
 
 def test_stale_temp_dirs_of_dead_writers_are_removed_never_live_ones(tmp_path):
