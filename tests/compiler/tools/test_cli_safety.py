@@ -176,6 +176,15 @@ def signalled_in_weakref_callback(signum: int) -> None:
     assert ref() is None
 
 
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raising KeyboardInterrupt, as Python has it in a terminal: a process started in
+    the background inherits SIGINT ignored, and Python then leaves it so."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def busy(seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:  # bytecodes, between which a handler may run
@@ -192,7 +201,7 @@ def busy(seconds: float) -> None:
     ],
 )
 def test_a_stop_signal_that_lands_where_exceptions_are_dropped_still_stops(
-    where, signum, raised, capfd
+    where, signum, raised, capfd, ctrl_c
 ):
     from mllmc.compiler.tools import cli
 
