@@ -378,6 +378,8 @@ class Scheduler:
         self._batch = engine.new_batch()
         self._samples: dict[Hashable, _Sample] = {}
         self._futures: dict[Hashable, Future[GenerationResult]] = {}
+        # admitted and not yet in the batch (their prefill runs): close() cancels them too
+        self._starting: dict[Future[GenerationResult], None] = {}
         self._keys = itertools.count()
         self._completed = 0
         self._closed = False
@@ -439,8 +441,8 @@ class Scheduler:
 
     def _cancel_all(self) -> int:
         """Cancel every queued and running request (the caller holds the lock) -> how many."""
-        futures = [f for _, f in self._queue] + list(self._futures.values())
-        cut = sum(f.cancel() for f in futures if not f.done())
+        futures = [f for _, f in self._queue] + [*self._starting, *self._futures.values()]
+        cut = sum(f.cancel() for f in dict.fromkeys(futures) if not f.done())
         self._cond.notify_all()
         return cut
 
@@ -469,7 +471,8 @@ class Scheduler:
             log.exception("the scheduler thread failed")
             with self._cond:
                 self._closed = True
-                left = [f for _, f in self._queue] + list(self._futures.values())
+                left = [f for _, f in self._queue] + [*self._starting, *self._futures.values()]
+                left = list(dict.fromkeys(left))
                 self._queue.clear()
             for future in left:
                 self._finish(future, error=RuntimeError(f"the scheduler failed: {e!r}"))
@@ -482,9 +485,18 @@ class Scheduler:
             if not self._queue and not self._samples:
                 return None  # closed, and nothing left
             free = self.max_batch - len(self._samples)
-            return [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+            admitted = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+            self._starting = dict.fromkeys(f for _, f in admitted)
+            return admitted
 
     def _start(self, prepared: _Prepared, future: Future[GenerationResult]) -> None:
+        try:
+            self._start_one(prepared, future)
+        finally:
+            with self._cond:
+                self._starting.pop(future, None)
+
+    def _start_one(self, prepared: _Prepared, future: Future[GenerationResult]) -> None:
         if future.cancelled():
             return
         try:
@@ -496,9 +508,11 @@ class Scheduler:
             self._finish(future, result=sample.result(self.engine))
             return
         key = next(self._keys)
-        self._batch.join(key, cache)
         with self._cond:
+            if future.cancelled():  # while its prefill ran (close without drain)
+                return
             self._samples[key], self._futures[key] = sample, future
+        self._batch.join(key, cache)  # before the next step, which this thread runs
 
     def _step(self) -> None:
         """Drop cancelled samples, run one decode step, answer the samples it finished."""

@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import threading
+import time
 from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,36 @@ def test_scheduler_close_drains_or_cancels(engine: Engine):
     scheduler.close(drain=False, timeout=60)
     assert not scheduler._thread.is_alive()
     assert all(f.cancelled() for f in futures)
+    assert scheduler.stats() == (0, 0, 0)
+
+
+def test_close_without_drain_cancels_a_request_whose_prefill_runs(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    """A request the scheduler has taken from the queue but not yet added to the batch (its
+    prefill runs) is cancelled by close(drain=False) like the others, and never joins."""
+    import mllmc.runtime.batching as batching
+
+    real_start, closers, submitted = batching.start, [], threading.Event()
+
+    def start_while_closing(*args: Any, **kwargs: Any) -> Any:
+        submitted.wait(60)
+        scheduler = closers[0]  # a user's thread closes the scheduler during this prefill
+        closer = threading.Thread(target=scheduler.close, kwargs={"drain": False})
+        closer.start()
+        closers.append(closer)
+        while not scheduler._closed:
+            time.sleep(0.001)
+        return real_start(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "start", start_while_closing)
+    scheduler = Scheduler(engine, max_batch=1)
+    closers.append(scheduler)
+    futures = [scheduler.submit(request(i, 400)) for i in range(2)]
+    submitted.set()
+    scheduler._thread.join(60)
+    closers[1].join(60)
+    assert not scheduler._thread.is_alive() and all(f.cancelled() for f in futures)
     assert scheduler.stats() == (0, 0, 0)
 
 
