@@ -105,18 +105,21 @@ def compile_variants(
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Compile each variant into root/<model>-<name> with `mllmc compile --no-validate` (as
     `mllmc bench`), one process each, so that no compile's memory stays in the timing process;
-    with `reuse`, an artifact an earlier run left there with the same passes is kept. A variant
+    with `reuse`, an artifact an earlier run left there with the same passes (and this mllmc's
+    manifest format) is kept. A variant
     with a pre-LLM pass that mllmc refuses on this model is left out: returns (the artifact
     paths, why each variant left out was refused)."""
     from mllmc.runtime.errors import UserError
-    from mllmc.runtime.manifest import read_manifest
+    from mllmc.runtime.manifest import FORMAT_VERSION, read_manifest
 
     paths, skipped = {}, {}
     for name, specs in configs.items():
         path = root / f"{Path(model_dir).name}-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', name)}"
         wanted = [spec.split(":")[0] for spec in specs]
         if reuse and (path / "manifest.json").is_file():
-            if [p.name for p in read_manifest(path).passes] == wanted:
+            manifest = read_manifest(path)
+            current = manifest.format_version == FORMAT_VERSION  # else this runtime may refuse it
+            if current and [p.name for p in manifest.passes] == wanted:
                 print(f"reusing {path}", flush=True)
                 paths[name] = path
                 continue

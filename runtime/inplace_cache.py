@@ -29,7 +29,10 @@ buffers are fed without a copy. A program compiled with the fused attention retu
 themselves (`inplace.*`, onnxruntime's GroupQueryAttention: compiler/core/fused_attention.py)
 instead of the new rows: each `inplace.*` output is bound to the memory of its `past.*` buffer
 (an I/O binding over the numpy arrays), so the operator writes the new row there and reads only
-the rows the cache holds, and this runner writes nothing.
+the rows the cache holds, and this runner writes nothing. Such a program takes the operator's
+small inputs (rotary angles, write rows, attention bias) instead of position_ids, cache_len and
+cache_pad: this runner computes them (runtime/step_inputs.py) into arrays bound with the
+buffers.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import UserError
-from .manifest import STATIC_DECODE_INPUTS
 from .runners import check_feeds
 from .runners.onnx import first_line
+from .step_inputs import HostStepInputs
 
 if TYPE_CHECKING:
     from .manifest import SegmentEntry
@@ -55,8 +58,9 @@ GROWTH = 1.5  # a full buffer moves into one this much bigger
 class InPlaceCacheDecoder:
     """A `SegmentRunner` for the decode segment (its manifest `entry`: past.*/present.*) that
     runs `static`, an onnxruntime runner of the static-cache decode program (inputs input_ids,
-    position_ids, cache_len, cache_pad, past.*; outputs logits, then the new rows new.* or the
-    fused attention's buffers inplace.*), over numpy buffers."""
+    position_ids, cache_len, cache_pad, past.*, or for the fused attention the operator's inputs
+    that `step_inputs.HostStepInputs` computes from those; outputs logits, then the new rows
+    new.* or the fused attention's buffers inplace.*), over numpy buffers."""
 
     def __init__(self, name: str, entry: SegmentEntry, static: Any, chunk: int = DEFAULT_CHUNK):
         if chunk < 1:
@@ -81,13 +85,22 @@ class InPlaceCacheDecoder:
             )
         dtypes = {t.name: np.dtype(t.dtype) for t in static.entry.inputs}
         self._cache_dtype = dtypes[self._past_names[0]]
+        # a fused program's small inputs, computed here (`HostStepInputs`, made at each binding)
+        self._step_spec = static.entry.step_inputs
+        if self._inplace_names and self._step_spec is None:
+            raise UserError(
+                f"corrupt artifact: the {static.name} program writes its buffers in place but "
+                "its manifest entry has no step_inputs"
+            )
+        self._table_dtype = dtypes.get("rotary_cos", self._cache_dtype)
+        self._host: HostStepInputs | None = None
         self._buffers: list[np.ndarray] = []  # (B, kvh, C, hd) per cache input
         self._lens = np.zeros(0, dtype=np.int64)  # (L,) rows each layer's buffers hold
         self._rows: list[int] = []  # the same per cache input (2L), as Python ints
         self._returned: list[np.ndarray] = []  # the views the last step returned
         self._binding: Any = None  # the I/O binding of the buffers (fused attention only)
         self._bound_values: list[Any] = []  # the OrtValues the binding holds
-        self._small: dict[str, np.ndarray] = {}  # the bound small inputs, filled each step
+        self._bound_batch = 0  # the samples the binding's small inputs are for
         self._logits = np.zeros((0, 0), dtype=np.float32)  # the bound logits
         self.adopts = 0  # caches copied in (a prefill's, a batch that changed)
         self.moves = 0  # times the buffers grew
@@ -219,15 +232,15 @@ class InPlaceCacheDecoder:
         `_returned` the caches one row longer."""
         if max(self._rows) + 1 > self.capacity:
             self._grow()
-        small = {
-            "input_ids": np.asarray(input_ids, dtype=np.int64),
-            "position_ids": np.asarray(position_ids, dtype=np.int64),
-            "cache_len": self._lens,
-            "cache_pad": np.ascontiguousarray(cache_pad, dtype=np.int64),
-        }
         if self._inplace_names:
-            logits = self._run_bound(small)  # the buffers are bound
+            logits = self._run_bound(input_ids, position_ids, cache_pad)  # the buffers are bound
         else:
+            small = {
+                "input_ids": np.asarray(input_ids, dtype=np.int64),
+                "position_ids": np.asarray(position_ids, dtype=np.int64),
+                "cache_len": self._lens,
+                "cache_pad": np.ascontiguousarray(cache_pad, dtype=np.int64),
+            }
             out = self.static({**small, **dict(zip(self._past_names, self._buffers, strict=True))})
             logits = out["logits"]
             for i, (buf, name) in enumerate(zip(self._buffers, self._new_names, strict=True)):
@@ -239,39 +252,38 @@ class InPlaceCacheDecoder:
         self._returned = [buf[:, :, :n] for buf, n in zip(self._buffers, self._rows, strict=True)]
         return logits
 
-    def _run_bound(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _run_bound(self, input_ids: Any, position_ids: Any, cache_pad: Any) -> np.ndarray:
         """One step of a fused-attention program with each `inplace.*` output bound to its
-        `past.*` buffer, so the operator writes the new rows in place; `inputs`: the small
-        inputs (STATIC_DECODE_INPUTS). Returns the logits.
+        `past.*` buffer, so the operator writes the new rows in place. Returns the logits.
         Everything is bound once per set of buffers: the buffers, and arrays of this runner's
-        for the four small inputs and the logits, which a step fills and reads. A step then
-        binds nothing (binding every tensor anew cost ~0.2 ms a step, more than a small
-        layer's attention)."""
-        session = self.static.session
-        if self._binding is None or any(a.shape != inputs[n].shape for n, a in self._small.items()):
-            self._bind(inputs)
-        for name, array in self._small.items():
-            np.copyto(array, inputs[name])
+        for the small inputs and the logits, which a step fills and reads. A step then binds
+        nothing (binding every tensor anew cost ~0.2 ms a step, more than a small layer's
+        attention)."""
+        if self._host is None or self._binding is None or self._bound_batch != len(input_ids):
+            self._bind()
+        self._host.fill(input_ids, position_ids, self._lens, cache_pad)
         try:
-            session.run_with_iobinding(self._binding)
+            self.static.session.run_with_iobinding(self._binding)
         except Exception as e:  # onnxruntime's own Fail / InvalidArgument / ... classes
             raise UserError(f"the {self.static.name} engine failed: {first_line(e)}") from None
         return self._logits.copy()  # the next step writes the bound array again
 
-    def _bind(self, inputs: dict[str, np.ndarray]) -> None:
+    def _bind(self) -> None:
         """A new I/O binding: the buffers (each `past.*` input and its `inplace.*` output one
         memory), the small inputs and the logits (arrays of this runner's, filled and read in
         place)."""
         import onnxruntime as ort
 
+        assert self._step_spec is not None  # checked when the runner was made
         binding = self.static.session.io_binding()
-        # C-contiguous (an OrtValue over any other layout would be a copy the steps never fill)
-        self._small = {n: np.empty(inputs[n].shape, inputs[n].dtype) for n in STATIC_DECODE_INPUTS}
+        batch, _, capacity, _ = self._buffers[0].shape
+        self._host = HostStepInputs(
+            self._step_spec, len(self._lens), batch, capacity, self._table_dtype
+        )
         logits = next(t for t in self.static.entry.outputs if t.name == "logits")
-        batch = self._buffers[0].shape[0]
         self._logits = np.empty((batch, int(logits.shape[-1])), dtype=np.dtype(logits.dtype))
         values = []  # OrtValues over the arrays' memory (no copies), kept with the binding
-        for name, array in self._small.items():
+        for name, array in self._host.arrays().items():
             values.append(ort.OrtValue.ortvalue_from_numpy(array))
             binding.bind_ortvalue_input(name, values[-1])
         values.append(ort.OrtValue.ortvalue_from_numpy(self._logits))
@@ -282,7 +294,7 @@ class InPlaceCacheDecoder:
             values.append(ort.OrtValue.ortvalue_from_numpy(buf))
             binding.bind_ortvalue_input(past, values[-1])
             binding.bind_ortvalue_output(inplace, values[-1])
-        self._binding, self._bound_values = binding, values
+        self._binding, self._bound_values, self._bound_batch = binding, values, batch
 
     def to_numpy(self, value: Any) -> np.ndarray:
         a = np.asarray(value)  # the logits a step returned are its own array: no copy needed

@@ -39,14 +39,17 @@ from typing import Any, TypedDict, TypeVar
 from .errors import UserError
 from .jsonfile import JSONError, read_json
 
-# 6: an onnx `decode_static` program may return its cache buffers (`inplace.*`, written in place
-# by the fused attention) instead of the new rows (`new.*`); 5 returned rows only (this runtime
-# runs both); the decode step takes a batch of samples, each one's cache left-padded by
-# `cache_pad` rows, since 5; 4 decoded one sample at a time; 3 and 2 also took one image span at
-# visual_start in the prefill instead of a prompt layout. Their manifests still read (for
-# `inspect`); the engine asks for a recompile of 4 and older
-FORMAT_VERSION = 6
-READABLE_VERSIONS = (2, 3, 4, 5, FORMAT_VERSION)  # 2 is converted on reading (`_from_version_2`)
+# 7: an onnx `decode_static` program with the fused attention takes the operator's small inputs
+# from the host (FUSED_STEP_INPUTS: rotary angles, write rows, attention bias; its entry's
+# `step_inputs` says how to compute them) instead of position_ids / cache_len / cache_pad; 6's
+# fused program took those three (its static decode asks for a recompile; its growing decode
+# runs); 6 added the fused program's `inplace.*` outputs (the buffers, written in place) beside
+# the unfused one's new rows (`new.*`); the decode step takes a batch of samples, each one's cache
+# left-padded by `cache_pad` rows, since 5; 4 decoded one sample at a time; 3 and 2 also took one
+# image span at visual_start in the prefill instead of a prompt layout. Their manifests still
+# read (for `inspect`); the engine asks for a recompile of 4 and older
+FORMAT_VERSION = 7
+READABLE_VERSIONS = (2, 3, 4, 5, 6, FORMAT_VERSION)  # 2 is converted on reading (`_from_version_2`)
 MANIFEST_NAME = "manifest.json"
 SEGMENTS = ("vision", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")  # the precisions an artifact's engines run in
@@ -60,6 +63,10 @@ DECODE_CACHES = ("growing", "static")
 SEGMENT_FILE_FIELDS = ("file", "external_data", "packed_file")
 STATIC_DECODE = "decode_static"  # the segment of a static-cache decode, beside "decode"
 STATIC_DECODE_INPUTS = ("input_ids", "position_ids", "cache_len", "cache_pad")  # then past.*
+# the fused static decode's inputs (then seqlens.<l> and bias.<l> for each layer l, then past.*):
+# what its GroupQueryAttention nodes take, computed on the host from the inputs above
+# (runtime/step_inputs.py), so the program runs no small ops before its first layer
+FUSED_STEP_INPUTS = ("input_ids", "rotary_cos", "rotary_sin", "rotary_rows", "total_len")
 # the logit tolerance of a float32 engine against float32 eager; also what a manifest that
 # records no dtype / tolerance (written before they were recorded) is held to
 FLOAT32_TOL = 1e-4
@@ -300,16 +307,45 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class StepInputs:
+    """How the host computes a fused static decode step's inputs (FUSED_STEP_INPUTS) from the
+    step's positions, cache lengths and padding (runtime/step_inputs.py):
+
+    inv_freq      the rotary embedding's inverse frequencies (hd/2), as the model holds them
+    rope_scaling  its attention scaling (cos and sin are multiplied by it)
+    rope_axes     M-RoPE: the position axis (0 temporal, 1 height, 2 width) of each frequency;
+                  empty: 1-D positions
+    windows       each decoder layer's sliding window (None: the whole cache)"""
+
+    inv_freq: tuple[float, ...]
+    rope_scaling: float = 1.0
+    rope_axes: tuple[int, ...] = ()
+    windows: tuple[int | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.inv_freq:
+            raise ValueError("step_inputs: inv_freq is empty")
+        if self.rope_axes and (
+            len(self.rope_axes) != len(self.inv_freq) or not set(self.rope_axes) <= {0, 1, 2}
+        ):
+            raise ValueError("step_inputs: rope_axes must give an axis 0-2 to each frequency")
+        if any(w is not None and w < 1 for w in self.windows):
+            raise ValueError("step_inputs: a window must be None or >= 1")
+
+
+@dataclass(frozen=True)
 class SegmentEntry:
     """One segment's engine file (relative to the artifact) and its IO. `packed_file`: the same
     program with sibling projections run as one GEMM each (ONNX static decode), for sessions
-    that prepack their weights; `file` serves the others (`load(..., share_weights=True)`)."""
+    that prepack their weights; `file` serves the others (`load(..., share_weights=True)`).
+    `step_inputs`: a fused static decode's host-computed inputs (`StepInputs`)."""
 
     file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     external_data: str | None = None
     packed_file: str | None = None
+    step_inputs: StepInputs | None = None
 
     def files(self) -> list[str]:
         named = (getattr(self, field) for field in SEGMENT_FILE_FIELDS)
@@ -417,6 +453,14 @@ class Manifest:
             raise bad(
                 f"decode_cache {self.target_settings.decode_cache!r} with"
                 f"{'' if static else 'out'} a {STATIC_DECODE!r} segment"
+            )
+        spec = self.segments[STATIC_DECODE].step_inputs if static else None
+        if spec is not None and 2 * len(spec.inv_freq) != self.model.head_dim:
+            raise bad(f"step_inputs: {len(spec.inv_freq)} rotary frequencies for head_dim "
+                      f"{self.model.head_dim}")  # fmt: skip
+        if spec is not None and len(spec.windows) != self.model.num_layers:
+            raise bad(
+                f"step_inputs: {len(spec.windows)} windows for {self.model.num_layers} layers"
             )
         text = {self.flops[k]["reference_text_tokens"] for k in ("before", "after")}
         if len(text) != 1:

@@ -95,6 +95,7 @@ def export_segment(seg: Any, out_dir: Path) -> SegmentEntry:
         inputs=tuple(_io(vi) for vi in model.graph.input),
         outputs=tuple(_io(vi) for vi in model.graph.output),
         external_data=data.name if data.exists() else None,
+        step_inputs=getattr(seg, "step_inputs", None),
     )
 
 

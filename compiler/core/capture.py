@@ -35,10 +35,11 @@ What we take from transformers and what we write ourselves:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +47,8 @@ from torch import nn
 from mllmc.runtime.errors import UserError
 from mllmc.runtime.images import MAX_TILES
 from mllmc.runtime.layout import MIN_TEXT_ROWS, placeholder_mismatch
-from mllmc.runtime.manifest import STATIC_DECODE_INPUTS, LayerPlan, ModelInfo
+from mllmc.runtime.manifest import STATIC_DECODE_INPUTS, LayerPlan, ModelInfo, StepInputs
+from mllmc.runtime.step_inputs import HostStepInputs, fused_input_names
 
 from .families import family
 from .fused_attention import INPLACE_PREFIX, group_query_attention
@@ -65,7 +67,6 @@ from .model_dir import (  # noqa: F401  (also importable from capture)
 from .qwen_vl import (
     MRope,
     export_qwen_vision,
-    half_tables,
     is_mrope,
     qwen_model_info,
     rope_positions,
@@ -252,14 +253,6 @@ class Rope(nn.Module):
         cos = (emb.cos() * self.attention_scaling)[:, None]
         sin = (emb.sin() * self.attention_scaling)[:, None]
         return cos.to(dtype), sin.to(dtype)
-
-    def half_tables(
-        self, position_ids: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One row per sample of a decode step: position_ids (B, 1) -> cos, sin (B, hd/2), the
-        first half of `forward`'s tables (the second repeats it), as GroupQueryAttention takes
-        them."""
-        return half_tables(position_ids, self.inv_freq, self.attention_scaling, dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -525,18 +518,23 @@ class StaticCacheDecodeSegment(_Decoder):
 
     `fused`: each layer's rotary embedding and attention are one
     `fused_attention.group_query_attention` operator (onnxruntime's GroupQueryAttention in the
-    ONNX target), and the outputs after the logits are the buffers with this token's rows
-    written, `inplace.<l>.key` / `.value` (B, kvh, C, hd): a runner that binds them to the
-    `past.*` buffers has the operator write the rows in place (runtime/inplace_cache.py)."""
+    ONNX target), and the step takes what those operators take instead of position_ids,
+    cache_len and cache_pad (`fused_input_names`: the rotary angles, each layer's write row and
+    attention bias, which the host computes from those three with `step_inputs()`,
+    runtime/step_inputs.py), so that no small op runs before the first layer. Its outputs after
+    the logits are the buffers with this token's rows written, `inplace.<l>.key` / `.value`
+    (B, kvh, C, hd): a runner that binds them to the `past.*` buffers has the operator write the
+    rows in place (runtime/inplace_cache.py)."""
 
     def __init__(self, model: nn.Module, info: ModelInfo, fused: bool = False):
         super().__init__(model, info)
         self.fused = fused
 
-    def forward(self, input_ids, position_ids, cache_len, cache_pad, *past):
+    def forward(self, input_ids, *inputs):
         h = self.embed_tokens(input_ids)  # (B, 1, d)
         if self.fused:
-            return self._forward_fused(h, position_ids, cache_len, cache_pad, past)
+            return self._forward_fused(h, inputs)
+        position_ids, cache_len, cache_pad, *past = inputs
         cos, sin = self.rope(position_ids, h.dtype)
         rows: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
@@ -546,32 +544,27 @@ class StaticCacheDecodeSegment(_Decoder):
             rows += [k, v]
         return (self.logits_last(h), *rows)
 
-    def _forward_fused(self, h, position_ids, cache_len, cache_pad, past):
-        # every layer's bias and write row at once (a layer then takes its own: one split, where
-        # building them layer by layer is a dozen small ops each)
-        b = h.shape[0]
-        capacity = past[0].shape[2]
-        total = torch.full((), capacity, dtype=torch.int32, device=h.device)
-        # this step's angles as the operator's rotary tables (B + C, hd/2): row b is sample b's
-        # (cos/sin (B, hd/2), the first half of the rotary tables: the second repeats it), then
-        # C zero rows (the operator wants at least C), and sample b reads row b
-        halves = self.rope.half_tables(position_ids, h.dtype)
-        tables = [F.pad(t, (0, 0, 0, capacity)) for t in halves]
-        rotary = (*tables, torch.arange(b, device=h.device)[:, None])
-        keys = torch.arange(capacity, device=h.device)  # (C,)
-        allowed = keys[None, None, :] >= cache_pad[:, :, None]  # (L, B, C): not padding
-        if any(w is not None for w in self.windows):
-            # the query (at row cache_len[l]) sees the rows less than W_l before it
-            windows = [w if w is not None else 2**62 for w in self.windows]  # None: every row
-            span = torch.tensor(windows, device=h.device)[:, None]  # (L, 1)
-            allowed = allowed & ((cache_len[:, None] - keys[None, :]) < span)[:, None, :]
-        bias = additive_mask(allowed, h.dtype)[:, :, None, None]  # (L, B, 1, 1, C)
-        seqlens = cache_len[:, None].expand(-1, b).to(torch.int32)  # (L, B)
-        # layer l's (B, ...) slices as the L parts of one split along the flattened (L * B)
-        # rows (indexing [l] is a split and L squeezes in onnxruntime: a node a layer each)
-        parts = [b] * len(self.layers)
-        bias = bias.flatten(0, 1).split(parts)  # L x (B, 1, 1, C)
-        seqlens = seqlens.flatten().split(parts)  # L x (B,)
+    def step_inputs(self) -> StepInputs:
+        """How the host computes the fused step's inputs (`fused_input_names`): this model's
+        rotary frequencies, scaling and M-RoPE axes, and its layers' sliding windows."""
+        axes: tuple[int, ...] = ()
+        if isinstance(self.rope, MRope):
+            axes = tuple(i % 3 for i, size in enumerate(self.rope.section) for _ in range(size))
+        return StepInputs(
+            inv_freq=tuple(float(f) for f in self.rope.inv_freq.float()),
+            rope_scaling=self.rope.attention_scaling,
+            rope_axes=axes,
+            windows=tuple(self.windows),
+        )
+
+    def _forward_fused(self, h, inputs):
+        # the inputs `fused_input_names` lists: rotary tables (B + C, hd/2) and each sample's
+        # row of them (B, 1), the capacity () int32, then each layer's write rows (B,) int32 and
+        # bias (B, 1, 1, C), then the buffers
+        n = len(self.layers)
+        cos, sin, rotary_rows, total = inputs[:4]
+        seqlens, bias, past = inputs[4 : 4 + n], inputs[4 + n : 4 + 2 * n], inputs[4 + 2 * n :]
+        rotary = (cos, sin, rotary_rows)
         # the residual stream is `h + delta`: each block's output is added by the norm after it
         # (one SkipSimplifiedLayerNormalization where it is fusable)
         rows: list[torch.Tensor] = []
@@ -586,6 +579,30 @@ class StaticCacheDecodeSegment(_Decoder):
             rows += [k, v]
         x, _ = add_norm(h, delta, self.norm)
         return (self.lm_head(x[:, -1, :]), *rows)
+
+
+def fused_step_args(
+    seg: StaticCacheDecodeSegment,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache_len: torch.Tensor,
+    cache_pad: torch.Tensor,
+    *past: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The fused step's arguments after input_ids, for the unfused step's: the host's inputs
+    (runtime/step_inputs.py, computed as a runner computes them) before the same buffers."""
+    batch, capacity = past[0].shape[0], past[0].shape[2]
+    dtype = past[0].dtype
+    host = HostStepInputs(seg.step_inputs(), len(seg.layers), batch, capacity, np.float32)
+    host.fill(input_ids.numpy(), position_ids.numpy(), cache_len.numpy(), cache_pad.numpy())
+    named = host.arrays()
+    args = []
+    for name in fused_input_names(len(seg.layers))[1:]:
+        t = torch.from_numpy(named[name].copy())
+        if name.startswith("bias."):  # the floor of the buffers' dtype, as the graph's mask
+            t = torch.zeros_like(t).masked_fill(t < 0, torch.finfo(dtype).min)
+        args.append(t.to(dtype) if t.is_floating_point() else t)
+    return (*args, *past)
 
 
 class VisionSegment(nn.Module):
@@ -633,6 +650,8 @@ class Segment:
     output_names: list[str]
     example_inputs: tuple[torch.Tensor, ...]
     dynamic_shapes: Any
+    # a fused static decode's: how the host computes its inputs (written to the manifest entry)
+    step_inputs: StepInputs | None = None
 
 
 @dataclass
@@ -706,9 +725,7 @@ def reexport(seg: Segment, gm: torch.fx.GraphModule) -> Segment:
         ep = torch.export.export(
             gm, seg.example_inputs, dynamic_shapes=seg.dynamic_shapes, strict=False
         )
-    return Segment(
-        seg.name, ep, seg.input_names, seg.output_names, seg.example_inputs, seg.dynamic_shapes
-    )
+    return replace(seg, program=ep)
 
 
 def example_prefill_inputs(
@@ -849,31 +866,39 @@ def export_static_cache_decode(model: nn.Module, info: ModelInfo, fused: bool = 
     """The decode step over cache buffers of a capacity C that is dynamic in the program and
     fixed while a runner uses one set of buffers (`StaticCacheDecodeSegment`), for a dynamic
     batch B (traced at B = 2: a size-1 example would be specialised to 1). It depends on the
-    model alone: no pass rewrites decode."""
+    model alone: no pass rewrites decode. `fused`: the fused attention's step, which takes the
+    host's inputs (`fused_input_names`; the segment's `step_inputs` says how to compute them)."""
     seg = StaticCacheDecodeSegment(model, info, fused).eval()
     capacity, valid = 16, 12
     ids, pos, pad, *past = example_decode_inputs(info, past_len=capacity, batch=2)
     pad[:, 1] = 3  # the second sample left-padded
     cache_len = torch.full((info.num_layers,), valid, dtype=torch.int64)
-    args = on_model(model, (ids, pos, cache_len, pad, *past))
     cap = torch.export.Dim("capacity", min=2)  # no upper bound, as the growing decode's
     batch = torch.export.Dim("batch", min=1)
-    dyn = {
-        "input_ids": {0: batch},
-        "position_ids": {1 if is_mrope(info) else 0: batch},
-        "cache_len": None,
-        "cache_pad": {1: batch},
-        "past": tuple({0: batch, 2: cap} for _ in range(2 * info.num_layers)),
-    }
+    buffers = tuple({0: batch, 2: cap} for _ in range(2 * info.num_layers))
+    if fused:
+        args = on_model(model, (ids, *fused_step_args(seg, ids, pos, cache_len, pad, *past)))
+        n = info.num_layers
+        tables = {0: torch.export.Dim("rotary_len", min=3)}  # B + C rows
+        rest = (tables, tables, {0: batch}, None, *({0: batch},) * n)
+        rest += (*({0: batch, 3: cap},) * n, *buffers)
+        dyn: dict[str, Any] = {"input_ids": {0: batch}, "inputs": rest}
+        names = [*fused_input_names(n), *kv_names(n, "past")]
+    else:
+        args = on_model(model, (ids, pos, cache_len, pad, *past))
+        position = {1 if is_mrope(info) else 0: batch}
+        dyn = {"input_ids": {0: batch}, "inputs": (position, None, {1: batch}, *buffers)}
+        names = [*STATIC_DECODE_INPUTS, *kv_names(info.num_layers, "past")]
     with torch.no_grad():
         ep = torch.export.export(seg, args, dynamic_shapes=dyn, strict=False)
     return Segment(
         "decode_static",
         ep,
-        [*STATIC_DECODE_INPUTS, *kv_names(info.num_layers, "past")],
+        names,
         ["logits", *kv_names(info.num_layers, INPLACE_PREFIX if fused else "new")],
         args,
         dyn,
+        seg.step_inputs() if fused else None,
     )
 
 

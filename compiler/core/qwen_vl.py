@@ -76,36 +76,11 @@ class MRope(nn.Module):
         sin = self._recompose(freqs.sin() * self.attention_scaling)
         return cos.to(dtype), sin.to(dtype)
 
-    def half_tables(
-        self, position_ids: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One row per sample of a decode step: position_ids (3, B, 1) -> cos, sin (B, hd/2),
-        the first half of `forward`'s tables (the second repeats it), as GroupQueryAttention
-        takes them: frequency j's angle from the axis of its section, picked before the
-        multiply (the same products as `forward`'s, in a few ops)."""
-        axis = [i % 3 for i, size in enumerate(self.section) for _ in range(size)]
-        picks = torch.tensor(axis, device=position_ids.device)  # (hd/2,)
-        pos = position_ids[:, :, 0].index_select(0, picks).transpose(0, 1)  # (B, hd/2)
-        return half_tables(pos, self.inv_freq, self.attention_scaling, dtype)
-
     def _recompose(self, freq: torch.Tensor) -> torch.Tensor:
         # (3, B, T, hd/2) -> (B, 1, T, hd): section i of the frequencies from axis i % 3
         parts = freq.split(self.section, dim=-1)
         freq = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)
         return torch.cat((freq, freq), dim=-1)[:, None]
-
-
-def half_tables(
-    positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables' first halves (the second repeats them) for one row a sample: positions
-    (B, 1), or (B, hd/2) with each frequency's own position (M-RoPE) -> cos, sin (B, hd/2),
-    the angles in fp32 and scaled as HF's rotary embeddings do."""
-    freqs = positions.float() * inv_freq[None, :].float()
-    cos, sin = freqs.cos(), freqs.sin()
-    if scaling != 1.0:
-        cos, sin = cos * scaling, sin * scaling
-    return cos.to(dtype), sin.to(dtype)
 
 
 def is_mrope(info: ModelInfo) -> bool:

@@ -2,7 +2,8 @@
 prompt length, `visual` for its visual rows, `tiles` for the vision segment's batch of tiles
 (`merged`, `image_bounds` and `window_bounds` for Qwen2-VL's patches: 4·merged of them),
 `batch` for the samples of a decode step,
-`past_<l>` for layer l's cache length and `capacity` for the static-cache buffers' rows,
+`past_<l>` for layer l's cache length and `capacity` for the static-cache buffers' rows
+(`rotary_len` for the fused step's rotary tables),
 outputs as expressions of them such as
 `past_3 + 1`) and dtypes, read from the ExportedProgram's own metadata. Backends that do not
 write a self-describing file (AOTInductor, TensorRT) and the torch engine use it."""
@@ -29,7 +30,7 @@ def dim_names(segment: str, inputs: list[tuple[str, list[int | str]]]) -> dict[s
     for name, shape in inputs:
         if name == "input_ids" and segment == "prefill" and isinstance(shape[1], str):
             renames[shape[1]] = "n"
-        elif name == "input_ids" and segment == "decode" and isinstance(shape[0], str):
+        elif name == "input_ids" and segment.startswith("decode") and isinstance(shape[0], str):
             renames[shape[0]] = "batch"  # the samples a decode step runs
         elif name == "visual_rows" and isinstance(shape[0], str):
             renames[shape[0]] = "visual"
@@ -40,6 +41,8 @@ def dim_names(segment: str, inputs: list[tuple[str, list[int | str]]]) -> dict[s
             renames.update({sym: "merged" for sym in _IDENT.findall(shape[0])})
         elif name in ("cu_seqlens", "cu_window_seqlens") and isinstance(shape[0], str):
             renames[shape[0]] = "image_bounds" if name == "cu_seqlens" else "window_bounds"
+        elif name == "rotary_cos" and isinstance(shape[0], str):
+            renames[shape[0]] = "rotary_len"  # the fused static decode's tables: batch + capacity
         elif name.startswith("past.") and len(shape) > 2 and isinstance(shape[2], str):
             # the static-cache decode's buffers share one capacity; otherwise one length a layer
             static = segment == "decode_static"

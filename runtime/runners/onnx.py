@@ -117,14 +117,28 @@ def open_segment(
         raise UserError(
             f"artifact {root} has no static-cache decode: recompile it with --decode-cache static"
         )
-    want = [*STATIC_DECODE_INPUTS, *(t.name for t in entry.inputs if t.name.startswith("past."))]
-    if [t.name for t in static.inputs] != want:
+    from ..step_inputs import fused_input_names
+
+    fused = any(t.name.startswith("inplace.") for t in static.outputs)
+    if fused and static.step_inputs is None:  # format 6: the operator's inputs made in the graph
+        raise UserError(
+            f"the decode_static program of {root} was written by an older mllmc (format "
+            f"{manifest.format_version}): recompile it with this mllmc, or load it with "
+            "decode_cache='growing'"
+        )
+    past = [t.name for t in entry.inputs if t.name.startswith("past.")]
+    small = (
+        STATIC_DECODE_INPUTS if static.step_inputs is None else fused_input_names(len(past) // 2)
+    )
+    if [t.name for t in static.inputs] != [*small, *past]:
         raise UserError(
             f"the decode_static segment of {root} takes {[t.name for t in static.inputs][:4]}..., "
             "not this mllmc's: recompile it with this mllmc"
         )
     shapes = {t.name: list(t.shape) for t in static.inputs}
     for t in entry.inputs:  # the step inputs both programs take must agree
+        if t.name in ("input_ids", "position_ids") and t.name not in shapes:
+            continue  # a fused program takes the operator's inputs instead
         if t.name in ("input_ids", "position_ids") and not _same_dims(shapes.get(t.name), t.shape):
             raise UserError(
                 f"corrupt artifact: {STATIC_DECODE} input {t.name!r} has shape "

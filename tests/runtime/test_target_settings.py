@@ -41,7 +41,7 @@ def _as_version_2(data: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
 
 def test_version_2_manifest_reads_into_target_settings(tiny_base_artifact: Path, tmp_path: Path):
     data = _manifest(tiny_base_artifact)
-    assert data["format_version"] == FORMAT_VERSION == 6
+    assert data["format_version"] == FORMAT_VERSION == 7
     assert "extra" not in data and "decode_position_offset" not in data
     assert data["target_settings"] == {
         "target": "onnx",

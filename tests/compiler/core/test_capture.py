@@ -172,7 +172,11 @@ def test_sliding_window_matches_hf_past_the_window(
     window agree with HF eager on a ~26-token prompt and on decode steps past it."""
     from PIL import Image
 
-    from mllmc.compiler.core.capture import PrefillSegment, StaticCacheDecodeSegment
+    from mllmc.compiler.core.capture import (
+        PrefillSegment,
+        StaticCacheDecodeSegment,
+        fused_step_args,
+    )
 
     model_dir = _windowed_model_dir(tiny_model_dir, tmp_path / text_type, text_type, **window)
     model, info = load_model(model_dir)
@@ -218,7 +222,9 @@ def test_sliding_window_matches_hf_past_the_window(
             no_pad = torch.zeros(info.num_layers, 1, dtype=torch.int64)
             got_static = static(nxt, pos, cache_len, no_pad, *static_cache)
             assert (got_static[0] - ref).abs().max().item() <= 1e-4, step
-            got_fused = fused(nxt, pos, cache_len, no_pad, *static_cache)
+            got_fused = fused(
+                nxt, *fused_step_args(fused, nxt, pos, cache_len, no_pad, *static_cache)
+            )
             assert (got_fused[0] - ref).abs().max().item() <= 1e-4, step
             for buffer, row in zip(got_fused[1:], got_static[1:], strict=True):
                 assert (buffer[:, :, n + step] - row[:, :, 0]).abs().max().item() <= 1e-5

@@ -2,7 +2,8 @@
 implementation against HF's rotary embedding and a plain softmax-attention reference, and the
 ONNX operator it exports to (onnxruntime's GroupQueryAttention) against the torch op, with the
 cache written in place through bound buffers: left padding, a sliding window, grouped heads,
-each sample at its own position."""
+each sample at its own position, the operator's small inputs computed as the runtime computes
+them (runtime/step_inputs.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from mllmc.compiler.core.capture import additive_mask, apply_rope, window_allows
+from mllmc.compiler.core.capture import apply_rope
 from mllmc.compiler.core.fused_attention import (
     DOMAIN,
     OP,
@@ -19,6 +20,8 @@ from mllmc.compiler.core.fused_attention import (
     group_query_attention,
     onnx_translations,
 )
+from mllmc.runtime.manifest import StepInputs
+from mllmc.runtime.step_inputs import HostStepInputs
 
 B, H, KVH, HD, C = 3, 8, 2, 16, 24
 SCALE = HD**-0.5
@@ -27,28 +30,35 @@ SCALE = HD**-0.5
 POSITIONS = [30, 17, 44]
 
 
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HD, 2).float() / HD))  # HF's default frequencies
+WINDOW = 6
+
+
 def angles() -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (B, hd/2) of each sample's position (HF's default rotary frequencies)."""
-    inv = 1.0 / (10000 ** (torch.arange(0, HD, 2).float() / HD))
-    a = torch.tensor(POSITIONS).float()[:, None] * inv[None]
+    """cos, sin (B, hd/2) of each sample's position."""
+    a = torch.tensor(POSITIONS).float()[:, None] * INV_FREQ[None]
     return a.cos(), a.sin()
 
 
 class Attend(torch.nn.Module):
-    """The fused decode step's attention as capture's StaticCacheDecodeSegment calls it."""
+    """The fused decode step's attention as capture's StaticCacheDecodeSegment calls it: one
+    layer's write rows, the capacity, the rotary tables and rows, and the layer's bias."""
 
-    def forward(self, q, k, v, past_k, past_v, cache_len, cache_pad):
-        length, capacity = cache_len[0], past_k.shape[2]
-        keys = torch.arange(capacity)
-        allowed = (keys[None, :] >= cache_pad[:, None]) & window_allows(length - keys, 6)[None]
-        bias = additive_mask(allowed, q.dtype)[:, None, None]
-        total = torch.full((), capacity, dtype=torch.int32)
-        seqlens = length.expand(q.shape[0]).to(torch.int32)
-        cos, sin = (torch.nn.functional.pad(t, (0, 0, 0, capacity)) for t in angles())
-        rows = torch.arange(q.shape[0])[:, None]
+    def forward(self, q, k, v, past_k, past_v, seqlens, total, cos, sin, rows, bias):
         return group_query_attention(
             q, k, v, past_k, past_v, seqlens, total, cos, sin, rows, bias, H, KVH, SCALE
         )
+
+
+def step_inputs(length: int, pads: list[int]) -> tuple[torch.Tensor, ...]:
+    """One layer of a 6-token window at cache length `length`, sample b left-padded by pads[b]
+    rows and at position POSITIONS[b]: the operator's inputs as the runtime computes them."""
+    spec = StepInputs(inv_freq=tuple(float(f) for f in INV_FREQ), windows=(WINDOW,))
+    host = HostStepInputs(spec, 1, B, C, np.dtype(np.float32))
+    positions = np.array(POSITIONS)[:, None]
+    host.fill(np.zeros((B, 1), np.int64), positions, np.array([length]), np.array([pads]))
+    arrays = (host.seqlens[0], host.total, host.cos, host.sin, host.rows, host.bias[0])
+    return tuple(torch.from_numpy(a.copy()) for a in arrays)
 
 
 def inputs(length: int, pads: list[int]) -> tuple[torch.Tensor, ...]:
@@ -60,7 +70,7 @@ def inputs(length: int, pads: list[int]) -> tuple[torch.Tensor, ...]:
     q = torch.randn(B, 1, H * HD, generator=gen)
     k = torch.randn(B, 1, KVH * HD, generator=gen)
     v = torch.randn(B, 1, KVH * HD, generator=gen)
-    return q, k, v, past_k, past_v, torch.tensor([length]), torch.tensor(pads)
+    return q, k, v, past_k, past_v, *step_inputs(length, pads)
 
 
 def reference(q, k, v, past_k, past_v, length: int, pads: list[int], window: int):
@@ -86,7 +96,7 @@ def reference(q, k, v, past_k, past_v, length: int, pads: list[int], window: int
 def test_torch_op_is_grouped_softmax_attention(length, pads):
     args = inputs(length, pads)
     got, keys, values = Attend()(*args)
-    want, new_keys = reference(*args[:5], length, pads, window=6)
+    want, new_keys = reference(*args[:5], length, pads, window=WINDOW)
     assert float((got - want).abs().max()) <= 1e-5
     assert float((keys[:, :, length] - new_keys).abs().max()) <= 1e-6
     assert torch.equal(values[:, :, length], args[2].reshape(B, KVH, HD))
@@ -103,7 +113,8 @@ def test_onnx_operator_equals_the_torch_op_and_writes_the_cache_in_place(tmp_pat
     import onnxruntime as ort
 
     args = inputs(10, [0, 3, 9])
-    names = ["q", "k", "v", "past.0.key", "past.0.value", "cache_len", "cache_pad"]
+    names = ["q", "k", "v", "past.0.key", "past.0.value", "seqlens", "total", "cos", "sin"]
+    names += ["rows", "bias"]
     ep = torch.export.export(Attend(), args, strict=False)
     program = torch.onnx.export(
         ep,
