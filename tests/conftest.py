@@ -1,7 +1,12 @@
-"""Shared fixtures: preset model directories are written once per test session."""
+"""Shared fixtures: preset model directories are written, and the shared artifacts compiled, once
+per test run: under pytest-xdist the workers share them (the first worker to ask builds one
+while the others wait for it), so a compile is not repeated on every worker."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,11 +22,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, key: str, name: str, build: Callable[[Path], Path]
+) -> Path:
+    """`build(out)` once per test run, for every xdist worker: `out` is <run>/shared/<key>/<name>
+    (a folder of its own under the run's base temp, which the workers have in common), and the
+    first worker to ask builds it under a file lock while the others wait, then read it. What
+    a shared folder holds is never changed by a test (tests that change one work on a copy)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <run>/popen-gwN: the run's folder is its parent
+        base = base.parent
+    root = base / "shared"
+    root.mkdir(exist_ok=True)
+    out, done = root / key / name, root / f"{key}.done"
+    with FileLock(str(root / f"{key}.lock")):
+        if not done.exists():
+            shutil.rmtree(root / key, ignore_errors=True)  # what a failed build left
+            (root / key).mkdir()
+            built = Path(build(out))
+            assert built == out, (built, out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mllmc.compiler.data.presets import write_preset
 
-    return write_preset("tiny-llava", tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
+    return shared(
+        tmp_path_factory,
+        "models-tiny",
+        "tiny-llava",
+        lambda out: write_preset("tiny-llava", out, seed=0),
+    )
 
 
 def shapes_png(
@@ -87,8 +122,11 @@ OTHER_SPEC = dict(
 def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mllmc.compiler.data.presets import PresetSpec, write_model
 
-    return write_model(
-        PresetSpec(**OTHER_SPEC), tmp_path_factory.mktemp("models") / "other-llava", seed=1
+    return shared(
+        tmp_path_factory,
+        "models-other",
+        "other-llava",
+        lambda out: write_model(PresetSpec(**OTHER_SPEC), out, seed=1),
     )
 
 
@@ -96,17 +134,25 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_base_artifact(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mllmc.compiler.pipeline import compile_model
 
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-base"
-    return compile_model(tiny_model_dir, out, progress=False).out_dir
+    return shared(
+        tmp_path_factory,
+        "artifacts-tiny-base",
+        "tiny-base",
+        lambda out: compile_model(tiny_model_dir, out, progress=False).out_dir,
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_shortv_artifact(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mllmc.compiler.pipeline import compile_model
 
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-shortv"
     spec = f"shortv:layers={TINY_SHORTV_LAYERS}"
-    return compile_model(tiny_model_dir, out, [spec], progress=False).out_dir
+    return shared(
+        tmp_path_factory,
+        "artifacts-tiny-shortv",
+        "tiny-shortv",
+        lambda out: compile_model(tiny_model_dir, out, [spec], progress=False).out_dir,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +160,12 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained-tiny-llava preset (shipped shapes-qa weights)."""
     from mllmc.compiler.data.presets import write_preset
 
-    return write_preset("trained-tiny-llava", tmp_path_factory.mktemp("models") / "trained")
+    return shared(
+        tmp_path_factory,
+        "models-trained",
+        "trained",
+        lambda out: write_preset("trained-tiny-llava", out),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -123,8 +174,12 @@ def trained_artifact(trained_model_dir: Path, tmp_path_factory: pytest.TempPathF
     (the check's tolerance scales with the logits' size; a trained model's reach ~10)."""
     from mllmc.compiler.pipeline import compile_model
 
-    out = tmp_path_factory.mktemp("artifacts") / "trained-base"
-    return compile_model(trained_model_dir, out, progress=False).out_dir
+    return shared(
+        tmp_path_factory,
+        "artifacts-trained-base",
+        "trained-base",
+        lambda out: compile_model(trained_model_dir, out, progress=False).out_dir,
+    )
 
 
 QWEN_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
@@ -135,8 +190,14 @@ def qwen_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The two tiny Qwen presets (Qwen2-VL, Qwen2.5-VL), written once per session."""
     from mllmc.compiler.data.presets import write_preset
 
-    root = tmp_path_factory.mktemp("qwen")
-    return {name: write_preset(name, root / name, seed=0) for name in QWEN_PRESETS}
+    def build(out: Path) -> Path:
+        out.mkdir()
+        for name in QWEN_PRESETS:
+            write_preset(name, out / name, seed=0)
+        return out
+
+    root = shared(tmp_path_factory, "qwen", "presets", build)
+    return {name: root / name for name in QWEN_PRESETS}
 
 
 @pytest.fixture(scope="module", params=QWEN_PRESETS)
@@ -147,3 +208,34 @@ def qwen(request, qwen_dirs):
     model_dir = qwen_dirs[request.param]
     model, info = load_model(model_dir)
     return model_dir, model, info, capture(model, info)
+
+
+# The slowest modules (seconds on one worker of a 2-core machine, most of it compiles), slowest
+# first. Under `-n auto --dist loadfile` (make test) each module runs whole on one worker and an
+# idle worker takes the next module in collection order, so a slow module collected late would
+# run alone at the end while the other workers sit idle; started first, the small modules fill
+# in around them. The order of the tests in a module is unchanged.
+SLOW_MODULES = [
+    "tests/compiler/backends/test_aoti.py",
+    "tests/passes/test_pruning.py",
+    "tests/compiler/tools/test_cli_safety.py",
+    "tests/compiler/test_compile.py",
+    "tests/compiler/tools/test_cli.py",
+    "tests/compiler/test_llava_next.py",
+    "tests/passes/test_qwen_passes.py",
+    "tests/compiler/test_verify.py",
+    "tests/compiler/backends/test_static_cache.py",
+    "tests/compiler/tools/test_evaluate.py",
+    "tests/compiler/core/test_capture.py",
+    "tests/runtime/test_batching.py",
+    "tests/passes/test_shortv.py",
+    "tests/compiler/tools/test_bench.py",
+    "tests/passes/test_batch_decode.py",
+    "tests/compiler/backends/test_quantize.py",
+]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {module: i for i, module in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
