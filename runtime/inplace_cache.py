@@ -259,7 +259,11 @@ class InPlaceCacheDecoder:
         for the small inputs and the logits, which a step fills and reads. A step then binds
         nothing (binding every tensor anew cost ~0.2 ms a step, more than a small layer's
         attention)."""
-        if self._host is None or self._binding is None or self._bound_batch != len(input_ids):
+        if (
+            self._host is None
+            or self._binding is None
+            or self._bound_batch != len(self._buffers[0])
+        ):
             self._bind()
         self._host.fill(input_ids, position_ids, self._lens, cache_pad)
         try:

@@ -1076,7 +1076,9 @@ class StopSignals:
     hook, whose exceptions are dropped too; a real signal also wakes a blocking call). The
     handler then raises it in the code that follows, where it unwinds through every `finally`.
     A dropped stop is not sent again while another stop is already unwinding (its clean-up goes
-    on), and one still waiting when the block ends is raised there."""
+    on), nor while the main thread is still inside the hook (on a loaded machine it can be, when
+    the timer fires: the stop would be dropped there for good), and one still waiting when the
+    block ends is raised there."""
 
     def __init__(self) -> None:
         self.redelivered = 0  # dropped stops sent again
@@ -1085,6 +1087,7 @@ class StopSignals:
         self._raised = 0  # Terminated raised by the handler and not dropped
         self._pending: int | None = None  # a dropped stop's signal, not yet sent again
         self._timers: list[threading.Timer] = []
+        self._in_hook = False  # the main thread runs `_hook`: a stop raised there is lost
         self._previous_hook = sys.unraisablehook
         self._previous: dict[int, Any] = {}
 
@@ -1114,6 +1117,13 @@ class StopSignals:
         raise Terminated(signum)
 
     def _hook(self, unraisable: Any) -> None:
+        self._in_hook = True
+        try:
+            self._dropped(unraisable)
+        finally:
+            self._in_hook = False
+
+    def _dropped(self, unraisable: Any) -> None:
         exc = unraisable.exc_value
         if not isinstance(exc, Terminated | KeyboardInterrupt):
             self._previous_hook(unraisable)
@@ -1126,14 +1136,23 @@ class StopSignals:
             if not self._active:
                 return
             self._pending = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
-            timer = threading.Timer(REDELIVERY_DELAY_S, self._send_pending)
-            timer.daemon = True
-            self._timers.append(timer)
+            timer = self._timer()
         timer.start()
+
+    def _timer(self) -> threading.Timer:
+        """A timer that sends the pending stop in a moment (the caller holds the lock)."""
+        timer = threading.Timer(REDELIVERY_DELAY_S, self._send_pending)
+        timer.daemon = True
+        self._timers.append(timer)
+        return timer
 
     def _send_pending(self) -> None:
         with self._lock:
             if not self._active or self._pending is None:
+                return
+            if self._in_hook:  # the main thread has not left the hook yet: a moment more
+                timer = self._timer()
+                timer.start()
                 return
             signum, self._pending = self._pending, None
             self.redelivered += 1

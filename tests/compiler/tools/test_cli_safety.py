@@ -222,6 +222,27 @@ def test_a_stop_signal_that_lands_where_exceptions_are_dropped_still_stops(
     assert [signal.getsignal(s) for s in cli.STOP_SIGNALS] == handlers
 
 
+def test_a_stop_sent_again_while_the_hook_still_runs_waits_until_it_has_left(monkeypatch):
+    """On a loaded machine the main thread can still be inside the hook when the timer fires:
+    sent then, the stop would be raised inside the hook, where it is dropped for good. It is
+    sent once the hook has returned."""
+    from mllmc.compiler.tools import cli
+
+    monkeypatch.setattr(cli, "REDELIVERY_DELAY_S", 0.0)  # the timer fires at once
+    dropped = cli.StopSignals._dropped
+
+    def dropped_slowly(self, unraisable):
+        dropped(self, unraisable)
+        busy(0.3)  # still in the hook, where a handler may run between bytecodes
+
+    monkeypatch.setattr(cli.StopSignals, "_dropped", dropped_slowly)
+    with pytest.raises(cli.Terminated), cli.StopSignals() as stops:
+        SignalledInDel(signal.SIGTERM)
+        busy(10)
+        pytest.fail("the stop was dropped")
+    assert stops.redelivered == 1
+
+
 def test_a_dropped_stop_still_waiting_when_the_block_ends_is_raised_there():
     from mllmc.compiler.tools import cli
 
