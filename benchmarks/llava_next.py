@@ -322,7 +322,7 @@ def pass_goal(speed: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "gain over the unrewritten engine ((measured - 1) / (ideal - 1))",
         "met": all((s["share_of_ideal_gain"] or 0) >= PASS_GOAL for s in speed.values()),
         "detail": ", ".join(
-            f"{name[len(BASE) + 1 :]} {s['share_of_ideal_gain'] or 0:.0%} "
+            f"{name[len(BASE) + 1 :]} {s['share_of_ideal_gain'] or 0:.1%} "
             f"({s['measured']:.2f}x of {s['flops_ideal']:.2f}x)"
             for name, s in speed.items()
         ),

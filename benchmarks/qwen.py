@@ -574,7 +574,7 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"{name[len(BASE) + 1 :]:28s} {s['flops_ideal']:10.2f}x "
             f"{bench.format_spread(s['measured_spread']):>21s} "
-            f"{'n/a' if gain is None else format(gain, '.0%'):>13s}"
+            f"{'n/a' if gain is None else format(gain, '.1%'):>13s}"
         )
     if report.get("genai"):
         lines += genai_lines(report["genai"])
