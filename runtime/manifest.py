@@ -458,6 +458,8 @@ class Manifest:
         if spec is not None and 2 * len(spec.inv_freq) != self.model.head_dim:
             raise bad(f"step_inputs: {len(spec.inv_freq)} rotary frequencies for head_dim "
                       f"{self.model.head_dim}")  # fmt: skip
+        if spec is not None and bool(spec.rope_axes) != bool(self.model.mrope_section):
+            raise bad("step_inputs: rope_axes must be given exactly when the model has M-RoPE")
         if spec is not None and len(spec.windows) != self.model.num_layers:
             raise bad(
                 f"step_inputs: {len(spec.windows)} windows for {self.model.num_layers} layers"

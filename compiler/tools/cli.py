@@ -1087,7 +1087,7 @@ class StopSignals:
         self._raised = 0  # Terminated raised by the handler and not dropped
         self._pending: int | None = None  # a dropped stop's signal, not yet sent again
         self._timers: list[threading.Timer] = []
-        self._in_hook = False  # the main thread runs `_hook`: a stop raised there is lost
+        self._in_hook = False  # the main thread is in `_hook`: a stop raised there is lost
         self._previous_hook = sys.unraisablehook
         self._previous: dict[int, Any] = {}
 
@@ -1117,6 +1117,9 @@ class StopSignals:
         raise Terminated(signum)
 
     def _hook(self, unraisable: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            self._dropped(unraisable)  # signal handlers run on the main thread only
+            return
         self._in_hook = True
         try:
             self._dropped(unraisable)
@@ -1139,11 +1142,11 @@ class StopSignals:
             timer = self._timer()
         timer.start()
 
-    def _timer(self) -> threading.Timer:
+    def _timer(self, delay: float | None = None) -> threading.Timer:
         """A timer that sends the pending stop in a moment (the caller holds the lock)."""
-        timer = threading.Timer(REDELIVERY_DELAY_S, self._send_pending)
+        timer = threading.Timer(REDELIVERY_DELAY_S if delay is None else delay, self._send_pending)
         timer.daemon = True
-        self._timers.append(timer)
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         return timer
 
     def _send_pending(self) -> None:
@@ -1151,7 +1154,7 @@ class StopSignals:
             if not self._active or self._pending is None:
                 return
             if self._in_hook:  # the main thread has not left the hook yet: a moment more
-                timer = self._timer()
+                timer = self._timer(max(REDELIVERY_DELAY_S, 0.001))
                 timer.start()
                 return
             signum, self._pending = self._pending, None

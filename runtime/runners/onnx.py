@@ -120,6 +120,10 @@ def open_segment(
     from ..step_inputs import fused_input_names
 
     fused = any(t.name.startswith("inplace.") for t in static.outputs)
+    if fused and static.step_inputs is None and manifest.format_version >= 7:
+        raise UserError(
+            f"corrupt artifact manifest {root}: the fused decode_static has no step_inputs"
+        )
     if fused and static.step_inputs is None:  # format 6: the operator's inputs made in the graph
         raise UserError(
             f"the decode_static program of {root} was written by an older mllmc (format "

@@ -116,6 +116,8 @@ def test_bound_arrays_are_the_filled_ones_in_the_programs_order():
     host.fill(np.array([[9]]), np.array([[3]]), np.array([3, 2]), np.array([[1], [0]]))
     assert arrays["seqlens.1"].tolist() == [2] and arrays["input_ids"].tolist() == [[9]]
     assert arrays["bias.0"][0, 0, 0, 0] < 0 and not arrays["bias.1"].any()
+    with pytest.raises(ValueError, match="cache_pad of shape"):  # another batch's padding
+        host.fill(np.array([[9]]), np.array([[3]]), np.array([3, 2]), np.zeros((2, 2), np.int64))
 
 
 def test_the_fused_program_computes_none_of_them(tiny_base_artifact):
@@ -153,6 +155,11 @@ def copied(artifact: Path, tmp_path: Path) -> Path:
         (lambda s: s["step_inputs"].update(windows=[None]), "windows for"),
         (lambda s: s["step_inputs"].update(inv_freq=[1.0, 0.5]), "rotary frequencies for head_dim"),
         (lambda s: s["step_inputs"].update(windows=[0, None]), "a window must be None or >= 1"),
+        (
+            lambda s: s["step_inputs"].update(rope_axes=[0] * len(s["step_inputs"]["inv_freq"])),
+            "rope_axes must be given exactly when the model has M-RoPE",
+        ),
+        (lambda s: s.pop("step_inputs"), "the fused decode_static has no step_inputs"),
     ],
 )
 def test_step_inputs_that_cannot_hold_are_refused(tiny_base_artifact, tmp_path, edit, message):
