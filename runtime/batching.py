@@ -441,10 +441,15 @@ class Scheduler:
 
     def _cancel_all(self) -> int:
         """Cancel every queued and running request (the caller holds the lock) -> how many."""
-        futures = [f for _, f in self._queue] + [*self._starting, *self._futures.values()]
-        cut = sum(f.cancel() for f in dict.fromkeys(futures) if not f.done())
+        cut = sum(f.cancel() for f in self._unanswered() if not f.done())
         self._cond.notify_all()
         return cut
+
+    def _unanswered(self) -> list[Future[GenerationResult]]:
+        """The queued, starting and running requests' futures, each once (the caller holds the
+        lock; a starting one may already be running)."""
+        queued = [f for _, f in self._queue]
+        return list(dict.fromkeys([*queued, *self._starting, *self._futures.values()]))
 
     def __enter__(self) -> Scheduler:
         return self
@@ -471,8 +476,7 @@ class Scheduler:
             log.exception("the scheduler thread failed")
             with self._cond:
                 self._closed = True
-                left = [f for _, f in self._queue] + [*self._starting, *self._futures.values()]
-                left = list(dict.fromkeys(left))
+                left = self._unanswered()
                 self._queue.clear()
             for future in left:
                 self._finish(future, error=RuntimeError(f"the scheduler failed: {e!r}"))

@@ -86,12 +86,7 @@ class InPlaceCacheDecoder:
         dtypes = {t.name: np.dtype(t.dtype) for t in static.entry.inputs}
         self._cache_dtype = dtypes[self._past_names[0]]
         # a fused program's small inputs, computed here (`HostStepInputs`, made at each binding)
-        self._step_spec = static.entry.step_inputs
-        if self._inplace_names and self._step_spec is None:
-            raise UserError(
-                f"corrupt artifact: the {static.name} program writes its buffers in place but "
-                "its manifest entry has no step_inputs"
-            )
+        self._step_spec = static.entry.step_inputs  # open_segment refuses a fused one without
         self._table_dtype = dtypes.get("rotary_cos", self._cache_dtype)
         self._host: HostStepInputs | None = None
         self._buffers: list[np.ndarray] = []  # (B, kvh, C, hd) per cache input
@@ -100,7 +95,6 @@ class InPlaceCacheDecoder:
         self._returned: list[np.ndarray] = []  # the views the last step returned
         self._binding: Any = None  # the I/O binding of the buffers (fused attention only)
         self._bound_values: list[Any] = []  # the OrtValues the binding holds
-        self._bound_batch = 0  # the samples the binding's small inputs are for
         self._logits = np.zeros((0, 0), dtype=np.float32)  # the bound logits
         self.adopts = 0  # caches copied in (a prefill's, a batch that changed)
         self.moves = 0  # times the buffers grew
@@ -259,12 +253,9 @@ class InPlaceCacheDecoder:
         for the small inputs and the logits, which a step fills and reads. A step then binds
         nothing (binding every tensor anew cost ~0.2 ms a step, more than a small layer's
         attention)."""
-        if (
-            self._host is None
-            or self._binding is None
-            or self._bound_batch != len(self._buffers[0])
-        ):
+        if self._binding is None:  # new buffers (a batch, a capacity): new small inputs too
             self._bind()
+        assert self._host is not None  # made with the binding
         self._host.fill(input_ids, position_ids, self._lens, cache_pad)
         try:
             self.static.session.run_with_iobinding(self._binding)
@@ -298,7 +289,7 @@ class InPlaceCacheDecoder:
             values.append(ort.OrtValue.ortvalue_from_numpy(buf))
             binding.bind_ortvalue_input(past, values[-1])
             binding.bind_ortvalue_output(inplace, values[-1])
-        self._binding, self._bound_values, self._bound_batch = binding, values, batch
+        self._binding, self._bound_values = binding, values
 
     def to_numpy(self, value: Any) -> np.ndarray:
         a = np.asarray(value)  # the logits a step returned are its own array: no copy needed

@@ -112,14 +112,17 @@ class HostStepInputs:
             sin *= self._scaling
         self.cos[:b] = cos
         self.sin[:b] = sin
-        if len(self._windowed) or not np.array_equal(cache_pad, self._pad):
-            self._fill_bias(np.asarray(cache_pad, dtype=np.int64), cache_len)
+        padding_changed = not np.array_equal(cache_pad, self._pad)
+        if padding_changed or len(self._windowed):
+            self._fill_bias(np.asarray(cache_pad, dtype=np.int64), cache_len, padding_changed)
 
-    def _fill_bias(self, cache_pad: np.ndarray, cache_len: np.ndarray) -> None:
+    def _fill_bias(
+        self, cache_pad: np.ndarray, cache_len: np.ndarray, padding_changed: bool
+    ) -> None:
         """0 where a key may be read, the floor elsewhere: a layer's padding rows, and with a
         sliding window W the rows W or more before the new one (HF's sliding window: the query
         sees itself and the W - 1 rows before it)."""
-        if not np.array_equal(cache_pad, self._pad):
+        if padding_changed:
             allowed = self._keys[None, None, :] >= cache_pad[:, :, None]  # (L, B, C)
             self.bias[:, :, 0, 0] = np.where(allowed, 0.0, self._floor)
             self._pad = cache_pad.copy()
