@@ -418,7 +418,7 @@ class Manifest:
         return [layer.visual_tokens for layer in self.layers]
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(self)
+        return to_plain(self)
 
     @classmethod
     def from_json(cls, data: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -660,15 +660,17 @@ def from_json(tp: type[T], data: Any, where: str = MANIFEST_NAME) -> T:
     return _build(tp, data, where)
 
 
-def _plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
     """`obj` as plain JSON values; a dataclass field is written under its JSON_KEY metadata,
     where it has one, else under its name."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.metadata.get(JSON_KEY, f.name): _plain(getattr(obj, f.name)) for f in fields(obj)}
+        return {
+            f.metadata.get(JSON_KEY, f.name): to_plain(getattr(obj, f.name)) for f in fields(obj)
+        }
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     return obj
 
 

@@ -22,6 +22,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test run's base temp folder, the same for every xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <run>/popen-gwN: the run's folder is its parent
+        base = base.parent
+    return base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ONNX export cache (`MLLMC_CACHE_DIR`) for every compile of the run, in-process and in
+    the CLI's subprocesses, on every worker: a segment that many tests compile alike (the vision
+    segment and decode steps under most passes) is exported once per run. The first compile of
+    each distinct segment still exports it; `test_export_cache.py` checks the cache itself."""
+    from mllmc.compiler.backends.export_cache import ENV
+
+    folder = run_folder(tmp_path_factory) / "export-cache"
+    os.environ[ENV] = str(folder)
+    return folder
+
+
 def shared(
     tmp_path_factory: pytest.TempPathFactory, key: str, name: str, build: Callable[[Path], Path]
 ) -> Path:
@@ -31,10 +52,7 @@ def shared(
     a shared folder holds is never changed by a test (tests that change one work on a copy)."""
     from filelock import FileLock
 
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # <run>/popen-gwN: the run's folder is its parent
-        base = base.parent
-    root = base / "shared"
+    root = run_folder(tmp_path_factory) / "shared"
     root.mkdir(exist_ok=True)
     out, done = root / key / name, root / f"{key}.done"
     with FileLock(str(root / f"{key}.lock")):

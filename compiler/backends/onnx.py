@@ -10,7 +10,8 @@ at the same offsets, so an artifact holds one copy of the weights, not two. With
 each segment's MatMuls are block-quantized right after its export (`quantize.py`, before
 `share_weights`); prefill's and decode's quantized tensors are byte-identical, so they are
 stored once too. The static decode step is also written with its sibling projections packed
-(`packing.py`): `<segment>.packed.onnx` beside the unpacked graph, the same weights.
+(`packing.py`): `<segment>.packed.onnx` beside the unpacked graph, the same weights. With
+`MLLMC_CACHE_DIR` set, exports are cached by segment (`export_cache.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mllmc.compiler.core import compact_attention, fused_attention, fused_norm
 from mllmc.compiler.core.segment_io import dim_names, rename_symbols
 from mllmc.runtime.manifest import STATIC_DECODE, SegmentEntry, TensorSpec
 
-from . import packing
+from . import export_cache, packing
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,13 @@ def _name_dims(model: onnx.ModelProto, seg: Any) -> None:
 
 
 def export_segment(seg: Any, out_dir: Path) -> SegmentEntry:
-    """Write `out_dir/<seg.name>.onnx`; return its manifest entry (file, IO names/shapes/dtypes)."""
+    """Write `out_dir/<seg.name>.onnx`; return its manifest entry (file, IO names/shapes/dtypes).
+    With an export cache set (`export_cache`), an equal segment exported before is copied from
+    it instead."""
+    return export_cache.cached(_export, OPSET)(seg, out_dir)
+
+
+def _export(seg: Any, out_dir: Path) -> SegmentEntry:
     path = out_dir / f"{seg.name}.onnx"
     external = _segment_bytes(seg) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings():

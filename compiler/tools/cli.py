@@ -128,6 +128,16 @@ def cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_export_cache(path: str) -> None:
+    """Point this process's ONNX exports at the cache folder `path` (`export_cache`)."""
+    from mllmc.compiler.backends import export_cache
+
+    folder = Path(path).expanduser()
+    if not str(path).strip() or (folder.exists() and not folder.is_dir()):
+        raise UserError(f"--cache-dir {path!r} is not a folder")
+    os.environ[export_cache.ENV] = str(folder)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from mllmc.compiler.backends.quantize import quantize_config
     from mllmc.compiler.pipeline import compile_model
@@ -144,6 +154,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     )
     check_eval_options(args.eval_task, args.eval_items)
     passes = _passes(args)
+    if args.cache_dir is not None:
+        _use_export_cache(args.cache_dir)
     result = compile_model(
         args.model,
         args.output,
@@ -550,6 +562,13 @@ def _add_compile_parser(sub: Any) -> None:
         "trt) copies each layer's cache one row longer per step",
     )
     _add_quantize_arguments(sp)
+    sp.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="onnx: keep each exported segment in DIR and copy an equal one from there instead "
+        "of exporting it again (another pass list on the same model re-exports only what the "
+        "passes changed); default: $MLLMC_CACHE_DIR, else no cache",
+    )
     sp.add_argument("--no-validate", action="store_true", help="skip the check against eager")
     sp.add_argument(
         "--force",
