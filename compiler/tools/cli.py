@@ -285,6 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         providers=args.providers,
         threads=args.threads,
         cuda_graphs=False if args.no_cuda_graphs else None,
+        decode_cache=args.decode_cache,
     )
     if not args.image and not engine.text_only:
         passes = [p.name for p in engine.manifest.passes]
@@ -744,6 +745,14 @@ def _add_run_parser(sub: Any) -> None:
         action="store_true",
         help="aoti artifacts on CUDA: launch each op from the host instead of replaying CUDA "
         "graphs (the default there)",
+    )
+    sp.add_argument(
+        "--decode-cache",
+        choices=DECODE_CACHES,
+        default=None,
+        help="onnx / aoti: 'growing' runs the artifact's growing-cache decode even where it "
+        "also holds a static one (an older artifact's static decode, say); 'static' requires "
+        "one (default: the artifact's own choice)",
     )
 
 

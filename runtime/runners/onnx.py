@@ -127,8 +127,8 @@ def open_segment(
     if fused and static.step_inputs is None:  # format 6: the operator's inputs made in the graph
         raise UserError(
             f"the decode_static program of {root} was written by an older mllmc (format "
-            f"{manifest.format_version}): recompile it with this mllmc, or load it with "
-            "decode_cache='growing'"
+            f"{manifest.format_version}): recompile it with this mllmc, or run its growing "
+            "decode (mllmc run --decode-cache growing; load(..., decode_cache='growing'))"
         )
     past = [t.name for t in entry.inputs if t.name.startswith("past.")]
     small = (

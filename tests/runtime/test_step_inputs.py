@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -186,3 +188,10 @@ def test_an_older_fused_program_is_refused_in_one_line(tiny_base_artifact, tmp_p
     assert "\n" not in str(e.value) and "decode_cache='growing'" in str(e.value)
     engine = load(art, decode_cache="growing")
     assert len(engine.generate(sample_image, "Hi", max_new_tokens=2).token_ids) == 2
+    cli = [sys.executable, "-m", "mllmc.compiler.tools.cli", "run", str(art), "--image",
+           str(sample_image), "--prompt", "Hi", "--max-new-tokens", "2", "--json"]  # fmt: skip
+    refused = subprocess.run(cli, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--decode-cache growing" in refused.stderr, refused.stderr
+    ran = subprocess.run([*cli, "--decode-cache", "growing"], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert len(json.loads(ran.stdout)["token_ids"]) == 2
