@@ -172,6 +172,7 @@ def compile_model(
     from mllmc.compiler.files import artifact
 
     from . import backends
+    from .backends import export_cache
 
     # every check that needs no model runs before torch is imported: bad input costs no wait
     _check_arg_types(validate=validate, force=force, progress=progress, max_seq_len=max_seq_len)
@@ -183,6 +184,8 @@ def compile_model(
         ),
     )
     config, out = _check_inputs(model_dir, out_dir, pass_list, force)
+    if target == "onnx":
+        export_cache.check_folder(export_cache.cache_dir(), out, Path(model_dir))
     backend = backends.build_backend(target, options)
 
     steps = ["load", "capture", "passes", "flops", target, "validate" if validate else "write"]

@@ -12,15 +12,16 @@ The key is a SHA-256 of:
 - the bytes, dtype and shape of every tensor the program holds (weights, buffers, constants):
   the same graph over other weights is another key;
 - the segment's IO names, its example inputs' shapes and dtypes and its `step_inputs` record;
-- the versions of torch, onnx, onnxscript and mllmc, the opset, and a digest of the compiler's
+- the versions of torch, onnx, onnx-ir, onnxscript and mllmc, the opset, and a digest of the compiler's
   and runtime's source files (the ONNX translations of the fused operators live there): a
   changed exporter never reads an entry of another.
 
 An entry is the segment's `.onnx` (and `.onnx.data`) as the export wrote them, with the manifest
-entry beside them. It is written to a temporary folder in the cache and renamed into place
-whole, so concurrent compiles (test workers, say) never read one half-written; an entry that is
-incomplete or unreadable is ignored and exported anew. Nothing is ever evicted: the folder is
-the user's to clear (`rm -rf`)."""
+entry and each file's size and SHA-256 beside them. It is written to a temporary folder in the
+cache, flushed to disk and renamed into place whole, so concurrent compiles (test workers, say)
+never read one half-written; an entry whose files do not match what was stored is exported anew
+and replaced. The cache folder may be neither the artifact's output folder nor the model's (nor
+inside them). Nothing is ever evicted: the folder is the user's to clear (`rm -rf`)."""
 
 from __future__ import annotations
 
@@ -31,18 +32,22 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mllmc.runtime.errors import UserError
 from mllmc.runtime.manifest import SegmentEntry, from_json, to_plain
 
 log = logging.getLogger(__name__)
 
 ENV = "MLLMC_CACHE_DIR"
 ENTRY = "entry.json"
-LAYOUT = "onnx-segment-1"  # what an entry holds; bumped when that changes
+LAYOUT = "onnx-segment-2"  # what an entry holds; bumped when that changes
+TMP_PREFIX = ".tmp-"
+STALE_SECONDS = 24 * 3600  # a temporary folder this old was left by a compile that was killed
 
 
 def cache_dir() -> Path | None:
@@ -72,7 +77,7 @@ def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
-    for name in ("torch", "onnx", "onnxscript", "mllmc"):
+    for name in ("torch", "onnx", "onnx-ir", "onnxscript", "mllmc"):
         try:
             found.append(f"{name}={version(name)}")
         except PackageNotFoundError:
@@ -120,48 +125,125 @@ def segment_key(seg: Any, opset: int) -> str:
     return h.hexdigest()
 
 
+def check_folder(root: Path | None, out_dir: Path, model_dir: Path) -> None:
+    """UserError unless `root` (None: no cache) can be the cache folder: a folder or a path that
+    can become one, and neither the artifact's output folder, the model folder, nor inside
+    either (the cache's entries would become files of theirs). Creates it."""
+    if root is None:
+        return
+    where = f"the export cache folder {str(root)!r} ({ENV} / --cache-dir)"
+    resolved = root.resolve()
+    for folder, what in ((out_dir, "the output folder"), (model_dir, "the model folder")):
+        mine = folder.resolve()
+        if resolved == mine or mine in resolved.parents:
+            raise UserError(f"{where} is {what} or inside it: give a folder of its own")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{where} is not a folder") from None
+    except OSError as e:  # a file on the way (NotADirectoryError), no permission, ...
+        raise UserError(f"{where} cannot be made: {e.strerror or e}") from None
+
+
+def _copy_hashed(src: Path, dst: Path) -> tuple[int, str]:
+    """Copy `src` to `dst` (flushed to disk); returns (its size, its SHA-256)."""
+    h, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(1 << 22):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return size, h.hexdigest()
+
+
 def _files_of(entry: SegmentEntry) -> list[str]:
     return [entry.file] + ([entry.external_data] if entry.external_data else [])
 
 
 def restore(root: Path, key: str, out_dir: Path) -> SegmentEntry | None:
-    """The cached entry of `key`, its files copied into `out_dir`; None when there is none (or
-    it cannot be read: it is then exported anew, and replaced)."""
+    """The cached entry of `key`, its files copied into `out_dir` and checked against the sizes
+    and SHA-256s stored with them; None when there is none or it does not hold (it is then
+    exported anew and replaced)."""
     folder = root / key
-    try:
-        entry = from_json(SegmentEntry, json.loads((folder / ENTRY).read_text()), str(folder))
-        for name in _files_of(entry):
-            if Path(name).name != name:
-                raise ValueError(f"file name {name!r} in a cache entry")
-            shutil.copyfile(folder / name, out_dir / name)
-    except FileNotFoundError:
+    if not (folder / ENTRY).is_file():
         return None
+    try:
+        data = json.loads((folder / ENTRY).read_text())
+        entry = from_json(SegmentEntry, data["entry"], str(folder))
+        files = data["files"]
+        if sorted(files) != sorted(_files_of(entry)):
+            raise ValueError(f"it lists {sorted(files)}")
+        for name, (size, digest) in files.items():
+            if Path(name).name != name:
+                raise ValueError(f"file name {name!r}")
+            if _copy_hashed(folder / name, out_dir / name) != (size, digest):
+                raise ValueError(f"{name} is not the file stored")
     except Exception as e:  # a damaged entry is a miss, never a failed compile
-        log.warning("ignoring the damaged export cache entry %s: %s", folder, e)
+        log.warning("the export cache entry %s is damaged (%s): exporting anew", folder, e)
         return None
     log.info("segment %s from the export cache (%s)", entry.file, key[:12])
     return entry
 
 
+_unwritable: set[Path] = set()  # cache folders already warned about, once a process
+
+
 def store(root: Path, key: str, out_dir: Path, entry: SegmentEntry) -> None:
     """Keep `entry` and its files (in `out_dir`) under `key`: written to a temporary folder in
-    `root`, renamed into place whole. A failure to write is logged, never raised: the cache
-    only saves time."""
-    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    `root` and flushed, then renamed into place whole. An entry another compile stored
+    meanwhile is kept; a damaged one is replaced. A failure to write is a warning (once a
+    folder), never an error: the cache only saves time."""
+    tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         tmp.mkdir(parents=True)
-        for name in _files_of(entry):
-            shutil.copyfile(out_dir / name, tmp / name)
-        (tmp / ENTRY).write_text(json.dumps(to_plain(entry), indent=1))
+        _remove_stale(root)
+        files = {name: _copy_hashed(out_dir / name, tmp / name) for name in _files_of(entry)}
+        with open(tmp / ENTRY, "w") as f:
+            json.dump({"entry": to_plain(entry), "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         folder = root / key
-        if folder.exists():  # a damaged entry, or one another compile stored meanwhile
-            shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(FileExistsError, OSError):
+        if folder.exists() and _holds(folder):
+            return  # another compile stored it meanwhile: keep that one
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged entry
+        with contextlib.suppress(OSError):  # another compile renamed its own first
             os.rename(tmp, folder)
     except OSError as e:
-        log.warning("could not store %s in the export cache %s: %s", entry.file, root, e)
+        if root not in _unwritable:
+            _unwritable.add(root)
+            log.warning("cannot store exports in the cache %s (%s): compiling without it", root, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _holds(folder: Path) -> bool:
+    """Whether an entry folder is whole: its entry.json readable, each file of the stored size
+    and SHA-256."""
+    try:
+        files = json.loads((folder / ENTRY).read_text())["files"]
+        return all(_digest(folder / name) == (size, sha) for name, (size, sha) in files.items())
+    except Exception:
+        return False
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _remove_stale(root: Path) -> None:
+    """Temporary folders a killed compile left in `root` (older than STALE_SECONDS)."""
+    now = time.time()
+    for tmp in root.glob(f"{TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cached(

@@ -128,12 +128,15 @@ def cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
-def _use_export_cache(path: str) -> None:
-    """Point this process's ONNX exports at the cache folder `path` (`export_cache`)."""
+def _use_export_cache(path: str, target: str) -> None:
+    """Point this process's ONNX exports at the cache folder `path` (`export_cache`; the
+    pipeline checks the folder with the other outputs)."""
     from mllmc.compiler.backends import export_cache
 
+    if target != "onnx":
+        raise UserError(f"--cache-dir caches ONNX exports: it does not apply to --target {target}")
     folder = Path(path).expanduser()
-    if not str(path).strip() or (folder.exists() and not folder.is_dir()):
+    if not path or (folder.exists() and not folder.is_dir()):
         raise UserError(f"--cache-dir {path!r} is not a folder")
     os.environ[export_cache.ENV] = str(folder)
 
@@ -155,7 +158,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     check_eval_options(args.eval_task, args.eval_items)
     passes = _passes(args)
     if args.cache_dir is not None:
-        _use_export_cache(args.cache_dir)
+        _use_export_cache(args.cache_dir, args.target)
     result = compile_model(
         args.model,
         args.output,
