@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mllmc.compiler.tools import bench
 from tests.compiler.tools.test_cli import mllmc, user_error
 
@@ -54,7 +56,19 @@ def test_interleaved_rounds_alternate_the_order():
     assert rounds.times == {name: {"t": [1.0, 1.0, 1.0]} for name in "abc"}
 
 
-def test_side_by_side_reloads_engines_in_alternating_order(monkeypatch):
+@pytest.fixture
+def frozen_heap():
+    """The objects that exist already (those of every module this worker ran before) left out of
+    the garbage collections the test makes and side_by_side makes: they are not the test's, and
+    scanning them took seconds a collection late in a full run."""
+    import gc
+
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+def test_side_by_side_reloads_engines_in_alternating_order(monkeypatch, frozen_heap):
     """Engines given as loaders are loaded LOADS times, in the given order then the reverse,
     each load's engines dropped before the next; the rounds are shared out between the loads
     (3, then 2), keep alternating their order across loads, and are pooled per row in step, so
