@@ -19,9 +19,11 @@ def pytest_configure(config: pytest.Config) -> None:
     """Fewer garbage-collector passes in the test processes (each xdist worker, and the runner):
     tracing and exporting graphs makes millions of short-lived objects, and a full pass over a
     worker's heap (every model and artifact its earlier modules loaded) took up to seconds;
-    with these thresholds a full pass comes after 50 000 x 20 x 100 allocations instead of
-    700 x 10 x 10. Reference counting still frees everything that is not in a cycle."""
-    gc.set_threshold(50_000, 20, 100)
+    these are the thresholds a compile runs under (`pipeline.COMPILE_GC_THRESHOLDS`).
+    Reference counting still frees everything that is not in a cycle."""
+    from mllmc.compiler.pipeline import COMPILE_GC_THRESHOLDS
+
+    gc.set_threshold(*COMPILE_GC_THRESHOLDS)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -145,16 +145,19 @@ def check_folder(root: Path | None, out_dir: Path, model_dir: Path) -> None:
         raise UserError(f"{where} cannot be made: {e.strerror or e}") from None
 
 
-def _copy_hashed(src: Path, dst: Path) -> tuple[int, str]:
-    """Copy `src` to `dst` (flushed to disk); returns (its size, its SHA-256)."""
+def _hashed(src: Path, dst: Path | None = None) -> tuple[int, str]:
+    """(size, SHA-256) of file `src`, read once; with `dst`, copied there on the way and
+    flushed to disk (what `store` writes must be whole before its rename)."""
     h, size = hashlib.sha256(), 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin, open(dst, "wb") if dst else contextlib.nullcontext() as fout:
         while chunk := fin.read(1 << 22):
             h.update(chunk)
-            fout.write(chunk)
             size += len(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
+            if fout:
+                fout.write(chunk)
+        if fout:
+            fout.flush()
+            os.fsync(fout.fileno())
     return size, h.hexdigest()
 
 
@@ -178,7 +181,8 @@ def restore(root: Path, key: str, out_dir: Path) -> SegmentEntry | None:
         for name, (size, digest) in files.items():
             if Path(name).name != name:
                 raise ValueError(f"file name {name!r}")
-            if _copy_hashed(folder / name, out_dir / name) != (size, digest):
+            shutil.copyfile(folder / name, out_dir / name)  # the staged artifact: no flush
+            if _hashed(out_dir / name) != (size, digest):
                 raise ValueError(f"{name} is not the file stored")
     except Exception as e:  # a damaged entry is a miss, never a failed compile
         log.warning("the export cache entry %s is damaged (%s): exporting anew", folder, e)
@@ -199,7 +203,7 @@ def store(root: Path, key: str, out_dir: Path, entry: SegmentEntry) -> None:
     try:
         tmp.mkdir(parents=True)
         _remove_stale(root)
-        files = {name: _copy_hashed(out_dir / name, tmp / name) for name in _files_of(entry)}
+        files = {name: _hashed(out_dir / name, tmp / name) for name in _files_of(entry)}
         with open(tmp / ENTRY, "w") as f:
             json.dump({"entry": to_plain(entry), "files": files}, f, indent=1)
             f.flush()
@@ -223,18 +227,9 @@ def _holds(folder: Path) -> bool:
     and SHA-256."""
     try:
         files = json.loads((folder / ENTRY).read_text())["files"]
-        return all(_digest(folder / name) == (size, sha) for name, (size, sha) in files.items())
+        return all(_hashed(folder / name) == (size, sha) for name, (size, sha) in files.items())
     except Exception:
         return False
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 def _remove_stale(root: Path) -> None:
