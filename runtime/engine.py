@@ -46,6 +46,8 @@ from .runners import (
 log = logging.getLogger(__name__)
 
 # the decode segment's inputs besides the cache
+# the engines' CPU threads when load() is given none (else onnxruntime's / torch's own default)
+THREADS_ENV = "MLLMC_THREADS"
 DECODE_INPUTS = ("input_ids", "position_ids", "cache_pad")
 PREFILL_INPUTS = ("input_ids", "image_features", "visual_rows", "position_ids", "attention_mask")
 # passes whose prefill takes the prompt's last row for its last text token: fastv scores the
@@ -338,6 +340,20 @@ class SegmentLoop:
         )
 
 
+def threads_from_env() -> int | None:
+    """The CPU threads `MLLMC_THREADS` asks for, None where it is unset or empty. Engines
+    that share the machine with other processes (test workers, several servers on one host, a
+    container whose CPU quota is smaller than the host) set it so that each does not start one
+    thread per core. A value that is not an integer from 1 to the number of CPUs is refused."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    cores = os.cpu_count() or 1
+    if not value.isdigit() or not 1 <= int(value) <= cores:
+        raise UserError(f"{THREADS_ENV} must be an integer from 1 to {cores} here, got {value!r}")
+    return int(value)
+
+
 class Engine(SegmentLoop):
     """A loaded artifact. `generate()` is the whole pipeline; `encode_image()`, `prefill()` and
     `decode_step()` are its parts for callers that run their own loop."""
@@ -360,6 +376,8 @@ class Engine(SegmentLoop):
             isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores
         ):
             raise UserError(f"threads must be an integer from 1 to {cores} here, got {threads!r}")
+        if threads is None:
+            threads = threads_from_env()
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         if self.manifest.format_version == 4:
@@ -718,7 +736,9 @@ def load(
     cuda_graphs: bool | None = None,
     decode_cache: str | None = None,
 ) -> Engine:
-    """Load an artifact directory written by `mllmc compile`. `share_weights=True`: the
+    """Load an artifact directory written by `mllmc compile`. `threads`: the CPU threads each
+    segment runs on (None: `MLLMC_THREADS` where it is set, else onnxruntime's or torch's
+    default, one per core). `share_weights=True`: the
     segments use the artifact's one copy of the weights in memory (ONNX: ~1x the weights instead
     of ~1.7x, decode slower on the CPU without onnxruntime's prepacked GEMM weights).
     `cuda_graphs` (aoti artifacts compiled for CUDA; None: on there, off elsewhere): vision and

@@ -24,6 +24,27 @@ def pytest_configure(config: pytest.Config) -> None:
     from mllmc.compiler.pipeline import COMPILE_GC_THRESHOLDS
 
     gc.set_threshold(*COMPILE_GC_THRESHOLDS)
+    _share_the_cores()
+
+
+def _share_the_cores() -> None:
+    """Each xdist worker runs on its share of the cores: torch's threads (`OMP_NUM_THREADS`, read
+    by the CLI's subprocesses too) and the engines' (`MLLMC_THREADS`). Two workers on two cores,
+    each starting one thread per core, oversubscribed them: the threads waited on each other,
+    and onnxruntime's spin between kernels (the default suite did ~11% less work with one thread
+    per worker). A thread count set in the environment is kept."""
+    import torch
+
+    from mllmc.runtime.engine import THREADS_ENV
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if workers < 2:
+        return
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = share
+        torch.set_num_threads(int(share))
+    os.environ.setdefault(THREADS_ENV, share)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -686,7 +686,8 @@ def _add_eval_parser(sub: Any, max_items: int) -> None:
         "--threads",
         type=_int_in(1, os.cpu_count() or 1),
         default=None,
-        help="onnxruntime (artifact) or torch (HF) threads",
+        help="onnxruntime (artifact) or torch (HF) threads (artifact default: $MLLMC_THREADS, "
+        "else all cores)",
     )
     sp.add_argument(
         "--json", action="store_true", help="print the report (and each answer) as JSON"
@@ -741,7 +742,8 @@ def _add_run_parser(sub: Any) -> None:
         "--threads",
         type=_int_in(1, os.cpu_count() or 1),
         default=None,
-        help=f"onnxruntime threads, 1..{os.cpu_count() or 1} (default: all cores)",
+        help=f"onnxruntime threads, 1..{os.cpu_count() or 1} (default: $MLLMC_THREADS, else all "
+        "cores)",
     )
     sp.add_argument(
         "--no-cuda-graphs",
@@ -957,7 +959,7 @@ def _add_model_settings(sp: Any) -> None:
         "--threads",
         type=_int_in(1, os.cpu_count() or 1),
         default=None,
-        help="onnxruntime threads per instance (default: all cores)",
+        help="onnxruntime threads per instance (default: $MLLMC_THREADS, else all cores)",
     )
 
 

@@ -86,6 +86,35 @@ def test_threads_cli(tiny_base_artifact: Path, sample_image: Path):
     one_line_error(proc, "--threads")
 
 
+def _threads_of(engine) -> set[int]:
+    """Each onnxruntime session's intra-op threads (the in-place decoder's: its program's)."""
+    runners = [getattr(r, "static", r) for r in engine.runners.values()]
+    return {r.session.get_session_options().intra_op_num_threads for r in runners}
+
+
+def test_threads_from_the_environment(tiny_base_artifact: Path, monkeypatch):
+    """MLLMC_THREADS is the default of load(threads=...) and --threads; an explicit count wins,
+    and a bad value is one line (API and CLI)."""
+    monkeypatch.setenv("MLLMC_THREADS", "1")
+    assert _threads_of(load(tiny_base_artifact)) == {1}
+    monkeypatch.setenv("MLLMC_THREADS", "2")
+    assert _threads_of(load(tiny_base_artifact, threads=1)) == {1}
+    monkeypatch.setenv("MLLMC_THREADS", "")  # empty: unset, onnxruntime's default (0: its own)
+    assert _threads_of(load(tiny_base_artifact)) == {0}
+    for bad in ("0", "-1", "1.5", "two", "100000"):
+        monkeypatch.setenv("MLLMC_THREADS", bad)
+        with pytest.raises(UserError, match=f"MLLMC_THREADS must be an integer from 1 to .*{bad}"):
+            load(tiny_base_artifact)
+
+
+def test_threads_from_the_environment_cli(
+    tiny_base_artifact: Path, sample_image: Path, monkeypatch
+):
+    monkeypatch.setenv("MLLMC_THREADS", "many")
+    proc = run_cli("run", tiny_base_artifact, "--image", sample_image, "--prompt", "Hi")
+    one_line_error(proc, "MLLMC_THREADS must be an integer from 1 to")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
