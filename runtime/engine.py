@@ -349,9 +349,15 @@ def threads_from_env() -> int | None:
     if not value:
         return None
     cores = os.cpu_count() or 1
-    if not value.isdigit() or not 1 <= int(value) <= cores:
-        raise UserError(f"{THREADS_ENV} must be an integer from 1 to {cores} here, got {value!r}")
-    return int(value)
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if not 1 <= threads <= cores:
+        raise UserError(
+            f"{THREADS_ENV} must be an integer from 1 to {cores} here, got {value[:40]!r}"
+        )
+    return threads
 
 
 class Engine(SegmentLoop):

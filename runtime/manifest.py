@@ -584,6 +584,11 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
         raise UserError(f"artifact {root} not found (make one with: mllmc compile MODEL -o {root})")
     path = root / MANIFEST_NAME
     if not path.is_file():
+        if (root / "config.json").is_file():
+            raise UserError(
+                f"{root} is a model folder (config.json), not an mllmc artifact: compile it first "
+                f"(mllmc compile {root} -o OUT) and give OUT"
+            )
         raise UserError(f"{root} is not an mllmc artifact: {MANIFEST_NAME} is missing")
     try:
         data = read_json(path)  # no NaN: a compile whose check has none is refused

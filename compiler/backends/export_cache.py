@@ -17,11 +17,17 @@ The key is a SHA-256 of:
   changed exporter never reads an entry of another.
 
 An entry is the segment's `.onnx` (and `.onnx.data`) as the export wrote them, with the manifest
-entry and each file's size and SHA-256 beside them. It is written to a temporary folder in the
-cache, flushed to disk and renamed into place whole, so concurrent compiles (test workers, say)
-never read one half-written; an entry whose files do not match what was stored is exported anew
-and replaced. The cache folder may be neither the artifact's output folder nor the model's (nor
-inside them). Nothing is ever evicted: the folder is the user's to clear (`rm -rf`)."""
+entry, its SHA-256 and each file's size and SHA-256 beside them. It is written to a temporary
+folder in the cache, flushed to disk and renamed into place whole, so concurrent compiles (test
+workers, say) never read one half-written; an entry whose files or manifest entry do not match
+what was stored is exported anew and replaced.
+
+The cache folder is mllmc's alone: a new or empty folder becomes one when a compile first uses
+it, marked by a `CACHEDIR.TAG` (the Cache Directory Tagging convention, which backup tools
+skip); a folder that holds anything else is refused, so that nothing of the user's is written
+into or cleared (a compile removes only the temporary folders that killed compiles left in the
+cache). It may be neither the artifact's output folder nor the model's (nor inside them).
+Nothing is ever evicted: the folder is the user's to clear (`rm -rf`)."""
 
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -45,8 +52,15 @@ log = logging.getLogger(__name__)
 
 ENV = "MLLMC_CACHE_DIR"
 ENTRY = "entry.json"
-LAYOUT = "onnx-segment-2"  # what an entry holds; bumped when that changes
-TMP_PREFIX = ".tmp-"
+LAYOUT = "onnx-segment-3"  # what an entry holds; bumped when that changes
+TMP_PREFIX = ".tmp-"  # + uuid4().hex: a temporary entry folder (TEMPORARY matches only these)
+TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}")
+TAG = "CACHEDIR.TAG"
+TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by mllmc: its ONNX export cache.\n"
+    "# For information about cache directory tags see https://bford.info/cachedir/\n"
+)
 STALE_SECONDS = 24 * 3600  # a temporary folder this old was left by a compile that was killed
 
 
@@ -126,9 +140,10 @@ def segment_key(seg: Any, opset: int) -> str:
 
 
 def check_folder(root: Path | None, out_dir: Path, model_dir: Path) -> None:
-    """UserError unless `root` (None: no cache) can be the cache folder: a folder or a path that
-    can become one, and neither the artifact's output folder, the model folder, nor inside
-    either (the cache's entries would become files of theirs). Creates it."""
+    """UserError unless `root` (None: no cache) can be the cache folder: mllmc's cache already,
+    or a path that can become one (new, or an empty folder), and neither the artifact's output
+    folder, the model folder, nor inside either (the cache's entries would become files of
+    theirs). Creates it and its tag."""
     if root is None:
         return
     where = f"the export cache folder {str(root)!r} ({ENV} / --cache-dir)"
@@ -143,6 +158,39 @@ def check_folder(root: Path | None, out_dir: Path, model_dir: Path) -> None:
         raise UserError(f"{where} is not a folder") from None
     except OSError as e:  # a file on the way (NotADirectoryError), no permission, ...
         raise UserError(f"{where} cannot be made: {e.strerror or e}") from None
+    _claim(root, where)
+
+
+def _is_tagged(root: Path) -> bool:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return (root / TAG).read_text() == TAG_TEXT
+    return False
+
+
+def _claim(root: Path, where: str) -> None:
+    """Tag `root` as mllmc's export cache unless it is one: only when it is empty (or holds
+    another compile's tag on its way in), else UserError. The tag is renamed into place whole,
+    so a compile beside this one reads it whole or not at all."""
+    if _is_tagged(root):
+        return
+    try:
+        others = [p.name for p in root.iterdir() if not p.name.startswith(f"{TAG}.tmp-")]
+    except OSError as e:
+        raise UserError(f"{where} cannot be read: {e.strerror or e}") from None
+    if others and not (others == [TAG] and _is_tagged(root)):  # a tag renamed in meanwhile
+        raise UserError(
+            f"{where} holds files and is not an mllmc export cache (it has no mllmc {TAG}): "
+            "give a new or empty folder"
+        )
+    tmp = root / f"{TAG}.tmp-{uuid.uuid4().hex}"
+    try:
+        tmp.write_text(TAG_TEXT)
+        os.replace(tmp, root / TAG)
+    except OSError as e:
+        raise UserError(f"{where} cannot be written: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _hashed(src: Path, dst: Path | None = None) -> tuple[int, str]:
@@ -174,6 +222,8 @@ def restore(root: Path, key: str, out_dir: Path) -> SegmentEntry | None:
         return None
     try:
         data = json.loads((folder / ENTRY).read_text())
+        if _entry_digest(data["entry"]) != data["entry_sha256"]:
+            raise ValueError("its manifest entry is not the one stored")
         entry = from_json(SegmentEntry, data["entry"], str(folder))
         files = data["files"]
         if sorted(files) != sorted(_files_of(entry)):
@@ -205,7 +255,9 @@ def store(root: Path, key: str, out_dir: Path, entry: SegmentEntry) -> None:
         _remove_stale(root)
         files = {name: _hashed(out_dir / name, tmp / name) for name in _files_of(entry)}
         with open(tmp / ENTRY, "w") as f:
-            json.dump({"entry": to_plain(entry), "files": files}, f, indent=1)
+            plain = to_plain(entry)
+            record = {"entry": plain, "entry_sha256": _entry_digest(plain), "files": files}
+            json.dump(record, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         folder = root / key
@@ -222,20 +274,31 @@ def store(root: Path, key: str, out_dir: Path, entry: SegmentEntry) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _entry_digest(plain: Any) -> str:
+    """SHA-256 of a manifest entry as JSON (keys sorted)."""
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+
 def _holds(folder: Path) -> bool:
-    """Whether an entry folder is whole: its entry.json readable, each file of the stored size
-    and SHA-256."""
+    """Whether an entry folder is whole: its entry.json readable, its manifest entry the one
+    stored, each file of the stored size and SHA-256."""
     try:
-        files = json.loads((folder / ENTRY).read_text())["files"]
-        return all(_hashed(folder / name) == (size, sha) for name, (size, sha) in files.items())
+        data = json.loads((folder / ENTRY).read_text())
+        files = data["files"]
+        return _entry_digest(data["entry"]) == data["entry_sha256"] and all(
+            _hashed(folder / name) == (size, sha) for name, (size, sha) in files.items()
+        )
     except Exception:
         return False
 
 
 def _remove_stale(root: Path) -> None:
-    """Temporary folders a killed compile left in `root` (older than STALE_SECONDS)."""
+    """Temporary entry folders a killed compile left in `root` (older than STALE_SECONDS): only
+    names a compile gives them (TEMPORARY)."""
     now = time.time()
     for tmp in root.glob(f"{TMP_PREFIX}*"):
+        if not TEMPORARY.fullmatch(tmp.name):
+            continue
         with contextlib.suppress(OSError):
             if now - tmp.stat().st_mtime > STALE_SECONDS:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -245,11 +308,12 @@ def cached(
     export: Callable[[Any, Path], SegmentEntry], opset: int
 ) -> Callable[[Any, Path], SegmentEntry]:
     """`export(seg, out_dir)` through the cache `cache_dir()` names (read when each segment is
-    exported); without one, `export` itself."""
+    exported); without one, or where the folder is not tagged as mllmc's cache yet
+    (`check_folder` tags it before a compile), `export` itself."""
 
     def run(seg: Any, out_dir: Path) -> SegmentEntry:
         root = cache_dir()
-        if root is None:
+        if root is None or not _is_tagged(root):
             return export(seg, out_dir)
         key = segment_key(seg, opset)
         entry = restore(root, key, out_dir)

@@ -509,6 +509,20 @@ def _add_preset_parser(sub: Any) -> None:
     )
 
 
+def _passes_text() -> str:
+    """The passes and their options, for `compile --help` (docs/passes.md has what each does)."""
+    import dataclasses
+
+    from mllmc.passes import NO_PASS, REGISTRY
+
+    lines = ["\npasses (--pass NAME:OPTION=VALUE,...; docs/passes.md):"]
+    for name, info in sorted(REGISTRY.items()):
+        options = "|".join(f.name for f in dataclasses.fields(info.config_cls))
+        lines.append(f"  {name}:{options}".ljust(36) + f" {info.summary}")
+    lines.append(f"  {' / '.join(NO_PASS)}".ljust(36) + " no pass (the unrewritten model)")
+    return "\n".join(lines) + "\n"
+
+
 def _add_compile_parser(sub: Any) -> None:
     sp = _subparser(
         sub,
@@ -526,7 +540,8 @@ def _add_compile_parser(sub: Any) -> None:
         "  mllmc compile MODEL --pass shortv:ratio=0.6 --target trt --max-seq-len 4096 "
         "-o out/trt\n"
         "  mllmc compile MODEL --quantize int4 --eval-task shapes-qa -n 400 -o out/int4\n"
-        "  mllmc compile MODEL --quantize int4 --target aoti --block-size 128 -o out/int4-aoti\n",
+        "  mllmc compile MODEL --quantize int4 --target aoti --block-size 128 -o out/int4-aoti\n"
+        + _passes_text(),
     )
     sp.add_argument("model", help="Hugging Face model directory (config.json, *.safetensors, ...)")
     sp.add_argument("-o", "--output", required=True, help="artifact directory to write")
@@ -1018,7 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         prog="mllmc",
-        description="Compile multimodal LLMs (LLaVA) into fast engines with "
+        description="Compile multimodal LLMs (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) into fast "
+        "engines with "
         "visual-token freezing, pruning and early exit as graph rewrites.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

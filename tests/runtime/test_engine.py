@@ -42,6 +42,15 @@ def test_swapped_engine_file_is_one_line(copied: Path, sample_image: Path):
     assert "pixel_values" in proc.stderr and "input_ids" in proc.stderr
 
 
+def test_a_model_folder_is_not_an_artifact(tiny_model_dir: Path, sample_image: Path):
+    with pytest.raises(
+        UserError, match="is a model folder \\(config.json\\), not an mllmc artifact"
+    ):
+        load(tiny_model_dir)
+    proc = run_cli("run", tiny_model_dir, "--image", sample_image, "--prompt", "Hi")
+    one_line_error(proc, f"compile it first (mllmc compile {tiny_model_dir} -o OUT)")
+
+
 def test_dtype_mismatch_names_the_input(copied: Path):
     manifest = json.loads((copied / "manifest.json").read_text())
     manifest["segments"]["prefill"]["inputs"][1]["dtype"] = "float16"
@@ -101,7 +110,7 @@ def test_threads_from_the_environment(tiny_base_artifact: Path, monkeypatch):
     assert _threads_of(load(tiny_base_artifact, threads=1)) == {1}
     monkeypatch.setenv("MLLMC_THREADS", "")  # empty: unset, onnxruntime's default (0: its own)
     assert _threads_of(load(tiny_base_artifact)) == {0}
-    for bad in ("0", "-1", "1.5", "two", "100000"):
+    for bad in ("0", "-1", "1.5", "two", "100000", "²", "1e3"):
         monkeypatch.setenv("MLLMC_THREADS", bad)
         with pytest.raises(UserError, match=f"MLLMC_THREADS must be an integer from 1 to .*{bad}"):
             load(tiny_base_artifact)

@@ -28,15 +28,26 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def _use_cache(tmp_path: Path, monkeypatch) -> Path:
+    """A new cache folder, made and tagged as a compile makes it, and set as the cache."""
+    cache = tmp_path / "cache"
+    export_cache.check_folder(cache, tmp_path / "out", tmp_path / "model")
+    monkeypatch.setenv(export_cache.ENV, str(cache))
+    return cache
+
+
+def _entries(cache: Path) -> list[Path]:
+    return [p for p in cache.iterdir() if p.name != export_cache.TAG]
+
+
 def test_an_equal_segment_is_copied_from_the_cache(vision, tmp_path, monkeypatch):
     _, _, seg = vision
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(export_cache.ENV, str(cache))
+    cache = _use_cache(tmp_path, monkeypatch)
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
     second.mkdir()
     exported = onnx_backend.export_segment(seg, first)
-    (entry_dir,) = [p for p in cache.iterdir()]
+    (entry_dir,) = _entries(cache)
     stored = json.loads((entry_dir / export_cache.ENTRY).read_text())
     assert stored["entry"]["file"] == "vision.onnx" and list(stored["files"]) == ["vision.onnx"]
 
@@ -82,18 +93,21 @@ def test_the_key_changes_with_what_the_export_reads(vision):
     assert export_cache.segment_key(seg, 18) == key
 
 
-@pytest.mark.parametrize("damage", ["entry", "missing", "truncated", "altered"])
+@pytest.mark.parametrize("damage", ["entry", "manifest entry", "missing", "truncated", "altered"])
 def test_a_damaged_entry_is_exported_again_and_replaced(vision, tmp_path, monkeypatch, damage):
     _, _, seg = vision
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(export_cache.ENV, str(cache))
+    cache = _use_cache(tmp_path, monkeypatch)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     exported = onnx_backend.export_segment(seg, tmp_path / "a")
-    (entry_dir,) = list(cache.iterdir())
+    (entry_dir,) = _entries(cache)
     onnx_file = entry_dir / "vision.onnx"
     if damage == "entry":
         (entry_dir / export_cache.ENTRY).write_text("{not json")
+    elif damage == "manifest entry":  # well-formed, the files intact, the segment's IO changed
+        record = json.loads((entry_dir / export_cache.ENTRY).read_text())
+        record["entry"]["outputs"][0]["name"] = "image_feats"
+        (entry_dir / export_cache.ENTRY).write_text(json.dumps(record))
     elif damage == "missing":
         onnx_file.unlink()
     elif damage == "truncated":  # what a crash mid-write would leave
@@ -110,7 +124,7 @@ def test_a_damaged_entry_is_exported_again_and_replaced(vision, tmp_path, monkey
     assert _files(tmp_path / "b") == _files(tmp_path / "a")
     replaced = (entry_dir / "vision.onnx").read_bytes()
     assert replaced == (tmp_path / "a" / "vision.onnx").read_bytes()
-    assert [p.name for p in cache.iterdir()] == [entry_dir.name]  # no temporary folder left
+    assert _entries(cache) == [entry_dir]  # no temporary folder left
 
 
 def test_store_keeps_an_entry_another_compile_stored_and_clears_stale_temporaries(
@@ -120,20 +134,23 @@ def test_store_keeps_an_entry_another_compile_stored_and_clears_stale_temporarie
     import time
 
     _, _, seg = vision
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(export_cache.ENV, str(cache))
+    cache = _use_cache(tmp_path, monkeypatch)
     (tmp_path / "a").mkdir()
     entry = onnx_backend.export_segment(seg, tmp_path / "a")
-    (entry_dir,) = list(cache.iterdir())
+    (entry_dir,) = _entries(cache)
     inode = (entry_dir / export_cache.ENTRY).stat().st_ino
-    old, new = cache / ".tmp-old", cache / ".tmp-new"
-    old.mkdir()
-    new.mkdir()
+    # a killed compile's old and a running one's new temporary, and an old folder that is not
+    # a compile's temporary (only the first goes)
+    old, new = (cache / f".tmp-{c * 32}" for c in "ab")
+    other = cache / ".tmp-notes"
+    for folder in (old, new, other):
+        folder.mkdir()
     week_ago = time.time() - 7 * 24 * 3600
-    os.utime(old, (week_ago, week_ago))
+    for folder in (old, other):
+        os.utime(folder, (week_ago, week_ago))
     export_cache.store(cache, entry_dir.name, tmp_path / "a", entry)  # as a racing compile would
     assert (entry_dir / export_cache.ENTRY).stat().st_ino == inode  # the stored one is kept
-    assert sorted(p.name for p in cache.iterdir()) == sorted([entry_dir.name, ".tmp-new"])
+    assert sorted(p.name for p in _entries(cache)) == sorted([entry_dir.name, new.name, other.name])
 
 
 def test_a_cache_folder_the_compile_cannot_use_is_refused(tmp_path, tiny_model_dir):
@@ -155,6 +172,35 @@ def test_a_cache_folder_the_compile_cannot_use_is_refused(tmp_path, tiny_model_d
     assert a_file.read_text() == "x" and not out.exists() and not (model / "cache").exists()
     export_cache.check_folder(tmp_path / "deep" / "cache", out, model)  # made, parents too
     assert (tmp_path / "deep" / "cache").is_dir()
+
+
+def test_only_a_new_or_empty_folder_becomes_the_cache(vision, tmp_path, monkeypatch):
+    """A folder that holds anything but mllmc's cache is refused (nothing of the user's is
+    written into or cleared); an empty one is tagged; a tagged one is taken as it is; an
+    untagged folder set without the check is not used."""
+    from mllmc.runtime import UserError
+
+    out, model = tmp_path / "out", tmp_path / "model"
+    mine = tmp_path / "mine"
+    (mine / ".tmp-notes").mkdir(parents=True)
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="holds files and is not an mllmc export cache"):
+        export_cache.check_folder(mine, out, model)
+    (mine / export_cache.TAG).write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
+    with pytest.raises(UserError, match="is not an mllmc export cache"):  # another tool's tag
+        export_cache.check_folder(mine, out, model)
+    assert sorted(p.name for p in mine.iterdir()) == [".tmp-notes", export_cache.TAG, "notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_cache.check_folder(empty, out, model)
+    assert (empty / export_cache.TAG).read_text() == export_cache.TAG_TEXT
+    assert [p.name for p in empty.iterdir()] == [export_cache.TAG]
+    export_cache.check_folder(empty, out, model)  # tagged: taken again
+    _, _, seg = vision
+    monkeypatch.setenv(export_cache.ENV, str(mine))
+    monkeypatch.setattr(onnx_backend, "_export", lambda s, out: "exported")
+    assert onnx_backend.export_segment(seg, tmp_path) == "exported"
+    assert sorted(p.name for p in mine.iterdir()) == [".tmp-notes", export_cache.TAG, "notes.txt"]
 
 
 def _compile_cli(model: Path, out: Path, *args: str, env: dict | None = None):
@@ -182,6 +228,7 @@ def test_cli_refuses_a_cache_dir_it_cannot_use_before_compiling(tmp_path, tiny_m
             "does not apply to --target aoti",
         ),
         (["--cache-dir", str(out / "cache")], None, "is the output folder or inside it"),
+        (["--cache-dir", str(tmp_path)], None, "holds files and is not an mllmc export cache"),
         ([], env, "is the output folder or inside it"),  # the variable, checked alike
     ]:
         proc = _compile_cli(tiny_model_dir, out, *args, env=env_)

@@ -65,6 +65,18 @@ def test_each_subcommand_help_shows_its_own_examples():
     assert "[-o FILE.json]" in bench and "optional" in bench
 
 
+def test_compile_help_lists_every_pass_and_its_options():
+    import dataclasses
+
+    from mllmc.passes import REGISTRY
+
+    listed = mllmc("compile", "--help").stdout.split("passes (--pass", 1)[1]
+    for name, info in REGISTRY.items():
+        options = "|".join(f.name for f in dataclasses.fields(info.config_cls))
+        assert f"  {name}:{options} " in listed and info.summary in listed, name
+    assert "Qwen2.5-VL" in mllmc("--help").stdout
+
+
 def test_preset_writes_a_loadable_model(tmp_path):
     out = tmp_path / "m"
     mllmc("preset", "tiny-llava", "-o", out, "--seed", "3")
