@@ -45,9 +45,9 @@ from .runners import (
 
 log = logging.getLogger(__name__)
 
-# the decode segment's inputs besides the cache
 # the engines' CPU threads when load() is given none (else onnxruntime's / torch's own default)
 THREADS_ENV = "MLLMC_THREADS"
+# the decode segment's inputs besides the cache
 DECODE_INPUTS = ("input_ids", "position_ids", "cache_pad")
 PREFILL_INPUTS = ("input_ids", "image_features", "visual_rows", "position_ids", "attention_mask")
 # passes whose prefill takes the prompt's last row for its last text token: fastv scores the

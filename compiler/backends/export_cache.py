@@ -221,9 +221,7 @@ def restore(root: Path, key: str, out_dir: Path) -> SegmentEntry | None:
     if not (folder / ENTRY).is_file():
         return None
     try:
-        data = json.loads((folder / ENTRY).read_text())
-        if _entry_digest(data["entry"]) != data["entry_sha256"]:
-            raise ValueError("its manifest entry is not the one stored")
+        data = _record(folder)
         entry = from_json(SegmentEntry, data["entry"], str(folder))
         files = data["files"]
         if sorted(files) != sorted(_files_of(entry)):
@@ -279,15 +277,20 @@ def _entry_digest(plain: Any) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
 
+def _record(folder: Path) -> dict[str, Any]:
+    """An entry folder's entry.json; ValueError when its manifest entry is not the one stored."""
+    data = json.loads((folder / ENTRY).read_text())
+    if _entry_digest(data["entry"]) != data["entry_sha256"]:
+        raise ValueError("its manifest entry is not the one stored")
+    return data
+
+
 def _holds(folder: Path) -> bool:
     """Whether an entry folder is whole: its entry.json readable, its manifest entry the one
     stored, each file of the stored size and SHA-256."""
     try:
-        data = json.loads((folder / ENTRY).read_text())
-        files = data["files"]
-        return _entry_digest(data["entry"]) == data["entry_sha256"] and all(
-            _hashed(folder / name) == (size, sha) for name, (size, sha) in files.items()
-        )
+        files = _record(folder)["files"]
+        return all(_hashed(folder / name) == (size, sha) for name, (size, sha) in files.items())
     except Exception:
         return False
 
