@@ -658,6 +658,10 @@ def _check_utf8(prompt: str) -> None:
         ) from None
 
 
+# the image placeholders of the families mllmc compiles (LLaVA / LLaVA-NeXT, Qwen2-VL)
+FAMILY_PLACEHOLDERS = ("<image>", "<|image_pad|>")
+
+
 class PromptEncoder:
     """LlavaProcessor's text side: chat template, tokenizer, image-token expansion; and decoding."""
 
@@ -764,6 +768,7 @@ class PromptEncoder:
         add_special_tokens = True
         found = prompt.count(self.image_token)
         if found == 0:
+            self._warn_foreign_placeholder(prompt)
             prompt = self.apply_chat_template(prompt, num_images=len(counts))
             add_special_tokens = not (self.bos_token and prompt.startswith(self.bos_token))
             found = prompt.count(self.image_token)
@@ -784,6 +789,22 @@ class PromptEncoder:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         layout = locate_images(ids, self.image_token_id, counts, self.image_token)
         return layout if self.positions is None else self.positions(layout, given)
+
+    def _warn_foreign_placeholder(self, prompt: str) -> None:
+        """Warn when a prompt without this model's image placeholder holds another family's
+        (LLaVA's <image> in a Qwen2-VL prompt, or the reverse): the model's processor keeps it
+        as plain text, and so does mllmc, but the user most likely meant an image there."""
+        for other in FAMILY_PLACEHOLDERS:
+            if other != self.image_token and other in prompt:
+                log.warning(
+                    "the prompt's %s is not this model's image placeholder (%s): it is kept as "
+                    "text and the chat template puts the image(s) before the prompt; leave it "
+                    "out, or mark where each image goes with %s",
+                    other,
+                    self.image_token,
+                    self.image_token,
+                )
+                return
 
     def encode(self, prompt: str, num_visual_tokens: int) -> tuple[np.ndarray, int]:
         """prompt -> (input_ids (1, n) int64 with `num_visual_tokens` image tokens, index of the

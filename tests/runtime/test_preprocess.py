@@ -5,6 +5,7 @@ chat template, and for a Llama-style tokenizer.json), and bad inputs give one-li
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -266,6 +267,24 @@ def test_input_ids_match_hf(prompt, encoder, tiny_processor, sample_image):
     assert start == int(np.flatnonzero(ref[0] == tiny_processor.image_token_id)[0])
     assert (ids[0, start : start + n] == encoder.image_token_id).all()
     assert encoder.image_token_id == tiny_processor.image_token_id
+
+
+def test_qwen_placeholder_in_a_llava_prompt_is_text_with_a_warning(
+    encoder, tiny_processor, sample_image, caplog
+):
+    """Qwen2-VL's <|image_pad|> in a LLaVA prompt: kept as text, as LlavaProcessor keeps it
+    (the chat template puts the image first), with a warning naming LLaVA's <image>."""
+    prompt = "<|image_pad|> What is it?"
+    text = tiny_processor.apply_chat_template(_chat(prompt), add_generation_prompt=True)
+    ref = tiny_processor(images=Image.open(sample_image), text=text, return_tensors="np")
+    with caplog.at_level(logging.WARNING, logger="mllmc.runtime.preprocess"):
+        ids, _ = encoder.encode(prompt, 16)
+    np.testing.assert_array_equal(ids, ref["input_ids"])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        len(warned) == 1
+        and "<|image_pad|> is not this model's image placeholder (<image>)" in warned[0]
+    )
 
 
 def test_input_ids_match_hf_chat_template_tokenize(

@@ -9,6 +9,7 @@ them, and a whole prompt laid out by the prompt encoder against Qwen2VLProcessor
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -500,3 +501,46 @@ def test_layout_takes_mrope_positions():
         bad.check()
     rows = ImageRows([1, 4, 6], MERGE)
     assert rows == 6 and rows.grid == (1, 4, 6) and rows.kept is None
+
+
+def test_llava_placeholder_in_a_qwen_prompt_is_text_with_a_warning(
+    qwen_dir, tmp_path, monkeypatch, caplog
+):
+    """LLaVA's <image> is not Qwen2-VL's placeholder: Qwen2VLProcessor keeps it as text and the
+    chat template puts the image first; mllmc does the same and says so in a warning."""
+    root = tmp_path / "model"
+    root.mkdir()
+    for f in qwen_dir.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    (root / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    hf = _hf_processor(root, monkeypatch)
+    picture = _image(120, 90, 3)
+    question = "<image>\nWhat is in the picture?"
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    hf_text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    want = hf(images=[picture], text=hf_text, return_tensors="pt")
+
+    images = image_inputs(
+        SimpleNamespace(model=SimpleNamespace(
+            model_type="qwen2_vl", vision_patch_size=PATCH, spatial_merge_size=MERGE,
+            temporal_patch_size=2, vision_window_size=0,
+        )),
+        read_image_processor_config(root),
+    )  # fmt: skip
+    _, meta = images.tiles(picture)
+    encoder = prompt_encoder(images, root)
+    with caplog.at_level(logging.WARNING, logger="mllmc.runtime.preprocess"):
+        layout = encoder.layout(question, [meta])
+    assert np.array_equal(layout.input_ids, want["input_ids"].numpy())
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "<image> is not this model's image placeholder (<|image_pad|>)" in warned[0]
+    assert "<|image_pad|>" in warned[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mllmc.runtime.preprocess"):
+        encoder.layout("<|vision_start|><|image_pad|><|vision_end|>Describe it.", [meta])
+        encoder.layout("Describe it.", [meta])
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
