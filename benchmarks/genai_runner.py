@@ -1,7 +1,8 @@
 """onnxruntime-genai 0.18 beside mllmc's engines in a benchmark: build a causal LM directory
 with genai's model builder, load it on the benchmark's threads, and time its prefill and decode
-the way `mllmc bench` times an engine (`bench.Entry` timers). Shared by benchmarks/precision.py
-and benchmarks/qwen.py (imported from the benchmarks folder they run from)."""
+the way `mllmc bench` times an engine (`bench.Entry` timers), and mllmc's decoder on the same
+text prompt. Shared by benchmarks/precision.py, benchmarks/qwen.py and
+benchmarks/genai_processes.py (imported from the benchmarks folder they run from)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,75 @@ def genai_entry(path: Path, ids: np.ndarray, tokens: int, threads: int | None = 
     prefill()
     timers = {"llm_prefill": prefill, "decode": decode}
     return bench.Entry(timers, len(prompt), bench.rss_mb() - before, model)
+
+
+def text_layout(engine: Any, n: int) -> Any:
+    """A text-only prompt of exactly n rows for `engine`: the filler text through the chat
+    template, cut to n ids, with the family's positions (M-RoPE: arange on every axis)."""
+    from mllmc.runtime.layout import expand_placeholders
+
+    ids = engine.encode_prompt(bench.prompt_for(2 * n), []).input_ids[0]
+    if ids.shape[0] < n:
+        raise RuntimeError(f"the filler text makes {ids.shape[0]} tokens, fewer than {n}")
+    layout = expand_placeholders(ids[:n], engine.manifest.model.image_token_id, [])
+    hook = engine.prompt_encoder.positions
+    return hook(layout, []) if hook else layout
+
+
+def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> bench.Loader:
+    """`bench.loader` of the unrewritten engine's decoder on a text-only prompt of n rows:
+    "llm_prefill" and "decode" per token (from one prefill made at load)."""
+    from mllmc.runtime import load
+
+    def timers_of(engine: Any) -> tuple[dict[str, bench.Timer], int]:
+        layout = text_layout(engine, n)
+        none, _ = engine.encode_images([])  # (1, 0, d): no visual rows
+        first, cache = engine.prefill(layout, none)
+
+        def decode() -> float:
+            logits, past = first, cache
+            t0 = time.perf_counter()
+            for i in range(tokens):
+                logits, past = engine.decode_step(
+                    int(np.argmax(logits)), layout.next_position + i, past
+                )
+            return (time.perf_counter() - t0) / tokens
+
+        timers = {
+            "llm_prefill": bench.timed(lambda: engine.prefill(layout, none)),
+            "decode": decode,
+        }
+        return timers, layout.n
+
+    return bench.loader(lambda: load(path, threads=threads), timers_of)
+
+
+def greedy_parity(engine: Any, genai: Any, n: int, steps: int) -> dict[str, Any]:
+    """mllmc's and genai's greedy tokens over `steps` steps on the text prompt of n rows, and
+    the largest |Δlogit| of the prefill's last-row logits."""
+    import onnxruntime_genai as og
+
+    layout = text_layout(engine, n)
+    none, _ = engine.encode_images([])
+    logits, cache = engine.prefill(layout, none)
+    ours, first = [], logits
+    for i in range(steps):
+        ours.append(int(np.argmax(logits)))
+        if i + 1 < steps:
+            logits, cache = engine.decode_step(ours[-1], layout.next_position + i, cache)
+    params = og.GeneratorParams(genai)
+    length = n + steps
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
+    g = og.Generator(genai, params)
+    g.append_tokens(layout.input_ids[0].astype(np.int32))
+    theirs_first = np.asarray(g.get_logits()).reshape(-1)
+    while len(g.get_sequence(0)) < length:
+        g.generate_next_token()
+    theirs = [int(t) for t in g.get_sequence(0)[n:]]
+    return {
+        "steps": steps,
+        "mllmc_tokens": ours,
+        "genai_tokens": theirs,
+        "same_tokens": ours == theirs,
+        "prefill_max_abs_logit_diff": float(np.abs(theirs_first - first).max()),
+    }

@@ -31,7 +31,8 @@ machine), every engine on the same threads.
 On a text-only prompt every M-RoPE axis holds the same position, so Qwen2.5-VL's rotary
 embedding is the 1-D RoPE of Qwen2: both run the same computation, and their first greedy
 tokens and logits are compared. The goals are reported as met or not, never asserted. Writes
-OUT/qwen.json and OUT/qwen.png.
+OUT/qwen.json and OUT/qwen.png. benchmarks/genai_processes.py compares the same two decoders
+with each engine alone in a process of its own (give it the artifacts of `--artifacts-dir`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llava_next as lnx  # noqa: E402  (its compile, grouping and ratio helpers)
-from genai_runner import build_genai, genai_entry, genai_model  # noqa: E402
+from genai_runner import (  # noqa: E402
+    build_genai,
+    engine_text_entry,
+    genai_entry,
+    genai_model,
+    greedy_parity,
+    text_layout,
+)
 
 from mllmc.compiler.tools import bench  # noqa: E402
 
@@ -210,78 +218,6 @@ def extract_language_model(model: Any, model_dir: Path, out: Path) -> tuple[Path
         if (model_dir / name).is_file():
             shutil.copy(model_dir / name, out / name)
     return out, diff
-
-
-def text_layout(engine: Any, n: int) -> Any:
-    """A text-only prompt of exactly n rows for `engine`: the filler text through the chat
-    template, cut to n ids, with the family's positions (M-RoPE: arange on every axis)."""
-    from mllmc.runtime.layout import expand_placeholders
-
-    ids = engine.encode_prompt(bench.prompt_for(2 * n), []).input_ids[0]
-    if ids.shape[0] < n:
-        raise RuntimeError(f"the filler text makes {ids.shape[0]} tokens, fewer than {n}")
-    layout = expand_placeholders(ids[:n], engine.manifest.model.image_token_id, [])
-    hook = engine.prompt_encoder.positions
-    return hook(layout, []) if hook else layout
-
-
-def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> bench.Loader:
-    """`bench.loader` of the unrewritten engine's decoder on a text-only prompt of n rows:
-    "llm_prefill" and "decode" per token (from one prefill made at load)."""
-    from mllmc.runtime import load
-
-    def timers_of(engine: Any) -> tuple[dict[str, bench.Timer], int]:
-        layout = text_layout(engine, n)
-        none, _ = engine.encode_images([])  # (1, 0, d): no visual rows
-        first, cache = engine.prefill(layout, none)
-
-        def decode() -> float:
-            logits, past = first, cache
-            t0 = time.perf_counter()
-            for i in range(tokens):
-                logits, past = engine.decode_step(
-                    int(np.argmax(logits)), layout.next_position + i, past
-                )
-            return (time.perf_counter() - t0) / tokens
-
-        timers = {
-            "llm_prefill": bench.timed(lambda: engine.prefill(layout, none)),
-            "decode": decode,
-        }
-        return timers, layout.n
-
-    return bench.loader(lambda: load(path, threads=threads), timers_of)
-
-
-def greedy_parity(engine: Any, genai: Any, n: int, steps: int) -> dict[str, Any]:
-    """mllmc's and genai's greedy tokens over `steps` steps on the text prompt of n rows, and
-    the largest |Δlogit| of the prefill's last-row logits."""
-    import onnxruntime_genai as og
-
-    layout = text_layout(engine, n)
-    none, _ = engine.encode_images([])
-    logits, cache = engine.prefill(layout, none)
-    ours, first = [], logits
-    for i in range(steps):
-        ours.append(int(np.argmax(logits)))
-        if i + 1 < steps:
-            logits, cache = engine.decode_step(ours[-1], layout.next_position + i, cache)
-    params = og.GeneratorParams(genai)
-    length = n + steps
-    params.set_search_options(max_length=length, min_length=length, do_sample=False)
-    g = og.Generator(genai, params)
-    g.append_tokens(layout.input_ids[0].astype(np.int32))
-    theirs_first = np.asarray(g.get_logits()).reshape(-1)
-    while len(g.get_sequence(0)) < length:
-        g.generate_next_token()
-    theirs = [int(t) for t in g.get_sequence(0)[n:]]
-    return {
-        "steps": steps,
-        "mllmc_tokens": ours,
-        "genai_tokens": theirs,
-        "same_tokens": ours == theirs,
-        "prefill_max_abs_logit_diff": float(np.abs(theirs_first - first).max()),
-    }
 
 
 def genai_comparison(

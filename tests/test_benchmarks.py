@@ -143,10 +143,12 @@ def test_qwen_benchmark_reports_every_engine_and_genai(tmp_path):
 
     genai = importlib.util.find_spec("onnxruntime_genai") is not None
     model = write_preset("tiny-qwen2.5-vl", tmp_path / "tiny-qwen2.5-vl", seed=0)
+    artifacts = tmp_path / "artifacts"
     cmd = [
         sys.executable, str(BENCHMARKS / "qwen.py"), "--model", str(model), "--image-size", "112",
         "--rounds", "1", "--decode-tokens", "2", "--variants", "vispruner+shortv",
-        "--out", str(tmp_path), *([] if genai else ["--no-genai"]),
+        "--out", str(tmp_path), "--artifacts-dir", str(artifacts),
+        *([] if genai else ["--no-genai"]),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,6 +173,98 @@ def test_qwen_benchmark_reports_every_engine_and_genai(tmp_path):
             assert parity["same_tokens"] and parity["prefill_max_abs_logit_diff"] <= 1e-4
         assert {"mllmc_onnx (text)", "genai_fp32"} <= set(g["rows"])
         assert "genai_fp32" in proc.stdout
+
+        # the same two decoders, each engine alone in its own process
+        out = tmp_path / "processes"
+        cmd = [
+            sys.executable, str(BENCHMARKS / "genai_processes.py"),
+            "--artifact", str(artifacts / f"{model.name}-mllmc_onnx"),
+            "--genai", f"genai_fp32={artifacts / f'{model.name}-genai_fp32'}",
+            "--prompt-tokens", str(report["prompt_tokens"]), "--decode-tokens", "2",
+            "--processes", "2", "--runs", "1", "--out", str(out),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        alone = json.loads((out / "genai_processes.json").read_text())
+        assert (out / "genai_processes.png").stat().st_size > 0
+        assert alone["parity"]["genai_fp32"]["same_tokens"]
+        assert alone["parity"]["genai_fp32"]["prefill_max_abs_logit_diff"] <= 1e-4
+        for name in ("mllmc_onnx", "genai_fp32"):
+            row = alone["rows"][name]
+            assert row["prompt_tokens"] == report["prompt_tokens"]
+            assert len(row["rounds"]["decode_s_per_token"]) == 2
+            assert min(row["rounds"]["decode_s_per_token"]) > 0
+        speed = alone["rows"]["genai_fp32"]["mllmc_speedup_decode"]
+        assert speed["ci95"][0] <= speed["median"] <= speed["ci95"][1]
+        assert isinstance(alone["goals"][0]["met"], bool)
+        assert not list(out.glob("*.npy"))  # the children's prompt ids stay in a scratch folder
+
+
+def _genai_processes():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import genai_processes
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return genai_processes
+
+
+@pytest.mark.parametrize(
+    ("values", "want"),
+    [
+        (range(1, 11), (2, 9)),  # n = 10: the 2nd and 9th order statistics, as tabulated
+        (range(1, 21), (6, 15)),  # n = 20: the 6th and 15th
+        ([3.0, 1.0, 2.0], (1.0, 3.0)),  # too few values for 95%: the whole range
+    ],
+)
+def test_genai_processes_median_interval(values, want):
+    """The sign test's 95% interval of a median, from the order statistics."""
+    assert _genai_processes().median_interval(list(values)) == want
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--processes", "0"], "--processes must be from 1 to"),
+        (["--runs", "0"], "--runs must be from 1 to"),
+        (["--prompt-tokens", "0"], "--prompt-tokens must be >= 1, got 0"),
+        (["--decode-tokens", "-1"], "--decode-tokens must be >= 1, got -1"),
+        (["--threads", "0"], "--threads must be"),
+    ],
+)
+def test_genai_processes_refuses_bad_options_before_writing(tmp_path, capsys, args, want):
+    """One line, exit 2, nothing written; checked before any engine or build is looked at."""
+    out = tmp_path / "out"
+    argv = ["--artifact", str(tmp_path), "--genai", f"g={tmp_path}", "--out", str(out), *args]
+    assert _genai_processes().main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genai_processes.py: error: " + want), err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_genai_processes_refuses_what_is_not_an_artifact_or_a_build(
+    tiny_base_artifact, tmp_path, capsys
+):
+    """A model folder for --artifact, or a --genai that names no genai build, is one line."""
+    genai = importlib.util.find_spec("onnxruntime_genai") is not None
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    cases = [
+        (["--artifact", str(tmp_path / "model"), "--genai", f"g={tmp_path}"],
+         "is a model folder (config.json), not an mllmc artifact"),
+        (["--artifact", str(tiny_base_artifact), "--genai", str(tmp_path)],
+         "expected NAME=DIR, DIR an onnxruntime-genai build"),
+        (["--artifact", str(tiny_base_artifact), "--genai", f"mllmc_onnx={tmp_path}"],
+         "NAME not mllmc_onnx"),
+    ]  # fmt: skip
+    for args, want in cases:
+        assert _genai_processes().main([*args, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        if not genai:  # the benchmark needs it before anything else
+            want = "onnxruntime-genai is not installed (pip install 'mllmc[bench]')"
+        assert want in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
