@@ -114,18 +114,9 @@ def engine_text_entry(path: Path, n: int, tokens: int, threads: int) -> bench.Lo
         none, _ = engine.encode_images([])  # (1, 0, d): no visual rows
         first, cache = engine.prefill(layout, none)
 
-        def decode() -> float:
-            logits, past = first, cache
-            t0 = time.perf_counter()
-            for i in range(tokens):
-                logits, past = engine.decode_step(
-                    int(np.argmax(logits)), layout.next_position + i, past
-                )
-            return (time.perf_counter() - t0) / tokens
-
         timers = {
             "llm_prefill": bench.timed(lambda: engine.prefill(layout, none)),
-            "decode": decode,
+            "decode": lambda: bench.greedy_steps(engine, layout, first, cache, tokens),
         }
         return timers, layout.n
 

@@ -190,16 +190,7 @@ def engine_decode(engine: Any, image: Any, prompt: str, tokens: int) -> bench.Ti
     layout = engine.encode_prompt(prompt, counts)
     first, cache = engine.prefill(layout, feats)
 
-    def decode() -> float:
-        logits, past = first, cache
-        t0 = time.perf_counter()
-        for i in range(tokens):
-            logits, past = engine.decode_step(
-                int(np.argmax(logits)), layout.next_position + i, past
-            )
-        return (time.perf_counter() - t0) / tokens
-
-    return decode
+    return lambda: bench.greedy_steps(engine, layout, first, cache, tokens)
 
 
 def engine_entry(path: Path, image: Any, prompt: str, tokens: int, threads: int) -> bench.Loader:
@@ -456,7 +447,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from mllmc.compiler.files.outputs import write_figure
 

@@ -429,6 +429,15 @@ def _hf_processor(root: Path, monkeypatch):
     )
 
 
+def _qwen2_vl_images(root: Path) -> QwenImages:
+    """The runtime's image side for a Qwen2-VL model dir (its manifest's model numbers)."""
+    model = SimpleNamespace(
+        model_type="qwen2_vl", vision_patch_size=PATCH, spatial_merge_size=MERGE,
+        temporal_patch_size=2, vision_window_size=0,
+    )  # fmt: skip
+    return image_inputs(SimpleNamespace(model=model), read_image_processor_config(root))
+
+
 @pytest.mark.parametrize("template_file", ["chat_template.jinja", "chat_template.json"])
 @pytest.mark.parametrize("placed", [False, True])
 def test_prompt_layout_matches_qwen_processor(
@@ -460,13 +469,7 @@ def test_prompt_layout_matches_qwen_processor(
         want["input_ids"], want["mm_token_type_ids"], want["image_grid_thw"]
     )
 
-    images = image_inputs(
-        SimpleNamespace(model=SimpleNamespace(
-            model_type="qwen2_vl", vision_patch_size=PATCH, spatial_merge_size=MERGE,
-            temporal_patch_size=2, vision_window_size=0,
-        )),
-        read_image_processor_config(root),
-    )  # fmt: skip
+    images = _qwen2_vl_images(root)
     tiles, metas = zip(*(images.tiles(p) for p in pictures), strict=True)
     encoder = prompt_encoder(images, root)
     layout = encoder.layout(prompt, list(metas))
@@ -522,13 +525,7 @@ def test_llava_placeholder_in_a_qwen_prompt_is_text_with_a_warning(
     hf_text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     want = hf(images=[picture], text=hf_text, return_tensors="pt")
 
-    images = image_inputs(
-        SimpleNamespace(model=SimpleNamespace(
-            model_type="qwen2_vl", vision_patch_size=PATCH, spatial_merge_size=MERGE,
-            temporal_patch_size=2, vision_window_size=0,
-        )),
-        read_image_processor_config(root),
-    )  # fmt: skip
+    images = _qwen2_vl_images(root)
     _, meta = images.tiles(picture)
     encoder = prompt_encoder(images, root)
     with caplog.at_level(logging.WARNING, logger="mllmc.runtime.preprocess"):
