@@ -33,6 +33,7 @@ import torch
 from mllmc.compiler.data import shapes_qa
 from mllmc.compiler.data.presets import write_preset
 from mllmc.compiler.pipeline import compile_model
+from mllmc.compiler.tools.cli import OneLineParser
 from mllmc.compiler.tools.evaluate import artifact_runner, calibration_samples, evaluate, hf_runner
 from mllmc.passes import REGISTRY
 from mllmc.runtime import load
@@ -93,7 +94,7 @@ def main() -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=300, help="held-out items")
     ap.add_argument("--calibration-items", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=15)

@@ -32,6 +32,7 @@ from mllmc.compiler.core.flops import analytic_prefill_flops  # noqa: E402
 from mllmc.compiler.data.presets import write_preset  # noqa: E402
 from mllmc.compiler.pipeline import compile_model  # noqa: E402
 from mllmc.compiler.tools import bench  # noqa: E402
+from mllmc.compiler.tools.cli import OneLineParser  # noqa: E402
 from mllmc.compiler.verify import probe_image  # noqa: E402
 from mllmc.runtime import load  # noqa: E402
 
@@ -53,9 +54,7 @@ def hf_exporters_timers(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/small-llava")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--text-tokens", type=int, default=32)

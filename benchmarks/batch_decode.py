@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from mllmc.compiler.tools.cli import OneLineParser
+
 PROMPTS = [
     "Describe the image.",
     "What is in the picture? Answer in one sentence.",
@@ -181,7 +183,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="HF model dir (default: the small-llava preset)")
     parser.add_argument("--artifact", help="the artifact to time (compiled there if absent)")
     parser.add_argument("--batches", default="1,2,4,8,16")

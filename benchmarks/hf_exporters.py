@@ -84,6 +84,7 @@ from typing import Any
 import numpy as np
 
 from mllmc.compiler.tools.bench import median_time
+from mllmc.compiler.tools.cli import OneLineParser
 
 # Components `export_for_generation` yields for LLaVA, and the vision ones it does not.
 LLM_COMPONENTS = ("language_model", "lm_head", "decode")
@@ -545,7 +546,7 @@ def _timings(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_export = sub.add_parser("export", help="export MODEL_DIR into OUT_DIR")
     p_export.add_argument("model_dir")

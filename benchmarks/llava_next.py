@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from mllmc.compiler.tools import bench
+from mllmc.compiler.tools.cli import OneLineParser
 
 BASE = "mllmc_onnx"
 PARTS = (("vision_s", "vision"), ("llm_prefill_s", "LLM prefill"), ("decode_s_per_token", "decode"))
@@ -516,9 +517,7 @@ def family_parser(
     """The options every family benchmark takes (this one, qwen.py): model, out, artifacts,
     image size, tokens, rounds, threads, variants, group size (default, help), vte-k, shortv
     ratio."""
-    ap = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=model, help=model_help)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--artifacts-dir", help="compile here (default: a temporary directory)")

@@ -24,6 +24,7 @@ import torch
 
 from mllmc.compiler.data.presets import write_preset
 from mllmc.compiler.tools import bench
+from mllmc.compiler.tools.cli import OneLineParser
 from mllmc.compiler.tools.inspect_artifact import kv_cache_bytes
 
 LC_FILE = Path("benchmarks/results/shortv-lc.json")  # benchmarks/shortv.py's LC calibration
@@ -136,9 +137,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/small-llava")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--text-tokens", type=int, default=32)

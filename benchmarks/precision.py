@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from genai_runner import build_genai, genai_entry  # noqa: E402
 
 from mllmc.compiler.tools import bench  # noqa: E402
+from mllmc.compiler.tools.cli import OneLineParser  # noqa: E402
 
 COMPOSED = ["fastervlm:keep=144", "fastv", "shortv:ratio=0.6"]
 # name -> (--quantize, block size); accuracy level 4 throughout (genai's CPU default)
@@ -148,9 +149,7 @@ def print_goals(goals: dict[str, dict[str, Any]]) -> None:
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """The options the precision benchmarks share."""
-    ap = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/small-llava")
     ap.add_argument("--trained", default="models/trained-tiny-llava")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))

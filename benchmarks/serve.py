@@ -35,6 +35,7 @@ import numpy as np
 
 from mllmc.compiler.data.presets import write_preset
 from mllmc.compiler.files.outputs import write_figure, write_file
+from mllmc.compiler.tools.cli import OneLineParser
 
 LC_FILE = Path("benchmarks/results/shortv-lc.json")  # benchmarks/shortv.py's LC calibration
 LEVELS = (1, 2, 4, 8, 16)
@@ -324,9 +325,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/small-llava")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="serve", help="results file stem")

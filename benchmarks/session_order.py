@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llava_next as lnx  # noqa: E402  (its decode timer: engine_decode)
 
+from mllmc.compiler.tools.cli import OneLineParser  # noqa: E402
+
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every copy's decode, per round, and its ratio to the last copy loaded."""
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from mllmc.compiler.tools import bench
     from mllmc.runtime.errors import UserError
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, help="an ONNX artifact dir (mllmc compile)")
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=12)

@@ -19,12 +19,11 @@ from pathlib import Path
 from mllmc.compiler.data.presets import write_preset
 from mllmc.compiler.tools import bench
 from mllmc.compiler.tools.calibrate import calibrate_cli
+from mllmc.compiler.tools.cli import OneLineParser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/small-llava")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ratio", type=float, default=0.6)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from mllmc.compiler.tools.bench import best_gemm_flops, device_sync, median_time
+from mllmc.compiler.tools.cli import OneLineParser
 from mllmc.runtime.static_cache import GraphPerShape
 
 
@@ -102,9 +103,7 @@ def gemm_peak(info: Any, n: int, dtype: torch.dtype, device: str, repeats: int) 
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/llava-7b-shape")
     ap.add_argument("--preset", default=None, help="preset to write if --model is missing")
     ap.add_argument("--out", default="benchmarks/results")

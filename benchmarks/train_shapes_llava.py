@@ -55,6 +55,7 @@ from safetensors.torch import save_file
 from mllmc.compiler.core.capture import processor_inputs
 from mllmc.compiler.data import shapes_qa
 from mllmc.compiler.data.presets import ASSETS, PRESETS, build_model
+from mllmc.compiler.tools.cli import OneLineParser
 
 PRESET = "trained-tiny-llava"
 
@@ -334,7 +335,7 @@ def main() -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--scene-steps", type=int, default=2000, help="stage 1: decoder on scene features"
     )

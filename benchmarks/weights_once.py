@@ -9,12 +9,13 @@ engine files' bytes (what the manifest names), the memory the load and the gener
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from mllmc.compiler.tools.cli import OneLineParser
 
 CHILD = """
 import gc, json, sys, time, psutil
@@ -71,7 +72,7 @@ def measure(artifact: Path, model_dir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact", type=Path)
     p.add_argument("model_dir", type=Path)
     p.add_argument("--json", type=Path)

@@ -662,6 +662,32 @@ def _check_utf8(prompt: str) -> None:
 FAMILY_PLACEHOLDERS = ("<image>", "<|image_pad|>")
 
 
+def warn_foreign_placeholder(
+    prompt: str, image_token: str, images: int, warned: set[str] | None = None
+) -> None:
+    """Warn when `prompt` holds another family's image placeholder (LLaVA's <image> in a
+    Qwen2-VL prompt, or the reverse): the model's processor keeps it as plain text, and so does
+    mllmc, but the user most likely meant an image there. `images`: how many images the prompt
+    goes with; `warned`: the placeholders already warned about by this caller (each is said
+    once, not once per prompt of a batch or an eval set), updated."""
+    for other in FAMILY_PLACEHOLDERS:
+        if other == image_token or other not in prompt or other in (warned or ()):
+            continue
+        if warned is not None:
+            warned.add(other)
+        where = (
+            f"; the images go where {image_token} is, or, with none in the prompt, before it"
+            if images
+            else ""
+        )
+        log.warning(
+            "the prompt's %s is not this model's image placeholder (%s): it is kept as text%s",
+            other,
+            image_token,
+            where,
+        )
+
+
 class PromptEncoder:
     """LlavaProcessor's text side: chat template, tokenizer, image-token expansion; and decoding."""
 
@@ -691,6 +717,7 @@ class PromptEncoder:
             image_token_id = ids[0]
         self.image_token_id: int = image_token_id
         self._template = _compile_template(chat_template) if chat_template else None
+        self._warned: set[str] = set()  # the other families' placeholders warned about
 
     @classmethod
     def from_dir(
@@ -767,8 +794,8 @@ class PromptEncoder:
         _check_utf8(prompt)
         add_special_tokens = True
         found = prompt.count(self.image_token)
+        warn_foreign_placeholder(prompt, self.image_token, len(counts), self._warned)
         if found == 0:
-            self._warn_foreign_placeholder(prompt)
             prompt = self.apply_chat_template(prompt, num_images=len(counts))
             add_special_tokens = not (self.bos_token and prompt.startswith(self.bos_token))
             found = prompt.count(self.image_token)
@@ -789,22 +816,6 @@ class PromptEncoder:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         layout = locate_images(ids, self.image_token_id, counts, self.image_token)
         return layout if self.positions is None else self.positions(layout, given)
-
-    def _warn_foreign_placeholder(self, prompt: str) -> None:
-        """Warn when a prompt without this model's image placeholder holds another family's
-        (LLaVA's <image> in a Qwen2-VL prompt, or the reverse): the model's processor keeps it
-        as plain text, and so does mllmc, but the user most likely meant an image there."""
-        for other in FAMILY_PLACEHOLDERS:
-            if other != self.image_token and other in prompt:
-                log.warning(
-                    "the prompt's %s is not this model's image placeholder (%s): it is kept as "
-                    "text and the chat template puts the image(s) before the prompt; leave it "
-                    "out, or mark where each image goes with %s",
-                    other,
-                    self.image_token,
-                    self.image_token,
-                )
-                return
 
     def encode(self, prompt: str, num_visual_tokens: int) -> tuple[np.ndarray, int]:
         """prompt -> (input_ids (1, n) int64 with `num_visual_tokens` image tokens, index of the

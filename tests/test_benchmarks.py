@@ -244,13 +244,21 @@ def test_genai_processes_refuses_bad_options_before_writing(tmp_path, capsys, ar
 
 
 def test_genai_processes_refuses_what_is_not_an_artifact_or_a_build(
-    tiny_base_artifact, tmp_path, capsys
+    tiny_base_artifact, tiny_shortv_artifact, tmp_path, capsys
 ):
-    """A model folder for --artifact, or a --genai that names no genai build, is one line."""
+    """A model folder or a rewritten artifact for --artifact, or a --genai that names no genai
+    build, is one line."""
     genai = importlib.util.find_spec("onnxruntime_genai") is not None
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "genai_config.json").write_text("{}")
     cases = [
+        (["--artifact", str(tiny_shortv_artifact), "--genai", f"g={build}"],
+         "give an ONNX artifact compiled with no pass and no --precision (this one has passes shortv)"),
+        (["--artifact", str(tiny_base_artifact), "--genai", f"g={build}", "--child", "bogus"],
+         "--child bogus: expected one of parity, mllmc_onnx, g"),
         (["--artifact", str(tmp_path / "model"), "--genai", f"g={tmp_path}"],
          "is a model folder (config.json), not an mllmc artifact"),
         (["--artifact", str(tiny_base_artifact), "--genai", str(tmp_path)],

@@ -970,17 +970,21 @@ def load_processor(model_dir: str | Path) -> Any:
     return AutoProcessor.from_pretrained(str(model_dir))
 
 
-def processor_inputs(processor: Any, image: Any, prompt: str) -> Any:
+def processor_inputs(
+    processor: Any, image: Any, prompt: str, warned: set[str] | None = None
+) -> Any:
     """The HF processor's tensors for an image or a list of images (PIL images or paths) and a
     prompt; a prompt without the image token gets the model's chat template with the images
-    first, as the runtime does."""
-    from mllmc.runtime.preprocess import load_image
+    first, as the runtime does, and another family's placeholder in it is warned about as the
+    runtime warns (`warned`: the placeholders already warned about, updated)."""
+    from mllmc.runtime.preprocess import load_image, warn_foreign_placeholder
 
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     # a path is opened as transformers' `load_image` (and the runtime) open a file: EXIF
     # orientation applied, alpha dropped; a PIL image is the processor's to convert
     images = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
     token = getattr(processor, "image_token", "<image>")
+    warn_foreign_placeholder(prompt, token, len(images), warned)
     found = prompt.count(token)
     if found and found != len(images):
         raise placeholder_mismatch(found, len(images), token, "put one where each image goes")

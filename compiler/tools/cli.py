@@ -49,7 +49,7 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2), as for every other user error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -859,7 +859,7 @@ def _add_golden_parser(sub: Any) -> None:
         "-o golden.json\n"
         "  mllmc golden check out/tiny golden.json\n",
     )
-    gsub = sp.add_subparsers(dest="golden_cmd", required=True, parser_class=_Parser)
+    gsub = sp.add_subparsers(dest="golden_cmd", required=True, parser_class=OneLineParser)
     g = gsub.add_parser("record", help="record a golden file")
     g.add_argument("artifact")
     g.add_argument("--image", required=True, action="append", help="the image (one)")
@@ -1031,7 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
     each subcommand's `--help` ends with its own examples."""
     from mllmc.runtime import __version__
 
-    p = _Parser(
+    p = OneLineParser(
         prog="mllmc",
         description="Compile multimodal LLMs (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) into fast "
         "engines with "
@@ -1041,7 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"mllmc {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser, metavar="COMMAND")
     _add_preset_parser(sub)
     _add_compile_parser(sub)
     _add_calibrate_parser(sub, MAX_ITEMS)

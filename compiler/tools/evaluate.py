@@ -298,9 +298,10 @@ def hf_runner(
         torch.set_num_threads(threads)
     model, _ = load_model(path)
     processor = load_processor(path)
+    warned: set[str] = set()  # another family's placeholder is warned about once, not per item
 
     def run(image: Any, prompt: str) -> Prediction:
-        inputs = processor_inputs(processor, image, prompt)
+        inputs = processor_inputs(processor, image, prompt, warned)
         n = inputs["input_ids"].shape[1]
         with torch.no_grad():
             t0 = time.perf_counter()

@@ -270,10 +270,11 @@ def test_input_ids_match_hf(prompt, encoder, tiny_processor, sample_image):
 
 
 def test_qwen_placeholder_in_a_llava_prompt_is_text_with_a_warning(
-    encoder, tiny_processor, sample_image, caplog
+    tiny_model_dir, tiny_processor, sample_image, caplog
 ):
     """Qwen2-VL's <|image_pad|> in a LLaVA prompt: kept as text, as LlavaProcessor keeps it
     (the chat template puts the image first), with a warning naming LLaVA's <image>."""
+    encoder = PromptEncoder.from_dir(tiny_model_dir)  # its own: an encoder warns once
     prompt = "<|image_pad|> What is it?"
     text = tiny_processor.apply_chat_template(_chat(prompt), add_generation_prompt=True)
     ref = tiny_processor(images=Image.open(sample_image), text=text, return_tensors="np")
@@ -285,6 +286,20 @@ def test_qwen_placeholder_in_a_llava_prompt_is_text_with_a_warning(
         len(warned) == 1
         and "<|image_pad|> is not this model's image placeholder (<image>)" in warned[0]
     )
+
+
+def test_hf_inputs_warn_of_another_familys_placeholder_once(tiny_processor, sample_image, caplog):
+    """`mllmc eval`'s HF path (capture.processor_inputs) says what the runtime says, once for
+    every prompt it is given with the same `warned` set."""
+    from mllmc.compiler.core.capture import processor_inputs
+
+    image, warned = Image.open(sample_image), set()
+    with caplog.at_level(logging.WARNING, logger="mllmc.runtime.preprocess"):
+        for prompt in ("<|image_pad|> What is it?", "<|image_pad|> And now?", "Plain."):
+            processor_inputs(tiny_processor, image, prompt, warned)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "<|image_pad|> is not this model's image placeholder" in said[0]
+    assert warned == {"<|image_pad|>"}
 
 
 def test_input_ids_match_hf_chat_template_tokenize(

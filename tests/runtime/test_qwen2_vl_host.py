@@ -536,8 +536,22 @@ def test_llava_placeholder_in_a_qwen_prompt_is_text_with_a_warning(
     assert "<image> is not this model's image placeholder (<|image_pad|>)" in warned[0]
     assert "<|image_pad|>" in warned[0]
 
+    assert (
+        "the images go where <|image_pad|> is, or, with none in the prompt, before it" in warned[0]
+    )
+
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mllmc.runtime.preprocess"):
         encoder.layout("<|vision_start|><|image_pad|><|vision_end|>Describe it.", [meta])
         encoder.layout("Describe it.", [meta])
+        encoder.layout(question, [meta])  # said once an engine, not once a prompt
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+    fresh = prompt_encoder(images, root)
+    with caplog.at_level(logging.WARNING, logger="mllmc.runtime.preprocess"):
+        # beside the model's own placeholder (it counts; <image> stays text), and with no image
+        fresh.layout("<image> and <|vision_start|><|image_pad|><|vision_end|> what?", [meta])
+        prompt_encoder(images, root).layout("<image> hi there", [])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and all("<image> is not this model's" in w for w in warned)
+    assert "images go where" in warned[0] and warned[1].endswith("it is kept as text")
