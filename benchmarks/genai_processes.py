@@ -191,7 +191,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "process_runs": runs[name],
             "spread": {key: bench.spread(v) for key, v in samples[name].items()},
             "cpus_used": statistics.fmean(c["cpus_used"] for c in load[name]),
-            "trust": bench.trust_verdict(samples[name], others, args.threads),
+            "trust": bench.trust_verdict(
+                samples[name], others, args.threads, rounds_option="--processes"
+            ),
         }
     for name in names[1:]:
         for key, part in (("llm_prefill_s", "prefill"), ("decode_s_per_token", "decode")):
@@ -225,7 +227,7 @@ def goal(rows: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
 def summary(report: dict[str, Any]) -> str:
     lines = [
         f"decoder alone, {report['prompt_tokens']}-token text prompt, each engine in its own "
-        f"process: {report['processes']} rounds, {report['runs']} runs a process, "
+        f"process: {report['processes']} round(s), {report['runs']} run(s) a process, "
         f"{report['threads']} threads",
         f"{'engine':28s} {'prefill ms':>10s} {'mllmc faster':>21s} {'decode ms/tok':>13s} "
         f"{'mllmc faster':>21s}",

@@ -152,3 +152,12 @@ def greedy_parity(engine: Any, genai: Any, n: int, steps: int) -> dict[str, Any]
         "same_tokens": ours == theirs,
         "prefill_max_abs_logit_diff": float(np.abs(theirs_first - first).max()),
     }
+
+
+if __name__ == "__main__":
+    print(
+        "genai_runner.py: error: a helper module, not a benchmark: run benchmarks/qwen.py, "
+        "precision.py or genai_processes.py",
+        file=sys.stderr,
+    )
+    sys.exit(2)

@@ -243,7 +243,7 @@ def time_groups(
             f"over {min(bench.LOADS, args.rounds)} load(s) of the engines, each after a warm-up",
             flush=True,
         )
-        out.append(bench.side_by_side(entries, args.rounds, threads))
+        out.append(bench.side_by_side(entries, args.rounds, threads, rounds_option="--rounds"))
         del entries
         gc.collect()
     return out, manifests, info, peak, visual

@@ -166,7 +166,7 @@ def time_groups(
             f"over {min(bench.LOADS, args.rounds)} load(s) of the engines, each after a warm-up",
             flush=True,
         )
-        out.append(bench.side_by_side(entries, args.rounds, threads))
+        out.append(bench.side_by_side(entries, args.rounds, threads, rounds_option="--rounds"))
         del entries
         gc.collect()
     return out, manifests, peak, visual
@@ -249,7 +249,7 @@ def genai_comparison(
         f"{min(bench.LOADS, args.genai_rounds)} load(s) of the engines",
         flush=True,
     )
-    rows = bench.side_by_side(entries, args.genai_rounds, threads)
+    rows = bench.side_by_side(entries, args.genai_rounds, threads, rounds_option="--genai-rounds")
     for row in rows.values():
         row.pop("vision_s", None)
         row.pop("prefill_s", None)

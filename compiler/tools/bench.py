@@ -99,10 +99,12 @@ def trust_verdict(
     others_cpus: float,
     threads: int,
     cpus: int | None = None,
+    rounds_option: str = "--repeats",
 ) -> dict[str, Any]:
     """Whether one engine's timings can be trusted. `times`: per-round seconds of each of its
     metrics; `others_cpus`: how many CPUs other processes kept busy, on average, while it ran;
-    `threads`: the threads every engine was given; `cpus`: the machine's CPUs (os.cpu_count()).
+    `threads`: the threads every engine was given; `cpus`: the machine's CPUs (os.cpu_count());
+    `rounds_option`: the option that sets the rounds, for the hint when there are too few.
 
     Untrusted: fewer than MIN_ROUNDS rounds (the spread is unknown), rounds that differ by more
     than MAX_SPREAD of their median, or other processes leaving fewer free CPUs than the threads
@@ -114,7 +116,7 @@ def trust_verdict(
     if rounds < MIN_ROUNDS:
         reasons.append(
             f"{rounds} round(s): too few to see how much the timings vary "
-            f"(use --repeats {MIN_ROUNDS} or more)"
+            f"(use {rounds_option} {MIN_ROUNDS} or more)"
         )
     for metric, values in times.items():
         rel = spread(values)["rel"] if values else 0.0
@@ -566,10 +568,12 @@ def side_by_side(
     repeats: int,
     threads: int | None = None,
     loads: int = LOADS,
+    rounds_option: str = "--repeats",
 ) -> dict[str, dict[str, Any]]:
     """Table rows of `entries` timed `interleaved_rounds`: each row has the medians, "rounds"
     (the per-round values), "spread" (`spread` of each), "cpus_used" (this process's busy CPUs
-    while the row ran) and "trust" (`trust_verdict`, for `threads`: torch's by default).
+    while the row ran) and "trust" (`trust_verdict`, for `threads`: torch's by default;
+    `rounds_option`: the caller's option for `repeats`, named in its hint).
 
     An entry given as a `Loader` is loaded `loads` times (at most once per round), in the
     order given on the first load, the reverse order on the second, and so on, and dropped after
@@ -626,7 +630,7 @@ def side_by_side(
             "spread": {key: spread(v) for key, v in rounds.items()},
             "cpus_used": statistics.fmean(busy[name], weights=shares),
             "loads": cycles if name in loaders else 1,
-            "trust": trust_verdict(rounds, max(others), threads),
+            "trust": trust_verdict(rounds, max(others), threads, rounds_option=rounds_option),
         }
     return rows
 

@@ -36,6 +36,9 @@ def test_trust_verdict():
     assert noisy["reasons"] == ["decode_s_per_token varies 200% between rounds"]
     few = bench.trust_verdict({"decode_s_per_token": [0.1]}, 0.0, 2, 2)
     assert not few["ok"] and "too few" in few["reasons"][0]
+    assert few["reasons"][0].endswith("(use --repeats 3 or more)")  # mllmc bench's option
+    named = bench.trust_verdict({"decode_s_per_token": [0.1]}, 0.0, 2, 2, rounds_option="--rounds")
+    assert named["reasons"][0].endswith("(use --rounds 3 or more)")  # a benchmark script's
     rows = {"a": {"trust": busy}, "b": {"trust": busy}, "c": {"trust": ok}}
     run = bench.run_trust(rows)
     assert not run["ok"] and run["reasons"][0].startswith("a, b: other processes")
