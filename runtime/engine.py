@@ -340,6 +340,15 @@ class SegmentLoop:
         )
 
 
+def check_threads(threads: Any, name: str, cpus: int | None = None) -> int:
+    """`threads` as a CPU thread count: an integer from 1 to `cpus` (None: os.cpu_count());
+    else UserError naming `name` (the argument, option or variable it came from)."""
+    cpus = cpus or os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise UserError(f"{name} must be an integer from 1 to {cpus} here, got {threads!r}")
+    return threads
+
+
 def threads_from_env() -> int | None:
     """The CPU threads `MLLMC_THREADS` asks for, None where it is unset or empty. Engines
     that share the machine with other processes (test workers, several servers on one host, a
@@ -348,16 +357,11 @@ def threads_from_env() -> int | None:
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:
         return None
-    cores = os.cpu_count() or 1
     try:
-        threads = int(value)
+        threads: Any = int(value)
     except ValueError:
-        threads = 0
-    if not 1 <= threads <= cores:
-        raise UserError(
-            f"{THREADS_ENV} must be an integer from 1 to {cores} here, got {value[:40]!r}"
-        )
-    return threads
+        threads = value[:40]  # refused below, shown as given
+    return check_threads(threads, THREADS_ENV)
 
 
 class Engine(SegmentLoop):
@@ -377,13 +381,7 @@ class Engine(SegmentLoop):
         from .preprocess import check_image_size, read_image_processor_config
 
         _check_engine_args(providers, share_weights, cuda_graphs)
-        cores = os.cpu_count() or 1
-        if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores
-        ):
-            raise UserError(f"threads must be an integer from 1 to {cores} here, got {threads!r}")
-        if threads is None:
-            threads = threads_from_env()
+        threads = threads_from_env() if threads is None else check_threads(threads, "threads")
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         if self.manifest.format_version == 4:

@@ -733,14 +733,10 @@ def plan_prefill_flops(manifest: Any, n_text: int) -> int:
 def check_threads(threads: int | None) -> int:
     """The thread count every engine of a benchmark runs on: `threads`, checked against the CPUs
     this process may use (`available_cpus`), or all of them when None."""
-    from mllmc.runtime.errors import UserError
+    from mllmc.runtime.engine import check_threads as check_count
 
     cpus = available_cpus()
-    if threads is None:
-        return cpus
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
-        raise UserError(f"--threads must be an integer from 1 to {cpus} here, got {threads!r}")
-    return threads
+    return cpus if threads is None else check_count(threads, "--threads", cpus)
 
 
 def bench(
