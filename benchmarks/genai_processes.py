@@ -126,8 +126,7 @@ def spawn(args: argparse.Namespace, role: str) -> tuple[dict[str, Any], dict[str
         raise UserError(f"the {role} process failed (exit code {proc.returncode}): {last}")
     own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     wall = max(t1 - t0, 1e-9)
-    stdout = proc.stdout
-    return json.loads(stdout.strip().splitlines()[-1]), {
+    return json.loads(proc.stdout.strip().splitlines()[-1]), {
         "cpus_used": own / wall,
         "others_cpus": max(busy1 - busy0 - own, 0.0) / wall,
     }
